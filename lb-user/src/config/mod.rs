@@ -1,0 +1,462 @@
+//! Configuration: the YAML file → raw serde structs ([`raw`]) → a validated [`Config`].
+//!
+//! Every problem is reported as `FILE:LINE:COLUMN: message`. Syntax and type errors come from
+//! serde_yaml (which stops at the first one); every semantic error after that is collected, so
+//! `lb check` shows them all at once.
+mod locate;
+pub mod raw;
+
+use locate::{Locator, Step};
+use raw::{RawBackend, RawConfig, RawKeepalive, RawListener, RawTimeouts};
+use std::{collections::HashMap, fmt, net::SocketAddr, path::Path, time::Duration};
+
+/// How established flows are forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Forwarding {
+    /// Kernel forwarding when BPF loads, userspace forwarding (with one warning) otherwise.
+    Auto,
+    /// Kernel forwarding; lb refuses to start when BPF cannot be loaded.
+    Kernel,
+    /// Userspace forwarding; BPF is never loaded.
+    User,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub forwarding: Forwarding,
+    pub admin: Option<SocketAddr>,
+    pub shutdown_grace: Duration,
+    pub listeners: Vec<Listener>,
+    pub backends: Vec<Backend>,
+}
+
+/// A validated listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    /// Index into [`Config::backends`].
+    pub backend: usize,
+    pub backlog: u32,
+    pub nodelay: bool,
+    pub keepalive: Option<Keepalive>,
+    pub transparent: bool,
+    pub maxconn: u32,
+    pub client_timeout: Duration,
+}
+
+/// Keepalive settings; `None` fields keep the kernel's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Keepalive {
+    pub idle: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub count: Option<u32>,
+}
+
+/// A validated backend.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub server_timeout: Duration,
+    pub servers: Vec<Server>,
+}
+
+/// Balancing algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+}
+
+/// A validated server.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
+const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+const MAX_WEIGHT: u32 = 256;
+
+/// One problem in a configuration file, with its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(&file, &source)
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(file: &str, source: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = serde_yaml::from_str(source).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((1, 1));
+        // serde_yaml appends " at line X column Y"; the position is already in front.
+        let message = e.to_string();
+        let message = match message.rfind(" at line ") {
+            Some(i) => message[..i].to_string(),
+            None => message,
+        };
+        ConfigErrors(vec![ConfigError {
+            file: file.to_string(),
+            line,
+            column,
+            message,
+        }])
+    })?;
+    let mut v = Validator {
+        file,
+        locator: Locator::new(source),
+        errors: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    locator: Locator,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: &[Step], message: impl Into<String>) {
+        let (line, column) = self.locator.position(path);
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+
+    fn address(&mut self, path: &[Step], what: &str, text: &str) -> SocketAddr {
+        text.parse().unwrap_or_else(|_| {
+            self.error(path, format!("{what}: `{text}` is not an address; expected IP:PORT such as 127.0.0.1:8080 or [::1]:8080"));
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let forwarding = match raw.forwarding.as_deref() {
+            None | Some("auto") => Forwarding::Auto,
+            Some("kernel") => Forwarding::Kernel,
+            Some("user") => Forwarding::User,
+            Some(other) => {
+                self.error(
+                    &[Step::Key("forwarding")],
+                    format!("forwarding: unknown value `{other}`; expected auto, kernel or user"),
+                );
+                Forwarding::Auto
+            }
+        };
+        let admin = raw.admin.map(|a| {
+            self.address(
+                &[Step::Key("admin"), Step::Key("listen")],
+                "admin.listen",
+                &a.listen,
+            )
+        });
+        let defaults = raw.timeouts;
+        if raw.listeners.is_empty() {
+            self.error(&[], "no listeners: add at least one under `listeners:`");
+        }
+        let mut backend_index = HashMap::new();
+        let mut backends = Vec::new();
+        for (i, b) in raw.backends.into_iter().enumerate() {
+            let path = [Step::Key("backends"), Step::Index(i)];
+            if backend_index.insert(b.name.clone(), i).is_some() {
+                self.error(
+                    &with(&path, Step::Key("name")),
+                    format!("backend `{}` is defined twice", b.name),
+                );
+            }
+            backends.push(self.backend(&path, b, &defaults));
+        }
+        let mut names = HashMap::new();
+        let mut listeners = Vec::new();
+        for (i, l) in raw.listeners.into_iter().enumerate() {
+            let path = [Step::Key("listeners"), Step::Index(i)];
+            if names.insert(l.name.clone(), i).is_some() {
+                self.error(
+                    &with(&path, Step::Key("name")),
+                    format!("listener `{}` is defined twice", l.name),
+                );
+            }
+            listeners.push(self.listener(&path, l, &backend_index, &defaults));
+        }
+        Config {
+            forwarding,
+            admin,
+            shutdown_grace: defaults.shutdown_grace.unwrap_or(DEFAULT_GRACE),
+            listeners,
+            backends,
+        }
+    }
+
+    fn listener(
+        &mut self,
+        path: &[Step],
+        l: RawListener,
+        backends: &HashMap<String, usize>,
+        defaults: &RawTimeouts,
+    ) -> Listener {
+        let bind = self.address(&with(path, Step::Key("bind")), "bind", &l.bind);
+        match l.mode.as_deref() {
+            None | Some("tcp") => {}
+            Some(other) => self.error(
+                &with(path, Step::Key("mode")),
+                format!("mode: `{other}` is not supported; expected tcp"),
+            ),
+        }
+        let backend = match backends.get(&l.backend) {
+            Some(&i) => i,
+            None => {
+                self.error(
+                    &with(path, Step::Key("backend")),
+                    format!(
+                        "listener `{}` names backend `{}`, which is not defined under `backends:`",
+                        l.name, l.backend
+                    ),
+                );
+                0
+            }
+        };
+        let timeouts = l.timeouts.unwrap_or_default();
+        if timeouts.connect.is_some()
+            || timeouts.server.is_some()
+            || timeouts.shutdown_grace.is_some()
+        {
+            self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client` (connect and server belong to the backend, shutdown_grace to the top level)");
+        }
+        let client_timeout = self.nonzero(
+            path,
+            "client",
+            timeouts.client.or(defaults.client).unwrap_or(DEFAULT_IDLE),
+        );
+        let keepalive = match l.keepalive {
+            None | Some(RawKeepalive::Switch(false)) => None,
+            Some(RawKeepalive::Switch(true)) => Some(Keepalive::default()),
+            Some(RawKeepalive::Settings(s)) => Some(Keepalive {
+                idle: s.idle,
+                interval: s.interval,
+                count: s.count,
+            }),
+        };
+        let maxconn = l.maxconn.unwrap_or(10_000);
+        if maxconn == 0 {
+            self.error(
+                &with(path, Step::Key("maxconn")),
+                "maxconn must be at least 1",
+            );
+        }
+        Listener {
+            name: l.name,
+            bind,
+            backend,
+            backlog: l.backlog.unwrap_or(1024),
+            nodelay: l.nodelay.unwrap_or(true),
+            keepalive,
+            transparent: l.transparent.unwrap_or(false),
+            maxconn,
+            client_timeout,
+        }
+    }
+
+    fn backend(&mut self, path: &[Step], b: RawBackend, defaults: &RawTimeouts) -> Backend {
+        let balance = match b.balance.as_deref() {
+            None | Some("roundrobin") => Balance::RoundRobin,
+            Some(other) => {
+                self.error(
+                    &with(path, Step::Key("balance")),
+                    format!("balance: unknown algorithm `{other}`; expected roundrobin"),
+                );
+                Balance::RoundRobin
+            }
+        };
+        let timeouts = b.timeouts.unwrap_or_default();
+        if timeouts.client.is_some() || timeouts.shutdown_grace.is_some() {
+            self.error(
+                &with(path, Step::Key("timeouts")),
+                "a backend's timeouts may only set `connect` and `server`",
+            );
+        }
+        let connect_timeout = self.nonzero(
+            path,
+            "connect",
+            timeouts
+                .connect
+                .or(defaults.connect)
+                .unwrap_or(DEFAULT_CONNECT),
+        );
+        let server_timeout = self.nonzero(
+            path,
+            "server",
+            timeouts.server.or(defaults.server).unwrap_or(DEFAULT_IDLE),
+        );
+        if b.servers.is_empty() {
+            self.error(path, format!("backend `{}` has no servers", b.name));
+        }
+        let mut seen = HashMap::new();
+        let mut servers = Vec::new();
+        for (i, s) in b.servers.into_iter().enumerate() {
+            let spath = with(&with(path, Step::Key("servers")), Step::Index(i));
+            if seen.insert(s.name.clone(), i).is_some() {
+                self.error(
+                    &with(&spath, Step::Key("name")),
+                    format!("server `{}` appears twice in backend `{}`", s.name, b.name),
+                );
+            }
+            let address = self.address(&with(&spath, Step::Key("address")), "address", &s.address);
+            if address.port() == 0 {
+                self.error(
+                    &with(&spath, Step::Key("address")),
+                    "address: port 0 cannot be connected to",
+                );
+            }
+            let weight = s.weight.unwrap_or(1);
+            if weight > MAX_WEIGHT {
+                self.error(
+                    &with(&spath, Step::Key("weight")),
+                    format!("weight {weight} is above the maximum {MAX_WEIGHT}"),
+                );
+            }
+            servers.push(Server {
+                name: s.name,
+                address,
+                weight,
+            });
+        }
+        Backend {
+            name: b.name,
+            balance,
+            connect_timeout,
+            server_timeout,
+            servers,
+        }
+    }
+
+    fn nonzero(&mut self, path: &[Step], which: &'static str, d: Duration) -> Duration {
+        if d.is_zero() {
+            self.error(
+                &with(&with(path, Step::Key("timeouts")), Step::Key(which)),
+                format!("timeouts.{which} must be longer than zero"),
+            );
+        }
+        d
+    }
+}
+
+fn with(path: &[Step], step: Step) -> Vec<Step> {
+    let mut v = path.to_vec();
+    v.push(step);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "listeners:\n  - name: web\n    bind: 127.0.0.1:8080\n    backend: app\nbackends:\n  - name: app\n    servers:\n      - { name: s1, address: 127.0.0.1:9001, weight: 3 }\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("t.yaml", GOOD).unwrap();
+        assert_eq!(c.forwarding, Forwarding::Auto);
+        assert_eq!(c.listeners[0].client_timeout, DEFAULT_IDLE);
+        assert_eq!(c.backends[0].connect_timeout, DEFAULT_CONNECT);
+        assert_eq!(c.backends[0].servers[0].weight, 3);
+        assert!(c.listeners[0].nodelay);
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let src = GOOD.replace("    backend: app\n", "    backend: app\n    bakclog: 5\n");
+        let e = parse("t.yaml", &src).unwrap_err().0;
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].line, e[0].column), (5, 5), "{}", e[0]);
+        assert!(e[0].message.contains("unknown field `bakclog`"), "{}", e[0]);
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_with_its_position() {
+        let src = GOOD
+            .replace("bind: 127.0.0.1:8080", "bind: nowhere")
+            .replace("backend: app", "backend: nope");
+        let e = parse("t.yaml", &src).unwrap_err().0;
+        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(e.len(), 2, "{shown:?}");
+        assert!(
+            shown[0].starts_with("t.yaml:3:11: bind: `nowhere`"),
+            "{shown:?}"
+        );
+        assert!(
+            shown[1].starts_with("t.yaml:4:14: listener `web` names backend `nope`"),
+            "{shown:?}"
+        );
+    }
+
+    #[test]
+    fn durations_parse_and_zero_is_refused() {
+        let src = format!("timeouts: {{ connect: 250ms, client: 0s }}\n{GOOD}");
+        let e = parse("t.yaml", &src).unwrap_err().0;
+        assert!(
+            e[0].message
+                .contains("timeouts.client must be longer than zero"),
+            "{}",
+            e[0]
+        );
+    }
+}

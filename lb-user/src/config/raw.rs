@@ -1,0 +1,151 @@
+//! The configuration file as written: serde structs that mirror the YAML one to one.
+//!
+//! Every struct denies unknown keys, so a typo is an error with its position instead of a
+//! silently ignored setting. Values are checked and turned into the validated
+//! [`Config`](super::Config) by [`super::validate`].
+use serde::Deserialize;
+use std::time::Duration;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// How established TCP flows are forwarded: `auto` (kernel when BPF loads, else userspace
+    /// with one warning), `kernel` (fail at start when BPF cannot be loaded), `user` (never load
+    /// BPF). Default `auto`. `lb run --forwarding` overrides it.
+    #[serde(default)]
+    pub forwarding: Option<String>,
+    /// The admin endpoint (metrics). Optional.
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+    /// Default timeouts for every listener and backend (HAProxy's `defaults` section).
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    /// Where clients connect.
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    /// Groups of servers that listeners forward to.
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
+}
+
+/// `admin:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `IP:PORT` of the admin HTTP endpoint (`GET /metrics`). Keep it on loopback.
+    pub listen: String,
+}
+
+/// `timeouts:` at the top level, in a listener or in a backend. Durations are written like
+/// `500ms`, `5s`, `2m`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    /// Time allowed to establish the TCP connection to a server (default 5s).
+    #[serde(default, with = "humantime_serde")]
+    pub connect: Option<Duration>,
+    /// Close a flow whose client side moved no byte, in either direction, for this long
+    /// (default 60s).
+    #[serde(default, with = "humantime_serde")]
+    pub client: Option<Duration>,
+    /// Close a flow whose server side moved no byte, in either direction, for this long
+    /// (default 60s).
+    #[serde(default, with = "humantime_serde")]
+    pub server: Option<Duration>,
+    /// On SIGTERM/SIGINT, how long live flows may take to finish before they are closed
+    /// (top level only; default 10s).
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// One entry of `listeners:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Unique name, used in logs and metrics labels.
+    pub name: String,
+    /// `IP:PORT` to listen on (`0.0.0.0:80`, `[::]:443`, `127.0.0.1:0` for any free port).
+    pub bind: String,
+    /// `tcp` (the only mode so far).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Name of the backend that receives this listener's flows.
+    pub backend: String,
+    /// Listen backlog (default 1024).
+    #[serde(default)]
+    pub backlog: Option<u32>,
+    /// Set TCP_NODELAY on accepted and server sockets (default true).
+    #[serde(default)]
+    pub nodelay: Option<bool>,
+    /// TCP keepalive on accepted sockets: `true`/`false`, or `{ idle, interval, count }`
+    /// (default false).
+    #[serde(default)]
+    pub keepalive: Option<RawKeepalive>,
+    /// Transparent listener: read each connection's original destination (SO_ORIGINAL_DST,
+    /// set by an iptables REDIRECT/DNAT rule) and log it with the session (default false).
+    #[serde(default)]
+    pub transparent: Option<bool>,
+    /// Maximum concurrent flows on this listener; further connections wait in the backlog
+    /// (default 10000).
+    #[serde(default)]
+    pub maxconn: Option<u32>,
+    /// Overrides `timeouts.client` for this listener (only `client` may be set here).
+    #[serde(default)]
+    pub timeouts: Option<RawTimeouts>,
+}
+
+/// `keepalive:` either a switch or the three kernel settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawKeepalive {
+    /// `keepalive: true` uses the kernel's defaults.
+    Switch(bool),
+    /// `keepalive: { idle: 60s, interval: 10s, count: 5 }`.
+    Settings(RawKeepaliveSettings),
+}
+
+/// Explicit keepalive settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeepaliveSettings {
+    /// Idle time before the first probe (TCP_KEEPIDLE).
+    #[serde(default, with = "humantime_serde")]
+    pub idle: Option<Duration>,
+    /// Time between probes (TCP_KEEPINTVL).
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT).
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// One entry of `backends:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    /// Unique name, referenced by listeners' `backend:`.
+    pub name: String,
+    /// Balancing algorithm: `roundrobin` (weighted, smooth; the default).
+    #[serde(default)]
+    pub balance: Option<String>,
+    /// Overrides `timeouts.connect` and `timeouts.server` for this backend.
+    #[serde(default)]
+    pub timeouts: Option<RawTimeouts>,
+    /// The servers; at least one.
+    #[serde(default)]
+    pub servers: Vec<RawServer>,
+}
+
+/// One entry of a backend's `servers:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Name unique within the backend, used in logs and metrics labels.
+    pub name: String,
+    /// `IP:PORT` of the server.
+    pub address: String,
+    /// Relative share of new flows, 1..=256 (default 1); 0 sends it nothing.
+    #[serde(default)]
+    pub weight: Option<u32>,
+}

@@ -1,0 +1,66 @@
+//! The forwarding stage: moves bytes between an accepted client and its connected server until
+//! both directions are closed, then reports how the flow ended.
+//!
+//! Two paths with the same contract (see LIFECYCLE.md beside this file):
+//! - [`kernel`]: both sockets go into the BPF SOCKHASH and the kernel forwards every byte; the
+//!   daemon only hears about end of stream, resets and idleness.
+//! - [`user`]: a tokio copy loop, used when BPF is unavailable or `forwarding: user`.
+pub mod kernel;
+pub mod user;
+
+use std::time::Duration;
+
+/// Which end of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Server,
+            Side::Server => Side::Client,
+        }
+    }
+}
+
+/// Idle limits of one flow: `timeouts.client` and the backend's `timeouts.server`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub client: Duration,
+    pub server: Duration,
+}
+
+impl Timeouts {
+    pub fn of(&self, side: Side) -> Duration {
+        match side {
+            Side::Client => self.client,
+            Side::Server => self.server,
+        }
+    }
+}
+
+/// How a flow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both sides closed their sending direction and every byte was delivered.
+    Closed,
+    /// One side reset the connection (or failed); the other was reset too.
+    Reset(Side),
+    /// One side moved no byte for its idle timeout; both were closed.
+    IdleTimeout(Side),
+    /// lb is shutting down and the grace period ran out.
+    Aborted,
+}
+
+/// Bytes a flow moved in userspace (the kernel's bytes are counted by the program).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserBytes(pub u64);

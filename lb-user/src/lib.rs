@@ -1,0 +1,19 @@
+//! lb: an eBPF-accelerated hybrid load balancer.
+//!
+//! The data path, one module per stage, wired in [`server`]:
+//! [`accept`] (generic TCP accept with the listener's flags) → [`session`] (the per-session
+//! supervisor: [`balance`] picks a server, [`connect`] reaches it) → [`forward`] (kernel sockmap
+//! forwarding via [`bpf`], or a userspace copy loop). Around it: [`config`], [`metrics`] and the
+//! [`admin`] endpoint, and [`shutdown`].
+pub mod accept;
+pub mod admin;
+pub mod balance;
+pub mod bpf;
+pub mod config;
+pub mod connect;
+pub mod forward;
+pub mod metrics;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod sockopt;

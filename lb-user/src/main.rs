@@ -1,0 +1,100 @@
+//! The `lb` command line.
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lb::config::{self, Forwarding};
+use std::{path::PathBuf, process::ExitCode};
+
+#[derive(Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "lb: a TCP load balancer whose established flows are forwarded by the kernel (eBPF sockmap)",
+    long_about = "lb: a TCP load balancer whose established flows are forwarded by the kernel (eBPF sockmap).\n\n\
+        Like HAProxy, lb is driven by one configuration file (YAML here): `lb run -c FILE` is \
+        `haproxy -f FILE`, `lb check -c FILE` is `haproxy -c -f FILE`. Listeners (HAProxy's \
+        frontends/binds) forward to backends of servers; `timeouts:` holds the defaults. \
+        SIGTERM or SIGINT stops accepting and lets live flows finish for `timeouts.shutdown_grace`.\n\n\
+        Logging: RUST_LOG (default `info`), e.g. RUST_LOG=lb=debug."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer (like `haproxy -f FILE`).
+    Run {
+        /// Configuration file (YAML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// How flows are forwarded; overrides the file's `forwarding:`. `kernel` refuses to
+        /// start without BPF, `auto` falls back to userspace with a warning, `user` never loads BPF.
+        #[arg(long, value_enum)]
+        forwarding: Option<Forwarding>,
+    },
+    /// Check a configuration file and exit (like `haproxy -c -f FILE`): 0 when valid, 1 with
+    /// every problem as FILE:LINE:COLUMN: message.
+    Check {
+        /// Configuration file (YAML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} listener(s), {} backend(s))",
+                    config.display(),
+                    c.listeners.len(),
+                    c.backends.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config, forwarding } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            match run(config, forwarding) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn run(path: PathBuf, forwarding: Option<Forwarding>) -> anyhow::Result<()> {
+    let config = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let forwarding = forwarding.unwrap_or(config.forwarding);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let stop = async {
+            match lb::shutdown::signal_received().await {
+                Ok(name) => tracing::info!("{name} received: stopping"),
+                Err(e) => {
+                    tracing::error!("cannot listen for signals ({e}); stop lb with SIGKILL");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        lb::server::run(config, forwarding, stop)
+            .await
+            .map_err(anyhow::Error::from)
+    })
+}

@@ -1,0 +1,161 @@
+//! Metrics: counters every stage updates, encoded in the Prometheus/OpenMetrics text format for
+//! `GET /metrics` on the admin endpoint.
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use std::sync::{Arc, Mutex};
+
+use crate::bpf::Kernel;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub backend: String,
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    pub listener: String,
+    /// Which side caused the end: `client` or `server`.
+    pub side: &'static str,
+}
+
+/// Every metric lb exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Payload bytes forwarded, both directions together, by path (`kernel`, `user`).
+    pub forwarded_bytes: Family<PathLabels, Counter>,
+    pub connections: Family<ListenerLabels, Counter>,
+    pub active: Family<ListenerLabels, Gauge>,
+    pub connect_errors: Family<ServerLabels, Counter>,
+    pub server_connections: Family<ServerLabels, Counter>,
+    pub resets: Family<EndLabels, Counter>,
+    pub timeouts: Family<EndLabels, Counter>,
+    /// 1 when flows are forwarded by the kernel, 0 when in userspace.
+    pub kernel_forwarding: Gauge,
+    /// Flows the kernel would not take (a socket already half-closed, map full), forwarded in
+    /// userspace instead.
+    pub kernel_fallbacks: Counter,
+    kernel_misses: Counter,
+    kernel_empty_drops: Counter,
+    // Serialises scrapes: kernel counters are folded in by delta.
+    scrape: Mutex<()>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            forwarded_bytes: Family::default(),
+            connections: Family::default(),
+            active: Family::default(),
+            connect_errors: Family::default(),
+            server_connections: Family::default(),
+            resets: Family::default(),
+            timeouts: Family::default(),
+            kernel_forwarding: Gauge::default(),
+            kernel_misses: Counter::default(),
+            kernel_fallbacks: Counter::default(),
+            kernel_empty_drops: Counter::default(),
+            scrape: Mutex::new(()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "lb_forwarded_bytes",
+            "Payload bytes forwarded, both directions, by path (kernel or user)",
+            m.forwarded_bytes.clone(),
+        );
+        registry.register(
+            "lb_connections",
+            "Client connections accepted",
+            m.connections.clone(),
+        );
+        registry.register(
+            "lb_active_connections",
+            "Client connections open now",
+            m.active.clone(),
+        );
+        registry.register(
+            "lb_backend_connect_errors",
+            "Failed connections to a server (refused, timed out, unreachable)",
+            m.connect_errors.clone(),
+        );
+        registry.register(
+            "lb_backend_connections",
+            "Connections established to a server",
+            m.server_connections.clone(),
+        );
+        registry.register(
+            "lb_resets",
+            "Flows ended by a reset, passed on to the other side, by the side that reset",
+            m.resets.clone(),
+        );
+        registry.register(
+            "lb_idle_timeouts",
+            "Flows closed by timeouts.client or timeouts.server, by side",
+            m.timeouts.clone(),
+        );
+        registry.register(
+            "lb_kernel_forwarding",
+            "1 when established flows are forwarded by the kernel (sockmap), 0 in userspace",
+            m.kernel_forwarding.clone(),
+        );
+        registry.register("lb_kernel_fallbacks", "Flows the kernel would not take (socket no longer established, map full), forwarded in userspace", m.kernel_fallbacks.clone());
+        registry.register(
+            "lb_kernel_misses",
+            "skbs the verdict program found no peer for (passed to userspace)",
+            m.kernel_misses.clone(),
+        );
+        registry.register(
+            "lb_kernel_empty_skbs_dropped",
+            "Zero-length skbs (bare FINs) dropped by the verdict program",
+            m.kernel_empty_drops.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn add_user_bytes(&self, n: u64) {
+        self.forwarded_bytes
+            .get_or_create(&PathLabels { path: "user" })
+            .inc_by(n);
+    }
+
+    /// The text exposition, with the kernel's counters folded in first.
+    pub fn render(&self, kernel: Option<&Kernel>) -> String {
+        let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let kernel_bytes = self
+            .forwarded_bytes
+            .get_or_create(&PathLabels { path: "kernel" })
+            .clone();
+        if let Some(k) = kernel {
+            let s = k.stats();
+            catch_up(&kernel_bytes, s.redirected_bytes);
+            catch_up(&self.kernel_misses, s.misses);
+            catch_up(&self.kernel_empty_drops, s.empty_drops);
+        }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Raises a counter to a total read from the kernel.
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}

@@ -1,0 +1,216 @@
+//! Wiring: loads the forwarding path, binds the listeners and the admin endpoint, runs an accept
+//! loop per listener that hands each connection to a session supervisor, and stops gracefully.
+use prometheus_client::metrics::counter::Counter;
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    accept, admin,
+    balance::RoundRobin,
+    bpf::{BpfError, Kernel},
+    config::{Config, Forwarding},
+    metrics::{ListenerLabels, Metrics, PathLabels},
+    session,
+};
+
+/// Everything sessions share.
+pub struct Proxy {
+    pub config: Config,
+    pub balancers: Vec<RoundRobin>,
+    /// The loaded BPF program when flows are forwarded by the kernel.
+    pub kernel: Option<Kernel>,
+    pub metrics: Arc<Metrics>,
+    /// `lb_forwarded_bytes_total{path="user"}`, held to avoid a label lookup per copy.
+    pub user_bytes: Counter,
+}
+
+/// Why lb could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("forwarding: kernel was requested but BPF cannot be used: {0}")]
+    Kernel(BpfError),
+    #[error("listener `{name}`: cannot listen on {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin endpoint: cannot listen on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Runs lb until `stop` resolves, then stops accepting, lets flows finish for
+/// `timeouts.shutdown_grace`, and closes what is left.
+pub async fn run(
+    config: Config,
+    forwarding: Forwarding,
+    stop: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let kernel = match forwarding {
+        Forwarding::User => None,
+        Forwarding::Kernel => Some(Kernel::load().map_err(StartError::Kernel)?),
+        Forwarding::Auto => match Kernel::load() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!("kernel forwarding unavailable, forwarding in userspace: {e}");
+                None
+            }
+        },
+    };
+    let metrics = Metrics::new();
+    metrics.kernel_forwarding.set(kernel.is_some() as i64);
+    tracing::info!(
+        "forwarding established flows {}",
+        if kernel.is_some() {
+            "in the kernel (sockmap)"
+        } else {
+            "in userspace"
+        }
+    );
+    let user_bytes = metrics
+        .forwarded_bytes
+        .get_or_create(&PathLabels { path: "user" })
+        .clone();
+    let balancers = config
+        .backends
+        .iter()
+        .map(|b| RoundRobin::new(b.servers.iter().map(|s| s.weight)))
+        .collect();
+    let mut sockets = Vec::new();
+    for l in &config.listeners {
+        let socket = accept::bind(l).map_err(|source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
+        sockets.push(socket);
+    }
+    let admin_socket = match config.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Admin { addr, source })?,
+        ),
+        None => None,
+    };
+    let grace = config.shutdown_grace;
+    let proxy = Arc::new(Proxy {
+        config,
+        balancers,
+        kernel,
+        metrics,
+        user_bytes,
+    });
+
+    let stop_accepting = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let sessions = TaskTracker::new();
+    let mut acceptors = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let l = &proxy.config.listeners[i];
+        let local = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(
+            "listener `{}` listening on {local} (mode tcp, backend `{}`)",
+            l.name,
+            proxy.config.backends[l.backend].name
+        );
+        acceptors.push(tokio::spawn(accept_loop(
+            proxy.clone(),
+            i,
+            socket,
+            stop_accepting.clone(),
+            abort.clone(),
+            sessions.clone(),
+        )));
+    }
+    if let Some(socket) = admin_socket {
+        let local = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!("admin endpoint listening on {local}");
+        tokio::spawn(admin::serve(socket, proxy.clone(), stop_accepting.clone()));
+    }
+    tracing::info!("lb ready");
+
+    stop.await;
+    stop_accepting.cancel();
+    for a in acceptors {
+        let _ = a.await;
+    }
+    sessions.close();
+    let open = sessions.len();
+    tracing::info!("stopped accepting; {open} flow(s) open, waiting up to {grace:?}");
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        tracing::warn!("grace period over; closing {} flow(s)", sessions.len());
+        abort.cancel();
+        // Aborted sessions close at once; the bound only guards against a stuck one.
+        let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
+    }
+    tracing::info!("lb stopped");
+    Ok(())
+}
+
+/// Accepts connections while below the listener's maxconn and spawns a session for each.
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    index: usize,
+    socket: TcpListener,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    sessions: TaskTracker,
+) {
+    let l = &proxy.config.listeners[index];
+    let labels = ListenerLabels {
+        listener: l.name.clone(),
+    };
+    let total = proxy.metrics.connections.get_or_create(&labels).clone();
+    let active = proxy.metrics.active.get_or_create(&labels).clone();
+    let slots = Arc::new(Semaphore::new(l.maxconn as usize));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = socket.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of fds or memory: pause instead of spinning on the error.
+                    tracing::warn!(listener = %l.name, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        total.inc();
+        let accepted = match accept::configure(l, stream, peer) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(listener = %l.name, client = %peer, "cannot configure accepted socket: {e}");
+                continue;
+            }
+        };
+        active.inc();
+        let (proxy, active, abort) = (proxy.clone(), active.clone(), abort.clone());
+        sessions.spawn(async move {
+            tokio::select! {
+                _ = session::run(proxy, index, accepted) => {}
+                _ = abort.cancelled() => {}
+            }
+            active.dec();
+            drop(permit);
+        });
+    }
+}

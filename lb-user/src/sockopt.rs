@@ -1,0 +1,184 @@
+//! Socket calls that std, tokio and socket2 do not offer: socket cookies, TCP_INFO counters,
+//! SIOCOUTQ, SO_ORIGINAL_DST and non-blocking raw recv. Thin, safe wrappers over libc.
+use std::{
+    io,
+    mem::{size_of, MaybeUninit},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: value is a zeroed, writable buffer of len bytes; the kernel writes at most len.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised and T is plain old data (integers only).
+    Ok(unsafe { value.assume_init() })
+}
+
+/// The socket's cookie: a 64-bit id unique for the kernel's lifetime, the SOCKHASH key.
+pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// The prefix of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h) up to
+/// `tcpi_bytes_received`; the kernel copies as much as the caller asks for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpInfo {
+    pub state: u8,
+    pub ca_state: u8,
+    pub retransmits: u8,
+    pub probes: u8,
+    pub backoff: u8,
+    pub options: u8,
+    pub wscale: u8,
+    pub flags: u8,
+    pub rto: u32,
+    pub ato: u32,
+    pub snd_mss: u32,
+    pub rcv_mss: u32,
+    pub unacked: u32,
+    pub sacked: u32,
+    pub lost: u32,
+    pub retrans: u32,
+    pub fackets: u32,
+    /// Milliseconds since new data was last transmitted.
+    pub last_data_sent: u32,
+    pub last_ack_sent: u32,
+    /// Milliseconds since data was last received.
+    pub last_data_recv: u32,
+    pub last_ack_recv: u32,
+    pub pmtu: u32,
+    pub rcv_ssthresh: u32,
+    pub rtt: u32,
+    pub rttvar: u32,
+    pub snd_ssthresh: u32,
+    pub snd_cwnd: u32,
+    pub advmss: u32,
+    pub reordering: u32,
+    pub rcv_rtt: u32,
+    pub rcv_space: u32,
+    pub total_retrans: u32,
+    pub pacing_rate: u64,
+    pub max_pacing_rate: u64,
+    /// Bytes the peer acknowledged (an active opener's SYN counts as one).
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+const _: () = assert!(size_of::<TcpInfo>() == 136);
+
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    getsockopt::<TcpInfo>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Bytes in the send queue, sent or not, that the peer has not acknowledged (SIOCOUTQ).
+pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as u64)
+}
+
+/// Every byte ever handed to the socket for sending: acknowledged plus still queued.
+pub fn queued_total(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(tcp_info(fd)?.bytes_acked + outq(fd)?)
+}
+
+/// Non-blocking `recv`; `Ok(0)` is end of stream.
+pub fn recv_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of buf.len() bytes.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Non-blocking `send` (no SIGPIPE).
+pub fn send_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for reads of buf.len() bytes.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// The destination the client originally connected to, before an iptables REDIRECT/DNAT
+/// (SO_ORIGINAL_DST). `None` when the connection was not redirected.
+pub fn original_dst(fd: BorrowedFd<'_>, local: SocketAddr) -> Option<SocketAddr> {
+    const SO_ORIGINAL_DST: i32 = 80; // linux/netfilter_ipv4.h, same value for IP6T_SO_ORIGINAL_DST
+    match local {
+        SocketAddr::V4(_) => {
+            let sa: libc::sockaddr_in = getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST).ok()?;
+            let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sa.sin_port),
+            )))
+        }
+        SocketAddr::V6(_) => {
+            let sa: libc::sockaddr_in6 = getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST).ok()?;
+            let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sa.sin6_port),
+                0,
+                0,
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{io::Write, net::TcpListener, os::fd::AsFd};
+
+    #[test]
+    fn counters_of_a_real_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let before = queued_total(c.as_fd()).unwrap();
+        c.write_all(&[7u8; 1000]).unwrap();
+        assert_eq!(queued_total(c.as_fd()).unwrap() - before, 1000);
+        assert_ne!(cookie(c.as_fd()).unwrap(), cookie(s.as_fd()).unwrap());
+        let mut buf = [0u8; 2000];
+        // One loopback segment: once peek sees it, all 1000 bytes are queued.
+        s.peek(&mut buf).unwrap();
+        let got = recv_nowait(s.as_fd(), &mut buf).unwrap();
+        assert_eq!(got, 1000);
+        assert_eq!(original_dst(s.as_fd(), s.local_addr().unwrap()), None);
+    }
+}

@@ -1,0 +1,144 @@
+//! The integrity flow: the client sends a 24-byte header (bytes it sends, bytes it wants back,
+//! a seed) and then its seeded random payload; the server answers with its own seeded random
+//! bytes at the same time. Each end hashes what it sent and what it received with sha256, so a
+//! test can check every byte both ways.
+use rand::{rngs::SmallRng, RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::{io, net::SocketAddr};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const CHUNK: usize = 64 * 1024;
+
+/// One flow's sizes and seed.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowSpec {
+    pub up: u64,
+    pub down: u64,
+    pub seed: u64,
+}
+
+/// What the client saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientReport {
+    pub seed: u64,
+    pub sent: [u8; 32],
+    pub received: [u8; 32],
+    pub received_len: u64,
+}
+
+/// What the server saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerReport {
+    pub seed: u64,
+    pub sent: [u8; 32],
+    pub received: [u8; 32],
+    pub received_len: u64,
+}
+
+/// Writes `len` seeded random bytes, returning their sha256.
+async fn send_random(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    seed: u64,
+    len: u64,
+) -> io::Result<[u8; 32]> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        rng.fill_bytes(&mut buf);
+        hash.update(&buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(hash.finalize().into())
+}
+
+/// Reads to end of stream, returning the sha256 and length.
+async fn receive_all(r: &mut (impl AsyncReadExt + Unpin)) -> io::Result<([u8; 32], u64)> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((hash.finalize().into(), len));
+        }
+        hash.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+/// Runs one flow through `addr` (lb's listener) and returns what the client saw.
+pub async fn run(addr: SocketAddr, spec: FlowSpec) -> io::Result<ClientReport> {
+    let mut s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        let mut header = [0u8; 24];
+        header[..8].copy_from_slice(&spec.up.to_le_bytes());
+        header[8..16].copy_from_slice(&spec.down.to_le_bytes());
+        header[16..].copy_from_slice(&spec.seed.to_le_bytes());
+        w.write_all(&header).await?;
+        let sent = send_random(&mut w, spec.seed, spec.up).await?;
+        w.shutdown().await?;
+        Ok::<_, io::Error>(sent)
+    };
+    let (sent, (received, received_len)) = tokio::try_join!(send, receive_all(&mut r))?;
+    Ok(ClientReport {
+        seed: spec.seed,
+        sent,
+        received,
+        received_len,
+    })
+}
+
+/// The server end of one flow.
+pub async fn serve(mut s: TcpStream) -> io::Result<ServerReport> {
+    let mut header = [0u8; 24];
+    s.read_exact(&mut header).await?;
+    // header[..8] is the client's own length, checked by the test against the report.
+    let down = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let seed = u64::from_le_bytes(header[16..].try_into().unwrap());
+    let (mut r, mut w) = s.split();
+    let send = async {
+        // The server's stream uses a different seed from the client's.
+        let sent = send_random(&mut w, seed ^ 0x5eed_5eed_5eed_5eed, down).await?;
+        w.shutdown().await?;
+        Ok::<_, io::Error>(sent)
+    };
+    let (sent, (received, received_len)) = tokio::try_join!(send, receive_all(&mut r))?;
+    Ok(ServerReport {
+        seed,
+        sent,
+        received,
+        received_len,
+    })
+}
+
+/// Checks that each side received exactly what the other sent.
+pub fn assert_intact(spec: &FlowSpec, client: &ClientReport, server: &ServerReport) {
+    assert_eq!(
+        server.received_len, spec.up,
+        "seed {}: server received {} of {} bytes",
+        spec.seed, server.received_len, spec.up
+    );
+    assert_eq!(
+        client.received_len, spec.down,
+        "seed {}: client received {} of {} bytes",
+        spec.seed, client.received_len, spec.down
+    );
+    assert_eq!(
+        client.sent, server.received,
+        "seed {}: client→server sha256 differs",
+        spec.seed
+    );
+    assert_eq!(
+        server.sent, client.received,
+        "seed {}: server→client sha256 differs",
+        spec.seed
+    );
+}

@@ -1,0 +1,282 @@
+//! Starting and stopping the real `lb` binary.
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// Path of the `lb` binary built next to the test binaries (target/<profile>/lb).
+pub fn lb_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
+    let lb = dir.join("lb");
+    assert!(lb.exists(), "{} is missing: build it first (`cargo build -p lb-user`, or run the suite with `cargo xtask test`)", lb.display());
+    lb
+}
+
+/// Builds an lb configuration with one TCP listener on 127.0.0.1:0 and one backend.
+pub struct LbBuilder {
+    servers: Vec<SocketAddr>,
+    forwarding: String,
+    timeouts: Vec<(String, String)>,
+    backend_timeouts: Vec<(String, String)>,
+    extra_args: Vec<String>,
+}
+
+impl LbBuilder {
+    pub fn new(servers: &[SocketAddr]) -> LbBuilder {
+        LbBuilder {
+            servers: servers.to_vec(),
+            forwarding: "auto".into(),
+            timeouts: Vec::new(),
+            backend_timeouts: Vec::new(),
+            extra_args: Vec::new(),
+        }
+    }
+    /// `forwarding:` in the file.
+    pub fn forwarding(mut self, mode: &str) -> Self {
+        self.forwarding = mode.into();
+        self
+    }
+    /// A top-level timeout, e.g. `("client", "500ms")`.
+    pub fn timeout(mut self, name: &str, value: &str) -> Self {
+        self.timeouts.push((name.into(), value.into()));
+        self
+    }
+    /// A backend timeout (`connect`, `server`).
+    pub fn backend_timeout(mut self, name: &str, value: &str) -> Self {
+        self.backend_timeouts.push((name.into(), value.into()));
+        self
+    }
+    /// Extra `lb run` arguments, e.g. `--forwarding user`.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    pub fn config_text(&self) -> String {
+        let mut y = format!(
+            "forwarding: {}\nadmin:\n  listen: 127.0.0.1:0\n",
+            self.forwarding
+        );
+        if !self.timeouts.is_empty() {
+            y += "timeouts:\n";
+            for (k, v) in &self.timeouts {
+                y += &format!("  {k}: {v}\n");
+            }
+        }
+        y +=
+            "listeners:\n  - name: test\n    bind: 127.0.0.1:0\n    mode: tcp\n    backend: pool\n";
+        y += "backends:\n  - name: pool\n    balance: roundrobin\n";
+        if !self.backend_timeouts.is_empty() {
+            y += "    timeouts:\n";
+            for (k, v) in &self.backend_timeouts {
+                y += &format!("      {k}: {v}\n");
+            }
+        }
+        y += "    servers:\n";
+        for (i, s) in self.servers.iter().enumerate() {
+            y += &format!("      - {{ name: s{i}, address: \"{s}\" }}\n");
+        }
+        y
+    }
+
+    /// Starts lb and waits (at most 20 s) until its listener and admin endpoint are up.
+    pub fn spawn(self) -> Lb {
+        self.try_spawn()
+            .unwrap_or_else(|e| panic!("lb did not start: {e}"))
+    }
+
+    /// Starts lb; `Err` carries lb's output if it exited before it was ready.
+    pub fn try_spawn(self) -> Result<Lb, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lb.yaml");
+        std::fs::write(&path, self.config_text()).expect("write config");
+        let mut cmd = Command::new(lb_binary());
+        cmd.args(["run", "-c"]).arg(&path).args(&self.extra_args);
+        spawn_command(cmd, dir)
+    }
+}
+
+/// Runs `cmd` (an `lb run`) and waits until it reports its listener and admin addresses.
+pub fn spawn_command(mut cmd: Command, dir: tempfile::TempDir) -> Result<Lb, String> {
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    )
+    .env("NO_COLOR", "1")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn lb");
+    let stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            log2.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let (mut listener, mut admin) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listener.is_none() || admin.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let plain = strip_ansi(&line);
+                if plain.contains("lb ready") && (listener.is_none() || admin.is_none()) {
+                    return Err(format!(
+                        "lb ready without both addresses:\n{}",
+                        log.lock().unwrap()
+                    ));
+                }
+                if let Some(addr) = addr_after(&plain, "listening on ") {
+                    if plain.contains("admin endpoint") {
+                        admin = Some(addr);
+                    } else {
+                        listener = Some(addr);
+                    }
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                // Let the reader thread collect the rest of the output.
+                std::thread::sleep(Duration::from_millis(50));
+                return Err(format!(
+                    "lb exited or timed out before listening:\n{}",
+                    log.lock().unwrap()
+                ));
+            }
+        }
+    }
+    Ok(Lb {
+        child,
+        listener: listener.unwrap(),
+        admin: admin.unwrap(),
+        log,
+        _dir: dir,
+    })
+}
+
+fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A running lb. Dropping it kills the process.
+pub struct Lb {
+    child: Child,
+    pub listener: SocketAddr,
+    pub admin: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Lb {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything lb logged so far.
+    pub fn log(&self) -> String {
+        strip_ansi(&self.log.lock().unwrap())
+    }
+
+    /// `GET /metrics`, parsed into `name{labels}` → value.
+    pub fn metrics(&self) -> Metrics {
+        let mut s = TcpStream::connect(self.admin).expect("connect admin");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read metrics");
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let mut values = HashMap::new();
+        for line in body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            if let Some((k, v)) = line.rsplit_once(' ') {
+                values.insert(k.to_string(), v.parse().unwrap_or(f64::NAN));
+            }
+        }
+        Metrics {
+            values,
+            text: body.to_string(),
+        }
+    }
+
+    /// Sends SIGTERM and waits (at most `bound`) for lb to exit.
+    pub fn terminate(&mut self, bound: Duration) -> Option<ExitStatus> {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Number of open file descriptors of the lb process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scrape of lb's metrics.
+pub struct Metrics {
+    values: HashMap<String, f64>,
+    pub text: String,
+}
+
+impl Metrics {
+    /// The value of `series` (e.g. `lb_forwarded_bytes_total{path="kernel"}`), 0 when absent.
+    pub fn get(&self, series: &str) -> f64 {
+        self.values.get(series).copied().unwrap_or(0.0)
+    }
+    pub fn kernel_bytes(&self) -> f64 {
+        self.get("lb_forwarded_bytes_total{path=\"kernel\"}")
+    }
+    pub fn user_bytes(&self) -> f64 {
+        self.get("lb_forwarded_bytes_total{path=\"user\"}")
+    }
+}

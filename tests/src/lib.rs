@@ -1,0 +1,29 @@
+//! Fixtures for lb's end-to-end tests: the real `lb` binary on a generated configuration, real
+//! servers and clients on 127.0.0.1, real BPF when the machine allows it.
+//!
+//! - [`lb`]: [`LbBuilder`](lb::LbBuilder) writes a config, starts `lb run`, waits until it
+//!   listens, and reads its metrics.
+//! - [`servers`]: in-process test servers (echo, the integrity peer, refusing and black-hole
+//!   addresses).
+//! - [`flows`]: the integrity client: random bytes both ways at once, sha256 on both ends.
+//! - [`scenarios`]: the forwarding tests, written once and run on both forwarding paths.
+pub mod flows;
+pub mod lb;
+pub mod scenarios;
+pub mod servers;
+
+/// Whether privileged BPF tests can run here. When they cannot, prints a visible SKIPPED line
+/// and returns false, unless `LB_REQUIRE_BPF=1` (set by `.ci/run`), which makes a skip a failure.
+pub fn bpf_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    let why = "not running as root (BPF sockmap needs CAP_BPF + CAP_NET_ADMIN)";
+    if std::env::var("LB_REQUIRE_BPF").as_deref() == Ok("1") {
+        panic!("{test}: LB_REQUIRE_BPF=1 but {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    false
+}

@@ -1,0 +1,245 @@
+//! The forwarding contract, written once and run against both paths (`tests/kernel_path.rs`,
+//! `tests/user_path.rs`): integrity, no stall on early bytes, half-close both ways, many flows.
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use std::time::Duration;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+
+use crate::{
+    flows::{self, FlowSpec},
+    lb::{Lb, LbBuilder},
+    servers,
+};
+
+/// Which forwarding path a scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Kernel,
+    User,
+}
+
+impl Path {
+    /// lb forwarding `servers`, with the path forced on the command line.
+    pub fn lb(self, servers: &[std::net::SocketAddr]) -> LbBuilder {
+        let mode = match self {
+            Path::Kernel => "kernel",
+            Path::User => "user",
+        };
+        LbBuilder::new(servers).arg("--forwarding").arg(mode)
+    }
+
+    /// Checks the bytes went where they should: all by the kernel or all in userspace.
+    pub fn assert_bytes_path(self, lb: &Lb, at_least: u64) {
+        let m = lb.metrics();
+        let (kernel, user) = (m.kernel_bytes(), m.user_bytes());
+        match self {
+            Path::Kernel => {
+                assert_eq!(
+                    m.get("lb_kernel_forwarding"),
+                    1.0,
+                    "kernel forwarding not active:\n{}",
+                    m.text
+                );
+                assert!(
+                    kernel >= at_least as f64,
+                    "kernel path: only {kernel} kernel bytes, expected >= {at_least}:\n{}",
+                    m.text
+                );
+                assert_eq!(
+                    user, 0.0,
+                    "kernel path: {user} bytes were copied in userspace:\n{}",
+                    m.text
+                );
+            }
+            Path::User => {
+                assert!(
+                    user >= at_least as f64,
+                    "user path: only {user} user bytes, expected >= {at_least}"
+                );
+                assert_eq!(
+                    kernel, 0.0,
+                    "user path: the kernel forwarded {kernel} bytes"
+                );
+            }
+        }
+    }
+}
+
+/// Bound on any single scenario, so a stall fails the test instead of hanging the suite.
+const BOUND: Duration = Duration::from_secs(240);
+
+/// Runs integrity flows concurrently through a fresh lb and checks every one.
+async fn run_flows(path: Path, specs: Vec<FlowSpec>) -> Lb {
+    let (server, mut reports) = servers::integrity().await;
+    let lb = path.lb(&[server]).spawn();
+    let addr = lb.listener;
+    let tasks: Vec<_> = specs
+        .iter()
+        .map(|&spec| tokio::spawn(flows::run(addr, spec)))
+        .collect();
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(
+            timeout(BOUND, t)
+                .await
+                .expect("flow timed out")
+                .unwrap()
+                .expect("flow failed"),
+        );
+    }
+    let mut by_seed = std::collections::HashMap::new();
+    for _ in 0..specs.len() {
+        let r = timeout(Duration::from_secs(30), reports.recv())
+            .await
+            .expect("server report timed out")
+            .unwrap();
+        by_seed.insert(r.seed, r);
+    }
+    for (spec, client) in specs.iter().zip(&clients) {
+        flows::assert_intact(spec, client, &by_seed[&spec.seed]);
+    }
+    lb
+}
+
+/// 256 MiB each way at once through lb; sha256 equal both ways; the bytes took `path`.
+pub async fn big_transfer(path: Path) {
+    const SIZE: u64 = 256 << 20;
+    let lb = run_flows(
+        path,
+        vec![FlowSpec {
+            up: SIZE,
+            down: SIZE,
+            seed: 1,
+        }],
+    )
+    .await;
+    path.assert_bytes_path(&lb, 2 * SIZE);
+}
+
+/// 200 concurrent flows of random sizes (1 B to 8 MiB, log-uniform, each way), all intact.
+pub async fn many_flows(path: Path) {
+    let mut rng = SmallRng::seed_from_u64(200);
+    let size = |rng: &mut SmallRng| (2f64.powf(rng.gen_range(0.0..23.0)) as u64).clamp(1, 8 << 20);
+    let specs: Vec<FlowSpec> = (0..200)
+        .map(|i| FlowSpec {
+            up: size(&mut rng),
+            down: size(&mut rng),
+            seed: 1000 + i,
+        })
+        .collect();
+    let total: u64 = specs.iter().map(|s| s.up + s.down).sum();
+    let lb = run_flows(path, specs).await;
+    if path == Path::User {
+        path.assert_bytes_path(&lb, total);
+    }
+}
+
+/// A client that writes right after connecting and then waits for the reply gets it, for a
+/// 1-byte and a 64 KiB request, many times over (the bytes usually arrive before lb has put
+/// the sockets in the map).
+pub async fn early_bytes_do_not_stall(path: Path) {
+    let echo = servers::echo().await;
+    let lb = path.lb(&[echo]).spawn();
+    for size in [1usize, 64 * 1024] {
+        for round in 0..25 {
+            let msg: Vec<u8> = (0..size).map(|i| (i * 7 + round) as u8).collect();
+            let mut s = TcpStream::connect(lb.listener).await.unwrap();
+            s.write_all(&msg).await.unwrap();
+            let mut back = vec![0u8; size];
+            timeout(Duration::from_secs(10), s.read_exact(&mut back))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{size}-byte request, round {round}: no reply within 10 s (stalled)")
+                })
+                .unwrap();
+            assert_eq!(back, msg, "{size}-byte request, round {round}");
+        }
+    }
+}
+
+/// The client sends and shuts down writing; the server sees EOF, replies, closes; the client
+/// reads the whole reply and then EOF.
+pub async fn half_close_client_first(path: Path) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = path.lb(&[l.local_addr().unwrap()]).spawn();
+    let request: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let reply: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+    let server = {
+        let reply = reply.clone();
+        tokio::spawn(async move {
+            let mut s = servers::accept_one(&l).await;
+            let got = servers::read_to_end(&mut s).await;
+            s.write_all(&reply).await.unwrap();
+            s.shutdown().await.unwrap();
+            got
+        })
+    };
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    let client = async {
+        c.write_all(&request).await.unwrap();
+        c.shutdown().await.unwrap();
+        servers::read_to_end(&mut c).await
+    };
+    let got_reply = timeout(BOUND, client).await.expect("client timed out");
+    let got_request = timeout(BOUND, server)
+        .await
+        .expect("server timed out")
+        .unwrap();
+    assert!(
+        got_request == request,
+        "server got {} of {} request bytes",
+        got_request.len(),
+        request.len()
+    );
+    assert!(
+        got_reply == reply,
+        "client got {} of {} reply bytes",
+        got_reply.len(),
+        reply.len()
+    );
+}
+
+/// The server speaks first and shuts down writing; the client sees EOF, replies, closes; the
+/// server reads the whole reply and then EOF.
+pub async fn half_close_server_first(path: Path) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = path.lb(&[l.local_addr().unwrap()]).spawn();
+    let banner: Vec<u8> = (0..3_000_000u32).map(|i| (i % 239) as u8).collect();
+    let reply: Vec<u8> = (0..2_000_000u32).map(|i| (i % 233) as u8).collect();
+    let server = {
+        let banner = banner.clone();
+        tokio::spawn(async move {
+            let mut s = servers::accept_one(&l).await;
+            s.write_all(&banner).await.unwrap();
+            s.shutdown().await.unwrap();
+            servers::read_to_end(&mut s).await
+        })
+    };
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    let client = async {
+        let got = servers::read_to_end(&mut c).await;
+        c.write_all(&reply).await.unwrap();
+        c.shutdown().await.unwrap();
+        got
+    };
+    let got_banner = timeout(BOUND, client).await.expect("client timed out");
+    let got_reply = timeout(BOUND, server)
+        .await
+        .expect("server timed out")
+        .unwrap();
+    assert!(
+        got_banner == banner,
+        "client got {} of {} banner bytes",
+        got_banner.len(),
+        banner.len()
+    );
+    assert!(
+        got_reply == reply,
+        "server got {} of {} reply bytes",
+        got_reply.len(),
+        reply.len()
+    );
+}

@@ -1,0 +1,94 @@
+//! In-process test servers on 127.0.0.1.
+use std::net::SocketAddr;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::mpsc,
+};
+
+use crate::flows::{self, ServerReport};
+
+/// Echoes every byte back; passes the client's FIN on once everything is echoed.
+pub async fn echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// The integrity peer: for each connection, reads the flow header, sends the requested number
+/// of seeded random bytes while reading everything the client sends, and reports both sha256s.
+pub async fn integrity() -> (SocketAddr, mpsc::UnboundedReceiver<ServerReport>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Ok(report) = flows::serve(s).await {
+                    let _ = tx.send(report);
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// An address where nothing listens: connections are refused.
+pub async fn refusing() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A listener that never accepts, with its one-slot backlog already full: the kernel drops
+/// further SYNs, so connecting to it hangs until the connector gives up.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _listener: TcpListener,
+    _fillers: Vec<TcpStream>,
+}
+
+pub async fn black_hole() -> BlackHole {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    // Backlog 0 queues one connection; the second fills the SYN path. Each connect is bounded.
+    for _ in 0..2 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    BlackHole {
+        addr,
+        _listener: listener,
+        _fillers: fillers,
+    }
+}
+
+/// Accepts one connection and returns it.
+pub async fn accept_one(l: &TcpListener) -> TcpStream {
+    l.accept().await.unwrap().0
+}
+
+/// Reads until end of stream.
+pub async fn read_to_end(s: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).await.unwrap();
+    v
+}

@@ -1,0 +1,41 @@
+//! Kernel forwarding (BPF sockhash), end to end. Privileged: skips visibly without root, and
+//! fails instead when LB_REQUIRE_BPF=1 (as in `.ci/run`).
+use lb_tests::{
+    bpf_available,
+    scenarios::{self, Path},
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_transfer_both_ways_is_intact_and_kernel_forwarded() {
+    if bpf_available("big_transfer_both_ways_is_intact_and_kernel_forwarded") {
+        scenarios::big_transfer(Path::Kernel).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_flows_are_intact() {
+    if bpf_available("many_concurrent_flows_are_intact") {
+        scenarios::many_flows(Path::Kernel).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_bytes_do_not_stall() {
+    if bpf_available("early_bytes_do_not_stall") {
+        scenarios::early_bytes_do_not_stall(Path::Kernel).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_client_first() {
+    if bpf_available("half_close_client_first") {
+        scenarios::half_close_client_first(Path::Kernel).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_server_first() {
+    if bpf_available("half_close_server_first") {
+        scenarios::half_close_server_first(Path::Kernel).await;
+    }
+}

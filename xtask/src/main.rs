@@ -1,0 +1,101 @@
+//! `cargo xtask …`: what cargo cannot do alone.
+//!
+//! - `setup`: install the eBPF toolchain (idempotent; run by `demo` and `test` when needed).
+//! - `demo`: lb on conf/demo.yaml with two loopback demo servers.
+//! - `test`: the whole test suite.
+//! - `bench tcp`: iperf3 and connection-rate benchmarks (lb kernel, lb user, HAProxy, direct).
+mod bench;
+mod demo;
+mod setup;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::{path::PathBuf, process::Command};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "lb's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build needs (nightly rust-src, LLVM 22, bpf-linker). Idempotent.
+    Setup,
+    /// Build lb and run it on conf/demo.yaml with two demo servers on loopback.
+    Demo,
+    /// Run every test (privileged BPF tests included when run as root).
+    Test {
+        /// Extra arguments passed to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark: `tcp`.
+    Bench {
+        /// Which benchmark.
+        what: String,
+        /// Runs per configuration (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
+    /// Internal to `bench tcp`: the connection-rate echo server.
+    #[command(hide = true)]
+    BenchEcho {
+        #[arg(long)]
+        port: u16,
+        /// Stop after this many seconds at the latest.
+        #[arg(long)]
+        lifetime: u64,
+    },
+    /// Internal to `bench tcp`: the connection-rate client.
+    #[command(hide = true)]
+    BenchConnect {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        seconds: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::ensure(true).map(|_| ()),
+        Task::Demo => demo::run(),
+        Task::Test { args } => test(args),
+        Task::Bench { what, runs, seconds } => bench::run(&what, runs, seconds),
+        Task::BenchEcho { port, lifetime } => bench::echo_server(port, lifetime),
+        Task::BenchConnect { port, seconds } => bench::connect_client(port, seconds),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Runs a command to completion, failing with its name when it fails.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn test(args: Vec<String>) -> Result<()> {
+    let ebpf = setup::ensure(false)?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        .env("LB_BPF_TOOLCHAIN", setup::bpf_toolchain())
+        .args(["test", "--workspace", "--all-targets"]);
+    if !ebpf {
+        eprintln!("xtask: WARNING: the eBPF toolchain is missing: lb is built without kernel forwarding and BPF tests will skip");
+    }
+    cmd.args(&args);
+    run_cmd(&mut cmd)
+}

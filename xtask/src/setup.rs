@@ -1,0 +1,99 @@
+//! Installs what the eBPF build needs on a fresh Debian machine, idempotently: each step first
+//! checks whether its result is already there.
+use anyhow::Result;
+use std::process::{Command, Stdio};
+
+/// bpf-linker version known to work with aya 0.14 and LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// A dated nightly, installed only when the machine has no `nightly` toolchain at all.
+const DATED_NIGHTLY: &str = "nightly-2026-05-19";
+
+/// Makes sure the eBPF toolchain is installed. Returns whether it is usable. With `strict`, a
+/// failure is an error; otherwise it is a warning and lb builds with userspace forwarding only.
+pub fn ensure(strict: bool) -> Result<bool> {
+    let steps: [(&str, fn() -> bool, fn() -> Result<()>); 3] = [
+        ("LLVM 22 development files", llvm_present, install_llvm),
+        ("nightly rust-src", rust_src_present, install_rust_src),
+        ("bpf-linker", bpf_linker_present, install_bpf_linker),
+    ];
+    for (what, present, install) in steps {
+        if present() {
+            continue;
+        }
+        eprintln!("xtask setup: installing {what}");
+        if let Err(err) = install().and_then(|()| {
+            if present() {
+                Ok(())
+            } else {
+                anyhow::bail!("{what} still missing after install")
+            }
+        }) {
+            if strict {
+                return Err(err.context(format!("installing {what}")));
+            }
+            eprintln!("xtask setup: WARNING: cannot install {what}: {err:#}");
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn quiet(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn llvm_present() -> bool {
+    std::path::Path::new(LLVM_PREFIX).join("lib/libLLVM.so").exists()
+        || std::path::Path::new(LLVM_PREFIX).join("lib/libLLVM-22.so").exists()
+}
+
+fn install_llvm() -> Result<()> {
+    crate::run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    crate::run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"]),
+    )
+}
+
+/// The toolchain the eBPF crate is built with (lb-user/build.rs reads LB_BPF_TOOLCHAIN).
+pub fn bpf_toolchain() -> String {
+    if let Ok(t) = std::env::var("LB_BPF_TOOLCHAIN") {
+        return t;
+    }
+    if quiet(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        "nightly".into()
+    } else {
+        DATED_NIGHTLY.into()
+    }
+}
+
+fn rust_src_present() -> bool {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", &bpf_toolchain()])
+        .output();
+    out.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+}
+
+fn install_rust_src() -> Result<()> {
+    let toolchain = bpf_toolchain();
+    crate::run_cmd(Command::new("rustup").args([
+        "toolchain", "install", &toolchain, "--profile", "minimal", "--component", "rust-src",
+    ]))
+}
+
+fn bpf_linker_present() -> bool {
+    let out = Command::new("bpf-linker").arg("--version").output();
+    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+}
+
+fn install_bpf_linker() -> Result<()> {
+    if !llvm_present() {
+        anyhow::bail!("bpf-linker needs {LLVM_PREFIX}");
+    }
+    crate::run_cmd(Command::new("cargo").env("LLVM_PREFIX", LLVM_PREFIX).args([
+        "install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION,
+        "--no-default-features", "--features", "llvm-22",
+    ]))
+}
