@@ -1,9 +1,7 @@
 //! The admin endpoint: a small HTTP/1.1 server (hyper) for operators, on its own address.
 //! `GET /metrics` returns every metric in the Prometheus text format.
 use http_body_util::Full;
-use hyper::{
-    body::Bytes, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
-};
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::{convert::Infallible, sync::Arc};
 use tokio::net::TcpListener;

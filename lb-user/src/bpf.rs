@@ -9,9 +9,7 @@ use aya::{
     programs::SkSkb,
     Ebpf,
 };
-use lb_common::{
-    CpuStats, SockCounters, CPU_STATS_MAP, SOCKS_MAP, SOCK_COUNTERS_MAP, VERDICT_PROG,
-};
+use lb_common::{CpuStats, SockCounters, CPU_STATS_MAP, SOCKS_MAP, SOCK_COUNTERS_MAP, VERDICT_PROG};
 use std::{os::fd::AsRawFd, sync::Mutex};
 use tokio::io::unix::AsyncFd;
 
@@ -55,17 +53,14 @@ impl Kernel {
             Ok(logger) => spawn_log_reader(logger),
             Err(e) => tracing::warn!("eBPF log messages will not be shown: {e}"),
         }
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name).ok_or(BpfError::Missing(name))
-        };
-        let socks: SockHash<MapData, u64> = SockHash::try_from(take(&mut ebpf, SOCKS_MAP)?)
-            .map_err(|e| BpfError::Map(SOCKS_MAP, e))?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(take(&mut ebpf, SOCKS_MAP)?).map_err(|e| BpfError::Map(SOCKS_MAP, e))?;
         let counters: HashMap<MapData, u64, SockCounters> =
             HashMap::try_from(take(&mut ebpf, SOCK_COUNTERS_MAP)?)
                 .map_err(|e| BpfError::Map(SOCK_COUNTERS_MAP, e))?;
-        let stats: PerCpuArray<MapData, CpuStats> =
-            PerCpuArray::try_from(take(&mut ebpf, CPU_STATS_MAP)?)
-                .map_err(|e| BpfError::Map(CPU_STATS_MAP, e))?;
+        let stats: PerCpuArray<MapData, CpuStats> = PerCpuArray::try_from(take(&mut ebpf, CPU_STATS_MAP)?)
+            .map_err(|e| BpfError::Map(CPU_STATS_MAP, e))?;
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .ok_or(BpfError::Missing(VERDICT_PROG))?
@@ -122,12 +117,19 @@ impl Kernel {
             .unwrap_or_default()
     }
 
+    /// Sockets with a counters entry: two per kernel-forwarded flow (a leak check).
+    pub fn tracked_sockets(&self) -> u64 {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .count() as u64
+    }
+
     /// Totals over every CPU.
     pub fn stats(&self) -> CpuStats {
         match self.stats.get(&0, 0) {
-            Ok(per_cpu) => per_cpu
-                .iter()
-                .fold(CpuStats::default(), |acc, s| acc.add(s)),
+            Ok(per_cpu) => per_cpu.iter().fold(CpuStats::default(), |acc, s| acc.add(s)),
             Err(_) => CpuStats::default(),
         }
     }
@@ -152,8 +154,7 @@ fn raise_memlock_limit() {
 /// tracing-subscriber shows with the daemon's own messages.
 fn spawn_log_reader<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogger<T>) {
     // SAFETY: the logger owns its ring buffer fd, which stays open until the AsyncFd drops it.
-    let fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-    {
+    let fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!("eBPF log messages will not be shown: {e}");

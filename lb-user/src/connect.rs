@@ -22,11 +22,7 @@ pub enum ConnectError {
     },
 }
 
-pub async fn connect(
-    server: &Server,
-    timeout: Duration,
-    nodelay: bool,
-) -> Result<TcpStream, ConnectError> {
+pub async fn connect(server: &Server, timeout: Duration, nodelay: bool) -> Result<TcpStream, ConnectError> {
     let io_err = |source| ConnectError::Io {
         server: server.name.clone(),
         address: server.address,

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub kernel_fallbacks: Counter,
     kernel_misses: Counter,
     kernel_empty_drops: Counter,
+    kernel_tracked: Gauge,
     // Serialises scrapes: kernel counters are folded in by delta.
     scrape: Mutex<()>,
 }
@@ -68,6 +69,7 @@ impl Metrics {
             kernel_forwarding: Gauge::default(),
             kernel_misses: Counter::default(),
             kernel_fallbacks: Counter::default(),
+            kernel_tracked: Gauge::default(),
             kernel_empty_drops: Counter::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
@@ -144,6 +146,7 @@ impl Metrics {
             catch_up(&kernel_bytes, s.redirected_bytes);
             catch_up(&self.kernel_misses, s.misses);
             catch_up(&self.kernel_empty_drops, s.empty_drops);
+            self.kernel_tracked.set(k.tracked_sockets() as i64);
         }
         let mut out = String::new();
         // Writing to a String cannot fail.

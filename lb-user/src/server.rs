@@ -112,10 +112,7 @@ pub async fn run(
     let mut acceptors = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let l = &proxy.config.listeners[i];
-        let local = socket
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(
             "listener `{}` listening on {local} (mode tcp, backend `{}`)",
             l.name,
@@ -131,10 +128,7 @@ pub async fn run(
         )));
     }
     if let Some(socket) = admin_socket {
-        let local = socket
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("admin endpoint listening on {local}");
         tokio::spawn(admin::serve(socket, proxy.clone(), stop_accepting.clone()));
     }

@@ -79,11 +79,7 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
     };
     match connect(server, backend.connect_timeout, l.nodelay).await {
         Ok(stream) => {
-            proxy
-                .metrics
-                .server_connections
-                .get_or_create(&labels)
-                .inc();
+            proxy.metrics.server_connections.get_or_create(&labels).inc();
             Session::Connected {
                 client: a.stream,
                 peer: a.peer,

@@ -11,15 +11,7 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<
     let mut value = MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: value is a zeroed, writable buffer of len bytes; the kernel writes at most len.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            value.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, value.as_mut_ptr().cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -142,10 +134,7 @@ pub fn original_dst(fd: BorrowedFd<'_>, local: SocketAddr) -> Option<SocketAddr>
         SocketAddr::V4(_) => {
             let sa: libc::sockaddr_in = getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST).ok()?;
             let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(sa.sin_port),
-            )))
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sa.sin_port))))
         }
         SocketAddr::V6(_) => {
             let sa: libc::sockaddr_in6 = getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST).ok()?;

@@ -39,11 +39,7 @@ pub struct ServerReport {
 }
 
 /// Writes `len` seeded random bytes, returning their sha256.
-async fn send_random(
-    w: &mut (impl AsyncWriteExt + Unpin),
-    seed: u64,
-    len: u64,
-) -> io::Result<[u8; 32]> {
+async fn send_random(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, len: u64) -> io::Result<[u8; 32]> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; CHUNK];

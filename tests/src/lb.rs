@@ -17,7 +17,11 @@ pub fn lb_binary() -> PathBuf {
         .and_then(Path::parent)
         .expect("target profile directory");
     let lb = dir.join("lb");
-    assert!(lb.exists(), "{} is missing: build it first (`cargo build -p lb-user`, or run the suite with `cargo xtask test`)", lb.display());
+    assert!(
+        lb.exists(),
+        "{} is missing: build it first (`cargo build -p lb-user`, or run the suite with `cargo xtask test`)",
+        lb.display()
+    );
     lb
 }
 
@@ -62,18 +66,14 @@ impl LbBuilder {
     }
 
     pub fn config_text(&self) -> String {
-        let mut y = format!(
-            "forwarding: {}\nadmin:\n  listen: 127.0.0.1:0\n",
-            self.forwarding
-        );
+        let mut y = format!("forwarding: {}\nadmin:\n  listen: 127.0.0.1:0\n", self.forwarding);
         if !self.timeouts.is_empty() {
             y += "timeouts:\n";
             for (k, v) in &self.timeouts {
                 y += &format!("  {k}: {v}\n");
             }
         }
-        y +=
-            "listeners:\n  - name: test\n    bind: 127.0.0.1:0\n    mode: tcp\n    backend: pool\n";
+        y += "listeners:\n  - name: test\n    bind: 127.0.0.1:0\n    mode: tcp\n    backend: pool\n";
         y += "backends:\n  - name: pool\n    balance: roundrobin\n";
         if !self.backend_timeouts.is_empty() {
             y += "    timeouts:\n";
@@ -219,10 +219,7 @@ impl Lb {
         s.read_to_string(&mut resp).expect("read metrics");
         let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
         let mut values = HashMap::new();
-        for line in body
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
+        for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
             if let Some((k, v)) = line.rsplit_once(' ') {
                 values.insert(k.to_string(), v.parse().unwrap_or(f64::NAN));
             }

@@ -59,10 +59,7 @@ impl Path {
                     user >= at_least as f64,
                     "user path: only {user} user bytes, expected >= {at_least}"
                 );
-                assert_eq!(
-                    kernel, 0.0,
-                    "user path: the kernel forwarded {kernel} bytes"
-                );
+                assert_eq!(kernel, 0.0, "user path: the kernel forwarded {kernel} bytes");
             }
         }
     }
@@ -158,6 +155,8 @@ pub async fn early_bytes_do_not_stall(path: Path) {
             assert_eq!(back, msg, "{size}-byte request, round {round}");
         }
     }
+    // Each byte went out and came back: two passes through lb per byte.
+    path.assert_bytes_path(&lb, 2 * 25 * (1 + 64 * 1024));
 }
 
 /// The client sends and shuts down writing; the server sees EOF, replies, closes; the client
@@ -184,10 +183,7 @@ pub async fn half_close_client_first(path: Path) {
         servers::read_to_end(&mut c).await
     };
     let got_reply = timeout(BOUND, client).await.expect("client timed out");
-    let got_request = timeout(BOUND, server)
-        .await
-        .expect("server timed out")
-        .unwrap();
+    let got_request = timeout(BOUND, server).await.expect("server timed out").unwrap();
     assert!(
         got_request == request,
         "server got {} of {} request bytes",
@@ -226,10 +222,7 @@ pub async fn half_close_server_first(path: Path) {
         got
     };
     let got_banner = timeout(BOUND, client).await.expect("client timed out");
-    let got_reply = timeout(BOUND, server)
-        .await
-        .expect("server timed out")
-        .unwrap();
+    let got_reply = timeout(BOUND, server).await.expect("server timed out").unwrap();
     assert!(
         got_banner == banner,
         "client got {} of {} banner bytes",

@@ -65,11 +65,8 @@ pub async fn black_hole() -> BlackHole {
     let mut fillers = Vec::new();
     // Backlog 0 queues one connection; the second fills the SYN path. Each connect is bounded.
     for _ in 0..2 {
-        if let Ok(Ok(s)) = tokio::time::timeout(
-            std::time::Duration::from_millis(500),
-            TcpStream::connect(addr),
-        )
-        .await
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(std::time::Duration::from_millis(500), TcpStream::connect(addr)).await
         {
             fillers.push(s);
         }

@@ -75,7 +75,10 @@ fn main() -> Result<()> {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Runs a command to completion, failing with its name when it fails.
@@ -89,13 +92,19 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
 
 fn test(args: Vec<String>) -> Result<()> {
     let ebpf = setup::ensure(false)?;
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root())
-        .env("LB_BPF_TOOLCHAIN", setup::bpf_toolchain())
-        .args(["test", "--workspace", "--all-targets"]);
     if !ebpf {
         eprintln!("xtask: WARNING: the eBPF toolchain is missing: lb is built without kernel forwarding and BPF tests will skip");
     }
-    cmd.args(&args);
-    run_cmd(&mut cmd)
+    let cargo = |args: &[&str]| {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root())
+            .env("LB_BPF_TOOLCHAIN", setup::bpf_toolchain())
+            .args(args);
+        cmd
+    };
+    // The end-to-end tests run the real `lb` binary, which `cargo test` alone does not build.
+    run_cmd(&mut cargo(&["build", "--workspace", "--bins"]))?;
+    let mut test = cargo(&["test", "--workspace", "--all-targets"]);
+    test.args(&args);
+    run_cmd(&mut test)
 }

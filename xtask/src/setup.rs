@@ -40,12 +40,17 @@ pub fn ensure(strict: bool) -> Result<bool> {
 }
 
 fn quiet(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn llvm_present() -> bool {
     std::path::Path::new(LLVM_PREFIX).join("lib/libLLVM.so").exists()
-        || std::path::Path::new(LLVM_PREFIX).join("lib/libLLVM-22.so").exists()
+        || std::path::Path::new(LLVM_PREFIX)
+            .join("lib/libLLVM-22.so")
+            .exists()
 }
 
 fn install_llvm() -> Result<()> {
@@ -53,7 +58,15 @@ fn install_llvm() -> Result<()> {
     crate::run_cmd(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq", "llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"]),
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "llvm-22-dev",
+                "libpolly-22-dev",
+                "libzstd-dev",
+                "zlib1g-dev",
+            ]),
     )
 }
 
@@ -71,7 +84,13 @@ pub fn bpf_toolchain() -> String {
 
 fn rust_src_present() -> bool {
     let out = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", &bpf_toolchain()])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            &bpf_toolchain(),
+        ])
         .output();
     out.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
 }
@@ -79,7 +98,13 @@ fn rust_src_present() -> bool {
 fn install_rust_src() -> Result<()> {
     let toolchain = bpf_toolchain();
     crate::run_cmd(Command::new("rustup").args([
-        "toolchain", "install", &toolchain, "--profile", "minimal", "--component", "rust-src",
+        "toolchain",
+        "install",
+        &toolchain,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
     ]))
 }
 
@@ -93,7 +118,13 @@ fn install_bpf_linker() -> Result<()> {
         anyhow::bail!("bpf-linker needs {LLVM_PREFIX}");
     }
     crate::run_cmd(Command::new("cargo").env("LLVM_PREFIX", LLVM_PREFIX).args([
-        "install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION,
-        "--no-default-features", "--features", "llvm-22",
+        "install",
+        "bpf-linker",
+        "--locked",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        "llvm-22",
     ]))
 }

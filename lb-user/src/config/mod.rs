@@ -82,6 +82,8 @@ const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const MAX_WEIGHT: u32 = 256;
+/// Stands in for an address that failed to parse (the error is already recorded).
+const UNSPECIFIED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// One problem in a configuration file, with its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,11 +96,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.column, self.message
-        )
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
     }
 }
 
@@ -135,10 +133,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Parses and validates configuration text; `file` names it in errors.
 pub fn parse(file: &str, source: &str) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = serde_yaml::from_str(source).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((1, 1));
+        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
         // serde_yaml appends " at line X column Y"; the position is already in front.
         let message = e.to_string();
         let message = match message.rfind(" at line ") {
@@ -182,11 +177,13 @@ impl Validator<'_> {
         });
     }
 
-    fn address(&mut self, path: &[Step], what: &str, text: &str) -> SocketAddr {
-        text.parse().unwrap_or_else(|_| {
+    /// Parses `IP:PORT`; on error records it and returns `None`.
+    fn address(&mut self, path: &[Step], what: &str, text: &str) -> Option<SocketAddr> {
+        let parsed = text.parse().ok();
+        if parsed.is_none() {
             self.error(path, format!("{what}: `{text}` is not an address; expected IP:PORT such as 127.0.0.1:8080 or [::1]:8080"));
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        })
+        }
+        parsed
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
@@ -202,7 +199,7 @@ impl Validator<'_> {
                 Forwarding::Auto
             }
         };
-        let admin = raw.admin.map(|a| {
+        let admin = raw.admin.and_then(|a| {
             self.address(
                 &[Step::Key("admin"), Step::Key("listen")],
                 "admin.listen",
@@ -253,7 +250,9 @@ impl Validator<'_> {
         backends: &HashMap<String, usize>,
         defaults: &RawTimeouts,
     ) -> Listener {
-        let bind = self.address(&with(path, Step::Key("bind")), "bind", &l.bind);
+        let bind = self
+            .address(&with(path, Step::Key("bind")), "bind", &l.bind)
+            .unwrap_or(UNSPECIFIED);
         match l.mode.as_deref() {
             None | Some("tcp") => {}
             Some(other) => self.error(
@@ -275,10 +274,7 @@ impl Validator<'_> {
             }
         };
         let timeouts = l.timeouts.unwrap_or_default();
-        if timeouts.connect.is_some()
-            || timeouts.server.is_some()
-            || timeouts.shutdown_grace.is_some()
-        {
+        if timeouts.connect.is_some() || timeouts.server.is_some() || timeouts.shutdown_grace.is_some() {
             self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client` (connect and server belong to the backend, shutdown_grace to the top level)");
         }
         let client_timeout = self.nonzero(
@@ -297,10 +293,7 @@ impl Validator<'_> {
         };
         let maxconn = l.maxconn.unwrap_or(10_000);
         if maxconn == 0 {
-            self.error(
-                &with(path, Step::Key("maxconn")),
-                "maxconn must be at least 1",
-            );
+            self.error(&with(path, Step::Key("maxconn")), "maxconn must be at least 1");
         }
         Listener {
             name: l.name,
@@ -336,10 +329,7 @@ impl Validator<'_> {
         let connect_timeout = self.nonzero(
             path,
             "connect",
-            timeouts
-                .connect
-                .or(defaults.connect)
-                .unwrap_or(DEFAULT_CONNECT),
+            timeouts.connect.or(defaults.connect).unwrap_or(DEFAULT_CONNECT),
         );
         let server_timeout = self.nonzero(
             path,
@@ -360,12 +350,13 @@ impl Validator<'_> {
                 );
             }
             let address = self.address(&with(&spath, Step::Key("address")), "address", &s.address);
-            if address.port() == 0 {
+            if address.is_some_and(|a| a.port() == 0) {
                 self.error(
                     &with(&spath, Step::Key("address")),
                     "address: port 0 cannot be connected to",
                 );
             }
+            let address = address.unwrap_or(UNSPECIFIED);
             let weight = s.weight.unwrap_or(1);
             if weight > MAX_WEIGHT {
                 self.error(
@@ -438,10 +429,7 @@ mod tests {
         let e = parse("t.yaml", &src).unwrap_err().0;
         let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
         assert_eq!(e.len(), 2, "{shown:?}");
-        assert!(
-            shown[0].starts_with("t.yaml:3:11: bind: `nowhere`"),
-            "{shown:?}"
-        );
+        assert!(shown[0].starts_with("t.yaml:3:11: bind: `nowhere`"), "{shown:?}");
         assert!(
             shown[1].starts_with("t.yaml:4:14: listener `web` names backend `nope`"),
             "{shown:?}"
@@ -453,8 +441,7 @@ mod tests {
         let src = format!("timeouts: {{ connect: 250ms, client: 0s }}\n{GOOD}");
         let e = parse("t.yaml", &src).unwrap_err().0;
         assert!(
-            e[0].message
-                .contains("timeouts.client must be longer than zero"),
+            e[0].message.contains("timeouts.client must be longer than zero"),
             "{}",
             e[0]
         );

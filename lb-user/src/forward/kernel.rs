@@ -332,9 +332,7 @@ impl Epoll {
                 u64: i as u64,
             };
             // SAFETY: both fds are valid; ev is a valid event.
-            if unsafe { libc::epoll_ctl(raw, libc::EPOLL_CTL_ADD, end.sock.as_raw_fd(), &mut ev) }
-                != 0
-            {
+            if unsafe { libc::epoll_ctl(raw, libc::EPOLL_CTL_ADD, end.sock.as_raw_fd(), &mut ev) } != 0 {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -376,13 +374,7 @@ impl Epoll {
             }
             return Ok(events[..n as usize]
                 .iter()
-                .map(|e| {
-                    if e.u64 == 0 {
-                        Side::Client
-                    } else {
-                        Side::Server
-                    }
-                })
+                .map(|e| if e.u64 == 0 { Side::Client } else { Side::Server })
                 .collect());
         }
     }

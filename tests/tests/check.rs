@@ -1,0 +1,140 @@
+//! `lb check`: every file in conf/ is valid, and each kind of bad input is reported as
+//! FILE:LINE:COLUMN: message with exit status 1.
+use lb_tests::lb::lb_binary;
+use std::{path::Path, process::Command};
+
+fn check(path: &Path) -> (i32, String, String) {
+    let out = Command::new(lb_binary())
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .expect("run lb check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes `text` to a file and checks it; returns the exit code and the error lines.
+fn check_text(text: &str) -> (i32, Vec<String>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, text).unwrap();
+    let (code, _, stderr) = check(&path);
+    let file = path.display().to_string();
+    let lines = stderr.lines().map(|l| l.to_string()).collect();
+    (code, lines, file)
+}
+
+const GOOD: &str = "\
+listeners:
+  - name: web
+    bind: 127.0.0.1:8080
+    backend: app
+backends:
+  - name: app
+    servers:
+      - { name: s1, address: 127.0.0.1:9001 }
+";
+
+#[test]
+fn every_file_in_conf_is_valid() {
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&conf).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let (code, stdout, stderr) = check(&path);
+            assert_eq!(code, 0, "{}: {stderr}", path.display());
+            assert!(stdout.contains("OK"), "{stdout}");
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "expected the demo and the example configuration in conf/"
+    );
+}
+
+#[test]
+fn malformed_yaml_is_located() {
+    let (code, lines, file) = check_text("listeners:\n  - name: web\n    bind: \"127.0.0.1:8080\n");
+    assert_eq!(code, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let rest = lines[0]
+        .strip_prefix(&format!("{file}:"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    let mut parts = rest.splitn(3, ':');
+    let line: usize = parts.next().unwrap().parse().expect("line number");
+    let column: usize = parts.next().unwrap().parse().expect("column number");
+    assert!(line >= 3 && column >= 1, "{lines:?}");
+    assert!(parts.next().unwrap().contains("quoted scalar"), "{lines:?}");
+}
+
+#[test]
+fn unknown_key_is_an_error_at_its_position() {
+    let (code, lines, file) =
+        check_text(&GOOD.replace("    backend: app\n", "    backend: app\n    nodelya: true\n"));
+    assert_eq!(code, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with(&format!("{file}:5:5: ")), "{lines:?}");
+    assert!(lines[0].contains("unknown field `nodelya`"), "{lines:?}");
+}
+
+#[test]
+fn bad_address_is_an_error_at_the_value() {
+    let (code, lines, file) =
+        check_text(&GOOD.replace("address: 127.0.0.1:9001", "address: 127.0.0.1:99999"));
+    assert_eq!(code, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "{file}:8:30: address: `127.0.0.1:99999` is not an address"
+        )),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn listener_naming_a_missing_backend_is_an_error() {
+    let (code, lines, file) = check_text(&GOOD.replace("backend: app", "backend: apps"));
+    assert_eq!(code, 1);
+    assert!(
+        lines[0].starts_with(&format!("{file}:4:14: listener `web` names backend `apps`")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn every_semantic_error_is_reported_at_once() {
+    let text = GOOD
+        .replace("bind: 127.0.0.1:8080", "bind: localhost")
+        .replace("backend: app", "backend: apps")
+        .replace("address: 127.0.0.1:9001", "address: nowhere");
+    let (code, lines, file) = check_text(&text);
+    assert_eq!(code, 1);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for l in &lines {
+        assert!(l.starts_with(&format!("{file}:")), "{l}");
+    }
+}
+
+#[test]
+fn missing_file_is_reported() {
+    let (code, _, stderr) = check(Path::new("/nonexistent/lb.yaml"));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("/nonexistent/lb.yaml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(lb_binary()).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("lb "), "{out:?}");
+    let out = Command::new(lb_binary()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("run") && help.contains("check"), "{help}");
+}
