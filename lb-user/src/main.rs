@@ -4,10 +4,17 @@ use clap::{Parser, Subcommand};
 use lb::config::{self, Forwarding};
 use std::{path::PathBuf, process::ExitCode};
 
+/// `lb --version`: says whether this binary carries its eBPF program (the tests read it).
+const VERSION: &str = if cfg!(lb_no_ebpf) {
+    concat!(env!("CARGO_PKG_VERSION"), " (built without its eBPF program: userspace forwarding only)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (eBPF sockmap forwarding built in)")
+};
+
 #[derive(Parser)]
 #[command(
     name = "lb",
-    version,
+    version = VERSION,
     about = "lb: a TCP load balancer whose established flows are forwarded by the kernel (eBPF sockmap)",
     long_about = "lb: a TCP load balancer whose established flows are forwarded by the kernel (eBPF sockmap).\n\n\
         Like HAProxy, lb is driven by one configuration file (YAML here): `lb run -c FILE` is \

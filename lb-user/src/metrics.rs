@@ -116,6 +116,11 @@ impl Metrics {
         );
         registry.register("lb_kernel_fallbacks", "Flows the kernel would not take (socket no longer established, map full), forwarded in userspace", m.kernel_fallbacks.clone());
         registry.register(
+            "lb_kernel_tracked_sockets",
+            "Sockets lb tracks in the BPF maps now (two per kernel-forwarded flow)",
+            m.kernel_tracked.clone(),
+        );
+        registry.register(
             "lb_kernel_misses",
             "skbs the verdict program found no peer for (passed to userspace)",
             m.kernel_misses.clone(),

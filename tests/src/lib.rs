@@ -17,10 +17,13 @@ pub mod servers;
 pub fn bpf_available(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        return true;
-    }
-    let why = "not running as root (BPF sockmap needs CAP_BPF + CAP_NET_ADMIN)";
+    let version = std::process::Command::new(lb::lb_binary()).arg("--version").output();
+    let built_in = version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("eBPF sockmap forwarding built in"));
+    let why = match (root, built_in) {
+        (true, true) => return true,
+        (false, _) => "not running as root (BPF sockmap needs CAP_BPF + CAP_NET_ADMIN)",
+        (true, false) => "lb was built without its eBPF program (run `cargo xtask setup`)",
+    };
     if std::env::var("LB_REQUIRE_BPF").as_deref() == Ok("1") {
         panic!("{test}: LB_REQUIRE_BPF=1 but {why}");
     }

@@ -236,3 +236,77 @@ pub async fn half_close_server_first(path: Path) {
         reply.len()
     );
 }
+
+/// A server that resets its connection: the client is reset too, promptly, and it is counted.
+pub async fn reset_is_passed_on(path: Path) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = path.lb(&[l.local_addr().unwrap()]).spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    let mut s = servers::accept_one(&l).await;
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    // SO_LINGER 0 then close: the kernel sends RST instead of FIN.
+    s.set_zero_linger().unwrap();
+    drop(s);
+    let mut rest = Vec::new();
+    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+        .await
+        .expect("client not closed");
+    let err = r.expect_err("the client saw a clean close, not a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    let m = lb.metrics();
+    assert_eq!(
+        m.get("lb_resets_total{listener=\"test\",side=\"server\"}"),
+        1.0,
+        "{}",
+        m.text
+    );
+}
+
+/// A flow idle for longer than `timeouts.client` is closed and counted; one that keeps moving
+/// bytes (more slowly than the timeout, in total longer than it) is not.
+pub async fn idle_flows_time_out(path: Path) {
+    let echo = servers::echo().await;
+    let lb = path.lb(&[echo]).timeout("client", "600ms").spawn();
+    // The active flow: one byte every 150 ms for 1.8 s, three times the timeout.
+    let active = tokio::spawn({
+        let addr = lb.listener;
+        async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let mut b = [0u8; 1];
+            for i in 0..12u8 {
+                c.write_all(&[i]).await.unwrap();
+                timeout(Duration::from_secs(5), c.read_exact(&mut b))
+                    .await
+                    .expect("echo")
+                    .unwrap();
+                assert_eq!(b[0], i);
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+    });
+    let mut idle = TcpStream::connect(lb.listener).await.unwrap();
+    idle.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    idle.read_exact(&mut b).await.unwrap();
+    let quiet_since = std::time::Instant::now();
+    let mut rest = Vec::new();
+    timeout(Duration::from_secs(10), idle.read_to_end(&mut rest))
+        .await
+        .expect("idle flow was not closed")
+        .expect("idle flow should end with a clean close");
+    let waited = quiet_since.elapsed();
+    assert!(
+        waited >= Duration::from_millis(550),
+        "closed after {waited:?}, before the 600ms timeout"
+    );
+    active.await.expect("the active flow was cut");
+    let m = lb.metrics();
+    assert_eq!(
+        m.get("lb_idle_timeouts_total{listener=\"test\",side=\"client\"}"),
+        1.0,
+        "{}",
+        m.text
+    );
+}

@@ -39,3 +39,17 @@ async fn half_close_server_first() {
         scenarios::half_close_server_first(Path::Kernel).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_is_passed_on() {
+    if bpf_available("reset_is_passed_on") {
+        scenarios::reset_is_passed_on(Path::Kernel).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_flows_time_out() {
+    if bpf_available("idle_flows_time_out") {
+        scenarios::idle_flows_time_out(Path::Kernel).await;
+    }
+}

@@ -26,3 +26,13 @@ async fn half_close_client_first() {
 async fn half_close_server_first() {
     scenarios::half_close_server_first(Path::User).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_is_passed_on() {
+    scenarios::reset_is_passed_on(Path::User).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_flows_time_out() {
+    scenarios::idle_flows_time_out(Path::User).await;
+}

@@ -67,9 +67,11 @@ pub async fn forward(
         }
     };
     if let End::Reset(_) = end {
-        // Pass the reset on: close both with RST rather than FIN.
-        for s in [cw.as_ref(), sw.as_ref()] {
-            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        // Pass the reset on: close both with RST rather than FIN. The halves are reunited
+        // first because dropping a tokio write half sends a FIN, which the peer would read
+        // as a clean end of stream.
+        for s in [cr.reunite(cw), sr.reunite(sw)].into_iter().flatten() {
+            let _ = s.set_zero_linger();
         }
     }
     (end, UserBytes(moved.load(Relaxed)))

@@ -1,0 +1,251 @@
+//! Failures around a flow and lb's own life: unreachable servers, the forwarding choice when BPF
+//! cannot be used, graceful shutdown, and leaks.
+use lb_tests::{
+    bpf_available,
+    lb::{lb_binary, spawn_command, LbBuilder},
+    servers,
+};
+use std::{
+    os::unix::fs::PermissionsExt,
+    process::Command,
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+
+/// Reads until the connection ends; Ok(bytes) on a clean close, Err on a reset.
+async fn read_until_closed(c: &mut TcpStream, bound: Duration) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    timeout(bound, c.read_to_end(&mut v))
+        .await
+        .expect("client connection was not closed in time")?;
+    Ok(v)
+}
+
+#[tokio::test]
+async fn refused_server_closes_the_client_and_is_counted() {
+    let refusing = servers::refusing().await;
+    let lb = LbBuilder::new(&[refusing]).spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    let _ = read_until_closed(&mut c, Duration::from_secs(5)).await;
+    let m = lb.metrics();
+    assert_eq!(
+        m.get("lb_backend_connect_errors_total{backend=\"pool\",server=\"s0\"}"),
+        1.0,
+        "{}",
+        m.text
+    );
+    assert!(lb.log().contains("Connection refused"), "{}", lb.log());
+}
+
+#[tokio::test]
+async fn connect_timeout_is_honoured() {
+    let hole = servers::black_hole().await;
+    let lb = LbBuilder::new(&[hole.addr])
+        .backend_timeout("connect", "400ms")
+        .spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    let started = Instant::now();
+    let _ = read_until_closed(&mut c, Duration::from_secs(10)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350),
+        "client closed after {waited:?}, before the connect timeout"
+    );
+    let m = lb.metrics();
+    assert_eq!(
+        m.get("lb_backend_connect_errors_total{backend=\"pool\",server=\"s0\"}"),
+        1.0,
+        "{}",
+        m.text
+    );
+    assert!(lb.log().contains("did not accept within 400ms"), "{}", lb.log());
+}
+
+/// Runs lb as an unprivileged user (nobody, no capabilities), so BPF cannot be loaded.
+fn unprivileged_lb(builder: LbBuilder) -> Result<lb_tests::lb::Lb, String> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("lb.yaml");
+    std::fs::write(&path, builder.config_text()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ])
+    .arg(lb_binary())
+    .args(["run", "-c"])
+    .arg(&path);
+    spawn_command(cmd, dir)
+}
+
+#[tokio::test]
+async fn kernel_forwarding_refuses_to_start_without_bpf() {
+    if !bpf_available("kernel_forwarding_refuses_to_start_without_bpf (needs root to drop privileges)") {
+        return;
+    }
+    let echo = servers::echo().await;
+    let err = unprivileged_lb(LbBuilder::new(&[echo]).forwarding("kernel"))
+        .err()
+        .expect("lb started in kernel mode without BPF");
+    assert!(
+        err.contains("forwarding: kernel was requested but BPF cannot be used"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn auto_forwarding_falls_back_to_userspace_with_one_warning() {
+    if !bpf_available(
+        "auto_forwarding_falls_back_to_userspace_with_one_warning (needs root to drop privileges)",
+    ) {
+        return;
+    }
+    let echo = servers::echo().await;
+    let lb = unprivileged_lb(LbBuilder::new(&[echo]).forwarding("auto")).expect("lb did not start");
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    timeout(Duration::from_secs(10), c.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"ping");
+    let log = lb.log();
+    assert_eq!(
+        log.matches("kernel forwarding unavailable, forwarding in userspace")
+            .count(),
+        1,
+        "{log}"
+    );
+    let m = lb.metrics();
+    assert_eq!(m.get("lb_kernel_forwarding"), 0.0);
+    assert!(m.user_bytes() >= 8.0, "{}", m.text);
+}
+
+/// Polls lb's metrics until `cond` holds (at most 100 × 50 ms).
+fn wait_for_metrics(lb: &lb_tests::lb::Lb, what: &str, cond: impl Fn(&lb_tests::lb::Metrics) -> bool) {
+    for _ in 0..100 {
+        if cond(&lb.metrics()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}:\n{}", lb.metrics().text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_flows_leave_no_map_entries_or_fds() {
+    if !bpf_available("closed_flows_leave_no_map_entries_or_fds") {
+        return;
+    }
+    let echo = servers::echo().await;
+    let lb = LbBuilder::new(&[echo]).forwarding("kernel").spawn();
+    // After one scrape, so the admin endpoint's own sockets are in the baseline too.
+    let _ = lb.metrics();
+    let fds_before = lb.open_fds();
+    let mut flows = Vec::new();
+    for i in 0..50u8 {
+        let mut c = TcpStream::connect(lb.listener).await.unwrap();
+        c.write_all(&[i; 1000]).await.unwrap();
+        let mut back = [0u8; 1000];
+        timeout(Duration::from_secs(10), c.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        flows.push(c);
+    }
+    wait_for_metrics(&lb, "100 tracked sockets", |m| {
+        m.get("lb_kernel_tracked_sockets") == 100.0
+    });
+    drop(flows);
+    wait_for_metrics(&lb, "all flows closed", |m| {
+        m.get("lb_active_connections{listener=\"test\"}") == 0.0
+    });
+    let m = lb.metrics();
+    assert_eq!(m.get("lb_kernel_tracked_sockets"), 0.0, "{}", m.text);
+    assert_eq!(
+        lb.open_fds(),
+        fds_before,
+        "lb holds more fds than before the flows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_open_flows_finish_then_exits() {
+    let echo = servers::echo().await;
+    let mut lb = LbBuilder::new(&[echo]).timeout("shutdown_grace", "20s").spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(b"before").await.unwrap();
+    let mut b = [0u8; 6];
+    timeout(Duration::from_secs(10), c.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    let listener = lb.listener;
+    // SIGTERM without waiting for the exit: the flow is still open.
+    assert!(
+        lb.terminate(Duration::from_millis(300)).is_none(),
+        "lb exited with a flow open"
+    );
+    // New connections are refused once lb stopped accepting.
+    let mut refused = false;
+    for _ in 0..50 {
+        if TcpStream::connect(listener).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "lb still accepts after SIGTERM");
+    // The open flow keeps working during the grace period.
+    c.write_all(b"after!").await.unwrap();
+    timeout(Duration::from_secs(10), c.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"after!");
+    c.shutdown().await.unwrap();
+    let rest = read_until_closed(&mut c, Duration::from_secs(10)).await.unwrap();
+    assert!(rest.is_empty());
+    let status = lb
+        .terminate(Duration::from_secs(10))
+        .expect("lb did not exit after its last flow closed");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_flows_left_after_the_grace_period() {
+    let echo = servers::echo().await;
+    let mut lb = LbBuilder::new(&[echo]).timeout("shutdown_grace", "500ms").spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    timeout(Duration::from_secs(10), c.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    let started = Instant::now();
+    let status = lb
+        .terminate(Duration::from_secs(10))
+        .expect("lb did not exit after the grace period");
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "lb exited before the grace period"
+    );
+    // The client's connection is closed (reset or end of stream), not left hanging.
+    let _ = read_until_closed(&mut c, Duration::from_secs(5)).await;
+    assert!(
+        lb.log().contains("grace period over; closing 1 flow(s)"),
+        "{}",
+        lb.log()
+    );
+}
