@@ -9,7 +9,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(lb_no_ebpf)");
     println!("cargo:rerun-if-env-changed=LB_BPF_TOOLCHAIN");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    let object = out_dir.join("lb");
+    let object = out_dir.join("lb-ebpf");
     let toolchain = env::var("LB_BPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".to_string());
     let package = aya_build::Package {
         name: "lb-ebpf",

@@ -4,94 +4,14 @@
 //! For each skb a socket receives, the program looks up the socket's own cookie in the SOCKHASH,
 //! where the daemon stored the flow's other socket, and redirects the skb to that socket's egress.
 //! Nothing else: framing, timeouts and close handling are the daemon's.
-#![no_std]
-#![no_main]
+//!
+//! The program lives in `verdict.rs`; it is compiled only for the BPF target (lb-user's build
+//! script builds it with aya-build). On the host this binary is an empty stub so that
+//! `cargo build --workspace` and `cargo test --workspace` stay green.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
-use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::bpf_get_socket_cookie,
-    macros::{map, stream_verdict},
-    maps::{HashMap, PerCpuArray, SockHash},
-    programs::SkBuffContext,
-};
-use aya_log_ebpf::debug;
-use lb_common::{CpuStats, SockCounters, MAX_SOCKETS};
+#[cfg(target_arch = "bpf")]
+mod verdict;
 
-#[map(name = "SOCKS")]
-static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
-
-#[map(name = "SOCK_COUNTERS")]
-static SOCK_COUNTERS: HashMap<u64, SockCounters> = HashMap::with_max_entries(MAX_SOCKETS, 0);
-
-#[map(name = "CPU_STATS")]
-static CPU_STATS: PerCpuArray<CpuStats> = PerCpuArray::with_max_entries(1, 0);
-
-#[stream_verdict]
-pub fn lb_verdict(ctx: SkBuffContext) -> u32 {
-    try_verdict(&ctx)
-}
-
-fn try_verdict(ctx: &SkBuffContext) -> u32 {
-    let len = ctx.len() as u64;
-    let stats = CPU_STATS.get_ptr_mut(0);
-    if len == 0 {
-        // A bare FIN. Redirecting it (or passing it on while the socket is in the map) makes
-        // the peer's psock fail with EPIPE and drop everything queued after it. The daemon
-        // still sees EOF through recv() and passes the FIN on itself.
-        if let Some(s) = stats {
-            unsafe { (*s).empty_drops += 1 };
-        }
-        return SK_DROP;
-    }
-    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let verdict = SOCKS.redirect_skb(ctx, &mut cookie, 0) as u32;
-    let counters = SOCK_COUNTERS.get_ptr_mut(&cookie);
-    if verdict == SK_PASS {
-        // One socket's verdicts run one at a time, so a plain `+=` on its own entry is safe;
-        // the per-CPU totals are private to this CPU.
-        match counters {
-            Some(c) => unsafe {
-                (*c).redirected_bytes += len;
-                (*c).redirected_skbs += 1;
-            },
-            None => {
-                if let Some(s) = stats {
-                    unsafe { (*s).untracked += 1 };
-                }
-            }
-        }
-        if let Some(s) = stats {
-            unsafe {
-                (*s).redirected_bytes += len;
-                (*s).redirected_skbs += 1;
-            }
-        }
-        return SK_PASS;
-    }
-    // No peer in the map (the flow is being torn down, or its second socket is not inserted
-    // yet): keep the bytes on this socket, where the daemon reads and forwards them itself.
-    if let Some(c) = counters {
-        unsafe { (*c).passed_bytes += len };
-    }
-    if let Some(s) = stats {
-        unsafe {
-            (*s).misses += 1;
-            (*s).missed_bytes += len;
-        }
-    }
-    debug!(
-        ctx,
-        "lb: no peer for socket cookie {}, {} bytes passed", cookie, len
-    );
-    SK_PASS
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

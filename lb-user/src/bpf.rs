@@ -14,7 +14,7 @@ use std::{os::fd::AsRawFd, sync::Mutex};
 use tokio::io::unix::AsyncFd;
 
 /// The embedded eBPF object (empty when lb was built without the eBPF toolchain).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// Why BPF could not be used.
 #[derive(Debug, thiserror::Error)]

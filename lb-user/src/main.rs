@@ -6,7 +6,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 /// `lb --version`: says whether this binary carries its eBPF program (the tests read it).
 const VERSION: &str = if cfg!(lb_no_ebpf) {
-    concat!(env!("CARGO_PKG_VERSION"), " (built without its eBPF program: userspace forwarding only)")
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (built without its eBPF program: userspace forwarding only)"
+    )
 } else {
     concat!(env!("CARGO_PKG_VERSION"), " (eBPF sockmap forwarding built in)")
 };
@@ -91,14 +94,10 @@ fn run(path: PathBuf, forwarding: Option<Forwarding>) -> anyhow::Result<()> {
     let forwarding = forwarding.unwrap_or(config.forwarding);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let stop = async {
-            match lb::shutdown::signal_received().await {
-                Ok(name) => tracing::info!("{name} received: stopping"),
-                Err(e) => {
-                    tracing::error!("cannot listen for signals ({e}); stop lb with SIGKILL");
-                    std::future::pending::<()>().await;
-                }
-            }
+        let mut signals = lb::shutdown::Signals::install().context("installing SIGTERM/SIGINT handlers")?;
+        let stop = async move {
+            let name = signals.received().await;
+            tracing::info!("{name} received: stopping");
         };
         lb::server::run(config, forwarding, stop)
             .await

@@ -103,8 +103,46 @@ fn test(args: Vec<String>) -> Result<()> {
         cmd
     };
     // The end-to-end tests run the real `lb` binary, which `cargo test` alone does not build.
-    run_cmd(&mut cargo(&["build", "--workspace", "--bins"]))?;
+    run_cmd(&mut cargo(&["build", "-p", "lb-user", "--bins"]))?;
+    // Skipped tests pass (their output is captured), so they also append a line to this file,
+    // which is shown and counted at the end.
+    let skip_log = root().join("target/lb-test-skipped.txt");
+    std::fs::write(&skip_log, "").context("creating the skip log")?;
     let mut test = cargo(&["test", "--workspace", "--all-targets"]);
-    test.args(&args);
-    run_cmd(&mut test)
+    test.args(&args)
+        .env("LB_SKIP_LOG", &skip_log)
+        .stdout(std::process::Stdio::piped());
+    let mut child = test.spawn().context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
+    for line in skipped.lines() {
+        println!("SKIPPED {line}");
+    }
+    println!(
+        "summary: {passed} passed, {failed} failed, {} skipped",
+        skipped.lines().count()
+    );
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
+/// The number right before `word` in a `test result:` line ("ok. 7 passed; 0 failed; …").
+fn count_before(line: &str, word: &str) -> u64 {
+    let Some(end) = line.find(word) else { return 0 };
+    line[..end]
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
