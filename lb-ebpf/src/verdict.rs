@@ -33,6 +33,8 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         if let Some(s) = stats {
             unsafe { (*s).empty_drops += 1 };
         }
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+        debug!(ctx, "lb: zero-length skb (FIN) on socket cookie {} dropped", cookie);
         return SK_DROP;
     }
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };

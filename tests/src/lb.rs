@@ -32,6 +32,7 @@ pub struct LbBuilder {
     timeouts: Vec<(String, String)>,
     backend_timeouts: Vec<(String, String)>,
     extra_args: Vec<String>,
+    log_filter: Option<String>,
 }
 
 impl LbBuilder {
@@ -42,7 +43,13 @@ impl LbBuilder {
             timeouts: Vec::new(),
             backend_timeouts: Vec::new(),
             extra_args: Vec::new(),
+            log_filter: None,
         }
+    }
+    /// RUST_LOG for lb (default `info`, or LB_TEST_LOG when set).
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = Some(filter.into());
+        self
     }
     /// `forwarding:` in the file.
     pub fn forwarding(mut self, mode: &str) -> Self {
@@ -101,17 +108,19 @@ impl LbBuilder {
         std::fs::write(&path, self.config_text()).expect("write config");
         let mut cmd = Command::new(lb_binary());
         cmd.args(["run", "-c"]).arg(&path).args(&self.extra_args);
+        if let Some(filter) = &self.log_filter {
+            cmd.env("RUST_LOG", filter);
+        }
         spawn_command(cmd, dir)
     }
 }
 
 /// Runs `cmd` (an `lb run`) and waits until it reports its listener and admin addresses.
 pub fn spawn_command(mut cmd: Command, dir: tempfile::TempDir) -> Result<Lb, String> {
-    cmd.env(
-        "RUST_LOG",
-        std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
-    )
-    .env("NO_COLOR", "1")
+    if cmd.get_envs().all(|(k, _)| k != "RUST_LOG") {
+        cmd.env("RUST_LOG", std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()));
+    }
+    cmd.env("NO_COLOR", "1")
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::piped());

@@ -53,6 +53,12 @@ impl Path {
                     "kernel path: {user} bytes were copied in userspace:\n{}",
                     m.text
                 );
+                assert_eq!(
+                    m.get("lb_kernel_fallbacks_total"),
+                    0.0,
+                    "flows fell back to userspace:\n{}",
+                    m.text
+                );
             }
             Path::User => {
                 assert!(
@@ -196,6 +202,7 @@ pub async fn half_close_client_first(path: Path) {
         got_reply.len(),
         reply.len()
     );
+    path.assert_bytes_path(&lb, (request.len() + reply.len()) as u64);
 }
 
 /// The server speaks first and shuts down writing; the client sees EOF, replies, closes; the
@@ -235,6 +242,7 @@ pub async fn half_close_server_first(path: Path) {
         got_reply.len(),
         reply.len()
     );
+    path.assert_bytes_path(&lb, (banner.len() + reply.len()) as u64);
 }
 
 /// A server that resets its connection: the client is reset too, promptly, and it is counted.

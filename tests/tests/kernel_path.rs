@@ -53,3 +53,30 @@ async fn idle_flows_time_out() {
         scenarios::idle_flows_time_out(Path::Kernel).await;
     }
 }
+
+/// The program's aya-log records reach lb's log: each end of stream arrives as a zero-length
+/// skb, which the program drops and reports at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_log_messages_reach_the_daemon_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !bpf_available("ebpf_log_messages_reach_the_daemon_log") {
+        return;
+    }
+    let echo = lb_tests::servers::echo().await;
+    let lb = Path::Kernel.lb(&[echo]).log_filter("debug").spawn();
+    let mut c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    // The record travels through a ring buffer: poll the log (bounded).
+    for _ in 0..100 {
+        if lb.log().contains("zero-length skb (FIN) on socket cookie") {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("no eBPF log record in lb's log:\n{}", lb.log());
+}

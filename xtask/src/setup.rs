@@ -47,10 +47,9 @@ fn quiet(cmd: &mut Command) -> bool {
 }
 
 fn llvm_present() -> bool {
-    std::path::Path::new(LLVM_PREFIX).join("lib/libLLVM.so").exists()
-        || std::path::Path::new(LLVM_PREFIX)
-            .join("lib/libLLVM-22.so")
-            .exists()
+    // The unversioned libLLVM.so link and llvm-config come with llvm-22-dev, not the runtime.
+    let prefix = std::path::Path::new(LLVM_PREFIX);
+    prefix.join("lib/libLLVM.so").exists() && prefix.join("bin/llvm-config").exists()
 }
 
 fn install_llvm() -> Result<()> {
