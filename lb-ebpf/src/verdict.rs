@@ -34,7 +34,10 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
             unsafe { (*s).empty_drops += 1 };
         }
         let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-        debug!(ctx, "lb: zero-length skb (FIN) on socket cookie {} dropped", cookie);
+        debug!(
+            ctx,
+            "lb: zero-length skb (FIN) on socket cookie {} dropped", cookie
+        );
         return SK_DROP;
     }
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };

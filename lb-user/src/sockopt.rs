@@ -87,9 +87,21 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(n as u64)
 }
 
-/// Every byte ever handed to the socket for sending: acknowledged plus still queued.
-pub fn queued_total(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    Ok(tcp_info(fd)?.bytes_acked + outq(fd)?)
+/// A TCP socket's state and how much it was ever given to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendProgress {
+    /// `tcpi_state` (TCP_ESTABLISHED = 1, TCP_CLOSE = 7, …).
+    pub state: u8,
+    /// Every byte ever handed to the socket for sending: acknowledged plus still queued.
+    pub queued_total: u64,
+}
+
+pub fn send_progress(fd: BorrowedFd<'_>) -> io::Result<SendProgress> {
+    let info = tcp_info(fd)?;
+    Ok(SendProgress {
+        state: info.state,
+        queued_total: info.bytes_acked + outq(fd)?,
+    })
 }
 
 /// Non-blocking `recv`; `Ok(0)` is end of stream.
@@ -159,9 +171,9 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, _) = l.accept().unwrap();
-        let before = queued_total(c.as_fd()).unwrap();
+        let before = send_progress(c.as_fd()).unwrap().queued_total;
         c.write_all(&[7u8; 1000]).unwrap();
-        assert_eq!(queued_total(c.as_fd()).unwrap() - before, 1000);
+        assert_eq!(send_progress(c.as_fd()).unwrap().queued_total - before, 1000);
         assert_ne!(cookie(c.as_fd()).unwrap(), cookie(s.as_fd()).unwrap());
         let mut buf = [0u8; 2000];
         // One loopback segment: once peek sees it, all 1000 bytes are queued.

@@ -118,12 +118,15 @@ impl LbBuilder {
 /// Runs `cmd` (an `lb run`) and waits until it reports its listener and admin addresses.
 pub fn spawn_command(mut cmd: Command, dir: tempfile::TempDir) -> Result<Lb, String> {
     if cmd.get_envs().all(|(k, _)| k != "RUST_LOG") {
-        cmd.env("RUST_LOG", std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
     }
     cmd.env("NO_COLOR", "1")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn lb");
     let stderr = child.stderr.take().expect("stderr");
     let log = Arc::new(Mutex::new(String::new()));

@@ -135,8 +135,16 @@ pub async fn many_flows(path: Path) {
         .collect();
     let total: u64 = specs.iter().map(|s| s.up + s.down).sum();
     let lb = run_flows(path, specs).await;
-    if path == Path::User {
-        path.assert_bytes_path(&lb, total);
+    match path {
+        Path::User => path.assert_bytes_path(&lb, total),
+        // Tiny flows whose client sent its FIN before lb inserted the sockets stay in
+        // userspace (the kernel refuses a socket that is no longer ESTABLISHED); the rest
+        // must have been forwarded by the kernel.
+        Path::Kernel => {
+            let m = lb.metrics();
+            assert!(m.kernel_bytes() + m.user_bytes() >= total as f64, "{}", m.text);
+            assert!(m.kernel_bytes() >= 0.9 * total as f64, "{}", m.text);
+        }
     }
 }
 

@@ -21,8 +21,9 @@ use super::{End, Side, Timeouts, UserBytes};
 use crate::{bpf::Kernel, sockopt};
 
 /// How often, at most, the delivery check polls while waiting for the kernel to catch up.
-/// `TCP_ESTABLISHED` from include/net/tcp_states.h (libc does not export it).
+/// TCP states from include/net/tcp_states.h (libc does not export them).
 const TCP_ESTABLISHED: u8 = 1;
+const TCP_CLOSE: u8 = 7;
 
 const MAX_DELIVERY_POLL: Duration = Duration::from_millis(20);
 
@@ -167,9 +168,9 @@ impl FlowSocket {
     fn new(sock: TcpStream) -> io::Result<FlowSocket> {
         let fd = sock.as_fd();
         let cookie = sockopt::cookie(fd)?;
-        let info = sockopt::tcp_info(fd)?;
-        let baseline = info.bytes_acked + sockopt::outq(fd)?;
-        let established = info.state == TCP_ESTABLISHED;
+        let progress = sockopt::send_progress(fd)?;
+        let baseline = progress.queued_total;
+        let established = progress.state == TCP_ESTABLISHED;
         Ok(FlowSocket {
             sock,
             cookie,
@@ -190,17 +191,25 @@ async fn on_readable(
     timeouts: Timeouts,
     user: &mut UserBytes,
 ) -> io::Result<Option<End>> {
-    let mut buf = [0u8; 16 * 1024];
+    // Normally nothing is readable (the kernel redirected it all), so probe with one byte and
+    // allocate a real buffer only when bytes did miss the map: every flow's future carries
+    // this function's locals, and 10k idle flows must stay small.
+    let mut probe = [0u8; 1];
+    let mut heap: Option<Vec<u8>> = None;
     // Bounded: a sender whose bytes keep missing the map cannot hold the task forever.
     for _ in 0..64 {
         if flow.ends[idx(side)].eof {
             return Ok(None);
         }
-        match sockopt::recv_nowait(flow.ends[idx(side)].sock.as_fd(), &mut buf) {
+        let buf: &mut [u8] = match heap.as_mut() {
+            Some(b) => b,
+            None => &mut probe,
+        };
+        match sockopt::recv_nowait(flow.ends[idx(side)].sock.as_fd(), buf) {
             Ok(0) => {
                 epoll.forget(&flow.ends[idx(side)].sock);
-                if !deliver_all(flow, side, timeouts).await? {
-                    return Ok(Some(End::IdleTimeout(side.other())));
+                if let Some(end) = deliver_all(flow, side, timeouts).await? {
+                    return Ok(Some(end));
                 }
                 let peer = &flow.ends[idx(side.other())];
                 if let Err(e) = peer.sock.shutdown(std::net::Shutdown::Write) {
@@ -213,19 +222,16 @@ async fn on_readable(
             Ok(n) => {
                 // No peer in the map when these arrived: forward them ourselves, after every
                 // byte the kernel already redirected, so the stream stays in order.
-                if !deliver_all(flow, side, timeouts).await? {
-                    return Ok(Some(End::IdleTimeout(side.other())));
+                if let Some(end) = deliver_all(flow, side, timeouts).await? {
+                    return Ok(Some(end));
                 }
-                if !write_all(
-                    &mut flow.ends[idx(side.other())],
-                    &buf[..n],
-                    timeouts.of(side.other()),
-                )
-                .await?
-                {
+                let bytes = heap.as_deref().unwrap_or(&probe);
+                let dst = &mut flow.ends[idx(side.other())];
+                if !write_all(dst, &bytes[..n], timeouts.of(side.other())).await? {
                     return Ok(Some(End::Reset(side.other())));
                 }
                 user.0 += n as u64;
+                heap.get_or_insert_with(|| vec![0u8; 64 * 1024]);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -239,8 +245,9 @@ async fn on_readable(
 }
 
 /// Waits until the peer of `from` has queued every byte that came from `from`: redirected by
-/// the kernel or written by us. Returns false if the peer made no progress for its idle timeout.
-async fn deliver_all(flow: &Flow<'_>, from: Side, timeouts: Timeouts) -> io::Result<bool> {
+/// the kernel or written by us. Ends the flow if the peer closed (reset) meanwhile or made no
+/// progress for its idle timeout.
+async fn deliver_all(flow: &Flow<'_>, from: Side, timeouts: Timeouts) -> io::Result<Option<End>> {
     let src = &flow.ends[idx(from)];
     let dst = &flow.ends[idx(from.other())];
     let limit = timeouts.of(from.other());
@@ -249,15 +256,19 @@ async fn deliver_all(flow: &Flow<'_>, from: Side, timeouts: Timeouts) -> io::Res
     let mut last_progress = Instant::now();
     loop {
         let target = flow.kernel.counters(src.cookie).redirected_bytes + dst.user_written;
-        let queued = sockopt::queued_total(dst.sock.as_fd())?.saturating_sub(dst.baseline);
+        let progress = sockopt::send_progress(dst.sock.as_fd())?;
+        if progress.state == TCP_CLOSE {
+            return Ok(Some(End::Reset(from.other())));
+        }
+        let queued = progress.queued_total.saturating_sub(dst.baseline);
         if queued >= target {
-            return Ok(true);
+            return Ok(None);
         }
         if queued != last {
             last = queued;
             last_progress = Instant::now();
         } else if last_progress.elapsed() >= limit {
-            return Ok(false);
+            return Ok(Some(End::IdleTimeout(from.other())));
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_DELIVERY_POLL);
