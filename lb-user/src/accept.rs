@@ -56,3 +56,58 @@ pub fn configure(listener: &Listener, stream: TcpStream, peer: SocketAddr) -> io
         original_dst,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Keepalive;
+    use std::time::Duration;
+
+    fn listener(keepalive: Option<Keepalive>, nodelay: bool) -> Listener {
+        Listener {
+            name: "t".into(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            backend: 0,
+            backlog: 16,
+            nodelay,
+            keepalive,
+            transparent: true,
+            maxconn: 1,
+            client_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_the_listeners_flags() {
+        let ka = Keepalive {
+            idle: Some(Duration::from_secs(42)),
+            interval: Some(Duration::from_secs(7)),
+            count: Some(3),
+        };
+        let l = listener(Some(ka), true);
+        let socket = bind(&l).unwrap();
+        let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = socket.accept().await.unwrap();
+        let a = configure(&l, stream, peer).unwrap();
+        let s = SockRef::from(&a.stream);
+        assert!(a.stream.nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.keepalive_time().unwrap(), Duration::from_secs(42));
+        assert_eq!(s.keepalive_interval().unwrap(), Duration::from_secs(7));
+        assert_eq!(s.keepalive_retries().unwrap(), 3);
+        // Transparent, but not redirected by netfilter: no original destination.
+        assert_eq!(a.original_dst, None);
+    }
+
+    #[tokio::test]
+    async fn flags_off_stay_off() {
+        let l = listener(None, false);
+        let socket = bind(&l).unwrap();
+        let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = socket.accept().await.unwrap();
+        let a = configure(&l, stream, peer).unwrap();
+        let s = SockRef::from(&a.stream);
+        assert!(!a.stream.nodelay().unwrap());
+        assert!(!s.keepalive().unwrap());
+    }
+}

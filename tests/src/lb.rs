@@ -132,52 +132,55 @@ pub fn spawn_command(mut cmd: Command, dir: tempfile::TempDir) -> Result<Lb, Str
     let log = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = mpsc::channel();
     let log2 = log.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = tx.send(line.clone());
             log2.lock().unwrap().push_str(&(line + "\n"));
         }
     });
-    let (mut listener, mut admin) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while listener.is_none() || admin.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                let plain = strip_ansi(&line);
-                if plain.contains("lb ready") && (listener.is_none() || admin.is_none()) {
-                    return Err(format!(
-                        "lb ready without both addresses:\n{}",
-                        log.lock().unwrap()
-                    ));
-                }
-                if let Some(addr) = addr_after(&plain, "listening on ") {
-                    if plain.contains("admin endpoint") {
-                        admin = Some(addr);
-                    } else {
-                        listener = Some(addr);
-                    }
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                // Let the reader thread collect the rest of the output.
-                std::thread::sleep(Duration::from_millis(50));
-                return Err(format!(
-                    "lb exited or timed out before listening:\n{}",
-                    log.lock().unwrap()
-                ));
-            }
+    let (listener, admin) = match wait_until_listening(&rx) {
+        Ok(addrs) => addrs,
+        Err(why) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            // The pipe is closed now: the reader thread has collected all of lb's output.
+            let _ = reader.join();
+            return Err(format!("{why}:\n{}", log.lock().unwrap()));
         }
-    }
+    };
     Ok(Lb {
         child,
-        listener: listener.unwrap(),
-        admin: admin.unwrap(),
+        listener,
+        admin,
         log,
         _dir: dir,
     })
+}
+
+/// Reads lb's log lines until both the listener's and the admin endpoint's addresses were
+/// logged (at most 20 s).
+fn wait_until_listening(lines: &mpsc::Receiver<String>) -> Result<(SocketAddr, SocketAddr), &'static str> {
+    let (mut listener, mut admin) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let (Some(l), Some(a)) = (listener, admin) {
+            return Ok((l, a));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .map_err(|_| "lb exited or timed out before listening")?;
+        let plain = strip_ansi(&line);
+        if let Some(addr) = addr_after(&plain, "listening on ") {
+            if plain.contains("admin endpoint") {
+                admin = Some(addr);
+            } else {
+                listener = Some(addr);
+            }
+        } else if plain.contains("lb ready") {
+            return Err("lb ready without both addresses");
+        }
+    }
 }
 
 fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {

@@ -9,10 +9,13 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// A dated nightly, installed only when the machine has no `nightly` toolchain at all.
 const DATED_NIGHTLY: &str = "nightly-2026-05-19";
 
+/// One set-up step: what it installs, whether it is already there, how to install it.
+type Step = (&'static str, fn() -> bool, fn() -> Result<()>);
+
 /// Makes sure the eBPF toolchain is installed. Returns whether it is usable. With `strict`, a
 /// failure is an error; otherwise it is a warning and lb builds with userspace forwarding only.
 pub fn ensure(strict: bool) -> Result<bool> {
-    let steps: [(&str, fn() -> bool, fn() -> Result<()>); 3] = [
+    let steps: [Step; 3] = [
         ("LLVM 22 development files", llvm_present, install_llvm),
         ("nightly rust-src", rust_src_present, install_rust_src),
         ("bpf-linker", bpf_linker_present, install_bpf_linker),

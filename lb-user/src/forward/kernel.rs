@@ -20,11 +20,11 @@ use tokio::{io::unix::AsyncFd, time::Instant};
 use super::{End, Side, Timeouts, UserBytes};
 use crate::{bpf::Kernel, sockopt};
 
-/// How often, at most, the delivery check polls while waiting for the kernel to catch up.
 /// TCP states from include/net/tcp_states.h (libc does not export them).
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_CLOSE: u8 = 7;
 
+/// How often, at most, the delivery check polls while waiting for the kernel to catch up.
 const MAX_DELIVERY_POLL: Duration = Duration::from_millis(20);
 
 /// One socket of a kernel-forwarded flow.

@@ -62,23 +62,17 @@ pub struct Env {
     /// The release `lb` binary, or why there is none (the build failed): the lb configurations
     /// then fail and the others still run.
     pub lb: Result<PathBuf, String>,
+    /// A copy of this xtask binary, for the connection-rate helpers.
+    pub helper: PathBuf,
 }
 
 /// Starts the proxy of `config` inside `ns`, listening on 127.0.0.1:`listen` and forwarding to
 /// 127.0.0.1:`backend`, and waits until it accepts. `None` for [`Config::Direct`].
-pub fn start(
-    config: Config,
-    env: &Env,
-    ns: &Netns,
-    listen: u16,
-    backend: u16,
-) -> Result<Option<Proc>> {
+pub fn start(config: Config, env: &Env, ns: &Netns, listen: u16, backend: u16) -> Result<Option<Proxy>> {
     let (file, text) = match config {
         Config::Direct => return Ok(None),
         Config::LbKernel | Config::LbUser => ("yaml", lb_config(config, listen, backend)),
-        Config::HaproxyShipped | Config::HaproxyTuned => {
-            ("cfg", haproxy_config(config, listen, backend))
-        }
+        Config::HaproxyShipped | Config::HaproxyTuned => ("cfg", haproxy_config(config, listen, backend)),
     };
     let base = format!("{}-{listen}", config.tag());
     let conf = env.dir.join(format!("{base}.{file}"));
@@ -91,7 +85,10 @@ pub fn start(
         cmd.arg("-f").arg(&conf).arg("-db");
         cmd
     } else {
-        let lb = env.lb.as_ref().map_err(|err| anyhow::anyhow!("lb did not build: {err}"))?;
+        let lb = env
+            .lb
+            .as_ref()
+            .map_err(|err| anyhow::anyhow!("lb did not build: {err}"))?;
         let mut cmd = ns.command(&lb.to_string_lossy());
         cmd.arg("run").arg("-c").arg(&conf);
         cmd
@@ -111,7 +108,32 @@ pub fn start(
             tail(&log)
         )
     })?;
-    Ok(Some(proc))
+    Ok(Some(Proxy { config, proc, log }))
+}
+
+/// A running proxy; stopped when dropped.
+pub struct Proxy {
+    config: Config,
+    proc: Proc,
+    log: PathBuf,
+}
+
+impl Proxy {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Fails if the proxy has exited: a crash must not pass for a slow run.
+    pub fn check_alive(&mut self) -> Result<()> {
+        match self.proc.exited() {
+            None => Ok(()),
+            Some(status) => anyhow::bail!(
+                "{} exited during the test ({status}); its log ends with:\n{}",
+                self.config.name(),
+                tail(&self.log)
+            ),
+        }
+    }
 }
 
 fn lb_config(config: Config, listen: u16, backend: u16) -> String {
@@ -141,19 +163,11 @@ backends:
 /// 256 KiB buffers and splicing between the sockets.
 fn haproxy_config(config: Config, listen: u16, backend: u16) -> String {
     let tuned = config == Config::HaproxyTuned;
-    let global_tune = if tuned {
-        "    tune.bufsize 262144\n"
-    } else {
-        ""
-    };
-    let splice = if tuned {
-        "    option splice-auto\n"
-    } else {
-        ""
-    };
+    let global_tune = if tuned { "    tune.bufsize 262144\n" } else { "" };
+    let splice = if tuned { "    option splice-auto\n" } else { "" };
     format!(
         "global
-    maxconn 20000
+    maxconn 4096
 {global_tune}
 defaults
     mode tcp
@@ -180,9 +194,29 @@ fn wait_for_log_line(log: &Path, needle: &str) -> Result<()> {
     Ok(())
 }
 
-/// The last lines of a log, for error messages.
+/// The last lines of a log, for error messages, without terminal colour codes (lb colours its
+/// log even into a file).
 pub fn tail(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
+    let text = strip_ansi(&fs::read_to_string(log).unwrap_or_default());
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(8)..].join("\n")
+}
+
+/// Removes `ESC [ … letter` sequences.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip up to and including the final letter of the sequence.
+            for next in chars.by_ref() {
+                if next.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

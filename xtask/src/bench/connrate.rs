@@ -2,11 +2,15 @@
 //!
 //! The echo server and the client are this xtask binary re-invoked with hidden subcommands
 //! (`bench-echo`, `bench-connect`) inside the benchmark namespace, so they need no extra tool.
-use super::sys::{CpuMark, Netns, Proc};
+//! They run from a copy of the binary ([`Env::helper`]): a cargo build during the benchmark
+//! replaces target/debug/xtask.
+use super::{
+    configs::Env,
+    sys::{CpuMark, Netns, Proc},
+};
 use anyhow::{bail, Context, Result};
 use std::{
     fs, io,
-    path::Path,
     process::Stdio,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -25,7 +29,7 @@ pub const BACKEND_PORT: u16 = 7001;
 /// The proxy's port inside each namespace.
 pub const PROXY_PORT: u16 = 17001;
 /// Client loops running at once.
-const CONCURRENCY: usize = 32;
+pub const CONCURRENCY: usize = 32;
 /// Request (and echoed response) size.
 const MESSAGE: usize = 64;
 /// Upper bound on connections per second, to bound a run by count as well as by time.
@@ -44,35 +48,21 @@ pub struct Sample {
 }
 
 /// Starts the echo server in `ns`; it stops by itself after `lifetime` if not stopped before.
-pub fn start_echo(ns: &Netns, lifetime: u32) -> Result<Proc> {
-    let exe = std::env::current_exe().context("locating the xtask binary")?;
-    let mut cmd = ns.command(&exe.to_string_lossy());
-    cmd.args([
-        "bench-echo",
-        "--port",
-        &BACKEND_PORT.to_string(),
-        "--lifetime",
-    ])
-    .arg(lifetime.to_string())
-    .stdout(Stdio::null());
+pub fn start_echo(env: &Env, ns: &Netns, lifetime: u32) -> Result<Proc> {
+    let mut cmd = ns.command(&env.helper.to_string_lossy());
+    cmd.args(["bench-echo", "--port", &BACKEND_PORT.to_string(), "--lifetime"])
+        .arg(lifetime.to_string())
+        .stdout(Stdio::null());
     let mut echo = Proc::spawn("echo server", cmd)?;
     echo.wait_listening(BACKEND_PORT)?;
     Ok(echo)
 }
 
 /// Runs the client in `ns` against `port` for `seconds` and counts CPU meanwhile.
-pub fn measure(
-    ns: &Netns,
-    dir: &Path,
-    seconds: u32,
-    port: u16,
-    proxy_pid: Option<u32>,
-) -> Result<Sample> {
-    let exe = std::env::current_exe().context("locating the xtask binary")?;
-    let out_path = dir.join("connect-client.txt");
-    let out =
-        fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
-    let mut cmd = ns.command(&exe.to_string_lossy());
+pub fn measure(env: &Env, ns: &Netns, seconds: u32, port: u16, proxy_pid: Option<u32>) -> Result<Sample> {
+    let out_path = env.dir.join("connect-client.txt");
+    let out = fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
+    let mut cmd = ns.command(&env.helper.to_string_lossy());
     cmd.args([
         "bench-connect",
         "--port",
@@ -88,8 +78,7 @@ pub fn measure(
     if !status.success() {
         bail!("connection-rate client failed: {status}");
     }
-    let text =
-        fs::read_to_string(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
+    let text = fs::read_to_string(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
     let field = |name: &str| -> Result<u64> {
         text.split_whitespace()
             .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
@@ -171,10 +160,7 @@ pub fn connect_client(port: u16, seconds: u64) -> Result<()> {
         for task in tasks {
             let _ = task.await;
         }
-        (
-            completed.load(Ordering::Relaxed),
-            errors.load(Ordering::Relaxed),
-        )
+        (completed.load(Ordering::Relaxed), errors.load(Ordering::Relaxed))
     });
     println!("completed={completed} errors={errors}");
     Ok(())

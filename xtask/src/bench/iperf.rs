@@ -83,8 +83,7 @@ pub fn measure(
     server.wait_listening(BACKEND_PORT)?;
 
     let out_path = dir.join("iperf3-client.json");
-    let out =
-        fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
+    let out = fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
     let mut client_cmd = ns.command("iperf3");
     client_cmd
         .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-J"])
@@ -99,10 +98,8 @@ pub fn measure(
     let status = client.wait(Duration::from_secs(u64::from(seconds) + 30))?;
     let (proxy_cpu, machine_cpu) = mark.since(proxy_pid)?;
 
-    let text =
-        fs::read_to_string(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
-    let (bits_per_second, bytes) =
-        parse(&text).with_context(|| format!("iperf3 client ({status})"))?;
+    let text = fs::read_to_string(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
+    let (bits_per_second, bytes) = parse(&text).with_context(|| format!("iperf3 client ({status})"))?;
     // The server ends by itself after its one test; give it a moment, then the guard kills it.
     let _ = server.wait(Duration::from_secs(5));
     if bytes <= 0.0 {
@@ -117,8 +114,7 @@ pub fn measure(
 
 /// (bits/s, bytes) received, from iperf3's JSON output (`end.sum_received`).
 fn parse(text: &str) -> Result<(f64, f64)> {
-    let json: serde_json::Value =
-        serde_json::from_str(text).context("iperf3 did not print JSON")?;
+    let json: serde_json::Value = serde_json::from_str(text).context("iperf3 did not print JSON")?;
     if let Some(err) = json.get("error").and_then(|e| e.as_str()) {
         bail!("iperf3: {err}");
     }

@@ -3,11 +3,12 @@
 //! tables and writes them to docs/benchmarks.md.
 //!
 //! Layout: [`sys`] (namespaces, child processes, CPU counters), [`configs`] (starting each
-//! proxy), [`iperf`] and [`connrate`] (one measurement each), [`stats`] and [`report`] (medians,
-//! tables, targets).
+//! proxy), [`iperf`] and [`connrate`] (one measurement each), [`phases`] (the loops over runs
+//! and configurations), [`stats`] and [`report`] (medians, tables, targets).
 mod configs;
 mod connrate;
 mod iperf;
+mod phases;
 mod report;
 mod stats;
 mod sys;
@@ -16,13 +17,7 @@ pub use connrate::{connect_client, echo_server};
 
 use anyhow::{bail, Context, Result};
 use configs::{Config, Env};
-use stats::ByConfig;
-use std::{
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
-use sys::Netns;
+use std::{path::PathBuf, process::Command, time::Instant};
 
 /// Runs benchmark `what` (only `tcp` exists) with `runs` runs per configuration and `seconds`
 /// per measurement.
@@ -35,33 +30,59 @@ pub fn run(what: &str, runs: usize, seconds: u32) -> Result<()> {
     }
     ensure_tools()?;
     // A failed build must not fall back to an older binary: the lb rows report it instead.
-    let lb = build_lb().map_err(|err| {
-        eprintln!("xtask bench: WARNING: {err:#}; the lb configurations will fail");
-        format!("{err:#}")
-    });
+    let built = build_lb();
+    // Taken now: the work tree may change while the benchmark runs.
+    let lb_version = lb_version();
     sys::catch_interrupts();
     sys::remove_stale_namespaces();
     let tmp = sys::TempDir::create()?;
+    // Every run uses copies taken now: a cargo build by someone else during the benchmark must
+    // neither swap the lb being measured nor remove the xtask binary the helpers run from
+    // (/proc/self/exe stays readable even after the file is replaced).
+    let lb = built
+        .and_then(|lb| {
+            let copy = tmp.path.join("lb");
+            std::fs::copy(&lb, &copy).with_context(|| format!("copying {}", lb.display()))?;
+            Ok(copy)
+        })
+        .map_err(|err| {
+            eprintln!("xtask bench: WARNING: {err:#}; the lb configurations will fail");
+            format!("{err:#}")
+        });
+    let helper = tmp.path.join("xtask-helper");
+    std::fs::copy("/proc/self/exe", &helper).context("copying the xtask binary")?;
     let env = Env {
         dir: tmp.path.clone(),
         lb,
+        helper,
     };
     let started = Instant::now();
+    // Set-up took about 0.5 s per iperf3 test and 1 s per connection-rate test here.
+    let tests = Config::ALL.len() * runs;
+    let estimate = tests as f64
+        * (iperf::Test::ALL.len() as f64 * (f64::from(seconds) + 0.5) + f64::from(seconds) + 1.0);
     eprintln!(
-        "xtask bench: {runs} run(s) × {} configurations × ({} iperf3 tests + 1 connection-rate test) × {seconds} s",
+        "xtask bench: {runs} run(s) × {} configurations × ({} iperf3 tests + 1 connection-rate test) × {seconds} s: about {:.0} min",
         Config::ALL.len(),
-        iperf::Test::ALL.len()
+        iperf::Test::ALL.len(),
+        estimate / 60.0
     );
 
-    let throughput = throughput_phase(&env, runs, seconds)?;
-    let conn = connrate_phase(&env, runs, seconds)?;
+    let throughput = phases::throughput(&env, runs, seconds)?;
+    let conn = phases::connection_rate(&env, runs, seconds)?;
 
     let meta = report::Meta {
         date: first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
         kernel: first_line(Command::new("uname").arg("-r")),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         iperf3: first_line(Command::new("iperf3").arg("--version")),
-        haproxy: first_line(Command::new("haproxy").arg("-v")),
+        // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/": drop the URL.
+        haproxy: first_line(Command::new("haproxy").arg("-v"))
+            .split(" - ")
+            .next()
+            .unwrap_or("HAProxy")
+            .to_string(),
+        lb_version,
         runs,
         seconds,
         minutes: started.elapsed().as_secs_f64() / 60.0,
@@ -74,139 +95,6 @@ pub fn run(what: &str, runs: usize, seconds: u32) -> Result<()> {
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("xtask bench: wrote {}", path.display());
     Ok(())
-}
-
-/// A fresh namespace for one configuration in one run: `lbbench-<our pid>-<phase><tag><run>`
-/// (our pid lets a later benchmark clean up after a killed one).
-fn namespace(phase: &str, config: Config, run: usize) -> Result<Netns> {
-    Netns::create(format!(
-        "lbbench-{}-{phase}{}{run}",
-        std::process::id(),
-        config.tag()
-    ))
-}
-
-/// Every iperf3 test for every configuration, configurations alternating within each run.
-fn throughput_phase(
-    env: &Env,
-    runs: usize,
-    seconds: u32,
-) -> Result<Vec<(iperf::Test, ByConfig<iperf::Sample>)>> {
-    let mut results: Vec<_> = iperf::Test::ALL
-        .iter()
-        .map(|t| (*t, ByConfig::new()))
-        .collect();
-    for run in 1..=runs {
-        for config in Config::ALL {
-            sys::check_interrupt()?;
-            let outcome = (|| -> Result<()> {
-                let ns = namespace("t", config, run)?;
-                let proxy =
-                    configs::start(config, env, &ns, iperf::PROXY_PORT, iperf::BACKEND_PORT)?;
-                let pid = proxy.as_ref().map(sys::Proc::pid);
-                let port = if proxy.is_some() {
-                    iperf::PROXY_PORT
-                } else {
-                    iperf::BACKEND_PORT
-                };
-                for (test, by) in results.iter_mut() {
-                    let series = by.get_mut(config);
-                    match iperf::measure(&ns, &env.dir, *test, seconds, port, pid) {
-                        Ok(sample) => {
-                            eprintln!(
-                                "run {run}/{runs} {:<21} {:<32} {:6.2} Gbit/s  proxy {} CPU-s  machine {:.3} CPU-s/GB",
-                                config.name(),
-                                test.title(),
-                                sample.gbps,
-                                sample.proxy_cpu.map_or("–".into(), |c| format!("{c:.2}")),
-                                sample.machine_cpu_per_gb
-                            );
-                            series.samples.push(sample);
-                        }
-                        Err(err) => {
-                            sys::check_interrupt()?;
-                            eprintln!(
-                                "run {run}/{runs} {} {}: FAILED: {err:#}",
-                                config.name(),
-                                test.title()
-                            );
-                            series.failures.push(format!("{err:#}"));
-                        }
-                    }
-                }
-                // Drop order: the proxy stops before its namespace is deleted.
-                drop(proxy);
-                drop(ns);
-                Ok(())
-            })();
-            if let Err(err) = outcome {
-                sys::check_interrupt()?;
-                // The proxy or namespace did not come up: every test of this run failed.
-                eprintln!("run {run}/{runs} {}: FAILED: {err:#}", config.name());
-                for (_, by) in results.iter_mut() {
-                    by.get_mut(config).failures.push(format!("{err:#}"));
-                }
-            }
-        }
-    }
-    Ok(results)
-}
-
-/// The connection-rate test for every configuration, alternating within each run.
-fn connrate_phase(env: &Env, runs: usize, seconds: u32) -> Result<ByConfig<connrate::Sample>> {
-    let mut results = ByConfig::new();
-    for run in 1..=runs {
-        for config in Config::ALL {
-            sys::check_interrupt()?;
-            let outcome = (|| -> Result<connrate::Sample> {
-                let ns = namespace("c", config, run)?;
-                // Outlives the run with margin; it is stopped when dropped anyway.
-                let echo = connrate::start_echo(&ns, seconds + 60)?;
-                let proxy = configs::start(
-                    config,
-                    env,
-                    &ns,
-                    connrate::PROXY_PORT,
-                    connrate::BACKEND_PORT,
-                )?;
-                let pid = proxy.as_ref().map(sys::Proc::pid);
-                let port = if proxy.is_some() {
-                    connrate::PROXY_PORT
-                } else {
-                    connrate::BACKEND_PORT
-                };
-                let sample = connrate::measure(&ns, &env.dir, seconds, port, pid);
-                drop(proxy);
-                drop(echo);
-                drop(ns);
-                sample
-            })();
-            match outcome {
-                Ok(sample) => {
-                    eprintln!(
-                        "run {run}/{runs} {:<21} connection rate {:8.0}/s  proxy {} CPU-s  machine {:.1} CPU-µs/conn  {} failed",
-                        config.name(),
-                        sample.rate,
-                        sample.proxy_cpu.map_or("–".into(), |c| format!("{c:.2}")),
-                        sample.machine_cpu_us,
-                        sample.errors
-                    );
-                    results.get_mut(config).samples.push(sample);
-                }
-                Err(err) => {
-                    sys::check_interrupt()?;
-                    eprintln!(
-                        "run {run}/{runs} {} connection rate: FAILED: {err:#}",
-                        config.name()
-                    );
-                    results.get_mut(config).failures.push(format!("{err:#}"));
-                }
-            }
-            // Let the machine settle between configurations (sockets closing, workers idling).
-            sys::sleep(Duration::from_millis(200))?;
-        }
-    }
-    Ok(results)
 }
 
 /// Installs iperf3 and HAProxy from Debian when missing (apt lists refreshed only then).
@@ -238,20 +126,38 @@ fn ensure_tools() -> Result<()> {
 /// Builds the release lb and returns its path.
 fn build_lb() -> Result<PathBuf> {
     let root = crate::root();
-    crate::run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "lb-user",
-    ]))
+    crate::run_cmd(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "lb-user"]),
+    )
     .context("building lb")?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let lb = target.join("release").join("lb");
     if !lb.exists() {
         bail!("{} is missing after the build", lb.display());
     }
     Ok(lb)
+}
+
+/// The commit lb was built from, and whether the work tree had changes (what was measured).
+fn lb_version() -> String {
+    let root = crate::root();
+    let commit = first_line(
+        Command::new("git")
+            .current_dir(&root)
+            .args(["rev-parse", "--short", "HEAD"]),
+    );
+    let dirty = Command::new("git")
+        .current_dir(&root)
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    if dirty {
+        format!("{commit} with uncommitted changes")
+    } else {
+        commit
+    }
 }
 
 /// The first line a command prints, or "unknown" (for the report header only).

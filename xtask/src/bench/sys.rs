@@ -128,6 +128,8 @@ impl Proc {
     /// order) and with a parent-death signal (so it cannot outlive a SIGKILLed benchmark).
     pub fn spawn(what: &str, mut cmd: Command) -> Result<Proc> {
         cmd.stdin(Stdio::null()).process_group(0);
+        // The death signal follows the spawning *thread*: every spawn happens on the main thread,
+        // which lives as long as the benchmark.
         // SAFETY: prctl is a plain syscall, async-signal-safe, and touches no memory of ours.
         unsafe {
             cmd.pre_exec(|| {
@@ -198,10 +200,7 @@ impl Proc {
     pub fn wait_listening(&mut self, port: u16) -> Result<()> {
         for _ in 0..100 {
             if let Some(status) = self.exited() {
-                bail!(
-                    "{} exited ({status}) before listening on port {port}",
-                    self.what
-                );
+                bail!("{} exited ({status}) before listening on port {port}", self.what);
             }
             if listening(self.pid(), port) {
                 return Ok(());
