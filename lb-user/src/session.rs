@@ -110,22 +110,25 @@ async fn forward_stage(
         server: backend.server_timeout,
     };
     let end = match &proxy.kernel {
-        Some(kernel) => match forward::kernel::forward(kernel, client, server, timeouts).await {
-            Ok(Forwarded::Done(end, user)) => {
-                proxy.metrics.add_user_bytes(user.0);
-                end
+        Some(kernel) => {
+            match forward::kernel::forward(kernel, client, server, timeouts, proxy.config.kernel_sndbuf).await
+            {
+                Ok(Forwarded::Done(end, user)) => {
+                    proxy.metrics.add_user_bytes(user.0);
+                    end
+                }
+                Ok(Forwarded::NotEligible(client, server)) => {
+                    proxy.metrics.kernel_fallbacks.inc();
+                    forward::user::forward(client, server, timeouts, &proxy.user_bytes)
+                        .await
+                        .0
+                }
+                Err(e) => {
+                    tracing::error!(listener = %l.name, client = %peer, "kernel forwarding could not start: {e}");
+                    return Session::Finished(Outcome::ForwardFailed(e));
+                }
             }
-            Ok(Forwarded::NotEligible(client, server)) => {
-                proxy.metrics.kernel_fallbacks.inc();
-                forward::user::forward(client, server, timeouts, &proxy.user_bytes)
-                    .await
-                    .0
-            }
-            Err(e) => {
-                tracing::error!(listener = %l.name, client = %peer, "kernel forwarding could not start: {e}");
-                return Session::Finished(Outcome::ForwardFailed(e));
-            }
-        },
+        }
         None => {
             forward::user::forward(client, server, timeouts, &proxy.user_bytes)
                 .await

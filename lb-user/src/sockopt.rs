@@ -104,6 +104,30 @@ pub fn send_progress(fd: BorrowedFd<'_>) -> io::Result<SendProgress> {
     })
 }
 
+/// Sets SO_SNDBUF beyond `net.core.wmem_max` when allowed (SO_SNDBUFFORCE needs
+/// CAP_NET_ADMIN, which kernel forwarding has anyway), else within it.
+pub fn force_send_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let value = bytes.min(i32::MAX as u32) as libc::c_int;
+    let set = |name| {
+        // SAFETY: value is a valid int for the duration of the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&value as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
+}
+
 /// Non-blocking `recv`; `Ok(0)` is end of stream.
 pub fn recv_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of buf.len() bytes.

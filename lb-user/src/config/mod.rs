@@ -27,6 +27,8 @@ pub struct Config {
     pub forwarding: Forwarding,
     pub admin: Option<SocketAddr>,
     pub shutdown_grace: Duration,
+    /// SO_SNDBUF for both sockets of a kernel-forwarded flow; `None` keeps autotuning.
+    pub kernel_sndbuf: Option<u32>,
     pub listeners: Vec<Listener>,
     pub backends: Vec<Backend>,
 }
@@ -82,6 +84,9 @@ const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const MAX_WEIGHT: u32 = 256;
+const DEFAULT_KERNEL_SNDBUF: u64 = 8 << 20;
+/// The kernel doubles SO_SNDBUF into an int: keep the doubled value representable.
+const MAX_KERNEL_SNDBUF: u64 = (i32::MAX / 2) as u64;
 /// Stands in for an address that failed to parse (the error is already recorded).
 const UNSPECIFIED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
@@ -207,6 +212,21 @@ impl Validator<'_> {
             )
         });
         let defaults = raw.timeouts;
+        let kernel_sndbuf = match raw
+            .tune
+            .kernel_sndbuf
+            .map_or(DEFAULT_KERNEL_SNDBUF, |b| b.as_u64())
+        {
+            0 => None,
+            n if n > MAX_KERNEL_SNDBUF => {
+                self.error(
+                    &[Step::Key("tune"), Step::Key("kernel_sndbuf")],
+                    format!("tune.kernel_sndbuf: at most {MAX_KERNEL_SNDBUF} bytes"),
+                );
+                None
+            }
+            n => Some(n as u32),
+        };
         if raw.listeners.is_empty() {
             self.error(&[], "no listeners: add at least one under `listeners:`");
         }
@@ -238,6 +258,7 @@ impl Validator<'_> {
             forwarding,
             admin,
             shutdown_grace: defaults.shutdown_grace.unwrap_or(DEFAULT_GRACE),
+            kernel_sndbuf,
             listeners,
             backends,
         }
@@ -410,6 +431,15 @@ mod tests {
         assert_eq!(c.backends[0].connect_timeout, DEFAULT_CONNECT);
         assert_eq!(c.backends[0].servers[0].weight, 3);
         assert!(c.listeners[0].nodelay);
+        assert_eq!(c.kernel_sndbuf, Some(8 << 20));
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 2MiB }}\n{GOOD}")).unwrap();
+        assert_eq!(c.kernel_sndbuf, Some(2 << 20));
+        let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 0 }}\n{GOOD}")).unwrap();
+        assert_eq!(c.kernel_sndbuf, None);
     }
 
     #[test]

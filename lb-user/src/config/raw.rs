@@ -18,6 +18,9 @@ pub struct RawConfig {
     /// The admin endpoint (metrics). Optional.
     #[serde(default)]
     pub admin: Option<RawAdmin>,
+    /// Global tuning (HAProxy's `tune.*`).
+    #[serde(default)]
+    pub tune: RawTune,
     /// Default timeouts for every listener and backend (HAProxy's `defaults` section).
     #[serde(default)]
     pub timeouts: RawTimeouts,
@@ -35,6 +38,19 @@ pub struct RawConfig {
 pub struct RawAdmin {
     /// `IP:PORT` of the admin HTTP endpoint (`GET /metrics`). Keep it on loopback.
     pub listen: String,
+}
+
+/// `tune:`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTune {
+    /// Send buffer of both sockets of a kernel-forwarded flow (SO_SNDBUF, which the kernel
+    /// doubles), e.g. `8MiB`; `0` keeps the kernel's autotuning. The kernel's forwarding worker
+    /// pauses for a timer tick whenever the destination's send buffer is full, so a buffer
+    /// larger than autotuning's `tcp_wmem` maximum (4 MiB) is what lets it keep up (default
+    /// 8MiB; measured in docs/benchmarks.md).
+    #[serde(default)]
+    pub kernel_sndbuf: Option<bytesize::ByteSize>,
 }
 
 /// `timeouts:` at the top level, in a listener or in a backend. Durations are written like

@@ -88,13 +88,22 @@ pub async fn forward(
     client: tokio::net::TcpStream,
     server: tokio::net::TcpStream,
     timeouts: Timeouts,
+    sndbuf: Option<u32>,
 ) -> io::Result<Forwarded> {
     // Out of tokio's reactor: tokio's registration would wake us for every received batch.
     let c = FlowSocket::new(client.into_std()?)?;
     let s = FlowSocket::new(server.into_std()?)?;
     // The kernel only takes ESTABLISHED sockets; a socket that already received a FIN stays in
     // userspace for the rest of its (short) life.
-    let eligible = c.established && s.established && insert_pair(kernel, &c, &s);
+    let established = c.established && s.established;
+    if let (true, Some(bytes)) = (established, sndbuf) {
+        // The kernel's forwarding worker pauses for a tick whenever the destination's send
+        // buffer is full: a large fixed buffer keeps it from stalling (tune.kernel_sndbuf).
+        for end in [&c, &s] {
+            sockopt::force_send_buffer(end.sock.as_fd(), bytes)?;
+        }
+    }
+    let eligible = established && insert_pair(kernel, &c, &s);
     if !eligible {
         return Ok(Forwarded::NotEligible(
             tokio::net::TcpStream::from_std(c.sock)?,
