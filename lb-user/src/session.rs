@@ -35,7 +35,7 @@ pub enum Outcome {
     NoServer,
     /// The chosen server could not be reached; the client was closed.
     ConnectFailed(ConnectError),
-    /// The forwarding stage could not take the pair (e.g. a map insert failed).
+    /// The kernel forwarding stage could not be set up for the pair (a socket call failed).
     ForwardFailed(std::io::Error),
     /// Forwarded until the flow ended.
     Forwarded(End),
@@ -147,7 +147,7 @@ async fn forward_stage(
             proxy.metrics.timeouts.get_or_create(&labels(side)).inc();
             tracing::info!(listener = %l.name, client = %peer, server = %backend.servers[server_idx].name, "{} idle timeout", side.name());
         }
-        End::Closed | End::Aborted => {}
+        End::Closed => {}
     }
     Session::Finished(Outcome::Forwarded(end))
 }

@@ -57,8 +57,6 @@ pub enum End {
     Reset(Side),
     /// One side moved no byte for its idle timeout; both were closed.
     IdleTimeout(Side),
-    /// lb is shutting down and the grace period ran out.
-    Aborted,
 }
 
 /// Bytes a flow moved in userspace (the kernel's bytes are counted by the program).
