@@ -21,6 +21,16 @@ fn main() {
         Ok(()) => object.exists(),
         Err(err) => {
             println!("cargo:warning=eBPF program not built ({err:#}); lb will forward in userspace only. Run `cargo xtask setup`.");
+            // Try again once bpf-linker appears (a missing file counts as changed, so until
+            // then every build retries, which fails fast).
+            if let Some(home) = env::var_os("CARGO_HOME")
+                .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into()))
+            {
+                println!(
+                    "cargo:rerun-if-changed={}",
+                    PathBuf::from(home).join("bin/bpf-linker").display()
+                );
+            }
             false
         }
     };

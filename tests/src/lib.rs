@@ -12,6 +12,23 @@ pub mod lb;
 pub mod scenarios;
 pub mod servers;
 
+/// Declares one `#[tokio::test]` per named scenario in [`scenarios`], run on `$path` when
+/// `$guard(test name)` allows it: `tests/kernel_path.rs` and `tests/user_path.rs` run the same
+/// list on both forwarding paths.
+#[macro_export]
+macro_rules! scenario_tests {
+    ($path:expr, $guard:expr; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                if ($guard)(stringify!($name)) {
+                    $crate::scenarios::$name($path).await;
+                }
+            }
+        )+
+    };
+}
+
 /// Whether privileged BPF tests can run here. When they cannot, prints a visible SKIPPED line
 /// and returns false, unless `LB_REQUIRE_BPF=1` (set by `.ci/run`), which makes a skip a failure.
 pub fn bpf_available(test: &str) -> bool {

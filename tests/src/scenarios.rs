@@ -31,6 +31,25 @@ impl Path {
         LbBuilder::new(servers).arg("--forwarding").arg(mode)
     }
 
+    /// Kernel path: waits (bounded) until lb has put `flows` flows into the SOCKHASH, so a test
+    /// that half-closes at once exercises the kernel's FIN handling rather than the userspace
+    /// fallback for sockets that were closing before insertion. User path: returns at once.
+    pub async fn wait_until_forwarding(self, lb: &Lb, flows: usize) {
+        if self == Path::User {
+            return;
+        }
+        for _ in 0..250 {
+            if lb.metrics().get("lb_kernel_tracked_sockets") == (2 * flows) as f64 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "lb did not put {flows} flow(s) in the kernel within 5 s:\n{}",
+            lb.metrics().text
+        );
+    }
+
     /// Checks the bytes went where they should: all by the kernel or all in userspace.
     pub fn assert_bytes_path(self, lb: &Lb, at_least: u64) {
         let m = lb.metrics();
@@ -191,6 +210,7 @@ pub async fn half_close_client_first(path: Path) {
         })
     };
     let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    path.wait_until_forwarding(&lb, 1).await;
     let client = async {
         c.write_all(&request).await.unwrap();
         c.shutdown().await.unwrap();
@@ -220,16 +240,20 @@ pub async fn half_close_server_first(path: Path) {
     let lb = path.lb(&[l.local_addr().unwrap()]).spawn();
     let banner: Vec<u8> = (0..3_000_000u32).map(|i| (i % 239) as u8).collect();
     let reply: Vec<u8> = (0..2_000_000u32).map(|i| (i % 233) as u8).collect();
+    let (go, ready) = tokio::sync::oneshot::channel::<()>();
     let server = {
         let banner = banner.clone();
         tokio::spawn(async move {
             let mut s = servers::accept_one(&l).await;
+            ready.await.unwrap();
             s.write_all(&banner).await.unwrap();
             s.shutdown().await.unwrap();
             servers::read_to_end(&mut s).await
         })
     };
     let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    path.wait_until_forwarding(&lb, 1).await;
+    go.send(()).unwrap();
     let client = async {
         let got = servers::read_to_end(&mut c).await;
         c.write_all(&reply).await.unwrap();
@@ -290,22 +314,14 @@ pub async fn idle_flows_time_out(path: Path) {
         let addr = lb.listener;
         async move {
             let mut c = TcpStream::connect(addr).await.unwrap();
-            let mut b = [0u8; 1];
             for i in 0..12u8 {
-                c.write_all(&[i]).await.unwrap();
-                timeout(Duration::from_secs(5), c.read_exact(&mut b))
-                    .await
-                    .expect("echo")
-                    .unwrap();
-                assert_eq!(b[0], i);
+                servers::echo_round_trip(&mut c, &[i]).await;
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         }
     });
     let mut idle = TcpStream::connect(lb.listener).await.unwrap();
-    idle.write_all(b"x").await.unwrap();
-    let mut b = [0u8; 1];
-    idle.read_exact(&mut b).await.unwrap();
+    servers::echo_round_trip(&mut idle, b"x").await;
     let quiet_since = std::time::Instant::now();
     let mut rest = Vec::new();
     timeout(Duration::from_secs(10), idle.read_to_end(&mut rest))

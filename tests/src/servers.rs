@@ -89,3 +89,15 @@ pub async fn read_to_end(s: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
     s.read_to_end(&mut v).await.unwrap();
     v
 }
+
+/// Writes `msg` and reads the same number of bytes back from an echo server (at most 10 s),
+/// checking they are the same.
+pub async fn echo_round_trip(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(std::time::Duration::from_secs(10), c.read_exact(&mut back))
+        .await
+        .unwrap_or_else(|_| panic!("no echo of {} bytes within 10 s", msg.len()))
+        .unwrap();
+    assert_eq!(back, msg, "the echo differs");
+}

@@ -111,13 +111,7 @@ async fn auto_forwarding_falls_back_to_userspace_with_one_warning() {
     let echo = servers::echo().await;
     let lb = unprivileged_lb(LbBuilder::new(&[echo]).forwarding("auto")).expect("lb did not start");
     let mut c = TcpStream::connect(lb.listener).await.unwrap();
-    c.write_all(b"ping").await.unwrap();
-    let mut b = [0u8; 4];
-    timeout(Duration::from_secs(10), c.read_exact(&mut b))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&b, b"ping");
+    servers::echo_round_trip(&mut c, b"ping").await;
     let log = lb.log();
     assert_eq!(
         log.matches("kernel forwarding unavailable, forwarding in userspace")
@@ -154,12 +148,7 @@ async fn closed_flows_leave_no_map_entries_or_fds() {
     let mut flows = Vec::new();
     for i in 0..50u8 {
         let mut c = TcpStream::connect(lb.listener).await.unwrap();
-        c.write_all(&[i; 1000]).await.unwrap();
-        let mut back = [0u8; 1000];
-        timeout(Duration::from_secs(10), c.read_exact(&mut back))
-            .await
-            .unwrap()
-            .unwrap();
+        servers::echo_round_trip(&mut c, &[i; 1000]).await;
         flows.push(c);
     }
     wait_for_metrics(&lb, "100 tracked sockets", |m| {
@@ -186,12 +175,7 @@ async fn shutdown_lets_open_flows_finish_then_exits() {
     let echo = servers::echo().await;
     let mut lb = LbBuilder::new(&[echo]).timeout("shutdown_grace", "20s").spawn();
     let mut c = TcpStream::connect(lb.listener).await.unwrap();
-    c.write_all(b"before").await.unwrap();
-    let mut b = [0u8; 6];
-    timeout(Duration::from_secs(10), c.read_exact(&mut b))
-        .await
-        .unwrap()
-        .unwrap();
+    servers::echo_round_trip(&mut c, b"before").await;
     let listener = lb.listener;
     // SIGTERM without waiting for the exit: the flow is still open.
     assert!(
@@ -209,12 +193,7 @@ async fn shutdown_lets_open_flows_finish_then_exits() {
     }
     assert!(refused, "lb still accepts after SIGTERM");
     // The open flow keeps working during the grace period.
-    c.write_all(b"after!").await.unwrap();
-    timeout(Duration::from_secs(10), c.read_exact(&mut b))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&b, b"after!");
+    servers::echo_round_trip(&mut c, b"after!").await;
     c.shutdown().await.unwrap();
     let rest = read_until_closed(&mut c, Duration::from_secs(10)).await.unwrap();
     assert!(rest.is_empty());
@@ -229,12 +208,7 @@ async fn shutdown_closes_flows_left_after_the_grace_period() {
     let echo = servers::echo().await;
     let mut lb = LbBuilder::new(&[echo]).timeout("shutdown_grace", "500ms").spawn();
     let mut c = TcpStream::connect(lb.listener).await.unwrap();
-    c.write_all(b"x").await.unwrap();
-    let mut b = [0u8; 1];
-    timeout(Duration::from_secs(10), c.read_exact(&mut b))
-        .await
-        .unwrap()
-        .unwrap();
+    servers::echo_round_trip(&mut c, b"x").await;
     let started = Instant::now();
     let status = lb
         .terminate(Duration::from_secs(10))
