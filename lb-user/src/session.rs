@@ -1,7 +1,7 @@
 //! The per-session protocol supervisor (TCP mode). After the accept stage hands it a configured
 //! client socket, it picks a server, connects, and hands the pair to the forwarding stage. The
 //! session's life is the [`Session`] enum; each stage consumes one state and returns the next
-//! (drawn in LIFECYCLE.md).
+//! (drawn in LIFECYCLE.md beside this file).
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::TcpStream;
 

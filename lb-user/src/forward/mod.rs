@@ -1,7 +1,7 @@
 //! The forwarding stage: moves bytes between an accepted client and its connected server until
 //! both directions are closed, then reports how the flow ended.
 //!
-//! Two paths with the same contract (see LIFECYCLE.md beside this file):
+//! Two paths with the same contract (see ../LIFECYCLE.md):
 //! - [`kernel`]: both sockets go into the BPF SOCKHASH and the kernel forwards every byte; the
 //!   daemon only hears about end of stream, resets and idleness.
 //! - [`user`]: a tokio copy loop, used when BPF is unavailable or `forwarding: user`.
