@@ -10,19 +10,57 @@ use crate::{
     balance::RoundRobin,
     bpf::{BpfError, Kernel},
     config::{Config, Forwarding},
-    metrics::{ListenerLabels, Metrics, PathLabels},
+    metrics::{ListenerLabels, Metrics, PathLabels, ServerLabels},
     session,
 };
 
 /// Everything sessions share.
 pub struct Proxy {
     pub config: Config,
-    pub balancers: Vec<RoundRobin>,
+    /// Per backend of `config.backends`, same order.
+    pub backends: Vec<BackendState>,
     /// The loaded BPF program when flows are forwarded by the kernel.
     pub kernel: Option<Kernel>,
     pub metrics: Arc<Metrics>,
     /// `lb_forwarded_bytes_total{path="user"}`, held to avoid a label lookup per copy.
     pub user_bytes: Counter,
+}
+
+/// A backend's runtime state: its balancer and each server's counters (created once, so the
+/// connect path does no label lookup).
+pub struct BackendState {
+    pub balancer: RoundRobin,
+    /// Per server of the backend's config, same order.
+    pub servers: Vec<ServerCounters>,
+}
+
+/// `lb_backend_connections_total` and `lb_backend_connect_errors_total` of one server.
+pub struct ServerCounters {
+    pub connections: Counter,
+    pub connect_errors: Counter,
+}
+
+impl BackendState {
+    fn new(backend: &crate::config::Backend, metrics: &Metrics) -> BackendState {
+        let servers = backend
+            .servers
+            .iter()
+            .map(|s| {
+                let labels = ServerLabels {
+                    backend: backend.name.clone(),
+                    server: s.name.clone(),
+                };
+                ServerCounters {
+                    connections: metrics.server_connections.get_or_create(&labels).clone(),
+                    connect_errors: metrics.connect_errors.get_or_create(&labels).clone(),
+                }
+            })
+            .collect();
+        BackendState {
+            balancer: RoundRobin::new(backend.servers.iter().map(|s| s.weight)),
+            servers,
+        }
+    }
 }
 
 /// Why lb could not start.
@@ -75,10 +113,10 @@ pub async fn run(
         .forwarded_bytes
         .get_or_create(&PathLabels { path: "user" })
         .clone();
-    let balancers = config
+    let backends = config
         .backends
         .iter()
-        .map(|b| RoundRobin::new(b.servers.iter().map(|s| s.weight)))
+        .map(|b| BackendState::new(b, &metrics))
         .collect();
     let mut sockets = Vec::new();
     for l in &config.listeners {
@@ -100,7 +138,7 @@ pub async fn run(
     let grace = config.shutdown_grace;
     let proxy = Arc::new(Proxy {
         config,
-        balancers,
+        backends,
         kernel,
         metrics,
         user_bytes,

@@ -9,7 +9,7 @@ use crate::{
     accept::Accepted,
     connect::{connect, ConnectError},
     forward::{self, kernel::Forwarded, End, Timeouts},
-    metrics::{EndLabels, ServerLabels},
+    metrics::EndLabels,
     server::Proxy,
 };
 
@@ -68,18 +68,15 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
     if let Some(dst) = a.original_dst {
         tracing::debug!(listener = %l.name, client = %a.peer, original_dst = %dst, "transparent connection");
     }
-    let Some(server_idx) = proxy.balancers[l.backend].pick() else {
+    let state = &proxy.backends[l.backend];
+    let Some(server_idx) = state.balancer.pick() else {
         tracing::warn!(listener = %l.name, backend = %backend.name, "no server available");
         return Session::Finished(Outcome::NoServer);
     };
     let server = &backend.servers[server_idx];
-    let labels = ServerLabels {
-        backend: backend.name.clone(),
-        server: server.name.clone(),
-    };
     match connect(server, backend.connect_timeout, l.nodelay).await {
         Ok(stream) => {
-            proxy.metrics.server_connections.get_or_create(&labels).inc();
+            state.servers[server_idx].connections.inc();
             Session::Connected {
                 client: a.stream,
                 peer: a.peer,
@@ -88,7 +85,7 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
             }
         }
         Err(e) => {
-            proxy.metrics.connect_errors.get_or_create(&labels).inc();
+            state.servers[server_idx].connect_errors.inc();
             tracing::warn!(listener = %l.name, backend = %backend.name, client = %a.peer, "connect failed: {e}");
             Session::Finished(Outcome::ConnectFailed(e))
         }
