@@ -146,6 +146,8 @@ pub async fn run(
 
     let stop_accepting = CancellationToken::new();
     let abort = CancellationToken::new();
+    // The admin endpoint stays up while flows drain, so their progress can be watched.
+    let stop_admin = CancellationToken::new();
     let sessions = TaskTracker::new();
     let mut acceptors = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
@@ -168,7 +170,7 @@ pub async fn run(
     if let Some(socket) = admin_socket {
         let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("admin endpoint listening on {local}");
-        tokio::spawn(admin::serve(socket, proxy.clone(), stop_accepting.clone()));
+        tokio::spawn(admin::serve(socket, proxy.clone(), stop_admin.clone()));
     }
     tracing::info!("lb ready");
 
@@ -186,6 +188,7 @@ pub async fn run(
         // Aborted sessions close at once; the bound only guards against a stuck one.
         let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
     }
+    stop_admin.cancel();
     tracing::info!("lb stopped");
     Ok(())
 }

@@ -192,6 +192,8 @@ async fn shutdown_lets_open_flows_finish_then_exits() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "lb still accepts after SIGTERM");
+    // The admin endpoint still answers while the flow drains.
+    assert_eq!(lb.metrics().get("lb_active_connections{listener=\"test\"}"), 1.0);
     // The open flow keeps working during the grace period.
     servers::echo_round_trip(&mut c, b"after!").await;
     c.shutdown().await.unwrap();
