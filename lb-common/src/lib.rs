@@ -28,10 +28,9 @@ pub const MAX_SOCKETS: u32 = 131_072;
 pub struct SockCounters {
     /// Payload bytes redirected to the peer socket.
     pub redirected_bytes: u64,
-    /// Number of skbs redirected to the peer socket.
-    pub redirected_skbs: u64,
-    /// Payload bytes the program could not redirect (no peer in the map) and passed to the
-    /// receiving socket's own queue, where the daemon reads them.
+    /// Payload bytes passed to the receiving socket's own queue, where the daemon reads them:
+    /// bytes that found no peer in the map, and every byte after them (once a socket's bytes
+    /// are copied by the daemon, the program keeps passing them, so the stream stays in order).
     pub passed_bytes: u64,
 }
 
@@ -46,15 +45,15 @@ pub struct CpuStats {
     pub redirected_skbs: u64,
     /// skbs whose socket had no peer in the map (passed to the socket itself).
     pub misses: u64,
-    /// Bytes of those skbs.
-    pub missed_bytes: u64,
+    /// Payload bytes passed to the receiving socket (misses and the bytes after them).
+    pub passed_bytes: u64,
     /// Zero-length skbs (a bare FIN) dropped: redirecting them breaks the peer's psock.
     pub empty_drops: u64,
-    /// skbs whose socket had no counters entry (counted, still redirected).
+    /// skbs redirected for a socket that had no counters entry.
     pub untracked: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockCounters>() == 24);
+const _: () = assert!(core::mem::size_of::<SockCounters>() == 16);
 const _: () = assert!(core::mem::align_of::<SockCounters>() == 8);
 const _: () = assert!(core::mem::size_of::<CpuStats>() == 48);
 const _: () = assert!(core::mem::align_of::<CpuStats>() == 8);
@@ -66,7 +65,7 @@ impl CpuStats {
             redirected_bytes: self.redirected_bytes + other.redirected_bytes,
             redirected_skbs: self.redirected_skbs + other.redirected_skbs,
             misses: self.misses + other.misses,
-            missed_bytes: self.missed_bytes + other.missed_bytes,
+            passed_bytes: self.passed_bytes + other.passed_bytes,
             empty_drops: self.empty_drops + other.empty_drops,
             untracked: self.untracked + other.untracked,
         }

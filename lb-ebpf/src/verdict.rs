@@ -26,6 +26,7 @@ pub fn lb_verdict(ctx: SkBuffContext) -> u32 {
 fn try_verdict(ctx: &SkBuffContext) -> u32 {
     let len = ctx.len() as u64;
     let stats = CPU_STATS.get_ptr_mut(0);
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     if len == 0 {
         // A bare FIN. Redirecting it (or passing it on while the socket is in the map) makes
         // the peer's psock fail with EPIPE and drop everything queued after it. The daemon
@@ -33,24 +34,29 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         if let Some(s) = stats {
             unsafe { (*s).empty_drops += 1 };
         }
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
         debug!(
             ctx,
             "lb: zero-length skb (FIN) on socket cookie {} dropped", cookie
         );
         return SK_DROP;
     }
-    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let verdict = SOCKS.redirect_skb(ctx, &mut cookie, 0) as u32;
+    // One socket's verdicts run one at a time, so plain `+=` on its own entry is safe; the
+    // per-CPU totals are private to this CPU.
     let counters = SOCK_COUNTERS.get_ptr_mut(&cookie);
-    if verdict == SK_PASS {
-        // One socket's verdicts run one at a time, so a plain `+=` on its own entry is safe;
-        // the per-CPU totals are private to this CPU.
+    if let Some(c) = counters {
+        if unsafe { (*c).passed_bytes } > 0 {
+            // This socket's bytes missed the map before: they are copied by the daemon now,
+            // and redirecting later bytes past them would reorder the stream.
+            unsafe { (*c).passed_bytes += len };
+            if let Some(s) = stats {
+                unsafe { (*s).passed_bytes += len };
+            }
+            return SK_PASS;
+        }
+    }
+    if SOCKS.redirect_skb(ctx, &mut cookie, 0) as u32 == SK_PASS {
         match counters {
-            Some(c) => unsafe {
-                (*c).redirected_bytes += len;
-                (*c).redirected_skbs += 1;
-            },
+            Some(c) => unsafe { (*c).redirected_bytes += len },
             None => {
                 if let Some(s) = stats {
                     unsafe { (*s).untracked += 1 };
@@ -65,15 +71,15 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         }
         return SK_PASS;
     }
-    // No peer in the map (the flow is being torn down, or its second socket is not inserted
-    // yet): keep the bytes on this socket, where the daemon reads and forwards them itself.
+    // No peer in the map (its entry is not inserted yet, or already gone): keep the bytes on
+    // this socket, where the daemon reads and forwards them itself, and keep doing so.
     if let Some(c) = counters {
         unsafe { (*c).passed_bytes += len };
     }
     if let Some(s) = stats {
         unsafe {
             (*s).misses += 1;
-            (*s).missed_bytes += len;
+            (*s).passed_bytes += len;
         }
     }
     debug!(

@@ -7,10 +7,16 @@
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::SkSkb,
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use lb_common::{CpuStats, SockCounters, CPU_STATS_MAP, SOCKS_MAP, SOCK_COUNTERS_MAP, VERDICT_PROG};
-use std::{os::fd::AsRawFd, sync::Mutex};
+use std::{
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicI64, Ordering::Relaxed},
+        Mutex, RwLock,
+    },
+};
 use tokio::io::unix::AsyncFd;
 
 /// The embedded eBPF object (empty when lb was built without the eBPF toolchain).
@@ -34,8 +40,14 @@ pub enum BpfError {
 /// The loaded program and its maps.
 pub struct Kernel {
     socks: Mutex<SockHash<MapData, u64>>,
-    counters: Mutex<HashMap<MapData, u64, SockCounters>>,
+    // Lookups take `&self`: readers share, inserts and removals are exclusive.
+    counters: RwLock<HashMap<MapData, u64, SockCounters>>,
     stats: PerCpuArray<MapData, CpuStats>,
+    /// Counters entries lb inserted and has not removed (two per kernel flow): a leak check
+    /// that costs no map walk.
+    tracked: AtomicI64,
+    /// Flows whose sockets are both in the SOCKHASH now.
+    flows: AtomicI64,
     // Keeps the program loaded and attached for as long as lb runs.
     _ebpf: Ebpf,
 }
@@ -48,7 +60,12 @@ impl Kernel {
             return Err(BpfError::NotBuilt);
         }
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        // The program's log statements are compiled in at every level; filter them in the
+        // kernel at the daemon's level, so a record nobody shows is never written.
+        let level = log_level();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_reader(logger),
             Err(e) => tracing::warn!("eBPF log messages will not be shown: {e}"),
@@ -69,18 +86,26 @@ impl Kernel {
         prog.attach(socks.fd())?;
         Ok(Kernel {
             socks: Mutex::new(socks),
-            counters: Mutex::new(counters),
+            counters: RwLock::new(counters),
             stats,
+            tracked: AtomicI64::new(0),
+            flows: AtomicI64::new(0),
             _ebpf: ebpf,
         })
     }
 
     /// Starts tracking a socket's counters (zeroed). Before it enters the SOCKHASH.
     pub fn track(&self, cookie: u64) -> Result<(), aya::maps::MapError> {
-        self.counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(cookie, SockCounters::default(), 0)
+        write(&self.counters).insert(cookie, SockCounters::default(), 0)?;
+        self.tracked.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Stops tracking a socket's counters (a socket that did not enter the SOCKHASH).
+    pub fn untrack(&self, cookie: u64) {
+        if write(&self.counters).remove(&cookie).is_ok() {
+            self.tracked.fetch_sub(1, Relaxed);
+        }
     }
 
     /// Stores `peer` under `cookie`: from now on, bytes received by the socket with that cookie
@@ -93,37 +118,42 @@ impl Kernel {
             .insert(cookie, peer.as_raw_fd(), 0)
     }
 
-    /// Removes a socket's SOCKHASH entry and counters; missing entries are not an error (the
-    /// kernel drops an entry itself when its socket closes).
+    /// Removes a socket's SOCKHASH entry and counters; a missing SOCKHASH entry is not an error
+    /// (the kernel drops an entry itself when its socket closes).
     pub fn forget(&self, cookie: u64) {
         let _ = self
             .socks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&cookie);
-        let _ = self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&cookie);
+        self.untrack(cookie);
     }
 
     /// What the program did so far with the bytes the socket `cookie` received.
     pub fn counters(&self, cookie: u64) -> SockCounters {
         self.counters
-            .lock()
+            .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&cookie, 0)
             .unwrap_or_default()
     }
 
-    /// Sockets with a counters entry: two per kernel-forwarded flow (a leak check).
-    pub fn tracked_sockets(&self) -> u64 {
-        self.counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .count() as u64
+    pub fn flow_started(&self) {
+        self.flows.fetch_add(1, Relaxed);
+    }
+
+    pub fn flow_ended(&self) {
+        self.flows.fetch_sub(1, Relaxed);
+    }
+
+    /// Kernel-forwarded flows now.
+    pub fn flows(&self) -> i64 {
+        self.flows.load(Relaxed)
+    }
+
+    /// Sockets with a counters entry: two per kernel-forwarded flow.
+    pub fn tracked_sockets(&self) -> i64 {
+        self.tracked.load(Relaxed)
     }
 
     /// Totals over every CPU.
@@ -133,6 +163,24 @@ impl Kernel {
             Err(_) => CpuStats::default(),
         }
     }
+}
+
+/// The most verbose level the daemon's log shows, as aya-log's level number
+/// (0 off, 1 error … 5 trace).
+fn log_level() -> u8 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => 1,
+        LevelFilter::WARN => 2,
+        LevelFilter::INFO => 3,
+        LevelFilter::DEBUG => 4,
+        _ => 5,
+    }
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (harmless on newer ones).

@@ -48,11 +48,21 @@ pub struct Metrics {
     /// Flows the kernel would not take (a socket already half-closed, map full), forwarded in
     /// userspace instead.
     pub kernel_fallbacks: Counter,
-    kernel_misses: Counter,
-    kernel_empty_drops: Counter,
-    kernel_tracked: Gauge,
+    kernel: KernelMetrics,
     // Serialises scrapes: kernel counters are folded in by delta.
     scrape: Mutex<()>,
+}
+
+/// What the verdict program and the kernel path report, read at scrape time.
+#[derive(Default)]
+struct KernelMetrics {
+    redirected_skbs: Counter,
+    misses: Counter,
+    passed_bytes: Counter,
+    empty_drops: Counter,
+    untracked: Counter,
+    flows: Gauge,
+    tracked_sockets: Gauge,
 }
 
 impl Metrics {
@@ -67,76 +77,90 @@ impl Metrics {
             resets: Family::default(),
             timeouts: Family::default(),
             kernel_forwarding: Gauge::default(),
-            kernel_misses: Counter::default(),
             kernel_fallbacks: Counter::default(),
-            kernel_tracked: Gauge::default(),
-            kernel_empty_drops: Counter::default(),
+            kernel: KernelMetrics::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
-        registry.register(
+        let r = &mut registry;
+        r.register(
             "lb_forwarded_bytes",
             "Payload bytes forwarded, both directions, by path (kernel or user)",
             m.forwarded_bytes.clone(),
         );
-        registry.register(
+        r.register(
             "lb_connections",
             "Client connections accepted",
             m.connections.clone(),
         );
-        registry.register(
+        r.register(
             "lb_active_connections",
             "Client connections open now",
             m.active.clone(),
         );
-        registry.register(
+        r.register(
             "lb_backend_connect_errors",
             "Failed connections to a server (refused, timed out, unreachable)",
             m.connect_errors.clone(),
         );
-        registry.register(
+        r.register(
             "lb_backend_connections",
             "Connections established to a server",
             m.server_connections.clone(),
         );
-        registry.register(
+        r.register(
             "lb_resets",
             "Flows ended by a reset, passed on to the other side, by the side that reset",
             m.resets.clone(),
         );
-        registry.register(
+        r.register(
             "lb_idle_timeouts",
             "Flows closed by timeouts.client or timeouts.server, by side",
             m.timeouts.clone(),
         );
-        registry.register(
+        r.register(
             "lb_kernel_forwarding",
             "1 when established flows are forwarded by the kernel (sockmap), 0 in userspace",
             m.kernel_forwarding.clone(),
         );
-        registry.register("lb_kernel_fallbacks", "Flows the kernel would not take (socket no longer established, map full), forwarded in userspace", m.kernel_fallbacks.clone());
-        registry.register(
-            "lb_kernel_tracked_sockets",
-            "Sockets lb tracks in the BPF maps now (two per kernel-forwarded flow)",
-            m.kernel_tracked.clone(),
+        r.register("lb_kernel_fallbacks", "Flows the kernel would not take (socket no longer established, map full), forwarded in userspace", m.kernel_fallbacks.clone());
+        let k = &m.kernel;
+        r.register(
+            "lb_kernel_flows",
+            "Flows whose sockets are in the SOCKHASH now",
+            k.flows.clone(),
         );
-        registry.register(
+        r.register(
+            "lb_kernel_tracked_sockets",
+            "Sockets with a counters entry in the BPF maps now (two per kernel flow)",
+            k.tracked_sockets.clone(),
+        );
+        r.register(
+            "lb_kernel_redirected_skbs",
+            "skbs the verdict program redirected socket to socket",
+            k.redirected_skbs.clone(),
+        );
+        r.register(
             "lb_kernel_misses",
             "skbs the verdict program found no peer for (passed to userspace)",
-            m.kernel_misses.clone(),
+            k.misses.clone(),
         );
-        registry.register(
+        r.register(
+            "lb_kernel_passed_bytes",
+            "Bytes passed to userspace: misses and the bytes after them on the same socket",
+            k.passed_bytes.clone(),
+        );
+        r.register(
             "lb_kernel_empty_skbs_dropped",
             "Zero-length skbs (bare FINs) dropped by the verdict program",
-            m.kernel_empty_drops.clone(),
+            k.empty_drops.clone(),
+        );
+        r.register(
+            "lb_kernel_untracked_skbs",
+            "skbs redirected for a socket lb had no counters entry for",
+            k.untracked.clone(),
         );
         Arc::new(Metrics { registry, ..m })
-    }
-
-    pub fn add_user_bytes(&self, n: u64) {
-        self.forwarded_bytes
-            .get_or_create(&PathLabels { path: "user" })
-            .inc_by(n);
     }
 
     /// The text exposition, with the kernel's counters folded in first.
@@ -149,9 +173,14 @@ impl Metrics {
         if let Some(k) = kernel {
             let s = k.stats();
             catch_up(&kernel_bytes, s.redirected_bytes);
-            catch_up(&self.kernel_misses, s.misses);
-            catch_up(&self.kernel_empty_drops, s.empty_drops);
-            self.kernel_tracked.set(k.tracked_sockets() as i64);
+            let km = &self.kernel;
+            catch_up(&km.redirected_skbs, s.redirected_skbs);
+            catch_up(&km.misses, s.misses);
+            catch_up(&km.passed_bytes, s.passed_bytes);
+            catch_up(&km.empty_drops, s.empty_drops);
+            catch_up(&km.untracked, s.untracked);
+            km.flows.set(k.flows());
+            km.tracked_sockets.set(k.tracked_sockets());
         }
         let mut out = String::new();
         // Writing to a String cannot fail.

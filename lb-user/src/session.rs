@@ -35,7 +35,7 @@ pub enum Outcome {
     NoServer,
     /// The chosen server could not be reached; the client was closed.
     ConnectFailed(ConnectError),
-    /// The kernel forwarding stage could not be set up for the pair (a socket call failed).
+    /// A socket call of the kernel forwarding stage failed; the pair was reset.
     ForwardFailed(std::io::Error),
     /// Forwarded until the flow ended.
     Forwarded(End),
@@ -107,29 +107,22 @@ async fn forward_stage(
         server: backend.server_timeout,
     };
     let end = match &proxy.kernel {
+        None => forward::user::forward(client, server, timeouts, &proxy.user_bytes).await,
         Some(kernel) => {
-            match forward::kernel::forward(kernel, client, server, timeouts, proxy.config.kernel_sndbuf).await
+            let sndbuf = proxy.config.kernel_sndbuf;
+            match forward::kernel::forward(kernel, client, server, timeouts, sndbuf, &proxy.user_bytes).await
             {
-                Ok(Forwarded::Done(end, user)) => {
-                    proxy.metrics.add_user_bytes(user.0);
-                    end
-                }
+                Ok(Forwarded::Done(end)) => end,
                 Ok(Forwarded::NotEligible(client, server)) => {
                     proxy.metrics.kernel_fallbacks.inc();
-                    forward::user::forward(client, server, timeouts, &proxy.user_bytes)
-                        .await
-                        .0
+                    forward::user::forward(client, server, timeouts, &proxy.user_bytes).await
                 }
                 Err(e) => {
-                    tracing::error!(listener = %l.name, client = %peer, "kernel forwarding could not start: {e}");
+                    // The sockets were closed with a reset when the flow was dropped.
+                    tracing::error!(listener = %l.name, client = %peer, "kernel forwarding failed: {e}");
                     return Session::Finished(Outcome::ForwardFailed(e));
                 }
             }
-        }
-        None => {
-            forward::user::forward(client, server, timeouts, &proxy.user_bytes)
-                .await
-                .0
         }
     };
     let labels = |side: forward::Side| EndLabels {

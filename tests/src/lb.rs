@@ -245,6 +245,18 @@ impl Lb {
         }
     }
 
+    /// Polls the metrics until `cond` holds (at most 250 × 20 ms) and returns that scrape.
+    pub async fn wait_for(&self, what: &str, cond: impl Fn(&Metrics) -> bool) -> Metrics {
+        for _ in 0..250 {
+            let m = self.metrics();
+            if cond(&m) {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}:\n{}", self.metrics().text);
+    }
+
     /// Sends SIGTERM and waits (at most `bound`) for lb to exit.
     pub fn terminate(&mut self, bound: Duration) -> Option<ExitStatus> {
         // SAFETY: sending a signal to our own child.
@@ -281,9 +293,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The value of `series` (e.g. `lb_forwarded_bytes_total{path="kernel"}`), 0 when absent.
+    /// The value of `series` (e.g. `lb_forwarded_bytes_total{path="kernel"}`); a series lb
+    /// does not export fails the test, so a renamed metric cannot pass as a zero.
     pub fn get(&self, series: &str) -> f64 {
-        self.values.get(series).copied().unwrap_or(0.0)
+        match self.values.get(series) {
+            Some(v) => *v,
+            None => panic!("lb exports no series `{series}`:\n{}", self.text),
+        }
     }
     pub fn kernel_bytes(&self) -> f64 {
         self.get("lb_forwarded_bytes_total{path=\"kernel\"}")

@@ -35,19 +35,12 @@ impl Path {
     /// that half-closes at once exercises the kernel's FIN handling rather than the userspace
     /// fallback for sockets that were closing before insertion. User path: returns at once.
     pub async fn wait_until_forwarding(self, lb: &Lb, flows: usize) {
-        if self == Path::User {
-            return;
+        if self == Path::Kernel {
+            lb.wait_for("the flow to be in the kernel", |m| {
+                m.get("lb_kernel_flows") == flows as f64
+            })
+            .await;
         }
-        for _ in 0..250 {
-            if lb.metrics().get("lb_kernel_tracked_sockets") == (2 * flows) as f64 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "lb did not put {flows} flow(s) in the kernel within 5 s:\n{}",
-            lb.metrics().text
-        );
     }
 
     /// Checks the bytes went where they should: all by the kernel or all in userspace.
@@ -295,13 +288,11 @@ pub async fn reset_is_passed_on(path: Path) {
         .expect("client not closed");
     let err = r.expect_err("the client saw a clean close, not a reset");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
-    let m = lb.metrics();
-    assert_eq!(
-        m.get("lb_resets_total{listener=\"test\",side=\"server\"}"),
-        1.0,
-        "{}",
-        m.text
-    );
+    // The client's reset and the counter race: wait for the counter.
+    lb.wait_for("the reset to be counted", |m| {
+        m.get("lb_resets_total{listener=\"test\",side=\"server\"}") == 1.0
+    })
+    .await;
 }
 
 /// A flow idle for longer than `timeouts.client` is closed and counted; one that keeps moving
@@ -340,5 +331,72 @@ pub async fn idle_flows_time_out(path: Path) {
         1.0,
         "{}",
         m.text
+    );
+}
+
+/// The client half-closes, then resets: the server, still sending, is reset promptly (the
+/// reset is noticed on a socket already past its end of stream).
+pub async fn reset_after_half_close(path: Path) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = path.lb(&[l.local_addr().unwrap()]).spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    let mut s = servers::accept_one(&l).await;
+    path.wait_until_forwarding(&lb, 1).await;
+    c.write_all(b"request").await.unwrap();
+    c.shutdown().await.unwrap();
+    assert_eq!(servers::read_to_end(&mut s).await, b"request");
+    c.set_zero_linger().unwrap();
+    drop(c);
+    // The server keeps sending; within 10 s a write must fail with the passed-on reset.
+    let started = std::time::Instant::now();
+    let err = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the server was not reset within 10 s"
+        );
+        if let Err(e) = s.write_all(&[0u8; 1024]).await {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{err}"
+    );
+    lb.wait_for("the reset to be counted", |m| {
+        m.get("lb_resets_total{listener=\"test\",side=\"client\"}") == 1.0
+    })
+    .await;
+}
+
+/// lb stops with a flow still open after the grace period: the flow is reset, not closed as
+/// if it were complete.
+pub async fn shutdown_resets_flows_left_after_the_grace_period(path: Path) {
+    let echo = servers::echo().await;
+    let mut lb = path.lb(&[echo]).timeout("shutdown_grace", "500ms").spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut c, b"x").await;
+    let started = std::time::Instant::now();
+    let status = lb
+        .terminate(Duration::from_secs(10))
+        .expect("lb did not exit after the grace period");
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "lb exited before the grace period"
+    );
+    let mut rest = Vec::new();
+    let r = timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .expect("client not closed");
+    let err = r.expect_err("the client saw a clean close, not a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(
+        lb.log().contains("grace period over; closing 1 flow(s)"),
+        "{}",
+        lb.log()
     );
 }

@@ -11,6 +11,8 @@ lb_tests::scenario_tests!(Path::Kernel, bpf_available;
     half_close_server_first,
     reset_is_passed_on,
     idle_flows_time_out,
+    reset_after_half_close,
+    shutdown_resets_flows_left_after_the_grace_period,
 );
 
 /// The program's aya-log records reach lb's log: each end of stream arrives as a zero-length

@@ -10,4 +10,6 @@ lb_tests::scenario_tests!(Path::User, |_: &str| true;
     half_close_server_first,
     reset_is_passed_on,
     idle_flows_time_out,
+    reset_after_half_close,
+    shutdown_resets_flows_left_after_the_grace_period,
 );

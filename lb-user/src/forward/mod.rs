@@ -5,6 +5,7 @@
 //! - [`kernel`]: both sockets go into the BPF SOCKHASH and the kernel forwards every byte; the
 //!   daemon only hears about end of stream, resets and idleness.
 //! - [`user`]: a tokio copy loop, used when BPF is unavailable or `forwarding: user`.
+mod epoll;
 pub mod kernel;
 pub mod user;
 
@@ -22,6 +23,13 @@ impl Side {
         match self {
             Side::Client => "client",
             Side::Server => "server",
+        }
+    }
+    /// Position in a `[client, server]` pair.
+    pub fn index(self) -> usize {
+        match self {
+            Side::Client => 0,
+            Side::Server => 1,
         }
     }
     pub fn other(self) -> Side {
@@ -58,7 +66,3 @@ pub enum End {
     /// One side moved no byte for its idle timeout; both were closed.
     IdleTimeout(Side),
 }
-
-/// Bytes a flow moved in userspace (the kernel's bytes are counted by the program).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UserBytes(pub u64);
