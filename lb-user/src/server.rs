@@ -99,6 +99,7 @@ pub async fn run(
             }
         },
     };
+    raise_fd_limit(&config);
     let metrics = Metrics::new();
     metrics.kernel_forwarding.set(kernel.is_some() as i64);
     tracing::info!(
@@ -191,6 +192,37 @@ pub async fn run(
     stop_admin.cancel();
     tracing::info!("lb stopped");
     Ok(())
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (a flow needs three fds: two sockets and,
+/// in the kernel path, its epoll set) and warns when `maxconn` cannot be reached.
+fn raise_fd_limit(config: &Config) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    let needed: u64 = config
+        .listeners
+        .iter()
+        .map(|l| 3 * u64::from(l.maxconn))
+        .sum::<u64>()
+        + 64;
+    if lim.rlim_cur < needed {
+        tracing::warn!(
+            "open files limit {} is below the {needed} that every listener's maxconn needs; raise it (ulimit -n)",
+            lim.rlim_cur
+        );
+    }
 }
 
 /// Accepts connections while below the listener's maxconn and spawns a session for each.

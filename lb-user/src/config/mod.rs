@@ -84,6 +84,13 @@ const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const MAX_WEIGHT: u32 = 256;
+/// Longer timeouts are surely mistakes (and would overflow deadline arithmetic).
+const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// TCP_KEEPIDLE / TCP_KEEPINTVL accept 1..=32767 seconds.
+const KEEPALIVE_TIME_MIN: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIME_MAX: Duration = Duration::from_secs(32767);
+/// Three fds a flow: fits the common 20000 open-files limit with room to spare.
+const DEFAULT_MAXCONN: u32 = 4096;
 const DEFAULT_KERNEL_SNDBUF: u64 = 8 << 20;
 /// The kernel doubles SO_SNDBUF into an int: keep the doubled value representable.
 const MAX_KERNEL_SNDBUF: u64 = (i32::MAX / 2) as u64;
@@ -212,6 +219,7 @@ impl Validator<'_> {
             )
         });
         let defaults = raw.timeouts;
+        self.timeouts(&[Step::Key("timeouts")], &defaults);
         let kernel_sndbuf = match raw
             .tune
             .kernel_sndbuf
@@ -298,21 +306,35 @@ impl Validator<'_> {
         if timeouts.connect.is_some() || timeouts.server.is_some() || timeouts.shutdown_grace.is_some() {
             self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client` (connect and server belong to the backend, shutdown_grace to the top level)");
         }
-        let client_timeout = self.nonzero(
-            path,
-            "client",
-            timeouts.client.or(defaults.client).unwrap_or(DEFAULT_IDLE),
-        );
+        self.timeouts(&with(path, Step::Key("timeouts")), &timeouts);
+        let client_timeout = timeouts.client.or(defaults.client).unwrap_or(DEFAULT_IDLE);
         let keepalive = match l.keepalive {
             None | Some(RawKeepalive::Switch(false)) => None,
             Some(RawKeepalive::Switch(true)) => Some(Keepalive::default()),
-            Some(RawKeepalive::Settings(s)) => Some(Keepalive {
-                idle: s.idle,
-                interval: s.interval,
-                count: s.count,
-            }),
+            Some(RawKeepalive::Settings(s)) => {
+                let ka = with(path, Step::Key("keepalive"));
+                for (key, value) in [("idle", s.idle), ("interval", s.interval)] {
+                    if value.is_some_and(|d| !(KEEPALIVE_TIME_MIN..=KEEPALIVE_TIME_MAX).contains(&d)) {
+                        self.error(
+                            &with(&ka, Step::Key(key)),
+                            format!("keepalive.{key} must be between 1s and 32767s (the kernel's range)"),
+                        );
+                    }
+                }
+                if s.count.is_some_and(|c| !(1..=127).contains(&c)) {
+                    self.error(
+                        &with(&ka, Step::Key("count")),
+                        "keepalive.count must be between 1 and 127",
+                    );
+                }
+                Some(Keepalive {
+                    idle: s.idle,
+                    interval: s.interval,
+                    count: s.count,
+                })
+            }
         };
-        let maxconn = l.maxconn.unwrap_or(10_000);
+        let maxconn = l.maxconn.unwrap_or(DEFAULT_MAXCONN);
         if maxconn == 0 {
             self.error(&with(path, Step::Key("maxconn")), "maxconn must be at least 1");
         }
@@ -347,18 +369,19 @@ impl Validator<'_> {
                 "a backend's timeouts may only set `connect` and `server`",
             );
         }
-        let connect_timeout = self.nonzero(
-            path,
-            "connect",
-            timeouts.connect.or(defaults.connect).unwrap_or(DEFAULT_CONNECT),
-        );
-        let server_timeout = self.nonzero(
-            path,
-            "server",
-            timeouts.server.or(defaults.server).unwrap_or(DEFAULT_IDLE),
-        );
+        self.timeouts(&with(path, Step::Key("timeouts")), &timeouts);
+        let connect_timeout = timeouts.connect.or(defaults.connect).unwrap_or(DEFAULT_CONNECT);
+        let server_timeout = timeouts.server.or(defaults.server).unwrap_or(DEFAULT_IDLE);
         if b.servers.is_empty() {
             self.error(path, format!("backend `{}` has no servers", b.name));
+        } else if b.servers.iter().all(|s| s.weight == Some(0)) {
+            self.error(
+                &with(path, Step::Key("servers")),
+                format!(
+                    "every server of backend `{}` has weight 0: it would receive no flows",
+                    b.name
+                ),
+            );
         }
         let mut seen = HashMap::new();
         let mut servers = Vec::new();
@@ -400,14 +423,28 @@ impl Validator<'_> {
         }
     }
 
-    fn nonzero(&mut self, path: &[Step], which: &'static str, d: Duration) -> Duration {
-        if d.is_zero() {
-            self.error(
-                &with(&with(path, Step::Key("timeouts")), Step::Key(which)),
-                format!("timeouts.{which} must be longer than zero"),
-            );
+    /// Checks the durations of one `timeouts:` block, where it is written.
+    fn timeouts(&mut self, path: &[Step], t: &RawTimeouts) {
+        let values = [
+            ("connect", t.connect),
+            ("client", t.client),
+            ("server", t.server),
+            ("shutdown_grace", t.shutdown_grace),
+        ];
+        for (key, value) in values {
+            let Some(d) = value else { continue };
+            if d.is_zero() {
+                self.error(
+                    &with(path, Step::Key(key)),
+                    format!("timeouts.{key} must be longer than zero"),
+                );
+            } else if d > MAX_TIMEOUT {
+                self.error(
+                    &with(path, Step::Key(key)),
+                    format!("timeouts.{key} is longer than the maximum, 30 days"),
+                );
+            }
         }
-        d
     }
 }
 
@@ -462,6 +499,36 @@ mod tests {
         assert!(shown[0].starts_with("t.yaml:3:11: bind: `nowhere`"), "{shown:?}");
         assert!(
             shown[1].starts_with("t.yaml:4:14: listener `web` names backend `nope`"),
+            "{shown:?}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_where_written() {
+        let src = GOOD
+            .replace(
+                "    backend: app\n",
+                "    backend: app\n    keepalive: { idle: 0s, count: 500 }\n",
+            )
+            .replace("weight: 3", "weight: 0");
+        let src = format!("timeouts: {{ server: 100d }}\n{src}");
+        let e = parse("t.yaml", &src).unwrap_err().0;
+        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(e.len(), 4, "{shown:?}");
+        assert!(
+            shown[0].starts_with("t.yaml:1:21: timeouts.server is longer than the maximum"),
+            "{shown:?}"
+        );
+        assert!(
+            shown[1].starts_with("t.yaml:10:7: every server of backend `app` has weight 0"),
+            "{shown:?}"
+        );
+        assert!(
+            shown[2].starts_with("t.yaml:6:24: keepalive.idle must be between"),
+            "{shown:?}"
+        );
+        assert!(
+            shown[3].starts_with("t.yaml:6:35: keepalive.count must be between"),
             "{shown:?}"
         );
     }

@@ -103,7 +103,7 @@ pub struct RawListener {
     #[serde(default)]
     pub transparent: Option<bool>,
     /// Maximum concurrent flows on this listener; further connections wait in the backlog
-    /// (default 10000).
+    /// (default 4096). Each flow needs three open files; lb raises its limit to the hard one.
     #[serde(default)]
     pub maxconn: Option<u32>,
     /// Overrides `timeouts.client` for this listener (only `client` may be set here).
