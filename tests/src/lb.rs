@@ -293,6 +293,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The value of `series`, if lb exports it yet (a labelled series appears with its first
+    /// event).
+    pub fn value(&self, series: &str) -> Option<f64> {
+        self.values.get(series).copied()
+    }
+
     /// The value of `series` (e.g. `lb_forwarded_bytes_total{path="kernel"}`); a series lb
     /// does not export fails the test, so a renamed metric cannot pass as a zero.
     pub fn get(&self, series: &str) -> f64 {

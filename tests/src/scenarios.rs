@@ -290,7 +290,7 @@ pub async fn reset_is_passed_on(path: Path) {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     // The client's reset and the counter race: wait for the counter.
     lb.wait_for("the reset to be counted", |m| {
-        m.get("lb_resets_total{listener=\"test\",side=\"server\"}") == 1.0
+        m.value("lb_resets_total{listener=\"test\",side=\"server\"}") == Some(1.0)
     })
     .await;
 }
@@ -367,7 +367,7 @@ pub async fn reset_after_half_close(path: Path) {
         "{err}"
     );
     lb.wait_for("the reset to be counted", |m| {
-        m.get("lb_resets_total{listener=\"test\",side=\"client\"}") == 1.0
+        m.value("lb_resets_total{listener=\"test\",side=\"client\"}") == Some(1.0)
     })
     .await;
 }
@@ -398,5 +398,50 @@ pub async fn shutdown_resets_flows_left_after_the_grace_period(path: Path) {
         lb.log().contains("grace period over; closing 1 flow(s)"),
         "{}",
         lb.log()
+    );
+}
+
+/// A client that stops reading while the server still sends: its side idles out with bytes in
+/// flight, and the flow is reset rather than closed as if complete.
+pub async fn idle_timeout_with_bytes_in_flight_resets(path: Path) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = path
+        .lb(&[l.local_addr().unwrap()])
+        .timeout("client", "600ms")
+        .spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    let mut s = servers::accept_one(&l).await;
+    path.wait_until_forwarding(&lb, 1).await;
+    // The server offers 64 MiB (writes end with an error once lb resets it); the client reads
+    // nothing until lb gives up on it.
+    let server = tokio::spawn(async move {
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..64 {
+            if s.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        s
+    });
+    lb.wait_for("the client side to time out", |m| {
+        m.value("lb_idle_timeouts_total{listener=\"test\",side=\"client\"}") == Some(1.0)
+    })
+    .await;
+    let mut sink = vec![0u8; 1 << 16];
+    let err = loop {
+        match timeout(Duration::from_secs(10), c.read(&mut sink))
+            .await
+            .expect("client read hung")
+        {
+            Ok(0) => panic!("the client saw a clean end of stream, not a reset"),
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    drop(
+        timeout(Duration::from_secs(10), server)
+            .await
+            .expect("server hung"),
     );
 }

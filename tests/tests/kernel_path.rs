@@ -13,6 +13,7 @@ lb_tests::scenario_tests!(Path::Kernel, bpf_available;
     idle_flows_time_out,
     reset_after_half_close,
     shutdown_resets_flows_left_after_the_grace_period,
+    idle_timeout_with_bytes_in_flight_resets,
 );
 
 /// The program's aya-log records reach lb's log: each end of stream arrives as a zero-length

@@ -141,12 +141,12 @@ async fn closed_flows_leave_no_map_entries_or_fds() {
         flows.push(c);
     }
     lb.wait_for("50 kernel flows", |m| {
-        m.get("lb_kernel_flows") == 50.0 && m.get("lb_kernel_tracked_sockets") == 100.0
+        m.value("lb_kernel_flows") == Some(50.0) && m.get("lb_kernel_tracked_sockets") == 100.0
     })
     .await;
     drop(flows);
     lb.wait_for("all flows closed", |m| {
-        m.get("lb_active_connections{listener=\"test\"}") == 0.0
+        m.value("lb_active_connections{listener=\"test\"}") == Some(0.0)
     })
     .await;
     let m = lb.metrics();

@@ -12,4 +12,5 @@ lb_tests::scenario_tests!(Path::User, |_: &str| true;
     idle_flows_time_out,
     reset_after_half_close,
     shutdown_resets_flows_left_after_the_grace_period,
+    idle_timeout_with_bytes_in_flight_resets,
 );
