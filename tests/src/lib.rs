@@ -29,6 +29,25 @@ macro_rules! scenario_tests {
     };
 }
 
+/// Declares every forwarding scenario as a test on `$path` (see [`scenario_tests!`]).
+#[macro_export]
+macro_rules! forwarding_scenarios {
+    ($path:expr, $guard:expr) => {
+        $crate::scenario_tests!($path, $guard;
+            big_transfer,
+            many_flows,
+            early_bytes_do_not_stall,
+            half_close_client_first,
+            half_close_server_first,
+            reset_is_passed_on,
+            idle_flows_time_out,
+            reset_after_half_close,
+            shutdown_resets_flows_left_after_the_grace_period,
+            idle_timeout_with_bytes_in_flight_resets,
+        );
+    };
+}
+
 /// Whether privileged BPF tests can run here. When they cannot, prints a visible SKIPPED line
 /// and returns false, unless `LB_REQUIRE_BPF=1` (set by `.ci/run`), which makes a skip a failure.
 pub fn bpf_available(test: &str) -> bool {

@@ -282,12 +282,7 @@ pub async fn reset_is_passed_on(path: Path) {
     // SO_LINGER 0 then close: the kernel sends RST instead of FIN.
     s.set_zero_linger().unwrap();
     drop(s);
-    let mut rest = Vec::new();
-    let r = timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
-        .await
-        .expect("client not closed");
-    let err = r.expect_err("the client saw a clean close, not a reset");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    servers::expect_reset(&mut c, Duration::from_secs(10)).await;
     // The client's reset and the counter race: wait for the counter.
     lb.wait_for("the reset to be counted", |m| {
         m.value("lb_resets_total{listener=\"test\",side=\"server\"}") == Some(1.0)
@@ -388,12 +383,7 @@ pub async fn shutdown_resets_flows_left_after_the_grace_period(path: Path) {
         started.elapsed() >= Duration::from_millis(450),
         "lb exited before the grace period"
     );
-    let mut rest = Vec::new();
-    let r = timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
-        .await
-        .expect("client not closed");
-    let err = r.expect_err("the client saw a clean close, not a reset");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    servers::expect_reset(&mut c, Duration::from_secs(5)).await;
     assert!(
         lb.log().contains("grace period over; closing 1 flow(s)"),
         "{}",

@@ -101,3 +101,14 @@ pub async fn echo_round_trip(c: &mut TcpStream, msg: &[u8]) {
         .unwrap();
     assert_eq!(back, msg, "the echo differs");
 }
+
+/// Reads until the connection ends (at most `bound`) and checks it ended with a reset, not a
+/// clean end of stream.
+pub async fn expect_reset(c: &mut TcpStream, bound: std::time::Duration) {
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(bound, c.read_to_end(&mut rest))
+        .await
+        .expect("connection not closed in time");
+    let err = r.expect_err("the connection ended cleanly, not with a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}

@@ -3,18 +3,7 @@
 use lb_tests::{bpf_available, scenarios::Path, servers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-lb_tests::scenario_tests!(Path::Kernel, bpf_available;
-    big_transfer,
-    many_flows,
-    early_bytes_do_not_stall,
-    half_close_client_first,
-    half_close_server_first,
-    reset_is_passed_on,
-    idle_flows_time_out,
-    reset_after_half_close,
-    shutdown_resets_flows_left_after_the_grace_period,
-    idle_timeout_with_bytes_in_flight_resets,
-);
+lb_tests::forwarding_scenarios!(Path::Kernel, bpf_available);
 
 /// The program's aya-log records reach lb's log: each end of stream arrives as a zero-length
 /// skb, which the program drops and reports at debug level.
