@@ -173,14 +173,19 @@ pub async fn forward(
             return Ok(flow.close(end));
         }
     }
+    // Activity only pushes a side's deadline later, so the daemon looks at TCP_INFO only when
+    // the earliest possible expiry comes, not after every event.
+    let mut wake = Instant::now() + timeouts.client.min(timeouts.server);
     loop {
         if flow.ends.iter().all(|e| e.eof) {
             return Ok(flow.close(End::Closed));
         }
-        let wake = match idle_check(&flow, timeouts)? {
-            Ok(deadline) => deadline,
-            Err(side) => return Ok(flow.close(End::IdleTimeout(side))),
-        };
+        if Instant::now() >= wake {
+            wake = match idle_check(&flow, timeouts)? {
+                Ok(deadline) => deadline,
+                Err(side) => return Ok(flow.close(End::IdleTimeout(side))),
+            };
+        }
         tokio::select! {
             ready = epoll.wait() => {
                 for side in ready? {
