@@ -77,6 +77,8 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                // Colours only for a person at a terminal, not in files or pipes.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             match run(config, forwarding) {
                 Ok(()) => ExitCode::SUCCESS,

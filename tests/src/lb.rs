@@ -170,14 +170,13 @@ fn wait_until_listening(lines: &mpsc::Receiver<String>) -> Result<(SocketAddr, S
         let line = lines
             .recv_timeout(left)
             .map_err(|_| "lb exited or timed out before listening")?;
-        let plain = strip_ansi(&line);
-        if let Some(addr) = addr_after(&plain, "listening on ") {
-            if plain.contains("admin endpoint") {
+        if let Some(addr) = addr_after(&line, "listening on ") {
+            if line.contains("admin endpoint") {
                 admin = Some(addr);
             } else {
                 listener = Some(addr);
             }
-        } else if plain.contains("lb ready") {
+        } else if line.contains("lb ready") {
             return Err("lb ready without both addresses");
         }
     }
@@ -186,23 +185,6 @@ fn wait_until_listening(lines: &mpsc::Receiver<String>) -> Result<(SocketAddr, S
 fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = &line[line.find(marker)? + marker.len()..];
     rest.split_whitespace().next()?.parse().ok()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A running lb. Dropping it kills the process.
@@ -221,7 +203,7 @@ impl Lb {
 
     /// Everything lb logged so far.
     pub fn log(&self) -> String {
-        strip_ansi(&self.log.lock().unwrap())
+        self.log.lock().unwrap().clone()
     }
 
     /// `GET /metrics`, parsed into `name{labels}` → value.

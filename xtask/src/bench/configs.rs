@@ -197,26 +197,7 @@ fn wait_for_log_line(log: &Path, needle: &str) -> Result<()> {
 /// The last lines of a log, for error messages, without terminal colour codes (lb colours its
 /// log even into a file).
 pub fn tail(log: &Path) -> String {
-    let text = strip_ansi(&fs::read_to_string(log).unwrap_or_default());
+    let text = fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(8)..].join("\n")
-}
-
-/// Removes `ESC [ … letter` sequences.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // Skip up to and including the final letter of the sequence.
-            for next in chars.by_ref() {
-                if next.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
