@@ -33,6 +33,7 @@ pub struct LbBuilder {
     backend_timeouts: Vec<(String, String)>,
     extra_args: Vec<String>,
     log_filter: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl LbBuilder {
@@ -44,7 +45,13 @@ impl LbBuilder {
             backend_timeouts: Vec::new(),
             extra_args: Vec::new(),
             log_filter: None,
+            env: Vec::new(),
         }
+    }
+    /// An environment variable for lb (e.g. a fault-injection knob).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
     /// RUST_LOG for lb (default `info`, or LB_TEST_LOG when set).
     pub fn log_filter(mut self, filter: &str) -> Self {
@@ -108,6 +115,7 @@ impl LbBuilder {
         std::fs::write(&path, self.config_text()).expect("write config");
         let mut cmd = Command::new(lb_binary());
         cmd.args(["run", "-c"]).arg(&path).args(&self.extra_args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(filter) = &self.log_filter {
             cmd.env("RUST_LOG", filter);
         }

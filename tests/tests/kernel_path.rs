@@ -28,3 +28,51 @@ async fn ebpf_log_messages_reach_the_daemon_log() {
     }
     panic!("no eBPF log record in lb's log:\n{}", lb.log());
 }
+
+/// A server that speaks first while lb is between its two inserts (widened to 300 ms by a
+/// fault-injection knob): its bytes miss the map, the program keeps passing that socket's bytes
+/// and lb copies them itself. Every byte arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_miss_the_map_stay_in_order() {
+    use tokio::io::AsyncWriteExt;
+    if !bpf_available("bytes_that_miss_the_map_stay_in_order") {
+        return;
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = Path::Kernel
+        .lb(&[l.local_addr().unwrap()])
+        .env("LB_TEST_INSERT_GAP_MS", "300")
+        .spawn();
+    let banner: Vec<u8> = (0..4_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let server = {
+        let banner = banner.clone();
+        tokio::spawn(async move {
+            let mut s = servers::accept_one(&l).await;
+            s.write_all(&banner).await.unwrap();
+            s.shutdown().await.unwrap();
+            servers::read_to_end(&mut s).await
+        })
+    };
+    let mut c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(60), servers::read_to_end(&mut c))
+        .await
+        .expect("client timed out");
+    assert!(
+        got == banner,
+        "client got {} of {} bytes, or out of order",
+        got.len(),
+        banner.len()
+    );
+    c.write_all(b"bye").await.unwrap();
+    c.shutdown().await.unwrap();
+    assert_eq!(server.await.unwrap(), b"bye");
+    let m = lb.metrics();
+    assert!(
+        m.get("lb_kernel_misses_total") >= 1.0,
+        "no miss happened: the test did not test:\n{}",
+        m.text
+    );
+    assert!(m.user_bytes() > 0.0, "{}", m.text);
+}

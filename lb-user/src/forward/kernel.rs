@@ -221,12 +221,26 @@ fn insert_pair(kernel: &Kernel, c: &FlowSocket, s: &FlowSocket) -> bool {
         untrack();
         return false;
     }
+    if let Some(gap) = insert_gap_for_tests() {
+        std::thread::sleep(gap);
+    }
     if let Err(e) = kernel.insert(s.cookie, c.sock.as_raw_fd()) {
         tracing::debug!("flow stays in userspace: second SOCKHASH insert failed: {e}");
         untrack();
         return false;
     }
     true
+}
+
+/// Fault injection for the end-to-end tests: `LB_TEST_INSERT_GAP_MS` widens the instant between
+/// the two inserts, so bytes that miss the map (and the sticky userspace copy that keeps them in
+/// order) can be tested deterministically. Unset in normal use.
+fn insert_gap_for_tests() -> Option<Duration> {
+    static GAP: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *GAP.get_or_init(|| {
+        let ms: u64 = std::env::var("LB_TEST_INSERT_GAP_MS").ok()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    })
 }
 
 /// Handles what a socket reports: end of stream, a reset, or bytes to copy (they missed the
