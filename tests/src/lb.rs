@@ -142,8 +142,10 @@ pub fn spawn_command(mut cmd: Command, dir: tempfile::TempDir) -> Result<Lb, Str
     let log2 = log.clone();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            log2.lock().unwrap().push_str(&(line + "\n"));
+            // Into the log first: whoever receives a line can then find it, and every line
+            // before it, in `Lb::log`.
+            log2.lock().unwrap().push_str(&format!("{line}\n"));
+            let _ = tx.send(line);
         }
     });
     let (listener, admin) = match wait_until_listening(&rx) {
@@ -233,6 +235,18 @@ impl Lb {
             values,
             text: body.to_string(),
         }
+    }
+
+    /// Waits (at most 250 × 20 ms) until lb's log contains `needle`: a line lb writes after an
+    /// event reaches the test through a pipe and a reader thread, after the event itself.
+    pub async fn wait_for_log(&self, needle: &str) {
+        for _ in 0..250 {
+            if self.log().contains(needle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("lb's log never contained `{needle}`:\n{}", self.log());
     }
 
     /// Polls the metrics until `cond` holds (at most 250 × 20 ms) and returns that scrape.

@@ -26,11 +26,11 @@ async fn read_until_closed(c: &mut TcpStream, bound: Duration) -> std::io::Resul
 }
 
 /// The one server's connect error was counted, and the log says why.
-fn assert_connect_error_counted(lb: &lb_tests::lb::Lb, why: &str) {
+async fn assert_connect_error_counted(lb: &lb_tests::lb::Lb, why: &str) {
     let m = lb.metrics();
     let errors = m.get("lb_backend_connect_errors_total{backend=\"pool\",server=\"s0\"}");
     assert_eq!(errors, 1.0, "{}", m.text);
-    assert!(lb.log().contains(why), "{}", lb.log());
+    lb.wait_for_log(why).await;
 }
 
 #[tokio::test]
@@ -39,7 +39,7 @@ async fn refused_server_closes_the_client_and_is_counted() {
     let lb = LbBuilder::new(&[refusing]).spawn();
     let mut c = TcpStream::connect(lb.listener).await.unwrap();
     let _ = read_until_closed(&mut c, Duration::from_secs(5)).await;
-    assert_connect_error_counted(&lb, "Connection refused");
+    assert_connect_error_counted(&lb, "Connection refused").await;
 }
 
 #[tokio::test]
@@ -56,7 +56,7 @@ async fn connect_timeout_is_honoured() {
         waited >= Duration::from_millis(350),
         "client closed after {waited:?}, before the connect timeout"
     );
-    assert_connect_error_counted(&lb, "did not accept within 400ms");
+    assert_connect_error_counted(&lb, "did not accept within 400ms").await;
 }
 
 /// Runs lb as an unprivileged user (nobody, no capabilities), so BPF cannot be loaded.
