@@ -94,13 +94,17 @@ pub struct SendProgress {
     pub state: u8,
     /// Every byte ever handed to the socket for sending: acknowledged plus still queued.
     pub queued_total: u64,
+    /// Bytes queued and not yet acknowledged by the peer (SIOCOUTQ).
+    pub unacked: u64,
 }
 
 pub fn send_progress(fd: BorrowedFd<'_>) -> io::Result<SendProgress> {
     let info = tcp_info(fd)?;
+    let unacked = outq(fd)?;
     Ok(SendProgress {
         state: info.state,
-        queued_total: info.bytes_acked + outq(fd)?,
+        queued_total: info.bytes_acked + unacked,
+        unacked,
     })
 }
 

@@ -117,8 +117,8 @@ impl Flow<'_> {
         [Side::Client, Side::Server].into_iter().all(|from| {
             let dst = self.end(from.other());
             let target = self.kernel.counters(self.end(from).cookie).redirected_bytes + dst.user_written;
-            let unacked = sockopt::outq(dst.sock.as_fd()).unwrap_or(1);
-            matches!(dst.sent(), Ok((sent, _)) if sent >= target) && unacked == 0
+            let progress = sockopt::send_progress(dst.sock.as_fd());
+            matches!(progress, Ok(p) if p.queued_total.saturating_sub(dst.baseline) >= target && p.unacked == 0)
         })
     }
 }
