@@ -6,7 +6,10 @@ use std::process::{Command, Stdio};
 /// bpf-linker version known to work with aya 0.14 and LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// A dated nightly, installed only when the machine has no `nightly` toolchain at all.
+/// bpf-linker's LLVM major version (the `llvm-22` feature, /usr/lib/llvm-22).
+const LLVM_MAJOR: u32 = 22;
+/// A dated nightly built with LLVM 22, installed when the machine's `nightly` is missing or uses
+/// another LLVM.
 const DATED_NIGHTLY: &str = "nightly-2026-05-19";
 
 /// One set-up step: what it installs, whether it is already there, how to install it.
@@ -72,12 +75,24 @@ fn install_llvm() -> Result<()> {
     )
 }
 
-/// The toolchain the eBPF crate is built with (lb-user/build.rs reads LB_BPF_TOOLCHAIN).
+/// The toolchain the eBPF crate is built with (lb-user/build.rs reads LB_BPF_TOOLCHAIN): the
+/// machine's `nightly` when its LLVM is the one bpf-linker is built against (the bitcode it emits
+/// must be readable by bpf-linker: a newer LLVM's fails with "Invalid record"), else a dated
+/// nightly known to use LLVM 22.
 pub fn bpf_toolchain() -> String {
     if let Ok(t) = std::env::var("LB_BPF_TOOLCHAIN") {
         return t;
     }
-    if quiet(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+    let nightly_llvm = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "-vV"])
+        .output();
+    let matches = nightly_llvm.is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with(&format!("LLVM version: {LLVM_MAJOR}.")))
+    });
+    if matches {
         "nightly".into()
     } else {
         DATED_NIGHTLY.into()

@@ -29,6 +29,7 @@ pub fn run(what: &str, runs: usize, seconds: u32) -> Result<()> {
         bail!("--runs and --seconds must be at least 1");
     }
     ensure_tools()?;
+    crate::setup::ensure(false)?;
     // A failed build must not fall back to an older binary: the lb rows report it instead.
     let built = build_lb();
     // Taken now: the work tree may change while the benchmark runs.
@@ -129,6 +130,7 @@ fn build_lb() -> Result<PathBuf> {
     crate::run_cmd(
         Command::new("cargo")
             .current_dir(&root)
+            .env("LB_BPF_TOOLCHAIN", crate::setup::bpf_toolchain())
             .args(["build", "--release", "-p", "lb-user"]),
     )
     .context("building lb")?;
