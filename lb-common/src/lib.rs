@@ -3,35 +3,93 @@
 //! Every type here is `#[repr(C)]` with fixed-width fields so that both sides agree on the layout
 //! of a map value byte for byte; the `const` asserts below fail the build if a field is added
 //! without thinking about the other side.
+//!
+//! The hand-off protocol between the two sides, built on [`SockCtl`], is drawn in
+//! `lb-user/src/forward/LIFECYCLE.md`.
 #![no_std]
 
 /// Name of the SOCKHASH that holds every kernel-forwarded socket. Key: the socket cookie of the
 /// socket that *receives* bytes; value: the socket the bytes are redirected to (its peer).
 pub const SOCKS_MAP: &str = "SOCKS";
-/// Name of the per-socket counters map (key: socket cookie, value: [`SockCounters`]).
-pub const SOCK_COUNTERS_MAP: &str = "SOCK_COUNTERS";
+/// Name of the index from a socket's cookie to its slot in [`FLOW_CTL_MAP`] (key: u64 cookie,
+/// value: u32 slot). Written only by the daemon.
+pub const SLOTS_MAP: &str = "SLOTS";
+/// Name of the per-socket control state: an mmap-able array of [`SockCtl`], one slot per tracked
+/// socket. The program and the daemon (through a shared mapping) each write only their own
+/// fields, with single aligned stores.
+pub const FLOW_CTL_MAP: &str = "FLOW_CTL";
+/// Name of the ring buffer of [`Event`]s: how the program wakes the daemon for one flow.
+pub const EVENTS_MAP: &str = "EVENTS";
 /// Name of the per-CPU totals array (one element, value: [`CpuStats`]).
 pub const CPU_STATS_MAP: &str = "CPU_STATS";
 /// Name of the stream verdict program.
 pub const VERDICT_PROG: &str = "lb_verdict";
+/// Names of the program's globals holding the byte offsets of `write_seq` and `snd_una` in the
+/// running kernel's `struct tcp_sock` (read from its BTF at load time: they move between
+/// kernel builds).
+pub const WRITE_SEQ_OFFSET_GLOBAL: &str = "WRITE_SEQ_OFFSET";
+pub const SND_UNA_OFFSET_GLOBAL: &str = "SND_UNA_OFFSET";
 
-/// Capacity of the SOCKHASH and of the counters map: two sockets per flow.
+/// Capacity of the SOCKHASH, of the slot index and of the control array: two sockets per flow.
 pub const MAX_SOCKETS: u32 = 131_072;
+/// Size of the event ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// `BPF_F_MMAPABLE`: lets the daemon map the control array into its memory.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// What the verdict program did with the bytes one socket received.
+/// [`SockCtl::flags`]: the program redirects this socket's bytes to its peer. Clear: it passes
+/// them to the socket's own queue ("held"), where the daemon reads them.
+pub const FLAG_REDIRECTING: u32 = 1;
+/// [`SockCtl::flags`]: [`SockCtl::peer_seq_base`] is set (the first redirect happened).
+pub const FLAG_BASED: u32 = 2;
+
+/// The control state of one socket of a kernel-forwarded flow: what the program did with the
+/// bytes this socket received, and what the daemon allows and has done.
 ///
-/// Written only by the program (the daemon inserts a zeroed value before the socket enters the
-/// SOCKHASH and deletes it after the socket left): a map update from the daemon would replace the
-/// whole value and wipe an increment the program made at the same time.
+/// Who writes what (each field has exactly one writer, so neither side can wipe the other's
+/// update): the program writes `redirected`, `passed`, `peer_seq_base` and `flags`; the daemon
+/// writes `consumed`, `allow` and `max_in_flight` (and zeroes the whole slot before the socket's
+/// cookie is indexed in [`SLOTS_MAP`], when the program cannot see it yet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockCounters {
+pub struct SockCtl {
     /// Payload bytes redirected to the peer socket.
-    pub redirected_bytes: u64,
-    /// Payload bytes passed to the receiving socket's own queue, where the daemon reads them:
-    /// bytes that found no peer in the map, and every byte after them (once a socket's bytes
-    /// are copied by the daemon, the program keeps passing them, so the stream stays in order).
-    pub passed_bytes: u64,
+    pub redirected: u64,
+    /// Payload bytes passed to this socket's own queue, for the daemon to read and forward.
+    pub passed: u64,
+    /// The peer's `write_seq` when the program first redirected, minus the bytes the daemon
+    /// had written to the peer by then (wrapping). With it the program computes how many of the
+    /// bytes given to the peer since (redirected or written by the daemon) its receiver has
+    /// not acknowledged yet: `redirected + consumed - (snd_una - peer_seq_base)`, the bytes lb
+    /// holds for this direction, which the brake bounds.
+    pub peer_seq_base: u32,
+    /// [`FLAG_REDIRECTING`] | [`FLAG_BASED`].
+    pub flags: u32,
+    /// Bytes of `passed` that the daemon has read from this socket and written to the peer.
+    /// The program resumes redirecting only when `passed == consumed`: then nothing it passed
+    /// is still waiting in the socket's queue, and the stream stays in order.
+    pub consumed: u64,
+    /// 1: the program may redirect (once `passed == consumed`); 0: it passes every byte.
+    pub allow: u32,
+    /// The brake: above this many bytes given to the peer and not acknowledged by its receiver
+    /// (in the peer's psock queue or send queue), the program stops redirecting and passes
+    /// (holds) this socket's bytes, which closes the sender's TCP window, and wakes the daemon.
+    pub max_in_flight: u32,
+}
+
+/// Why the program woke the daemon about one socket.
+pub const EVENT_BRAKE: u32 = 1;
+/// Bytes were passed while the daemon had caught up (allow was 0, or the peer was missing).
+pub const EVENT_HELD: u32 = 2;
+
+/// One ring-buffer record: "look at this socket".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// The socket's slot in [`FLOW_CTL_MAP`].
+    pub slot: u32,
+    /// [`EVENT_BRAKE`] or [`EVENT_HELD`].
+    pub kind: u32,
 }
 
 /// Totals over every socket, one value per CPU (index 0 of a per-CPU array): cheap to update
@@ -45,36 +103,52 @@ pub struct CpuStats {
     pub redirected_skbs: u64,
     /// skbs whose socket had no peer in the map (passed to the socket itself).
     pub misses: u64,
-    /// Payload bytes passed to the receiving socket (misses and the bytes after them).
+    /// Payload bytes passed to the receiving socket, for the daemon to forward.
     pub passed_bytes: u64,
     /// Zero-length skbs (a bare FIN) dropped: redirecting them breaks the peer's psock.
     pub empty_drops: u64,
-    /// skbs redirected for a socket that had no counters entry.
+    /// skbs of a socket lb does not track (passed to it).
     pub untracked: u64,
+    /// Times a socket's redirection stopped because its peer lagged by more than
+    /// `max_in_flight` (a hand-off kernel → user).
+    pub brakes: u64,
+    /// Times a socket's redirection (re)started (a hand-off user → kernel).
+    pub resumes: u64,
+    /// Payload bytes held back: passed to the daemon after a socket had been redirecting.
+    pub held_bytes: u64,
+    /// Events the ring buffer had no room for (the daemon then looks at every flow).
+    pub events_lost: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockCounters>() == 16);
-const _: () = assert!(core::mem::align_of::<SockCounters>() == 8);
-const _: () = assert!(core::mem::size_of::<CpuStats>() == 48);
+const _: () = assert!(core::mem::size_of::<SockCtl>() == 40);
+const _: () = assert!(core::mem::align_of::<SockCtl>() == 8);
+const _: () = assert!(core::mem::size_of::<Event>() == 8);
+const _: () = assert!(core::mem::size_of::<CpuStats>() == 80);
 const _: () = assert!(core::mem::align_of::<CpuStats>() == 8);
 
 impl CpuStats {
     /// Field-wise sum, used to fold the per-CPU values into one total.
-    pub fn add(&self, other: &CpuStats) -> CpuStats {
+    pub fn add(&self, o: &CpuStats) -> CpuStats {
         CpuStats {
-            redirected_bytes: self.redirected_bytes + other.redirected_bytes,
-            redirected_skbs: self.redirected_skbs + other.redirected_skbs,
-            misses: self.misses + other.misses,
-            passed_bytes: self.passed_bytes + other.passed_bytes,
-            empty_drops: self.empty_drops + other.empty_drops,
-            untracked: self.untracked + other.untracked,
+            redirected_bytes: self.redirected_bytes + o.redirected_bytes,
+            redirected_skbs: self.redirected_skbs + o.redirected_skbs,
+            misses: self.misses + o.misses,
+            passed_bytes: self.passed_bytes + o.passed_bytes,
+            empty_drops: self.empty_drops + o.empty_drops,
+            untracked: self.untracked + o.untracked,
+            brakes: self.brakes + o.brakes,
+            resumes: self.resumes + o.resumes,
+            held_bytes: self.held_bytes + o.held_bytes,
+            events_lost: self.events_lost + o.events_lost,
         }
     }
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both types are repr(C), made only of u64 fields, with no padding (size asserts above).
-    unsafe impl aya::Pod for super::SockCounters {}
+    // SAFETY: all three are repr(C), made only of u32/u64 fields, with no padding (size
+    // asserts above).
+    unsafe impl aya::Pod for super::SockCtl {}
+    unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::CpuStats {}
 }

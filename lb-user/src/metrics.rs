@@ -26,6 +26,12 @@ pub struct ServerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabels {
+    /// `kernel_to_user` (a brake, or bytes held for the daemon) or `user_to_kernel`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndLabels {
     pub listener: String,
     /// Which side caused the end: `client` or `server`.
@@ -48,6 +54,8 @@ pub struct Metrics {
     /// Flows the kernel would not take (a socket already half-closed, map full), forwarded in
     /// userspace instead.
     pub kernel_fallbacks: Counter,
+    /// Bytes lb accepted from one side and could not deliver because the other side failed.
+    pub dropped_bytes: Family<ListenerLabels, Counter>,
     kernel: KernelMetrics,
     // Serialises scrapes: kernel counters are folded in by delta.
     scrape: Mutex<()>,
@@ -61,7 +69,12 @@ struct KernelMetrics {
     passed_bytes: Counter,
     empty_drops: Counter,
     untracked: Counter,
+    brakes: Counter,
+    handoffs: Family<HandoffLabels, Counter>,
+    held_bytes: Counter,
+    events_lost: Counter,
     flows: Gauge,
+    braked_flows: Gauge,
     tracked_sockets: Gauge,
 }
 
@@ -78,6 +91,7 @@ impl Metrics {
             timeouts: Family::default(),
             kernel_forwarding: Gauge::default(),
             kernel_fallbacks: Counter::default(),
+            dropped_bytes: Family::default(),
             kernel: KernelMetrics::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
@@ -124,7 +138,37 @@ impl Metrics {
             m.kernel_forwarding.clone(),
         );
         r.register("lb_kernel_fallbacks", "Flows the kernel would not take (socket no longer established, map full), forwarded in userspace", m.kernel_fallbacks.clone());
+        r.register(
+            "lb_dropped_bytes",
+            "Bytes lb accepted from one side of a flow and could not deliver because the other side failed, by listener",
+            m.dropped_bytes.clone(),
+        );
         let k = &m.kernel;
+        r.register(
+            "lb_flow_brakes",
+            "Times a kernel-forwarded direction was braked: its reader lagged by more than flow_control.max_in_flight",
+            k.brakes.clone(),
+        );
+        r.register(
+            "lb_flow_handoffs",
+            "Hand-offs of a flow direction between the kernel and the daemon, by direction",
+            k.handoffs.clone(),
+        );
+        r.register(
+            "lb_flow_held_bytes",
+            "Bytes held back from kernel forwarding (braked) and forwarded by the daemon",
+            k.held_bytes.clone(),
+        );
+        r.register(
+            "lb_flows_braked",
+            "Kernel flows with a braked direction now",
+            k.braked_flows.clone(),
+        );
+        r.register(
+            "lb_kernel_events_lost",
+            "Program events the ring buffer had no room for (every flow is then woken)",
+            k.events_lost.clone(),
+        );
         r.register(
             "lb_kernel_flows",
             "Flows whose sockets are in the SOCKHASH now",
@@ -132,7 +176,7 @@ impl Metrics {
         );
         r.register(
             "lb_kernel_tracked_sockets",
-            "Sockets with a counters entry in the BPF maps now (two per kernel flow)",
+            "Sockets with a control slot in the BPF maps now (two per kernel flow)",
             k.tracked_sockets.clone(),
         );
         r.register(
@@ -142,12 +186,12 @@ impl Metrics {
         );
         r.register(
             "lb_kernel_misses",
-            "skbs the verdict program found no peer for (passed to userspace)",
+            "skbs the verdict program found no peer for (held for the daemon)",
             k.misses.clone(),
         );
         r.register(
             "lb_kernel_passed_bytes",
-            "Bytes passed to userspace: misses and the bytes after them on the same socket",
+            "Bytes the verdict program passed to the daemon (held) instead of redirecting",
             k.passed_bytes.clone(),
         );
         r.register(
@@ -157,7 +201,7 @@ impl Metrics {
         );
         r.register(
             "lb_kernel_untracked_skbs",
-            "skbs redirected for a socket lb had no counters entry for",
+            "skbs of a socket in the map that lb no longer tracks (passed to it)",
             k.untracked.clone(),
         );
         Arc::new(Metrics { registry, ..m })
@@ -179,7 +223,27 @@ impl Metrics {
             catch_up(&km.passed_bytes, s.passed_bytes);
             catch_up(&km.empty_drops, s.empty_drops);
             catch_up(&km.untracked, s.untracked);
+            catch_up(&km.brakes, s.brakes);
+            catch_up(&km.held_bytes, s.held_bytes);
+            catch_up(&km.events_lost, s.events_lost);
+            // Every brake hands a direction to the daemon; every (re)start of redirection hands
+            // it back (the first one of a flow included).
+            let to_user = km
+                .handoffs
+                .get_or_create(&HandoffLabels {
+                    direction: "kernel_to_user",
+                })
+                .clone();
+            catch_up(&to_user, s.brakes);
+            let to_kernel = km
+                .handoffs
+                .get_or_create(&HandoffLabels {
+                    direction: "user_to_kernel",
+                })
+                .clone();
+            catch_up(&to_kernel, s.resumes);
             km.flows.set(k.flows());
+            km.braked_flows.set(k.braked_flows());
             km.tracked_sockets.set(k.tracked_sockets());
         }
         let mut out = String::new();

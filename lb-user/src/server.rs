@@ -24,6 +24,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// `lb_forwarded_bytes_total{path="user"}`, held to avoid a label lookup per copy.
     pub user_bytes: Counter,
+    /// Per listener of `config.listeners`: `lb_dropped_bytes_total{listener}`.
+    pub dropped: Vec<Counter>,
 }
 
 /// A backend's runtime state: its balancer and each server's counters (created once, so the
@@ -114,6 +116,16 @@ pub async fn run(
         .forwarded_bytes
         .get_or_create(&PathLabels { path: "user" })
         .clone();
+    let dropped = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let labels = ListenerLabels {
+                listener: l.name.clone(),
+            };
+            metrics.dropped_bytes.get_or_create(&labels).clone()
+        })
+        .collect();
     let backends = config
         .backends
         .iter()
@@ -143,6 +155,7 @@ pub async fn run(
         kernel,
         metrics,
         user_bytes,
+        dropped,
     });
 
     let stop_accepting = CancellationToken::new();
@@ -194,8 +207,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (a flow needs three fds: two sockets and,
-/// in the kernel path, its epoll set) and warns when `maxconn` cannot be reached.
+/// Raises the soft RLIMIT_NOFILE to the hard limit (a flow needs four fds: two sockets and,
+/// in the kernel path, an epoll set for each) and warns when `maxconn` cannot be reached.
 fn raise_fd_limit(config: &Config) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -214,7 +227,7 @@ fn raise_fd_limit(config: &Config) {
     let needed: u64 = config
         .listeners
         .iter()
-        .map(|l| 3 * u64::from(l.maxconn))
+        .map(|l| 4 * u64::from(l.maxconn))
         .sum::<u64>()
         + 64;
     if lim.rlim_cur < needed {

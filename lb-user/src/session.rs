@@ -109,9 +109,16 @@ async fn forward_stage(
     let end = match &proxy.kernel {
         None => forward::user::forward(client, server, timeouts, &proxy.user_bytes).await,
         Some(kernel) => {
-            let sndbuf = proxy.config.kernel_sndbuf;
-            match forward::kernel::forward(kernel, client, server, timeouts, sndbuf, &proxy.user_bytes).await
-            {
+            let settings = forward::kernel::Settings {
+                sndbuf: proxy.config.kernel_sndbuf,
+                rcvbuf: proxy.config.kernel_rcvbuf,
+                max_in_flight: proxy.config.max_in_flight,
+            };
+            let counters = forward::kernel::FlowCounters {
+                user_bytes: &proxy.user_bytes,
+                dropped: &proxy.dropped[listener],
+            };
+            match forward::kernel::forward(kernel, client, server, timeouts, settings, &counters).await {
                 Ok(Forwarded::Done(end)) => end,
                 Ok(Forwarded::NotEligible(client, server)) => {
                     proxy.metrics.kernel_fallbacks.inc();

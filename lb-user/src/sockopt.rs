@@ -149,6 +149,74 @@ pub fn recv_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Non-blocking `recv` with MSG_PEEK: copies waiting bytes without consuming them; `Ok(0)` is
+/// end of stream.
+pub fn peek_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of buf.len() bytes.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Memory a socket's receive side holds and may hold (SO_MEMINFO): `(rmem_alloc, rcvbuf)`,
+/// in bytes of buffer space (payload plus overhead).
+pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SK_MEMINFO_RMEM_ALLOC = 0, SK_MEMINFO_RCVBUF = 1 (include/uapi/linux/sock_diag.h).
+    let info = getsockopt::<[u32; 9]>(fd, libc::SOL_SOCKET, libc::SO_MEMINFO)?;
+    Ok((info[0], info[1]))
+}
+
+/// Sets SO_RCVBUF (which the kernel doubles; fixing it turns autotuning off).
+pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let value = bytes.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: value is a valid int for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs the bytes a socket received before it entered the SOCKHASH through the verdict
+/// program, without reading any: setting SO_RCVLOWAT calls the socket's data-ready callback
+/// (tcp_set_rcvlowat → tcp_data_ready), which the psock replaced with its verdict reader.
+/// A `recv` would instead read such bytes straight from the TCP queue, past the program's
+/// accounting. 1 is the default low-water mark, so nothing else changes.
+pub fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid int for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Non-blocking `send` (no SIGPIPE).
 pub fn send_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for reads of buf.len() bytes.

@@ -43,7 +43,8 @@ impl Path {
         }
     }
 
-    /// Checks the bytes went where they should: all by the kernel or all in userspace.
+    /// Checks the bytes went where they should: by the kernel (the daemon copying only what the
+    /// program held back), or all in userspace.
     pub fn assert_bytes_path(self, lb: &Lb, at_least: u64) {
         let m = lb.metrics();
         let (kernel, user) = (m.kernel_bytes(), m.user_bytes());
@@ -56,13 +57,15 @@ impl Path {
                     m.text
                 );
                 assert!(
-                    kernel >= at_least as f64,
-                    "kernel path: only {kernel} kernel bytes, expected >= {at_least}:\n{}",
+                    kernel + user >= at_least as f64 && kernel >= at_least as f64 / 2.0,
+                    "kernel path: {kernel} kernel + {user} user bytes, expected >= {at_least} mostly by the kernel:\n{}",
                     m.text
                 );
-                assert_eq!(
-                    user, 0.0,
-                    "kernel path: {user} bytes were copied in userspace:\n{}",
+                // The daemon copies only what the program held back for it (a brake, or bytes
+                // that arrived before both sockets were in the map): never a silent fallback.
+                assert!(
+                    user <= m.get("lb_kernel_passed_bytes_total"),
+                    "kernel path: {user} bytes copied in userspace that the program did not hold:\n{}",
                     m.text
                 );
                 assert_eq!(

@@ -29,6 +29,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// SO_SNDBUF for both sockets of a kernel-forwarded flow; `None` keeps autotuning.
     pub kernel_sndbuf: Option<u32>,
+    /// SO_RCVBUF for both sockets of a kernel-forwarded flow; `None` keeps autotuning.
+    pub kernel_rcvbuf: Option<u32>,
+    /// `flow_control.max_in_flight`: the per-direction brake of kernel flows, in bytes.
+    pub max_in_flight: u32,
     pub listeners: Vec<Listener>,
     pub backends: Vec<Backend>,
 }
@@ -89,11 +93,16 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// TCP_KEEPIDLE / TCP_KEEPINTVL accept 1..=32767 seconds.
 const KEEPALIVE_TIME_MIN: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIME_MAX: Duration = Duration::from_secs(32767);
-/// Three fds a flow: fits the common 20000 open-files limit with room to spare.
+/// Four fds a flow: fits the common 20000 open-files limit with room to spare.
 const DEFAULT_MAXCONN: u32 = 4096;
 const DEFAULT_KERNEL_SNDBUF: u64 = 8 << 20;
-/// The kernel doubles SO_SNDBUF into an int: keep the doubled value representable.
-const MAX_KERNEL_SNDBUF: u64 = (i32::MAX / 2) as u64;
+const DEFAULT_KERNEL_RCVBUF: u64 = 1 << 20;
+const DEFAULT_MAX_IN_FLIGHT: u64 = 16 << 20;
+/// Below a few segments' worth the brake would hold nearly every segment.
+const MIN_MAX_IN_FLIGHT: u64 = 256 << 10;
+const MAX_MAX_IN_FLIGHT: u64 = 1 << 30;
+/// The kernel doubles SO_SNDBUF and SO_RCVBUF into an int: keep the doubled value representable.
+const MAX_SOCKET_BUFFER: u64 = (i32::MAX / 2) as u64;
 /// Stands in for an address that failed to parse (the error is already recorded).
 const UNSPECIFIED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
@@ -220,21 +229,20 @@ impl Validator<'_> {
         });
         let defaults = raw.timeouts;
         self.timeouts(&[Step::Key("timeouts")], &defaults);
-        let kernel_sndbuf = match raw
-            .tune
-            .kernel_sndbuf
-            .map_or(DEFAULT_KERNEL_SNDBUF, |b| b.as_u64())
-        {
-            0 => None,
-            n if n > MAX_KERNEL_SNDBUF => {
-                self.error(
-                    &[Step::Key("tune"), Step::Key("kernel_sndbuf")],
-                    format!("tune.kernel_sndbuf: at most {MAX_KERNEL_SNDBUF} bytes"),
-                );
-                None
-            }
-            n => Some(n as u32),
-        };
+        let kernel_sndbuf =
+            self.socket_buffer("kernel_sndbuf", raw.tune.kernel_sndbuf, DEFAULT_KERNEL_SNDBUF);
+        let kernel_rcvbuf =
+            self.socket_buffer("kernel_rcvbuf", raw.tune.kernel_rcvbuf, DEFAULT_KERNEL_RCVBUF);
+        let max_in_flight = raw
+            .flow_control
+            .max_in_flight
+            .map_or(DEFAULT_MAX_IN_FLIGHT, |b| b.as_u64());
+        if !(MIN_MAX_IN_FLIGHT..=MAX_MAX_IN_FLIGHT).contains(&max_in_flight) {
+            self.error(
+                &[Step::Key("flow_control"), Step::Key("max_in_flight")],
+                "flow_control.max_in_flight must be between 256KiB and 1GiB",
+            );
+        }
         if raw.listeners.is_empty() {
             self.error(&[], "no listeners: add at least one under `listeners:`");
         }
@@ -267,6 +275,8 @@ impl Validator<'_> {
             admin,
             shutdown_grace: defaults.shutdown_grace.unwrap_or(DEFAULT_GRACE),
             kernel_sndbuf,
+            kernel_rcvbuf,
+            max_in_flight: max_in_flight.clamp(MIN_MAX_IN_FLIGHT, MAX_MAX_IN_FLIGHT) as u32,
             listeners,
             backends,
         }
@@ -423,6 +433,26 @@ impl Validator<'_> {
         }
     }
 
+    /// A `tune.*` socket buffer size: `0` keeps the kernel's autotuning (`None`).
+    fn socket_buffer(
+        &mut self,
+        key: &'static str,
+        value: Option<bytesize::ByteSize>,
+        default: u64,
+    ) -> Option<u32> {
+        match value.map_or(default, |b| b.as_u64()) {
+            0 => None,
+            n if n > MAX_SOCKET_BUFFER => {
+                self.error(
+                    &[Step::Key("tune"), Step::Key(key)],
+                    format!("tune.{key}: at most {MAX_SOCKET_BUFFER} bytes"),
+                );
+                None
+            }
+            n => Some(n as u32),
+        }
+    }
+
     /// Checks the durations of one `timeouts:` block, where it is written.
     fn timeouts(&mut self, path: &[Step], t: &RawTimeouts) {
         let values = [
@@ -469,6 +499,27 @@ mod tests {
         assert_eq!(c.backends[0].servers[0].weight, 3);
         assert!(c.listeners[0].nodelay);
         assert_eq!(c.kernel_sndbuf, Some(8 << 20));
+        assert_eq!(c.max_in_flight, 16 << 20);
+    }
+
+    #[test]
+    fn max_in_flight_is_checked_where_written() {
+        let c = parse(
+            "t.yaml",
+            &format!("flow_control: {{ max_in_flight: 1MiB }}\n{GOOD}"),
+        )
+        .unwrap();
+        assert_eq!(c.max_in_flight, 1 << 20);
+        let e = parse("t.yaml", &format!("flow_control:\n  max_in_flight: 4KiB\n{GOOD}"))
+            .unwrap_err()
+            .0;
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].to_string()
+                .starts_with("t.yaml:2:18: flow_control.max_in_flight must be between"),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct RawConfig {
     /// Global tuning (HAProxy's `tune.*`).
     #[serde(default)]
     pub tune: RawTune,
+    /// Per-flow bounds of kernel forwarding.
+    #[serde(default)]
+    pub flow_control: RawFlowControl,
     /// Default timeouts for every listener and backend (HAProxy's `defaults` section).
     #[serde(default)]
     pub timeouts: RawTimeouts,
@@ -51,6 +54,25 @@ pub struct RawTune {
     /// 8MiB; measured in docs/benchmarks.md).
     #[serde(default)]
     pub kernel_sndbuf: Option<bytesize::ByteSize>,
+    /// Receive buffer of both sockets of a kernel-forwarded flow (SO_RCVBUF, which the kernel
+    /// doubles), e.g. `1MiB`; `0` keeps the kernel's autotuning. It is what a braked direction
+    /// holds before TCP's window closes on the sender, and what the daemon copies to hand the
+    /// direction back to the kernel; redirected bytes never wait in it (default 1MiB).
+    #[serde(default)]
+    pub kernel_rcvbuf: Option<bytesize::ByteSize>,
+}
+
+/// `flow_control:`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlowControl {
+    /// The brake of kernel forwarding, per direction of a flow: when more than this many bytes
+    /// lb received from one side are not yet acknowledged by the other side's peer, the kernel
+    /// stops forwarding that direction and the bytes stay in lb's receive buffer, so TCP's
+    /// window closes on the sender; lb resumes once the reader has caught up (below half).
+    /// Bounds the memory a slow reader can make lb hold. `256KiB` to `1GiB` (default 16MiB).
+    #[serde(default)]
+    pub max_in_flight: Option<bytesize::ByteSize>,
 }
 
 /// `timeouts:` at the top level, in a listener or in a backend. Durations are written like
@@ -103,7 +125,7 @@ pub struct RawListener {
     #[serde(default)]
     pub transparent: Option<bool>,
     /// Maximum concurrent flows on this listener; further connections wait in the backlog
-    /// (default 4096). Each flow needs three open files; lb raises its limit to the hard one.
+    /// (default 4096). Each flow needs four open files; lb raises its limit to the hard one.
     #[serde(default)]
     pub maxconn: Option<u32>,
     /// Overrides `timeouts.client` for this listener (only `client` may be set here).

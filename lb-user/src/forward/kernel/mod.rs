@@ -1,0 +1,387 @@
+//! Kernel forwarding of one established flow through the BPF SOCKHASH.
+//!
+//! Set-up: give both sockets a control slot (redirecting allowed, braking above
+//! `flow_control.max_in_flight`), record each socket's send baseline, insert both sockets (each
+//! under its peer's cookie), then "kick" each so bytes queued before insertion run through the
+//! verdict program. After that each direction ([`direction`]) sleeps until the program signals
+//! it (a brake, or bytes held for the daemon) or its source socket reports end of stream or an
+//! error; redirected data never wakes the daemon. One timer watches the idle timeouts.
+//!
+//! The kernel does not pass FIN on, and it sends redirected bytes from a worker after the
+//! verdict: on end of stream from one side, the daemon waits until the peer's TCP send counters
+//! show every byte from that side queued, and only then shuts the peer's write side.
+//!
+//! The hand-off protocol between program and daemon is drawn in ../LIFECYCLE.md.
+mod direction;
+
+use prometheus_client::metrics::counter::Counter;
+use std::{
+    io,
+    net::TcpStream,
+    os::fd::{AsFd, AsRawFd},
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
+    time::Duration,
+};
+use tokio::time::Instant;
+
+use super::{epoll::Epoll, End, Side, Timeouts};
+use crate::{
+    bpf::{Kernel, Tracked},
+    sockopt,
+};
+
+/// TCP states from include/net/tcp_states.h (libc does not export them).
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_CLOSE: u8 = 7;
+
+/// Per-flow settings of the kernel path.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// SO_SNDBUF for both sockets (`tune.kernel_sndbuf`); `None` keeps autotuning.
+    pub sndbuf: Option<u32>,
+    /// SO_RCVBUF for both sockets (`tune.kernel_rcvbuf`); `None` keeps autotuning.
+    pub rcvbuf: Option<u32>,
+    /// The brake (`flow_control.max_in_flight`).
+    pub max_in_flight: u32,
+}
+
+/// Counters a flow adds to.
+pub struct FlowCounters<'a> {
+    /// Bytes the daemon copied itself (`lb_forwarded_bytes_total{path="user"}`).
+    pub user_bytes: &'a Counter,
+    /// Bytes lb had accepted from one side and could not deliver because the other failed
+    /// (`lb_dropped_bytes_total{listener}`).
+    pub dropped: &'a Counter,
+}
+
+/// One socket of a kernel-forwarded flow.
+struct FlowSocket<'k> {
+    sock: TcpStream,
+    tracked: Tracked<'k>,
+    /// Bytes the socket had been given to send before the flow entered the map (an active
+    /// opener's SYN counts as one).
+    baseline: u64,
+    /// Reports this socket's end of stream and errors (and input while its bytes are copied).
+    epoll: Epoll,
+}
+
+/// Where a socket's sending stands, relative to the flow's start in the map.
+struct SendState {
+    /// Bytes given to the socket to send since insertion.
+    queued: u64,
+    /// Of those, bytes its peer acknowledged.
+    acked: u64,
+    /// Bytes queued and not acknowledged (SIOCOUTQ).
+    unacked: u64,
+    state: u8,
+}
+
+impl FlowSocket<'_> {
+    fn send_state(&self) -> io::Result<SendState> {
+        let p = sockopt::send_progress(self.sock.as_fd())?;
+        let acked_total = p.queued_total - p.unacked;
+        Ok(SendState {
+            queued: p.queued_total.saturating_sub(self.baseline),
+            acked: acked_total.saturating_sub(self.baseline),
+            unacked: p.unacked,
+            state: p.state,
+        })
+    }
+
+    /// Every byte that came from this socket after insertion and went to its peer, redirected
+    /// by the program or written by the daemon.
+    fn given_to_peer(&self) -> u64 {
+        let ctl = self.tracked.ctl();
+        ctl.redirected() + ctl.consumed()
+    }
+}
+
+/// A flow while it is in the SOCKHASH. Dropping it removes both entries and closes the
+/// sockets, with a reset unless [`Flow::close`] found the streams complete: an aborted flow
+/// (lb stopping) or one with undelivered bytes must not look like a clean end to either peer.
+struct Flow<'k, 'c> {
+    kernel: &'k Kernel,
+    ends: [FlowSocket<'k>; 2],
+    timeouts: Timeouts,
+    counters: &'c FlowCounters<'c>,
+    /// Per direction (by source side): its bytes are held and being copied after a brake.
+    braked: [AtomicBool; 2],
+    reset_on_drop: bool,
+}
+
+impl Drop for Flow<'_, '_> {
+    fn drop(&mut self) {
+        for end in &self.ends {
+            self.kernel.remove(end.tracked.cookie);
+        }
+        if self.braked.iter().any(|b| b.load(Relaxed)) {
+            self.kernel.set_braked(false);
+        }
+        self.kernel.flow_ended();
+        if self.reset_on_drop {
+            for end in &self.ends {
+                let _ = socket2::SockRef::from(&end.sock).set_linger(Some(Duration::ZERO));
+            }
+        }
+    }
+}
+
+impl Flow<'_, '_> {
+    fn end(&self, side: Side) -> &FlowSocket<'_> {
+        &self.ends[side.index()]
+    }
+
+    /// Notes that `from`'s direction is (or no longer is) braked, for the braked-flows gauge.
+    fn note_braked(&self, from: Side, braked: bool) {
+        if self.braked[from.index()].swap(braked, Relaxed) == braked {
+            return;
+        }
+        let other = self.braked[from.other().index()].load(Relaxed);
+        if !other {
+            self.kernel.set_braked(braked);
+        }
+    }
+
+    /// Ends the flow: a plain close only when nothing is left in flight either way. Bytes lb
+    /// took from one side and never delivered to the other are counted as dropped.
+    fn close(mut self, end: End) -> Forwarded {
+        self.reset_on_drop = match end {
+            End::Closed => false,
+            End::IdleTimeout(_) => !self.nothing_in_flight(),
+            End::Reset(_) => true,
+        };
+        if self.reset_on_drop {
+            self.counters.dropped.inc_by(self.undelivered());
+        }
+        Forwarded::Done(end)
+    }
+
+    /// Every byte from each side is queued on the other and acknowledged by its peer.
+    fn nothing_in_flight(&self) -> bool {
+        [Side::Client, Side::Server].into_iter().all(|from| {
+            let src = self.end(from);
+            let all_read = src.tracked.ctl().passed() == src.tracked.ctl().consumed();
+            matches!(self.end(from.other()).send_state(),
+                Ok(s) if all_read && s.queued >= src.given_to_peer() && s.unacked == 0)
+        })
+    }
+
+    /// Bytes lb accepted from either side (redirected, or passed to it) that the other side's
+    /// peer has not acknowledged.
+    fn undelivered(&self) -> u64 {
+        [Side::Client, Side::Server]
+            .into_iter()
+            .map(|from| {
+                let ctl = self.end(from).tracked.ctl();
+                let taken = ctl.redirected() + ctl.passed();
+                let acked = self.end(from.other()).send_state().map_or(0, |s| s.acked);
+                taken.saturating_sub(acked)
+            })
+            .sum()
+    }
+}
+
+/// What became of a flow handed to the kernel path.
+pub enum Forwarded {
+    /// Forwarded until it ended.
+    Done(End),
+    /// The kernel would not take the pair (a socket was no longer ESTABLISHED, e.g. a client
+    /// that sent its request and half-closed at once, or the maps were full): the caller
+    /// forwards it in userspace.
+    NotEligible(tokio::net::TcpStream, tokio::net::TcpStream),
+}
+
+/// Why a direction or the flow stopped early.
+enum Halt {
+    /// The flow ended (a reset or an idle timeout).
+    Ended(End),
+    /// A socket call failed.
+    Failed(io::Error),
+}
+
+impl From<io::Error> for Halt {
+    fn from(e: io::Error) -> Halt {
+        Halt::Failed(e)
+    }
+}
+
+/// Forwards the flow in the kernel until it ends. Only failures of socket calls are errors;
+/// how the flow ended is the [`End`].
+pub async fn forward(
+    kernel: &Kernel,
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    timeouts: Timeouts,
+    settings: Settings,
+    counters: &FlowCounters<'_>,
+) -> io::Result<Forwarded> {
+    // Out of tokio's reactor: tokio's registration would wake us for every received batch.
+    let (client, server) = (client.into_std()?, server.into_std()?);
+    let not_eligible = |c: TcpStream, s: TcpStream| -> io::Result<Forwarded> {
+        Ok(Forwarded::NotEligible(
+            tokio::net::TcpStream::from_std(c)?,
+            tokio::net::TcpStream::from_std(s)?,
+        ))
+    };
+    let established =
+        |s: &TcpStream| sockopt::send_progress(s.as_fd()).is_ok_and(|p| p.state == TCP_ESTABLISHED);
+    if !(established(&client) && established(&server)) {
+        return not_eligible(client, server);
+    }
+    if let Some(bytes) = settings.sndbuf {
+        // The kernel's forwarding worker pauses for a tick whenever the destination's send
+        // buffer is full: a large fixed buffer keeps it from stalling (tune.kernel_sndbuf).
+        for s in [&client, &server] {
+            sockopt::force_send_buffer(s.as_fd(), bytes)?;
+        }
+    }
+    if let Some(bytes) = settings.rcvbuf {
+        // What a braked direction holds before the sender's window closes, and what the daemon
+        // copies to hand it back (autotuning would let it grow to tcp_rmem's maximum).
+        for s in [&client, &server] {
+            sockopt::set_receive_buffer(s.as_fd(), bytes)?;
+        }
+    }
+    let tracked = [&client, &server].map(|s| {
+        let cookie = sockopt::cookie(s.as_fd())?;
+        kernel
+            .track(cookie, settings.max_in_flight)
+            .map_err(|e| io::Error::other(e.to_string()))
+    });
+    let [Ok(c_tracked), Ok(s_tracked)] = tracked else {
+        tracing::debug!("flow stays in userspace: no control slot");
+        return not_eligible(client, server);
+    };
+    let ends = [(client, c_tracked), (server, s_tracked)].map(|(sock, tracked)| {
+        let baseline = sockopt::send_progress(sock.as_fd())?.queued_total;
+        let epoll = Epoll::new(&sock)?;
+        Ok::<_, io::Error>(FlowSocket {
+            sock,
+            tracked,
+            baseline,
+            epoll,
+        })
+    });
+    let [c, s] = ends;
+    let (c, s) = (c?, s?);
+    if !insert_pair(kernel, &c, &s) {
+        let (FlowSocket { sock: c, .. }, FlowSocket { sock: s, .. }) = (c, s);
+        return not_eligible(c, s);
+    }
+    kernel.flow_started();
+    let flow = Flow {
+        kernel,
+        ends: [c, s],
+        timeouts,
+        counters,
+        braked: [AtomicBool::new(false), AtomicBool::new(false)],
+        reset_on_drop: true,
+    };
+    // The kick: bytes that arrived before insertion run through the program.
+    for end in &flow.ends {
+        sockopt::kick(end.sock.as_fd())?;
+    }
+    let end = run(&flow).await?;
+    Ok(flow.close(end))
+}
+
+/// Both directions until both have passed their end of stream on, one side fails, or a side
+/// idles out.
+async fn run(flow: &Flow<'_, '_>) -> io::Result<End> {
+    let c2s = direction::run(flow, Side::Client);
+    let s2c = direction::run(flow, Side::Server);
+    let c_after = direction::after_end_of_stream(flow, Side::Client);
+    let s_after = direction::after_end_of_stream(flow, Side::Server);
+    tokio::pin!(c2s, s2c, c_after, s_after);
+    let mut done = [false, false];
+    // Activity only pushes a side's deadline later, so the daemon looks at TCP_INFO only when
+    // the earliest possible expiry comes, not after every event.
+    let timeouts = flow.timeouts;
+    let mut wake = Instant::now() + timeouts.client.min(timeouts.server);
+    let halted = loop {
+        if done == [true, true] {
+            return Ok(End::Closed);
+        }
+        if Instant::now() >= wake {
+            wake = match idle_check(flow)? {
+                Ok(deadline) => deadline,
+                Err(side) => return Ok(End::IdleTimeout(side)),
+            };
+        }
+        tokio::select! {
+            r = &mut c2s, if !done[0] => match r {
+                Ok(()) => done[0] = true,
+                Err(h) => break h,
+            },
+            r = &mut s2c, if !done[1] => match r {
+                Ok(()) => done[1] = true,
+                Err(h) => break h,
+            },
+            h = &mut c_after, if done[0] => break h,
+            h = &mut s_after, if done[1] => break h,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    };
+    match halted {
+        Halt::Ended(end) => Ok(end),
+        Halt::Failed(e) => Err(e),
+    }
+}
+
+/// Inserts each socket under its peer's cookie. Returns false when the kernel refused; the
+/// flow is then forwarded in userspace. If only the first insert succeeded, the server socket
+/// stays in the map until it closes: its slot is gone with the flow's, so the program passes
+/// every byte it receives to its own queue, where userspace reads it; removing it (which would
+/// purge that queue) is not needed.
+///
+/// Bytes a socket receives between the two inserts cannot overtake anything: with its peer not
+/// in the map yet, the program holds them (passes them to the socket's queue, counted) and the
+/// daemon forwards them before the program may redirect that socket's bytes.
+fn insert_pair(kernel: &Kernel, c: &FlowSocket<'_>, s: &FlowSocket<'_>) -> bool {
+    // The server's entry goes in first: it attaches the server socket, which in client-first
+    // protocols is the one not expected to send in the instant between the two inserts.
+    if let Err(e) = kernel.insert(c.tracked.cookie, s.sock.as_raw_fd()) {
+        tracing::debug!("flow stays in userspace: SOCKHASH insert failed: {e}");
+        return false;
+    }
+    if let Some(gap) = insert_gap_for_tests() {
+        std::thread::sleep(gap);
+    }
+    if let Err(e) = kernel.insert(s.tracked.cookie, c.sock.as_raw_fd()) {
+        tracing::debug!("flow stays in userspace: second SOCKHASH insert failed: {e}");
+        return false;
+    }
+    true
+}
+
+/// Fault injection for the end-to-end tests: `LB_TEST_INSERT_GAP_MS` widens the instant between
+/// the two inserts, so bytes that arrive in it (and the hold that keeps them in order) can be
+/// tested deterministically. Unset in normal use.
+fn insert_gap_for_tests() -> Option<Duration> {
+    static GAP: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *GAP.get_or_init(|| {
+        let ms: u64 = std::env::var("LB_TEST_INSERT_GAP_MS").ok()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    })
+}
+
+/// Idle detection from TCP_INFO: a side is idle while its socket neither received nor sent new
+/// data (`tcpi_last_data_recv`, `tcpi_last_data_sent`); the kernel keeps those clocks, so the
+/// daemon only looks when a timeout could have expired.
+/// `Ok(when to look again)` or `Err(side that timed out)`.
+fn idle_check(flow: &Flow<'_, '_>) -> io::Result<Result<Instant, Side>> {
+    let timeouts = flow.timeouts;
+    let now = Instant::now();
+    let mut wake = now + timeouts.client.max(timeouts.server);
+    for side in [Side::Client, Side::Server] {
+        let info = sockopt::tcp_info(flow.end(side).sock.as_fd())?;
+        let idle = Duration::from_millis(info.last_data_recv.min(info.last_data_sent) as u64);
+        let limit = timeouts.of(side);
+        if idle >= limit {
+            return Ok(Err(side));
+        }
+        wake = wake.min(now + (limit - idle));
+    }
+    // Millisecond clocks: look a little after the earliest possible expiry.
+    Ok(Ok(wake + Duration::from_millis(2)))
+}
