@@ -34,6 +34,7 @@ pub struct LbBuilder {
     extra_args: Vec<String>,
     log_filter: Option<String>,
     env: Vec<(String, String)>,
+    sections: Vec<(String, String, String)>,
 }
 
 impl LbBuilder {
@@ -46,6 +47,7 @@ impl LbBuilder {
             extra_args: Vec::new(),
             log_filter: None,
             env: Vec::new(),
+            sections: Vec::new(),
         }
     }
     /// An environment variable for lb (e.g. a fault-injection knob).
@@ -73,6 +75,11 @@ impl LbBuilder {
         self.backend_timeouts.push((name.into(), value.into()));
         self
     }
+    /// A key of a top-level section, e.g. `("flow_control", "max_in_flight", "1MiB")`.
+    pub fn set(mut self, section: &str, key: &str, value: &str) -> Self {
+        self.sections.push((section.into(), key.into(), value.into()));
+        self
+    }
     /// Extra `lb run` arguments, e.g. `--forwarding user`.
     pub fn arg(mut self, arg: &str) -> Self {
         self.extra_args.push(arg.into());
@@ -81,6 +88,18 @@ impl LbBuilder {
 
     pub fn config_text(&self) -> String {
         let mut y = format!("forwarding: {}\nadmin:\n  listen: 127.0.0.1:0\n", self.forwarding);
+        let mut sections: Vec<&str> = Vec::new();
+        for (section, _, _) in &self.sections {
+            if !sections.contains(&section.as_str()) {
+                sections.push(section);
+            }
+        }
+        for section in sections {
+            y += &format!("{section}:\n");
+            for (_, k, v) in self.sections.iter().filter(|(s, _, _)| s == section) {
+                y += &format!("  {k}: {v}\n");
+            }
+        }
         if !self.timeouts.is_empty() {
             y += "timeouts:\n";
             for (k, v) in &self.timeouts {

@@ -9,6 +9,7 @@
 //! - [`scenarios`]: the forwarding tests, written once and run on both forwarding paths.
 pub mod flows;
 pub mod lb;
+pub mod paced;
 pub mod scenarios;
 pub mod servers;
 
