@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use crate::{
     accept::Accepted,
     connect::{connect, ConnectError},
-    forward::{self, kernel::Forwarded, End, Timeouts},
+    forward::{self, kernel::Forwarded, user::UserEnd, End, Timeouts},
     metrics::EndLabels,
     server::Proxy,
 };
@@ -17,15 +17,23 @@ use crate::{
 enum Session {
     /// Accepted and configured; no server chosen yet.
     Accepted(Accepted),
-    /// Both connections are up; the forwarding stage owns them next.
-    Connected {
-        client: TcpStream,
-        peer: SocketAddr,
-        server: TcpStream,
-        server_idx: usize,
-    },
+    /// Both connections are up: forwarded in userspace, until `forwarding.offload_after` bytes
+    /// when the kernel path is there (at once to the kernel when that is 0).
+    Connected(Pair),
+    /// Handed to the kernel path (the forwarding stage's kernel half).
+    InKernel(Pair),
+    /// The kernel would not take the pair: userspace to the end.
+    UserOnly(Pair),
     /// Over.
     Finished(Outcome),
+}
+
+/// An established client/server pair.
+struct Pair {
+    client: TcpStream,
+    peer: SocketAddr,
+    server: TcpStream,
+    server_idx: usize,
 }
 
 /// How a session ended.
@@ -48,12 +56,24 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
     loop {
         state = match state {
             Session::Accepted(a) => connect_stage(&proxy, listener, a).await,
-            Session::Connected {
-                client,
-                peer,
-                server,
-                server_idx,
-            } => forward_stage(&proxy, listener, client, peer, server, server_idx).await,
+            Session::Connected(pair) => user_stage(&proxy, listener, pair).await,
+            Session::InKernel(pair) => kernel_stage(&proxy, listener, pair).await,
+            Session::UserOnly(pair) => {
+                let timeouts = timeouts(&proxy, listener);
+                let end =
+                    forward::user::forward(pair.client, pair.server, timeouts, &proxy.user_bytes, None).await;
+                match end {
+                    UserEnd::Ended(end) => finish(&proxy, listener, pair.peer, pair.server_idx, end),
+                    // Without offload_after the copy loops only end with the flow.
+                    UserEnd::Offload(client, server) | UserEnd::Continue(client, server) => {
+                        Session::UserOnly(Pair {
+                            client,
+                            server,
+                            ..pair
+                        })
+                    }
+                }
+            }
             Session::Finished(outcome) => {
                 tracing::debug!(listener = %proxy.config.listeners[listener].name, ?outcome, elapsed = ?started.elapsed(), "session ended");
                 return outcome;
@@ -77,12 +97,12 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
     match connect(server, backend.connect_timeout, l.nodelay).await {
         Ok(stream) => {
             state.servers[server_idx].connections.inc();
-            Session::Connected {
+            Session::Connected(Pair {
                 client: a.stream,
                 peer: a.peer,
                 server: stream,
                 server_idx,
-            }
+            })
         }
         Err(e) => {
             state.servers[server_idx].connect_errors.inc();
@@ -92,46 +112,88 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
     }
 }
 
-async fn forward_stage(
-    proxy: &Proxy,
-    listener: usize,
-    client: TcpStream,
-    peer: SocketAddr,
-    server: TcpStream,
-    server_idx: usize,
-) -> Session {
+fn timeouts(proxy: &Proxy, listener: usize) -> Timeouts {
+    let l = &proxy.config.listeners[listener];
+    Timeouts {
+        client: l.client_timeout,
+        server: proxy.config.backends[l.backend].server_timeout,
+    }
+}
+
+/// The userspace start of every flow: to the end without the kernel path, else until the flow
+/// has moved `forwarding.offload_after` bytes one way (then the kernel takes it).
+async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
+    let offload_after = proxy.config.offload_after;
+    if proxy.kernel.is_none() {
+        return Session::UserOnly(pair);
+    }
+    if offload_after == 0 {
+        return Session::InKernel(pair);
+    }
+    let timeouts = timeouts(proxy, listener);
+    let end = forward::user::forward(
+        pair.client,
+        pair.server,
+        timeouts,
+        &proxy.user_bytes,
+        Some(offload_after),
+    )
+    .await;
+    match end {
+        UserEnd::Ended(end) => finish(proxy, listener, pair.peer, pair.server_idx, end),
+        UserEnd::Offload(client, server) => Session::InKernel(Pair {
+            client,
+            server,
+            ..pair
+        }),
+        // Not this time (a socket kept sending, or a side ended its stream): again after
+        // another offload_after bytes.
+        UserEnd::Continue(client, server) => Session::Connected(Pair {
+            client,
+            server,
+            ..pair
+        }),
+    }
+}
+
+/// The kernel half of the forwarding stage.
+async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
+    let Some(kernel) = &proxy.kernel else {
+        return Session::UserOnly(pair);
+    };
+    let settings = forward::kernel::Settings {
+        sndbuf: proxy.config.kernel_sndbuf,
+        rcvbuf: proxy.config.kernel_rcvbuf,
+        max_in_flight: proxy.config.max_in_flight,
+    };
+    let counters = forward::kernel::FlowCounters {
+        user_bytes: &proxy.user_bytes,
+        dropped: &proxy.dropped[listener],
+    };
+    let timeouts = timeouts(proxy, listener);
+    match forward::kernel::forward(kernel, pair.client, pair.server, timeouts, settings, &counters).await {
+        Ok(Forwarded::Done(end)) => finish(proxy, listener, pair.peer, pair.server_idx, end),
+        Ok(Forwarded::NotEligible(client, server)) => {
+            proxy.metrics.kernel_fallbacks.inc();
+            Session::UserOnly(Pair {
+                client,
+                server,
+                ..pair
+            })
+        }
+        Err(e) => {
+            // The sockets were closed with a reset when the flow was dropped.
+            let l = &proxy.config.listeners[listener];
+            tracing::error!(listener = %l.name, client = %pair.peer, "kernel forwarding failed: {e}");
+            Session::Finished(Outcome::ForwardFailed(e))
+        }
+    }
+}
+
+/// Counts how the flow ended.
+fn finish(proxy: &Proxy, listener: usize, peer: SocketAddr, server_idx: usize, end: End) -> Session {
     let l = &proxy.config.listeners[listener];
     let backend = &proxy.config.backends[l.backend];
-    let timeouts = Timeouts {
-        client: l.client_timeout,
-        server: backend.server_timeout,
-    };
-    let end = match &proxy.kernel {
-        None => forward::user::forward(client, server, timeouts, &proxy.user_bytes).await,
-        Some(kernel) => {
-            let settings = forward::kernel::Settings {
-                sndbuf: proxy.config.kernel_sndbuf,
-                rcvbuf: proxy.config.kernel_rcvbuf,
-                max_in_flight: proxy.config.max_in_flight,
-            };
-            let counters = forward::kernel::FlowCounters {
-                user_bytes: &proxy.user_bytes,
-                dropped: &proxy.dropped[listener],
-            };
-            match forward::kernel::forward(kernel, client, server, timeouts, settings, &counters).await {
-                Ok(Forwarded::Done(end)) => end,
-                Ok(Forwarded::NotEligible(client, server)) => {
-                    proxy.metrics.kernel_fallbacks.inc();
-                    forward::user::forward(client, server, timeouts, &proxy.user_bytes).await
-                }
-                Err(e) => {
-                    // The sockets were closed with a reset when the flow was dropped.
-                    tracing::error!(listener = %l.name, client = %peer, "kernel forwarding failed: {e}");
-                    return Session::Finished(Outcome::ForwardFailed(e));
-                }
-            }
-        }
-    };
     let labels = |side: forward::Side| EndLabels {
         listener: l.name.clone(),
         side: side.name(),

@@ -35,6 +35,7 @@ pub struct LbBuilder {
     log_filter: Option<String>,
     env: Vec<(String, String)>,
     sections: Vec<(String, String, String)>,
+    offload_after: Option<String>,
 }
 
 impl LbBuilder {
@@ -48,6 +49,7 @@ impl LbBuilder {
             log_filter: None,
             env: Vec::new(),
             sections: Vec::new(),
+            offload_after: None,
         }
     }
     /// An environment variable for lb (e.g. a fault-injection knob).
@@ -75,6 +77,11 @@ impl LbBuilder {
         self.backend_timeouts.push((name.into(), value.into()));
         self
     }
+    /// `forwarding.offload_after`, e.g. `0` (straight to the kernel) or `64KiB`.
+    pub fn offload_after(mut self, bytes: &str) -> Self {
+        self.offload_after = Some(bytes.into());
+        self
+    }
     /// A key of a top-level section, e.g. `("flow_control", "max_in_flight", "1MiB")`.
     pub fn set(mut self, section: &str, key: &str, value: &str) -> Self {
         self.sections.push((section.into(), key.into(), value.into()));
@@ -87,7 +94,14 @@ impl LbBuilder {
     }
 
     pub fn config_text(&self) -> String {
-        let mut y = format!("forwarding: {}\nadmin:\n  listen: 127.0.0.1:0\n", self.forwarding);
+        let mut y = match &self.offload_after {
+            None => format!("forwarding: {}\n", self.forwarding),
+            Some(b) => format!(
+                "forwarding: {{ mode: {}, offload_after: {b} }}\n",
+                self.forwarding
+            ),
+        };
+        y += "admin:\n  listen: 127.0.0.1:0\n";
         let mut sections: Vec<&str> = Vec::new();
         for (section, _, _) in &self.sections {
             if !sections.contains(&section.as_str()) {

@@ -22,13 +22,17 @@ pub enum Path {
 }
 
 impl Path {
-    /// lb forwarding `servers`, with the path forced on the command line.
+    /// lb forwarding `servers`, with the path forced on the command line. The kernel path
+    /// takes every flow at once (`offload_after: 0`): these scenarios test its contract; the
+    /// hand-off from userspace has tests of its own.
     pub fn lb(self, servers: &[std::net::SocketAddr]) -> LbBuilder {
-        let mode = match self {
-            Path::Kernel => "kernel",
-            Path::User => "user",
-        };
-        LbBuilder::new(servers).arg("--forwarding").arg(mode)
+        match self {
+            Path::Kernel => LbBuilder::new(servers)
+                .offload_after("0")
+                .arg("--forwarding")
+                .arg("kernel"),
+            Path::User => LbBuilder::new(servers).arg("--forwarding").arg("user"),
+        }
     }
 
     /// Kernel path: waits (bounded) until lb has put `flows` flows into the SOCKHASH, so a test

@@ -124,7 +124,10 @@ async fn closed_flows_leave_no_map_entries_or_fds() {
         return;
     }
     let echo = servers::echo().await;
-    let lb = LbBuilder::new(&[echo]).forwarding("kernel").spawn();
+    let lb = LbBuilder::new(&[echo])
+        .forwarding("kernel")
+        .offload_after("0")
+        .spawn();
     // The baseline is taken with no admin connection open: a scrape's server-side socket
     // closes a moment after its response, so settle on the lowest of a few readings.
     let _ = lb.metrics();

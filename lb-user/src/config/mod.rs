@@ -7,7 +7,7 @@ mod locate;
 pub mod raw;
 
 use locate::{Locator, Step};
-use raw::{RawBackend, RawConfig, RawKeepalive, RawListener, RawTimeouts};
+use raw::{RawBackend, RawConfig, RawForwarding, RawKeepalive, RawListener, RawTimeouts};
 use std::{collections::HashMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
 /// How established flows are forwarded.
@@ -25,6 +25,9 @@ pub enum Forwarding {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub forwarding: Forwarding,
+    /// `forwarding.offload_after`: bytes a flow moves in userspace (either direction) before it
+    /// is handed to the kernel; 0 = at once.
+    pub offload_after: u64,
     pub admin: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     /// SO_SNDBUF for both sockets of a kernel-forwarded flow; `None` keeps autotuning.
@@ -97,6 +100,7 @@ const KEEPALIVE_TIME_MAX: Duration = Duration::from_secs(32767);
 const DEFAULT_MAXCONN: u32 = 4096;
 const DEFAULT_KERNEL_SNDBUF: u64 = 8 << 20;
 const DEFAULT_KERNEL_RCVBUF: u64 = 1 << 20;
+const DEFAULT_OFFLOAD_AFTER: u64 = 64 << 10;
 const DEFAULT_MAX_IN_FLIGHT: u64 = 16 << 20;
 /// Below a few segments' worth the brake would hold nearly every segment.
 const MIN_MAX_IN_FLIGHT: u64 = 256 << 10;
@@ -208,18 +212,28 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
-        let forwarding = match raw.forwarding.as_deref() {
+        let (mode, mode_path, offload_after) = match raw.forwarding {
+            None => (None, vec![Step::Key("forwarding")], None),
+            Some(RawForwarding::Mode(m)) => (Some(m), vec![Step::Key("forwarding")], None),
+            Some(RawForwarding::Settings(s)) => (
+                s.mode,
+                vec![Step::Key("forwarding"), Step::Key("mode")],
+                s.offload_after,
+            ),
+        };
+        let forwarding = match mode.as_deref() {
             None | Some("auto") => Forwarding::Auto,
             Some("kernel") => Forwarding::Kernel,
             Some("user") => Forwarding::User,
             Some(other) => {
                 self.error(
-                    &[Step::Key("forwarding")],
-                    format!("forwarding: unknown value `{other}`; expected auto, kernel or user"),
+                    &mode_path,
+                    format!("forwarding: unknown mode `{other}`; expected auto, kernel or user"),
                 );
                 Forwarding::Auto
             }
         };
+        let offload_after = offload_after.map_or(DEFAULT_OFFLOAD_AFTER, |b| b.as_u64());
         let admin = raw.admin.and_then(|a| {
             self.address(
                 &[Step::Key("admin"), Step::Key("listen")],
@@ -272,6 +286,7 @@ impl Validator<'_> {
         }
         Config {
             forwarding,
+            offload_after,
             admin,
             shutdown_grace: defaults.shutdown_grace.unwrap_or(DEFAULT_GRACE),
             kernel_sndbuf,
@@ -500,6 +515,40 @@ mod tests {
         assert!(c.listeners[0].nodelay);
         assert_eq!(c.kernel_sndbuf, Some(8 << 20));
         assert_eq!(c.max_in_flight, 16 << 20);
+    }
+
+    #[test]
+    fn forwarding_is_a_mode_or_settings() {
+        let c = parse("t.yaml", &format!("forwarding: user\n{GOOD}")).unwrap();
+        assert_eq!(
+            (c.forwarding, c.offload_after),
+            (Forwarding::User, DEFAULT_OFFLOAD_AFTER)
+        );
+        let c = parse(
+            "t.yaml",
+            &format!("forwarding: {{ mode: kernel, offload_after: 0 }}\n{GOOD}"),
+        )
+        .unwrap();
+        assert_eq!((c.forwarding, c.offload_after), (Forwarding::Kernel, 0));
+        let c = parse(
+            "t.yaml",
+            &format!("forwarding: {{ offload_after: 1MiB }}\n{GOOD}"),
+        )
+        .unwrap();
+        assert_eq!((c.forwarding, c.offload_after), (Forwarding::Auto, 1 << 20));
+        let e = parse("t.yaml", &format!("forwarding:\n  mode: fast\n{GOOD}"))
+            .unwrap_err()
+            .0;
+        assert!(
+            e[0].to_string()
+                .starts_with("t.yaml:2:9: forwarding: unknown mode `fast`"),
+            "{}",
+            e[0]
+        );
+        let e = parse("t.yaml", &format!("forwarding: {{ offload: 1 }}\n{GOOD}"))
+            .unwrap_err()
+            .0;
+        assert_eq!(e[0].line, 1, "{}", e[0]);
     }
 
     #[test]

@@ -10,11 +10,10 @@ use std::time::Duration;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// How established TCP flows are forwarded: `auto` (kernel when BPF loads, else userspace
-    /// with one warning), `kernel` (fail at start when BPF cannot be loaded), `user` (never load
-    /// BPF). Default `auto`. `lb run --forwarding` overrides it.
+    /// How established TCP flows are forwarded: a mode (`auto`, `kernel`, `user`), or
+    /// `{ mode, offload_after }`. `lb run --forwarding` overrides the mode.
     #[serde(default)]
-    pub forwarding: Option<String>,
+    pub forwarding: Option<RawForwarding>,
     /// The admin endpoint (metrics). Optional.
     #[serde(default)]
     pub admin: Option<RawAdmin>,
@@ -33,6 +32,31 @@ pub struct RawConfig {
     /// Groups of servers that listeners forward to.
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+}
+
+/// `forwarding:` either a mode or the mode with its settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawForwarding {
+    /// `forwarding: auto`.
+    Mode(String),
+    /// `forwarding: { mode: auto, offload_after: 64KiB }`.
+    Settings(RawForwardingSettings),
+}
+
+/// Explicit forwarding settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForwardingSettings {
+    /// `auto` (kernel when BPF loads, else userspace with one warning), `kernel` (fail at start
+    /// when BPF cannot be loaded), `user` (never load BPF). Default `auto`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Bytes a flow moves in userspace, in either direction, before it is handed to the kernel
+    /// mid-stream (kernel forwarding only): short flows never pay the kernel path's set-up.
+    /// `0` hands every flow to the kernel at once (default 64KiB).
+    #[serde(default)]
+    pub offload_after: Option<bytesize::ByteSize>,
 }
 
 /// `admin:`

@@ -1,7 +1,14 @@
 //! Userspace forwarding of one established flow: a copy loop per direction, used when kernel
-//! forwarding is unavailable or turned off, or for a flow the kernel would not take. Same
-//! contract as the kernel path: half-closes are passed on, resets are passed on, idle sides
-//! time out, and a flow that does not end cleanly is closed with a reset.
+//! forwarding is unavailable or turned off, for a flow the kernel would not take, and for the
+//! first `forwarding.offload_after` bytes of every flow (short flows never pay the kernel
+//! path's set-up). Same contract as the kernel path: half-closes are passed on, resets are
+//! passed on, idle sides time out, and a flow that does not end cleanly is closed with a reset.
+//!
+//! The hand-off to the kernel: once a direction has moved `offload_after` bytes, both copy
+//! loops stop between a read and the next (nothing is left half-written), then each socket is
+//! read until it is empty and what was read is written on, so no segment is left partly read
+//! (the kernel would forward a partly read segment again, whole). The caller then hands the
+//! pair to the kernel path, which takes every byte that arrives from then on.
 use prometheus_client::metrics::counter::Counter;
 use std::{
     os::fd::{AsRawFd, BorrowedFd, RawFd},
@@ -10,9 +17,13 @@ use std::{
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    net::{
+        tcp::{ReadHalf, WriteHalf},
+        TcpStream,
+    },
     time::Instant,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::{End, Side, Timeouts};
 
@@ -20,13 +31,32 @@ use super::{End, Side, Timeouts};
 const FIRST_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 64 * 1024;
 
-/// Forwards until both directions are closed, one side resets, or one side idles out.
+/// Reads before a hand-off gives up on emptying a socket (a sender that never pauses): the
+/// flow then goes on in userspace and tries again after another `offload_after` bytes.
+const DRAIN_ROUNDS: usize = 64;
+
+/// How a userspace flow ended.
+pub enum UserEnd {
+    /// Forwarded until it ended.
+    Ended(End),
+    /// A direction moved `offload_after` bytes and both sockets are emptied: the caller hands
+    /// the pair to the kernel.
+    Offload(TcpStream, TcpStream),
+    /// The hand-off was attempted but a socket could not be emptied, or a side had already
+    /// ended its stream: the caller goes on in userspace.
+    Continue(TcpStream, TcpStream),
+}
+
+/// Forwards until both directions are closed, one side resets, or one side idles out; with
+/// `offload_after`, until a direction has moved that many bytes and the pair can be handed to
+/// the kernel.
 pub async fn forward(
     mut client: TcpStream,
     mut server: TcpStream,
     timeouts: Timeouts,
     bytes: &Counter,
-) -> End {
+    offload_after: Option<u64>,
+) -> UserEnd {
     // Declared before the halves borrow the streams, dropped after them: if this future is
     // dropped (lb's grace period ran out) the guard is still armed and both peers get a reset.
     let mut guard = ResetOnDrop {
@@ -39,40 +69,70 @@ pub async fn forward(
         last: [AtomicU64::new(0), AtomicU64::new(0)],
     };
     let writing = [AtomicBool::new(false), AtomicBool::new(false)];
-    let (mut cr, mut cw) = client.split();
-    let (mut sr, mut sw) = server.split();
-    let c2s = pump(&mut cr, &mut sw, Side::Client, &clock, &writing, bytes);
-    let s2c = pump(&mut sr, &mut cw, Side::Server, &clock, &writing, bytes);
-    tokio::pin!(c2s, s2c);
-    let (mut c2s_done, mut s2c_done) = (false, false);
-    let end = loop {
-        if c2s_done && s2c_done {
-            break End::Closed;
-        }
-        let deadline = [Side::Client, Side::Server]
-            .iter()
-            .map(|&s| clock.last(s) + timeouts.of(s))
-            .min()
-            .unwrap_or(start);
-        tokio::select! {
-            r = &mut c2s, if !c2s_done => match r {
-                Ok(()) => c2s_done = true,
-                Err(side) => break End::Reset(side),
-            },
-            r = &mut s2c, if !s2c_done => match r {
-                Ok(()) => s2c_done = true,
-                Err(side) => break End::Reset(side),
-            },
-            _ = tokio::time::sleep_until(deadline) => {
-                let now = Instant::now();
-                if let Some(side) = [Side::Client, Side::Server]
-                    .into_iter()
-                    .find(|&s| now.duration_since(clock.last(s)) >= timeouts.of(s))
-                {
-                    break End::IdleTimeout(side);
+    let offload = Offload {
+        after: offload_after.unwrap_or(u64::MAX),
+        now: CancellationToken::new(),
+    };
+    let stopped = {
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.split();
+        let c2s = pump(&mut cr, &mut sw, Side::Client, &clock, &writing, bytes, &offload);
+        let s2c = pump(&mut sr, &mut cw, Side::Server, &clock, &writing, bytes, &offload);
+        tokio::pin!(c2s, s2c);
+        // Per direction: None while it runs, then how it stopped.
+        let (mut c2s_done, mut s2c_done) = (None, None);
+        loop {
+            match (c2s_done, s2c_done) {
+                (Some(Pumped::EndOfStream), Some(Pumped::EndOfStream)) => break Err(End::Closed),
+                // Both stopped for the hand-off (or one had ended its stream meanwhile).
+                (Some(c), Some(s)) => break Ok(c == Pumped::Paused && s == Pumped::Paused),
+                _ => {}
+            }
+            let deadline = [Side::Client, Side::Server]
+                .iter()
+                .map(|&s| clock.last(s) + timeouts.of(s))
+                .min()
+                .unwrap_or(start);
+            tokio::select! {
+                r = &mut c2s, if c2s_done.is_none() => match r {
+                    Ok(p) => c2s_done = Some(p),
+                    Err(side) => break Err(End::Reset(side)),
+                },
+                r = &mut s2c, if s2c_done.is_none() => match r {
+                    Ok(p) => s2c_done = Some(p),
+                    Err(side) => break Err(End::Reset(side)),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = Instant::now();
+                    if let Some(side) = [Side::Client, Side::Server]
+                        .into_iter()
+                        .find(|&s| now.duration_since(clock.last(s)) >= timeouts.of(s))
+                    {
+                        break Err(End::IdleTimeout(side));
+                    }
                 }
             }
         }
+    };
+    let end = match stopped {
+        Ok(both_paused) => {
+            let drained = match both_paused {
+                true => drain_both(&mut client, &mut server, timeouts, bytes).await,
+                false => Ok(false),
+            };
+            match drained {
+                Ok(drained) => {
+                    guard.armed = false;
+                    drop(guard);
+                    return match drained {
+                        true => UserEnd::Offload(client, server),
+                        false => UserEnd::Continue(client, server),
+                    };
+                }
+                Err(end) => end,
+            }
+        }
+        Err(end) => end,
     };
     // A plain close only when the streams are complete: after both ends of stream, or on an
     // idle flow with no write pending.
@@ -81,7 +141,70 @@ pub async fn forward(
         End::IdleTimeout(_) => writing.iter().any(|w| w.load(Relaxed)),
         End::Reset(_) => true,
     };
-    end
+    UserEnd::Ended(end)
+}
+
+/// The hand-off trigger shared by both directions.
+struct Offload {
+    /// Bytes one direction moves before the flow is handed to the kernel.
+    after: u64,
+    /// Cancelled when a direction reached `after`: both copy loops stop.
+    now: CancellationToken,
+}
+
+/// How a copy loop stopped (other than failing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pumped {
+    /// End of stream, passed on.
+    EndOfStream,
+    /// Stopped between two reads for the hand-off.
+    Paused,
+}
+
+/// Empties both sockets for the hand-off. `Ok(true)`: both are empty; `Ok(false)`: one kept
+/// sending or ended its stream (the flow goes on in userspace); `Err`: how the flow ended.
+async fn drain_both(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    timeouts: Timeouts,
+    bytes: &Counter,
+) -> Result<bool, End> {
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+    Ok(drain(&mut cr, &mut sw, Side::Client, timeouts, bytes).await?
+        && drain(&mut sr, &mut cw, Side::Server, timeouts, bytes).await?)
+}
+
+/// Reads a socket until it is empty (or [`DRAIN_ROUNDS`] reads), writing what it reads on
+/// (within the destination's idle timeout). `Ok(true)`: it was emptied; `Ok(false)`: it kept
+/// sending or ended its stream.
+async fn drain(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    from: Side,
+    timeouts: Timeouts,
+    bytes: &Counter,
+) -> Result<bool, End> {
+    let mut buf = vec![0u8; MAX_BUF];
+    for _ in 0..DRAIN_ROUNDS {
+        match src.try_read(&mut buf) {
+            Ok(0) => return Ok(false),
+            Ok(n) => {
+                // A write cut short would lose bytes: a stuck destination ends the flow.
+                match tokio::time::timeout(timeouts.of(from.other()), dst.write_all(&buf[..n])).await {
+                    Ok(Ok(())) => {
+                        bytes.inc_by(n as u64);
+                    }
+                    Ok(Err(_)) => return Err(End::Reset(from.other())),
+                    Err(_) => return Err(End::IdleTimeout(from.other())),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(End::Reset(from)),
+        }
+    }
+    Ok(false)
 }
 
 /// Sets SO_LINGER 0 on both sockets when dropped armed, so closing them sends a reset.
@@ -118,7 +241,8 @@ impl Clock {
     }
 }
 
-/// Copies one direction until end of stream, then shuts the destination's write side.
+/// Copies one direction until end of stream, then shuts the destination's write side; or,
+/// for the hand-off, until a direction moved `offload.after` bytes (stopping between reads).
 /// `Err(side)` names the side that failed.
 async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     src: &mut R,
@@ -127,14 +251,21 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     clock: &Clock,
     writing: &[AtomicBool; 2],
     bytes: &Counter,
-) -> Result<(), Side> {
+    offload: &Offload,
+) -> Result<Pumped, Side> {
     let mut buf = vec![0u8; FIRST_BUF];
+    let mut moved = 0u64;
     loop {
-        let n = src.read(&mut buf).await.map_err(|_| from)?;
+        // A read is cancel-safe: stopping here for the hand-off loses nothing.
+        let n = tokio::select! {
+            biased;
+            _ = offload.now.cancelled() => return Ok(Pumped::Paused),
+            r = src.read(&mut buf) => r.map_err(|_| from)?,
+        };
         clock.touch(from);
         if n == 0 {
             dst.shutdown().await.map_err(|_| from.other())?;
-            return Ok(());
+            return Ok(Pumped::EndOfStream);
         }
         writing[from.index()].store(true, Relaxed);
         dst.write_all(&buf[..n]).await.map_err(|_| from.other())?;
@@ -143,6 +274,11 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         bytes.inc_by(n as u64);
         if n == buf.len() && buf.len() < MAX_BUF {
             buf.resize(MAX_BUF, 0);
+        }
+        moved += n as u64;
+        if moved >= offload.after {
+            offload.now.cancel();
+            return Ok(Pumped::Paused);
         }
     }
 }

@@ -1,0 +1,109 @@
+//! The hand-off from userspace to the kernel (`forwarding.offload_after`): short flows stay in
+//! userspace, long ones move to the kernel mid-stream without losing or reordering a byte.
+//! Privileged like kernel_path.rs.
+use lb_tests::{
+    bpf_available,
+    flows::{self, FlowSpec},
+    lb::LbBuilder,
+    servers,
+};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use std::{collections::HashMap, time::Duration};
+use tokio::{net::TcpStream, time::timeout};
+
+const BOUND: Duration = Duration::from_secs(240);
+
+/// Flows that move less than `offload_after` never enter the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_flows_stay_in_userspace() {
+    if !bpf_available("short_flows_stay_in_userspace") {
+        return;
+    }
+    let echo = servers::echo().await;
+    let lb = LbBuilder::new(&[echo])
+        .forwarding("kernel")
+        .offload_after("64KiB")
+        .spawn();
+    for i in 0..20u8 {
+        let mut c = TcpStream::connect(lb.listener).await.unwrap();
+        servers::echo_round_trip(&mut c, &[i; 1024]).await;
+    }
+    let m = lb.metrics();
+    assert_eq!(m.kernel_bytes(), 0.0, "{}", m.text);
+    assert_eq!(m.user_bytes(), 2.0 * 20.0 * 1024.0, "{}", m.text);
+    assert_eq!(m.get("lb_kernel_tracked_sockets"), 0.0, "{}", m.text);
+    assert_eq!(m.get("lb_kernel_fallbacks_total"), 0.0, "{}", m.text);
+}
+
+/// 100 flows sending 16 MiB each way at full speed through lbs whose `offload_after` is drawn
+/// at random between 1 byte and 4 MiB: each flow is handed to the kernel mid-stream, at an
+/// offset its own timing decides, and every byte arrives in order both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mid_stream_handoffs_at_random_offsets_keep_every_byte() {
+    if !bpf_available("mid_stream_handoffs_at_random_offsets_keep_every_byte") {
+        return;
+    }
+    const SIZE: u64 = 16 << 20;
+    let mut rng = SmallRng::seed_from_u64(100);
+    let (server, mut reports) = servers::integrity().await;
+    let (mut kernel, mut user, mut handoffs, mut fallbacks) = (0.0, 0.0, 0.0, 0.0);
+    for round in 0..10u64 {
+        let offload_after = rng.gen_range(1..=4u64 << 20);
+        let lb = LbBuilder::new(&[server])
+            .forwarding("kernel")
+            .offload_after(&offload_after.to_string())
+            .spawn();
+        let specs: Vec<FlowSpec> = (0..10)
+            .map(|i| FlowSpec {
+                up: SIZE,
+                down: SIZE,
+                seed: 10_000 + round * 10 + i,
+            })
+            .collect();
+        let tasks: Vec<_> = specs
+            .iter()
+            .map(|&spec| tokio::spawn(flows::run(lb.listener, spec)))
+            .collect();
+        let mut clients = Vec::new();
+        for t in tasks {
+            clients.push(
+                timeout(BOUND, t)
+                    .await
+                    .expect("flow timed out")
+                    .unwrap()
+                    .expect("flow failed"),
+            );
+        }
+        let mut by_seed = HashMap::new();
+        for _ in 0..specs.len() {
+            let r = timeout(Duration::from_secs(30), reports.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            by_seed.insert(r.seed, r);
+        }
+        for (spec, client) in specs.iter().zip(&clients) {
+            flows::assert_intact(spec, client, &by_seed[&spec.seed]);
+        }
+        let m = lb.metrics();
+        // A flow whose client had sent everything and half-closed by the time of the hand-off
+        // cannot enter the kernel (only ESTABLISHED sockets can): it finishes in userspace.
+        fallbacks += m.get("lb_kernel_fallbacks_total");
+        kernel += m.kernel_bytes();
+        user += m.user_bytes();
+        handoffs += m.get("lb_flow_handoffs_total{direction=\"user_to_kernel\"}");
+    }
+    eprintln!(
+        "100 hand-offs: {kernel} kernel bytes, {user} user bytes, {handoffs} directions handed to the kernel, {fallbacks} flows finished in userspace"
+    );
+    assert!(
+        kernel + user >= 100.0 * 2.0 * SIZE as f64,
+        "bytes missing from the counters"
+    );
+    // Each flow sends both ways, so a flow handed over hands over two directions.
+    assert!(handoffs >= 180.0, "only {handoffs} directions reached the kernel");
+    assert!(
+        kernel > user,
+        "most bytes should have been forwarded by the kernel"
+    );
+}
