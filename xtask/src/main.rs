@@ -4,6 +4,7 @@
 //! - `demo`: lb on conf/demo.yaml with two loopback demo servers.
 //! - `test`: the whole test suite.
 //! - `bench tcp`: iperf3 and connection-rate benchmarks (lb kernel, lb user, HAProxy, direct).
+//! - `bench idle`: lb's memory for 10,000 idle kernel-forwarded connections.
 mod bench;
 mod demo;
 mod setup;
@@ -31,9 +32,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: `tcp`.
+    /// Run a benchmark: `tcp` (throughput and connection rate against HAProxy and direct) or
+    /// `idle` (lb's memory for idle kernel-forwarded connections).
     Bench {
-        /// Which benchmark.
+        /// Which benchmark: `tcp` or `idle`.
         what: String,
         /// Runs per configuration (medians are reported).
         #[arg(long, default_value_t = 3)]
@@ -41,6 +43,29 @@ enum Task {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// `idle`: connections held open.
+        #[arg(long, default_value_t = 10_000)]
+        connections: u64,
+    },
+    /// Internal to `bench idle`: the backend that echoes and holds connections.
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        lifetime: u64,
+    },
+    /// Internal to `bench idle`: the client that opens and holds idle connections.
+    #[command(hide = true)]
+    BenchIdleClient {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        admin_port: u16,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        hold: u64,
     },
     /// Internal to `bench tcp`: the connection-rate echo server.
     #[command(hide = true)]
@@ -67,7 +92,19 @@ fn main() -> Result<()> {
         Task::Setup => setup::ensure(true).map(|_| ()),
         Task::Demo => demo::run(),
         Task::Test { args } => test(args),
-        Task::Bench { what, runs, seconds } => bench::run(&what, runs, seconds),
+        Task::Bench {
+            what,
+            runs,
+            seconds,
+            connections,
+        } => bench::run(&what, runs, seconds, connections),
+        Task::BenchHold { port, lifetime } => bench::hold_server(port, lifetime),
+        Task::BenchIdleClient {
+            port,
+            admin_port,
+            count,
+            hold,
+        } => bench::idle_client(port, admin_port, count, hold),
         Task::BenchEcho { port, lifetime } => bench::echo_server(port, lifetime),
         Task::BenchConnect { port, seconds } => bench::connect_client(port, seconds),
     }

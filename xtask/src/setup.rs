@@ -1,7 +1,7 @@
 //! Installs what the eBPF build needs on a fresh Debian machine, idempotently: each step first
 //! checks whether its result is already there.
 use anyhow::Result;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// bpf-linker version known to work with aya 0.14 and LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -43,13 +43,6 @@ pub fn ensure(strict: bool) -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-fn quiet(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn llvm_present() -> bool {

@@ -13,7 +13,11 @@ use std::{
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Config {
     Direct,
+    /// lb with its defaults: flows start in userspace, the kernel takes them after
+    /// `forwarding.offload_after`.
     LbKernel,
+    /// lb handing every flow to the kernel at once (`offload_after: 0`).
+    LbKernelAtOnce,
     LbUser,
     HaproxyShipped,
     HaproxyTuned,
@@ -21,9 +25,10 @@ pub enum Config {
 
 impl Config {
     /// In the order they alternate within a run.
-    pub const ALL: [Config; 5] = [
+    pub const ALL: [Config; 6] = [
         Config::Direct,
         Config::LbKernel,
+        Config::LbKernelAtOnce,
         Config::LbUser,
         Config::HaproxyShipped,
         Config::HaproxyTuned,
@@ -33,6 +38,7 @@ impl Config {
         match self {
             Config::Direct => "direct",
             Config::LbKernel => "lb (kernel)",
+            Config::LbKernelAtOnce => "lb (kernel, offload 0)",
             Config::LbUser => "lb (user)",
             Config::HaproxyShipped => "HAProxy (as shipped)",
             Config::HaproxyTuned => "HAProxy (tuned)",
@@ -44,6 +50,7 @@ impl Config {
         match self {
             Config::Direct => "direct",
             Config::LbKernel => "kernel",
+            Config::LbKernelAtOnce => "kernel0",
             Config::LbUser => "user",
             Config::HaproxyShipped => "hap",
             Config::HaproxyTuned => "hapt",
@@ -71,7 +78,9 @@ pub struct Env {
 pub fn start(config: Config, env: &Env, ns: &Netns, listen: u16, backend: u16) -> Result<Option<Proxy>> {
     let (file, text) = match config {
         Config::Direct => return Ok(None),
-        Config::LbKernel | Config::LbUser => ("yaml", lb_config(config, listen, backend)),
+        Config::LbKernel | Config::LbKernelAtOnce | Config::LbUser => {
+            ("yaml", lb_config(config, listen, backend))
+        }
         Config::HaproxyShipped | Config::HaproxyTuned => ("cfg", haproxy_config(config, listen, backend)),
     };
     let base = format!("{}-{listen}", config.tag());
@@ -137,10 +146,10 @@ impl Proxy {
 }
 
 fn lb_config(config: Config, listen: u16, backend: u16) -> String {
-    let forwarding = if config == Config::LbKernel {
-        "kernel"
-    } else {
-        "user"
+    let forwarding = match config {
+        Config::LbKernel => "kernel",
+        Config::LbKernelAtOnce => "{ mode: kernel, offload_after: 0 }",
+        _ => "user",
     };
     format!(
         "forwarding: {forwarding}

@@ -7,6 +7,7 @@
 //! and configurations), [`stats`] and [`report`] (medians, tables, targets).
 mod configs;
 mod connrate;
+mod idle;
 mod iperf;
 mod phases;
 mod report;
@@ -14,19 +15,20 @@ mod stats;
 mod sys;
 
 pub use connrate::{connect_client, echo_server};
+pub use idle::{hold_server, idle_client};
 
 use anyhow::{bail, Context, Result};
 use configs::{Config, Env};
 use std::{path::PathBuf, process::Command, time::Instant};
 
-/// Runs benchmark `what` (only `tcp` exists) with `runs` runs per configuration and `seconds`
-/// per measurement.
-pub fn run(what: &str, runs: usize, seconds: u32) -> Result<()> {
-    if what != "tcp" {
-        bail!("unknown benchmark {what:?}; available: tcp");
+/// Runs benchmark `what`: `tcp` with `runs` runs per configuration and `seconds` per
+/// measurement, or `idle` with `connections` idle connections.
+pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()> {
+    if what != "tcp" && what != "idle" {
+        bail!("unknown benchmark {what:?}; available: tcp, idle");
     }
-    if runs == 0 || seconds == 0 {
-        bail!("--runs and --seconds must be at least 1");
+    if runs == 0 || seconds == 0 || connections == 0 {
+        bail!("--runs, --seconds and --connections must be at least 1");
     }
     ensure_tools()?;
     crate::setup::ensure(false)?;
@@ -57,6 +59,16 @@ pub fn run(what: &str, runs: usize, seconds: u32) -> Result<()> {
         lb,
         helper,
     };
+    if what == "idle" {
+        let report = idle::measure(&env, connections)?;
+        let date = first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+        let text = report.markdown(&lb_version, &date);
+        println!("{text}");
+        let path = crate::root().join("docs").join("benchmarks-idle.md");
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("xtask bench: wrote {}", path.display());
+        return Ok(());
+    }
     let started = Instant::now();
     // Set-up took about 0.5 s per iperf3 test and 1 s per connection-rate test here.
     let tests = Config::ALL.len() * runs;
