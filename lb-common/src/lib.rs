@@ -5,7 +5,7 @@
 //! without thinking about the other side.
 //!
 //! The hand-off protocol between the two sides, built on [`SockCtl`], is drawn in
-//! `lb-user/src/forward/LIFECYCLE.md`.
+//! `lb-user/src/LIFECYCLE.md`.
 #![no_std]
 
 /// Name of the SOCKHASH that holds every kernel-forwarded socket. Key: the socket cookie of the

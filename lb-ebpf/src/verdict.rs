@@ -3,7 +3,7 @@
 //! Per skb a socket receives, it decides between redirecting the bytes to the socket's peer
 //! (the kernel forwards them) and passing them to the socket's own queue (the daemon reads and
 //! forwards them: "held"), following the socket's [`SockCtl`]. The protocol is drawn in
-//! lb-user/src/forward/LIFECYCLE.md; in short:
+//! lb-user/src/LIFECYCLE.md; in short:
 //! - held → redirecting only when the daemon allows it and has forwarded every byte passed so
 //!   far (`passed == consumed`), so no redirected byte can overtake a held one;
 //! - redirecting → held (the brake) when the peer has not yet queued more than `max_in_flight`

@@ -1,5 +1,5 @@
 //! One direction of a kernel flow (bytes from `from` to its peer): the daemon's side of the
-//! hand-off protocol (../LIFECYCLE.md).
+//! hand-off protocol (../../LIFECYCLE.md).
 //!
 //! While the program redirects, the direction sleeps. When the program holds bytes (the brake,
 //! or bytes that arrived before the peer was in the map) it wakes the direction, which:

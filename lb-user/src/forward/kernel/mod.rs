@@ -11,7 +11,7 @@
 //! verdict: on end of stream from one side, the daemon waits until the peer's TCP send counters
 //! show every byte from that side queued, and only then shuts the peer's write side.
 //!
-//! The hand-off protocol between program and daemon is drawn in ../LIFECYCLE.md.
+//! The hand-off protocol between program and daemon is drawn in ../../LIFECYCLE.md.
 mod direction;
 
 use prometheus_client::metrics::counter::Counter;
