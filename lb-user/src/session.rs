@@ -55,23 +55,33 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
     let mut state = Session::Accepted(accepted);
     loop {
         state = match state {
-            Session::Accepted(a) => connect_stage(&proxy, listener, a).await,
-            Session::Connected(pair) => user_stage(&proxy, listener, pair).await,
-            Session::InKernel(pair) => kernel_stage(&proxy, listener, pair).await,
+            // Each stage's state is boxed while it runs, so a session holds only the stage it is
+            // in (an async fn's state would otherwise be as large as the largest stage's).
+            Session::Accepted(a) => Box::pin(connect_stage(&proxy, listener, a)).await,
+            Session::Connected(pair) => Box::pin(user_stage(&proxy, listener, pair)).await,
+            Session::InKernel(pair) => Box::pin(kernel_stage(&proxy, listener, pair)).await,
             Session::UserOnly(pair) => {
                 let timeouts = timeouts(&proxy, listener);
-                let end =
-                    forward::user::forward(pair.client, pair.server, timeouts, &proxy.user_bytes, None).await;
+                // Boxed: the copy loops' state is large and would otherwise size every session,
+                // kernel-forwarded ones included.
+                let end = Box::pin(forward::user::forward(
+                    pair.client,
+                    pair.server,
+                    timeouts,
+                    &proxy.user_bytes,
+                    None,
+                ))
+                .await;
                 match end {
                     UserEnd::Ended(end) => finish(&proxy, listener, pair.peer, pair.server_idx, end),
                     // Without offload_after the copy loops only end with the flow.
-                    UserEnd::Offload(client, server) | UserEnd::Continue(client, server) => {
-                        Session::UserOnly(Pair {
-                            client,
-                            server,
-                            ..pair
-                        })
-                    }
+                    UserEnd::Offload(client, server)
+                    | UserEnd::Continue(client, server)
+                    | UserEnd::StayInUser(client, server) => Session::UserOnly(Pair {
+                        client,
+                        server,
+                        ..pair
+                    }),
                 }
             }
             Session::Finished(outcome) => {
@@ -131,13 +141,14 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         return Session::InKernel(pair);
     }
     let timeouts = timeouts(proxy, listener);
-    let end = forward::user::forward(
+    // Boxed, like in UserOnly: only the kernel stage's state stays in the session for long.
+    let end = Box::pin(forward::user::forward(
         pair.client,
         pair.server,
         timeouts,
         &proxy.user_bytes,
         Some(offload_after),
-    )
+    ))
     .await;
     match end {
         UserEnd::Ended(end) => finish(proxy, listener, pair.peer, pair.server_idx, end),
@@ -146,9 +157,14 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
             server,
             ..pair
         }),
-        // Not this time (a socket kept sending, or a side ended its stream): again after
-        // another offload_after bytes.
+        // Not this time (a socket kept sending): again after another offload_after bytes.
         UserEnd::Continue(client, server) => Session::Connected(Pair {
+            client,
+            server,
+            ..pair
+        }),
+        // A side ended its stream first: the kernel takes only ESTABLISHED sockets.
+        UserEnd::StayInUser(client, server) => Session::UserOnly(Pair {
             client,
             server,
             ..pair

@@ -42,9 +42,12 @@ pub enum UserEnd {
     /// A direction moved `offload_after` bytes and both sockets are emptied: the caller hands
     /// the pair to the kernel.
     Offload(TcpStream, TcpStream),
-    /// The hand-off was attempted but a socket could not be emptied, or a side had already
-    /// ended its stream: the caller goes on in userspace.
+    /// The hand-off was attempted but a socket kept sending: the caller goes on in userspace
+    /// and tries again later.
     Continue(TcpStream, TcpStream),
+    /// A side had ended its stream: the kernel cannot take the pair (only ESTABLISHED sockets
+    /// can), so the caller forwards it in userspace to the end.
+    StayInUser(TcpStream, TcpStream),
 }
 
 /// Forwards until both directions are closed, one side resets, or one side idles out; with
@@ -115,23 +118,22 @@ pub async fn forward(
         }
     };
     let end = match stopped {
-        Ok(both_paused) => {
-            let drained = match both_paused {
-                true => drain_both(&mut client, &mut server, timeouts, bytes).await,
-                false => Ok(false),
-            };
-            match drained {
-                Ok(drained) => {
-                    guard.armed = false;
-                    drop(guard);
-                    return match drained {
-                        true => UserEnd::Offload(client, server),
-                        false => UserEnd::Continue(client, server),
-                    };
-                }
-                Err(end) => end,
-            }
+        Ok(false) => {
+            guard.armed = false;
+            drop(guard);
+            return UserEnd::StayInUser(client, server);
         }
+        Ok(true) => match drain_both(&mut client, &mut server, timeouts, bytes).await {
+            Ok(drained) => {
+                guard.armed = false;
+                drop(guard);
+                return match drained {
+                    true => UserEnd::Offload(client, server),
+                    false => UserEnd::Continue(client, server),
+                };
+            }
+            Err(end) => end,
+        },
         Err(end) => end,
     };
     // A plain close only when the streams are complete: after both ends of stream, or on an
@@ -162,7 +164,8 @@ enum Pumped {
 }
 
 /// Empties both sockets for the hand-off. `Ok(true)`: both are empty; `Ok(false)`: one kept
-/// sending or ended its stream (the flow goes on in userspace); `Err`: how the flow ended.
+/// sending or ended its stream meanwhile (the flow goes on in userspace); `Err`: how the flow
+/// ended.
 async fn drain_both(
     client: &mut TcpStream,
     server: &mut TcpStream,

@@ -36,6 +36,8 @@ const PEEK_SLACK: usize = 256 << 10;
 const CATCH_UP_PEEKS: usize = 8;
 /// A sender that held nothing new for this long has stopped (or trickles): copy anyway.
 const QUIET: Duration = Duration::from_millis(2);
+/// The longest the daemon waits for a sender to stop before it copies anyway.
+const QUIET_LIMIT: Duration = Duration::from_millis(20);
 /// How often, at most, the daemon polls a peer's progress while it waits for room.
 const MAX_POLL: Duration = Duration::from_millis(20);
 
@@ -55,7 +57,9 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side) -> Result<(), Halt> {
     let src = flow.end(from);
     let mut copy = Copier::default();
     loop {
-        match pump(flow, from, &mut copy).await? {
+        // Boxed: copying is rare (brakes, end of stream) and its state is large; an idle
+        // direction, the common case for many flows, keeps only the wait below.
+        match Box::pin(pump(flow, from, &mut copy)).await? {
             Pumped::EndOfStream => break,
             Pumped::More => tokio::task::yield_now().await,
             Pumped::Idle => tokio::select! {
@@ -65,7 +69,7 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side) -> Result<(), Halt> {
         }
     }
     src.epoll.errors_only(&src.sock)?;
-    wait_until_delivered(flow, from, None).await?;
+    Box::pin(wait_until_delivered(flow, from, None)).await?;
     if let Err(e) = flow.end(from.other()).sock.shutdown(std::net::Shutdown::Write) {
         tracing::debug!("shutdown of the {} side failed: {e}", from.other().name());
         return Err(Halt::Ended(End::Reset(from.other())));
@@ -127,9 +131,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         if ctl.redirected() > 0 {
             flow.note_braked(from, true);
         }
-
         wait_until_delivered(flow, from, Some(u64::from(ctl.max_in_flight()) / 2)).await?;
-
         wait_until_quiet(flow, from).await?;
         match forward_held(flow, from, &mut copy.buf).await {
             Ok(0) => return Ok(Pumped::EndOfStream),
@@ -151,18 +153,23 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
 }
 
 /// Waits until `from`'s sender has stopped: its receive buffer is full, so TCP's window is
-/// closed, or nothing new was held for [`QUIET`]. Copying the held bytes then hands the
+/// closed, or nothing new was held for [`QUIET`]; at most [`QUIET_LIMIT`] (a sender that
+/// trickles forever is slower than the copy anyway). Copying the held bytes then hands the
 /// direction back in one go (see [`forward_held`]); copying while the window is open chases a
 /// fast sender for as long as it sends.
 async fn wait_until_quiet(flow: &Flow<'_, '_>, from: Side) -> Result<(), Halt> {
     let src = flow.end(from);
     let ctl = src.tracked.ctl();
     let mut last = ctl.passed();
-    let mut since = Instant::now();
+    let started = Instant::now();
+    let mut since = started;
     loop {
         let (held, limit) = sockopt::receive_memory(src.sock.as_fd())?;
         // With an eighth free, the window the socket advertises is closed or a few segments.
-        if u64::from(held) * 8 >= u64::from(limit) * 7 || since.elapsed() >= QUIET {
+        if u64::from(held) * 8 >= u64::from(limit) * 7
+            || since.elapsed() >= QUIET
+            || started.elapsed() >= QUIET_LIMIT
+        {
             return Ok(());
         }
         tokio::task::yield_now().await;

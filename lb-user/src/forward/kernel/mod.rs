@@ -215,18 +215,38 @@ pub async fn forward(
     settings: Settings,
     counters: &FlowCounters<'_>,
 ) -> io::Result<Forwarded> {
+    // Set-up has no await: its locals stay out of the state this future keeps for the flow's
+    // whole life.
+    let flow = match set_up(kernel, client, server, timeouts, settings, counters)? {
+        Ok(flow) => flow,
+        Err((c, s)) => {
+            return Ok(Forwarded::NotEligible(
+                tokio::net::TcpStream::from_std(c)?,
+                tokio::net::TcpStream::from_std(s)?,
+            ))
+        }
+    };
+    let end = run(&flow).await?;
+    Ok(flow.close(end))
+}
+
+/// Puts the pair into the maps and kicks it; `Err` gives the sockets back when the kernel would
+/// not take them.
+#[allow(clippy::type_complexity)]
+fn set_up<'k, 'c>(
+    kernel: &'k Kernel,
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    timeouts: Timeouts,
+    settings: Settings,
+    counters: &'c FlowCounters<'c>,
+) -> io::Result<Result<Flow<'k, 'c>, (TcpStream, TcpStream)>> {
     // Out of tokio's reactor: tokio's registration would wake us for every received batch.
     let (client, server) = (client.into_std()?, server.into_std()?);
-    let not_eligible = |c: TcpStream, s: TcpStream| -> io::Result<Forwarded> {
-        Ok(Forwarded::NotEligible(
-            tokio::net::TcpStream::from_std(c)?,
-            tokio::net::TcpStream::from_std(s)?,
-        ))
-    };
     let established =
         |s: &TcpStream| sockopt::send_progress(s.as_fd()).is_ok_and(|p| p.state == TCP_ESTABLISHED);
     if !(established(&client) && established(&server)) {
-        return not_eligible(client, server);
+        return Ok(Err((client, server)));
     }
     if let Some(bytes) = settings.sndbuf {
         // The kernel's forwarding worker pauses for a tick whenever the destination's send
@@ -250,7 +270,7 @@ pub async fn forward(
     });
     let [Ok(c_tracked), Ok(s_tracked)] = tracked else {
         tracing::debug!("flow stays in userspace: no control slot");
-        return not_eligible(client, server);
+        return Ok(Err((client, server)));
     };
     let ends = [(client, c_tracked), (server, s_tracked)].map(|(sock, tracked)| {
         let baseline = sockopt::send_progress(sock.as_fd())?.queued_total;
@@ -265,8 +285,7 @@ pub async fn forward(
     let [c, s] = ends;
     let (c, s) = (c?, s?);
     if !insert_pair(kernel, &c, &s) {
-        let (FlowSocket { sock: c, .. }, FlowSocket { sock: s, .. }) = (c, s);
-        return not_eligible(c, s);
+        return Ok(Err((c.sock, s.sock)));
     }
     kernel.flow_started();
     let flow = Flow {
@@ -281,8 +300,7 @@ pub async fn forward(
     for end in &flow.ends {
         sockopt::kick(end.sock.as_fd())?;
     }
-    let end = run(&flow).await?;
-    Ok(flow.close(end))
+    Ok(Ok(flow))
 }
 
 /// Both directions until both have passed their end of stream on, one side fails, or a side
@@ -290,9 +308,10 @@ pub async fn forward(
 async fn run(flow: &Flow<'_, '_>) -> io::Result<End> {
     let c2s = direction::run(flow, Side::Client);
     let s2c = direction::run(flow, Side::Server);
-    let c_after = direction::after_end_of_stream(flow, Side::Client);
-    let s_after = direction::after_end_of_stream(flow, Side::Server);
-    tokio::pin!(c2s, s2c, c_after, s_after);
+    tokio::pin!(c2s, s2c);
+    // Started (boxed) only once a direction has passed its end of stream on.
+    let mut c_after = None;
+    let mut s_after = None;
     let mut done = [false, false];
     // Activity only pushes a side's deadline later, so the daemon looks at TCP_INFO only when
     // the earliest possible expiry comes, not after every event.
@@ -310,21 +329,35 @@ async fn run(flow: &Flow<'_, '_>) -> io::Result<End> {
         }
         tokio::select! {
             r = &mut c2s, if !done[0] => match r {
-                Ok(()) => done[0] = true,
+                Ok(()) => {
+                    done[0] = true;
+                    c_after = Some(Box::pin(direction::after_end_of_stream(flow, Side::Client)));
+                }
                 Err(h) => break h,
             },
             r = &mut s2c, if !done[1] => match r {
-                Ok(()) => done[1] = true,
+                Ok(()) => {
+                    done[1] = true;
+                    s_after = Some(Box::pin(direction::after_end_of_stream(flow, Side::Server)));
+                }
                 Err(h) => break h,
             },
-            h = &mut c_after, if done[0] => break h,
-            h = &mut s_after, if done[1] => break h,
+            h = watch(&mut c_after) => break h,
+            h = watch(&mut s_after) => break h,
             _ = tokio::time::sleep_until(wake) => {}
         }
     };
     match halted {
         Halt::Ended(end) => Ok(end),
         Halt::Failed(e) => Err(e),
+    }
+}
+
+/// Waits on a watcher once it is started; never resolves before.
+async fn watch<F: std::future::Future<Output = Halt> + Unpin>(watcher: &mut Option<F>) -> Halt {
+    match watcher {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
