@@ -19,6 +19,25 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<
     Ok(unsafe { value.assume_init() })
 }
 
+/// Sets an int socket option (values above i32::MAX are clamped).
+fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: u32) -> io::Result<()> {
+    let value = value.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: value is a valid int for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The socket's cookie: a 64-bit id unique for the kernel's lifetime, the SOCKHASH key.
 pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
@@ -111,56 +130,24 @@ pub fn send_progress(fd: BorrowedFd<'_>) -> io::Result<SendProgress> {
 /// Sets SO_SNDBUF beyond `net.core.wmem_max` when allowed (SO_SNDBUFFORCE needs
 /// CAP_NET_ADMIN, which kernel forwarding has anyway), else within it.
 pub fn force_send_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
-    let value = bytes.min(i32::MAX as u32) as libc::c_int;
-    let set = |name| {
-        // SAFETY: value is a valid int for the duration of the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                name,
-                (&value as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
-    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes))
 }
 
 /// Non-blocking `recv`; `Ok(0)` is end of stream.
 pub fn recv_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of buf.len() bytes.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
+    recv(fd, buf, libc::MSG_DONTWAIT)
 }
 
 /// Non-blocking `recv` with MSG_PEEK: copies waiting bytes without consuming them; `Ok(0)` is
 /// end of stream.
 pub fn peek_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv(fd, buf, libc::MSG_DONTWAIT | libc::MSG_PEEK)
+}
+
+fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of buf.len() bytes.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_PEEK,
-        )
-    };
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -177,21 +164,7 @@ pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
 
 /// Sets SO_RCVBUF (which the kernel doubles; fixing it turns autotuning off).
 pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
-    let value = bytes.min(i32::MAX as u32) as libc::c_int;
-    // SAFETY: value is a valid int for the duration of the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)
 }
 
 /// Runs the bytes a socket received before it entered the SOCKHASH through the verdict
@@ -200,21 +173,7 @@ pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
 /// A `recv` would instead read such bytes straight from the TCP queue, past the program's
 /// accounting. 1 is the default low-water mark, so nothing else changes.
 pub fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: a valid int for the duration of the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
 }
 
 /// Non-blocking `send` (no SIGPIPE).

@@ -13,6 +13,37 @@ pub mod paced;
 pub mod scenarios;
 pub mod servers;
 
+/// Awaits every client task (each at most `bound`), then one server report per client (each at
+/// most 30 s), keyed by the seed `seed_of` reads from it. A timeout or a failed flow fails the
+/// test.
+pub async fn gather<C, S>(
+    tasks: Vec<tokio::task::JoinHandle<std::io::Result<C>>>,
+    reports: &mut tokio::sync::mpsc::UnboundedReceiver<S>,
+    seed_of: impl Fn(&S) -> u64,
+    bound: std::time::Duration,
+) -> (Vec<C>, std::collections::HashMap<u64, S>) {
+    use tokio::time::timeout;
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(
+            timeout(bound, t)
+                .await
+                .expect("flow timed out")
+                .unwrap()
+                .expect("flow failed"),
+        );
+    }
+    let mut by_seed = std::collections::HashMap::new();
+    for _ in 0..clients.len() {
+        let r = timeout(std::time::Duration::from_secs(30), reports.recv())
+            .await
+            .expect("server report timed out")
+            .expect("the server stopped");
+        by_seed.insert(seed_of(&r), r);
+    }
+    (clients, by_seed)
+}
+
 /// Declares one `#[tokio::test]` per named scenario in [`scenarios`], run on `$path` when
 /// `$guard(test name)` allows it: `tests/kernel_path.rs` and `tests/user_path.rs` run the same
 /// list on both forwarding paths.

@@ -102,24 +102,7 @@ async fn run_flows(path: Path, specs: Vec<FlowSpec>) -> Lb {
         .iter()
         .map(|&spec| tokio::spawn(flows::run(addr, spec)))
         .collect();
-    let mut clients = Vec::new();
-    for t in tasks {
-        clients.push(
-            timeout(BOUND, t)
-                .await
-                .expect("flow timed out")
-                .unwrap()
-                .expect("flow failed"),
-        );
-    }
-    let mut by_seed = std::collections::HashMap::new();
-    for _ in 0..specs.len() {
-        let r = timeout(Duration::from_secs(30), reports.recv())
-            .await
-            .expect("server report timed out")
-            .unwrap();
-        by_seed.insert(r.seed, r);
-    }
+    let (clients, by_seed) = crate::gather(tasks, &mut reports, |r| r.seed, BOUND).await;
     for (spec, client) in specs.iter().zip(&clients) {
         flows::assert_intact(spec, client, &by_seed[&spec.seed]);
     }

@@ -12,7 +12,6 @@ use lb_tests::{
 };
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
@@ -84,26 +83,9 @@ async fn run_paced(max_in_flight: &str, specs: Vec<PacedSpec>) -> Lb {
         .iter()
         .map(|&spec| tokio::spawn(async move { paced::run_client(addr, spec, &AtomicU64::new(0)).await }))
         .collect();
-    let mut clients = Vec::new();
-    for t in tasks {
-        clients.push(
-            timeout(BOUND, t)
-                .await
-                .expect("flow timed out")
-                .unwrap()
-                .expect("flow failed"),
-        );
-    }
-    let mut by_seed = HashMap::new();
-    for _ in 0..specs.len() {
-        let (seed, r) = timeout(Duration::from_secs(30), reports.recv())
-            .await
-            .expect("server report timed out")
-            .unwrap();
-        by_seed.insert(seed, r);
-    }
+    let (clients, by_seed) = lb_tests::gather(tasks, &mut reports, |r| r.0, BOUND).await;
     for (spec, client) in specs.iter().zip(&clients) {
-        paced::assert_intact(spec, client, &by_seed[&spec.seed]);
+        paced::assert_intact(spec, client, &by_seed[&spec.seed].1);
     }
     lb
 }

@@ -8,8 +8,8 @@ use lb_tests::{
     servers,
 };
 use rand::{rngs::SmallRng, Rng, SeedableRng};
-use std::{collections::HashMap, time::Duration};
-use tokio::{net::TcpStream, time::timeout};
+use std::time::Duration;
+use tokio::net::TcpStream;
 
 const BOUND: Duration = Duration::from_secs(240);
 
@@ -64,24 +64,7 @@ async fn mid_stream_handoffs_at_random_offsets_keep_every_byte() {
             .iter()
             .map(|&spec| tokio::spawn(flows::run(lb.listener, spec)))
             .collect();
-        let mut clients = Vec::new();
-        for t in tasks {
-            clients.push(
-                timeout(BOUND, t)
-                    .await
-                    .expect("flow timed out")
-                    .unwrap()
-                    .expect("flow failed"),
-            );
-        }
-        let mut by_seed = HashMap::new();
-        for _ in 0..specs.len() {
-            let r = timeout(Duration::from_secs(30), reports.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            by_seed.insert(r.seed, r);
-        }
+        let (clients, by_seed) = lb_tests::gather(tasks, &mut reports, |r| r.seed, BOUND).await;
         for (spec, client) in specs.iter().zip(&clients) {
             flows::assert_intact(spec, client, &by_seed[&spec.seed]);
         }
