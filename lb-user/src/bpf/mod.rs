@@ -127,7 +127,7 @@ impl Kernel {
             .try_into()?;
         prog.load()?;
         prog.attach(socks.fd())?;
-        // Loading parsed the kernel's BTF twice (aya for relocations, btf.rs for the offsets):
+        // Loading parsed the kernel's BTF twice (aya for relocations, btf-rs for the offsets):
         // tens of MiB of short-lived allocations that the allocator would otherwise keep
         // resident for the daemon's whole life.
         // SAFETY: malloc_trim only returns free heap memory to the system.
