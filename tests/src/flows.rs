@@ -117,24 +117,32 @@ pub async fn serve(mut s: TcpStream) -> io::Result<ServerReport> {
 
 /// Checks that each side received exactly what the other sent.
 pub fn assert_intact(spec: &FlowSpec, client: &ClientReport, server: &ServerReport) {
+    assert_exchange(
+        spec.seed,
+        (spec.up, spec.down),
+        (client.sent, client.received, client.received_len),
+        (server.sent, server.received, server.received_len),
+    );
+}
+
+/// Checks one exchange of seeded bytes: `(up, down)` are the sizes each way; each end is
+/// `(sha256 sent, sha256 received, bytes received)`.
+pub fn assert_exchange(
+    seed: u64,
+    (up, down): (u64, u64),
+    client: ([u8; 32], [u8; 32], u64),
+    server: ([u8; 32], [u8; 32], u64),
+) {
     assert_eq!(
-        server.received_len, spec.up,
-        "seed {}: server received {} of {} bytes",
-        spec.seed, server.received_len, spec.up
+        server.2, up,
+        "seed {seed}: server received {} of {up} bytes",
+        server.2
     );
     assert_eq!(
-        client.received_len, spec.down,
-        "seed {}: client received {} of {} bytes",
-        spec.seed, client.received_len, spec.down
+        client.2, down,
+        "seed {seed}: client received {} of {down} bytes",
+        client.2
     );
-    assert_eq!(
-        client.sent, server.received,
-        "seed {}: client→server sha256 differs",
-        spec.seed
-    );
-    assert_eq!(
-        server.sent, client.received,
-        "seed {}: server→client sha256 differs",
-        spec.seed
-    );
+    assert_eq!(client.0, server.1, "seed {seed}: client→server sha256 differs");
+    assert_eq!(server.0, client.1, "seed {seed}: server→client sha256 differs");
 }

@@ -174,24 +174,10 @@ pub async fn serve(mut s: TcpStream, written: &AtomicU64) -> io::Result<(u64, En
 
 /// Checks each end received exactly what the other sent.
 pub fn assert_intact(spec: &PacedSpec, client: &EndReport, server: &EndReport) {
-    assert_eq!(
-        server.received_len, spec.up,
-        "seed {}: server received {} of {} bytes",
-        spec.seed, server.received_len, spec.up
-    );
-    assert_eq!(
-        client.received_len, spec.down,
-        "seed {}: client received {} of {} bytes",
-        spec.seed, client.received_len, spec.down
-    );
-    assert_eq!(
-        client.sent, server.received,
-        "seed {}: client→server sha256 differs",
-        spec.seed
-    );
-    assert_eq!(
-        server.sent, client.received,
-        "seed {}: server→client sha256 differs",
-        spec.seed
+    crate::flows::assert_exchange(
+        spec.seed,
+        (spec.up, spec.down),
+        (client.sent, client.received, client.received_len),
+        (server.sent, server.received, server.received_len),
     );
 }

@@ -243,9 +243,13 @@ fn set_up<'k, 'c>(
 ) -> io::Result<Result<Flow<'k, 'c>, (TcpStream, TcpStream)>> {
     // Out of tokio's reactor: tokio's registration would wake us for every received batch.
     let (client, server) = (client.into_std()?, server.into_std()?);
-    let established =
-        |s: &TcpStream| sockopt::send_progress(s.as_fd()).is_ok_and(|p| p.state == TCP_ESTABLISHED);
-    if !(established(&client) && established(&server)) {
+    // The state, and the send baseline: bytes given to each socket before the flow enters the
+    // map (nothing is written to them from here until the inserts).
+    let (c_progress, s_progress) = (
+        sockopt::send_progress(client.as_fd())?,
+        sockopt::send_progress(server.as_fd())?,
+    );
+    if c_progress.state != TCP_ESTABLISHED || s_progress.state != TCP_ESTABLISHED {
         return Ok(Err((client, server)));
     }
     if let Some(bytes) = settings.sndbuf {
@@ -272,8 +276,11 @@ fn set_up<'k, 'c>(
         tracing::debug!("flow stays in userspace: no control slot");
         return Ok(Err((client, server)));
     };
-    let ends = [(client, c_tracked), (server, s_tracked)].map(|(sock, tracked)| {
-        let baseline = sockopt::send_progress(sock.as_fd())?.queued_total;
+    let ends = [
+        (client, c_tracked, c_progress.queued_total),
+        (server, s_tracked, s_progress.queued_total),
+    ]
+    .map(|(sock, tracked, baseline)| {
         let epoll = Epoll::new(&sock)?;
         Ok::<_, io::Error>(FlowSocket {
             sock,
