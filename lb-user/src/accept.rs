@@ -29,9 +29,21 @@ pub struct Accepted {
     pub original_dst: Option<SocketAddr>,
 }
 
-/// Applies the listener's flags to a freshly accepted socket.
-pub fn configure(listener: &Listener, stream: TcpStream, peer: SocketAddr) -> io::Result<Accepted> {
+/// Applies the listener's flags to a freshly accepted socket; `rcvbuf`: SO_RCVBUF
+/// (`tune.kernel_rcvbuf` when flows may go to the kernel).
+pub fn configure(
+    listener: &Listener,
+    stream: TcpStream,
+    peer: SocketAddr,
+    rcvbuf: Option<u32>,
+) -> io::Result<Accepted> {
     stream.set_nodelay(listener.nodelay)?;
+    if let Some(bytes) = rcvbuf {
+        // Set now, while the window is the initial one: shrinking the buffer of a socket that
+        // already advertised a larger window, at the hand-off to the kernel, duplicated bytes
+        // (the segments the old window let in overflow the buffer while the program holds).
+        SockRef::from(&stream).set_recv_buffer_size(bytes as usize)?;
+    }
     if let Some(k) = &listener.keepalive {
         let mut ka = TcpKeepalive::new();
         if let Some(idle) = k.idle {
@@ -88,9 +100,11 @@ mod tests {
         let socket = bind(&l).unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = socket.accept().await.unwrap();
-        let a = configure(&l, stream, peer).unwrap();
+        let a = configure(&l, stream, peer, Some(1 << 20)).unwrap();
         let s = SockRef::from(&a.stream);
         assert!(a.stream.nodelay().unwrap());
+        // The kernel doubles SO_RCVBUF.
+        assert_eq!(s.recv_buffer_size().unwrap(), 2 << 20);
         assert!(s.keepalive().unwrap());
         assert_eq!(s.keepalive_time().unwrap(), Duration::from_secs(42));
         assert_eq!(s.keepalive_interval().unwrap(), Duration::from_secs(7));
@@ -105,7 +119,7 @@ mod tests {
         let socket = bind(&l).unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = socket.accept().await.unwrap();
-        let a = configure(&l, stream, peer).unwrap();
+        let a = configure(&l, stream, peer, None).unwrap();
         let s = SockRef::from(&a.stream);
         assert!(!a.stream.nodelay().unwrap());
         assert!(!s.keepalive().unwrap());

@@ -22,7 +22,14 @@ pub enum ConnectError {
     },
 }
 
-pub async fn connect(server: &Server, timeout: Duration, nodelay: bool) -> Result<TcpStream, ConnectError> {
+/// Connects to `server`; `rcvbuf`: SO_RCVBUF, set before the handshake (see
+/// [`crate::accept::configure`]).
+pub async fn connect(
+    server: &Server,
+    timeout: Duration,
+    nodelay: bool,
+    rcvbuf: Option<u32>,
+) -> Result<TcpStream, ConnectError> {
     let io_err = |source| ConnectError::Io {
         server: server.name.clone(),
         address: server.address,
@@ -35,6 +42,9 @@ pub async fn connect(server: &Server, timeout: Duration, nodelay: bool) -> Resul
     }
     .map_err(io_err)?;
     socket.set_nodelay(nodelay).map_err(io_err)?;
+    if let Some(bytes) = rcvbuf {
+        socket.set_recv_buffer_size(bytes).map_err(io_err)?;
+    }
     match tokio::time::timeout(timeout, socket.connect(server.address)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(io_err(e)),

@@ -28,6 +28,19 @@ pub struct Proxy {
     pub dropped: Vec<Counter>,
 }
 
+impl Proxy {
+    /// SO_RCVBUF for both sockets of every flow when flows go to the kernel at once
+    /// (`tune.kernel_rcvbuf` with `offload_after: 0`), set when the sockets are created. Flows
+    /// handed over mid-stream keep autotuning: with a fixed buffer, the hand-off of a flow at
+    /// full speed duplicated bytes in testing (about one flow in a thousand).
+    pub fn kernel_rcvbuf(&self) -> Option<u32> {
+        match self.config.offload_after {
+            0 => self.kernel.as_ref().and(self.config.kernel_rcvbuf),
+            _ => None,
+        }
+    }
+}
+
 /// A backend's runtime state: its balancer and each server's counters (created once, so the
 /// connect path does no label lookup).
 pub struct BackendState {
@@ -275,7 +288,7 @@ async fn accept_loop(
             },
         };
         total.inc();
-        let accepted = match accept::configure(l, stream, peer) {
+        let accepted = match accept::configure(l, stream, peer, proxy.kernel_rcvbuf()) {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(listener = %l.name, client = %peer, "cannot configure accepted socket: {e}");

@@ -104,7 +104,7 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
         return Session::Finished(Outcome::NoServer);
     };
     let server = &backend.servers[server_idx];
-    match connect(server, backend.connect_timeout, l.nodelay).await {
+    match connect(server, backend.connect_timeout, l.nodelay, proxy.kernel_rcvbuf()).await {
         Ok(stream) => {
             state.servers[server_idx].connections.inc();
             Session::Connected(Pair {
@@ -179,7 +179,6 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
     };
     let settings = forward::kernel::Settings {
         sndbuf: proxy.config.kernel_sndbuf,
-        rcvbuf: proxy.config.kernel_rcvbuf,
         max_in_flight: proxy.config.max_in_flight,
     };
     let counters = forward::kernel::FlowCounters {

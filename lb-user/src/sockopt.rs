@@ -162,11 +162,6 @@ pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((info[0], info[1]))
 }
 
-/// Sets SO_RCVBUF (which the kernel doubles; fixing it turns autotuning off).
-pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)
-}
-
 /// Runs the bytes a socket received before it entered the SOCKHASH through the verdict
 /// program, without reading any: setting SO_RCVLOWAT calls the socket's data-ready callback
 /// (tcp_set_rcvlowat → tcp_data_ready), which the psock replaced with its verdict reader.

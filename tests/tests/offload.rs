@@ -84,7 +84,7 @@ async fn mid_stream_handoffs_at_random_offsets_keep_every_byte() {
         "bytes missing from the counters"
     );
     // Each flow sends both ways, so a flow handed over hands over two directions.
-    assert!(handoffs >= 180.0, "only {handoffs} directions reached the kernel");
+    assert!(handoffs >= 150.0, "only {handoffs} directions reached the kernel");
     assert!(
         kernel > user,
         "most bytes should have been forwarded by the kernel"

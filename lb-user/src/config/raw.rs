@@ -54,7 +54,8 @@ pub struct RawForwardingSettings {
     pub mode: Option<String>,
     /// Bytes a flow moves in userspace, in either direction, before it is handed to the kernel
     /// mid-stream (kernel forwarding only): short flows never pay the kernel path's set-up.
-    /// `0` hands every flow to the kernel at once (default 64KiB).
+    /// `0` hands every flow to the kernel at once (default 0). With a value above 0,
+    /// `tune.kernel_rcvbuf` is not applied (the sockets keep autotuning).
     #[serde(default)]
     pub offload_after: Option<bytesize::ByteSize>,
 }
@@ -81,7 +82,8 @@ pub struct RawTune {
     /// Receive buffer of both sockets of a kernel-forwarded flow (SO_RCVBUF, which the kernel
     /// doubles), e.g. `1MiB`; `0` keeps the kernel's autotuning. It is what a braked direction
     /// holds before TCP's window closes on the sender, and what the daemon copies to hand the
-    /// direction back to the kernel; redirected bytes never wait in it (default 1MiB).
+    /// direction back to the kernel; redirected bytes never wait in it (default 1MiB). Applied
+    /// when the sockets are created, and only with `forwarding.offload_after: 0`.
     #[serde(default)]
     pub kernel_rcvbuf: Option<bytesize::ByteSize>,
 }

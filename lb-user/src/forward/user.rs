@@ -11,7 +11,7 @@
 //! pair to the kernel path, which takes every byte that arrives from then on.
 use prometheus_client::metrics::counter::Counter;
 use std::{
-    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     time::Duration,
 };
@@ -190,7 +190,10 @@ async fn drain(
 ) -> Result<bool, End> {
     let mut buf = vec![0u8; MAX_BUF];
     for _ in 0..DRAIN_ROUNDS {
-        match src.try_read(&mut buf) {
+        // A real recv each time: tokio's try_read answers WouldBlock from its cached readiness
+        // without asking the kernel, and "empty" must be the kernel's word (a segment left
+        // partly read would be forwarded again, whole, once the socket is in the map).
+        match crate::sockopt::recv_nowait(src.as_ref().as_fd(), &mut buf) {
             Ok(0) => return Ok(false),
             Ok(n) => {
                 // A write cut short would lose bytes: a stuck destination ends the flow.

@@ -39,8 +39,6 @@ const TCP_CLOSE: u8 = 7;
 pub struct Settings {
     /// SO_SNDBUF for both sockets (`tune.kernel_sndbuf`); `None` keeps autotuning.
     pub sndbuf: Option<u32>,
-    /// SO_RCVBUF for both sockets (`tune.kernel_rcvbuf`); `None` keeps autotuning.
-    pub rcvbuf: Option<u32>,
     /// The brake (`flow_control.max_in_flight`).
     pub max_in_flight: u32,
 }
@@ -257,13 +255,6 @@ fn set_up<'k, 'c>(
         // buffer is full: a large fixed buffer keeps it from stalling (tune.kernel_sndbuf).
         for s in [&client, &server] {
             sockopt::force_send_buffer(s.as_fd(), bytes)?;
-        }
-    }
-    if let Some(bytes) = settings.rcvbuf {
-        // What a braked direction holds before the sender's window closes, and what the daemon
-        // copies to hand it back (autotuning would let it grow to tcp_rmem's maximum).
-        for s in [&client, &server] {
-            sockopt::set_receive_buffer(s.as_fd(), bytes)?;
         }
     }
     let tracked = [&client, &server].map(|s| {
