@@ -13,11 +13,10 @@ use std::{
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Config {
     Direct,
-    /// lb with its defaults: flows start in userspace, the kernel takes them after
-    /// `forwarding.offload_after`.
+    /// lb with its defaults: every flow goes to the kernel at once.
     LbKernel,
-    /// lb handing every flow to the kernel at once (`offload_after: 0`).
-    LbKernelAtOnce,
+    /// lb handing flows to the kernel after 64 KiB (`forwarding.offload_after`).
+    LbKernelOffload,
     LbUser,
     HaproxyShipped,
     HaproxyTuned,
@@ -28,7 +27,7 @@ impl Config {
     pub const ALL: [Config; 6] = [
         Config::Direct,
         Config::LbKernel,
-        Config::LbKernelAtOnce,
+        Config::LbKernelOffload,
         Config::LbUser,
         Config::HaproxyShipped,
         Config::HaproxyTuned,
@@ -38,7 +37,7 @@ impl Config {
         match self {
             Config::Direct => "direct",
             Config::LbKernel => "lb (kernel)",
-            Config::LbKernelAtOnce => "lb (kernel, offload 0)",
+            Config::LbKernelOffload => "lb (kernel, offload 64KiB)",
             Config::LbUser => "lb (user)",
             Config::HaproxyShipped => "HAProxy (as shipped)",
             Config::HaproxyTuned => "HAProxy (tuned)",
@@ -50,7 +49,7 @@ impl Config {
         match self {
             Config::Direct => "direct",
             Config::LbKernel => "kernel",
-            Config::LbKernelAtOnce => "kernel0",
+            Config::LbKernelOffload => "kernel64k",
             Config::LbUser => "user",
             Config::HaproxyShipped => "hap",
             Config::HaproxyTuned => "hapt",
@@ -78,7 +77,7 @@ pub struct Env {
 pub fn start(config: Config, env: &Env, ns: &Netns, listen: u16, backend: u16) -> Result<Option<Proxy>> {
     let (file, text) = match config {
         Config::Direct => return Ok(None),
-        Config::LbKernel | Config::LbKernelAtOnce | Config::LbUser => {
+        Config::LbKernel | Config::LbKernelOffload | Config::LbUser => {
             ("yaml", lb_config(config, listen, backend))
         }
         Config::HaproxyShipped | Config::HaproxyTuned => ("cfg", haproxy_config(config, listen, backend)),
@@ -148,7 +147,7 @@ impl Proxy {
 fn lb_config(config: Config, listen: u16, backend: u16) -> String {
     let forwarding = match config {
         Config::LbKernel => "kernel",
-        Config::LbKernelAtOnce => "{ mode: kernel, offload_after: 0 }",
+        Config::LbKernelOffload => "{ mode: kernel, offload_after: 64KiB }",
         _ => "user",
     };
     format!(
