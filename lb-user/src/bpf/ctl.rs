@@ -5,7 +5,7 @@
 //! counted and publishing what the daemon did are plain memory accesses, not syscalls. Each
 //! field has one writer (see [`SockCtl`]); the daemon reads the program's fields and writes its
 //! own with single aligned atomic accesses.
-use lb_common::{SockCtl, FLAG_REDIRECTING, MAX_SOCKETS};
+use lb_common::{SockCtl, MAX_SOCKETS};
 use std::{
     collections::VecDeque,
     io,
@@ -140,14 +140,6 @@ impl Slot<'_> {
             .load(Acquire)
     }
 
-    /// Whether the program is redirecting now (not held).
-    pub fn redirecting(&self) -> bool {
-        self.u32_field(|p| unsafe { addr_of_mut!((*p).flags) })
-            .load(Relaxed)
-            & FLAG_REDIRECTING
-            != 0
-    }
-
     /// Bytes of `passed` the daemon has forwarded.
     pub fn consumed(&self) -> u64 {
         self.u64_field(|p| unsafe { addr_of_mut!((*p).consumed) })
@@ -160,12 +152,6 @@ impl Slot<'_> {
     pub fn set_consumed(&self, total: u64) {
         self.u64_field(|p| unsafe { addr_of_mut!((*p).consumed) })
             .store(total, Release)
-    }
-
-    /// Allows (or forbids) the program to redirect.
-    pub fn set_allow(&self, allow: bool) {
-        self.u32_field(|p| unsafe { addr_of_mut!((*p).allow) })
-            .store(allow as u32, Release)
     }
 
     /// The brake bound this slot was set up with.
