@@ -32,6 +32,14 @@ pub struct HandoffLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// `ended` (a side had already ended its stream: the kernel takes only ESTABLISHED
+    /// sockets), `no_slot` (every control slot in use) or `map_full` (the SOCKHASH insert
+    /// failed).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndLabels {
     pub listener: String,
     /// Which side caused the end: `client` or `server`.
@@ -51,9 +59,8 @@ pub struct Metrics {
     pub timeouts: Family<EndLabels, Counter>,
     /// 1 when flows are forwarded by the kernel, 0 when in userspace.
     pub kernel_forwarding: Gauge,
-    /// Flows the kernel would not take (a socket already half-closed, map full), forwarded in
-    /// userspace instead.
-    pub kernel_fallbacks: Counter,
+    /// Flows the kernel would not take, forwarded in userspace instead, by reason.
+    pub kernel_fallbacks: Family<FallbackLabels, Counter>,
     /// Bytes lb accepted from one side and could not deliver because the other side failed.
     pub dropped_bytes: Family<ListenerLabels, Counter>,
     kernel: KernelMetrics,
@@ -90,7 +97,7 @@ impl Metrics {
             resets: Family::default(),
             timeouts: Family::default(),
             kernel_forwarding: Gauge::default(),
-            kernel_fallbacks: Counter::default(),
+            kernel_fallbacks: Family::default(),
             dropped_bytes: Family::default(),
             kernel: KernelMetrics::default(),
             scrape: Mutex::new(()),
@@ -137,7 +144,11 @@ impl Metrics {
             "1 when established flows are forwarded by the kernel (sockmap), 0 in userspace",
             m.kernel_forwarding.clone(),
         );
-        r.register("lb_kernel_fallbacks", "Flows the kernel would not take (socket no longer established, map full), forwarded in userspace", m.kernel_fallbacks.clone());
+        r.register(
+            "lb_kernel_fallbacks",
+            "Flows the kernel would not take, forwarded in userspace, by reason (ended: a side had already ended its stream; no_slot, map_full: the BPF maps were full)",
+            m.kernel_fallbacks.clone(),
+        );
         r.register(
             "lb_dropped_bytes",
             "Bytes lb accepted from one side of a flow and could not deliver because the other side failed, by listener",

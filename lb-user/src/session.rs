@@ -9,7 +9,7 @@ use crate::{
     accept::Accepted,
     connect::{connect, ConnectError},
     forward::{self, kernel::Forwarded, user::UserEnd, End, Timeouts},
-    metrics::EndLabels,
+    metrics::{EndLabels, FallbackLabels},
     server::Proxy,
 };
 
@@ -188,8 +188,9 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
     let timeouts = timeouts(proxy, listener);
     match forward::kernel::forward(kernel, pair.client, pair.server, timeouts, settings, &counters).await {
         Ok(Forwarded::Done(end)) => finish(proxy, listener, pair.peer, pair.server_idx, end),
-        Ok(Forwarded::NotEligible(client, server)) => {
-            proxy.metrics.kernel_fallbacks.inc();
+        Ok(Forwarded::NotEligible(why, client, server)) => {
+            let reason = why.name();
+            proxy.metrics.kernel_fallbacks.get_or_create(&FallbackLabels { reason }).inc();
             Session::UserOnly(Pair {
                 client,
                 server,

@@ -344,6 +344,19 @@ impl Metrics {
             None => panic!("lb exports no series `{series}`:\n{}", self.text),
         }
     }
+    /// A labelled series of a family: 0 while it has not counted yet (a family exports a
+    /// series only from its first count on).
+    pub fn counted(&self, series: &str) -> f64 {
+        self.values.get(series).copied().unwrap_or(0.0)
+    }
+    /// Every series of one metric, whatever its labels, added up.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.values
+            .iter()
+            .filter(|(series, _)| *series == name || series.strip_prefix(name).is_some_and(|l| l.starts_with('{')))
+            .map(|(_, v)| v)
+            .sum()
+    }
     pub fn kernel_bytes(&self) -> f64 {
         self.get("lb_forwarded_bytes_total{path=\"kernel\"}")
     }

@@ -73,7 +73,7 @@ impl Path {
                     m.text
                 );
                 assert_eq!(
-                    m.get("lb_kernel_fallbacks_total"),
+                    m.sum("lb_kernel_fallbacks_total"),
                     0.0,
                     "flows fell back to userspace:\n{}",
                     m.text

@@ -174,7 +174,11 @@ async fn stalling_readers_keep_every_flow_intact() {
     let mut rng = SmallRng::seed_from_u64(50);
     let specs: Vec<PacedSpec> = (0..50)
         .map(|i| PacedSpec {
-            up: rng.gen_range(1 << 20..4 << 20),
+            // More than lb's receive buffer (tune.kernel_rcvbuf 1 MiB, 2 MiB with the kernel's
+            // doubling) holds: a client whose whole upload and FIN fit in it before lb had
+            // connected to the server could not enter the kernel (only ESTABLISHED sockets
+            // can) and would be forwarded in userspace, which is not what this test is about.
+            up: rng.gen_range(3 << 20..6 << 20),
             down: rng.gen_range(4 << 20..16 << 20),
             seed: 5000 + i,
             client_reads: Reading {
@@ -204,7 +208,7 @@ async fn stalling_readers_keep_every_flow_intact() {
         "the brake was hardly used:\n{}",
         m.text
     );
-    assert_eq!(m.get("lb_kernel_fallbacks_total"), 0.0, "{}", m.text);
+    assert_eq!(m.sum("lb_kernel_fallbacks_total"), 0.0, "{}", m.text);
 }
 
 /// Both peers stall at once, each sending 48 MiB: both directions are braked (neither sender

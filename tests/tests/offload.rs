@@ -32,7 +32,7 @@ async fn short_flows_stay_in_userspace() {
     assert_eq!(m.kernel_bytes(), 0.0, "{}", m.text);
     assert_eq!(m.user_bytes(), 2.0 * 20.0 * 1024.0, "{}", m.text);
     assert_eq!(m.get("lb_kernel_tracked_sockets"), 0.0, "{}", m.text);
-    assert_eq!(m.get("lb_kernel_fallbacks_total"), 0.0, "{}", m.text);
+    assert_eq!(m.sum("lb_kernel_fallbacks_total"), 0.0, "{}", m.text);
 }
 
 /// 100 flows sending 16 MiB each way at full speed through lbs whose `offload_after` is drawn
@@ -71,7 +71,13 @@ async fn mid_stream_handoffs_at_random_offsets_keep_every_byte() {
         let m = lb.metrics();
         // A flow whose client had sent everything and half-closed by the time of the hand-off
         // cannot enter the kernel (only ESTABLISHED sockets can): it finishes in userspace.
-        fallbacks += m.get("lb_kernel_fallbacks_total");
+        fallbacks += m.counted("lb_kernel_fallbacks_total{reason=\"ended\"}");
+        assert_eq!(
+            m.sum("lb_kernel_fallbacks_total"),
+            m.counted("lb_kernel_fallbacks_total{reason=\"ended\"}"),
+            "the BPF maps were full:\n{}",
+            m.text
+        );
         kernel += m.kernel_bytes();
         user += m.user_bytes();
         handoffs += m.get("lb_flow_handoffs_total{direction=\"user_to_kernel\"}");

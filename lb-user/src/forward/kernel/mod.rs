@@ -183,10 +183,31 @@ impl Flow<'_, '_> {
 pub enum Forwarded {
     /// Forwarded until it ended.
     Done(End),
-    /// The kernel would not take the pair (a socket was no longer ESTABLISHED, e.g. a client
-    /// that sent its request and half-closed at once, or the maps were full): the caller
-    /// forwards it in userspace.
-    NotEligible(tokio::net::TcpStream, tokio::net::TcpStream),
+    /// The kernel would not take the pair: the caller forwards it in userspace.
+    NotEligible(Ineligible, tokio::net::TcpStream, tokio::net::TcpStream),
+}
+
+/// Why the kernel would not take a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ineligible {
+    /// A socket was no longer ESTABLISHED: a side had already ended its stream (say a client
+    /// that sent its request and half-closed before the server was connected). The SOCKHASH
+    /// takes only ESTABLISHED sockets.
+    Ended,
+    /// Every control slot was in use.
+    NoSlot,
+    /// A SOCKHASH insert failed (the map was full).
+    MapFull,
+}
+
+impl Ineligible {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ineligible::Ended => "ended",
+            Ineligible::NoSlot => "no_slot",
+            Ineligible::MapFull => "map_full",
+        }
+    }
 }
 
 /// Why a direction or the flow stopped early.
@@ -217,8 +238,9 @@ pub async fn forward(
     // whole life.
     let flow = match set_up(kernel, client, server, timeouts, settings, counters)? {
         Ok(flow) => flow,
-        Err((c, s)) => {
+        Err((why, c, s)) => {
             return Ok(Forwarded::NotEligible(
+                why,
                 tokio::net::TcpStream::from_std(c)?,
                 tokio::net::TcpStream::from_std(s)?,
             ))
@@ -238,7 +260,7 @@ fn set_up<'k, 'c>(
     timeouts: Timeouts,
     settings: Settings,
     counters: &'c FlowCounters<'c>,
-) -> io::Result<Result<Flow<'k, 'c>, (TcpStream, TcpStream)>> {
+) -> io::Result<Result<Flow<'k, 'c>, (Ineligible, TcpStream, TcpStream)>> {
     // Out of tokio's reactor: tokio's registration would wake us for every received batch.
     let (client, server) = (client.into_std()?, server.into_std()?);
     // The state, and the send baseline: bytes given to each socket before the flow enters the
@@ -248,7 +270,7 @@ fn set_up<'k, 'c>(
         sockopt::send_progress(server.as_fd())?,
     );
     if c_progress.state != TCP_ESTABLISHED || s_progress.state != TCP_ESTABLISHED {
-        return Ok(Err((client, server)));
+        return Ok(Err((Ineligible::Ended, client, server)));
     }
     if let Some(bytes) = settings.sndbuf {
         // The kernel's forwarding worker pauses for a tick whenever the destination's send
@@ -265,7 +287,7 @@ fn set_up<'k, 'c>(
     });
     let [Ok(c_tracked), Ok(s_tracked)] = tracked else {
         tracing::debug!("flow stays in userspace: no control slot");
-        return Ok(Err((client, server)));
+        return Ok(Err((Ineligible::NoSlot, client, server)));
     };
     let ends = [
         (client, c_tracked, c_progress.queued_total),
@@ -283,7 +305,7 @@ fn set_up<'k, 'c>(
     let [c, s] = ends;
     let (c, s) = (c?, s?);
     if !insert_pair(kernel, &c, &s) {
-        return Ok(Err((c.sock, s.sock)));
+        return Ok(Err((Ineligible::MapFull, c.sock, s.sock)));
     }
     kernel.flow_started();
     let flow = Flow {
@@ -379,6 +401,9 @@ fn insert_pair(kernel: &Kernel, c: &FlowSocket<'_>, s: &FlowSocket<'_>) -> bool 
         std::thread::sleep(gap);
     }
     if let Err(e) = kernel.insert(s.tracked.cookie, c.sock.as_raw_fd()) {
+        // The server socket stays in the map until it closes: taking it out would drop the
+        // bytes the program already passed to it (they wait in its psock). The program finds
+        // no peer for it and passes everything, which the userspace loop reads as usual.
         tracing::debug!("flow stays in userspace: second SOCKHASH insert failed: {e}");
         return false;
     }
