@@ -190,7 +190,11 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         Ok(Forwarded::Done(end)) => finish(proxy, listener, pair.peer, pair.server_idx, end),
         Ok(Forwarded::NotEligible(why, client, server)) => {
             let reason = why.name();
-            proxy.metrics.kernel_fallbacks.get_or_create(&FallbackLabels { reason }).inc();
+            proxy
+                .metrics
+                .kernel_fallbacks
+                .get_or_create(&FallbackLabels { reason })
+                .inc();
             Session::UserOnly(Pair {
                 client,
                 server,

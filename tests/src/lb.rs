@@ -353,7 +353,9 @@ impl Metrics {
     pub fn sum(&self, name: &str) -> f64 {
         self.values
             .iter()
-            .filter(|(series, _)| *series == name || series.strip_prefix(name).is_some_and(|l| l.starts_with('{')))
+            .filter(|(series, _)| {
+                *series == name || series.strip_prefix(name).is_some_and(|l| l.starts_with('{'))
+            })
             .map(|(_, v)| v)
             .sum()
     }
