@@ -220,8 +220,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (a flow needs four fds: two sockets and,
-/// in the kernel path, an epoll set for each) and warns when `maxconn` cannot be reached.
+/// Raises the soft RLIMIT_NOFILE to the hard limit (a flow needs two fds, its sockets, in
+/// either path) and warns when `maxconn` cannot be reached.
 fn raise_fd_limit(config: &Config) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -240,7 +240,7 @@ fn raise_fd_limit(config: &Config) {
     let needed: u64 = config
         .listeners
         .iter()
-        .map(|l| 4 * u64::from(l.maxconn))
+        .map(|l| 2 * u64::from(l.maxconn))
         .sum::<u64>()
         + 64;
     if lim.rlim_cur < needed {

@@ -27,7 +27,7 @@ impl Wakers {
         self.lock().remove(&slot);
     }
 
-    fn wake(&self, slot: u32) {
+    pub(super) fn wake(&self, slot: u32) {
         if let Some(n) = self.lock().get(&slot) {
             // A permit is stored if the flow is busy, so the wake-up is not lost.
             n.notify_one();

@@ -8,6 +8,7 @@
 mod btf;
 mod ctl;
 mod events;
+mod watch;
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
@@ -30,6 +31,8 @@ use tokio::{io::unix::AsyncFd, sync::Notify};
 use ctl::CtlArray;
 pub use ctl::Slot;
 use events::Wakers;
+use watch::Watcher;
+pub use watch::{Interest, Watch};
 
 /// The embedded eBPF object (empty when lb was built without the eBPF toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -70,6 +73,8 @@ pub struct Kernel {
     slots: Mutex<HashMap<MapData, u64, u32>>,
     ctl: CtlArray,
     wakers: Arc<Wakers>,
+    /// Ends and errors of every kernel flow's sockets.
+    watcher: Watcher,
     stats: Arc<PerCpuArray<MapData, CpuStats>>,
     /// Sockets lb tracks now (two per kernel flow): a leak check that costs no map walk.
     tracked: AtomicI64,
@@ -121,6 +126,7 @@ impl Kernel {
         let stats = Arc::new(stats);
         let wakers = Arc::new(Wakers::default());
         events::spawn_reader(ring, wakers.clone(), stats.clone()).map_err(BpfError::Events)?;
+        let watcher = Watcher::spawn(wakers.clone()).map_err(BpfError::Events)?;
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .ok_or(BpfError::Missing(VERDICT_PROG))?
@@ -137,6 +143,7 @@ impl Kernel {
             slots: Mutex::new(slots),
             ctl,
             wakers,
+            watcher,
             stats,
             tracked: AtomicI64::new(0),
             flows: AtomicI64::new(0),
@@ -226,10 +233,10 @@ impl<'k> Tracked<'k> {
         &self.slot
     }
 
-    /// Resolves when the program signalled this socket (a brake, or bytes held while the
-    /// daemon had caught up), at once if it did since the last call.
-    pub async fn signalled(&self) {
-        self.wake.notified().await
+    /// Watches the socket for end of stream and errors; its waits also end when the program
+    /// signals this socket (a brake, or bytes held while the daemon had caught up).
+    pub fn watch(&self, sock: &std::net::TcpStream) -> std::io::Result<Watch<'k>> {
+        Watch::add(&self.kernel.watcher, sock, self.slot.index, self.wake.clone())
     }
 }
 

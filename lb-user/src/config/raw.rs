@@ -151,7 +151,7 @@ pub struct RawListener {
     #[serde(default)]
     pub transparent: Option<bool>,
     /// Maximum concurrent flows on this listener; further connections wait in the backlog
-    /// (default 4096). Each flow needs four open files; lb raises its limit to the hard one.
+    /// (default 4096). Each flow needs two open files; lb raises its limit to the hard one.
     #[serde(default)]
     pub maxconn: Option<u32>,
     /// Overrides `timeouts.client` for this listener (only `client` may be set here).

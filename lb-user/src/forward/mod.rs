@@ -5,7 +5,6 @@
 //! - [`kernel`]: both sockets go into the BPF SOCKHASH and the kernel forwards every byte; the
 //!   daemon only hears about end of stream, resets and idleness.
 //! - [`user`]: a tokio copy loop, used when BPF is unavailable or `forwarding: user`.
-mod epoll;
 pub mod kernel;
 pub mod user;
 

@@ -28,7 +28,7 @@ const ADMIN_PORT: u16 = 18101;
 /// How long the client holds its connections once they are all up (the measurement happens
 /// meanwhile; the client exits by itself after that).
 const HOLD_SECONDS: u64 = 60;
-/// Open files for lb and the helpers: four per kernel flow in lb, one per connection in each
+/// Open files for lb and the helpers: two per kernel flow in lb, one per connection in each
 /// helper, with room.
 const NOFILE: u64 = 1 << 17;
 

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::{Flow, Halt, TCP_CLOSE};
 use crate::{
+    bpf::Interest,
     forward::{End, Side},
     sockopt,
 };
@@ -62,13 +63,10 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side) -> Result<(), Halt> {
         match Box::pin(pump(flow, from, &mut copy)).await? {
             Pumped::EndOfStream => break,
             Pumped::More => tokio::task::yield_now().await,
-            Pumped::Idle => tokio::select! {
-                _ = src.tracked.signalled() => {}
-                r = src.epoll.wait() => r?,
-            },
+            Pumped::Idle => src.watch.wait().await?,
         }
     }
-    src.epoll.errors_only(&src.sock)?;
+    src.watch.set_interest(Interest::ErrorsOnly);
     Box::pin(wait_until_delivered(flow, from, None)).await?;
     if let Err(e) = flow.end(from.other()).sock.shutdown(std::net::Shutdown::Write) {
         tracing::debug!("shutdown of the {} side failed: {e}", from.other().name());
@@ -82,7 +80,7 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side) -> Result<(), Halt> {
 pub(super) async fn after_end_of_stream(flow: &Flow<'_, '_>, side: Side) -> Halt {
     let end = flow.end(side);
     loop {
-        if let Err(e) = end.epoll.wait().await {
+        if let Err(e) = end.watch.wait().await {
             return Halt::Failed(e);
         }
         let state = sockopt::send_progress(end.sock.as_fd()).map(|p| p.state);
@@ -90,7 +88,7 @@ pub(super) async fn after_end_of_stream(flow: &Flow<'_, '_>, side: Side) -> Halt
             (Err(e), _) | (_, Err(e)) => return Halt::Failed(e),
             (Ok(TCP_CLOSE), _) | (_, Ok(Some(_))) => return Halt::Ended(End::Reset(side)),
             _ => {
-                end.epoll.forget(&end.sock);
+                end.watch.forget();
                 std::future::pending::<()>().await;
             }
         }
@@ -114,7 +112,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         if passed == consumed {
             // Caught up: the program redirects the next segment (or signals again).
             if copy.watching_input {
-                src.epoll.without_input(&src.sock)?;
+                src.watch.set_interest(Interest::EndOfStream);
                 copy.watching_input = false;
             }
             copy.buf = Vec::new();
@@ -139,7 +137,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             Err(Halt::Failed(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Counted by the program, not queued yet: the socket reports it.
                 if !copy.watching_input {
-                    src.epoll.with_input(&src.sock)?;
+                    src.watch.set_interest(Interest::Input);
                     copy.watching_input = true;
                 }
                 return Ok(Pumped::Idle);

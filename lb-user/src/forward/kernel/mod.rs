@@ -24,9 +24,9 @@ use std::{
 };
 use tokio::time::Instant;
 
-use super::{epoll::Epoll, End, Side, Timeouts};
+use super::{End, Side, Timeouts};
 use crate::{
-    bpf::{Kernel, Tracked},
+    bpf::{Kernel, Tracked, Watch},
     sockopt,
 };
 
@@ -59,8 +59,9 @@ struct FlowSocket<'k> {
     /// Bytes the socket had been given to send before the flow entered the map (an active
     /// opener's SYN counts as one).
     baseline: u64,
-    /// Reports this socket's end of stream and errors (and input while its bytes are copied).
-    epoll: Epoll,
+    /// Reports this socket's end of stream and errors (and input while its bytes are copied),
+    /// and the program's signals for it.
+    watch: Watch<'k>,
 }
 
 /// Where a socket's sending stands, relative to the flow's start in the map.
@@ -294,12 +295,12 @@ fn set_up<'k, 'c>(
         (server, s_tracked, s_progress.queued_total),
     ]
     .map(|(sock, tracked, baseline)| {
-        let epoll = Epoll::new(&sock)?;
+        let watch = tracked.watch(&sock)?;
         Ok::<_, io::Error>(FlowSocket {
             sock,
             tracked,
             baseline,
-            epoll,
+            watch,
         })
     });
     let [c, s] = ends;
