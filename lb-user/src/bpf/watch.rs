@@ -6,7 +6,9 @@
 //! reader task hands each event to the slot's wake-up, the same one the program's ring-buffer
 //! events use. Redirected bytes never wake the daemon: a socket is armed only while its flow
 //! waits ([`Watch::wait`]), and only for what that wait is about. Compared with a private epoll
-//! set per socket, a flow costs no extra descriptors and two `epoll_ctl` calls fewer per socket.
+//! set per socket, a flow needs no descriptors beyond its two sockets (which is what lets
+//! `bench idle` hold ~10,000 flows under a 20,000-descriptor limit), and no set to create,
+//! register with tokio and close per socket.
 use std::{
     io,
     net::TcpStream,
