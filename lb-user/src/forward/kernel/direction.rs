@@ -76,7 +76,8 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side) -> Result<(), Halt> {
 }
 
 /// After `side`'s end of stream was passed on, its socket reports only errors and hang-ups:
-/// a reset (the flow ends), or a hang-up after both shutdowns (nothing more to learn).
+/// a reset (the flow ends), or a hang-up after both shutdowns (nothing more to learn). A
+/// wake-up can also be the program's or a stale one: the socket itself tells which.
 pub(super) async fn after_end_of_stream(flow: &Flow<'_, '_>, side: Side) -> Halt {
     let end = flow.end(side);
     loop {
@@ -87,10 +88,14 @@ pub(super) async fn after_end_of_stream(flow: &Flow<'_, '_>, side: Side) -> Halt
         match (state, end.sock.take_error()) {
             (Err(e), _) | (_, Err(e)) => return Halt::Failed(e),
             (Ok(TCP_CLOSE), _) | (_, Ok(Some(_))) => return Halt::Ended(End::Reset(side)),
-            _ => {
-                end.watch.forget();
-                std::future::pending::<()>().await;
-            }
+            _ => match sockopt::hung_up(end.sock.as_fd()) {
+                Err(e) => return Halt::Failed(e),
+                Ok(true) => {
+                    end.watch.forget();
+                    std::future::pending::<()>().await;
+                }
+                Ok(false) => {}
+            },
         }
     }
 }
