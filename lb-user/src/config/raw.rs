@@ -95,7 +95,8 @@ pub struct RawFlowControl {
     /// The brake of kernel forwarding, per direction of a flow: when more than this many bytes
     /// lb received from one side are not yet acknowledged by the other side's peer, the kernel
     /// stops forwarding that direction and the bytes stay in lb's receive buffer, so TCP's
-    /// window closes on the sender; lb resumes once the reader has caught up (below half).
+    /// window closes on the sender; lb forwards the held bytes itself as the reader makes room
+    /// under the bound, and hands the direction back to the kernel once it has caught up.
     /// Bounds the memory a slow reader can make lb hold. `256KiB` to `1GiB` (default 16MiB).
     #[serde(default)]
     pub max_in_flight: Option<bytesize::ByteSize>,
