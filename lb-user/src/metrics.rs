@@ -63,6 +63,9 @@ pub struct Metrics {
     pub kernel_fallbacks: Family<FallbackLabels, Counter>,
     /// Bytes lb accepted from one side and could not deliver because the other side failed.
     pub dropped_bytes: Family<ListenerLabels, Counter>,
+    /// Bytes the verdict program took from a socket beyond what TCP received on it: a segment
+    /// handed to the program twice, so the peer got those bytes twice. Expected to stay 0.
+    pub kernel_duplicated_bytes: Counter,
     kernel: KernelMetrics,
     // Serialises scrapes: kernel counters are folded in by delta.
     scrape: Mutex<()>,
@@ -99,6 +102,7 @@ impl Metrics {
             kernel_forwarding: Gauge::default(),
             kernel_fallbacks: Family::default(),
             dropped_bytes: Family::default(),
+            kernel_duplicated_bytes: Counter::default(),
             kernel: KernelMetrics::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
@@ -148,6 +152,11 @@ impl Metrics {
             "lb_kernel_fallbacks",
             "Flows the kernel would not take, forwarded in userspace, by reason (ended: a side had already ended its stream; no_slot, map_full: the BPF maps were full)",
             m.kernel_fallbacks.clone(),
+        );
+        r.register(
+            "lb_kernel_duplicated_bytes",
+            "Bytes the verdict program took from a socket beyond what TCP received on it (a segment handed to it twice: the peer got them twice), checked when a kernel flow ends; expected to stay 0",
+            m.kernel_duplicated_bytes.clone(),
         );
         r.register(
             "lb_dropped_bytes",

@@ -184,6 +184,7 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
     let counters = forward::kernel::FlowCounters {
         user_bytes: &proxy.user_bytes,
         dropped: &proxy.dropped[listener],
+        duplicated: &proxy.metrics.kernel_duplicated_bytes,
     };
     let timeouts = timeouts(proxy, listener);
     match forward::kernel::forward(kernel, pair.client, pair.server, timeouts, settings, &counters).await {

@@ -106,6 +106,17 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(n as u64)
 }
 
+/// Bytes received and not read yet (SIOCINQ), for a socket not in the SOCKHASH.
+pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD (= SIOCINQ) writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as u64)
+}
+
 /// A TCP socket's state and how much it was ever given to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendProgress {
@@ -115,6 +126,8 @@ pub struct SendProgress {
     pub queued_total: u64,
     /// Bytes queued and not yet acknowledged by the peer (SIOCOUTQ).
     pub unacked: u64,
+    /// Bytes received in order (`tcpi_bytes_received`; a FIN counts as one).
+    pub received_total: u64,
 }
 
 pub fn send_progress(fd: BorrowedFd<'_>) -> io::Result<SendProgress> {
@@ -124,6 +137,7 @@ pub fn send_progress(fd: BorrowedFd<'_>) -> io::Result<SendProgress> {
         state: info.state,
         queued_total: info.bytes_acked + unacked,
         unacked,
+        received_total: info.bytes_received,
     })
 }
 

@@ -73,6 +73,12 @@ impl Path {
                     m.text
                 );
                 assert_eq!(
+                    m.get("lb_kernel_duplicated_bytes_total"),
+                    0.0,
+                    "the program took bytes twice:\n{}",
+                    m.text
+                );
+                assert_eq!(
                     m.sum("lb_kernel_fallbacks_total"),
                     0.0,
                     "flows fell back to userspace:\n{}",

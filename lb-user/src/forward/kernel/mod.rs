@@ -50,6 +50,8 @@ pub struct FlowCounters<'a> {
     /// Bytes lb had accepted from one side and could not deliver because the other failed
     /// (`lb_dropped_bytes_total{listener}`).
     pub dropped: &'a Counter,
+    /// Bytes the program saw twice (`lb_kernel_duplicated_bytes_total`).
+    pub duplicated: &'a Counter,
 }
 
 /// One socket of a kernel-forwarded flow.
@@ -59,6 +61,9 @@ struct FlowSocket<'k> {
     /// Bytes the socket had been given to send before the flow entered the map (an active
     /// opener's SYN counts as one).
     baseline: u64,
+    /// Bytes the socket had received and lb had read before the flow entered the map: the
+    /// program sees everything after them.
+    received_base: u64,
     /// Reports this socket's end of stream and errors (and input while its bytes are copied),
     /// and the program's signals for it.
     watch: Watch<'k>,
@@ -152,7 +157,29 @@ impl Flow<'_, '_> {
         if self.reset_on_drop {
             self.counters.dropped.inc_by(self.undelivered());
         }
+        self.check_not_duplicated();
         Forwarded::Done(end)
+    }
+
+    /// The program must have seen each received byte once: more than TCP received means a
+    /// segment was handed to it twice (and forwarded twice). Cheap (one TCP_INFO per socket at
+    /// the end), so every flow is checked.
+    fn check_not_duplicated(&self) {
+        for from in [Side::Client, Side::Server] {
+            let src = self.end(from);
+            let Ok(p) = sockopt::send_progress(src.sock.as_fd()) else {
+                continue;
+            };
+            let seen = src.tracked.ctl().redirected() + src.tracked.ctl().passed();
+            let received = p.received_total.saturating_sub(src.received_base);
+            if seen > received {
+                tracing::error!(
+                    "kernel flow: the program took {seen} bytes from the {} side, which received {received}",
+                    from.name()
+                );
+                self.counters.duplicated.inc_by(seen - received);
+            }
+        }
     }
 
     /// Every byte from each side is queued on the other and acknowledged by its peer.
@@ -290,19 +317,20 @@ fn set_up<'k, 'c>(
         tracing::debug!("flow stays in userspace: no control slot");
         return Ok(Err((Ineligible::NoSlot, client, server)));
     };
-    let ends = [
-        (client, c_tracked, c_progress.queued_total),
-        (server, s_tracked, s_progress.queued_total),
-    ]
-    .map(|(sock, tracked, baseline)| {
-        let watch = tracked.watch(&sock)?;
-        Ok::<_, io::Error>(FlowSocket {
-            sock,
-            tracked,
-            baseline,
-            watch,
-        })
-    });
+    let ends = [(client, c_tracked, c_progress), (server, s_tracked, s_progress)].map(
+        |(sock, tracked, progress)| {
+            let watch = tracked.watch(&sock)?;
+            // Bytes waiting unread now go through the program after insertion (the kick).
+            let unread = sockopt::inq(sock.as_fd())?;
+            Ok::<_, io::Error>(FlowSocket {
+                sock,
+                tracked,
+                baseline: progress.queued_total,
+                received_base: progress.received_total.saturating_sub(unread),
+                watch,
+            })
+        },
+    );
     let [c, s] = ends;
     let (c, s) = (c?, s?);
     if !insert_pair(kernel, &c, &s) {
