@@ -163,15 +163,15 @@ impl Flow<'_, '_> {
 
     /// The program must have seen each received byte once: more than TCP received means a
     /// segment was handed to it twice (and forwarded twice). Cheap (one TCP_INFO per socket at
-    /// the end), so every flow is checked.
+    /// the end, one SIOCINQ at set-up), so every flow is checked.
     fn check_not_duplicated(&self) {
         for from in [Side::Client, Side::Server] {
             let src = self.end(from);
-            let Ok(p) = sockopt::send_progress(src.sock.as_fd()) else {
+            let Ok(info) = sockopt::tcp_info(src.sock.as_fd()) else {
                 continue;
             };
             let seen = src.tracked.ctl().redirected() + src.tracked.ctl().passed();
-            let received = p.received_total.saturating_sub(src.received_base);
+            let received = info.bytes_received.saturating_sub(src.received_base);
             if seen > received {
                 tracing::error!(
                     "kernel flow: the program took {seen} bytes from the {} side, which received {received}",
