@@ -334,6 +334,9 @@ fn set_up<'k, 'c>(
     let [c, s] = ends;
     let (c, s) = (c?, s?);
     if !insert_pair(kernel, &c, &s) {
+        // Back to tokio's reactor: out of the kernel flows' epoll set.
+        c.watch.forget();
+        s.watch.forget();
         return Ok(Err((Ineligible::MapFull, c.sock, s.sock)));
     }
     kernel.flow_started();
