@@ -97,20 +97,19 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
 
 /// Bytes in the send queue, sent or not, that the peer has not acknowledged (SIOCOUTQ).
 pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as u64)
+    ioctl_count(fd, libc::TIOCOUTQ)
 }
 
 /// Bytes received and not read yet (SIOCINQ), for a socket not in the SOCKHASH.
 pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    ioctl_count(fd, libc::FIONREAD)
+}
+
+/// An ioctl that reports a byte count as one int (TIOCOUTQ = SIOCOUTQ, FIONREAD = SIOCINQ).
+fn ioctl_count(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<u64> {
     let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD (= SIOCINQ) writes one int.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    // SAFETY: both requests write one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

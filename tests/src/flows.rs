@@ -2,15 +2,13 @@
 //! a seed) and then its seeded random payload; the server answers with its own seeded random
 //! bytes at the same time. Each end hashes what it sent and what it received with sha256, so a
 //! test can check every byte both ways.
-use rand::{rngs::SmallRng, RngCore, SeedableRng};
-use sha2::{Digest, Sha256};
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, sync::atomic::AtomicU64};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
-const CHUNK: usize = 64 * 1024;
+use crate::paced::{self, Reading};
 
 /// One flow's sizes and seed.
 #[derive(Debug, Clone, Copy)]
@@ -38,35 +36,14 @@ pub struct ServerReport {
     pub received_len: u64,
 }
 
-/// Writes `len` seeded random bytes, returning their sha256.
+/// Writes `len` seeded random bytes, then shuts the write side; returns their sha256.
 async fn send_random(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, len: u64) -> io::Result<[u8; 32]> {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        rng.fill_bytes(&mut buf);
-        hash.update(&buf[..n]);
-        w.write_all(&buf[..n]).await?;
-        left -= n as u64;
-    }
-    Ok(hash.finalize().into())
+    paced::write_seeded(w, seed, len, &AtomicU64::new(0)).await
 }
 
 /// Reads to end of stream, returning the sha256 and length.
 async fn receive_all(r: &mut (impl AsyncReadExt + Unpin)) -> io::Result<([u8; 32], u64)> {
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut len = 0u64;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok((hash.finalize().into(), len));
-        }
-        hash.update(&buf[..n]);
-        len += n as u64;
-    }
+    paced::read_paced(r, Reading::FAST, 0).await
 }
 
 /// Runs one flow through `addr` (lb's listener) and returns what the client saw.
@@ -79,9 +56,7 @@ pub async fn run(addr: SocketAddr, spec: FlowSpec) -> io::Result<ClientReport> {
         header[8..16].copy_from_slice(&spec.down.to_le_bytes());
         header[16..].copy_from_slice(&spec.seed.to_le_bytes());
         w.write_all(&header).await?;
-        let sent = send_random(&mut w, spec.seed, spec.up).await?;
-        w.shutdown().await?;
-        Ok::<_, io::Error>(sent)
+        send_random(&mut w, spec.seed, spec.up).await
     };
     let (sent, (received, received_len)) = tokio::try_join!(send, receive_all(&mut r))?;
     Ok(ClientReport {
@@ -102,9 +77,7 @@ pub async fn serve(mut s: TcpStream) -> io::Result<ServerReport> {
     let (mut r, mut w) = s.split();
     let send = async {
         // The server's stream uses a different seed from the client's.
-        let sent = send_random(&mut w, seed ^ 0x5eed_5eed_5eed_5eed, down).await?;
-        w.shutdown().await?;
-        Ok::<_, io::Error>(sent)
+        send_random(&mut w, seed ^ 0x5eed_5eed_5eed_5eed, down).await
     };
     let (sent, (received, received_len)) = tokio::try_join!(send, receive_all(&mut r))?;
     Ok(ServerReport {

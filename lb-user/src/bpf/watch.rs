@@ -97,7 +97,12 @@ pub struct Watch<'k> {
     slot: u32,
     wake: Arc<Notify>,
     interest: AtomicU32,
+    /// The interest the socket is armed with, or [`NOT_ARMED`] once a wake-up may have been
+    /// its (one-shot) event: a wait re-arms only then, or when the interest changed.
+    armed: AtomicU32,
 }
+
+const NOT_ARMED: u32 = u32::MAX;
 
 impl<'k> Watch<'k> {
     pub(super) fn add(
@@ -112,6 +117,7 @@ impl<'k> Watch<'k> {
             slot,
             wake,
             interest: AtomicU32::new(Interest::EndOfStream as u32),
+            armed: AtomicU32::new(NOT_ARMED),
         };
         watch.ctl(libc::EPOLL_CTL_ADD)?;
         Ok(watch)
@@ -126,14 +132,19 @@ impl<'k> Watch<'k> {
     /// program signals its slot (a brake, or bytes held for the daemon). Either may have
     /// happened since the last wait, and a wake-up may be stale: callers check what changed.
     pub async fn wait(&self) -> io::Result<()> {
-        // Arming re-checks the socket: a condition that holds now is reported at once.
-        self.ctl(libc::EPOLL_CTL_MOD)?;
+        // Arming re-checks the socket: a condition that holds now is reported at once. A
+        // socket still armed for the same interest needs no call: its event is still pending.
+        if self.armed.load(Relaxed) != self.interest.load(Relaxed) {
+            self.ctl(libc::EPOLL_CTL_MOD)?;
+        }
         self.wake.notified().await;
+        self.armed.store(NOT_ARMED, Relaxed);
         Ok(())
     }
 
     /// Stops watching the socket (closing it would too).
     pub fn forget(&self) {
+        self.armed.store(NOT_ARMED, Relaxed);
         // SAFETY: valid fds; a null event is allowed for EPOLL_CTL_DEL.
         unsafe {
             libc::epoll_ctl(
@@ -146,7 +157,8 @@ impl<'k> Watch<'k> {
     }
 
     fn ctl(&self, op: i32) -> io::Result<()> {
-        let events = self.interest.load(Relaxed) | libc::EPOLLONESHOT as u32;
+        let interest = self.interest.load(Relaxed);
+        let events = interest | libc::EPOLLONESHOT as u32;
         let mut ev = libc::epoll_event {
             events,
             u64: u64::from(self.slot),
@@ -155,6 +167,7 @@ impl<'k> Watch<'k> {
         if unsafe { libc::epoll_ctl(self.watcher.epoll.as_raw_fd(), op, self.sock, &mut ev) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        self.armed.store(interest, Relaxed);
         Ok(())
     }
 }

@@ -99,6 +99,23 @@ pub fn measure(env: &Env, ns: &Netns, seconds: u32, port: u16, proxy_pid: Option
 /// `xtask bench-echo`: accepts, reads 64 bytes, writes them back, closes. Ends after `lifetime`
 /// seconds at the latest, so a lost server cannot linger.
 pub fn echo_server(port: u16, lifetime: u64) -> Result<()> {
+    serve_loopback(port, lifetime, |mut stream| async move {
+        let mut buf = [0u8; MESSAGE];
+        let _ = timeout(Duration::from_secs(5), async {
+            stream.read_exact(&mut buf).await?;
+            stream.write_all(&buf).await
+        })
+        .await;
+    })
+}
+
+/// Accepts on 127.0.0.1:`port` and runs `handle` on each connection in its own task, for
+/// `lifetime` seconds at most (the helper servers of `bench tcp` and `bench idle`).
+pub(super) fn serve_loopback<F, Fut>(port: u16, lifetime: u64, handle: F) -> Result<()>
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(("127.0.0.1", port))
@@ -106,7 +123,7 @@ pub fn echo_server(port: u16, lifetime: u64) -> Result<()> {
             .with_context(|| format!("binding 127.0.0.1:{port}"))?;
         let serve = async {
             loop {
-                let mut stream = match listener.accept().await {
+                let stream = match listener.accept().await {
                     Ok((stream, _)) => stream,
                     Err(_) => {
                         // Out of descriptors or an aborted handshake: pause instead of spinning.
@@ -114,14 +131,7 @@ pub fn echo_server(port: u16, lifetime: u64) -> Result<()> {
                         continue;
                     }
                 };
-                tokio::spawn(async move {
-                    let mut buf = [0u8; MESSAGE];
-                    let _ = timeout(Duration::from_secs(5), async {
-                        stream.read_exact(&mut buf).await?;
-                        stream.write_all(&buf).await
-                    })
-                    .await;
-                });
+                tokio::spawn(handle(stream));
             }
         };
         let _ = timeout(Duration::from_secs(lifetime), serve).await;

@@ -19,7 +19,7 @@ use std::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 const BACKEND_PORT: u16 = 7101;
@@ -192,25 +192,9 @@ fn rss(pid: u32) -> Result<u64> {
 /// `xtask bench-hold`: echoes every connection and keeps it open until the peer closes; ends
 /// after `lifetime` seconds at the latest.
 pub fn hold_server(port: u16, lifetime: u64) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
-    runtime.block_on(async move {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .with_context(|| format!("binding 127.0.0.1:{port}"))?;
-        let serve = async {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let (mut r, mut w) = stream.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(lifetime), serve).await;
-        Ok(())
+    super::connrate::serve_loopback(port, lifetime, |mut stream| async move {
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
     })
 }
 

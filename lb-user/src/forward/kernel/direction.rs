@@ -135,8 +135,8 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             flow.note_braked(from, true);
         }
         let max = u64::from(ctl.max_in_flight());
-        wait_until_delivered(flow, from, Some(max.saturating_sub(STEP))).await?;
-        match forward_held(flow, from, &mut copy.buf, max).await {
+        let lag = wait_until_delivered(flow, from, Some(max.saturating_sub(STEP))).await?;
+        match forward_held(flow, from, &mut copy.buf, max.saturating_sub(lag)).await {
             Ok(()) => {}
             Err(Halt::Failed(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Counted by the program, not queued yet: the socket reports it.
@@ -154,21 +154,18 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
     Ok(Pumped::More)
 }
 
-/// Forwards held bytes of `from`, as many as the bound leaves room for.
+/// Forwards held bytes of `from`, at most `room` (what the bound leaves).
 ///
 /// They are taken off the socket first (which reopens the sender's window while it still has
 /// segments in flight, see the module docs), then written to the peer, and only then published
 /// as consumed: until then the program keeps holding newer segments behind them. The read asks
 /// for no more than the program counted, so no byte that bypassed it can be forwarded.
-async fn forward_held(flow: &Flow<'_, '_>, from: Side, buf: &mut Vec<u8>, max: u64) -> Result<(), Halt> {
+async fn forward_held(flow: &Flow<'_, '_>, from: Side, buf: &mut Vec<u8>, room: u64) -> Result<(), Halt> {
     let src = flow.end(from);
     let ctl = src.tracked.ctl();
     let held = ctl.passed() - ctl.consumed();
-    let lag = src
-        .given_to_peer()
-        .saturating_sub(flow.end(from.other()).send_state()?.acked);
     // The wait before left at least STEP of room; never ask for nothing.
-    let room = held.min(max.saturating_sub(lag)).max(1).min(MAX_COPY as u64);
+    let room = held.min(room).max(1).min(MAX_COPY as u64);
     // The read runs the program over segments not seen yet first (tcp_bpf_recvmsg_parser),
     // so it returns counted bytes only, and no more than asked: held ones, in order.
     let want = room as usize;
@@ -195,9 +192,9 @@ fn failed(side: Side, e: io::Error) -> Halt {
 
 /// Waits until the peer of `from` has queued every byte given to it from `from` (redirected by
 /// the kernel or written by the daemon), and, with `lag`, until no more than `lag` of them are
-/// unacknowledged. Ends the flow if the peer closed (reset) meanwhile or made no progress for
-/// its idle timeout.
-async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>) -> Result<(), Halt> {
+/// unacknowledged; returns how many are then. Ends the flow if the peer closed (reset)
+/// meanwhile or made no progress for its idle timeout.
+async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>) -> Result<u64, Halt> {
     let src = flow.end(from);
     let dst = flow.end(from.other());
     let limit = flow.timeouts.of(from.other());
@@ -210,8 +207,9 @@ async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>)
         if s.state == TCP_CLOSE {
             return Err(Halt::Ended(End::Reset(from.other())));
         }
-        if s.queued >= given && lag.is_none_or(|lag| given.saturating_sub(s.acked) <= lag) {
-            return Ok(());
+        let unacked = given.saturating_sub(s.acked);
+        if s.queued >= given && lag.is_none_or(|lag| unacked <= lag) {
+            return Ok(unacked);
         }
         if (s.queued, s.acked) != last {
             last = (s.queued, s.acked);
