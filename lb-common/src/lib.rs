@@ -29,6 +29,11 @@ pub const VERDICT_PROG: &str = "lb_verdict";
 /// kernel builds).
 pub const WRITE_SEQ_OFFSET_GLOBAL: &str = "WRITE_SEQ_OFFSET";
 pub const SND_UNA_OFFSET_GLOBAL: &str = "SND_UNA_OFFSET";
+/// Name of the global holding the byte offset of `copied_seq` in `struct tcp_sock`.
+pub const COPIED_SEQ_OFFSET_GLOBAL: &str = "COPIED_SEQ_OFFSET";
+/// Name of the global holding the byte offset, in `struct sk_buff`, of the sequence number TCP
+/// stores in the skb's control block (`cb` + `tcp_skb_cb.seq`).
+pub const SKB_SEQ_OFFSET_GLOBAL: &str = "SKB_SEQ_OFFSET";
 
 /// Capacity of the SOCKHASH, of the slot index and of the control array: two sockets per flow.
 pub const MAX_SOCKETS: u32 = 131_072;
@@ -42,12 +47,15 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const FLAG_REDIRECTING: u32 = 1;
 /// [`SockCtl::flags`]: [`SockCtl::peer_seq_base`] is set (the first redirect happened).
 pub const FLAG_BASED: u32 = 2;
+/// [`SockCtl::flags`]: [`SockCtl::next_seq`] is set (the program has seen an skb).
+pub const FLAG_SEQ: u32 = 4;
 
 /// The control state of one socket of a kernel-forwarded flow: what the program did with the
 /// bytes this socket received, and what the daemon allows and has done.
 ///
 /// Who writes what (each field has exactly one writer, so neither side can wipe the other's
-/// update): the program writes `redirected`, `passed`, `peer_seq_base` and `flags`; the daemon
+/// update): the program writes `redirected`, `passed`, `peer_seq_base`, `flags` and
+/// `next_seq`; the daemon
 /// writes `consumed`, `allow` and `max_in_flight` (and zeroes the whole slot before the socket's
 /// cookie is indexed in [`SLOTS_MAP`], when the program cannot see it yet).
 #[repr(C)]
@@ -75,6 +83,13 @@ pub struct SockCtl {
     /// (in the peer's psock queue or send queue), the program stops redirecting and passes
     /// (holds) this socket's bytes, which closes the sender's TCP window, and wakes the daemon.
     pub max_in_flight: u32,
+    /// TCP sequence number just past the last byte the program took from this socket (valid
+    /// with [`FLAG_SEQ`]). The kernel hands the program whole skbs, even one that TCP queued
+    /// with its head overlapping bytes already taken (a retransmission that partly covers
+    /// received data): the program trims that head so no byte is forwarded twice.
+    pub next_seq: u32,
+    /// Unused; keeps the size a multiple of 8.
+    pub _pad: u32,
 }
 
 /// Why the program woke the daemon about one socket.
@@ -118,12 +133,18 @@ pub struct CpuStats {
     pub held_bytes: u64,
     /// Events the ring buffer had no room for (the daemon then looks at every flow).
     pub events_lost: u64,
+    /// Payload bytes at the head of skbs that the program had already taken (a retransmitted
+    /// segment partly overlapping received data), trimmed off before the skb went on.
+    pub trimmed_bytes: u64,
+    /// skbs whose overlap could not be trimmed (the helper failed, or more than the program
+    /// trims at once): their repeated bytes went on. Should stay 0.
+    pub untrimmed: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockCtl>() == 40);
+const _: () = assert!(core::mem::size_of::<SockCtl>() == 48);
 const _: () = assert!(core::mem::align_of::<SockCtl>() == 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 8);
-const _: () = assert!(core::mem::size_of::<CpuStats>() == 80);
+const _: () = assert!(core::mem::size_of::<CpuStats>() == 96);
 const _: () = assert!(core::mem::align_of::<CpuStats>() == 8);
 
 impl CpuStats {
@@ -140,6 +161,8 @@ impl CpuStats {
             resumes: self.resumes + o.resumes,
             held_bytes: self.held_bytes + o.held_bytes,
             events_lost: self.events_lost + o.events_lost,
+            trimmed_bytes: self.trimmed_bytes + o.trimmed_bytes,
+            untrimmed: self.untrimmed + o.untrimmed,
         }
     }
 }

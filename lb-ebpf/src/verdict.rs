@@ -9,12 +9,20 @@
 //! - redirecting → held (the brake) when the peer has not yet queued more than `max_in_flight`
 //!   of the redirected bytes: the bytes then stay charged to this socket's receive buffer, TCP's
 //!   window closes on the sender, and the daemon is woken through the ring buffer.
+//!
+//! Before either, it trims bytes it has already taken off the head of the skb (see
+//! [`take_new_bytes`]).
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
+    bindings::{
+        __sk_buff,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     cty::c_void,
     helpers::{
         bpf_get_socket_cookie, bpf_probe_read_kernel,
-        generated::{bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock},
+        generated::{
+            bpf_loop, bpf_map_lookup_elem, bpf_sk_release, bpf_skb_adjust_room, bpf_skc_to_tcp_sock,
+        },
     },
     macros::{map, stream_verdict},
     maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
@@ -23,7 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     CpuStats, Event, SockCtl, BPF_F_MMAPABLE, EVENTS_BYTES, EVENT_BRAKE, EVENT_HELD, FLAG_BASED,
-    FLAG_REDIRECTING, MAX_SOCKETS,
+    FLAG_REDIRECTING, FLAG_SEQ, MAX_SOCKETS,
 };
 
 #[map(name = "SOCKS")]
@@ -47,6 +55,20 @@ static CPU_STATS: PerCpuArray<CpuStats> = PerCpuArray::with_max_entries(1, 0);
 static WRITE_SEQ_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static SND_UNA_OFFSET: u32 = 0;
+/// Byte offset of `copied_seq` in `struct tcp_sock`, and of TCP's sequence number in `struct
+/// sk_buff` (`cb` + `tcp_skb_cb.seq`), from the kernel's BTF likewise.
+#[unsafe(no_mangle)]
+static COPIED_SEQ_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SKB_SEQ_OFFSET: u32 = 0;
+
+/// `bpf_skb_adjust_room` removes at most this many bytes per call.
+const TRIM_STEP: u64 = 4095;
+/// Calls per skb, bounding the loop: 512 × 4095 B is just under 2 MiB. The overlap can exceed
+/// one segment: TCP coalesces out-of-order segments into one skb, and one seen here repeated
+/// 256 KiB. An skb holds at most MAX_SKB_FRAGS (17 by default, 45 at most) page fragments of
+/// up to 32 KiB: 1.4 MiB.
+const TRIM_STEPS: u32 = 512;
 
 #[stream_verdict]
 pub fn lb_verdict(ctx: SkBuffContext) -> u32 {
@@ -54,7 +76,7 @@ pub fn lb_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 fn try_verdict(ctx: &SkBuffContext) -> u32 {
-    let len = ctx.len() as u64;
+    let mut len = ctx.len() as u64;
     let stats = match CPU_STATS.get_ptr_mut(0) {
         Some(s) => s,
         None => return SK_PASS,
@@ -82,6 +104,12 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         unsafe { (*stats).untracked += 1 };
         return SK_PASS;
     };
+    len = take_new_bytes(ctx, stats, ctl, len);
+    if len == 0 {
+        // Every byte of it was taken before; trimmed to nothing, so dropping it does not
+        // advance the socket's copied_seq.
+        return SK_DROP;
+    }
     let flags = unsafe { (*ctl).flags };
     // The daemon's fields change under us: read each once.
     let allow = unsafe { core::ptr::read_volatile(&(*ctl).allow) };
@@ -103,7 +131,7 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
                 // is in the peer's write_seq already.
                 (*ctl).peer_seq_base = seq.wrapping_sub(consumed as u32);
             }
-            (*ctl).flags = FLAG_REDIRECTING | FLAG_BASED;
+            (*ctl).flags |= FLAG_REDIRECTING | FLAG_BASED;
             (*stats).resumes += 1;
         }
         return redirect(ctx, stats, ctl, slot, cookie, len);
@@ -191,6 +219,121 @@ fn hold(
         debug!(ctx, "lb: event ring full, slot {} not signalled", slot);
     }
     SK_PASS
+}
+
+/// Trims the bytes this socket's program already took off the head of the skb and returns the
+/// length left.
+///
+/// The kernel hands the program whole skbs off the receive queue (tcp_read_skb), without the
+/// offset tcp_recvmsg applies: when a retransmitted segment partly overlaps bytes TCP had
+/// already received, TCP queues it whole, and without this its head would be forwarded a second
+/// time (seen as a few dozen bytes to 95 KiB more at the far end, rarely, under full-speed
+/// transfers). The program keeps the sequence number just past the last byte it took in
+/// `next_seq`, starting from the socket's `copied_seq` (what the daemon read before insertion).
+#[inline(always)]
+fn take_new_bytes(ctx: &SkBuffContext, stats: *mut CpuStats, ctl: *mut SockCtl, len: u64) -> u64 {
+    let Some(seq) = skb_seq(ctx) else {
+        return len;
+    };
+    // SAFETY: see try_verdict; `next_seq` and `flags` are the program's fields.
+    unsafe {
+        let next = if (*ctl).flags & FLAG_SEQ != 0 {
+            (*ctl).next_seq
+        } else {
+            let copied = own_seq(ctx, &COPIED_SEQ_OFFSET).unwrap_or(seq);
+            debug!(ctx, "lb: first skb: seq {}, copied_seq {}", seq, copied);
+            copied
+        };
+        let overlap = next.wrapping_sub(seq) as i32;
+        let end = seq.wrapping_add(len as u32);
+        (*ctl).flags |= FLAG_SEQ;
+        if overlap <= 0 {
+            (*ctl).next_seq = end;
+            return len;
+        }
+        let overlap = (overlap as u64).min(len);
+        if overlap < len {
+            (*ctl).next_seq = end;
+        }
+        // bpf_loop: the verifier checks the step once, where a plain loop of this bound
+        // multiplied the program's paths past its limit.
+        let mut trim = Trim {
+            skb: ctx.skb.skb,
+            left: overlap,
+        };
+        bpf_loop(
+            TRIM_STEPS,
+            trim_step as *mut c_void,
+            core::ptr::addr_of_mut!(trim).cast(),
+            0,
+        );
+        let left = trim.left;
+        let trimmed = overlap - left;
+        debug!(
+            ctx,
+            "lb: skb seq {} len {}: trimmed {} of {} bytes taken before", seq, len, trimmed, overlap
+        );
+        (*stats).trimmed_bytes += trimmed;
+        if left != 0 {
+            (*stats).untrimmed += 1;
+        }
+        len - trimmed
+    }
+}
+
+/// The state of a trim: the skb, and how many bytes are still to come off its head.
+#[repr(C)]
+struct Trim {
+    skb: *mut __sk_buff,
+    left: u64,
+}
+
+/// One step of a trim (a bpf_loop callback): 0 to go on, 1 to stop.
+unsafe extern "C" fn trim_step(_index: u32, trim: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the `Trim` on the caller's stack, alive for the whole loop.
+    unsafe {
+        let trim = trim as *mut Trim;
+        let left = (*trim).left;
+        if left == 0 {
+            return 1;
+        }
+        let step = if left < TRIM_STEP { left } else { TRIM_STEP };
+        if bpf_skb_adjust_room((*trim).skb, -(step as i32), 0, 0) != 0 {
+            return 1;
+        }
+        (*trim).left = left - step;
+        0
+    }
+}
+
+/// TCP's sequence number of the skb's first byte (`TCP_SKB_CB(skb)->seq`), read from the
+/// `struct sk_buff` the context stands for.
+#[inline(always)]
+fn skb_seq(ctx: &SkBuffContext) -> Option<u32> {
+    // SAFETY: bpf_probe_read_kernel cannot fault; the offset comes from the kernel's BTF.
+    unsafe {
+        let offset = core::ptr::read_volatile(&SKB_SEQ_OFFSET) as usize;
+        bpf_probe_read_kernel((ctx.skb.skb as *const u8).add(offset) as *const u32).ok()
+    }
+}
+
+/// A sequence number of this socket's own `struct tcp_sock`, at the byte offset in `offset`.
+#[inline(always)]
+fn own_seq(ctx: &SkBuffContext, offset: &u32) -> Option<u32> {
+    // SAFETY: `sk` of an sk_skb context is the receiving socket (or null); it is not
+    // referenced, so nothing to release; the field is read through bpf_probe_read_kernel.
+    unsafe {
+        let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return None;
+        }
+        let tp = bpf_skc_to_tcp_sock(sk.cast());
+        if tp.is_null() {
+            return None;
+        }
+        let offset = core::ptr::read_volatile(offset) as usize;
+        bpf_probe_read_kernel((tp as *const u8).add(offset) as *const u32).ok()
+    }
 }
 
 /// A sequence number of the peer's `struct tcp_sock` (`write_seq`: every byte it was given to

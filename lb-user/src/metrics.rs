@@ -83,6 +83,8 @@ struct KernelMetrics {
     handoffs: Family<HandoffLabels, Counter>,
     held_bytes: Counter,
     events_lost: Counter,
+    trimmed_bytes: Counter,
+    untrimmed: Counter,
     flows: Gauge,
     braked_flows: Gauge,
     tracked_sockets: Gauge,
@@ -190,6 +192,16 @@ impl Metrics {
             k.events_lost.clone(),
         );
         r.register(
+            "lb_kernel_trimmed_bytes",
+            "Bytes at the head of retransmitted segments that TCP queued again though the program had already forwarded them, trimmed off",
+            k.trimmed_bytes.clone(),
+        );
+        r.register(
+            "lb_kernel_untrimmed_segments",
+            "Segments whose repeated head the program could not trim (their repeated bytes went on; should stay 0)",
+            k.untrimmed.clone(),
+        );
+        r.register(
             "lb_kernel_flows",
             "Flows whose sockets are in the SOCKHASH now",
             k.flows.clone(),
@@ -246,6 +258,8 @@ impl Metrics {
             catch_up(&km.brakes, s.brakes);
             catch_up(&km.held_bytes, s.held_bytes);
             catch_up(&km.events_lost, s.events_lost);
+            catch_up(&km.trimmed_bytes, s.trimmed_bytes);
+            catch_up(&km.untrimmed, s.untrimmed);
             // Every brake hands a direction to the daemon; every (re)start of redirection hands
             // it back (the first one of a flow included).
             let to_user = km

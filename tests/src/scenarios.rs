@@ -54,6 +54,11 @@ impl Path {
         let (kernel, user) = (m.kernel_bytes(), m.user_bytes());
         match self {
             Path::Kernel => {
+                // Shown with --nocapture: retransmitted overlaps the program trimmed (rare).
+                eprintln!(
+                    "lb_kernel_trimmed_bytes_total {}",
+                    m.get("lb_kernel_trimmed_bytes_total")
+                );
                 assert_eq!(
                     m.get("lb_kernel_forwarding"),
                     1.0,
@@ -76,6 +81,12 @@ impl Path {
                     m.get("lb_kernel_duplicated_bytes_total"),
                     0.0,
                     "the program took bytes twice:\n{}",
+                    m.text
+                );
+                assert_eq!(
+                    m.get("lb_kernel_untrimmed_segments_total"),
+                    0.0,
+                    "the program forwarded a repeated segment head:\n{}",
                     m.text
                 );
                 assert_eq!(
@@ -110,7 +121,12 @@ async fn run_flows(path: Path, specs: Vec<FlowSpec>) -> Lb {
         .collect();
     let (clients, by_seed) = crate::gather(tasks, &mut reports, |r| r.seed, BOUND).await;
     for (spec, client) in specs.iter().zip(&clients) {
-        flows::assert_intact(spec, client, &by_seed[&spec.seed]);
+        let check = || flows::assert_intact(spec, client, &by_seed[&spec.seed]);
+        if let Err(panic) = std::panic::catch_unwind(check) {
+            // What lb counted tells which side broke the stream (trimmed, duplicated bytes).
+            eprintln!("lb's metrics at the failure:\n{}", lb.metrics().text);
+            std::panic::resume_unwind(panic);
+        }
     }
     lb
 }

@@ -71,15 +71,18 @@ async fn mid_stream_handoffs_at_random_offsets_keep_every_byte() {
             .collect();
         let (clients, by_seed) = lb_tests::gather(tasks, &mut reports, |r| r.seed, BOUND).await;
         let m = lb.metrics();
-        // Shown with a failure below: whether the program itself was handed bytes twice.
+        // Shown with a failure below: whether the program itself was handed bytes twice, and
+        // how many repeated bytes it trimmed.
         eprintln!(
-            "round {round}: lb_kernel_duplicated_bytes_total {}",
-            m.get("lb_kernel_duplicated_bytes_total")
+            "round {round}: lb_kernel_duplicated_bytes_total {}, lb_kernel_trimmed_bytes_total {}",
+            m.get("lb_kernel_duplicated_bytes_total"),
+            m.get("lb_kernel_trimmed_bytes_total")
         );
         for (spec, client) in specs.iter().zip(&clients) {
             flows::assert_intact(spec, client, &by_seed[&spec.seed]);
         }
         assert_eq!(m.get("lb_kernel_duplicated_bytes_total"), 0.0, "{}", m.text);
+        assert_eq!(m.get("lb_kernel_untrimmed_segments_total"), 0.0, "{}", m.text);
         // A flow whose client had sent everything and half-closed by the time of the hand-off
         // cannot enter the kernel (only ESTABLISHED sockets can): it finishes in userspace.
         fallbacks += m.counted("lb_kernel_fallbacks_total{reason=\"ended\"}");

@@ -16,8 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    CpuStats, CPU_STATS_MAP, EVENTS_MAP, FLOW_CTL_MAP, SLOTS_MAP, SND_UNA_OFFSET_GLOBAL, SOCKS_MAP,
-    VERDICT_PROG, WRITE_SEQ_OFFSET_GLOBAL,
+    CpuStats, COPIED_SEQ_OFFSET_GLOBAL, CPU_STATS_MAP, EVENTS_MAP, FLOW_CTL_MAP, SKB_SEQ_OFFSET_GLOBAL,
+    SLOTS_MAP, SND_UNA_OFFSET_GLOBAL, SOCKS_MAP, VERDICT_PROG, WRITE_SEQ_OFFSET_GLOBAL,
 };
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -104,6 +104,8 @@ impl Kernel {
             .override_global(aya_log::LEVEL, &level, false)
             .override_global(WRITE_SEQ_OFFSET_GLOBAL, &offsets.write_seq, true)
             .override_global(SND_UNA_OFFSET_GLOBAL, &offsets.snd_una, true)
+            .override_global(COPIED_SEQ_OFFSET_GLOBAL, &offsets.copied_seq, true)
+            .override_global(SKB_SEQ_OFFSET_GLOBAL, &offsets.skb_seq, true)
             .load(OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_reader(logger),

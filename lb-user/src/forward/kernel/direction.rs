@@ -7,7 +7,8 @@
 //!    overtake redirected ones) and the bound leaves room: the peer's unacknowledged bytes are
 //!    at least [`STEP`] below `max_in_flight`;
 //! 2. takes as many held bytes as that room allows off the socket, writes them to the peer and
-//!    publishes the count (`consumed`);
+//!    publishes the count (`consumed`); a socket whose receive memory overflowed its buffer has
+//!    its held bytes taken at once, before there is room (see [`overcommitted`]);
 //! 3. once `consumed == passed`, goes back to sleep: the program resumes redirecting on the
 //!    next segment (if the peer is below the bound), or signals again.
 //!
@@ -31,7 +32,8 @@ use crate::{
     sockopt,
 };
 
-/// Most bytes copied at once. The buffer exists only while a direction's bytes are held.
+/// Most bytes read at once. The buffer exists only while a direction's bytes are held; it
+/// grows past this only to take an overcommitted socket's bytes (up to `max_in_flight`).
 const MAX_COPY: usize = 4 << 20;
 /// Reads per wake-up before yielding to other tasks (a fast sender cannot hold the thread).
 const ROUNDS: usize = 64;
@@ -100,12 +102,20 @@ pub(super) async fn after_end_of_stream(flow: &Flow<'_, '_>, side: Side) -> Halt
     }
 }
 
-/// The direction's copying state: its buffer (only while bytes are held) and whether the
-/// source is watched for input.
+/// The direction's copying state: held bytes read off the source and not yet written to the
+/// peer (`buf[start..]`; the buffer exists only while bytes are held), and whether the source
+/// is watched for input.
 #[derive(Default)]
 struct Copier {
     buf: Vec<u8>,
+    start: usize,
     watching_input: bool,
+}
+
+impl Copier {
+    fn pending(&self) -> u64 {
+        (self.buf.len() - self.start) as u64
+    }
 }
 
 /// Copies what the program held, up to [`ROUNDS`] reads.
@@ -120,7 +130,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
                 src.watch.set_interest(Interest::EndOfStream);
                 copy.watching_input = false;
             }
-            copy.buf = Vec::new();
+            *copy = Copier::default();
             flow.note_braked(from, false);
             // Only an end of stream or an error can be waiting (or a segment passed since).
             return match sockopt::peek_nowait(src.sock.as_fd(), &mut [0u8; 1]) {
@@ -135,51 +145,90 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             flow.note_braked(from, true);
         }
         let max = u64::from(ctl.max_in_flight());
-        let lag = wait_until_delivered(flow, from, Some(max.saturating_sub(STEP))).await?;
-        match forward_held(flow, from, &mut copy.buf, max.saturating_sub(lag)).await {
-            Ok(()) => {}
-            Err(Halt::Failed(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Counted by the program, not queued yet: the socket reports it.
-                if !copy.watching_input {
-                    src.watch.set_interest(Interest::Input);
-                    copy.watching_input = true;
-                }
-                return Ok(Pumped::Idle);
+        if copy.pending() < max && overcommitted(src.sock.as_fd()).map_err(|e| failed(from, e))? {
+            // Take the excess off the socket now, whatever the peer's room: see `overcommitted`.
+            match take_held(flow, from, copy, max - copy.pending()) {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(e) => return Err(failed(from, e)),
             }
-            Err(Halt::Failed(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(Halt::Failed(e)) => return Err(failed(from, e)),
-            Err(h) => return Err(h),
         }
+        let lag = wait_until_delivered(flow, from, Some(max.saturating_sub(STEP))).await?;
+        let room = max.saturating_sub(lag);
+        if copy.pending() == 0 {
+            match take_held(flow, from, copy, room) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Counted by the program, not queued yet: the socket reports it.
+                    if !copy.watching_input {
+                        src.watch.set_interest(Interest::Input);
+                        copy.watching_input = true;
+                    }
+                    return Ok(Pumped::Idle);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(failed(from, e)),
+            }
+        }
+        forward_pending(flow, from, copy, room).await?;
     }
     Ok(Pumped::More)
 }
 
-/// Forwards held bytes of `from`, at most `room` (what the bound leaves).
-///
-/// They are taken off the socket first (which reopens the sender's window while it still has
-/// segments in flight, see the module docs), then written to the peer, and only then published
-/// as consumed: until then the program keeps holding newer segments behind them. The read asks
-/// for no more than the program counted, so no byte that bypassed it can be forwarded.
-async fn forward_held(flow: &Flow<'_, '_>, from: Side, buf: &mut Vec<u8>, room: u64) -> Result<(), Halt> {
+/// Whether the source's receive memory is above its buffer size. Held bytes normally fill it
+/// only up to the window TCP advertised; but bytes the program passes can wait, uncharged, in
+/// the psock's own backlog (when the kernel could not queue them at once) and be charged all
+/// at once later: seen at 9.9 MB on a 2 MB buffer under CPU contention. TCP then drops every
+/// segment in the window it had offered, and once the window is zero it also rejects the
+/// sender's pure ACKs whose sequence number lies past it, so this socket's own sends stall
+/// (retransmission timeouts doubling to minutes: a flow stuck for the whole idle timeout).
+/// Taking those bytes into the daemon's buffer ends that; they were accepted already, so lb
+/// holds no more than before.
+fn overcommitted(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    let (allocated, size) = sockopt::receive_memory(fd)?;
+    Ok(allocated > size)
+}
+
+/// Reads up to `limit` held bytes of `from` (at most [`MAX_COPY`] at once) behind the
+/// pending ones. The read asks for no more than the program counted, so no byte that bypassed
+/// it can be forwarded; it runs the program over segments not seen yet first
+/// (tcp_bpf_recvmsg_parser), so it returns counted bytes only, in order.
+fn take_held(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier, limit: u64) -> io::Result<()> {
     let src = flow.end(from);
     let ctl = src.tracked.ctl();
-    let held = ctl.passed() - ctl.consumed();
-    // The wait before left at least STEP of room; never ask for nothing.
-    let room = held.min(room).max(1).min(MAX_COPY as u64);
-    // The read runs the program over segments not seen yet first (tcp_bpf_recvmsg_parser),
-    // so it returns counted bytes only, and no more than asked: held ones, in order.
-    let want = room as usize;
-    if buf.len() < want {
-        buf.resize(want, 0);
+    let held = ctl.passed() - ctl.consumed() - copy.pending();
+    let want = held.min(limit).min(MAX_COPY as u64) as usize;
+    if want == 0 {
+        return Ok(());
     }
-    let n = sockopt::recv_nowait(src.sock.as_fd(), &mut buf[..want])?;
-    if n == 0 {
+    if copy.start > 0 {
+        copy.buf.drain(..copy.start);
+        copy.start = 0;
+    }
+    let end = copy.buf.len();
+    copy.buf.resize(end + want, 0);
+    let read = sockopt::recv_nowait(src.sock.as_fd(), &mut copy.buf[end..]);
+    let n = *read.as_ref().unwrap_or(&0);
+    copy.buf.truncate(end + n);
+    match read {
         // The sender's FIN is in, and the held bytes before it are still on their way to the
-        // socket's queue (the psock's backlog worker moves them): as if they were not counted yet.
-        return Err(io::Error::from(io::ErrorKind::WouldBlock).into());
+        // socket's queue (the psock's backlog worker moves them): as if not counted yet.
+        Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
     }
-    write_all(flow, from.other(), &buf[..n]).await?;
+}
+
+/// Writes pending held bytes of `from` to its peer, at most `room` (what the bound leaves),
+/// then publishes them as consumed: until then the program keeps holding newer segments
+/// behind them.
+async fn forward_pending(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier, room: u64) -> Result<(), Halt> {
+    // The wait before left at least STEP of room; never write nothing.
+    let n = copy.pending().min(room.max(1)) as usize;
+    write_all(flow, from.other(), &copy.buf[copy.start..copy.start + n]).await?;
+    copy.start += n;
     flow.counters.user_bytes.inc_by(n as u64);
+    let ctl = flow.end(from).tracked.ctl();
     // Only now, with the bytes in the peer's send queue, may the program resume.
     ctl.set_consumed(ctl.consumed() + n as u64);
     Ok(())
