@@ -103,18 +103,19 @@ pub(super) async fn after_end_of_stream(flow: &Flow<'_, '_>, side: Side) -> Halt
 }
 
 /// The direction's copying state: held bytes read off the source and not yet written to the
-/// peer (`buf[start..]`; the buffer exists only while bytes are held), and whether the source
-/// is watched for input.
+/// peer (`buf[start..end]`; the buffer exists only while bytes are held, and is reused between
+/// reads), and whether the source is watched for input.
 #[derive(Default)]
 struct Copier {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     watching_input: bool,
 }
 
 impl Copier {
     fn pending(&self) -> u64 {
-        (self.buf.len() - self.start) as u64
+        (self.end - self.start) as u64
     }
 }
 
@@ -201,21 +202,24 @@ fn take_held(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier, limit: u64) -> 
     if want == 0 {
         return Ok(());
     }
-    if copy.start > 0 {
-        copy.buf.drain(..copy.start);
-        copy.start = 0;
+    if copy.start == copy.end {
+        (copy.start, copy.end) = (0, 0);
+    } else if copy.start > 0 {
+        copy.buf.copy_within(copy.start..copy.end, 0);
+        (copy.start, copy.end) = (0, copy.end - copy.start);
     }
-    let end = copy.buf.len();
-    copy.buf.resize(end + want, 0);
-    let read = sockopt::recv_nowait(src.sock.as_fd(), &mut copy.buf[end..]);
-    let n = *read.as_ref().unwrap_or(&0);
-    copy.buf.truncate(end + n);
-    match read {
+    if copy.buf.len() < copy.end + want {
+        copy.buf.resize(copy.end + want, 0);
+    }
+    let end = copy.end;
+    match sockopt::recv_nowait(src.sock.as_fd(), &mut copy.buf[end..end + want])? {
         // The sender's FIN is in, and the held bytes before it are still on their way to the
         // socket's queue (the psock's backlog worker moves them): as if not counted yet.
-        Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e),
+        0 => Err(io::ErrorKind::WouldBlock.into()),
+        n => {
+            copy.end += n;
+            Ok(())
+        }
     }
 }
 
