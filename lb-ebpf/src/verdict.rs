@@ -227,7 +227,7 @@ fn hold(
 /// The kernel hands the program whole skbs off the receive queue (tcp_read_skb), without the
 /// offset tcp_recvmsg applies: when a retransmitted segment partly overlaps bytes TCP had
 /// already received, TCP queues it whole, and without this its head would be forwarded a second
-/// time (seen as a few dozen bytes to 95 KiB more at the far end, rarely, under full-speed
+/// time (seen as 53 bytes to 256 KiB more at the far end, rarely, under full-speed
 /// transfers). The program keeps the sequence number just past the last byte it took in
 /// `next_seq`, starting from the socket's `copied_seq` (what the daemon read before insertion).
 #[inline(always)]
@@ -327,12 +327,7 @@ fn own_seq(ctx: &SkBuffContext, offset: &u32) -> Option<u32> {
         if sk.is_null() {
             return None;
         }
-        let tp = bpf_skc_to_tcp_sock(sk.cast());
-        if tp.is_null() {
-            return None;
-        }
-        let offset = core::ptr::read_volatile(offset) as usize;
-        bpf_probe_read_kernel((tp as *const u8).add(offset) as *const u32).ok()
+        tcp_sock_u32(sk.cast(), offset)
     }
 }
 
@@ -353,15 +348,25 @@ fn peer_seq(cookie: u64, offset: &u32) -> Option<u32> {
         if sk.is_null() {
             return None;
         }
-        let tp = bpf_skc_to_tcp_sock(sk);
-        let offset = core::ptr::read_volatile(offset) as usize;
-        let seq = if tp.is_null() {
-            None
-        } else {
-            bpf_probe_read_kernel((tp as *const u8).add(offset) as *const u32).ok()
-        };
+        let seq = tcp_sock_u32(sk, offset);
         bpf_sk_release(sk);
         seq
+    }
+}
+
+/// The u32 at byte offset `offset` (a BTF offset global) of socket `sk`'s `struct tcp_sock`;
+/// `None` if `sk` is not a TCP socket. Read through bpf_probe_read_kernel, so a wrong offset
+/// cannot fault.
+#[inline(always)]
+unsafe fn tcp_sock_u32(sk: *mut c_void, offset: &u32) -> Option<u32> {
+    // SAFETY: `sk` is a socket pointer the verifier accepts for bpf_skc_to_tcp_sock.
+    unsafe {
+        let tp = bpf_skc_to_tcp_sock(sk);
+        if tp.is_null() {
+            return None;
+        }
+        let offset = core::ptr::read_volatile(offset) as usize;
+        bpf_probe_read_kernel((tp as *const u8).add(offset) as *const u32).ok()
     }
 }
 
