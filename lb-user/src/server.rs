@@ -29,15 +29,13 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// SO_RCVBUF for both sockets of every flow when flows go to the kernel at once
-    /// (`tune.kernel_rcvbuf` with `offload_after: 0`), set when the sockets are created. Flows
-    /// handed over mid-stream keep autotuning: with a fixed buffer, the hand-off of a flow at
-    /// full speed duplicated bytes in testing (about one flow in a thousand).
+    /// SO_RCVBUF for both sockets of every flow when the kernel path is there
+    /// (`tune.kernel_rcvbuf`), set when the sockets are created, so that it bounds what a
+    /// braked direction holds however the flow reached the kernel. (A fixed buffer once made
+    /// about one mid-stream hand-off in a thousand repeat bytes: that was the kernel handing
+    /// the program retransmitted segments whole, which the program now trims.)
     pub fn kernel_rcvbuf(&self) -> Option<u32> {
-        match self.config.offload_after {
-            0 => self.kernel.as_ref().and(self.config.kernel_rcvbuf),
-            _ => None,
-        }
+        self.kernel.as_ref().and(self.config.kernel_rcvbuf)
     }
 }
 

@@ -201,13 +201,24 @@ pub fn hung_up(fd: BorrowedFd<'_>) -> io::Result<bool> {
 
 /// Non-blocking `send` (no SIGPIPE).
 pub fn send_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    send(fd, buf, 0)
+}
+
+/// Non-blocking `send` with MSG_MORE: the bytes wait in the send queue (even with
+/// TCP_NODELAY) for what follows, so a `shutdown` right after sends them with the FIN in one
+/// segment. The caller must follow up at once: nothing else pushes them out.
+pub fn send_more_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    send(fd, buf, libc::MSG_MORE)
+}
+
+fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> io::Result<usize> {
     // SAFETY: buf is valid for reads of buf.len() bytes.
     let n = unsafe {
         libc::send(
             fd.as_raw_fd(),
             buf.as_ptr().cast(),
             buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
     if n < 0 {

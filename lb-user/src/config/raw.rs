@@ -54,8 +54,7 @@ pub struct RawForwardingSettings {
     pub mode: Option<String>,
     /// Bytes a flow moves in userspace, in either direction, before it is handed to the kernel
     /// mid-stream (kernel forwarding only): short flows never pay the kernel path's set-up.
-    /// `0` hands every flow to the kernel at once (default 0). With a value above 0,
-    /// `tune.kernel_rcvbuf` is not applied (the sockets keep autotuning).
+    /// `0` hands every flow to the kernel at once (default 64KiB).
     #[serde(default)]
     pub offload_after: Option<bytesize::ByteSize>,
 }
@@ -83,7 +82,7 @@ pub struct RawTune {
     /// doubles), e.g. `1MiB`; `0` keeps the kernel's autotuning. It is what a braked direction
     /// holds before TCP's window closes on the sender, and what the daemon copies to hand the
     /// direction back to the kernel; redirected bytes never wait in it (default 1MiB). Applied
-    /// when the sockets are created, and only with `forwarding.offload_after: 0`.
+    /// when the sockets are created, to every flow while kernel forwarding is on.
     #[serde(default)]
     pub kernel_rcvbuf: Option<bytesize::ByteSize>,
 }

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
     net::{
         tcp::{ReadHalf, WriteHalf},
         TcpStream,
@@ -71,16 +71,22 @@ pub async fn forward(
         start,
         last: [AtomicU64::new(0), AtomicU64::new(0)],
     };
-    let writing = [AtomicBool::new(false), AtomicBool::new(false)];
-    let offload = Offload {
-        after: offload_after.unwrap_or(u64::MAX),
-        now: CancellationToken::new(),
+    let shared = Shared {
+        clock,
+        writing: [AtomicBool::new(false), AtomicBool::new(false)],
+        ended: [AtomicBool::new(false), AtomicBool::new(false)],
+        bytes,
+        offload: Offload {
+            after: offload_after.unwrap_or(u64::MAX),
+            now: CancellationToken::new(),
+        },
     };
+    let (clock, writing) = (&shared.clock, &shared.writing);
     let stopped = {
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.split();
-        let c2s = pump(&mut cr, &mut sw, Side::Client, &clock, &writing, bytes, &offload);
-        let s2c = pump(&mut sr, &mut cw, Side::Server, &clock, &writing, bytes, &offload);
+        let c2s = pump(&mut cr, &mut sw, Side::Client, &shared);
+        let s2c = pump(&mut sr, &mut cw, Side::Server, &shared);
         tokio::pin!(c2s, s2c);
         // Per direction: None while it runs, then how it stopped.
         let (mut c2s_done, mut s2c_done) = (None, None);
@@ -144,6 +150,17 @@ pub async fn forward(
         End::Reset(_) => true,
     };
     UserEnd::Ended(end)
+}
+
+/// What the two copy loops of a flow share.
+struct Shared<'a> {
+    clock: Clock,
+    /// Per side: a write of the bytes read from that side is under way.
+    writing: [AtomicBool; 2],
+    /// Per side: its end of stream was read and passed on.
+    ended: [AtomicBool; 2],
+    bytes: &'a Counter,
+    offload: Offload,
 }
 
 /// The hand-off trigger shared by both directions.
@@ -250,41 +267,110 @@ impl Clock {
 /// Copies one direction until end of stream, then shuts the destination's write side; or,
 /// for the hand-off, until a direction moved `offload.after` bytes (stopping between reads).
 /// `Err(side)` names the side that failed.
-async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    src: &mut R,
-    dst: &mut W,
+async fn pump(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
     from: Side,
-    clock: &Clock,
-    writing: &[AtomicBool; 2],
-    bytes: &Counter,
-    offload: &Offload,
+    shared: &Shared<'_>,
 ) -> Result<Pumped, Side> {
-    let mut buf = vec![0u8; FIRST_BUF];
+    let Shared {
+        clock,
+        writing,
+        ended,
+        bytes,
+        offload,
+    } = shared;
+    // No buffer while the source is quiet (the design notes' buffers allocated only when
+    // needed): one is taken when the source has something to read, kept while reads fill it
+    // (a bulk flow), and given back after a short read, so an idle flow holds none. Reads fill
+    // its spare capacity (read_buf): it is never zero-filled, which on short flows was the
+    // largest cost lb itself added.
+    let mut buf: Vec<u8> = Vec::new();
     let mut moved = 0u64;
     loop {
+        if buf.capacity() == 0 {
+            // Readiness waits are cancel-safe too.
+            tokio::select! {
+                biased;
+                _ = offload.now.cancelled() => return Ok(Pumped::Paused),
+                r = src.as_ref().readable() => r.map_err(|_| from)?,
+            }
+            buf.reserve_exact(FIRST_BUF);
+        }
+        buf.clear();
         // A read is cancel-safe: stopping here for the hand-off loses nothing.
         let n = tokio::select! {
             biased;
             _ = offload.now.cancelled() => return Ok(Pumped::Paused),
-            r = src.read(&mut buf) => r.map_err(|_| from)?,
+            r = src.read_buf(&mut buf) => r.map_err(|_| from)?,
         };
         clock.touch(from);
         if n == 0 {
-            dst.shutdown().await.map_err(|_| from.other())?;
+            // When the other direction has ended too, the flow is over and its sockets are
+            // closed as soon as this returns: that close sends the FIN (every byte received
+            // was read, so it is not a reset), and a shutdown call first would only add a
+            // syscall to every short connection.
+            if !ended[from.other().index()].load(Relaxed) {
+                dst.shutdown().await.map_err(|_| from.other())?;
+            }
+            ended[from.index()].store(true, Relaxed);
             return Ok(Pumped::EndOfStream);
         }
+        let full = n == buf.capacity();
+        let ends = !full && end_follows(src, &mut buf).map_err(|_| from)?;
         writing[from.index()].store(true, Relaxed);
-        dst.write_all(&buf[..n]).await.map_err(|_| from.other())?;
+        if ends {
+            write_last(dst, &buf).await.map_err(|_| from.other())?;
+        } else {
+            dst.write_all(&buf).await.map_err(|_| from.other())?;
+        }
         writing[from.index()].store(false, Relaxed);
         clock.touch(from.other());
-        bytes.inc_by(n as u64);
-        if n == buf.len() && buf.len() < MAX_BUF {
-            buf.resize(MAX_BUF, 0);
+        bytes.inc_by(buf.len() as u64);
+        if ends {
+            ended[from.index()].store(true, Relaxed);
+            return Ok(Pumped::EndOfStream);
         }
-        moved += n as u64;
+        moved += buf.len() as u64;
+        if !full {
+            buf = Vec::new();
+        } else if buf.capacity() < MAX_BUF {
+            buf.reserve_exact(MAX_BUF - buf.len());
+        }
         if moved >= offload.after {
             offload.now.cancel();
             return Ok(Pumped::Paused);
         }
     }
+}
+
+/// After a short read: whether the source's end of stream is already there, without waiting
+/// and, usually, without a syscall. tokio keeps a socket's "read closed" readiness (epoll's
+/// RDHUP) once seen, so `try_read` asks the kernel only when that, or new data, was reported;
+/// new data is appended to `buf` (and `false` returned).
+fn end_follows(src: &ReadHalf<'_>, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    match src.as_ref().try_read_buf(buf) {
+        Ok(0) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        // The error is consumed by this read: a later one would see a clean end of stream.
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a direction's last bytes and its end of stream: queued with MSG_MORE, so that the
+/// `shutdown` sends them with the FIN in one segment (one segment, and the peer's ACK of it,
+/// fewer per short flow, like HAProxy when it reads data and close together). Whatever
+/// MSG_MORE did not take goes out by a plain write.
+async fn write_last(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()> {
+    let stream = dst.as_ref();
+    let queued = match stream.try_io(Interest::WRITABLE, || {
+        crate::sockopt::send_more_nowait(stream.as_fd(), data)
+    }) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    dst.write_all(&data[queued..]).await?;
+    dst.shutdown().await
 }

@@ -13,10 +13,11 @@ use std::{
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Config {
     Direct,
-    /// lb with its defaults: every flow goes to the kernel at once.
+    /// lb with its defaults: a flow is handed to the kernel once it has moved 64 KiB one way
+    /// (`forwarding.offload_after`).
     LbKernel,
-    /// lb handing flows to the kernel after 64 KiB (`forwarding.offload_after`).
-    LbKernelOffload,
+    /// lb handing every flow to the kernel at once (`offload_after: 0`).
+    LbKernelAtOnce,
     LbUser,
     HaproxyShipped,
     HaproxyTuned,
@@ -27,7 +28,7 @@ impl Config {
     pub const ALL: [Config; 6] = [
         Config::Direct,
         Config::LbKernel,
-        Config::LbKernelOffload,
+        Config::LbKernelAtOnce,
         Config::LbUser,
         Config::HaproxyShipped,
         Config::HaproxyTuned,
@@ -37,7 +38,7 @@ impl Config {
         match self {
             Config::Direct => "direct",
             Config::LbKernel => "lb (kernel)",
-            Config::LbKernelOffload => "lb (kernel, offload 64KiB)",
+            Config::LbKernelAtOnce => "lb (kernel, offload 0)",
             Config::LbUser => "lb (user)",
             Config::HaproxyShipped => "HAProxy (as shipped)",
             Config::HaproxyTuned => "HAProxy (tuned)",
@@ -49,7 +50,7 @@ impl Config {
         match self {
             Config::Direct => "direct",
             Config::LbKernel => "kernel",
-            Config::LbKernelOffload => "kernel64k",
+            Config::LbKernelAtOnce => "kernel0",
             Config::LbUser => "user",
             Config::HaproxyShipped => "hap",
             Config::HaproxyTuned => "hapt",
@@ -77,7 +78,7 @@ pub struct Env {
 pub fn start(config: Config, env: &Env, ns: &Netns, listen: u16, backend: u16) -> Result<Option<Proxy>> {
     let (file, text) = match config {
         Config::Direct => return Ok(None),
-        Config::LbKernel | Config::LbKernelOffload | Config::LbUser => {
+        Config::LbKernel | Config::LbKernelAtOnce | Config::LbUser => {
             ("yaml", lb_config(config, listen, backend))
         }
         Config::HaproxyShipped | Config::HaproxyTuned => ("cfg", haproxy_config(config, listen, backend)),
@@ -147,7 +148,7 @@ impl Proxy {
 fn lb_config(config: Config, listen: u16, backend: u16) -> String {
     let forwarding = match config {
         Config::LbKernel => "kernel",
-        Config::LbKernelOffload => "{ mode: kernel, offload_after: 64KiB }",
+        Config::LbKernelAtOnce => "{ mode: kernel, offload_after: 0 }",
         _ => "user",
     };
     format!(

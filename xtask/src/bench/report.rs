@@ -147,6 +147,10 @@ fn header(out: &mut String, meta: &Meta) {
          irq, softirq, steal) while the client ran, per 10⁹ bytes received. It includes iperf3 \
          itself and anything else running on the machine; it counts the forwarding work the kernel \
          does in softirq and kernel workers, which the proxy's own CPU time misses.\n\
+         - lb (kernel): lb's defaults, where a flow is forwarded in userspace until it has moved \
+         64 KiB one way, then handed to the kernel (`forwarding.offload_after`); lb (kernel, offload \
+         0): every flow to the kernel at once; lb (user): `forwarding: user`. The targets are \
+         judged on lb (kernel).\n\
          - HAProxy as shipped: a minimal `mode tcp` configuration (timeouts, maxconn). Tuned: plus \
          `tune.bufsize 262144` and `option splice-auto`. ★ marks the HAProxy with the higher \
          throughput (or rate) in each table; \"× HAProxy\" compares with it. \"CPU × HAProxy\" \
