@@ -31,9 +31,10 @@ pub struct Proxy {
 impl Proxy {
     /// SO_RCVBUF for both sockets of every flow when the kernel path is there
     /// (`tune.kernel_rcvbuf`), set when the sockets are created, so that it bounds what a
-    /// braked direction holds however the flow reached the kernel. (A fixed buffer once made
-    /// about one mid-stream hand-off in a thousand repeat bytes: that was the kernel handing
-    /// the program retransmitted segments whole, which the program now trims.)
+    /// braked direction holds however the flow reached the kernel. (Flows handed over
+    /// mid-stream used to keep autotuning: with a fixed buffer about one hand-off in a thousand
+    /// repeated bytes, most likely the retransmitted segments the program now trims; the
+    /// hand-off test passed 5 runs of 100 hand-offs with it.)
     pub fn kernel_rcvbuf(&self) -> Option<u32> {
         self.kernel.as_ref().and(self.config.kernel_rcvbuf)
     }
