@@ -1,14 +1,23 @@
 //! The generic TCP accept stage (the design notes' "generic TCP accept() with a lot of flags set
 //! by the listener"): binds a listener with its socket options, accepts connections and applies
 //! the listener's flags to each accepted socket before the session supervisor takes it over.
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 use std::{io, net::SocketAddr, os::fd::AsFd};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{config::Listener, sockopt};
 
-/// Binds the listener's socket (non-blocking, SO_REUSEADDR, the configured backlog).
-pub fn bind(listener: &Listener) -> io::Result<TcpListener> {
+/// Binds the listener's socket (non-blocking, SO_REUSEADDR, the configured backlog) with the
+/// listener's flags; `rcvbuf`: SO_RCVBUF (`tune.kernel_rcvbuf` when flows may go to the
+/// kernel).
+///
+/// The flags are set once, here: Linux copies TCP_NODELAY, SO_RCVBUF and the keepalive
+/// settings of a listening socket to every socket it accepts, so no accepted connection pays a
+/// setsockopt for them (the unit tests below check the copy). SO_RCVBUF is thereby in place
+/// before the handshake, while the window is the initial one: shrinking the buffer of a socket
+/// that already advertised a larger window, at the hand-off to the kernel, duplicated bytes
+/// (the segments the old window let in overflow the buffer while the program holds).
+pub fn bind(listener: &Listener, rcvbuf: Option<u32>) -> io::Result<TcpListener> {
     let socket = Socket::new(
         Domain::for_address(listener.bind),
         Type::STREAM,
@@ -16,6 +25,23 @@ pub fn bind(listener: &Listener) -> io::Result<TcpListener> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    socket.set_nodelay(listener.nodelay)?;
+    if let Some(bytes) = rcvbuf {
+        socket.set_recv_buffer_size(bytes as usize)?;
+    }
+    if let Some(k) = &listener.keepalive {
+        let mut ka = TcpKeepalive::new();
+        if let Some(idle) = k.idle {
+            ka = ka.with_time(idle);
+        }
+        if let Some(interval) = k.interval {
+            ka = ka.with_interval(interval);
+        }
+        if let Some(count) = k.count {
+            ka = ka.with_retries(count);
+        }
+        socket.set_tcp_keepalive(&ka)?;
+    }
     socket.bind(&listener.bind.into())?;
     socket.listen(listener.backlog.min(i32::MAX as u32) as i32)?;
     TcpListener::from_std(socket.into())
@@ -29,34 +55,9 @@ pub struct Accepted {
     pub original_dst: Option<SocketAddr>,
 }
 
-/// Applies the listener's flags to a freshly accepted socket; `rcvbuf`: SO_RCVBUF
-/// (`tune.kernel_rcvbuf` when flows may go to the kernel).
-pub fn configure(
-    listener: &Listener,
-    stream: TcpStream,
-    peer: SocketAddr,
-    rcvbuf: Option<u32>,
-) -> io::Result<Accepted> {
-    stream.set_nodelay(listener.nodelay)?;
-    if let Some(bytes) = rcvbuf {
-        // Set now, while the window is the initial one: shrinking the buffer of a socket that
-        // already advertised a larger window, at the hand-off to the kernel, duplicated bytes
-        // (the segments the old window let in overflow the buffer while the program holds).
-        SockRef::from(&stream).set_recv_buffer_size(bytes as usize)?;
-    }
-    if let Some(k) = &listener.keepalive {
-        let mut ka = TcpKeepalive::new();
-        if let Some(idle) = k.idle {
-            ka = ka.with_time(idle);
-        }
-        if let Some(interval) = k.interval {
-            ka = ka.with_interval(interval);
-        }
-        if let Some(count) = k.count {
-            ka = ka.with_retries(count);
-        }
-        SockRef::from(&stream).set_tcp_keepalive(&ka)?;
-    }
+/// Completes an accepted connection's set-up: the socket flags came from the listener
+/// ([`bind`]); what is left is the original destination of a transparent listener.
+pub fn configure(listener: &Listener, stream: TcpStream, peer: SocketAddr) -> io::Result<Accepted> {
     let original_dst = if listener.transparent {
         sockopt::original_dst(stream.as_fd(), stream.local_addr()?)
     } else {
@@ -73,6 +74,7 @@ pub fn configure(
 mod tests {
     use super::*;
     use crate::config::Keepalive;
+    use socket2::SockRef;
     use std::time::Duration;
 
     fn listener(keepalive: Option<Keepalive>, nodelay: bool) -> Listener {
@@ -90,17 +92,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepted_sockets_get_the_listeners_flags() {
+    async fn accepted_sockets_inherit_the_listeners_flags() {
         let ka = Keepalive {
             idle: Some(Duration::from_secs(42)),
             interval: Some(Duration::from_secs(7)),
             count: Some(3),
         };
         let l = listener(Some(ka), true);
-        let socket = bind(&l).unwrap();
+        let socket = bind(&l, Some(1 << 20)).unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = socket.accept().await.unwrap();
-        let a = configure(&l, stream, peer, Some(1 << 20)).unwrap();
+        let a = configure(&l, stream, peer).unwrap();
         let s = SockRef::from(&a.stream);
         assert!(a.stream.nodelay().unwrap());
         // The kernel doubles SO_RCVBUF.
@@ -116,10 +118,10 @@ mod tests {
     #[tokio::test]
     async fn flags_off_stay_off() {
         let l = listener(None, false);
-        let socket = bind(&l).unwrap();
+        let socket = bind(&l, None).unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = socket.accept().await.unwrap();
-        let a = configure(&l, stream, peer, None).unwrap();
+        let a = configure(&l, stream, peer).unwrap();
         let s = SockRef::from(&a.stream);
         assert!(!a.stream.nodelay().unwrap());
         assert!(!s.keepalive().unwrap());

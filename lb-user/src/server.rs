@@ -144,8 +144,10 @@ pub async fn run(
         .map(|b| BackendState::new(b, &metrics))
         .collect();
     let mut sockets = Vec::new();
+    // The same value as Proxy::kernel_rcvbuf (the proxy is built once the listeners are bound).
+    let rcvbuf = kernel.as_ref().and(config.kernel_rcvbuf);
     for l in &config.listeners {
-        let socket = accept::bind(l).map_err(|source| StartError::Bind {
+        let socket = accept::bind(l, rcvbuf).map_err(|source| StartError::Bind {
             name: l.name.clone(),
             addr: l.bind,
             source,
@@ -287,7 +289,7 @@ async fn accept_loop(
             },
         };
         total.inc();
-        let accepted = match accept::configure(l, stream, peer, proxy.kernel_rcvbuf()) {
+        let accepted = match accept::configure(l, stream, peer) {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(listener = %l.name, client = %peer, "cannot configure accepted socket: {e}");

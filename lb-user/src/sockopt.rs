@@ -199,6 +199,51 @@ pub fn hung_up(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(pfd.revents & libc::POLLHUP != 0)
 }
 
+/// Whether a non-blocking connect has completed, without waiting: `Ok(true)` connected,
+/// `Ok(false)` still in progress, `Err` the connect failed (SO_ERROR).
+pub fn connect_done(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; timeout 0 never blocks.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        // A failed connect leaves its error in SO_ERROR; a hang-up without one is a reset.
+        let err = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+        return Err(match err {
+            0 => io::ErrorKind::ConnectionReset.into(),
+            e => io::Error::from_raw_os_error(e),
+        });
+    }
+    // TCP reports POLLOUT only once the handshake is over (never in SYN_SENT).
+    Ok(pfd.revents & libc::POLLOUT != 0)
+}
+
+/// Non-blocking `recv` into `buf`'s spare capacity (its length grows by what was read);
+/// `Ok(0)` is end of stream (or no spare capacity).
+pub fn recv_buf_nowait(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: spare is valid for writes of spare.len() bytes; recv initialises the first n.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote n bytes into the spare capacity.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
+
 /// Non-blocking `send` (no SIGPIPE).
 pub fn send_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     send(fd, buf, 0)

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{
         tcp::{ReadHalf, WriteHalf},
         TcpStream,
@@ -287,7 +287,19 @@ async fn pump(
     // largest cost lb itself added.
     let mut buf: Vec<u8> = Vec::new();
     let mut moved = 0u64;
+    // The client usually speaks first, and its first bytes are often there by the time the
+    // server is connected: they are read at once, as HAProxy does after an accept, rather than
+    // after the event loop has reported the new socket readable.
+    let mut first = from == Side::Client;
     loop {
+        if std::mem::take(&mut first) {
+            buf.reserve_exact(FIRST_BUF);
+            match crate::sockopt::recv_buf_nowait(src.as_ref().as_fd(), &mut buf) {
+                Ok(_) => {}
+                Err(e) if is_retry(&e) => buf = Vec::new(),
+                Err(_) => return Err(from),
+            }
+        }
         if buf.capacity() == 0 {
             // Readiness waits are cancel-safe too.
             tokio::select! {
@@ -297,12 +309,15 @@ async fn pump(
             }
             buf.reserve_exact(FIRST_BUF);
         }
-        buf.clear();
         // A read is cancel-safe: stopping here for the hand-off loses nothing.
-        let n = tokio::select! {
-            biased;
-            _ = offload.now.cancelled() => return Ok(Pumped::Paused),
-            r = src.read_buf(&mut buf) => r.map_err(|_| from)?,
+        let n = match buf.len() {
+            0 => tokio::select! {
+                biased;
+                _ = offload.now.cancelled() => return Ok(Pumped::Paused),
+                r = src.read_buf(&mut buf) => r.map_err(|_| from)?,
+            },
+            // The first read above found bytes.
+            n => n,
         };
         clock.touch(from);
         if n == 0 {
@@ -322,7 +337,7 @@ async fn pump(
         if ends {
             write_last(dst, &buf).await.map_err(|_| from.other())?;
         } else {
-            dst.write_all(&buf).await.map_err(|_| from.other())?;
+            write_eager(dst, &buf).await.map_err(|_| from.other())?;
         }
         writing[from.index()].store(false, Relaxed);
         clock.touch(from.other());
@@ -334,14 +349,37 @@ async fn pump(
         moved += buf.len() as u64;
         if !full {
             buf = Vec::new();
-        } else if buf.capacity() < MAX_BUF {
-            buf.reserve_exact(MAX_BUF - buf.len());
+        } else {
+            buf.clear();
+            if buf.capacity() < MAX_BUF {
+                buf.reserve_exact(MAX_BUF);
+            }
         }
         if moved >= offload.after {
             offload.now.cancel();
             return Ok(Pumped::Paused);
         }
     }
+}
+
+/// Writes all of `data`, trying the socket before asking tokio whether it is writable: a
+/// server socket fresh from the connect stage has not had its first readiness event yet, and
+/// waiting for it would put a turn of the event loop on every connection's critical path.
+async fn write_eager(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()> {
+    let sent = match crate::sockopt::send_nowait(dst.as_ref().as_fd(), data) {
+        Ok(n) => n,
+        Err(e) if is_retry(&e) => 0,
+        Err(e) => return Err(e),
+    };
+    dst.write_all(&data[sent..]).await
+}
+
+/// A non-blocking socket call that found nothing to do now.
+fn is_retry(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+    )
 }
 
 /// After a short read: whether the source's end of stream is already there, without waiting
@@ -363,12 +401,10 @@ fn end_follows(src: &ReadHalf<'_>, buf: &mut Vec<u8>) -> std::io::Result<bool> {
 /// fewer per short flow, like HAProxy when it reads data and close together). Whatever
 /// MSG_MORE did not take goes out by a plain write.
 async fn write_last(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()> {
-    let stream = dst.as_ref();
-    let queued = match stream.try_io(Interest::WRITABLE, || {
-        crate::sockopt::send_more_nowait(stream.as_fd(), data)
-    }) {
+    // Tried at once, like write_eager.
+    let queued = match crate::sockopt::send_more_nowait(dst.as_ref().as_fd(), data) {
         Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) if is_retry(&e) => 0,
         Err(e) => return Err(e),
     };
     dst.write_all(&data[queued..]).await?;
