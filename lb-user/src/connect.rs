@@ -24,7 +24,7 @@ pub enum ConnectError {
 }
 
 /// Connects to `server`; `rcvbuf`: SO_RCVBUF, set before the handshake (see
-/// [`crate::accept::configure`]).
+/// [`crate::accept::bind`]).
 ///
 /// The connection is checked at once after the non-blocking connect (HAProxy's speculative
 /// I/O): when the server is near, the handshake is often over by then, and the session goes on
