@@ -1,6 +1,7 @@
 //! The generic TCP accept stage (the design notes' "generic TCP accept() with a lot of flags set
-//! by the listener"): binds a listener with its socket options, accepts connections and applies
-//! the listener's flags to each accepted socket before the session supervisor takes it over.
+//! by the listener"): binds a listener with its socket options, which the kernel copies to
+//! every socket it accepts, and completes each accepted connection's set-up before the session
+//! supervisor takes it over.
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 use std::{io, net::SocketAddr, os::fd::AsFd};
 use tokio::net::{TcpListener, TcpStream};
