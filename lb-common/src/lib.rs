@@ -55,9 +55,9 @@ pub const FLAG_SEQ: u32 = 4;
 ///
 /// Who writes what (each field has exactly one writer, so neither side can wipe the other's
 /// update): the program writes `redirected`, `passed`, `peer_seq_base`, `flags` and
-/// `next_seq`; the daemon
-/// writes `consumed`, `allow` and `max_in_flight` (and zeroes the whole slot before the socket's
-/// cookie is indexed in [`SLOTS_MAP`], when the program cannot see it yet).
+/// `next_seq`; the daemon writes `consumed`, `allow` and `max_in_flight` (and zeroes the whole
+/// slot before the socket's cookie is indexed in [`SLOTS_MAP`], when the program cannot see it
+/// yet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockCtl {

@@ -103,12 +103,18 @@ mod tests {
         // Fill the queue (backlog 0 holds one connection).
         let filler = std::net::TcpStream::connect(addr).unwrap();
         let started = Instant::now();
-        let connecting =
-            tokio::spawn(async move { connect(&server(addr), Duration::from_secs(5), true, None).await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let target = server(addr);
+        let connecting = connect(&target, Duration::from_secs(5), true, None);
+        tokio::pin!(connecting);
+        // Polled once: the connect is issued, its SYN dropped, and the stage waits.
+        tokio::select! {
+            biased;
+            r = &mut connecting => panic!("done at once with the queue full: {r:?}"),
+            _ = std::future::ready(()) => {}
+        }
         // Make room: the retransmitted SYN is then accepted.
         let (first, _) = listener.accept().unwrap();
-        let stream = connecting.await.unwrap().expect("connected late");
+        let stream = connecting.await.expect("connected late");
         assert!(
             started.elapsed() >= Duration::from_millis(500),
             "{:?}",
@@ -120,7 +126,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_connect_is_an_error_at_once() {
-        // A port nothing listens on: bound, never listening.
+        // A port nothing listens on any more: its listener was just closed.
         let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = socket.local_addr().unwrap();
         drop(socket);

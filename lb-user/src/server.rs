@@ -30,14 +30,20 @@ pub struct Proxy {
 
 impl Proxy {
     /// SO_RCVBUF for both sockets of every flow when the kernel path is there
-    /// (`tune.kernel_rcvbuf`), set when the sockets are created, so that it bounds what a
+    /// (`tune.kernel_rcvbuf`), set before the handshake (on the listening socket, which
+    /// accepted sockets inherit, and on the server socket before it connects), so that it bounds what a
     /// braked direction holds however the flow reached the kernel. (Flows handed over
     /// mid-stream used to keep autotuning: with a fixed buffer about one hand-off in a thousand
     /// repeated bytes, most likely the retransmitted segments the program now trims; the
     /// hand-off test passed 5 runs of 100 hand-offs with it.)
     pub fn kernel_rcvbuf(&self) -> Option<u32> {
-        self.kernel.as_ref().and(self.config.kernel_rcvbuf)
+        kernel_rcvbuf(self.kernel.as_ref(), &self.config)
     }
+}
+
+/// See [`Proxy::kernel_rcvbuf`] (also needed before the proxy exists, to bind the listeners).
+fn kernel_rcvbuf(kernel: Option<&Kernel>, config: &Config) -> Option<u32> {
+    kernel.and(config.kernel_rcvbuf)
 }
 
 /// A backend's runtime state: its balancer and each server's counters (created once, so the
@@ -144,8 +150,7 @@ pub async fn run(
         .map(|b| BackendState::new(b, &metrics))
         .collect();
     let mut sockets = Vec::new();
-    // The same value as Proxy::kernel_rcvbuf (the proxy is built once the listeners are bound).
-    let rcvbuf = kernel.as_ref().and(config.kernel_rcvbuf);
+    let rcvbuf = kernel_rcvbuf(kernel.as_ref(), &config);
     for l in &config.listeners {
         let socket = accept::bind(l, rcvbuf).map_err(|source| StartError::Bind {
             name: l.name.clone(),

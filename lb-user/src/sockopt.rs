@@ -160,7 +160,14 @@ pub fn peek_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 
 fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of buf.len() bytes.
-    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+    unsafe { recv_raw(fd, buf.as_mut_ptr(), buf.len(), flags) }
+}
+
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+unsafe fn recv_raw(fd: BorrowedFd<'_>, ptr: *mut u8, len: usize, flags: i32) -> io::Result<usize> {
+    // SAFETY: the caller's promise.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), ptr.cast(), len, flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -187,31 +194,14 @@ pub fn kick(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Whether the socket reports a hang-up now (both directions shut, or closed), without
 /// waiting.
 pub fn hung_up(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; timeout 0 never blocks.
-    if unsafe { libc::poll(&mut pfd, 1, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(pfd.revents & libc::POLLHUP != 0)
+    Ok(poll_now(fd, 0)? & libc::POLLHUP != 0)
 }
 
 /// Whether a non-blocking connect has completed, without waiting: `Ok(true)` connected,
 /// `Ok(false)` still in progress, `Err` the connect failed (SO_ERROR).
 pub fn connect_done(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; timeout 0 never blocks.
-    if unsafe { libc::poll(&mut pfd, 1, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+    let revents = poll_now(fd, libc::POLLOUT)?;
+    if revents & (libc::POLLERR | libc::POLLHUP) != 0 {
         // A failed connect leaves its error in SO_ERROR; a hang-up without one is a reset.
         let err = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
         return Err(match err {
@@ -220,28 +210,32 @@ pub fn connect_done(fd: BorrowedFd<'_>) -> io::Result<bool> {
         });
     }
     // TCP reports POLLOUT only once the handshake is over (never in SYN_SENT).
-    Ok(pfd.revents & libc::POLLOUT != 0)
+    Ok(revents & libc::POLLOUT != 0)
+}
+
+/// The socket's poll events now (`events` plus the errors and hang-ups poll always reports).
+fn poll_now(fd: BorrowedFd<'_>, events: i16) -> io::Result<i16> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; timeout 0 never blocks.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pfd.revents)
 }
 
 /// Non-blocking `recv` into `buf`'s spare capacity (its length grows by what was read);
 /// `Ok(0)` is end of stream (or no spare capacity).
 pub fn recv_buf_nowait(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
-    // SAFETY: spare is valid for writes of spare.len() bytes; recv initialises the first n.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            spare.as_mut_ptr().cast(),
-            spare.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel wrote n bytes into the spare capacity.
-    unsafe { buf.set_len(buf.len() + n as usize) };
-    Ok(n as usize)
+    // SAFETY: spare is valid for writes of spare.len() bytes.
+    let n = unsafe { recv_raw(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT)? };
+    // SAFETY: the kernel initialised the first n bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// Non-blocking `send` (no SIGPIPE).

@@ -82,7 +82,8 @@ pub struct RawTune {
     /// doubles), e.g. `1MiB`; `0` keeps the kernel's autotuning. It is what a braked direction
     /// holds before TCP's window closes on the sender, and what the daemon copies to hand the
     /// direction back to the kernel; redirected bytes never wait in it (default 1MiB). Applied
-    /// when the sockets are created, to every flow while kernel forwarding is on.
+    /// before the handshake (on the listening socket and on each server socket), to every flow
+    /// while kernel forwarding is on.
     #[serde(default)]
     pub kernel_rcvbuf: Option<bytesize::ByteSize>,
 }

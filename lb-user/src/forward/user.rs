@@ -290,16 +290,15 @@ async fn pump(
     // The client usually speaks first, and its first bytes are often there by the time the
     // server is connected: they are read at once, as HAProxy does after an accept, rather than
     // after the event loop has reported the new socket readable.
-    let mut first = from == Side::Client;
-    loop {
-        if std::mem::take(&mut first) {
-            buf.reserve_exact(FIRST_BUF);
-            match crate::sockopt::recv_buf_nowait(src.as_ref().as_fd(), &mut buf) {
-                Ok(_) => {}
-                Err(e) if is_retry(&e) => buf = Vec::new(),
-                Err(_) => return Err(from),
-            }
+    if from == Side::Client {
+        buf.reserve_exact(FIRST_BUF);
+        match crate::sockopt::recv_buf_nowait(src.as_ref().as_fd(), &mut buf) {
+            Ok(_) => {}
+            Err(e) if is_retry(&e) => buf = Vec::new(),
+            Err(_) => return Err(from),
         }
+    }
+    loop {
         if buf.capacity() == 0 {
             // Readiness waits are cancel-safe too.
             tokio::select! {
@@ -316,7 +315,7 @@ async fn pump(
                 _ = offload.now.cancelled() => return Ok(Pumped::Paused),
                 r = src.read_buf(&mut buf) => r.map_err(|_| from)?,
             },
-            // The first read above found bytes.
+            // The first read, before the loop, found bytes.
             n => n,
         };
         clock.touch(from);
@@ -366,12 +365,16 @@ async fn pump(
 /// server socket fresh from the connect stage has not had its first readiness event yet, and
 /// waiting for it would put a turn of the event loop on every connection's critical path.
 async fn write_eager(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()> {
-    let sent = match crate::sockopt::send_nowait(dst.as_ref().as_fd(), data) {
-        Ok(n) => n,
-        Err(e) if is_retry(&e) => 0,
-        Err(e) => return Err(e),
-    };
+    let sent = taken(crate::sockopt::send_nowait(dst.as_ref().as_fd(), data))?;
     dst.write_all(&data[sent..]).await
+}
+
+/// What a non-blocking send took: nothing when the socket had no room now.
+fn taken(sent: std::io::Result<usize>) -> std::io::Result<usize> {
+    match sent {
+        Err(e) if is_retry(&e) => Ok(0),
+        sent => sent,
+    }
 }
 
 /// A non-blocking socket call that found nothing to do now.
@@ -402,11 +405,7 @@ fn end_follows(src: &ReadHalf<'_>, buf: &mut Vec<u8>) -> std::io::Result<bool> {
 /// MSG_MORE did not take goes out by a plain write.
 async fn write_last(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()> {
     // Tried at once, like write_eager.
-    let queued = match crate::sockopt::send_more_nowait(dst.as_ref().as_fd(), data) {
-        Ok(n) => n,
-        Err(e) if is_retry(&e) => 0,
-        Err(e) => return Err(e),
-    };
+    let queued = taken(crate::sockopt::send_more_nowait(dst.as_ref().as_fd(), data))?;
     dst.write_all(&data[queued..]).await?;
     dst.shutdown().await
 }
