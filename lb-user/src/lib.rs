@@ -3,8 +3,9 @@
 //! The data path, one module per stage, wired in [`server`]:
 //! [`accept`] (generic TCP accept with the listener's flags) → [`session`] (the per-session
 //! supervisor: [`balance`] picks a server, [`connect`] reaches it) → [`forward`] (kernel sockmap
-//! forwarding via [`bpf`], or a userspace copy loop). Around it: [`config`], [`metrics`] and the
-//! [`admin`] endpoint, and [`shutdown`].
+//! forwarding via [`bpf`], or a userspace copy loop). HTTP mode's request and response analyzers
+//! are [`http`] (not yet wired into a session). Around it: [`config`], [`metrics`]
+//! and the [`admin`] endpoint, and [`shutdown`].
 pub mod accept;
 pub mod admin;
 pub mod balance;
@@ -12,6 +13,7 @@ pub mod bpf;
 pub mod config;
 pub mod connect;
 pub mod forward;
+pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod session;

@@ -1,0 +1,257 @@
+//! The request analyzer (HAProxy's `http_lb_req`): decides whether the bytes held for a
+//! request form a complete, acceptable head, before lb routes it or connects anywhere.
+//!
+//! "Incomplete" is not an error: [`analyze`] answers `Ok(None)` until the head's final CRLF is
+//! in, unless the head has outgrown `limits.max_header_bytes` (414 while the request line is
+//! still unfinished, 431 after). httparse parses the head with none of its leniency options;
+//! lb adds what httparse lets through: a bare LF as a line ending, non-ASCII bytes in the
+//! target, a target whose form does not fit the method, a missing or repeated Host.
+use super::{framing, framing::Body, Header, Rejection, Version};
+
+/// Most header fields in one head (HAProxy's `tune.http.maxhdr` is 101).
+pub const MAX_HEADERS: usize = 100;
+
+/// The limits a request head and body are held to (`limits:` in the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Request line and header fields together, in bytes.
+    pub max_header_bytes: usize,
+    /// Largest body, when bounded.
+    pub max_body_bytes: Option<u64>,
+}
+
+/// An accepted request head.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    pub version: Version,
+    pub headers: Vec<Header>,
+    /// Bytes of the head, final CRLF included: the body (or the next request) starts there.
+    pub head_len: usize,
+    pub body: Body,
+    /// The host the request is for, lowercased, without port: the authority of an
+    /// absolute-form or authority-form target, else the Host field (for routing).
+    pub host: Option<String>,
+}
+
+/// Analyzes the held bytes `buf`: `Ok(None)` while the head is incomplete and within limits.
+pub fn analyze(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Rejection> {
+    let bad = |why| Rejection::new(400, why);
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let parsed = req.parse(buf);
+    // httparse takes a bare LF for a line ending; HTTP/1.1 does not (RFC 9112 §2.2 lets a
+    // recipient choose, and a server choosing otherwise would see other lines than lb).
+    let head = match parsed {
+        Ok(httparse::Status::Complete(n)) => &buf[..n],
+        _ => buf,
+    };
+    check_line_endings(head)?;
+    let head_len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() < limits.max_header_bytes {
+                Ok(None)
+            } else {
+                Err(too_large(buf, limits))
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Rejection::new(431, "too many header fields")),
+        Err(httparse::Error::Version) => return Err(version_error(buf)),
+        Err(httparse::Error::Token) => return Err(bad("malformed method or request line")),
+        Err(httparse::Error::HeaderName) => return Err(bad("malformed header name (whitespace, obs-fold)")),
+        Err(httparse::Error::HeaderValue) => return Err(bad("control character in a header value")),
+        Err(httparse::Error::NewLine) => return Err(bad("CR without LF")),
+        Err(_) => return Err(bad("malformed request line")),
+    };
+    if head_len > limits.max_header_bytes {
+        return Err(too_large(buf, limits));
+    }
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(bad("malformed request line"));
+    };
+    let version = if minor == 0 {
+        Version::Http10
+    } else {
+        Version::Http11
+    };
+    let headers: Vec<Header> = req
+        .headers
+        .iter()
+        .map(|h| Header {
+            name: h.name.to_string(),
+            value: h.value.to_vec(),
+        })
+        .collect();
+    let authority = check_target(method, target)?;
+    let host = host(&headers, version)?;
+    let body = framing::request_body(&headers, version, limits.max_body_bytes)?;
+    Ok(Some(Request {
+        method: method.to_string(),
+        target: target.to_string(),
+        version,
+        head_len,
+        body,
+        host: authority.or(host).map(|a| host_name(&a)),
+        headers,
+    }))
+}
+
+/// Every LF must end a CRLF and every CR start one (a CR at the very end may be waiting for
+/// its LF).
+fn check_line_endings(head: &[u8]) -> Result<(), Rejection> {
+    for (i, &b) in head.iter().enumerate() {
+        let ok = match b {
+            b'\n' => i > 0 && head[i - 1] == b'\r',
+            b'\r' => head.get(i + 1).is_none_or(|&n| n == b'\n'),
+            _ => true,
+        };
+        if !ok {
+            return Err(Rejection::new(400, "bare CR or LF in the head"));
+        }
+    }
+    Ok(())
+}
+
+/// 414 while the request line has not ended within the limit, 431 after.
+fn too_large(buf: &[u8], limits: &Limits) -> Rejection {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(0);
+    match buf[start..].iter().position(|&b| b == b'\n') {
+        Some(i) if start + i < limits.max_header_bytes => {
+            Rejection::new(431, "request head above limits.max_header_bytes")
+        }
+        _ => Rejection::new(414, "request line above limits.max_header_bytes"),
+    }
+}
+
+/// httparse knows only HTTP/1.0 and HTTP/1.1: another well-formed version is 505, anything
+/// else in its place 400.
+fn version_error(buf: &[u8]) -> Rejection {
+    let line = buf
+        .split(|&b| b == b'\r' || b == b'\n')
+        .find(|l| !l.is_empty())
+        .unwrap_or(&[]);
+    let parts: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    // Anything but `method SP target SP version` failed earlier than the version.
+    let [_, _, version] = parts[..] else {
+        return Rejection::new(400, "malformed request line");
+    };
+    match version {
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            Rejection::new(505, "HTTP version other than 1.0 and 1.1")
+        }
+        [b'H', b'T', b'T', b'P', b'/', major] if major.is_ascii_digit() => {
+            Rejection::new(505, "HTTP version other than 1.0 and 1.1")
+        }
+        _ => Rejection::new(400, "malformed HTTP version"),
+    }
+}
+
+/// Checks the request target's form against the method (RFC 9112 §3.2); returns the authority
+/// it names, if any.
+fn check_target(method: &str, target: &str) -> Result<Option<String>, Rejection> {
+    let bad = |why| Err(Rejection::new(400, why));
+    if !target.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return bad("non-ASCII or control bytes in the target");
+    }
+    if target.contains('#') {
+        return bad("fragment in the target");
+    }
+    if method == "CONNECT" {
+        // authority-form: host:port, nothing else.
+        return match target.rsplit_once(':') {
+            Some((host, port)) if valid_host(host) && valid_port(port) && !host.is_empty() => {
+                Ok(Some(target.to_string()))
+            }
+            _ => bad("CONNECT target is not host:port"),
+        };
+    }
+    if target == "*" {
+        return if method == "OPTIONS" {
+            Ok(None)
+        } else {
+            bad("* target with a method other than OPTIONS")
+        };
+    }
+    if target.starts_with('/') {
+        return Ok(None);
+    }
+    // absolute-form: http(s)://authority[/path][?query]
+    let lower = target.to_ascii_lowercase();
+    let scheme = ["http://", "https://"].into_iter().find(|s| lower.starts_with(s));
+    let Some(scheme) = scheme else {
+        return bad("target is neither origin-form nor absolute-form");
+    };
+    let rest = &target[scheme.len()..];
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.is_empty() || !valid_authority(authority) {
+        return bad("malformed authority in the target");
+    }
+    Ok(Some(authority.to_string()))
+}
+
+/// The Host field: exactly one in HTTP/1.1, at most one in HTTP/1.0 (RFC 9112 §3.2), and a
+/// well-formed authority (or empty).
+fn host(headers: &[Header], version: Version) -> Result<Option<String>, Rejection> {
+    let mut hosts = headers.iter().filter(|h| h.is("host"));
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err(Rejection::new(400, "more than one Host"));
+    }
+    let Some(first) = first else {
+        return match version {
+            Version::Http11 => Err(Rejection::new(400, "no Host in an HTTP/1.1 request")),
+            Version::Http10 => Ok(None),
+        };
+    };
+    let value = std::str::from_utf8(&first.value).map_err(|_| Rejection::new(400, "malformed Host"))?;
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if !valid_authority(value) {
+        return Err(Rejection::new(400, "malformed Host"));
+    }
+    Ok(Some(value.to_string()))
+}
+
+/// `uri-host [ ":" port ]` without userinfo (RFC 9110 §7.2).
+fn valid_authority(a: &str) -> bool {
+    let (host, port) = match a.rsplit_once(':') {
+        // An IPv6 literal holds colons of its own.
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (a, None),
+    };
+    valid_host(host) && !host.is_empty() && port.is_none_or(valid_port)
+}
+
+fn valid_host(host: &str) -> bool {
+    if let Some(literal) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return !literal.is_empty()
+            && literal
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    }
+    // reg-name / IPv4address: unreserved / pct-encoded / sub-delims.
+    host.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
+}
+
+fn valid_port(port: &str) -> bool {
+    port.bytes().all(|b| b.is_ascii_digit()) && port.len() <= 5
+}
+
+/// The host part of an authority, lowercased (routing ignores the port and case).
+fn host_name(authority: &str) -> String {
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => h,
+        _ => authority,
+    };
+    host.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests;
