@@ -89,6 +89,7 @@ mod tests {
             transparent: true,
             maxconn: 1,
             client_timeout: Duration::from_secs(1),
+            http: None,
         }
     }
 

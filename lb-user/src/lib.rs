@@ -3,9 +3,9 @@
 //! The data path, one module per stage, wired in [`server`]:
 //! [`accept`] (generic TCP accept with the listener's flags) → [`session`] (the per-session
 //! supervisor: [`balance`] picks a server, [`connect`] reaches it) → [`forward`] (kernel sockmap
-//! forwarding via [`bpf`], or a userspace copy loop). HTTP mode's request and response analyzers
-//! are [`http`] (not yet wired into a session). Around it: [`config`], [`metrics`]
-//! and the [`admin`] endpoint, and [`shutdown`].
+//! forwarding via [`bpf`], or a userspace copy loop). HTTP listeners' sessions run the HTTP
+//! supervisor and its analyzers ([`http`]) before any tunnel reaches the forwarding stage.
+//! Around it: [`config`], [`metrics`] and the [`admin`] endpoint, and [`shutdown`].
 pub mod accept;
 pub mod admin;
 pub mod balance;

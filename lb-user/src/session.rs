@@ -1,7 +1,9 @@
-//! The per-session protocol supervisor (TCP mode). After the accept stage hands it a configured
-//! client socket, it picks a server, connects, and hands the pair to the forwarding stage. The
-//! session's life is the [`Session`] enum; each stage consumes one state and returns the next
-//! (drawn in LIFECYCLE.md beside this file).
+//! The per-session protocol supervisor. After the accept stage hands it a configured client
+//! socket, a TCP-mode session picks a server, connects, and hands the pair to the forwarding
+//! stage; an HTTP-mode session runs the HTTP supervisor ([`crate::http::session`]) first, whose
+//! tunnels (upgrades, CONNECT) come back here for the forwarding stage. The session's life is
+//! the [`Session`] enum; each stage consumes one state and returns the next (drawn in
+//! LIFECYCLE.md beside this file).
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::TcpStream;
 
@@ -9,6 +11,7 @@ use crate::{
     accept::Accepted,
     connect::{connect, ConnectError},
     forward::{self, kernel::Forwarded, user::UserEnd, End, Timeouts},
+    http::session::HttpEnd,
     metrics::{EndLabels, FallbackLabels},
     server::Proxy,
 };
@@ -17,6 +20,8 @@ use crate::{
 enum Session {
     /// Accepted and configured; no server chosen yet.
     Accepted(Accepted),
+    /// An HTTP listener's connection: the HTTP supervisor has it.
+    Http(Accepted),
     /// Both connections are up: forwarded in userspace, until `forwarding.offload_after` bytes
     /// when the kernel path is there (at once to the kernel when that is 0).
     Connected(Pair),
@@ -33,7 +38,11 @@ struct Pair {
     client: TcpStream,
     peer: SocketAddr,
     server: TcpStream,
+    /// The backend the server belongs to (an HTTP route may pick another than the listener's).
+    backend: usize,
     server_idx: usize,
+    /// Idle limits of the pair (`timeouts.tunnel` both ways for an HTTP tunnel).
+    timeouts: Timeouts,
 }
 
 /// How a session ended.
@@ -47,21 +56,28 @@ pub enum Outcome {
     ForwardFailed(std::io::Error),
     /// Forwarded until the flow ended.
     Forwarded(End),
+    /// An HTTP connection ended (why).
+    Http(&'static str),
 }
 
 /// Runs one session to its end.
 pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outcome {
     let started = Instant::now();
-    let mut state = Session::Accepted(accepted);
+    let mut state = if proxy.config.listeners[listener].http.is_some() {
+        Session::Http(accepted)
+    } else {
+        Session::Accepted(accepted)
+    };
     loop {
         state = match state {
             // Each stage's state is boxed while it runs, so a session holds only the stage it is
             // in (an async fn's state would otherwise be as large as the largest stage's).
             Session::Accepted(a) => Box::pin(connect_stage(&proxy, listener, a)).await,
+            Session::Http(a) => Box::pin(http_stage(&proxy, listener, a)).await,
             Session::Connected(pair) => Box::pin(user_stage(&proxy, listener, pair)).await,
             Session::InKernel(pair) => Box::pin(kernel_stage(&proxy, listener, pair)).await,
             Session::UserOnly(pair) => {
-                let timeouts = timeouts(&proxy, listener);
+                let timeouts = pair.timeouts;
                 // Boxed: the copy loops' state is large and would otherwise size every session,
                 // kernel-forwarded ones included.
                 let end = Box::pin(forward::user::forward(
@@ -73,7 +89,9 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
                 ))
                 .await;
                 match end {
-                    UserEnd::Ended(end) => finish(&proxy, listener, pair.peer, pair.server_idx, end),
+                    UserEnd::Ended(end) => {
+                        finish(&proxy, listener, pair.peer, pair.backend, pair.server_idx, end)
+                    }
                     // Without offload_after the copy loops only end with the flow.
                     UserEnd::Offload(client, server)
                     | UserEnd::Continue(client, server)
@@ -111,7 +129,9 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
                 client: a.stream,
                 peer: a.peer,
                 server: stream,
+                backend: l.backend,
                 server_idx,
+                timeouts: timeouts(proxy, listener),
             })
         }
         Err(e) => {
@@ -130,6 +150,33 @@ fn timeouts(proxy: &Proxy, listener: usize) -> Timeouts {
     }
 }
 
+/// The HTTP supervisor; a tunnel it ends with goes to the kernel at once (it is a long-lived
+/// flow whose bytes lb no longer needs to see).
+async fn http_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
+    match crate::http::session::run(proxy, listener, a.stream, a.peer).await {
+        HttpEnd::Closed(why) => Session::Finished(Outcome::Http(why)),
+        HttpEnd::Tunnel(t) => {
+            let tunnel = proxy.config.listeners[listener]
+                .http
+                .as_ref()
+                .map_or(proxy.config.listeners[listener].client_timeout, |h| {
+                    h.tunnel_timeout
+                });
+            Session::InKernel(Pair {
+                client: t.client,
+                peer: a.peer,
+                server: t.server,
+                backend: t.backend,
+                server_idx: t.server_idx,
+                timeouts: Timeouts {
+                    client: tunnel,
+                    server: tunnel,
+                },
+            })
+        }
+    }
+}
+
 /// The userspace start of every flow: to the end without the kernel path, else until the flow
 /// has moved `forwarding.offload_after` bytes one way (then the kernel takes it).
 async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
@@ -140,7 +187,7 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
     if offload_after == 0 {
         return Session::InKernel(pair);
     }
-    let timeouts = timeouts(proxy, listener);
+    let timeouts = pair.timeouts;
     // Boxed, like in UserOnly: only the kernel stage's state stays in the session for long.
     let end = Box::pin(forward::user::forward(
         pair.client,
@@ -151,7 +198,7 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
     ))
     .await;
     match end {
-        UserEnd::Ended(end) => finish(proxy, listener, pair.peer, pair.server_idx, end),
+        UserEnd::Ended(end) => finish(proxy, listener, pair.peer, pair.backend, pair.server_idx, end),
         UserEnd::Offload(client, server) => Session::InKernel(Pair {
             client,
             server,
@@ -186,9 +233,10 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         dropped: &proxy.dropped[listener],
         duplicated: &proxy.metrics.kernel_duplicated_bytes,
     };
-    let timeouts = timeouts(proxy, listener);
+    let timeouts = pair.timeouts;
+    let (peer, backend, server_idx) = (pair.peer, pair.backend, pair.server_idx);
     match forward::kernel::forward(kernel, pair.client, pair.server, timeouts, settings, &counters).await {
-        Ok(Forwarded::Done(end)) => finish(proxy, listener, pair.peer, pair.server_idx, end),
+        Ok(Forwarded::Done(end)) => finish(proxy, listener, peer, backend, server_idx, end),
         Ok(Forwarded::NotEligible(why, client, server)) => {
             let reason = why.name();
             proxy
@@ -212,9 +260,16 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
 }
 
 /// Counts how the flow ended.
-fn finish(proxy: &Proxy, listener: usize, peer: SocketAddr, server_idx: usize, end: End) -> Session {
+fn finish(
+    proxy: &Proxy,
+    listener: usize,
+    peer: SocketAddr,
+    backend: usize,
+    server_idx: usize,
+    end: End,
+) -> Session {
     let l = &proxy.config.listeners[listener];
-    let backend = &proxy.config.backends[l.backend];
+    let backend = &proxy.config.backends[backend];
     let labels = |side: forward::Side| EndLabels {
         listener: l.name.clone(),
         side: side.name(),

@@ -7,7 +7,9 @@
 //!   addresses).
 //! - [`flows`]: the integrity client: random bytes both ways at once, sha256 on both ends.
 //! - [`scenarios`]: the forwarding tests, written once and run on both forwarding paths.
+//! - [`http`]: an lb with a `mode: http` listener, a reflecting backend, a raw HTTP client.
 pub mod flows;
+pub mod http;
 pub mod lb;
 pub mod paced;
 pub mod scenarios;

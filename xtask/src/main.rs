@@ -132,6 +132,11 @@ fn test(args: Vec<String>) -> Result<()> {
     if !ebpf {
         eprintln!("xtask: WARNING: the eBPF toolchain is missing: lb is built without kernel forwarding and BPF tests will skip");
     }
+    // The HTTP tests drive lb with real clients.
+    setup::ensure_programs(
+        "xtask test",
+        &[("curl", "--version", "curl"), ("python3", "--version", "python3")],
+    )?;
     let cargo = |args: &[&str]| {
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root())

@@ -45,6 +45,33 @@ pub fn ensure(strict: bool) -> Result<bool> {
     Ok(true)
 }
 
+/// Installs from Debian each `(program, version argument, package)` whose program does not run
+/// (apt lists refreshed only then); `who` prefixes the message.
+pub fn ensure_programs(who: &str, programs: &[(&str, &str, &str)]) -> Result<()> {
+    let runs = |program: &str, arg: &str| {
+        Command::new(program)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = programs
+        .iter()
+        .filter(|(program, arg, _)| !runs(program, arg))
+        .map(|(_, _, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("{who}: installing {}", missing.join(" "));
+    crate::run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    crate::run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq"])
+            .args(&missing),
+    )
+}
+
 fn llvm_present() -> bool {
     // The unversioned libLLVM.so link and llvm-config come with llvm-22-dev, not the runtime.
     let prefix = std::path::Path::new(LLVM_PREFIX);

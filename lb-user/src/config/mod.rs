@@ -3,9 +3,11 @@
 //! Every problem is reported as `FILE:LINE:COLUMN: message`. Syntax and type errors come from
 //! serde_yaml (which stops at the first one); every semantic error after that is collected, so
 //! `lb check` shows them all at once.
+mod http;
 mod locate;
 pub mod raw;
 
+pub use http::{Forwarded, HeaderRule, HostMatch, Http, Route};
 use locate::{Locator, Step};
 use raw::{RawBackend, RawConfig, RawForwarding, RawKeepalive, RawListener, RawTimeouts};
 use std::{collections::HashMap, fmt, net::SocketAddr, path::Path, time::Duration};
@@ -36,6 +38,8 @@ pub struct Config {
     pub kernel_rcvbuf: Option<u32>,
     /// `flow_control.max_in_flight`: the per-direction brake of kernel flows, in bytes.
     pub max_in_flight: u32,
+    /// `limits:`, bounds on HTTP messages.
+    pub limits: crate::http::request::Limits,
     pub listeners: Vec<Listener>,
     pub backends: Vec<Backend>,
 }
@@ -53,6 +57,8 @@ pub struct Listener {
     pub transparent: bool,
     pub maxconn: u32,
     pub client_timeout: Duration,
+    /// `mode: http`: the HTTP side; `None` for `mode: tcp`.
+    pub http: Option<Http>,
 }
 
 /// Keepalive settings; `None` fields keep the kernel's defaults.
@@ -246,6 +252,7 @@ impl Validator<'_> {
         });
         let defaults = raw.timeouts;
         self.timeouts(&[Step::Key("timeouts")], &defaults);
+        let limits = self.limits(&raw.limits);
         let kernel_sndbuf =
             self.socket_buffer("kernel_sndbuf", raw.tune.kernel_sndbuf, DEFAULT_KERNEL_SNDBUF);
         let kernel_rcvbuf =
@@ -295,6 +302,7 @@ impl Validator<'_> {
             kernel_sndbuf,
             kernel_rcvbuf,
             max_in_flight: max_in_flight.clamp(MIN_MAX_IN_FLIGHT, MAX_MAX_IN_FLIGHT) as u32,
+            limits,
             listeners,
             backends,
         }
@@ -310,13 +318,18 @@ impl Validator<'_> {
         let bind = self
             .address(&with(path, Step::Key("bind")), "bind", &l.bind)
             .unwrap_or(UNSPECIFIED);
-        match l.mode.as_deref() {
-            None | Some("tcp") => {}
-            Some(other) => self.error(
-                &with(path, Step::Key("mode")),
-                format!("mode: `{other}` is not supported; expected tcp"),
-            ),
-        }
+        let http = match l.mode.as_deref() {
+            None | Some("tcp") => false,
+            Some("http") => true,
+            Some(other) => {
+                self.error(
+                    &with(path, Step::Key("mode")),
+                    format!("mode: `{other}` is not supported; expected tcp or http"),
+                );
+                false
+            }
+        };
+        let http = self.http_listener(path, &l, http, backends, defaults);
         let backend = match backends.get(&l.backend) {
             Some(&i) => i,
             None => {
@@ -332,7 +345,7 @@ impl Validator<'_> {
         };
         let timeouts = l.timeouts.unwrap_or_default();
         if timeouts.connect.is_some() || timeouts.server.is_some() || timeouts.shutdown_grace.is_some() {
-            self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client` (connect and server belong to the backend, shutdown_grace to the top level)");
+            self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client`, `http_request`, `http_keep_alive` and `tunnel` (connect and server belong to the backend, shutdown_grace to the top level)");
         }
         self.timeouts(&with(path, Step::Key("timeouts")), &timeouts);
         let client_timeout = timeouts.client.or(defaults.client).unwrap_or(DEFAULT_IDLE);
@@ -376,6 +389,7 @@ impl Validator<'_> {
             transparent: l.transparent.unwrap_or(false),
             maxconn,
             client_timeout,
+            http,
         }
     }
 
@@ -391,7 +405,14 @@ impl Validator<'_> {
             }
         };
         let timeouts = b.timeouts.unwrap_or_default();
-        if timeouts.client.is_some() || timeouts.shutdown_grace.is_some() {
+        let client_side = [
+            timeouts.client,
+            timeouts.shutdown_grace,
+            timeouts.http_request,
+            timeouts.http_keep_alive,
+            timeouts.tunnel,
+        ];
+        if client_side.iter().any(Option::is_some) {
             self.error(
                 &with(path, Step::Key("timeouts")),
                 "a backend's timeouts may only set `connect` and `server`",
@@ -478,6 +499,9 @@ impl Validator<'_> {
             ("client", t.client),
             ("server", t.server),
             ("shutdown_grace", t.shutdown_grace),
+            ("http_request", t.http_request),
+            ("http_keep_alive", t.http_keep_alive),
+            ("tunnel", t.tunnel),
         ];
         for (key, value) in values {
             let Some(d) = value else { continue };

@@ -26,6 +26,9 @@ pub struct RawConfig {
     /// Default timeouts for every listener and backend (HAProxy's `defaults` section).
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    /// Bounds on HTTP messages (`mode: http` listeners).
+    #[serde(default)]
+    pub limits: RawLimits,
     /// Where clients connect.
     #[serde(default)]
     pub listeners: Vec<RawListener>,
@@ -122,6 +125,33 @@ pub struct RawTimeouts {
     /// (top level only; default 10s).
     #[serde(default, with = "humantime_serde")]
     pub shutdown_grace: Option<Duration>,
+    /// HTTP: time a client has to send a whole request head, from its first byte (from the
+    /// connection's start for the first request); 408 after it (HAProxy's `timeout
+    /// http-request`; default 10s). Top level or listener.
+    #[serde(default, with = "humantime_serde")]
+    pub http_request: Option<Duration>,
+    /// HTTP: how long a kept-alive client connection may wait for its next request (HAProxy's
+    /// `timeout http-keep-alive`; default `http_request`). Top level or listener.
+    #[serde(default, with = "humantime_serde")]
+    pub http_keep_alive: Option<Duration>,
+    /// HTTP: idle limit of a tunnel (after a WebSocket upgrade or a CONNECT) in either
+    /// direction (HAProxy's `timeout tunnel`; default 1h). Top level or listener.
+    #[serde(default, with = "humantime_serde")]
+    pub tunnel: Option<Duration>,
+}
+
+/// `limits:` bounds on HTTP messages.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Largest request or response head (request line or status line and header fields) lb
+    /// holds while it analyzes it; a longer request is refused with 431 (414 when the request
+    /// line alone is longer), a longer response with 502 (default 16KiB, at most 1MiB).
+    #[serde(default)]
+    pub max_header_bytes: Option<bytesize::ByteSize>,
+    /// Largest request body; a longer one is refused with 413 (default: unbounded).
+    #[serde(default)]
+    pub max_body_bytes: Option<bytesize::ByteSize>,
 }
 
 /// One entry of `listeners:`.
@@ -132,11 +162,26 @@ pub struct RawListener {
     pub name: String,
     /// `IP:PORT` to listen on (`0.0.0.0:80`, `[::]:443`, `127.0.0.1:0` for any free port).
     pub bind: String,
-    /// `tcp` (the only mode so far).
+    /// `tcp` (default: bytes forwarded as they are) or `http` (each request analyzed, routed and
+    /// rewritten).
     #[serde(default)]
     pub mode: Option<String>,
-    /// Name of the backend that receives this listener's flows.
+    /// Name of the backend that receives this listener's flows; in `http` mode, the requests
+    /// no route matches. Also spelled `default_backend`, as in HAProxy.
+    #[serde(alias = "default_backend")]
     pub backend: String,
+    /// `http` mode: routes tried in order; the first that matches a request picks its backend.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    /// `http` mode: which forwarding headers lb adds to requests.
+    #[serde(default)]
+    pub forwarded: Option<RawForwarded>,
+    /// `http` mode: header rules applied to each request before it is sent, in order.
+    #[serde(default)]
+    pub request_headers: Vec<RawHeaderRule>,
+    /// `http` mode: header rules applied to each response before it is sent, in order.
+    #[serde(default)]
+    pub response_headers: Vec<RawHeaderRule>,
     /// Listen backlog (default 1024).
     #[serde(default)]
     pub backlog: Option<u32>,
@@ -155,7 +200,8 @@ pub struct RawListener {
     /// (default 4096). Each flow needs two open files; lb raises its limit to the hard one.
     #[serde(default)]
     pub maxconn: Option<u32>,
-    /// Overrides `timeouts.client` for this listener (only `client` may be set here).
+    /// Overrides `timeouts.client` (and the HTTP timeouts `http_request`, `http_keep_alive`,
+    /// `tunnel`) for this listener.
     #[serde(default)]
     pub timeouts: Option<RawTimeouts>,
 }
@@ -213,4 +259,50 @@ pub struct RawServer {
     /// Relative share of new flows, 1..=256 (default 1); 0 sends it nothing.
     #[serde(default)]
     pub weight: Option<u32>,
+}
+
+/// One entry of a listener's `routes:`. At least one of `host` and `path_prefix`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// The request's host (Host field, or the target's authority), compared without port and
+    /// case: `example.com` exactly, or `*.example.com` for any name ending in `.example.com`.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// A prefix of the request target's path, such as `/api/` (compared case-sensitively).
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The backend that receives the matching requests.
+    pub backend: String,
+}
+
+/// A listener's `forwarded:` switches.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForwarded {
+    /// Append the client's address to `X-Forwarded-For` (default true).
+    #[serde(default)]
+    pub x_forwarded_for: Option<bool>,
+    /// Set `X-Forwarded-Proto` to the listener's scheme (default true).
+    #[serde(default)]
+    pub x_forwarded_proto: Option<bool>,
+    /// Append a `Forwarded: for=...;proto=...` element (RFC 7239; default false).
+    #[serde(default)]
+    pub forwarded: Option<bool>,
+}
+
+/// One header rule: exactly one of `set` (replace every field of that name), `add` (append
+/// a field) or `remove` (drop every field of that name), naming the field; `value` for set and
+/// add.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderRule {
+    #[serde(default)]
+    pub set: Option<String>,
+    #[serde(default)]
+    pub add: Option<String>,
+    #[serde(default)]
+    pub remove: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
 }

@@ -3,8 +3,8 @@
 //! Every request-smuggling attack is a disagreement about this between two parsers, so lb
 //! accepts only framings that cannot be read two ways: one Content-Length value (repeated
 //! copies must be identical), or a Transfer-Encoding whose final coding is `chunked` (once), and
-//! never both. The rest is refused before any byte reaches the server: requests with 400 (501
-//! for a transfer coding lb cannot frame), responses with 502.
+//! never both. The rest is refused before any byte reaches the other side: requests with 400
+//! (413 above `limits.max_body_bytes`), responses with 502.
 use super::{is_tchar, trim_ows, Header, Rejection, Version};
 
 /// How a message's body is delimited.

@@ -7,12 +7,18 @@
 //!   out: CRLF line endings, the request target's form, one Host);
 //! - [`framing`]: how long a body is (Content-Length, Transfer-Encoding), refusing every
 //!   ambiguous combination;
-//! - [`chunked`]: a chunked body, checked as it streams past (sizes, extensions, trailers).
+//! - [`chunked`]: a chunked body, checked as it streams past (sizes, extensions, trailers);
+//! - [`response`]: the response head, as strict (a server's mistake is a 502, not passed on).
 //!
 //! Each refusal is a [`Rejection`]: the status lb answers with, and why (for the log).
 pub mod chunked;
 pub mod framing;
+pub mod reply;
 pub mod request;
+pub mod response;
+pub mod rewrite;
+pub mod session;
+pub mod transfer;
 
 use std::fmt;
 
@@ -71,6 +77,22 @@ impl Header {
 pub enum Version {
     Http10,
     Http11,
+}
+
+/// Every LF must end a CRLF and every CR start one (a CR at the very end may be waiting for
+/// its LF).
+pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
+    for (i, &b) in head.iter().enumerate() {
+        let ok = match b {
+            b'\n' => i > 0 && head[i - 1] == b'\r',
+            b'\r' => head.get(i + 1).is_none_or(|&n| n == b'\n'),
+            _ => true,
+        };
+        if !ok {
+            return Err("bare CR or LF in the head");
+        }
+    }
+    Ok(())
 }
 
 /// Whether `b` is a `tchar` (RFC 9110 §5.6.2): the characters of methods, header names and

@@ -6,7 +6,7 @@
 //! still unfinished, 431 after). httparse parses the head with none of its leniency options;
 //! lb adds what httparse lets through: a bare LF as a line ending, non-ASCII bytes in the
 //! target, a target whose form does not fit the method, a missing or repeated Host.
-use super::{framing, framing::Body, Header, Rejection, Version};
+use super::{check_line_endings, framing, framing::Body, Header, Rejection, Version};
 
 /// Most header fields in one head (HAProxy's `tune.http.maxhdr` is 101).
 pub const MAX_HEADERS: usize = 100;
@@ -47,7 +47,7 @@ pub fn analyze(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Rejection
         Ok(httparse::Status::Complete(n)) => &buf[..n],
         _ => buf,
     };
-    check_line_endings(head)?;
+    check_line_endings(head).map_err(|why| Rejection::new(400, why))?;
     let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
@@ -96,22 +96,6 @@ pub fn analyze(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Rejection
         host: authority.or(host).map(|a| host_name(&a)),
         headers,
     }))
-}
-
-/// Every LF must end a CRLF and every CR start one (a CR at the very end may be waiting for
-/// its LF).
-fn check_line_endings(head: &[u8]) -> Result<(), Rejection> {
-    for (i, &b) in head.iter().enumerate() {
-        let ok = match b {
-            b'\n' => i > 0 && head[i - 1] == b'\r',
-            b'\r' => head.get(i + 1).is_none_or(|&n| n == b'\n'),
-            _ => true,
-        };
-        if !ok {
-            return Err(Rejection::new(400, "bare CR or LF in the head"));
-        }
-    }
-    Ok(())
 }
 
 /// 414 while the request line has not ended within the limit, 431 after.

@@ -110,29 +110,11 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
     Ok(())
 }
 
-/// Installs iperf3 and HAProxy from Debian when missing (apt lists refreshed only then).
+/// Installs iperf3 and HAProxy from Debian when missing.
 fn ensure_tools() -> Result<()> {
-    let present = |program: &str, arg: &str| {
-        Command::new(program)
-            .arg(arg)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let missing: Vec<&str> = [("iperf3", "--version"), ("haproxy", "-v")]
-        .into_iter()
-        .filter(|(program, arg)| !present(program, arg))
-        .map(|(program, _)| program)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask bench: installing {}", missing.join(" "));
-    crate::run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    crate::run_cmd(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq"])
-            .args(&missing),
+    crate::setup::ensure_programs(
+        "xtask bench",
+        &[("iperf3", "--version", "iperf3"), ("haproxy", "-v", "haproxy")],
     )
 }
 

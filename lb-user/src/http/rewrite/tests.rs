@@ -1,0 +1,114 @@
+use super::*;
+use crate::config::{Forwarded, HeaderRule, Http};
+use crate::http::request::{self, Limits};
+use std::time::Duration;
+
+fn http(forwarded: Forwarded, request_rules: Vec<HeaderRule>) -> Http {
+    Http {
+        routes: vec![],
+        forwarded,
+        request_rules,
+        response_rules: vec![HeaderRule::Remove("Server".into())],
+        request_timeout: Duration::from_secs(1),
+        keep_alive_timeout: Duration::from_secs(1),
+        tunnel_timeout: Duration::from_secs(1),
+    }
+}
+
+const ALL: Forwarded = Forwarded {
+    x_forwarded_for: true,
+    x_forwarded_proto: true,
+    forwarded: true,
+};
+
+fn req(head: &str) -> Request {
+    let limits = Limits {
+        max_header_bytes: 4096,
+        max_body_bytes: None,
+    };
+    request::analyze(head.as_bytes(), &limits).unwrap().unwrap()
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn hop_by_hop_fields_are_dropped_and_forwarding_fields_added() {
+    let r = req("GET /x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\nX-Secret: s\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nForwarded: for=10.0.0.1\r\nAccept: */*\r\n\r\n");
+    let client: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+    let head = text(request_head(&r, &http(ALL, vec![]), client, false, false));
+    assert_eq!(
+        head,
+        "GET /x HTTP/1.1\r\nHost: a\r\nForwarded: for=10.0.0.1, for=192.0.2.7;proto=http\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-Forwarded-Proto: http\r\n\r\n"
+    );
+}
+
+#[test]
+fn an_upgrade_keeps_its_fields() {
+    let r = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n");
+    assert!(is_upgrade(&r));
+    let none = Forwarded {
+        x_forwarded_for: false,
+        x_forwarded_proto: false,
+        forwarded: false,
+    };
+    let head = text(request_head(
+        &r,
+        &http(none, vec![]),
+        "[::1]:1".parse().unwrap(),
+        true,
+        false,
+    ));
+    assert_eq!(head, "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\nConnection: upgrade\r\n\r\n");
+}
+
+#[test]
+fn rules_apply_in_order_after_the_forwarding_fields() {
+    let r = req("POST / HTTP/1.0\r\nX-Env: dev\r\nX-Env: test\r\nCookie: c\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n");
+    let rules = vec![
+        HeaderRule::Set("x-env".into(), "prod".into()),
+        HeaderRule::Add("Via".into(), "1.0 lb".into()),
+        HeaderRule::Remove("cookie".into()),
+        HeaderRule::Remove("X-Forwarded-Proto".into()),
+    ];
+    let only_xff = Forwarded {
+        x_forwarded_for: true,
+        x_forwarded_proto: true,
+        forwarded: false,
+    };
+    let head = text(request_head(
+        &r,
+        &http(only_xff, rules),
+        "[2001:db8::1]:1".parse().unwrap(),
+        false,
+        true,
+    ));
+    assert_eq!(
+        head,
+        "POST / HTTP/1.0\r\nContent-Length: 0\r\nX-Forwarded-For: 2001:db8::1\r\nx-env: prod\r\nVia: 1.0 lb\r\n\r\n"
+    );
+    assert!(!client_keeps_alive(&r));
+}
+
+#[test]
+fn response_heads() {
+    let resp = |head: &str| {
+        crate::http::response::analyze(head.as_bytes(), "GET", 4096)
+            .unwrap()
+            .unwrap()
+    };
+    let h = http(ALL, vec![]);
+    let ok = resp("HTTP/1.0 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n");
+    assert!(!server_keeps_alive(&ok));
+    assert_eq!(
+        text(response_head(&ok, &h, true)),
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+    );
+    let switching =
+        resp("HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
+    assert_eq!(
+        text(response_head(&switching, &h, false)),
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    );
+}

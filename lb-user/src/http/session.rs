@@ -1,0 +1,510 @@
+//! The HTTP session (`mode: http` listeners): the per-connection supervisor that takes each
+//! request through the analyzers before any byte of it reaches a server.
+//!
+//! A request is held (HOLD) until the request analyzer accepts its head, under
+//! `timeouts.http_request` and `limits.max_header_bytes`; then it is routed, rewritten and sent
+//! to a server of the chosen backend (the kept-alive server connection when it serves that
+//! backend), its body follows as its framing delimits it, and the response head goes through
+//! the response analyzer and is rewritten before the client sees it. Then the connection waits
+//! for the next request (keep-alive, pipelined requests in order), or, after an upgrade (101)
+//! or a CONNECT (2xx), the pair becomes a tunnel the caller hands to the kernel. Drawn in
+//! ../LIFECYCLE.md.
+use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
+use tokio::{net::TcpStream, time::Instant};
+
+use super::{
+    framing::Body,
+    reply,
+    request::{self, Request},
+    response::{self, Response},
+    rewrite,
+    transfer::{close_gently, forward_body, write_all, BodyError, Conn, ReadError},
+    trim_ows, Rejection,
+};
+use crate::{
+    config::{Http, Listener},
+    connect::connect,
+    metrics::ResponseLabels,
+    server::Proxy,
+    sockopt,
+};
+
+/// How long lb keeps reading (and dropping) what a client still sends after lb answered it and
+/// closed its side: enough for the client to read the answer before the close resets.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How an HTTP session ended.
+pub enum HttpEnd {
+    /// The client connection is closed; why, for the session log.
+    Closed(&'static str),
+    /// An upgrade (101) or a CONNECT (2xx) made the pair a tunnel: the caller forwards it.
+    Tunnel(Tunnel),
+}
+
+/// A client/server pair after an upgrade or a CONNECT; every byte lb had read from either side
+/// was passed on.
+pub struct Tunnel {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub backend: usize,
+    pub server_idx: usize,
+}
+
+/// A server connection, kept between requests while it serves the same backend.
+struct ServerConn {
+    conn: Conn,
+    backend: usize,
+    server_idx: usize,
+}
+
+/// Where the client connection is.
+enum State {
+    /// Waiting for a request head; `first`: the connection's first request.
+    Waiting {
+        client: Conn,
+        server: Option<ServerConn>,
+        first: bool,
+    },
+    /// A head accepted by the request analyzer: to be routed, sent and answered.
+    Requested {
+        client: Conn,
+        server: Option<ServerConn>,
+        req: Request,
+        since: Instant,
+    },
+    Ended(HttpEnd),
+}
+
+/// What a session needs at every step.
+struct Ctx<'a> {
+    proxy: &'a Proxy,
+    l: &'a Listener,
+    http: &'a Http,
+    peer: SocketAddr,
+}
+
+/// Runs an HTTP client connection until it ends or becomes a tunnel.
+pub async fn run(proxy: &Proxy, listener: usize, stream: TcpStream, peer: SocketAddr) -> HttpEnd {
+    let l = &proxy.config.listeners[listener];
+    let Some(http) = &l.http else {
+        return HttpEnd::Closed("not an http listener");
+    };
+    let ctx = Ctx { proxy, l, http, peer };
+    let mut state = State::Waiting {
+        client: Conn::new(stream),
+        server: None,
+        first: true,
+    };
+    loop {
+        state = match state {
+            State::Waiting {
+                client,
+                server,
+                first,
+            } => wait_request(&ctx, client, server, first).await,
+            State::Requested {
+                client,
+                server,
+                req,
+                since,
+            } => Box::pin(exchange(&ctx, client, server, req, since)).await,
+            State::Ended(end) => return end,
+        };
+    }
+}
+
+/// Holds the client's bytes until the request analyzer accepts a head (or refuses it).
+async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, server: Option<ServerConn>, first: bool) -> State {
+    let limits = &ctx.proxy.config.limits;
+    let since = Instant::now();
+    // Until the first byte: the keep-alive wait (the request timeout for a first request);
+    // from the first byte, the whole head within the request timeout.
+    let mut deadline = since
+        + if first {
+            ctx.http.request_timeout
+        } else {
+            ctx.http.keep_alive_timeout
+        };
+    let mut started = !client.held.is_empty();
+    if started {
+        deadline = since + ctx.http.request_timeout;
+    }
+    loop {
+        if !client.held.is_empty() {
+            match request::analyze(&client.held, limits) {
+                Ok(Some(req)) => {
+                    return State::Requested {
+                        client,
+                        server,
+                        req,
+                        since,
+                    }
+                }
+                Ok(None) => {}
+                Err(r) => return refuse(ctx, client, None, r).await,
+            }
+        }
+        match client.fill(deadline).await {
+            Ok(0) if client.held.is_empty() => return State::Ended(HttpEnd::Closed("client closed")),
+            Ok(0) => {
+                return refuse(
+                    ctx,
+                    client,
+                    None,
+                    Rejection::new(400, "client closed within the request head"),
+                )
+                .await
+            }
+            Ok(_) if !started => {
+                started = true;
+                deadline = Instant::now() + ctx.http.request_timeout;
+            }
+            Ok(_) => {}
+            // A kept-alive connection nobody uses any more is closed quietly, as HAProxy does.
+            Err(ReadError::Timeout) if client.held.is_empty() && !first => {
+                return State::Ended(HttpEnd::Closed("keep-alive timeout"))
+            }
+            Err(ReadError::Timeout) => {
+                let r = Rejection::new(408, "request head not complete within timeouts.http_request");
+                return refuse(ctx, client, None, r).await;
+            }
+            Err(ReadError::Io(_)) => return State::Ended(HttpEnd::Closed("client failed")),
+        }
+    }
+}
+
+/// What one exchange measured, for the access log.
+struct Exchange<'r> {
+    req: &'r Request,
+    /// When lb began to wait for this request.
+    since: Instant,
+    /// When the request analyzer accepted its head.
+    head_at: Instant,
+    backend: usize,
+    server_idx: Option<usize>,
+    connected: Option<Instant>,
+    responded: Option<Instant>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// Routes, sends and answers one request; then waits for the next, or ends.
+async fn exchange(
+    ctx: &Ctx<'_>,
+    mut client: Conn,
+    kept: Option<ServerConn>,
+    req: Request,
+    since: Instant,
+) -> State {
+    let backend = ctx
+        .http
+        .routes
+        .iter()
+        .find(|r| r.matches(req.host.as_deref(), &req.target))
+        .map_or(ctx.l.backend, |r| r.backend);
+    let mut x = Exchange {
+        req: &req,
+        since,
+        head_at: Instant::now(),
+        backend,
+        server_idx: None,
+        connected: None,
+        responded: None,
+        bytes_in: req.head_len as u64,
+        bytes_out: 0,
+    };
+    client.consume(req.head_len);
+    let client_idle = ctx.l.client_timeout;
+    let server_idle = ctx.proxy.config.backends[backend].server_timeout;
+    let upgrading = rewrite::is_upgrade(&req);
+    // lb answers `Expect: 100-continue` itself (as nginx does) and drops it from the request:
+    // the body then follows at once, and the server never waits for a 100 of its own.
+    let expect = req.body != Body::None
+        && req
+            .headers
+            .iter()
+            .any(|h| h.is("expect") && trim_ows(&h.value).eq_ignore_ascii_case(b"100-continue"));
+    if expect
+        && write_all(&mut client.stream, b"HTTP/1.1 100 Continue\r\n\r\n", client_idle)
+            .await
+            .is_err()
+    {
+        return State::Ended(HttpEnd::Closed("client failed"));
+    }
+    let head = rewrite::request_head(&req, ctx.http, ctx.peer, upgrading, expect);
+    let reused = kept.filter(|s| s.backend == backend && still_open(s));
+    let (mut server, resp) = match send_request(ctx, &mut client, reused, &head, &mut x).await {
+        Ok(sent) => sent,
+        Err(r) => return refuse(ctx, client, Some(&x), r).await,
+    };
+    if resp.status == 101 && !upgrading {
+        let r = Rejection::new(502, "101 answer to a request that did not ask to upgrade");
+        return refuse(ctx, client, Some(&x), r).await;
+    }
+    let tunnel = (resp.status == 101) || (req.method == "CONNECT" && (200..300).contains(&resp.status));
+    let close = !tunnel && (!rewrite::client_keeps_alive(&req) || resp.body == Body::UntilClose);
+    let head = rewrite::response_head(&resp, ctx.http, close);
+    count(ctx, resp.status);
+    if write_all(&mut client.stream, &head, client_idle).await.is_err() {
+        return State::Ended(HttpEnd::Closed("client failed"));
+    }
+    x.bytes_out += head.len() as u64;
+    if tunnel {
+        // What either side sent behind its head is passed on before the kernel takes over.
+        let (from_server, from_client) = (
+            std::mem::take(&mut server.conn.held),
+            std::mem::take(&mut client.held),
+        );
+        let passed = (
+            write_all(&mut client.stream, &from_server, client_idle).await,
+            write_all(&mut server.conn.stream, &from_client, server_idle).await,
+        );
+        access_log(ctx, &x, resp.status, "tunnel");
+        if passed.0.is_err() || passed.1.is_err() {
+            return State::Ended(HttpEnd::Closed("a side failed at the tunnel's start"));
+        }
+        return State::Ended(HttpEnd::Tunnel(Tunnel {
+            client: client.stream,
+            server: server.conn.stream,
+            backend,
+            server_idx: server.server_idx,
+        }));
+    }
+    match forward_body(
+        &mut server.conn,
+        &mut client.stream,
+        resp.body,
+        (server_idle, client_idle),
+        None,
+    )
+    .await
+    {
+        Ok(n) => x.bytes_out += n,
+        Err(e) => {
+            // The head is out: nothing else can tell the client; the connection is cut.
+            access_log(ctx, &x, resp.status, body_fault(&e));
+            return State::Ended(HttpEnd::Closed(body_fault(&e)));
+        }
+    }
+    access_log(ctx, &x, resp.status, "");
+    let keep_server =
+        rewrite::server_keeps_alive(&resp) && resp.body != Body::UntilClose && server.conn.held.is_empty();
+    if close {
+        close_gently(client.stream, LINGER).await;
+        return State::Ended(HttpEnd::Closed("closed after the response"));
+    }
+    State::Waiting {
+        client,
+        server: keep_server.then_some(server),
+        first: false,
+    }
+}
+
+/// Sends the request (head, then body) and reads the response head, on the kept server
+/// connection or a new one. A kept connection the server closed meanwhile (it may close an
+/// idle connection at any time) is replaced once, when the request had no body to replay.
+async fn send_request(
+    ctx: &Ctx<'_>,
+    client: &mut Conn,
+    reused: Option<ServerConn>,
+    head: &[u8],
+    x: &mut Exchange<'_>,
+) -> Result<(ServerConn, Response), Rejection> {
+    let replayable = x.req.body == Body::None;
+    let mut reused = reused;
+    loop {
+        let was_reused = reused.is_some();
+        let mut server = match reused.take() {
+            Some(s) => s,
+            None => connect_server(ctx, x.backend).await?,
+        };
+        x.server_idx = Some(server.server_idx);
+        x.connected = Some(Instant::now());
+        let server_idle = ctx.proxy.config.backends[x.backend].server_timeout;
+        let sent = write_all(&mut server.conn.stream, head, server_idle).await;
+        if sent.is_ok() {
+            let idle = (ctx.l.client_timeout, server_idle);
+            match forward_body(
+                client,
+                &mut server.conn.stream,
+                x.req.body,
+                idle,
+                ctx.proxy.config.limits.max_body_bytes,
+            )
+            .await
+            {
+                Ok(n) => x.bytes_in += n,
+                Err(BodyError::Malformed(_)) => {
+                    return Err(Rejection::new(400, "malformed chunked request body"))
+                }
+                Err(BodyError::TooLarge) => {
+                    return Err(Rejection::new(413, "request body above limits.max_body_bytes"))
+                }
+                Err(BodyError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(Rejection::new(408, "request body stalled for timeouts.client"))
+                }
+                Err(BodyError::Source(_)) => {
+                    return Err(Rejection::new(400, "client closed within the request body"))
+                }
+                Err(BodyError::Destination(_)) => {
+                    return Err(Rejection::new(502, "server failed while receiving the request"))
+                }
+            }
+        }
+        let answer = match sent {
+            Ok(()) => read_response(ctx, client, &mut server, x).await,
+            Err(_) => Err(Rejection::new(502, "server failed while receiving the request")),
+        };
+        match answer {
+            Ok(resp) => return Ok((server, resp)),
+            // Nothing of an answer came back on a connection the server may have closed while
+            // idle: the request can go again on a new one.
+            Err(_) if was_reused && replayable && server.conn.held.is_empty() => continue,
+            Err(r) => return Err(r),
+        }
+    }
+}
+
+/// Reads the final response head: interim ones (1xx but 101) are passed on first.
+async fn read_response(
+    ctx: &Ctx<'_>,
+    client: &mut Conn,
+    server: &mut ServerConn,
+    x: &mut Exchange<'_>,
+) -> Result<Response, Rejection> {
+    let limit = ctx.proxy.config.limits.max_header_bytes;
+    let deadline = Instant::now() + ctx.proxy.config.backends[x.backend].server_timeout;
+    loop {
+        if !server.conn.held.is_empty() {
+            if let Some(resp) = response::analyze(&server.conn.held, &x.req.method, limit)? {
+                server.conn.consume(resp.head_len);
+                x.responded.get_or_insert_with(Instant::now);
+                if !resp.is_interim() {
+                    return Ok(resp);
+                }
+                let head = rewrite::response_head(&resp, ctx.http, false);
+                write_all(&mut client.stream, &head, ctx.l.client_timeout)
+                    .await
+                    .map_err(|_| Rejection::new(400, "client failed"))?;
+                continue;
+            }
+        }
+        match server.conn.fill(deadline).await {
+            Ok(0) => {
+                return Err(Rejection::new(
+                    502,
+                    "server closed before a complete response head",
+                ))
+            }
+            Ok(_) => {}
+            Err(ReadError::Timeout) => {
+                return Err(Rejection::new(504, "no response head within timeouts.server"))
+            }
+            Err(ReadError::Io(_)) => return Err(Rejection::new(502, "server connection failed")),
+        }
+    }
+}
+
+/// Picks a server of `backend` and connects to it.
+async fn connect_server(ctx: &Ctx<'_>, backend: usize) -> Result<ServerConn, Rejection> {
+    let state = &ctx.proxy.backends[backend];
+    let b = &ctx.proxy.config.backends[backend];
+    let Some(idx) = state.balancer.pick() else {
+        return Err(Rejection::new(503, "no server available"));
+    };
+    match connect(
+        &b.servers[idx],
+        b.connect_timeout,
+        ctx.l.nodelay,
+        ctx.proxy.kernel_rcvbuf(),
+    )
+    .await
+    {
+        Ok(stream) => {
+            state.servers[idx].connections.inc();
+            Ok(ServerConn {
+                conn: Conn::new(stream),
+                backend,
+                server_idx: idx,
+            })
+        }
+        Err(e) => {
+            state.servers[idx].connect_errors.inc();
+            tracing::warn!(listener = %ctx.l.name, backend = %b.name, client = %ctx.peer, "connect failed: {e}");
+            Err(Rejection::new(502, "server connection failed"))
+        }
+    }
+}
+
+/// A kept server connection is usable while the server has neither closed it nor sent
+/// anything unasked.
+fn still_open(s: &ServerConn) -> bool {
+    s.conn.held.is_empty()
+        && matches!(sockopt::peek_nowait(s.conn.stream.as_fd(), &mut [0u8; 1]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Answers the client with the rejection's status and closes the connection.
+async fn refuse(ctx: &Ctx<'_>, mut client: Conn, x: Option<&Exchange<'_>>, r: Rejection) -> State {
+    tracing::info!(listener = %ctx.l.name, client = %ctx.peer, "refused: {r}");
+    count(ctx, r.status);
+    if let Some(x) = x {
+        access_log(ctx, x, r.status, r.why);
+    }
+    let answer = reply::error(r.status);
+    if write_all(&mut client.stream, &answer, LINGER).await.is_ok() {
+        close_gently(client.stream, LINGER).await;
+    }
+    State::Ended(HttpEnd::Closed(r.why))
+}
+
+fn count(ctx: &Ctx<'_>, status: u16) {
+    ctx.proxy
+        .metrics
+        .http_responses
+        .get_or_create(&ResponseLabels::new(&ctx.l.name, status))
+        .inc();
+}
+
+fn body_fault(e: &BodyError) -> &'static str {
+    match e {
+        BodyError::Source(_) => "server failed within the response body",
+        BodyError::Destination(_) => "client failed within the response body",
+        BodyError::Malformed(_) => "malformed chunked response body",
+        BodyError::TooLarge => "response body too large",
+    }
+}
+
+/// One line per request on the `lb::access` target, in the format the README documents:
+/// `CLIENT LISTENER "METHOD HOST TARGET" STATUS in=BYTES out=BYTES server=BACKEND/SERVER
+/// t=REQUEST/CONNECT/RESPONSE/TOTAL NOTE`, times in milliseconds (-1: not reached): waiting for
+/// the request head, connecting (0 on a kept connection), from the request sent to the
+/// response head, and the whole exchange.
+fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str) {
+    let backend = &ctx.proxy.config.backends[x.backend];
+    let server = x.server_idx.map_or("-", |i| backend.servers[i].name.as_str());
+    let ms = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
+        (Some(f), Some(t)) => t.saturating_duration_since(f).as_millis() as i64,
+        _ => -1,
+    };
+    let now = Some(Instant::now());
+    tracing::info!(
+        target: "lb::access",
+        "{} {} \"{} {} {}\" {} in={} out={} server={}/{} t={}/{}/{}/{} {}",
+        ctx.peer,
+        ctx.l.name,
+        x.req.method,
+        x.req.host.as_deref().unwrap_or("-"),
+        x.req.target,
+        status,
+        x.bytes_in,
+        x.bytes_out,
+        backend.name,
+        server,
+        ms(Some(x.since), Some(x.head_at)),
+        ms(Some(x.head_at), x.connected),
+        ms(x.connected, x.responded),
+        ms(Some(x.since), now),
+        note
+    );
+}

@@ -1,0 +1,228 @@
+//! Moving HTTP messages between the two connections of a session: reading into a side's held
+//! buffer under a deadline, writing under an idle limit, and forwarding a body as its framing
+//! delimits it (the bytes after it stay held: they are the next pipelined message).
+use std::{io, time::Duration};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+
+use super::{
+    chunked::{ChunkError, Chunked},
+    framing::Body,
+};
+
+/// Most bytes read at once.
+const READ_CHUNK: usize = 64 << 10;
+
+/// One side's connection and the bytes read from it that were not consumed yet.
+pub struct Conn {
+    pub stream: TcpStream,
+    pub held: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Conn {
+        Conn {
+            stream,
+            held: Vec::new(),
+        }
+    }
+
+    /// Reads more bytes into `held`; `Ok(0)` at end of stream.
+    pub async fn fill(&mut self, deadline: Instant) -> Result<usize, ReadError> {
+        self.held.reserve(READ_CHUNK.min(self.held.capacity().max(4096)));
+        match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.held)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(ReadError::Io(e)),
+            Err(_) => Err(ReadError::Timeout),
+        }
+    }
+
+    /// Drops the first `n` held bytes (a head or body part that was consumed).
+    pub fn consume(&mut self, n: usize) {
+        self.held.drain(..n);
+    }
+}
+
+/// Why a read failed.
+#[derive(Debug)]
+pub enum ReadError {
+    Timeout,
+    Io(io::Error),
+}
+
+/// Writes all of `bytes`, each write allowed `idle`.
+pub async fn write_all(stream: &mut TcpStream, bytes: &[u8], idle: Duration) -> io::Result<()> {
+    match tokio::time::timeout(idle, stream.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Why a body could not be forwarded, by side.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The sender closed, failed or stalled for its idle limit before the body's end.
+    Source(io::Error),
+    /// The receiver failed or stalled.
+    Destination(io::Error),
+    /// A malformed chunked body (the bytes before the fault were forwarded).
+    Malformed(ChunkError),
+    /// The body grew past `limits.max_body_bytes`.
+    TooLarge,
+}
+
+/// Forwards a body delimited by `body` from `src` (its held bytes first) to `dst`. Each read is
+/// allowed `src_idle`, each write `dst_idle`; `max`: the largest body accepted. Returns the bytes
+/// forwarded.
+pub async fn forward_body(
+    src: &mut Conn,
+    dst: &mut TcpStream,
+    body: Body,
+    (src_idle, dst_idle): (Duration, Duration),
+    max: Option<u64>,
+) -> Result<u64, BodyError> {
+    let mut sent = 0u64;
+    let mut chunked = Chunked::default();
+    let mut left = match body {
+        Body::None => return Ok(0),
+        Body::Length(n) => n,
+        Body::Chunked | Body::UntilClose => u64::MAX,
+    };
+    loop {
+        if left == 0 {
+            // A zero Content-Length: nothing to wait for.
+            return Ok(sent);
+        }
+        if !src.held.is_empty() {
+            let take = match body {
+                Body::Chunked => {
+                    let n = chunked.feed(&src.held).map_err(BodyError::Malformed)?;
+                    if max.is_some_and(|m| chunked.data_bytes() > m) {
+                        return Err(BodyError::TooLarge);
+                    }
+                    n
+                }
+                _ => src.held.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
+            };
+            write_all(dst, &src.held[..take], dst_idle)
+                .await
+                .map_err(BodyError::Destination)?;
+            src.consume(take);
+            sent += take as u64;
+            if body != Body::UntilClose {
+                left -= take as u64;
+            }
+            if left == 0 || chunked.done() {
+                return Ok(sent);
+            }
+        }
+        match src.fill(Instant::now() + src_idle).await {
+            Ok(0) if body == Body::UntilClose => return Ok(sent),
+            Ok(0) => return Err(BodyError::Source(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => {}
+            Err(ReadError::Timeout) => return Err(BodyError::Source(io::ErrorKind::TimedOut.into())),
+            Err(ReadError::Io(e)) => return Err(BodyError::Source(e)),
+        }
+    }
+}
+
+/// Ends a connection lb answered and will not read from again: its write side is shut, then
+/// what the peer still sends is read and dropped (for at most `linger`), so that closing does
+/// not reset the connection before the peer has read the answer (a close with unread input
+/// sends RST, which can destroy data the peer has not read yet).
+pub async fn close_gently(mut stream: TcpStream, linger: Duration) {
+    let _ = stream.shutdown().await;
+    let deadline = Instant::now() + linger;
+    let mut sink = [0u8; 4096];
+    // Bounded: at most 256 reads, and the deadline.
+    for _ in 0..256 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// Sends `input` into a Conn whose first `held` bytes are already held, forwards `body`,
+    /// and returns what reached the other side and what stayed held.
+    async fn run(
+        input: &[u8],
+        held: usize,
+        body: Body,
+        max: Option<u64>,
+    ) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
+        let (mut writer, reader) = pair().await;
+        let (mut dst, mut out) = pair().await;
+        let mut src = Conn::new(reader);
+        src.held.extend_from_slice(&input[..held]);
+        writer.write_all(&input[held..]).await.unwrap();
+        drop(writer);
+        let idle = Duration::from_secs(5);
+        let r = forward_body(&mut src, &mut dst, body, (idle, idle), max).await;
+        drop(dst);
+        let mut got = Vec::new();
+        out.read_to_end(&mut got).await.unwrap();
+        (r, got, src.held)
+    }
+
+    #[tokio::test]
+    async fn a_length_body_stops_at_its_length() {
+        let (r, got, rest) = run(b"hello worldGET /", 3, Body::Length(11), None).await;
+        assert_eq!(r.unwrap(), 11);
+        assert_eq!(got, b"hello world");
+        assert!(rest.is_empty() || rest.starts_with(b"GET"));
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_does_not_wait_for_bytes() {
+        let (mut _writer, reader) = pair().await;
+        let (mut dst, _out) = pair().await;
+        let mut src = Conn::new(reader);
+        let idle = Duration::from_secs(30);
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            forward_body(&mut src, &mut dst, Body::Length(0), (idle, idle), None),
+        );
+        assert_eq!(r.await.expect("waited for a byte of an empty body").unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_forwarded_as_it_came() {
+        let body = b"5\r\nhello\r\n0\r\nX: y\r\n\r\n";
+        let mut input = body.to_vec();
+        input.extend_from_slice(b"NEXT");
+        let (r, got, rest) = run(&input, input.len(), Body::Chunked, None).await;
+        assert_eq!(r.unwrap(), body.len() as u64);
+        assert_eq!(got, body);
+        assert_eq!(rest, b"NEXT");
+        let (r, _, _) = run(body, 0, Body::Chunked, Some(4)).await;
+        assert!(matches!(r, Err(BodyError::TooLarge)));
+        let (r, got, _) = run(b"5\r\nhello\r\nzz\r\n", 0, Body::Chunked, None).await;
+        assert!(matches!(r, Err(BodyError::Malformed(_))));
+        // Nothing past the fault reaches the receiver.
+        assert!(b"5\r\nhello\r\n".starts_with(&got));
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_the_senders_fault() {
+        let (r, _, _) = run(b"abc", 0, Body::Length(10), None).await;
+        assert!(matches!(r, Err(BodyError::Source(e)) if e.kind() == io::ErrorKind::UnexpectedEof));
+        let (r, got, _) = run(b"until the end", 5, Body::UntilClose, None).await;
+        assert_eq!((r.unwrap(), got.as_slice()), (13, &b"until the end"[..]));
+    }
+}

@@ -1,0 +1,220 @@
+//! HTTP fixtures: an lb with one `mode: http` listener ([`HttpLbBuilder`]), a reflecting
+//! backend that answers every request with the request it received ([`Reflector`]), and a raw
+//! client for heads no well-behaved client would send ([`raw_exchange`]).
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
+use hyper_util::rt::TokioIo;
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering::SeqCst},
+        Arc,
+    },
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::lb::{lb_binary, spawn_command, Lb};
+
+/// A backend that answers each request with `200` and a body describing it: `NAME METHOD
+/// TARGET`, one `name: value` line per header field as received (names lowercased by hyper),
+/// then `body=` and the body. `GET /status/NNN` answers NNN instead; `GET /size/N` answers N
+/// bytes; an upgrade request for `/echo-upgrade` is switched (101) to an echo of every byte.
+pub struct Reflector {
+    pub addr: SocketAddr,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    /// Requests received.
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl Reflector {
+    pub async fn start(name: &'static str) -> Reflector {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (c, r) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        r.fetch_add(1, SeqCst);
+                        reflect(name, req)
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Reflector {
+            addr,
+            connections,
+            requests,
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(SeqCst)
+    }
+}
+
+async fn reflect(
+    name: &str,
+    mut req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path == "/echo-upgrade" && req.headers().contains_key(hyper::header::UPGRADE) {
+        // Switches to an echo of every byte (the shape of a WebSocket exchange, without frames).
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut().insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static("echo"),
+        );
+        resp.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        return Ok(resp);
+    }
+    if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
+        let mut resp = Response::new(Full::new(Bytes::from(format!("status {code}\n"))));
+        *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+        return Ok(resp);
+    }
+    if let Some(n) = path.strip_prefix("/size/").and_then(|c| c.parse::<usize>().ok()) {
+        return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
+    }
+    let mut text = format!("{name} {} {}\n", req.method(), req.uri());
+    for (k, v) in req.headers() {
+        text += &format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()));
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    text += "body=";
+    let mut out = text.into_bytes();
+    out.extend_from_slice(&body);
+    Ok(Response::new(Full::new(Bytes::from(out))))
+}
+
+/// Builds an lb with one `mode: http` listener named `web` on 127.0.0.1:0.
+pub struct HttpLbBuilder {
+    backends: Vec<(String, Vec<SocketAddr>)>,
+    listener: Vec<String>,
+    top: Vec<String>,
+}
+
+impl HttpLbBuilder {
+    /// The listener's default backend, `app`, with these servers.
+    pub fn new(app: &[SocketAddr]) -> HttpLbBuilder {
+        HttpLbBuilder {
+            backends: vec![("app".into(), app.to_vec())],
+            listener: Vec::new(),
+            top: Vec::new(),
+        }
+    }
+    /// Another backend.
+    pub fn backend(mut self, name: &str, servers: &[SocketAddr]) -> Self {
+        self.backends.push((name.into(), servers.to_vec()));
+        self
+    }
+    /// YAML lines for the listener, indented by the caller as keys of the listener (4 spaces),
+    /// e.g. `"    routes:\n      - { path_prefix: /api/, backend: api }\n"`.
+    pub fn listener_yaml(mut self, yaml: &str) -> Self {
+        self.listener.push(yaml.into());
+        self
+    }
+    /// Top-level YAML, e.g. `"limits: { max_header_bytes: 4KiB }\n"`.
+    pub fn top_yaml(mut self, yaml: &str) -> Self {
+        self.top.push(yaml.into());
+        self
+    }
+
+    pub fn config_text(&self) -> String {
+        let mut y = String::from("forwarding: auto\nadmin:\n  listen: 127.0.0.1:0\n");
+        for t in &self.top {
+            y += t;
+        }
+        y += "listeners:\n  - name: web\n    bind: 127.0.0.1:0\n    mode: http\n    default_backend: app\n";
+        for l in &self.listener {
+            y += l;
+        }
+        y += "backends:\n";
+        for (name, servers) in &self.backends {
+            y += &format!("  - name: {name}\n    servers:\n");
+            for (i, s) in servers.iter().enumerate() {
+                y += &format!("      - {{ name: s{i}, address: \"{s}\" }}\n");
+            }
+        }
+        y
+    }
+
+    pub fn spawn(self) -> Lb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lb.yaml");
+        std::fs::write(&path, self.config_text()).expect("write config");
+        let mut cmd = Command::new(lb_binary());
+        cmd.args(["run", "-c"]).arg(&path);
+        spawn_command(cmd, dir).unwrap_or_else(|e| panic!("lb did not start: {e}"))
+    }
+}
+
+/// Sends `request` on a new connection and reads until lb closes it (at most 10 s); returns
+/// everything received.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// The status code of the first response in `bytes`.
+pub fn status_of(bytes: &[u8]) -> Option<u16> {
+    let line = bytes.split(|&b| b == b'\n').next()?;
+    let code = line.split(|&b| b == b' ').nth(1)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
+/// Runs a command to completion (at most 30 s) and returns its stdout; panics with its stderr
+/// when it fails.
+pub async fn run_tool(program: &str, args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(program).args(args).output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{program} timed out"))
+    .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

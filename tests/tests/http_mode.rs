@@ -1,0 +1,490 @@
+//! HTTP mode end to end: real clients (curl, Python's http.client, raw sockets) through the real
+//! lb binary to a reflecting backend.
+use lb_tests::{
+    bpf_available,
+    http::{raw_exchange, run_tool, status_of, HttpLbBuilder, Reflector},
+};
+use rand::{rngs::SmallRng, RngCore, SeedableRng};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Each refused head, its status, and the class of attack it stands for. Every one must be
+/// refused whole: the analyzer is what keeps it from the server.
+const REFUSED: &[(&str, u16, &str)] = &[
+    // Framing (request smuggling proper).
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+        "CL.TE",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        400,
+        "TE.CL",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        400,
+        "CL.CL differing",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n",
+        400,
+        "CL list differing",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+        400,
+        "negative CL",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\n",
+        400,
+        "hex CL",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5 5\r\n\r\n",
+        400,
+        "CL with inner space",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551616\r\n\r\n",
+        400,
+        "CL overflow",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n",
+        413,
+        "CL above max_body_bytes",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        400,
+        "TE chunked not final",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+        400,
+        "TE without chunked",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+        "TE chunked twice",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        400,
+        "TE lookalike",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \"chunked\"\r\n\r\n",
+        400,
+        "TE quoted",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked;x=1\r\n\r\n",
+        400,
+        "TE with parameter",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n\r\n",
+        400,
+        "TE empty",
+    ),
+    (
+        "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400,
+        "TE in HTTP/1.0",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+        400,
+        "space before colon",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding\t: chunked\r\n\r\n",
+        400,
+        "tab before colon",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nX: y\r\n Transfer-Encoding: chunked\r\n\r\n",
+        400,
+        "obs-fold",
+    ),
+    (
+        "POST / HTTP/1.1\r\nHost: a\r\nX: y\r\n\tz\r\n\r\n",
+        400,
+        "obs-fold with tab",
+    ),
+    (" POST / HTTP/1.1\r\nHost: a\r\n\r\n", 400, "leading space"),
+    // Line endings.
+    (
+        "GET / HTTP/1.1\nHost: a\r\n\r\n",
+        400,
+        "bare LF after the request line",
+    ),
+    ("GET / HTTP/1.1\r\nHost: a\n\r\n", 400, "bare LF after a field"),
+    ("GET / HTTP/1.1\r\nHost: a\r\n\n", 400, "bare LF ending the head"),
+    ("GET / HTTP/1.1\rHost: a\r\n\r\n", 400, "bare CR"),
+    (
+        "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+        400,
+        "bare CR in a value",
+    ),
+    // Names and values.
+    (
+        "GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",
+        400,
+        "space in a name",
+    ),
+    (
+        "GET / HTTP/1.1\r\nHost: a\r\nBad\x01Name: x\r\n\r\n",
+        400,
+        "control in a name",
+    ),
+    ("GET / HTTP/1.1\r\nHost: a\r\n: x\r\n\r\n", 400, "empty name"),
+    (
+        "GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+        400,
+        "NUL in a value",
+    ),
+    (
+        "GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fb\r\n\r\n",
+        400,
+        "DEL in a value",
+    ),
+    (
+        "GET / HTTP/1.1\r\nHost: a\r\nNoColon\r\n\r\n",
+        400,
+        "field without colon",
+    ),
+    // Host.
+    ("GET / HTTP/1.1\r\n\r\n", 400, "no Host in 1.1"),
+    ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "two Hosts"),
+    ("GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "space in Host"),
+    ("GET / HTTP/1.1\r\nHost: user@a\r\n\r\n", 400, "userinfo in Host"),
+    ("GET / HTTP/1.1\r\nHost: a:80x\r\n\r\n", 400, "bad port in Host"),
+    ("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400, "slash in Host"),
+    // Method, target, version.
+    ("G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400, "method not a token"),
+    (
+        "GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+        400,
+        "two spaces in the request line",
+    ),
+    ("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400, "space in the target"),
+    ("GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n", 400, "DEL in the target"),
+    ("GET /\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n", 400, "non-ASCII target"),
+    ("GET /a#frag HTTP/1.1\r\nHost: a\r\n\r\n", 400, "fragment"),
+    ("GET a HTTP/1.1\r\nHost: a\r\n\r\n", 400, "relative target"),
+    ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400, "* without OPTIONS"),
+    ("CONNECT /x HTTP/1.1\r\nHost: a\r\n\r\n", 400, "CONNECT to a path"),
+    (
+        "CONNECT a HTTP/1.1\r\nHost: a\r\n\r\n",
+        400,
+        "CONNECT without port",
+    ),
+    ("GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, "other scheme"),
+    (
+        "GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
+        400,
+        "empty authority",
+    ),
+    ("GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505, "HTTP/1.2"),
+    ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "HTTP/2.0"),
+    ("GET / HTTP/2\r\nHost: a\r\n\r\n", 505, "HTTP/2"),
+    ("GET / HTTP/1.x\r\nHost: a\r\n\r\n", 400, "malformed version"),
+    ("GET / http/1.1\r\nHost: a\r\n\r\n", 400, "lowercase version"),
+    ("GET /\r\nHost: a\r\n\r\n", 400, "HTTP/0.9 request line"),
+];
+
+#[tokio::test]
+async fn malformed_and_smuggling_requests_never_reach_the_backend() {
+    assert!(REFUSED.len() >= 40);
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr])
+        .top_yaml("limits: { max_body_bytes: 1MiB }\n")
+        .spawn();
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(20_000));
+    let long_head = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "b".repeat(20_000));
+    let oversized = [
+        (long_target.as_str(), 414, "request line above the limit"),
+        (long_head.as_str(), 431, "head above the limit"),
+    ];
+    let mut wrong = Vec::new();
+    for &(head, expected, class) in REFUSED.iter().chain(oversized.iter()) {
+        let answer = raw_exchange(lb.listener, head.as_bytes()).await;
+        if status_of(&answer) != Some(expected) {
+            wrong.push(format!(
+                "{class}: expected {expected}, got {:?}",
+                String::from_utf8_lossy(&answer[..answer.len().min(40)])
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!(app.connections(), 0, "a refused request reached the backend");
+    // The same listener still serves well-formed requests.
+    let ok = raw_exchange(
+        lb.listener,
+        b"GET /fine HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&ok), Some(200), "{}", String::from_utf8_lossy(&ok));
+}
+
+#[tokio::test]
+async fn curl_requests_on_one_connection_follow_their_routes() {
+    let (app, api) = (Reflector::start("app").await, Reflector::start("api").await);
+    let lb = HttpLbBuilder::new(&[app.addr])
+        .backend("api", &[api.addr])
+        .listener_yaml("    routes:\n      - { path_prefix: /api/, backend: api }\n")
+        .spawn();
+    let base = format!("http://{}", lb.listener);
+    let (a, b, c) = (
+        format!("{base}/a"),
+        format!("{base}/api/v1"),
+        format!("{base}/api/upload"),
+    );
+    let w = "\n[connects=%{num_connects} status=%{http_code}]\n";
+    let out = run_tool(
+        "curl",
+        &[
+            "-sS",
+            "-w",
+            w,
+            &a,
+            "--next",
+            "-sS",
+            "-w",
+            w,
+            "-d",
+            "x=1",
+            &b,
+            "--next",
+            "-sS",
+            "-w",
+            w,
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "chunked upload",
+            &c,
+        ],
+    )
+    .await;
+    assert!(out.contains("app GET /a\n"), "{out}");
+    assert!(
+        out.contains("api POST /api/v1\n") && out.contains("body=x=1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("api POST /api/upload\n") && out.contains("body=chunked upload"),
+        "{out}"
+    );
+    // One client connection for the three requests.
+    assert_eq!(out.matches("[connects=1 status=200]").count(), 1, "{out}");
+    assert_eq!(out.matches("[connects=0 status=200]").count(), 2, "{out}");
+}
+
+#[tokio::test]
+async fn python_http_client_keeps_its_connection_and_so_does_lb() {
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    let script = format!(
+        r#"
+import http.client
+c = http.client.HTTPConnection("{}", {}, timeout=10)
+socks = set()
+for i in range(5):
+    c.request("POST" if i % 2 else "GET", f"/r{{i}}", body=b"p" * i if i % 2 else None)
+    r = c.getresponse()
+    body = r.read().decode()
+    assert r.status == 200, r.status
+    assert body.startswith(f"app {{'POST' if i % 2 else 'GET'}} /r{{i}}"), body
+    socks.add(id(c.sock))
+c.request("POST", "/empty", body=b"")
+r = c.getresponse()
+assert r.status == 200 and "content-length: 0" in r.read().decode().lower()
+socks.add(id(c.sock))
+print("ok", len(socks))
+"#,
+        lb.listener.ip(),
+        lb.listener.port()
+    );
+    let out = run_tool("python3", &["-c", &script]).await;
+    assert_eq!(out.trim(), "ok 1");
+    assert_eq!(app.connections(), 1, "lb opened more than one server connection");
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn the_backend_sees_the_rewritten_head() {
+    let (app, api) = (Reflector::start("app").await, Reflector::start("api").await);
+    let lb = HttpLbBuilder::new(&[app.addr])
+        .backend("api", &[api.addr])
+        .listener_yaml(concat!(
+            "    routes:\n",
+            "      - { host: '*.api.test', backend: api }\n",
+            "    forwarded: { forwarded: true }\n",
+            "    request_headers:\n",
+            "      - { set: X-Env, value: test }\n",
+            "      - { add: X-Added, value: one }\n",
+            "      - { remove: Cookie }\n",
+            "    response_headers:\n",
+            "      - { remove: Date }\n",
+            "      - { add: Via, value: 1.1 lb }\n",
+        ))
+        .spawn();
+    let request = concat!(
+        "GET /h HTTP/1.1\r\nHost: V1.Api.Test:8080\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n",
+        "Keep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nX-Env: dev\r\nCookie: c=1\r\n\r\n",
+    );
+    let mut s = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    s.write_all(b"GET /close HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("lb closed after the second response")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let (first, second) = text
+        .split_once("api GET /h\n")
+        .map(|(_, rest)| rest.split_once("HTTP/1.1 ").unwrap())
+        .unwrap();
+    for seen in [
+        "x-forwarded-for: 10.0.0.1, 127.0.0.1\n",
+        "x-forwarded-proto: http\n",
+        "forwarded: for=127.0.0.1;proto=http\n",
+        "x-env: test\n",
+        "x-added: one\n",
+    ] {
+        assert!(first.contains(seen), "missing {seen:?} in\n{first}");
+    }
+    for gone in ["x-secret", "keep-alive", "te:", "cookie", "connection"] {
+        assert!(!first.contains(gone), "{gone:?} reached the backend:\n{first}");
+    }
+    // Pipelined: the second request was answered after the first, by the default backend.
+    assert!(second.contains("app GET /close\n"), "{second}");
+    assert!(
+        text.contains("Via: 1.1 lb\r\n") && !text.to_ascii_lowercase().contains("date:"),
+        "{text}"
+    );
+    assert!(
+        second.starts_with("200 OK\r\n") && second.contains("Connection: close\r\n"),
+        "{second}"
+    );
+}
+
+#[tokio::test]
+async fn slowloris_gets_408_at_the_timeout_while_others_are_served() {
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr])
+        .listener_yaml("    timeouts: { http_request: 2s }\n")
+        .spawn();
+    let addr = lb.listener;
+    let slow = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let head = b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Dribble: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        // One byte a second, until lb answers (bounded by the head's length).
+        for b in head {
+            if s.write_all(std::slice::from_ref(b)).await.is_err() {
+                break;
+            }
+            let mut buf = [0u8; 256];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                return (status_of(&buf[..n]), started.elapsed());
+            }
+        }
+        (None, started.elapsed())
+    });
+    let mut others = Vec::new();
+    for i in 0..50 {
+        others.push(tokio::spawn(async move {
+            let req = format!("GET /fast{i} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            status_of(&raw_exchange(addr, req.as_bytes()).await)
+        }));
+    }
+    for o in others {
+        assert_eq!(o.await.unwrap(), Some(200));
+    }
+    let (status, after) = slow.await.unwrap();
+    assert_eq!(
+        status,
+        Some(408),
+        "the slow client was not refused (after {after:?})"
+    );
+    assert!(
+        after >= Duration::from_millis(1900),
+        "408 came before the timeout: {after:?}"
+    );
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), 50);
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_is_a_tunnel_forwarded_by_the_kernel() {
+    if !bpf_available("an_upgraded_connection_is_a_tunnel_forwarded_by_the_kernel") {
+        return;
+    }
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    let mut s = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    s.write_all(b"GET /echo-upgrade HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    // The 101 head, a byte at a time: nothing after it may be taken here.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "lb closed before the 101: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(
+        text.starts_with("http/1.1 101 ") && text.contains("upgrade: echo"),
+        "{text}"
+    );
+    lb.wait_for("the tunnel in the kernel", |m| m.get("lb_kernel_flows") == 1.0)
+        .await;
+    // Messages both ways through the tunnel: each comes back intact.
+    let mut rng = SmallRng::seed_from_u64(5);
+    let (mut r, mut w) = s.into_split();
+    let mut total = 0;
+    for size in [1usize, 100, 4096, 70_000, 1 << 20] {
+        let mut msg = vec![0u8; size];
+        rng.fill_bytes(&mut msg);
+        let sent = msg.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&sent).await.unwrap();
+            w
+        });
+        let mut back = vec![0u8; size];
+        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(back == msg, "a {size}-byte message came back altered");
+        w = writer.await.unwrap();
+        total += size;
+    }
+    let m = lb.metrics();
+    // Every byte went through lb twice (to the echo and back), all of it in the kernel.
+    assert!(
+        m.kernel_bytes() >= 2.0 * total as f64 && m.user_bytes() == 0.0,
+        "the tunnel's bytes were not forwarded by the kernel:\n{}",
+        m.text
+    );
+}
