@@ -24,7 +24,7 @@ use crate::lb::{lb_binary, spawn_command, Lb};
 /// A backend that answers each request with `200` and a body describing it: `NAME METHOD
 /// TARGET`, one `name: value` line per header field as received (names lowercased by hyper),
 /// then `body=` and the body. `GET /status/NNN` answers NNN instead; `GET /size/N` answers N
-/// bytes; an upgrade request for `/echo-upgrade` is switched (101) to an echo of every byte.
+/// bytes.
 pub struct Reflector {
     pub addr: SocketAddr,
     /// Connections accepted.
@@ -54,7 +54,6 @@ impl Reflector {
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
                         .await;
                 });
             }
@@ -73,31 +72,9 @@ impl Reflector {
 
 async fn reflect(
     name: &str,
-    mut req: Request<hyper::body::Incoming>,
+    req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
-    if path == "/echo-upgrade" && req.headers().contains_key(hyper::header::UPGRADE) {
-        // Switches to an echo of every byte (the shape of a WebSocket exchange, without frames).
-        let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            if let Ok(upgraded) = upgrade.await {
-                let mut io = TokioIo::new(upgraded);
-                let (mut r, mut w) = tokio::io::split(&mut io);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            }
-        });
-        let mut resp = Response::new(Full::new(Bytes::new()));
-        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
-        resp.headers_mut().insert(
-            hyper::header::UPGRADE,
-            hyper::header::HeaderValue::from_static("echo"),
-        );
-        resp.headers_mut().insert(
-            hyper::header::CONNECTION,
-            hyper::header::HeaderValue::from_static("upgrade"),
-        );
-        return Ok(resp);
-    }
     if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()) {
         let mut resp = Response::new(Full::new(Bytes::from(format!("status {code}\n"))));
         *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap();

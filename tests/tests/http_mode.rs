@@ -1,5 +1,6 @@
 //! HTTP mode end to end: real clients (curl, Python's http.client, raw sockets) through the real
 //! lb binary to a reflecting backend.
+use futures_util::{SinkExt, StreamExt};
 use lb_tests::{
     bpf_available,
     http::{raw_exchange, run_tool, status_of, HttpLbBuilder, Reflector},
@@ -7,6 +8,7 @@ use lb_tests::{
 use rand::{rngs::SmallRng, RngCore, SeedableRng};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Each refused head, its status, and the class of attack it stands for. Every one must be
 /// refused whole: the analyzer is what keeps it from the server.
@@ -426,65 +428,140 @@ async fn slowloris_gets_408_at_the_timeout_while_others_are_served() {
 }
 
 #[tokio::test]
-async fn an_upgraded_connection_is_a_tunnel_forwarded_by_the_kernel() {
-    if !bpf_available("an_upgraded_connection_is_a_tunnel_forwarded_by_the_kernel") {
-        return;
-    }
+async fn wrk_with_keep_alive_gets_only_correct_answers() {
     let app = Reflector::start("app").await;
     let lb = HttpLbBuilder::new(&[app.addr]).spawn();
-    let mut s = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
-    s.write_all(b"GET /echo-upgrade HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-        .await
-        .unwrap();
-    // The 101 head, a byte at a time: nothing after it may be taken here.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
-            .await
+    // Every response is checked (status and the backend's description of the request); wrk
+    // keeps its 8 connections alive for the whole 2 s.
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        r#"
+bad = 0
+response = function(status, headers, body)
+  if status ~= 200 or not body:find("^app GET /wrk\n") then bad = bad + 1 end
+end
+done = function(summary, latency, requests)
+  io.write(string.format("requests=%d bad=%d errors=%d\n", summary.requests, bad,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
+end
+"#,
+    )
+    .unwrap();
+    let url = format!("http://{}/wrk", lb.listener);
+    let out = run_tool(
+        "wrk",
+        &[
+            "-t",
+            "2",
+            "-c",
+            "8",
+            "-d",
+            "2s",
+            "-s",
+            script.path().to_str().unwrap(),
+            &url,
+        ],
+    )
+    .await;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("requests="))
+        .unwrap_or_else(|| panic!("{out}"));
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
             .unwrap()
-            .unwrap();
-        assert_eq!(
-            n,
-            1,
-            "lb closed before the 101: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(b[0]);
-    }
-    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    assert!(
-        text.starts_with("http/1.1 101 ") && text.contains("upgrade: echo"),
-        "{text}"
+    };
+    assert!(field("requests") > 100, "{out}");
+    eprintln!(
+        "wrk through lb: {line}, {} server connection(s)",
+        app.connections()
     );
+    assert_eq!((field("bad"), field("errors")), (0, 0), "{out}");
+    // Keep-alive on both sides: a handful of connections carried every request.
+    assert!(
+        app.connections() <= 8,
+        "{} server connections for {} requests",
+        app.connections(),
+        field("requests")
+    );
+}
+
+/// A WebSocket echo server: every message comes back as it was sent.
+async fn websocket_echo() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() || ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_websocket_goes_through_as_a_kernel_forwarded_tunnel() {
+    if !bpf_available("a_websocket_goes_through_as_a_kernel_forwarded_tunnel") {
+        return;
+    }
+    let (app, chat) = (Reflector::start("app").await, websocket_echo().await);
+    let lb = HttpLbBuilder::new(&[app.addr])
+        .backend("chat", &[chat])
+        .listener_yaml("    routes:\n      - { path_prefix: /chat, backend: chat }\n")
+        .spawn();
+    let stream = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async(format!("ws://{}/chat", lb.listener), stream)
+        .await
+        .expect("the WebSocket upgrade through lb failed");
+    assert_eq!(response.status(), 101);
     lb.wait_for("the tunnel in the kernel", |m| m.get("lb_kernel_flows") == 1.0)
         .await;
-    // Messages both ways through the tunnel: each comes back intact.
     let mut rng = SmallRng::seed_from_u64(5);
-    let (mut r, mut w) = s.into_split();
     let mut total = 0;
-    for size in [1usize, 100, 4096, 70_000, 1 << 20] {
-        let mut msg = vec![0u8; size];
-        rng.fill_bytes(&mut msg);
-        let sent = msg.clone();
-        let writer = tokio::spawn(async move {
-            w.write_all(&sent).await.unwrap();
-            w
-        });
-        let mut back = vec![0u8; size];
-        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut back))
+    for size in [1usize, 125, 4096, 70_000, 1 << 20] {
+        let mut payload = vec![0u8; size];
+        rng.fill_bytes(&mut payload);
+        ws.send(Message::binary(payload.clone())).await.unwrap();
+        let text = format!("text message of {size} bytes");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
             .unwrap()
+            .unwrap()
             .unwrap();
-        assert!(back == msg, "a {size}-byte message came back altered");
-        w = writer.await.unwrap();
-        total += size;
+        assert!(
+            back.into_data() == payload,
+            "a {size}-byte message came back altered"
+        );
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+        total += size + text.len();
     }
+    ws.close(None).await.unwrap();
     let m = lb.metrics();
-    // Every byte went through lb twice (to the echo and back), all of it in the kernel.
+    // Every byte crossed lb twice (to the echo and back), in the kernel; frames add a little.
     assert!(
         m.kernel_bytes() >= 2.0 * total as f64 && m.user_bytes() == 0.0,
         "the tunnel's bytes were not forwarded by the kernel:\n{}",
         m.text
+    );
+    assert!(
+        lb.log().contains("\"GET 127.0.0.1 /chat\" 101"),
+        "no access log line for the upgrade:\n{}",
+        lb.log()
     );
 }

@@ -132,10 +132,10 @@ fn test(args: Vec<String>) -> Result<()> {
     if !ebpf {
         eprintln!("xtask: WARNING: the eBPF toolchain is missing: lb is built without kernel forwarding and BPF tests will skip");
     }
-    // The HTTP tests drive lb with real clients.
+    // The HTTP tests drive lb with real clients (curl, Python's http.client, wrk).
     setup::ensure_programs(
         "xtask test",
-        &[("curl", "--version", "curl"), ("python3", "--version", "python3")],
+        &[("curl", "curl"), ("python3", "python3"), ("wrk", "wrk")],
     )?;
     let cargo = |args: &[&str]| {
         let mut cmd = Command::new("cargo");

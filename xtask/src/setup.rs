@@ -45,19 +45,15 @@ pub fn ensure(strict: bool) -> Result<bool> {
     Ok(true)
 }
 
-/// Installs from Debian each `(program, version argument, package)` whose program does not run
-/// (apt lists refreshed only then); `who` prefixes the message.
-pub fn ensure_programs(who: &str, programs: &[(&str, &str, &str)]) -> Result<()> {
-    let runs = |program: &str, arg: &str| {
-        Command::new(program)
-            .arg(arg)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+/// Installs from Debian each `(program, package)` whose program is not on PATH (apt lists
+/// refreshed only then); `who` prefixes the message.
+pub fn ensure_programs(who: &str, programs: &[(&str, &str)]) -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = |program: &str| std::env::split_paths(&path).any(|dir| dir.join(program).is_file());
     let missing: Vec<&str> = programs
         .iter()
-        .filter(|(program, arg, _)| !runs(program, arg))
-        .map(|(_, _, package)| *package)
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
         return Ok(());

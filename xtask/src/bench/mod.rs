@@ -110,11 +110,11 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
     Ok(())
 }
 
-/// Installs iperf3 and HAProxy from Debian when missing.
+/// Installs iperf3, HAProxy and wrk from Debian when missing.
 fn ensure_tools() -> Result<()> {
     crate::setup::ensure_programs(
         "xtask bench",
-        &[("iperf3", "--version", "iperf3"), ("haproxy", "-v", "haproxy")],
+        &[("iperf3", "iperf3"), ("haproxy", "haproxy"), ("wrk", "wrk")],
     )
 }
 
