@@ -32,15 +32,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: `tcp` (throughput and connection rate against HAProxy and direct) or
-    /// `idle` (lb's memory for idle kernel-forwarded connections).
+    /// Run a benchmark: `tcp` (throughput and connection rate against HAProxy and direct),
+    /// `http` (requests/s and p99 with wrk against HAProxy's HTTP mode and direct) or `idle`
+    /// (lb's memory for idle kernel-forwarded connections).
     Bench {
-        /// Which benchmark: `tcp` or `idle`.
+        /// Which benchmark: `tcp`, `http` or `idle`.
         what: String,
         /// Runs per configuration (medians are reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Seconds per iperf3 run.
+        /// Seconds per measurement (iperf3 or wrk run).
         #[arg(long, default_value_t = 5)]
         seconds: u32,
         /// `idle`: connections held open.
@@ -76,6 +77,14 @@ enum Task {
         #[arg(long)]
         lifetime: u64,
     },
+    /// Internal to `bench http`: the keep-alive HTTP backend with canned answers.
+    #[command(hide = true)]
+    BenchHttpBackend {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        lifetime: u64,
+    },
     /// Internal to `bench tcp`: the connection-rate client.
     #[command(hide = true)]
     BenchConnect {
@@ -107,6 +116,7 @@ fn main() -> Result<()> {
         } => bench::idle_client(port, admin_port, count, hold),
         Task::BenchEcho { port, lifetime } => bench::echo_server(port, lifetime),
         Task::BenchConnect { port, seconds } => bench::connect_client(port, seconds),
+        Task::BenchHttpBackend { port, lifetime } => bench::http_backend(port, lifetime),
     }
 }
 

@@ -6,34 +6,36 @@
 //! unless the message is an upgrade. `Transfer-Encoding` stays: lb forwards a chunked body as
 //! it came (checked, not re-encoded). Then the forwarding fields (`X-Forwarded-For`,
 //! `X-Forwarded-Proto`, `Forwarded`) and the listener's header rules, in order.
-use std::net::{IpAddr, SocketAddr};
+use std::borrow::Cow;
 
 use super::{request::Request, response::Response, trim_ows, Header, Version};
 use crate::config::{HeaderRule, Http};
 
-/// The tokens of every `Connection` field, lowercased.
-pub fn connection_tokens(headers: &[Header]) -> Vec<String> {
+/// The tokens of every `Connection` field (trimmed, as received: compare them ignoring case).
+fn connection_tokens(headers: &[Header]) -> impl Iterator<Item = &[u8]> {
     headers
         .iter()
         .filter(|h| h.is("connection"))
         .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(|t| String::from_utf8_lossy(trim_ows(t)).to_ascii_lowercase())
+        .map(trim_ows)
         .filter(|t| !t.is_empty())
-        .collect()
+}
+
+fn has_connection_token(headers: &[Header], token: &str) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).
 pub fn is_upgrade(req: &Request) -> bool {
     req.version == Version::Http11
-        && connection_tokens(&req.headers).iter().any(|t| t == "upgrade")
+        && has_connection_token(&req.headers, "upgrade")
         && req.headers.iter().any(|h| h.is("upgrade"))
 }
 
 /// Whether the client wants its connection kept after this request.
 pub fn client_keeps_alive(req: &Request) -> bool {
-    let tokens = connection_tokens(&req.headers);
     match req.version {
-        Version::Http11 => !tokens.iter().any(|t| t == "close"),
+        Version::Http11 => !has_connection_token(&req.headers, "close"),
         // HTTP/1.0 keep-alive is a later extension lb does not offer.
         Version::Http10 => false,
     }
@@ -41,128 +43,171 @@ pub fn client_keeps_alive(req: &Request) -> bool {
 
 /// Whether the server keeps its connection after this response.
 pub fn server_keeps_alive(resp: &Response) -> bool {
-    resp.version == Version::Http11 && !connection_tokens(&resp.headers).iter().any(|t| t == "close")
+    resp.version == Version::Http11 && !has_connection_token(&resp.headers, "close")
 }
 
-/// The fields of `headers` that are not hop-by-hop (`Upgrade` kept when `upgrading`).
-fn end_to_end(headers: &[Header], upgrading: bool) -> Vec<Header> {
-    let named = connection_tokens(headers);
+/// A field of the head being built: borrowed from the analyzed message, or added by lb.
+struct Field<'a> {
+    name: Cow<'a, str>,
+    value: Cow<'a, [u8]>,
+}
+
+impl Field<'_> {
+    fn is(&self, name: &str) -> bool {
+        self.name.eq_ignore_ascii_case(name)
+    }
+}
+
+fn added<'a>(name: &'a str, value: impl Into<Cow<'a, [u8]>>) -> Field<'a> {
+    Field {
+        name: Cow::Borrowed(name),
+        value: value.into(),
+    }
+}
+
+/// The fields of `headers` that are not hop-by-hop (`Upgrade` kept when `upgrading`), borrowed.
+fn end_to_end(headers: &[Header], upgrading: bool) -> Vec<Field<'_>> {
+    let named: Vec<&[u8]> = connection_tokens(headers).collect();
     headers
         .iter()
         .filter(|h| {
-            let name = h.name.to_ascii_lowercase();
-            let hop = matches!(
-                name.as_str(),
-                "connection" | "keep-alive" | "proxy-connection" | "te"
-            ) || (name == "upgrade" && !upgrading)
-                || (named.contains(&name) && name != "upgrade" && name != "transfer-encoding");
+            let hop = ["connection", "keep-alive", "proxy-connection", "te"]
+                .iter()
+                .any(|n| h.is(n))
+                || (h.is("upgrade") && !upgrading)
+                || (named.iter().any(|n| h.name.as_bytes().eq_ignore_ascii_case(n))
+                    && !h.is("upgrade")
+                    && !h.is("transfer-encoding"));
             !hop
         })
-        .cloned()
+        .map(|h| Field {
+            name: Cow::Borrowed(h.name.as_str()),
+            value: Cow::Borrowed(h.value.as_slice()),
+        })
         .collect()
 }
 
 /// Applies header rules in order.
-fn apply(headers: &mut Vec<Header>, rules: &[HeaderRule]) {
+fn apply<'a>(fields: &mut Vec<Field<'a>>, rules: &'a [HeaderRule]) {
     for rule in rules {
         match rule {
             HeaderRule::Set(name, value) => {
-                headers.retain(|h| !h.is(name));
-                headers.push(field(name, value.as_bytes()));
+                fields.retain(|f| !f.is(name));
+                fields.push(added(name, value.as_bytes()));
             }
-            HeaderRule::Add(name, value) => headers.push(field(name, value.as_bytes())),
-            HeaderRule::Remove(name) => headers.retain(|h| !h.is(name)),
+            HeaderRule::Add(name, value) => fields.push(added(name, value.as_bytes())),
+            HeaderRule::Remove(name) => fields.retain(|f| !f.is(name)),
         }
     }
 }
 
-fn field(name: &str, value: &[u8]) -> Header {
-    Header {
-        name: name.to_string(),
-        value: value.to_vec(),
-    }
-}
-
-/// The request head for the server. `upgrading`: an upgrade request, passed on as one;
-/// `expect_handled`: lb answered `Expect: 100-continue` itself, so the field is dropped.
+/// The request head for the server; `client_ip`: the client's address as text (the forwarding
+/// fields carry it). `upgrading`: an upgrade request, passed on as one; `expect_handled`: lb
+/// answered `Expect: 100-continue` itself, so the field is dropped.
 ///
 /// The request line keeps the client's version, unlike the response's: an HTTP/1.0 client's
 /// request sent as 1.1 could get a chunked response that client cannot read.
 pub fn request_head(
     req: &Request,
     http: &Http,
-    client: SocketAddr,
+    client_ip: &str,
     upgrading: bool,
     expect_handled: bool,
 ) -> Vec<u8> {
-    let mut headers = end_to_end(&req.headers, upgrading);
+    let mut fields = end_to_end(&req.headers, upgrading);
     if expect_handled {
-        headers.retain(|h| !h.is("expect"));
+        fields.retain(|f| !f.is("expect"));
     }
     let f = http.forwarded;
     if f.x_forwarded_for {
         // One field holding the list, the client last (the convention every reader parses).
         let mut list: Vec<u8> = Vec::new();
-        for h in headers.iter().filter(|h| h.is("x-forwarded-for")) {
+        for h in fields.iter().filter(|h| h.is("x-forwarded-for")) {
             list.extend_from_slice(trim_ows(&h.value));
             list.extend_from_slice(b", ");
         }
-        list.extend_from_slice(client.ip().to_string().as_bytes());
-        headers.retain(|h| !h.is("x-forwarded-for"));
-        headers.push(field("X-Forwarded-For", &list));
+        list.extend_from_slice(client_ip.as_bytes());
+        fields.retain(|h| !h.is("x-forwarded-for"));
+        fields.push(added("X-Forwarded-For", list));
     }
     if f.x_forwarded_proto {
-        headers.retain(|h| !h.is("x-forwarded-proto"));
-        headers.push(field("X-Forwarded-Proto", b"http"));
+        fields.retain(|h| !h.is("x-forwarded-proto"));
+        fields.push(added("X-Forwarded-Proto", &b"http"[..]));
     }
     if f.forwarded {
-        let node = match client.ip() {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        // RFC 7239: an IPv6 node is quoted and bracketed.
+        let element = if client_ip.contains(':') {
+            format!("for=\"[{client_ip}]\";proto=http")
+        } else {
+            format!("for={client_ip};proto=http")
         };
-        let element = format!("for={node};proto=http");
-        match headers.iter_mut().rfind(|h| h.is("forwarded")) {
+        match fields.iter_mut().rfind(|h| h.is("forwarded")) {
             Some(h) => {
-                h.value.extend_from_slice(b", ");
-                h.value.extend_from_slice(element.as_bytes());
+                let value = h.value.to_mut();
+                value.extend_from_slice(b", ");
+                value.extend_from_slice(element.as_bytes());
             }
-            None => headers.push(field("Forwarded", element.as_bytes())),
+            None => fields.push(added("Forwarded", element.into_bytes())),
         }
     }
-    apply(&mut headers, &http.request_rules);
+    apply(&mut fields, &http.request_rules);
     if upgrading {
-        headers.push(field("Connection", b"upgrade"));
+        fields.push(added("Connection", &b"upgrade"[..]));
     }
     let version = match req.version {
         Version::Http10 => "HTTP/1.0",
         Version::Http11 => "HTTP/1.1",
     };
-    serialize(format!("{} {} {version}", req.method, req.target), &headers)
+    serialize(
+        &[req.method.as_str(), " ", req.target.as_str(), " ", version],
+        &fields,
+    )
 }
 
 /// The response head for the client. `close`: lb closes the client connection after this
 /// response (said with `Connection: close`); a 101 keeps its upgrade fields.
 pub fn response_head(resp: &Response, http: &Http, close: bool) -> Vec<u8> {
     let switching = resp.status == 101;
-    let mut headers = end_to_end(&resp.headers, switching);
-    apply(&mut headers, &http.response_rules);
+    let mut fields = end_to_end(&resp.headers, switching);
+    apply(&mut fields, &http.response_rules);
     if switching {
-        headers.push(field("Connection", b"upgrade"));
+        fields.push(added("Connection", &b"upgrade"[..]));
     } else if close {
-        headers.push(field("Connection", b"close"));
+        fields.push(added("Connection", &b"close"[..]));
     }
     // lb is an HTTP/1.1 intermediary: it sends its own version (RFC 9112 §2.3), and says
     // `close` whenever it will close.
-    serialize(format!("HTTP/1.1 {} {}", resp.status, resp.reason), &headers)
+    let code = itoa_status(resp.status);
+    serialize(&["HTTP/1.1 ", code.as_str(), " ", resp.reason.as_str()], &fields)
 }
 
-fn serialize(start_line: String, headers: &[Header]) -> Vec<u8> {
-    let mut out = start_line.into_bytes();
+/// A status code as text, without the formatting machinery (this runs for every response).
+fn itoa_status(status: u16) -> String {
+    let digits = [
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ];
+    String::from_utf8_lossy(&digits).into_owned()
+}
+
+/// The start line from its parts, then each field, into one buffer sized once.
+fn serialize(start_line: &[&str], fields: &[Field<'_>]) -> Vec<u8> {
+    let len = start_line.iter().map(|p| p.len()).sum::<usize>()
+        + fields
+            .iter()
+            .map(|f| f.name.len() + f.value.len() + 4)
+            .sum::<usize>()
+        + 4;
+    let mut out = Vec::with_capacity(len);
+    for part in start_line {
+        out.extend_from_slice(part.as_bytes());
+    }
     out.extend_from_slice(b"\r\n");
-    for h in headers {
-        out.extend_from_slice(h.name.as_bytes());
+    for f in fields {
+        out.extend_from_slice(f.name.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(&h.value);
+        out.extend_from_slice(&f.value);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");

@@ -18,7 +18,7 @@ use super::{
     request::{self, Request},
     response::{self, Response},
     rewrite,
-    transfer::{close_gently, forward_body, write_all, BodyError, Conn, ReadError},
+    transfer::{close_gently, forward_message, write_all, BodyError, Conn, ReadError},
     trim_ows, Rejection,
 };
 use crate::{
@@ -81,6 +81,8 @@ struct Ctx<'a> {
     l: &'a Listener,
     http: &'a Http,
     peer: SocketAddr,
+    /// The client's address as the forwarding fields write it (formatted once per connection).
+    client_ip: String,
 }
 
 /// Runs an HTTP client connection until it ends or becomes a tunnel.
@@ -89,7 +91,13 @@ pub async fn run(proxy: &Proxy, listener: usize, stream: TcpStream, peer: Socket
     let Some(http) = &l.http else {
         return HttpEnd::Closed("not an http listener");
     };
-    let ctx = Ctx { proxy, l, http, peer };
+    let ctx = Ctx {
+        proxy,
+        l,
+        http,
+        peer,
+        client_ip: peer.ip().to_string(),
+    };
     let mut state = State::Waiting {
         client: Conn::new(stream),
         server: None,
@@ -231,8 +239,12 @@ async fn exchange(
     {
         return State::Ended(HttpEnd::Closed("client failed"));
     }
-    let head = rewrite::request_head(&req, ctx.http, ctx.peer, upgrading, expect);
-    let reused = kept.filter(|s| s.backend == backend && still_open(s));
+    let head = rewrite::request_head(&req, ctx.http, &ctx.client_ip, upgrading, expect);
+    // A request without a body can go again on a new connection if the kept one turns out to
+    // be closed; one with a body cannot (its bytes are gone), so only then is the kept
+    // connection checked first (one more syscall).
+    let replayable = req.body == Body::None;
+    let reused = kept.filter(|s| s.backend == backend && (replayable || still_open(s)));
     let (mut server, resp) = match send_request(ctx, &mut client, reused, &head, &mut x).await {
         Ok(sent) => sent,
         Err(r) => return refuse(ctx, client, Some(&x), r).await,
@@ -243,20 +255,16 @@ async fn exchange(
     }
     let tunnel = (resp.status == 101) || (req.method == "CONNECT" && (200..300).contains(&resp.status));
     let close = !tunnel && (!rewrite::client_keeps_alive(&req) || resp.body == Body::UntilClose);
-    let head = rewrite::response_head(&resp, ctx.http, close);
+    let mut head = rewrite::response_head(&resp, ctx.http, close);
     count(ctx, resp.status);
-    if write_all(&mut client.stream, &head, client_idle).await.is_err() {
-        return State::Ended(HttpEnd::Closed("client failed"));
-    }
     x.bytes_out += head.len() as u64;
     if tunnel {
-        // What either side sent behind its head is passed on before the kernel takes over.
-        let (from_server, from_client) = (
-            std::mem::take(&mut server.conn.held),
-            std::mem::take(&mut client.held),
-        );
+        // What either side sent behind its head is passed on before the kernel takes over (the
+        // server's bytes in the same write as the head).
+        head.append(&mut server.conn.held);
+        let from_client = std::mem::take(&mut client.held);
         let passed = (
-            write_all(&mut client.stream, &from_server, client_idle).await,
+            write_all(&mut client.stream, &head, client_idle).await,
             write_all(&mut server.conn.stream, &from_client, server_idle).await,
         );
         access_log(ctx, &x, resp.status, "tunnel");
@@ -270,18 +278,11 @@ async fn exchange(
             server_idx: server.server_idx,
         }));
     }
-    match forward_body(
-        &mut server.conn,
-        &mut client.stream,
-        resp.body,
-        (server_idle, client_idle),
-        None,
-    )
-    .await
-    {
+    let idle = (server_idle, client_idle);
+    match forward_message(&mut server.conn, &mut client.stream, head, resp.body, idle, None).await {
         Ok(n) => x.bytes_out += n,
         Err(e) => {
-            // The head is out: nothing else can tell the client; the connection is cut.
+            // Once the head is out nothing else can tell the client: the connection is cut.
             access_log(ctx, &x, resp.status, body_fault(&e));
             return State::Ended(HttpEnd::Closed(body_fault(&e)));
         }
@@ -300,7 +301,8 @@ async fn exchange(
     }
 }
 
-/// Sends the request (head, then body) and reads the response head, on the kept server
+/// Sends the request (head, then body, in one write as far as the body is held) and reads the
+/// response head, on the kept server
 /// connection or a new one. A kept connection the server closed meanwhile (it may close an
 /// idle connection at any time) is replaced once, when the request had no body to replay.
 async fn send_request(
@@ -321,39 +323,37 @@ async fn send_request(
         x.server_idx = Some(server.server_idx);
         x.connected = Some(Instant::now());
         let server_idle = ctx.proxy.config.backends[x.backend].server_timeout;
-        let sent = write_all(&mut server.conn.stream, head, server_idle).await;
-        if sent.is_ok() {
-            let idle = (ctx.l.client_timeout, server_idle);
-            match forward_body(
-                client,
-                &mut server.conn.stream,
-                x.req.body,
-                idle,
-                ctx.proxy.config.limits.max_body_bytes,
-            )
-            .await
-            {
-                Ok(n) => x.bytes_in += n,
-                Err(BodyError::Malformed(_)) => {
-                    return Err(Rejection::new(400, "malformed chunked request body"))
-                }
-                Err(BodyError::TooLarge) => {
-                    return Err(Rejection::new(413, "request body above limits.max_body_bytes"))
-                }
-                Err(BodyError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(Rejection::new(408, "request body stalled for timeouts.client"))
-                }
-                Err(BodyError::Source(_)) => {
-                    return Err(Rejection::new(400, "client closed within the request body"))
-                }
-                Err(BodyError::Destination(_)) => {
-                    return Err(Rejection::new(502, "server failed while receiving the request"))
-                }
-            }
-        }
+        let idle = (ctx.l.client_timeout, server_idle);
+        let max = ctx.proxy.config.limits.max_body_bytes;
+        let sent = forward_message(
+            client,
+            &mut server.conn.stream,
+            head.to_vec(),
+            x.req.body,
+            idle,
+            max,
+        )
+        .await;
         let answer = match sent {
-            Ok(()) => read_response(ctx, client, &mut server, x).await,
-            Err(_) => Err(Rejection::new(502, "server failed while receiving the request")),
+            Ok(n) => {
+                x.bytes_in += n;
+                read_response(ctx, client, &mut server, x).await
+            }
+            Err(BodyError::Destination(_)) => {
+                Err(Rejection::new(502, "server failed while receiving the request"))
+            }
+            Err(BodyError::Malformed(_)) => {
+                return Err(Rejection::new(400, "malformed chunked request body"))
+            }
+            Err(BodyError::TooLarge) => {
+                return Err(Rejection::new(413, "request body above limits.max_body_bytes"))
+            }
+            Err(BodyError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(Rejection::new(408, "request body stalled for timeouts.client"))
+            }
+            Err(BodyError::Source(_)) => {
+                return Err(Rejection::new(400, "client closed within the request body"))
+            }
         };
         match answer {
             Ok(resp) => return Ok((server, resp)),

@@ -74,12 +74,14 @@ pub enum BodyError {
     TooLarge,
 }
 
-/// Forwards a body delimited by `body` from `src` (its held bytes first) to `dst`. Each read is
-/// allowed `src_idle`, each write `dst_idle`; `max`: the largest body accepted. Returns the bytes
-/// forwarded.
-pub async fn forward_body(
+/// Sends `head`, then the body delimited by `body` from `src` (its held bytes first) to `dst`:
+/// the head and the body bytes already held leave in one write (one segment for a small
+/// message); when none is held, the head goes alone at once. Each read is allowed `src_idle`,
+/// each write `dst_idle`; `max`: the largest body accepted. Returns the body bytes forwarded.
+pub async fn forward_message(
     src: &mut Conn,
     dst: &mut TcpStream,
+    mut head: Vec<u8>,
     body: Body,
     (src_idle, dst_idle): (Duration, Duration),
     max: Option<u64>,
@@ -87,16 +89,23 @@ pub async fn forward_body(
     let mut sent = 0u64;
     let mut chunked = Chunked::default();
     let mut left = match body {
-        Body::None => return Ok(0),
+        Body::None => 0,
         Body::Length(n) => n,
         Body::Chunked | Body::UntilClose => u64::MAX,
     };
     loop {
-        if left == 0 {
-            // A zero Content-Length: nothing to wait for.
-            return Ok(sent);
-        }
-        if !src.held.is_empty() {
+        if left == 0 || src.held.is_empty() {
+            // Nothing of the body to go with the head (none, or none here yet): it goes alone.
+            if !head.is_empty() {
+                write_all(dst, &head, dst_idle)
+                    .await
+                    .map_err(BodyError::Destination)?;
+                head = Vec::new();
+            }
+            if left == 0 {
+                return Ok(sent);
+            }
+        } else {
             let take = match body {
                 Body::Chunked => {
                     let n = chunked.feed(&src.held).map_err(BodyError::Malformed)?;
@@ -107,9 +116,16 @@ pub async fn forward_body(
                 }
                 _ => src.held.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
             };
-            write_all(dst, &src.held[..take], dst_idle)
+            let out = if head.is_empty() {
+                &src.held[..take]
+            } else {
+                head.extend_from_slice(&src.held[..take]);
+                &head[..]
+            };
+            write_all(dst, out, dst_idle)
                 .await
                 .map_err(BodyError::Destination)?;
+            head = Vec::new();
             src.consume(take);
             sent += take as u64;
             if body != Body::UntilClose {
@@ -158,8 +174,9 @@ mod tests {
         (a, b)
     }
 
-    /// Sends `input` into a Conn whose first `held` bytes are already held, forwards `body`,
-    /// and returns what reached the other side and what stayed held.
+    /// Sends `input` into a Conn whose first `held` bytes are already held, forwards a 4-byte
+    /// head and `body`, and returns what reached the other side after the head and what stayed
+    /// held.
     async fn run(
         input: &[u8],
         held: usize,
@@ -173,10 +190,12 @@ mod tests {
         writer.write_all(&input[held..]).await.unwrap();
         drop(writer);
         let idle = Duration::from_secs(5);
-        let r = forward_body(&mut src, &mut dst, body, (idle, idle), max).await;
+        let r = forward_message(&mut src, &mut dst, b"HEAD".to_vec(), body, (idle, idle), max).await;
         drop(dst);
         let mut got = Vec::new();
         out.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(b"HEAD"), "the head did not go first");
+        got.drain(..4);
         (r, got, src.held)
     }
 
@@ -196,7 +215,14 @@ mod tests {
         let idle = Duration::from_secs(30);
         let r = tokio::time::timeout(
             Duration::from_secs(5),
-            forward_body(&mut src, &mut dst, Body::Length(0), (idle, idle), None),
+            forward_message(
+                &mut src,
+                &mut dst,
+                Vec::new(),
+                Body::Length(0),
+                (idle, idle),
+                None,
+            ),
         );
         assert_eq!(r.await.expect("waited for a byte of an empty body").unwrap(), 0);
     }

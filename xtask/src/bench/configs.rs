@@ -193,7 +193,7 @@ listen bench
 
 /// lb says `listening on` once everything (the BPF program included) is in place, which can be
 /// a little after its socket listens. Bounded: 1 s; an lb that never says it is not an error.
-fn wait_for_log_line(log: &Path, needle: &str) -> Result<()> {
+pub fn wait_for_log_line(log: &Path, needle: &str) -> Result<()> {
     for _ in 0..20 {
         if fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
             break;

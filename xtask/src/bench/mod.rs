@@ -1,12 +1,15 @@
 //! `cargo xtask bench tcp`: throughput (iperf3) and connection rate through lb (kernel and user
 //! forwarding) and HAProxy (as shipped and tuned), against direct connections. Prints markdown
-//! tables and writes them to docs/benchmarks.md.
+//! tables and writes them to docs/benchmarks.md. `bench http` ([`http`]): requests/s and p99
+//! through lb's and HAProxy's HTTP modes (docs/benchmarks-http.md); `bench idle` ([`idle`]).
 //!
 //! Layout: [`sys`] (namespaces, child processes, CPU counters), [`configs`] (starting each
 //! proxy), [`iperf`] and [`connrate`] (one measurement each), [`phases`] (the loops over runs
 //! and configurations), [`stats`] and [`report`] (medians, tables, targets).
 mod configs;
 mod connrate;
+mod http;
+mod http_report;
 mod idle;
 mod iperf;
 mod phases;
@@ -15,6 +18,7 @@ mod stats;
 mod sys;
 
 pub use connrate::{connect_client, echo_server};
+pub use http::backend as http_backend;
 pub use idle::{hold_server, idle_client};
 
 use anyhow::{bail, Context, Result};
@@ -24,8 +28,8 @@ use std::{path::PathBuf, process::Command, time::Instant};
 /// Runs benchmark `what`: `tcp` with `runs` runs per configuration and `seconds` per
 /// measurement, or `idle` with `connections` idle connections.
 pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()> {
-    if what != "tcp" && what != "idle" {
-        bail!("unknown benchmark {what:?}; available: tcp, idle");
+    if !["tcp", "http", "idle"].contains(&what) {
+        bail!("unknown benchmark {what:?}; available: tcp, http, idle");
     }
     if runs == 0 || seconds == 0 || connections == 0 {
         bail!("--runs, --seconds and --connections must be at least 1");
@@ -69,6 +73,9 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
         eprintln!("xtask bench: wrote {}", path.display());
         return Ok(());
     }
+    if what == "http" {
+        return http_bench(&env, runs, seconds, lb_version);
+    }
     let started = Instant::now();
     // Set-up took about 0.5 s per iperf3 test and 1 s per connection-rate test here.
     let tests = Config::ALL.len() * runs;
@@ -105,6 +112,44 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
     let docs = crate::root().join("docs");
     std::fs::create_dir_all(&docs).with_context(|| format!("creating {}", docs.display()))?;
     let path = docs.join("benchmarks.md");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("xtask bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// `bench http`: every run, the report, docs/benchmarks-http.md.
+fn http_bench(env: &Env, runs: usize, seconds: u32, lb_version: String) -> Result<()> {
+    let started = Instant::now();
+    eprintln!(
+        "xtask bench: {runs} run(s) × {} configurations × {} tests × {seconds} s: about {:.0} min",
+        http::Setup::ALL.len(),
+        http::Test::ALL.len(),
+        (runs * http::Setup::ALL.len() * http::Test::ALL.len()) as f64 * (f64::from(seconds) + 1.0) / 60.0
+    );
+    let results = http::measure_all(env, runs, seconds)?;
+    let meta = http_report::Meta {
+        date: first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        kernel: first_line(Command::new("uname").arg("-r")),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        // wrk prints its version with its usage, and exits 1.
+        wrk: first_line(Command::new("wrk").arg("--version"))
+            .split(" [")
+            .next()
+            .unwrap_or("wrk")
+            .to_string(),
+        haproxy: first_line(Command::new("haproxy").arg("-v"))
+            .split(" - ")
+            .next()
+            .unwrap_or("HAProxy")
+            .to_string(),
+        lb_version,
+        runs,
+        seconds,
+        minutes: started.elapsed().as_secs_f64() / 60.0,
+    };
+    let text = http_report::markdown(&meta, &results);
+    println!("{text}");
+    let path = crate::root().join("docs").join("benchmarks-http.md");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("xtask bench: wrote {}", path.display());
     Ok(())
