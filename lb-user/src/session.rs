@@ -11,7 +11,10 @@ use crate::{
     accept::Accepted,
     connect::{connect, ConnectError},
     forward::{self, kernel::Forwarded, user::UserEnd, End, Timeouts},
-    http::session::HttpEnd,
+    http::{
+        log,
+        session::{HttpEnd, TunnelRequest},
+    },
     metrics::{EndLabels, FallbackLabels},
     server::Proxy,
 };
@@ -36,13 +39,20 @@ enum Session {
 /// An established client/server pair.
 struct Pair {
     client: TcpStream,
-    peer: SocketAddr,
     server: TcpStream,
+    /// Idle limits of the pair (`timeouts.tunnel` both ways for an HTTP tunnel).
+    timeouts: Timeouts,
+    info: FlowInfo,
+}
+
+/// Who a pair connects, for the counters and logs when it ends.
+struct FlowInfo {
+    peer: SocketAddr,
     /// The backend the server belongs to (an HTTP route may pick another than the listener's).
     backend: usize,
     server_idx: usize,
-    /// Idle limits of the pair (`timeouts.tunnel` both ways for an HTTP tunnel).
-    timeouts: Timeouts,
+    /// An HTTP tunnel's request, logged again when the tunnel ends.
+    tunnel: Option<TunnelRequest>,
 }
 
 /// How a session ended.
@@ -89,9 +99,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
                 ))
                 .await;
                 match end {
-                    UserEnd::Ended(end) => {
-                        finish(&proxy, listener, pair.peer, pair.backend, pair.server_idx, end)
-                    }
+                    UserEnd::Ended(end) => finish(&proxy, listener, pair.info, end, 0),
                     // Without offload_after the copy loops only end with the flow.
                     UserEnd::Offload(client, server)
                     | UserEnd::Continue(client, server)
@@ -127,11 +135,14 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
             state.servers[server_idx].connections.inc();
             Session::Connected(Pair {
                 client: a.stream,
-                peer: a.peer,
                 server: stream,
-                backend: l.backend,
-                server_idx,
                 timeouts: timeouts(proxy, listener),
+                info: FlowInfo {
+                    peer: a.peer,
+                    backend: l.backend,
+                    server_idx,
+                    tunnel: None,
+                },
             })
         }
         Err(e) => {
@@ -164,13 +175,16 @@ async fn http_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
                 });
             Session::InKernel(Pair {
                 client: t.client,
-                peer: a.peer,
                 server: t.server,
-                backend: t.backend,
-                server_idx: t.server_idx,
                 timeouts: Timeouts {
                     client: tunnel,
                     server: tunnel,
+                },
+                info: FlowInfo {
+                    peer: a.peer,
+                    backend: t.backend,
+                    server_idx: t.server_idx,
+                    tunnel: Some(t.request),
                 },
             })
         }
@@ -198,7 +212,7 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
     ))
     .await;
     match end {
-        UserEnd::Ended(end) => finish(proxy, listener, pair.peer, pair.backend, pair.server_idx, end),
+        UserEnd::Ended(end) => finish(proxy, listener, pair.info, end, 0),
         UserEnd::Offload(client, server) => Session::InKernel(Pair {
             client,
             server,
@@ -234,9 +248,8 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         duplicated: &proxy.metrics.kernel_duplicated_bytes,
     };
     let timeouts = pair.timeouts;
-    let (peer, backend, server_idx) = (pair.peer, pair.backend, pair.server_idx);
     match forward::kernel::forward(kernel, pair.client, pair.server, timeouts, settings, &counters).await {
-        Ok(Forwarded::Done(end)) => finish(proxy, listener, peer, backend, server_idx, end),
+        Ok(Forwarded::Done(end, kernel_bytes)) => finish(proxy, listener, pair.info, end, kernel_bytes),
         Ok(Forwarded::NotEligible(why, client, server)) => {
             let reason = why.name();
             proxy
@@ -253,23 +266,18 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         Err(e) => {
             // The sockets were closed with a reset when the flow was dropped.
             let l = &proxy.config.listeners[listener];
-            tracing::error!(listener = %l.name, client = %pair.peer, "kernel forwarding failed: {e}");
+            tracing::error!(listener = %l.name, client = %pair.info.peer, "kernel forwarding failed: {e}");
             Session::Finished(Outcome::ForwardFailed(e))
         }
     }
 }
 
-/// Counts how the flow ended.
-fn finish(
-    proxy: &Proxy,
-    listener: usize,
-    peer: SocketAddr,
-    backend: usize,
-    server_idx: usize,
-    end: End,
-) -> Session {
+/// Counts how the flow ended; an HTTP tunnel gets its closing access-log record.
+/// `kernel_bytes`: what the kernel forwarded, both directions.
+fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, kernel_bytes: u64) -> Session {
     let l = &proxy.config.listeners[listener];
-    let backend = &proxy.config.backends[backend];
+    let backend = &proxy.config.backends[info.backend];
+    let server = &backend.servers[info.server_idx].name;
     let labels = |side: forward::Side| EndLabels {
         listener: l.name.clone(),
         side: side.name(),
@@ -280,9 +288,34 @@ fn finish(
         }
         End::IdleTimeout(side) => {
             proxy.metrics.timeouts.get_or_create(&labels(side)).inc();
-            tracing::info!(listener = %l.name, client = %peer, server = %backend.servers[server_idx].name, "{} idle timeout", side.name());
+            tracing::info!(listener = %l.name, client = %info.peer, server = %server, "{} idle timeout", side.name());
         }
         End::Closed => {}
+    }
+    if let Some(t) = &info.tunnel {
+        let note = match end {
+            End::Closed => "tunnel closed",
+            End::Reset(_) => "tunnel reset",
+            End::IdleTimeout(_) => "tunnel idle timeout",
+        };
+        log::emit(
+            t.format,
+            &log::Record {
+                client: info.peer,
+                listener: &l.name,
+                method: &t.method,
+                host: &t.host,
+                target: &t.target,
+                status: t.status,
+                bytes_in: 0,
+                bytes_out: 0,
+                kernel_bytes,
+                backend: &backend.name,
+                server,
+                times: [-1, -1, -1, t.since.elapsed().as_millis() as i64],
+                note,
+            },
+        );
     }
     Session::Finished(Outcome::Forwarded(end))
 }

@@ -552,6 +552,16 @@ async fn a_websocket_goes_through_as_a_kernel_forwarded_tunnel() {
         total += size + text.len();
     }
     ws.close(None).await.unwrap();
+    drop(ws);
+    // The closing record of the tunnel counts what the kernel forwarded.
+    lb.wait_for_log("tunnel closed").await;
+    let log = lb.log();
+    let closing = log.lines().find(|l| l.contains("tunnel closed")).unwrap();
+    let kernel: u64 = closing
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kernel=")?.parse().ok())
+        .unwrap_or_else(|| panic!("no kernel= in {closing}"));
+    assert!(kernel >= 2 * total as u64, "{closing}");
     let m = lb.metrics();
     // Every byte crossed lb twice (to the echo and back), in the kernel; frames add a little.
     assert!(
@@ -564,4 +574,33 @@ async fn a_websocket_goes_through_as_a_kernel_forwarded_tunnel() {
         "no access log line for the upgrade:\n{}",
         lb.log()
     );
+}
+
+#[tokio::test]
+async fn the_access_log_can_be_json() {
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr])
+        .listener_yaml("    access_log: json\n")
+        .spawn();
+    let answer = raw_exchange(
+        lb.listener,
+        b"POST /j?x=1 HTTP/1.1\r\nHost: J.example\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert_eq!(status_of(&answer), Some(200));
+    lb.wait_for_log("\"target\":\"/j?x=1\"").await;
+    let log = lb.log();
+    let line = log.lines().find(|l| l.contains("\"target\":\"/j?x=1\"")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&line[line.find('{').unwrap()..]).unwrap();
+    assert_eq!(record["method"], "POST");
+    assert_eq!(record["host"], "j.example");
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["backend"], "app");
+    assert_eq!(record["server"], "s0");
+    assert_eq!(record["kernel_bytes"], 0);
+    assert!(
+        record["bytes_in"].as_u64().unwrap() > 3 && record["bytes_out"].as_u64() == Some(answer.len() as u64),
+        "{record}"
+    );
+    assert!(record["time"].as_str().unwrap().ends_with('Z'), "{record}");
 }

@@ -5,7 +5,7 @@ use super::{
     raw::{RawForwarded, RawHeaderRule, RawLimits, RawListener, RawRoute, RawTimeouts},
     with, Validator,
 };
-use crate::http::{is_tchar, request::Limits};
+use crate::http::{is_tchar, log::Format, request::Limits};
 use std::{collections::HashMap, time::Duration};
 
 const DEFAULT_HTTP_REQUEST: Duration = Duration::from_secs(10);
@@ -30,6 +30,8 @@ pub struct Http {
     pub keep_alive_timeout: Duration,
     /// `timeouts.tunnel`: idle limit of a tunnel after an upgrade or a CONNECT.
     pub tunnel_timeout: Duration,
+    /// `access_log`: text, json or off.
+    pub access_log: Format,
 }
 
 /// One route.
@@ -131,6 +133,7 @@ impl Validator<'_> {
                 ("forwarded", l.forwarded.is_some()),
                 ("request_headers", !l.request_headers.is_empty()),
                 ("response_headers", !l.response_headers.is_empty()),
+                ("access_log", l.access_log.is_some()),
             ];
             for (key, set) in keys {
                 if set {
@@ -161,6 +164,18 @@ impl Validator<'_> {
         let own = l.timeouts.as_ref();
         let pick = |f: fn(&RawTimeouts) -> Option<Duration>| own.and_then(f).or(f(defaults));
         let request_timeout = pick(|t| t.http_request).unwrap_or(DEFAULT_HTTP_REQUEST);
+        let access_log = match l.access_log.as_deref() {
+            None | Some("text") => Format::Text,
+            Some("json") => Format::Json,
+            Some("off") => Format::Off,
+            Some(other) => {
+                self.error(
+                    &with(path, Step::Key("access_log")),
+                    format!("access_log: `{other}` is not a format; expected text, json or off"),
+                );
+                Format::Text
+            }
+        };
         Some(Http {
             routes,
             forwarded,
@@ -169,6 +184,7 @@ impl Validator<'_> {
             request_timeout,
             keep_alive_timeout: pick(|t| t.http_keep_alive).unwrap_or(request_timeout),
             tunnel_timeout: pick(|t| t.tunnel).unwrap_or(DEFAULT_TUNNEL),
+            access_log,
         })
     }
 

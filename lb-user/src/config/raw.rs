@@ -182,6 +182,10 @@ pub struct RawListener {
     /// `http` mode: header rules applied to each response before it is sent, in order.
     #[serde(default)]
     pub response_headers: Vec<RawHeaderRule>,
+    /// `http` mode: the access log, one record per request on the `lb::access` log target:
+    /// `text` (default), `json` or `off`.
+    #[serde(default)]
+    pub access_log: Option<String>,
     /// Listen backlog (default 1024).
     #[serde(default)]
     pub backlog: Option<u32>,

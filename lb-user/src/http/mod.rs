@@ -13,6 +13,7 @@
 //! Each refusal is a [`Rejection`]: the status lb answers with, and why (for the log).
 pub mod chunked;
 pub mod framing;
+pub mod log;
 pub mod reply;
 pub mod request;
 pub mod response;

@@ -14,7 +14,7 @@ use tokio::{net::TcpStream, time::Instant};
 
 use super::{
     framing::Body,
-    reply,
+    log, reply,
     request::{self, Request},
     response::{self, Response},
     rewrite,
@@ -48,6 +48,18 @@ pub struct Tunnel {
     pub server: TcpStream,
     pub backend: usize,
     pub server_idx: usize,
+    /// For the access-log record written when the tunnel ends.
+    pub request: TunnelRequest,
+}
+
+/// The request that opened a tunnel, as the access log shows it.
+pub struct TunnelRequest {
+    pub method: String,
+    pub host: String,
+    pub target: String,
+    pub status: u16,
+    pub format: log::Format,
+    pub since: std::time::Instant,
 }
 
 /// A server connection, kept between requests while it serves the same backend.
@@ -122,8 +134,12 @@ pub async fn run(proxy: &Proxy, listener: usize, stream: TcpStream, peer: Socket
 }
 
 /// Holds the client's bytes until the request analyzer accepts a head (or refuses it).
-async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, server: Option<ServerConn>, first: bool) -> State {
+async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<ServerConn>, first: bool) -> State {
     let limits = &ctx.proxy.config.limits;
+    client.shrink_if_idle();
+    if let Some(s) = server.as_mut() {
+        s.conn.shrink_if_idle();
+    }
     let since = Instant::now();
     // Until the first byte: the keep-alive wait (the request timeout for a first request);
     // from the first byte, the whole head within the request timeout.
@@ -276,6 +292,14 @@ async fn exchange(
             server: server.conn.stream,
             backend,
             server_idx: server.server_idx,
+            request: TunnelRequest {
+                method: req.method.clone(),
+                host: req.host.clone().unwrap_or_else(|| "-".into()),
+                target: req.target.clone(),
+                status: resp.status,
+                format: ctx.http.access_log,
+                since: x.since.into_std(),
+            },
         }));
     }
     let idle = (server_idle, client_idle);
@@ -475,36 +499,35 @@ fn body_fault(e: &BodyError) -> &'static str {
     }
 }
 
-/// One line per request on the `lb::access` target, in the format the README documents:
-/// `CLIENT LISTENER "METHOD HOST TARGET" STATUS in=BYTES out=BYTES server=BACKEND/SERVER
-/// t=REQUEST/CONNECT/RESPONSE/TOTAL NOTE`, times in milliseconds (-1: not reached): waiting for
-/// the request head, connecting (0 on a kept connection), from the request sent to the
-/// response head, and the whole exchange.
+/// The exchange's access-log record (format in [`super::log`] and the README).
 fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str) {
     let backend = &ctx.proxy.config.backends[x.backend];
-    let server = x.server_idx.map_or("-", |i| backend.servers[i].name.as_str());
     let ms = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
         (Some(f), Some(t)) => t.saturating_duration_since(f).as_millis() as i64,
         _ => -1,
     };
     let now = Some(Instant::now());
-    tracing::info!(
-        target: "lb::access",
-        "{} {} \"{} {} {}\" {} in={} out={} server={}/{} t={}/{}/{}/{} {}",
-        ctx.peer,
-        ctx.l.name,
-        x.req.method,
-        x.req.host.as_deref().unwrap_or("-"),
-        x.req.target,
-        status,
-        x.bytes_in,
-        x.bytes_out,
-        backend.name,
-        server,
-        ms(Some(x.since), Some(x.head_at)),
-        ms(Some(x.head_at), x.connected),
-        ms(x.connected, x.responded),
-        ms(Some(x.since), now),
-        note
+    log::emit(
+        ctx.http.access_log,
+        &log::Record {
+            client: ctx.peer,
+            listener: &ctx.l.name,
+            method: &x.req.method,
+            host: x.req.host.as_deref().unwrap_or("-"),
+            target: &x.req.target,
+            status,
+            bytes_in: x.bytes_in,
+            bytes_out: x.bytes_out,
+            kernel_bytes: 0,
+            backend: &backend.name,
+            server: x.server_idx.map_or("-", |i| backend.servers[i].name.as_str()),
+            times: [
+                ms(Some(x.since), Some(x.head_at)),
+                ms(Some(x.head_at), x.connected),
+                ms(x.connected, x.responded),
+                ms(Some(x.since), now),
+            ],
+            note,
+        },
     );
 }

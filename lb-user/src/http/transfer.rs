@@ -13,13 +13,18 @@ use super::{
     framing::Body,
 };
 
-/// Most bytes read at once.
-const READ_CHUNK: usize = 64 << 10;
+/// Most bytes read at once, and what a connection's buffer starts with (a head fits).
+const READ_MAX: usize = 64 << 10;
+const READ_FIRST: usize = 4 << 10;
+/// A buffer grown past this for a body is given back while its connection idles.
+const KEEP_WHILE_IDLE: usize = 16 << 10;
 
 /// One side's connection and the bytes read from it that were not consumed yet.
 pub struct Conn {
     pub stream: TcpStream,
     pub held: Vec<u8>,
+    /// Room to make before the next read: doubles (to [`READ_MAX`]) each time a read fills it.
+    want: usize,
 }
 
 impl Conn {
@@ -27,14 +32,21 @@ impl Conn {
         Conn {
             stream,
             held: Vec::new(),
+            want: READ_FIRST,
         }
     }
 
     /// Reads more bytes into `held`; `Ok(0)` at end of stream.
     pub async fn fill(&mut self, deadline: Instant) -> Result<usize, ReadError> {
-        self.held.reserve(READ_CHUNK.min(self.held.capacity().max(4096)));
+        self.held.reserve(self.want);
+        let room = self.held.capacity() - self.held.len();
         match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.held)).await {
-            Ok(Ok(n)) => Ok(n),
+            Ok(Ok(n)) => {
+                if n == room {
+                    self.want = (self.want * 2).min(READ_MAX);
+                }
+                Ok(n)
+            }
             Ok(Err(e)) => Err(ReadError::Io(e)),
             Err(_) => Err(ReadError::Timeout),
         }
@@ -43,6 +55,15 @@ impl Conn {
     /// Drops the first `n` held bytes (a head or body part that was consumed).
     pub fn consume(&mut self, n: usize) {
         self.held.drain(..n);
+    }
+
+    /// Before a wait that may be long (keep-alive): a buffer a body grew is given back, so an
+    /// idle connection holds little memory.
+    pub fn shrink_if_idle(&mut self) {
+        if self.held.is_empty() && self.held.capacity() > KEEP_WHILE_IDLE {
+            self.held = Vec::new();
+            self.want = READ_FIRST;
+        }
     }
 }
 

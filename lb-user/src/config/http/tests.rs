@@ -43,6 +43,7 @@ fn routes_rules_and_timeouts() {
         "      - { host: www.example.com, path_prefix: /static/, backend: app }\n",
         "      - { path_prefix: /api/, backend: api }\n",
         "    forwarded: { x_forwarded_proto: false, forwarded: true }\n",
+        "    access_log: json\n",
         "    request_headers:\n",
         "      - { set: X-Env, value: prod }\n",
         "      - { remove: Cookie }\n",
@@ -65,6 +66,7 @@ fn routes_rules_and_timeouts() {
     assert!(h.routes[2].matches(None, "http://any.host/api/v1"));
     assert!(!h.routes[2].matches(None, "http://any.host"));
     assert!(!h.forwarded.x_forwarded_proto && h.forwarded.forwarded);
+    assert_eq!(h.access_log, crate::http::log::Format::Json);
     assert_eq!(
         h.request_rules,
         vec![
@@ -124,6 +126,10 @@ fn mistakes_are_reported_where_they_are() {
         (
             "    backend: app\n    timeouts: { tunnel: 0s }\n",
             "t.yaml:6:25: timeouts.tunnel must be longer than zero",
+        ),
+        (
+            "    backend: app\n    access_log: xml\n",
+            "t.yaml:6:17: access_log: `xml` is not a format",
         ),
     ];
     for (listener, expected) in cases {

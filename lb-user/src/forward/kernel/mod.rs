@@ -158,7 +158,8 @@ impl Flow<'_, '_> {
             self.counters.dropped.inc_by(self.undelivered());
         }
         self.check_not_duplicated();
-        Forwarded::Done(end)
+        let kernel_bytes = self.ends.iter().map(|e| e.tracked.ctl().redirected()).sum();
+        Forwarded::Done(end, kernel_bytes)
     }
 
     /// The program must have seen each received byte once: more than TCP received means a
@@ -209,8 +210,8 @@ impl Flow<'_, '_> {
 
 /// What became of a flow handed to the kernel path.
 pub enum Forwarded {
-    /// Forwarded until it ended.
-    Done(End),
+    /// Forwarded until it ended; the bytes the kernel redirected, both directions.
+    Done(End, u64),
     /// The kernel would not take the pair: the caller forwards it in userspace.
     NotEligible(Ineligible, tokio::net::TcpStream, tokio::net::TcpStream),
 }

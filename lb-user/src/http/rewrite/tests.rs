@@ -12,6 +12,7 @@ fn http(forwarded: Forwarded, request_rules: Vec<HeaderRule>) -> Http {
         request_timeout: Duration::from_secs(1),
         keep_alive_timeout: Duration::from_secs(1),
         tunnel_timeout: Duration::from_secs(1),
+        access_log: crate::http::log::Format::Text,
     }
 }
 
