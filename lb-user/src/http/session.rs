@@ -179,9 +179,13 @@ async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<Server
                 )
                 .await
             }
+            // A later request's head is timed from its first byte (the first request's from
+            // the connection's start: its deadline stays).
             Ok(_) if !started => {
                 started = true;
-                deadline = Instant::now() + ctx.http.request_timeout;
+                if !first {
+                    deadline = Instant::now() + ctx.http.request_timeout;
+                }
             }
             Ok(_) => {}
             // A kept-alive connection nobody uses any more is closed quietly, as HAProxy does.
