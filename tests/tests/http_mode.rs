@@ -437,12 +437,17 @@ async fn wrk_with_keep_alive_gets_only_correct_answers() {
     std::fs::write(
         script.path(),
         r#"
-bad = 0
-response = function(status, headers, body)
+-- wrk runs response() in each thread's own Lua state: the counts are gathered from the threads.
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) bad = 0 end
+function response(status, headers, body)
   if status ~= 200 or not body:find("^app GET /wrk\n") then bad = bad + 1 end
 end
-done = function(summary, latency, requests)
-  io.write(string.format("requests=%d bad=%d errors=%d\n", summary.requests, bad,
+function done(summary, latency, requests)
+  local total = 0
+  for _, t in ipairs(threads) do total = total + t:get("bad") end
+  io.write(string.format("requests=%d bad=%d errors=%d\n", summary.requests, total,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
 end
 "#,
@@ -603,4 +608,117 @@ async fn the_access_log_can_be_json() {
         "{record}"
     );
     assert!(record["time"].as_str().unwrap().ends_with('Z'), "{record}");
+}
+
+#[tokio::test]
+async fn a_connection_field_cannot_unframe_a_body() {
+    // Were Content-Length dropped as hop-by-hop, the server would read the body as a second
+    // request lb never analyzed.
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n";
+    let request = format!(
+        "POST /public HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: Content-Length, close\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let answer = String::from_utf8_lossy(&raw_exchange(lb.listener, request.as_bytes()).await).into_owned();
+    assert_eq!(status_of(answer.as_bytes()), Some(200), "{answer}");
+    assert!(
+        answer.contains("app POST /public\n") && answer.contains(&format!("body={smuggled}")),
+        "{answer}"
+    );
+    assert!(!answer.contains("app GET /admin"), "{answer}");
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn server_failures_are_502_and_504() {
+    let refusing = lb_tests::servers::refusing().await;
+    // Accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let lb = HttpLbBuilder::new(&[refusing])
+        .backend("silent", &[silent_addr])
+        .top_yaml("timeouts: { server: 1s }\n")
+        .listener_yaml("    routes:\n      - { path_prefix: /slow, backend: silent }\n")
+        .spawn();
+    let answer = raw_exchange(lb.listener, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(
+        status_of(&answer),
+        Some(502),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let started = Instant::now();
+    let answer = raw_exchange(lb.listener, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(
+        status_of(&answer),
+        Some(504),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "504 before timeouts.server"
+    );
+    holder.abort();
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_by_lb() {
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    let mut s = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    s.write_all(b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // The body is sent only after lb's 100.
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut interim))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 200 ") && text.contains("body=hello"),
+        "{text}"
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains("expect:"),
+        "Expect reached the server: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_refused() {
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    for body in [
+        "5\r\nhello\r\nzz\r\n",
+        "5 \r\nhello\r\n0\r\n\r\n",
+        "5\nhello\r\n0\r\n\r\n",
+        "5\r\nhelloX\r\n0\r\n\r\n",
+    ] {
+        let request = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
+        let answer = raw_exchange(lb.listener, request.as_bytes()).await;
+        assert_eq!(
+            status_of(&answer),
+            Some(400),
+            "{body:?}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
 }

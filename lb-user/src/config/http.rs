@@ -16,6 +16,16 @@ const MAX_MAX_HEADER_BYTES: u64 = 1 << 20;
 /// Below this not even a modest request line and a few fields fit.
 const MIN_MAX_HEADER_BYTES: u64 = 1 << 10;
 
+/// Fields header rules may not touch.
+const CONNECTION_FIELDS: [&str; 6] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+];
+
 /// The HTTP side of a `mode: http` listener.
 #[derive(Debug, Clone)]
 pub struct Http {
@@ -52,31 +62,16 @@ pub enum HostMatch {
 }
 
 impl Route {
-    /// Whether the request for `host` (lowercase, without port) and `target` matches.
-    pub fn matches(&self, host: Option<&str>, target: &str) -> bool {
+    /// Whether a request for `host` (lowercase, without port) and routing `path` (see
+    /// [`crate::http::request::Request::path`]) matches.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
         let host_ok = match (&self.host, host) {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(HostMatch::Exact(h)), Some(host)) => h == host,
             (Some(HostMatch::Suffix(s)), Some(host)) => host.len() > s.len() && host.ends_with(s.as_str()),
         };
-        host_ok
-            && self
-                .path_prefix
-                .as_deref()
-                .is_none_or(|p| path_of(target).starts_with(p))
-    }
-}
-
-/// The path of a request target: origin-form as is, absolute-form from the path after the
-/// authority (`/` when there is none).
-fn path_of(target: &str) -> &str {
-    match target.find("://") {
-        Some(i) => {
-            let rest = &target[i + 3..];
-            rest.find('/').map_or("/", |p| &rest[p..])
-        }
-        None => target,
+        host_ok && self.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
     }
 }
 
@@ -267,6 +262,12 @@ impl Validator<'_> {
             let (HeaderRule::Set(name, _) | HeaderRule::Add(name, _) | HeaderRule::Remove(name)) = &rule;
             if name.is_empty() || !name.bytes().all(is_tchar) {
                 self.error(&path, format!("`{name}` is not a header name"));
+            } else if CONNECTION_FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+                // The analyzers checked the message with its framing; lb writes these itself.
+                self.error(
+                    &path,
+                    format!("`{name}` frames the message or manages the connection: rules cannot change it"),
+                );
             }
             if let HeaderRule::Set(_, v) | HeaderRule::Add(_, v) = &rule {
                 if v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {

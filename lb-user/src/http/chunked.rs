@@ -16,18 +16,22 @@ enum State {
     Size {
         digits: u8,
     },
-    /// After the size or an extension: BWS, `;`, or CR.
-    AfterSize,
+    /// Whitespace after the size: only an extension (`;`) may follow.
+    SizeBws,
     /// After `;`: BWS, then the extension's name.
     ExtNameStart,
     ExtName,
-    /// After an extension name: BWS, `=`, `;` or CR.
-    AfterExtName,
+    /// Whitespace after a name: `=` or another `;` must follow.
+    NameBws,
     /// After `=`: BWS, then a token or a quoted string.
     ExtValueStart,
     ExtValue,
     Quoted,
     QuotedEscape,
+    /// Just after a quoted value: `;`, whitespace or CR.
+    AfterQuoted,
+    /// Whitespace after a value: only another extension (`;`) may follow.
+    ValueBws,
     /// The LF of the size line.
     SizeLf,
     /// Chunk data (`left` bytes to go).
@@ -111,14 +115,16 @@ impl Chunked {
         let in_size_line = matches!(
             self.state,
             Size { .. }
-                | AfterSize
+                | SizeBws
                 | ExtNameStart
                 | ExtName
-                | AfterExtName
+                | NameBws
                 | ExtValueStart
                 | ExtValue
                 | Quoted
                 | QuotedEscape
+                | AfterQuoted
+                | ValueBws
                 | SizeLf
         );
         if in_size_line {
@@ -148,18 +154,22 @@ impl Chunked {
                 }
             }
             (Size { digits: 0 }, _) => return Err(ChunkError("chunk size is not hex")),
-            (Size { .. } | AfterSize, b) if is_ows(b) => AfterSize,
-            (Size { .. } | AfterSize | AfterExtName | ExtName | ExtValue, b';') => ExtNameStart,
-            (Size { .. } | AfterSize | AfterExtName | ExtName | ExtValue, b'\r') => SizeLf,
+            // chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] ) (RFC 9112 §7.1.1):
+            // whitespace only around `;` and `=`, never before the CRLF.
+            (Size { .. } | SizeBws, b) if is_ows(b) => SizeBws,
+            (Size { .. } | SizeBws | ExtName | NameBws | ExtValue | AfterQuoted | ValueBws, b';') => {
+                ExtNameStart
+            }
+            (Size { .. } | ExtName | ExtValue | AfterQuoted, b'\r') => SizeLf,
             (ExtNameStart, b) if is_ows(b) => ExtNameStart,
             (ExtNameStart | ExtName, b) if is_tchar(b) => ExtName,
-            (ExtName | AfterExtName, b) if is_ows(b) => AfterExtName,
-            (ExtName | AfterExtName, b'=') => ExtValueStart,
+            (ExtName | NameBws, b) if is_ows(b) => NameBws,
+            (ExtName | NameBws, b'=') => ExtValueStart,
             (ExtValueStart, b) if is_ows(b) => ExtValueStart,
             (ExtValueStart, b'"') => Quoted,
             (ExtValueStart | ExtValue, b) if is_tchar(b) => ExtValue,
-            (ExtValue, b) if is_ows(b) => AfterExtName,
-            (Quoted, b'"') => AfterExtName,
+            (ExtValue | AfterQuoted | ValueBws, b) if is_ows(b) => ValueBws,
+            (Quoted, b'"') => AfterQuoted,
             (Quoted, b'\\') => QuotedEscape,
             (Quoted, b) if is_qdtext(b) => Quoted,
             (QuotedEscape, b) if b == b'\t' || b == b' ' || is_vchar_or_obs(b) => Quoted,
@@ -271,6 +281,11 @@ mod tests {
             b"0\r\nbad name: x\r\n\r\n",
             b"0\r\nname: x\n\r\n",
             b"0\r\n\n",
+            b"5;a=\"x\"=y\r\n",
+            b"5;a=b =c\r\n",
+            b"5 \r\n",
+            b"5;a \r\n",
+            b"5;a=b \r\n",
         ] {
             let mut c = Chunked::default();
             assert!(

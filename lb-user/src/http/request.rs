@@ -33,6 +33,13 @@ pub struct Request {
     /// The host the request is for, lowercased, without port: the authority of an
     /// absolute-form or authority-form target, else the Host field (for routing).
     pub host: Option<String>,
+    /// The authority of an absolute-form target, as written: the Host lb sends in place of the
+    /// client's (RFC 9112 §3.2.2), so the server sees the host lb routed on.
+    pub target_authority: Option<String>,
+    /// The target's path as routes see it: without query, with percent-encoded unreserved
+    /// characters decoded and dot-segments resolved (`/pub/../%69nternal` is `/internal`), so
+    /// a server that normalizes paths cannot be reached past a route by spelling.
+    pub path: String,
 }
 
 /// Analyzes the held bytes `buf`: `Ok(None)` while the head is incomplete and within limits.
@@ -93,9 +100,78 @@ pub fn analyze(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Rejection
         version,
         head_len,
         body,
-        host: authority.or(host).map(|a| host_name(&a)),
+        host: authority.as_ref().or(host.as_ref()).map(|a| host_name(a)),
+        target_authority: authority.filter(|_| !target.starts_with('/') && method != "CONNECT"),
+        path: routing_path(target),
         headers,
     }))
+}
+
+/// See [`Request::path`]. Authority-form and `*` targets have no path: `""`.
+fn routing_path(target: &str) -> String {
+    let path = if target.starts_with('/') {
+        target
+    } else if let Some(i) = target.find("://") {
+        // Absolute-form (checked by now): the path starts at the first `/` after the authority.
+        let rest = &target[i + 3..];
+        rest.find(['/', '?']).map_or("/", |p| {
+            if rest[p..].starts_with('/') {
+                &rest[p..]
+            } else {
+                "/"
+            }
+        })
+    } else {
+        return String::new();
+    };
+    let path = path.split('?').next().unwrap_or("");
+    remove_dot_segments(&decode_unreserved(path))
+}
+
+/// Percent-encoded unreserved characters (RFC 3986 §2.3) decoded; every other escape kept.
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| path.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .filter(|&b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        match decoded {
+            Some(b) => {
+                out.push(b as char);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i] as char);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// RFC 3986 §5.2.4 for a path starting with `/`.
+fn remove_dot_segments(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+        // A final `.` or `..` leaves a directory: `/a/..` is `/`, `/a/.` is `/a/`.
+        if last && (*seg == "." || *seg == "..") {
+            out.push("");
+        }
+    }
+    format!("/{}", out.join("/"))
 }
 
 /// 414 while the request line has not ended within the limit, 431 after.
@@ -147,7 +223,9 @@ fn check_target(method: &str, target: &str) -> Result<Option<String>, Rejection>
     if method == "CONNECT" {
         // authority-form: host:port, nothing else.
         return match target.rsplit_once(':') {
-            Some((host, port)) if valid_host(host) && valid_port(port) && !host.is_empty() => {
+            Some((host, port))
+                if valid_host(host) && valid_port(port) && !host.is_empty() && !port.is_empty() =>
+            {
                 Ok(Some(target.to_string()))
             }
             _ => bad("CONNECT target is not host:port"),

@@ -8,7 +8,7 @@
 //! `X-Forwarded-Proto`, `Forwarded`) and the listener's header rules, in order.
 use std::borrow::Cow;
 
-use super::{request::Request, response::Response, trim_ows, Header, Version};
+use super::{framing::Body, request::Request, response::Response, trim_ows, Header, Version};
 use crate::config::{HeaderRule, Http};
 
 /// The tokens of every `Connection` field (trimmed, as received: compare them ignoring case).
@@ -26,10 +26,31 @@ fn has_connection_token(headers: &[Header], token: &str) -> bool {
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).
+///
+/// Not an upgrade to `h2c` (cleartext HTTP/2): through a tunnel, the client would send HTTP/2
+/// requests the server answers and lb never analyzes or routes ("h2c smuggling"). Its Upgrade
+/// field is then dropped like any hop-by-hop one, and the request is an ordinary one.
 pub fn is_upgrade(req: &Request) -> bool {
+    let h2c = req
+        .headers
+        .iter()
+        .filter(|h| h.is("upgrade"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|p| trim_ows(p).eq_ignore_ascii_case(b"h2c"));
     req.version == Version::Http11
+        && !h2c
         && has_connection_token(&req.headers, "upgrade")
         && req.headers.iter().any(|h| h.is("upgrade"))
+}
+
+/// One `Content-Length` field for a body of `n` bytes, in place of what the sender wrote
+/// (repeated fields, or a list of equal values): the framing lb checked, in the one form every
+/// recipient reads alike.
+fn normalize_length(fields: &mut Vec<Field<'_>>, body: Body) {
+    if let Body::Length(n) = body {
+        fields.retain(|f| !f.is("content-length"));
+        fields.push(added("Content-Length", n.to_string().into_bytes()));
+    }
 }
 
 /// Whether the client wants its connection kept after this request.
@@ -65,6 +86,12 @@ fn added<'a>(name: &'a str, value: impl Into<Cow<'a, [u8]>>) -> Field<'a> {
     }
 }
 
+/// Fields a `Connection` header cannot make hop-by-hop: they frame the message or name its
+/// host, and the analyzers judged the message with them. Dropping one because the sender
+/// listed it (`Connection: Content-Length`) would forward a body the server cannot delimit:
+/// request smuggling.
+const NEVER_HOP_BY_HOP: [&str; 4] = ["content-length", "transfer-encoding", "host", "upgrade"];
+
 /// The fields of `headers` that are not hop-by-hop (`Upgrade` kept when `upgrading`), borrowed.
 fn end_to_end(headers: &[Header], upgrading: bool) -> Vec<Field<'_>> {
     let named: Vec<&[u8]> = connection_tokens(headers).collect();
@@ -76,8 +103,7 @@ fn end_to_end(headers: &[Header], upgrading: bool) -> Vec<Field<'_>> {
                 .any(|n| h.is(n))
                 || (h.is("upgrade") && !upgrading)
                 || (named.iter().any(|n| h.name.as_bytes().eq_ignore_ascii_case(n))
-                    && !h.is("upgrade")
-                    && !h.is("transfer-encoding"));
+                    && !NEVER_HOP_BY_HOP.iter().any(|n| h.is(n)));
             !hop
         })
         .map(|h| Field {
@@ -115,6 +141,12 @@ pub fn request_head(
     expect_handled: bool,
 ) -> Vec<u8> {
     let mut fields = end_to_end(&req.headers, upgrading);
+    if let Some(authority) = &req.target_authority {
+        // An absolute-form target names the host: the Host sent is that one (RFC 9112 §3.2.2).
+        fields.retain(|f| !f.is("host"));
+        fields.insert(0, added("Host", authority.as_bytes()));
+    }
+    normalize_length(&mut fields, req.body);
     if expect_handled {
         fields.retain(|f| !f.is("expect"));
     }
@@ -169,6 +201,7 @@ pub fn request_head(
 pub fn response_head(resp: &Response, http: &Http, close: bool) -> Vec<u8> {
     let switching = resp.status == 101;
     let mut fields = end_to_end(&resp.headers, switching);
+    normalize_length(&mut fields, resp.body);
     apply(&mut fields, &http.response_rules);
     if switching {
         fields.push(added("Connection", &b"upgrade"[..]));

@@ -228,7 +228,7 @@ async fn exchange(
         .http
         .routes
         .iter()
-        .find(|r| r.matches(req.host.as_deref(), &req.target))
+        .find(|r| r.matches(req.host.as_deref(), &req.path))
         .map_or(ctx.l.backend, |r| r.backend);
     let mut x = Exchange {
         req: &req,
@@ -248,6 +248,7 @@ async fn exchange(
     // lb answers `Expect: 100-continue` itself (as nginx does) and drops it from the request:
     // the body then follows at once, and the server never waits for a 100 of its own.
     let expect = req.body != Body::None
+        && req.version == crate::http::Version::Http11
         && req
             .headers
             .iter()
@@ -260,11 +261,7 @@ async fn exchange(
         return State::Ended(HttpEnd::Closed("client failed"));
     }
     let head = rewrite::request_head(&req, ctx.http, &ctx.client_ip, upgrading, expect);
-    // A request without a body can go again on a new connection if the kept one turns out to
-    // be closed; one with a body cannot (its bytes are gone), so only then is the kept
-    // connection checked first (one more syscall).
-    let replayable = req.body == Body::None;
-    let reused = kept.filter(|s| s.backend == backend && (replayable || still_open(s)));
+    let reused = kept.filter(|s| s.backend == backend && still_open(s));
     let (mut server, resp) = match send_request(ctx, &mut client, reused, &head, &mut x).await {
         Ok(sent) => sent,
         Err(r) => return refuse(ctx, client, Some(&x), r).await,
@@ -287,7 +284,7 @@ async fn exchange(
             write_all(&mut client.stream, &head, client_idle).await,
             write_all(&mut server.conn.stream, &from_client, server_idle).await,
         );
-        access_log(ctx, &x, resp.status, "tunnel");
+        access_log(ctx, &x, resp.status, "tunnel", 0);
         if passed.0.is_err() || passed.1.is_err() {
             return State::Ended(HttpEnd::Closed("a side failed at the tunnel's start"));
         }
@@ -311,11 +308,11 @@ async fn exchange(
         Ok(n) => x.bytes_out += n,
         Err(e) => {
             // Once the head is out nothing else can tell the client: the connection is cut.
-            access_log(ctx, &x, resp.status, body_fault(&e));
+            access_log(ctx, &x, resp.status, body_fault(&e), 0);
             return State::Ended(HttpEnd::Closed(body_fault(&e)));
         }
     }
-    access_log(ctx, &x, resp.status, "");
+    access_log(ctx, &x, resp.status, "", 0);
     let keep_server =
         rewrite::server_keeps_alive(&resp) && resp.body != Body::UntilClose && server.conn.held.is_empty();
     if close {
@@ -340,7 +337,11 @@ async fn send_request(
     head: &[u8],
     x: &mut Exchange<'_>,
 ) -> Result<(ServerConn, Response), Rejection> {
-    let replayable = x.req.body == Body::None;
+    // A kept connection the server closed while it idled fails before any answer; a request
+    // that is safe (RFC 9110 §9.2.1) and has no body can then go again on a new connection. A
+    // timeout or any other failure is final: the server may have acted on the request.
+    let replayable =
+        x.req.body == Body::None && ["GET", "HEAD", "OPTIONS", "TRACE"].contains(&x.req.method.as_str());
     let mut reused = reused;
     loop {
         let was_reused = reused.is_some();
@@ -367,9 +368,10 @@ async fn send_request(
                 x.bytes_in += n;
                 read_response(ctx, client, &mut server, x).await
             }
-            Err(BodyError::Destination(_)) => {
-                Err(Rejection::new(502, "server failed while receiving the request"))
-            }
+            Err(BodyError::Destination(_)) => Err(NoAnswer {
+                rejection: Rejection::new(502, "server failed while receiving the request"),
+                closed_early: true,
+            }),
             Err(BodyError::Malformed(_)) => {
                 return Err(Rejection::new(400, "malformed chunked request body"))
             }
@@ -385,23 +387,40 @@ async fn send_request(
         };
         match answer {
             Ok(resp) => return Ok((server, resp)),
-            // Nothing of an answer came back on a connection the server may have closed while
-            // idle: the request can go again on a new one.
-            Err(_) if was_reused && replayable && server.conn.held.is_empty() => continue,
-            Err(r) => return Err(r),
+            Err(no) if was_reused && replayable && no.closed_early => continue,
+            Err(no) => return Err(no.rejection),
         }
     }
 }
 
-/// Reads the final response head: interim ones (1xx but 101) are passed on first.
+/// Why no response head came.
+struct NoAnswer {
+    rejection: Rejection,
+    /// The connection failed (closed, reset, refused the request) before the server sent a
+    /// byte: on a kept connection, most likely closed while it idled.
+    closed_early: bool,
+}
+
+impl From<Rejection> for NoAnswer {
+    fn from(rejection: Rejection) -> NoAnswer {
+        NoAnswer {
+            rejection,
+            closed_early: false,
+        }
+    }
+}
+
+/// Reads the final response head. Interim ones (1xx but 101) are passed on first, except to an
+/// HTTP/1.0 client, which cannot take them (RFC 9110 §15.2).
 async fn read_response(
     ctx: &Ctx<'_>,
     client: &mut Conn,
     server: &mut ServerConn,
     x: &mut Exchange<'_>,
-) -> Result<Response, Rejection> {
+) -> Result<Response, NoAnswer> {
     let limit = ctx.proxy.config.limits.max_header_bytes;
     let deadline = Instant::now() + ctx.proxy.config.backends[x.backend].server_timeout;
+    let mut received = false;
     loop {
         if !server.conn.held.is_empty() {
             if let Some(resp) = response::analyze(&server.conn.held, &x.req.method, limit)? {
@@ -410,25 +429,27 @@ async fn read_response(
                 if !resp.is_interim() {
                     return Ok(resp);
                 }
-                let head = rewrite::response_head(&resp, ctx.http, false);
-                write_all(&mut client.stream, &head, ctx.l.client_timeout)
-                    .await
-                    .map_err(|_| Rejection::new(400, "client failed"))?;
+                if x.req.version == crate::http::Version::Http11 {
+                    let head = rewrite::response_head(&resp, ctx.http, false);
+                    write_all(&mut client.stream, &head, ctx.l.client_timeout)
+                        .await
+                        .map_err(|_| Rejection::new(400, "client failed"))?;
+                    x.bytes_out += head.len() as u64;
+                }
                 continue;
             }
         }
+        let early = |why| NoAnswer {
+            rejection: Rejection::new(502, why),
+            closed_early: !received,
+        };
         match server.conn.fill(deadline).await {
-            Ok(0) => {
-                return Err(Rejection::new(
-                    502,
-                    "server closed before a complete response head",
-                ))
-            }
-            Ok(_) => {}
+            Ok(0) => return Err(early("server closed before a complete response head")),
+            Ok(_) => received = true,
             Err(ReadError::Timeout) => {
-                return Err(Rejection::new(504, "no response head within timeouts.server"))
+                return Err(Rejection::new(504, "no response head within timeouts.server").into())
             }
-            Err(ReadError::Io(_)) => return Err(Rejection::new(502, "server connection failed")),
+            Err(ReadError::Io(_)) => return Err(early("server connection failed")),
         }
     }
 }
@@ -465,7 +486,7 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize) -> Result<ServerConn, Rej
 }
 
 /// A kept server connection is usable while the server has neither closed it nor sent
-/// anything unasked.
+/// anything unasked (left-over bytes, say a body to a HEAD, would be read as the next answer).
 fn still_open(s: &ServerConn) -> bool {
     s.conn.held.is_empty()
         && matches!(sockopt::peek_nowait(s.conn.stream.as_fd(), &mut [0u8; 1]),
@@ -474,12 +495,31 @@ fn still_open(s: &ServerConn) -> bool {
 
 /// Answers the client with the rejection's status and closes the connection.
 async fn refuse(ctx: &Ctx<'_>, mut client: Conn, x: Option<&Exchange<'_>>, r: Rejection) -> State {
-    tracing::info!(listener = %ctx.l.name, client = %ctx.peer, "refused: {r}");
+    tracing::debug!(listener = %ctx.l.name, client = %ctx.peer, "refused: {r}");
     count(ctx, r.status);
-    if let Some(x) = x {
-        access_log(ctx, x, r.status, r.why);
-    }
     let answer = reply::error(r.status);
+    match x {
+        Some(x) => access_log(ctx, x, r.status, r.why, answer.len() as u64),
+        // Refused before a head was accepted: no method, target or backend to show.
+        None => log::emit(
+            ctx.http.access_log,
+            &log::Record {
+                client: ctx.peer,
+                listener: &ctx.l.name,
+                method: "-",
+                host: "-",
+                target: "-",
+                status: r.status,
+                bytes_in: client.held.len() as u64,
+                bytes_out: answer.len() as u64,
+                kernel_bytes: 0,
+                backend: "-",
+                server: "-",
+                times: [-1, -1, -1, -1],
+                note: r.why,
+            },
+        ),
+    }
     if write_all(&mut client.stream, &answer, LINGER).await.is_ok() {
         close_gently(client.stream, LINGER).await;
     }
@@ -504,7 +544,7 @@ fn body_fault(e: &BodyError) -> &'static str {
 }
 
 /// The exchange's access-log record (format in [`super::log`] and the README).
-fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str) {
+fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str, answered: u64) {
     let backend = &ctx.proxy.config.backends[x.backend];
     let ms = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
         (Some(f), Some(t)) => t.saturating_duration_since(f).as_millis() as i64,
@@ -521,7 +561,7 @@ fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str) {
             target: &x.req.target,
             status,
             bytes_in: x.bytes_in,
-            bytes_out: x.bytes_out,
+            bytes_out: x.bytes_out + answered,
             kernel_bytes: 0,
             backend: &backend.name,
             server: x.server_idx.map_or("-", |i| backend.servers[i].name.as_str()),

@@ -110,6 +110,7 @@ fn refusals_by_class() {
         ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         ("GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         ("GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+        ("CONNECT a: HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     ] {
         assert_eq!(status(head.as_bytes()), Err(expected), "{head:?}");
     }
@@ -129,4 +130,28 @@ fn lookalikes_of_refused_heads_are_accepted() {
     ] {
         assert_eq!(status(head.as_bytes()), Ok(Some(())), "{head:?}");
     }
+}
+
+#[test]
+fn routing_paths_are_normalized() {
+    let path = |target: &str| {
+        let head = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
+        analyze(head.as_bytes(), &LIMITS).unwrap().unwrap().path
+    };
+    assert_eq!(path("/a/b?q=/x"), "/a/b");
+    assert_eq!(path("/pub/../internal"), "/internal");
+    assert_eq!(path("/%69nternal/%2Fx"), "/internal/%2Fx");
+    assert_eq!(path("/a/./b/."), "/a/b/");
+    assert_eq!(path("/.."), "/");
+    assert_eq!(path("/internal/x?u=://h/pub"), "/internal/x");
+    assert_eq!(path("http://h.example"), "/");
+    assert_eq!(path("http://h.example?x=/pub"), "/");
+    assert_eq!(path("HTTP://h.example/p/../q"), "/q");
+    let r = analyze(
+        b"GET http://Real.example:81/x HTTP/1.1\r\nHost: fake\r\n\r\n",
+        &LIMITS,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.target_authority.as_deref(), Some("Real.example:81"));
 }

@@ -106,3 +106,29 @@ fn response_heads() {
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
     );
 }
+
+#[test]
+fn connection_cannot_drop_framing_or_host() {
+    // Dropping Content-Length here would turn the body into a request the server reads unseen.
+    let r = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nConnection: Content-Length, Host, Transfer-Encoding, X-Gone\r\nX-Gone: 1\r\n\r\n");
+    let none = Forwarded {
+        x_forwarded_for: false,
+        x_forwarded_proto: false,
+        forwarded: false,
+    };
+    let head = text(request_head(&r, &http(none, vec![]), "192.0.2.1", false, false));
+    assert_eq!(head, "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n");
+}
+
+#[test]
+fn an_h2c_upgrade_is_not_tunneled() {
+    let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n");
+    assert!(!is_upgrade(&r));
+    let none = Forwarded {
+        x_forwarded_for: false,
+        x_forwarded_proto: false,
+        forwarded: false,
+    };
+    let head = text(request_head(&r, &http(none, vec![]), "192.0.2.1", false, false));
+    assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+}
