@@ -34,6 +34,12 @@ pub struct Record<'a> {
     pub note: &'a str,
 }
 
+/// Whether records in `format` would be written at all (the format is not `off` and the log
+/// filter lets `lb::access` through): when not, callers skip building them.
+pub fn wanted(format: Format) -> bool {
+    format != Format::Off && tracing::enabled!(target: "lb::access", tracing::Level::INFO)
+}
+
 /// Writes `record` in `format`.
 pub fn emit(format: Format, r: &Record<'_>) {
     let [request, connect, response, total] = r.times;

@@ -545,6 +545,9 @@ fn body_fault(e: &BodyError) -> &'static str {
 
 /// The exchange's access-log record (format in [`super::log`] and the README).
 fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str, answered: u64) {
+    if !log::wanted(ctx.http.access_log) {
+        return;
+    }
     let backend = &ctx.proxy.config.backends[x.backend];
     let ms = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
         (Some(f), Some(t)) => t.saturating_duration_since(f).as_millis() as i64,
