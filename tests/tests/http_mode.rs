@@ -722,3 +722,70 @@ async fn a_malformed_chunked_body_is_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_kept_connection_the_server_closed_is_replaced() {
+    // A server that closes after each answer without saying so: lb keeps the connection, finds
+    // it closed at the next request, and sends that request again on a new one.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // One request (head, and a body of the length it names), one answer, close.
+                let complete = |b: &[u8]| {
+                    let text = String::from_utf8_lossy(b);
+                    text.find("\r\n\r\n").is_some_and(|end| {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: ")?.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        b.len() >= end + 4 + length
+                    })
+                };
+                while !complete(&buf) {
+                    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let lb = HttpLbBuilder::new(&[addr]).spawn();
+    let mut c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    for request in [
+        &b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+        b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nbody",
+        b"GET /4 HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        c.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let mut b = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "lb closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&b[..n]);
+        }
+        assert_eq!(
+            status_of(&answer),
+            Some(200),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+    server.abort();
+}

@@ -67,7 +67,16 @@ struct ServerConn {
     conn: Conn,
     backend: usize,
     server_idx: usize,
+    /// When its last response ended (it idles since).
+    idle_since: Instant,
+    /// Its last response had no body (HEAD, 204, 304): where a faulty server may still send
+    /// one, which must not be read as the next answer.
+    after_bodiless: bool,
 }
+
+/// A kept server connection idle at least this long is checked before it is reused (a server
+/// closes idle connections after its own keep-alive timeout, seconds typically).
+const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
 
 /// Where the client connection is.
 enum State {
@@ -261,7 +270,16 @@ async fn exchange(
         return State::Ended(HttpEnd::Closed("client failed"));
     }
     let head = rewrite::request_head(&req, ctx.http, &ctx.client_ip, upgrading, expect);
-    let reused = kept.filter(|s| s.backend == backend && still_open(s));
+    // Checking a kept connection costs a syscall, a quarter more per request on a busy
+    // keep-alive connection: it is checked when reusing it unchecked could go wrong. A request
+    // that cannot go again (a body, or not safe) must not meet a closed connection; after a
+    // bodiless response a faulty server may have sent a body anyway; and a connection that
+    // idled may have been closed by the server. Otherwise a failure before any answer is
+    // retried on a new connection (send_request).
+    let reused = kept.filter(|s| {
+        let check = !replayable(&req) || s.after_bodiless || s.idle_since.elapsed() >= CHECK_IDLE_AFTER;
+        s.backend == backend && (!check || still_open(s))
+    });
     let (mut server, resp) = match send_request(ctx, &mut client, reused, &head, &mut x).await {
         Ok(sent) => sent,
         Err(r) => return refuse(ctx, client, Some(&x), r).await,
@@ -319,6 +337,8 @@ async fn exchange(
         close_gently(client.stream, LINGER).await;
         return State::Ended(HttpEnd::Closed("closed after the response"));
     }
+    server.idle_since = Instant::now();
+    server.after_bodiless = resp.body == Body::None;
     State::Waiting {
         client,
         server: keep_server.then_some(server),
@@ -337,11 +357,10 @@ async fn send_request(
     head: &[u8],
     x: &mut Exchange<'_>,
 ) -> Result<(ServerConn, Response), Rejection> {
-    // A kept connection the server closed while it idled fails before any answer; a request
-    // that is safe (RFC 9110 §9.2.1) and has no body can then go again on a new connection. A
-    // timeout or any other failure is final: the server may have acted on the request.
-    let replayable =
-        x.req.body == Body::None && ["GET", "HEAD", "OPTIONS", "TRACE"].contains(&x.req.method.as_str());
+    // A kept connection the server closed while it idled fails before any answer: a
+    // replayable request then goes again on a new connection. A timeout or any other failure
+    // is final: the server may have acted on the request.
+    let replayable = replayable(x.req);
     let mut reused = reused;
     loop {
         let was_reused = reused.is_some();
@@ -391,6 +410,12 @@ async fn send_request(
             Err(no) => return Err(no.rejection),
         }
     }
+}
+
+/// A request that may go again on a new connection when its kept one failed before any
+/// answer: safe (RFC 9110 §9.2.1) and without a body.
+fn replayable(req: &Request) -> bool {
+    req.body == Body::None && ["GET", "HEAD", "OPTIONS", "TRACE"].contains(&req.method.as_str())
 }
 
 /// Why no response head came.
@@ -475,6 +500,8 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize) -> Result<ServerConn, Rej
                 conn: Conn::new(stream),
                 backend,
                 server_idx: idx,
+                idle_since: Instant::now(),
+                after_bodiless: false,
             })
         }
         Err(e) => {
