@@ -142,6 +142,10 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
                 Err(e) => Err(failed(from, e)),
             };
         }
+        // Braked: the kernel had redirected this direction's bytes and stopped. (Bytes held
+        // since the flow entered the map, say from a sender that flooded between the two
+        // inserts, count as braked once the receiver has no room for them: see
+        // `wait_until_delivered`.)
         if ctl.redirected() > 0 {
             flow.note_braked(from, true);
         }
@@ -245,8 +249,9 @@ fn failed(side: Side, e: io::Error) -> Halt {
 
 /// Waits until the peer of `from` has queued every byte given to it from `from` (redirected by
 /// the kernel or written by the daemon), and, with `lag`, until no more than `lag` of them are
-/// unacknowledged; returns how many are then. Ends the flow if the peer closed (reset)
-/// meanwhile or made no progress for its idle timeout.
+/// unacknowledged; returns how many are then. Waiting for the receiver to make room under
+/// `lag` (not merely for the kernel to queue redirected bytes) marks the direction braked.
+/// Ends the flow if the peer closed (reset) meanwhile or made no progress for its idle timeout.
 async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>) -> Result<u64, Halt> {
     let src = flow.end(from);
     let dst = flow.end(from.other());
@@ -254,6 +259,7 @@ async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>)
     let mut delay = Duration::from_micros(50);
     let mut last = (u64::MAX, u64::MAX);
     let mut last_progress = Instant::now();
+    let mut noted = false;
     for round in 0u32.. {
         let given = src.given_to_peer();
         let s = dst.send_state()?;
@@ -261,8 +267,13 @@ async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>)
             return Err(Halt::Ended(End::Reset(from.other())));
         }
         let unacked = given.saturating_sub(s.acked);
-        if s.queued >= given && lag.is_none_or(|lag| unacked <= lag) {
+        let room = lag.is_none_or(|lag| unacked <= lag);
+        if s.queued >= given && room {
             return Ok(unacked);
+        }
+        if !room && !noted {
+            flow.note_braked(from, true);
+            noted = true;
         }
         if (s.queued, s.acked) != last {
             last = (s.queued, s.acked);
