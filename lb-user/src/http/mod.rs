@@ -11,6 +11,11 @@
 //! - [`response`]: the response head, as strict (a server's mistake is a 502, not passed on).
 //!
 //! Each refusal is a [`Rejection`]: the status lb answers with, and why (for the log).
+//!
+//! Around them, the HTTP session: [`session`] (the per-connection supervisor and its states),
+//! [`upstream`] (the server side of an exchange), [`rewrite`] (the heads sent on),
+//! [`transfer`] (held buffers, bodies), [`reply`] (lb's own answers) and [`log`] (the access
+//! log).
 pub mod chunked;
 pub mod framing;
 pub mod log;
@@ -20,6 +25,7 @@ pub mod response;
 pub mod rewrite;
 pub mod session;
 pub mod transfer;
+pub mod upstream;
 
 use std::fmt;
 

@@ -9,24 +9,23 @@
 //! for the next request (keep-alive, pipelined requests in order), or, after an upgrade (101)
 //! or a CONNECT (2xx), the pair becomes a tunnel the caller hands to the kernel. Drawn in
 //! ../LIFECYCLE.md.
-use std::{io, net::SocketAddr, os::fd::AsFd, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 use tokio::{net::TcpStream, time::Instant};
 
 use super::{
     framing::Body,
     log, reply,
     request::{self, Request},
-    response::{self, Response},
     rewrite,
     transfer::{close_gently, forward_message, write_all, BodyError, Conn, ReadError},
-    trim_ows, Rejection,
+    trim_ows,
+    upstream::{replayable, send_request, still_open, ServerConn, CHECK_IDLE_AFTER},
+    Rejection,
 };
 use crate::{
     config::{Http, Listener},
-    connect::connect,
     metrics::ResponseLabels,
     server::Proxy,
-    sockopt,
 };
 
 /// How long lb keeps reading (and dropping) what a client still sends after lb answered it and
@@ -62,22 +61,6 @@ pub struct TunnelRequest {
     pub since: std::time::Instant,
 }
 
-/// A server connection, kept between requests while it serves the same backend.
-struct ServerConn {
-    conn: Conn,
-    backend: usize,
-    server_idx: usize,
-    /// When its last response ended (it idles since).
-    idle_since: Instant,
-    /// Its last response had no body (HEAD, 204, 304): where a faulty server may still send
-    /// one, which must not be read as the next answer.
-    after_bodiless: bool,
-}
-
-/// A kept server connection idle at least this long is checked before it is reused (a server
-/// closes idle connections after its own keep-alive timeout, seconds typically).
-const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
-
 /// Where the client connection is.
 enum State {
     /// Waiting for a request head; `first`: the connection's first request.
@@ -97,11 +80,11 @@ enum State {
 }
 
 /// What a session needs at every step.
-struct Ctx<'a> {
-    proxy: &'a Proxy,
-    l: &'a Listener,
-    http: &'a Http,
-    peer: SocketAddr,
+pub(super) struct Ctx<'a> {
+    pub(super) proxy: &'a Proxy,
+    pub(super) l: &'a Listener,
+    pub(super) http: &'a Http,
+    pub(super) peer: SocketAddr,
     /// The client's address as the forwarding fields write it (formatted once per connection).
     client_ip: String,
 }
@@ -211,18 +194,18 @@ async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<Server
 }
 
 /// What one exchange measured, for the access log.
-struct Exchange<'r> {
-    req: &'r Request,
+pub(super) struct Exchange<'r> {
+    pub(super) req: &'r Request,
     /// When lb began to wait for this request.
     since: Instant,
     /// When the request analyzer accepted its head.
     head_at: Instant,
-    backend: usize,
-    server_idx: Option<usize>,
-    connected: Option<Instant>,
-    responded: Option<Instant>,
-    bytes_in: u64,
-    bytes_out: u64,
+    pub(super) backend: usize,
+    pub(super) server_idx: Option<usize>,
+    pub(super) connected: Option<Instant>,
+    pub(super) responded: Option<Instant>,
+    pub(super) bytes_in: u64,
+    pub(super) bytes_out: u64,
 }
 
 /// Routes, sends and answers one request; then waits for the next, or ends.
@@ -344,180 +327,6 @@ async fn exchange(
         server: keep_server.then_some(server),
         first: false,
     }
-}
-
-/// Sends the request (head, then body, in one write as far as the body is held) and reads the
-/// response head, on the kept server
-/// connection or a new one. A kept connection the server closed meanwhile (it may close an
-/// idle connection at any time) is replaced once, when the request had no body to replay.
-async fn send_request(
-    ctx: &Ctx<'_>,
-    client: &mut Conn,
-    reused: Option<ServerConn>,
-    head: &[u8],
-    x: &mut Exchange<'_>,
-) -> Result<(ServerConn, Response), Rejection> {
-    // A kept connection the server closed while it idled fails before any answer: a
-    // replayable request then goes again on a new connection. A timeout or any other failure
-    // is final: the server may have acted on the request.
-    let replayable = replayable(x.req);
-    let mut reused = reused;
-    loop {
-        let was_reused = reused.is_some();
-        let mut server = match reused.take() {
-            Some(s) => s,
-            None => connect_server(ctx, x.backend).await?,
-        };
-        x.server_idx = Some(server.server_idx);
-        x.connected = Some(Instant::now());
-        let server_idle = ctx.proxy.config.backends[x.backend].server_timeout;
-        let idle = (ctx.l.client_timeout, server_idle);
-        let max = ctx.proxy.config.limits.max_body_bytes;
-        let sent = forward_message(
-            client,
-            &mut server.conn.stream,
-            head.to_vec(),
-            x.req.body,
-            idle,
-            max,
-        )
-        .await;
-        let answer = match sent {
-            Ok(n) => {
-                x.bytes_in += n;
-                read_response(ctx, client, &mut server, x).await
-            }
-            Err(BodyError::Destination(_)) => Err(NoAnswer {
-                rejection: Rejection::new(502, "server failed while receiving the request"),
-                closed_early: true,
-            }),
-            Err(BodyError::Malformed(_)) => {
-                return Err(Rejection::new(400, "malformed chunked request body"))
-            }
-            Err(BodyError::TooLarge) => {
-                return Err(Rejection::new(413, "request body above limits.max_body_bytes"))
-            }
-            Err(BodyError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(Rejection::new(408, "request body stalled for timeouts.client"))
-            }
-            Err(BodyError::Source(_)) => {
-                return Err(Rejection::new(400, "client closed within the request body"))
-            }
-        };
-        match answer {
-            Ok(resp) => return Ok((server, resp)),
-            Err(no) if was_reused && replayable && no.closed_early => continue,
-            Err(no) => return Err(no.rejection),
-        }
-    }
-}
-
-/// A request that may go again on a new connection when its kept one failed before any
-/// answer: safe (RFC 9110 §9.2.1) and without a body.
-fn replayable(req: &Request) -> bool {
-    req.body == Body::None && ["GET", "HEAD", "OPTIONS", "TRACE"].contains(&req.method.as_str())
-}
-
-/// Why no response head came.
-struct NoAnswer {
-    rejection: Rejection,
-    /// The connection failed (closed, reset, refused the request) before the server sent a
-    /// byte: on a kept connection, most likely closed while it idled.
-    closed_early: bool,
-}
-
-impl From<Rejection> for NoAnswer {
-    fn from(rejection: Rejection) -> NoAnswer {
-        NoAnswer {
-            rejection,
-            closed_early: false,
-        }
-    }
-}
-
-/// Reads the final response head. Interim ones (1xx but 101) are passed on first, except to an
-/// HTTP/1.0 client, which cannot take them (RFC 9110 §15.2).
-async fn read_response(
-    ctx: &Ctx<'_>,
-    client: &mut Conn,
-    server: &mut ServerConn,
-    x: &mut Exchange<'_>,
-) -> Result<Response, NoAnswer> {
-    let limit = ctx.proxy.config.limits.max_header_bytes;
-    let deadline = Instant::now() + ctx.proxy.config.backends[x.backend].server_timeout;
-    let mut received = false;
-    loop {
-        if !server.conn.held.is_empty() {
-            if let Some(resp) = response::analyze(&server.conn.held, &x.req.method, limit)? {
-                server.conn.consume(resp.head_len);
-                x.responded.get_or_insert_with(Instant::now);
-                if !resp.is_interim() {
-                    return Ok(resp);
-                }
-                if x.req.version == crate::http::Version::Http11 {
-                    let head = rewrite::response_head(&resp, ctx.http, false);
-                    write_all(&mut client.stream, &head, ctx.l.client_timeout)
-                        .await
-                        .map_err(|_| Rejection::new(400, "client failed"))?;
-                    x.bytes_out += head.len() as u64;
-                }
-                continue;
-            }
-        }
-        let early = |why| NoAnswer {
-            rejection: Rejection::new(502, why),
-            closed_early: !received,
-        };
-        match server.conn.fill(deadline).await {
-            Ok(0) => return Err(early("server closed before a complete response head")),
-            Ok(_) => received = true,
-            Err(ReadError::Timeout) => {
-                return Err(Rejection::new(504, "no response head within timeouts.server").into())
-            }
-            Err(ReadError::Io(_)) => return Err(early("server connection failed")),
-        }
-    }
-}
-
-/// Picks a server of `backend` and connects to it.
-async fn connect_server(ctx: &Ctx<'_>, backend: usize) -> Result<ServerConn, Rejection> {
-    let state = &ctx.proxy.backends[backend];
-    let b = &ctx.proxy.config.backends[backend];
-    let Some(idx) = state.balancer.pick() else {
-        return Err(Rejection::new(503, "no server available"));
-    };
-    match connect(
-        &b.servers[idx],
-        b.connect_timeout,
-        ctx.l.nodelay,
-        ctx.proxy.kernel_rcvbuf(),
-    )
-    .await
-    {
-        Ok(stream) => {
-            state.servers[idx].connections.inc();
-            Ok(ServerConn {
-                conn: Conn::new(stream),
-                backend,
-                server_idx: idx,
-                idle_since: Instant::now(),
-                after_bodiless: false,
-            })
-        }
-        Err(e) => {
-            state.servers[idx].connect_errors.inc();
-            tracing::warn!(listener = %ctx.l.name, backend = %b.name, client = %ctx.peer, "connect failed: {e}");
-            Err(Rejection::new(502, "server connection failed"))
-        }
-    }
-}
-
-/// A kept server connection is usable while the server has neither closed it nor sent
-/// anything unasked (left-over bytes, say a body to a HEAD, would be read as the next answer).
-fn still_open(s: &ServerConn) -> bool {
-    s.conn.held.is_empty()
-        && matches!(sockopt::peek_nowait(s.conn.stream.as_fd(), &mut [0u8; 1]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Answers the client with the rejection's status and closes the connection.
