@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: lb on conf/demo.yaml in front of two small demo servers on loopback.
 //!
 //! The demo servers answer any request (an HTTP request from curl, or a line from nc) with a
-//! short HTTP/1.0 response naming themselves, so round robin is visible from the command line.
+//! short HTTP/1.0 response naming themselves, so round robin is visible from the command line,
+//! followed by the request they received (so HTTP mode's rewriting is visible too).
 use anyhow::{Context, Result};
 use std::{
     io::{Read, Write},
@@ -31,10 +32,13 @@ pub fn run() -> Result<()> {
         std::thread::spawn(move || serve(name, listener));
     }
     println!(
-        "\nlb demo: two demo servers on 127.0.0.1:9001 and :9002, lb on 127.0.0.1:8080.\n\
+        "\nlb demo: two demo servers on 127.0.0.1:9001 and :9002, lb on 127.0.0.1:8080 (TCP) and :8081 (HTTP).\n\
          Try, in another terminal:\n  \
          curl http://127.0.0.1:8080/          (run it twice: the servers alternate)\n  \
          echo hello | nc -q1 127.0.0.1 8080\n  \
+         curl http://127.0.0.1:8081/          (HTTP mode: the request the server got, X-Forwarded-For and X-Demo added)\n  \
+         curl http://127.0.0.1:8081/two/x     (routed to demo-2 only)\n  \
+         printf 'GET / HTTP/1.1\\r\\nHost: a\\r\\nHost: b\\r\\n\\r\\n' | nc -q1 127.0.0.1 8081   (400: refused before any server)\n  \
          curl http://127.0.0.1:8404/metrics   (lb_forwarded_bytes_total{{path=\"kernel\"}} grows)\n\
          Stop with Ctrl-C.\n"
     );
@@ -76,8 +80,9 @@ fn answer(name: &str, n: u64, mut s: TcpStream) -> std::io::Result<()> {
         }
     }
     let body = format!(
-        "hello from {name} (connection #{n} to it, {} request bytes)\n",
-        req.len()
+        "hello from {name} (connection #{n} to it, {} request bytes)\n--- what it received:\n{}",
+        req.len(),
+        String::from_utf8_lossy(&req)
     );
     write!(
         s,
