@@ -53,20 +53,12 @@ pub struct ResponseLabels {
     pub code: &'static str,
 }
 
-impl ResponseLabels {
-    pub fn new(listener: &str, status: u16) -> ResponseLabels {
-        let code = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        ResponseLabels {
-            listener: listener.to_string(),
-            code,
-        }
-    }
+/// The status classes of `lb_http_responses_total`, in [`status_class`] order.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The index of `status`'s class in [`STATUS_CLASSES`].
+pub fn status_class(status: u16) -> usize {
+    usize::from((status / 100).clamp(1, 5) - 1)
 }
 
 /// Every metric lb exports.

@@ -10,7 +10,7 @@ use crate::{
     balance::RoundRobin,
     bpf::{BpfError, Kernel},
     config::{Config, Forwarding},
-    metrics::{ListenerLabels, Metrics, PathLabels, ServerLabels},
+    metrics::{ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, STATUS_CLASSES},
     session,
 };
 
@@ -26,6 +26,9 @@ pub struct Proxy {
     pub user_bytes: Counter,
     /// Per listener of `config.listeners`: `lb_dropped_bytes_total{listener}`.
     pub dropped: Vec<Counter>,
+    /// Per listener, for `mode: http` ones: `lb_http_responses_total{listener,code}` by
+    /// [`crate::metrics::status_class`], held to avoid a label lookup per response.
+    pub http_responses: Vec<Option<[Counter; 5]>>,
 }
 
 impl Proxy {
@@ -144,6 +147,21 @@ pub async fn run(
             metrics.dropped_bytes.get_or_create(&labels).clone()
         })
         .collect();
+    let http_responses = config
+        .listeners
+        .iter()
+        .map(|l| {
+            l.http.as_ref().map(|_| {
+                STATUS_CLASSES.map(|code| {
+                    let labels = ResponseLabels {
+                        listener: l.name.clone(),
+                        code,
+                    };
+                    metrics.http_responses.get_or_create(&labels).clone()
+                })
+            })
+        })
+        .collect();
     let backends = config
         .backends
         .iter()
@@ -175,6 +193,7 @@ pub async fn run(
         metrics,
         user_bytes,
         dropped,
+        http_responses,
     });
 
     let stop_accepting = CancellationToken::new();

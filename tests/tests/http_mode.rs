@@ -233,6 +233,22 @@ async fn malformed_and_smuggling_requests_never_reach_the_backend() {
     )
     .await;
     assert_eq!(status_of(&ok), Some(200), "{}", String::from_utf8_lossy(&ok));
+    // lb's own answers are counted by class.
+    let m = lb.metrics();
+    let class = |code: &str| {
+        m.get(&format!(
+            "lb_http_responses_total{{listener=\"web\",code=\"{code}\"}}"
+        ))
+    };
+    let fives = REFUSED.iter().filter(|(_, status, _)| *status >= 500).count() as f64;
+    assert_eq!(class("5xx"), fives, "{}", m.text);
+    assert_eq!(
+        class("4xx"),
+        (REFUSED.len() + oversized.len()) as f64 - fives,
+        "{}",
+        m.text
+    );
+    assert_eq!(class("2xx"), 1.0, "{}", m.text);
 }
 
 #[tokio::test]

@@ -217,19 +217,7 @@ impl Validator<'_> {
                 );
             }
         }
-        let backend = match backends.get(&r.backend) {
-            Some(&i) => i,
-            None => {
-                self.error(
-                    &with(path, Step::Key("backend")),
-                    format!(
-                        "route names backend `{}`, which is not defined under `backends:`",
-                        r.backend
-                    ),
-                );
-                0
-            }
-        };
+        let backend = self.backend_named(path, backends, "route", &r.backend);
         Route {
             host,
             path_prefix: r.path_prefix.clone(),

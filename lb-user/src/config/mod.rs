@@ -211,6 +211,27 @@ impl Validator<'_> {
         });
     }
 
+    /// The index of the backend `name` that `who` (at `path`) refers to; on error records it
+    /// (at `path`'s `backend` key) and returns 0.
+    fn backend_named(
+        &mut self,
+        path: &[Step],
+        backends: &HashMap<String, usize>,
+        who: &str,
+        name: &str,
+    ) -> usize {
+        match backends.get(name) {
+            Some(&i) => i,
+            None => {
+                self.error(
+                    &with(path, Step::Key("backend")),
+                    format!("{who} names backend `{name}`, which is not defined under `backends:`"),
+                );
+                0
+            }
+        }
+    }
+
     /// Parses `IP:PORT`; on error records it and returns `None`.
     fn address(&mut self, path: &[Step], what: &str, text: &str) -> Option<SocketAddr> {
         let parsed = text.parse().ok();
@@ -330,19 +351,7 @@ impl Validator<'_> {
             }
         };
         let http = self.http_listener(path, &l, http, backends, defaults);
-        let backend = match backends.get(&l.backend) {
-            Some(&i) => i,
-            None => {
-                self.error(
-                    &with(path, Step::Key("backend")),
-                    format!(
-                        "listener `{}` names backend `{}`, which is not defined under `backends:`",
-                        l.name, l.backend
-                    ),
-                );
-                0
-            }
-        };
+        let backend = self.backend_named(path, backends, &format!("listener `{}`", l.name), &l.backend);
         let timeouts = l.timeouts.unwrap_or_default();
         if timeouts.connect.is_some() || timeouts.server.is_some() || timeouts.shutdown_grace.is_some() {
             self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client`, `http_request`, `http_keep_alive` and `tunnel` (connect and server belong to the backend, shutdown_grace to the top level)");

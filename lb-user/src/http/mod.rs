@@ -86,9 +86,16 @@ pub enum Version {
     Http11,
 }
 
-/// Every LF must end a CRLF and every CR start one (a CR at the very end may be waiting for
-/// its LF).
-pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
+/// Checks the line endings of what httparse `parsed` from `buf`: the head when it is complete
+/// (the body after it may hold anything), else everything so far. httparse takes a bare LF for
+/// a line ending; HTTP/1.1 does not (RFC 9112 §2.2 lets a recipient choose, and a server
+/// choosing otherwise would see other lines than lb). Every LF must end a CRLF and every CR
+/// start one (a CR at the very end may be waiting for its LF).
+pub(crate) fn check_line_endings(buf: &[u8], parsed: &httparse::Result<usize>) -> Result<(), &'static str> {
+    let head = match parsed {
+        Ok(httparse::Status::Complete(n)) => &buf[..*n],
+        _ => buf,
+    };
     for (i, &b) in head.iter().enumerate() {
         let ok = match b {
             b'\n' => i > 0 && head[i - 1] == b'\r',
@@ -100,6 +107,17 @@ pub(crate) fn check_line_endings(head: &[u8]) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// The fields httparse found, owned (the held buffer they point into is consumed after).
+pub(crate) fn owned_headers(fields: &[httparse::Header<'_>]) -> Vec<Header> {
+    fields
+        .iter()
+        .map(|h| Header {
+            name: h.name.to_string(),
+            value: h.value.to_vec(),
+        })
+        .collect()
 }
 
 /// Whether `b` is a `tchar` (RFC 9110 §5.6.2): the characters of methods, header names and

@@ -6,7 +6,7 @@
 //! still unfinished, 431 after). httparse parses the head with none of its leniency options;
 //! lb adds what httparse lets through: a bare LF as a line ending, non-ASCII bytes in the
 //! target, a target whose form does not fit the method, a missing or repeated Host.
-use super::{check_line_endings, framing, framing::Body, Header, Rejection, Version};
+use super::{check_line_endings, framing, framing::Body, owned_headers, Header, Rejection, Version};
 
 /// Most header fields in one head (HAProxy's `tune.http.maxhdr` is 101).
 pub const MAX_HEADERS: usize = 100;
@@ -48,13 +48,7 @@ pub fn analyze(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Rejection
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     let parsed = req.parse(buf);
-    // httparse takes a bare LF for a line ending; HTTP/1.1 does not (RFC 9112 §2.2 lets a
-    // recipient choose, and a server choosing otherwise would see other lines than lb).
-    let head = match parsed {
-        Ok(httparse::Status::Complete(n)) => &buf[..n],
-        _ => buf,
-    };
-    check_line_endings(head).map_err(|why| Rejection::new(400, why))?;
+    check_line_endings(buf, &parsed).map_err(|why| Rejection::new(400, why))?;
     let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
@@ -83,14 +77,7 @@ pub fn analyze(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Rejection
     } else {
         Version::Http11
     };
-    let headers: Vec<Header> = req
-        .headers
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_string(),
-            value: h.value.to_vec(),
-        })
-        .collect();
+    let headers = owned_headers(req.headers);
     let authority = check_target(method, target)?;
     let host = host(&headers, version)?;
     let body = framing::request_body(&headers, version, limits.max_body_bytes)?;
@@ -125,6 +112,10 @@ fn routing_path(target: &str) -> String {
         return String::new();
     };
     let path = path.split('?').next().unwrap_or("");
+    if !path.contains('%') && !path.contains("/.") {
+        // Nothing to normalize (the common case): one copy.
+        return path.to_string();
+    }
     remove_dot_segments(&decode_unreserved(path))
 }
 

@@ -1,7 +1,7 @@
 //! The response analyzer (HAProxy's `http_lb_resp`): decides whether the bytes a server sent
 //! form a complete, acceptable response head. The same strictness as for requests; what a
 //! server gets wrong is answered to the client with 502 instead of being passed on.
-use super::{check_line_endings, framing, framing::Body, Header, Rejection, Version};
+use super::{check_line_endings, framing, framing::Body, owned_headers, Header, Rejection, Version};
 
 /// Most header fields in one response head.
 pub const MAX_HEADERS: usize = 100;
@@ -32,11 +32,7 @@ pub fn analyze(buf: &[u8], method: &str, max_header_bytes: usize) -> Result<Opti
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut fields);
     let parsed = resp.parse(buf);
-    let head = match parsed {
-        Ok(httparse::Status::Complete(n)) => &buf[..n],
-        _ => buf,
-    };
-    check_line_endings(head).map_err(bad)?;
+    check_line_endings(buf, &parsed).map_err(bad)?;
     let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) if n <= max_header_bytes => n,
         Ok(httparse::Status::Partial) if buf.len() < max_header_bytes => return Ok(None),
@@ -50,14 +46,7 @@ pub fn analyze(buf: &[u8], method: &str, max_header_bytes: usize) -> Result<Opti
     if !(100..=599).contains(&status) {
         return Err(bad("status code out of range"));
     }
-    let headers: Vec<Header> = resp
-        .headers
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_string(),
-            value: h.value.to_vec(),
-        })
-        .collect();
+    let headers = owned_headers(resp.headers);
     let body = framing::response_body(&headers, status, method)?;
     Ok(Some(Response {
         version: if minor == 0 {

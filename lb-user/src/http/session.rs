@@ -9,6 +9,7 @@
 //! for the next request (keep-alive, pipelined requests in order), or, after an upgrade (101)
 //! or a CONNECT (2xx), the pair becomes a tunnel the caller hands to the kernel. Drawn in
 //! ../LIFECYCLE.md.
+use prometheus_client::metrics::counter::Counter;
 use std::{net::SocketAddr, time::Duration};
 use tokio::{net::TcpStream, time::Instant};
 
@@ -24,7 +25,7 @@ use super::{
 };
 use crate::{
     config::{Http, Listener},
-    metrics::ResponseLabels,
+    metrics::status_class,
     server::Proxy,
 };
 
@@ -87,12 +88,14 @@ pub(super) struct Ctx<'a> {
     pub(super) peer: SocketAddr,
     /// The client's address as the forwarding fields write it (formatted once per connection).
     client_ip: String,
+    /// `lb_http_responses_total` of this listener, by status class.
+    responses: &'a [Counter; 5],
 }
 
 /// Runs an HTTP client connection until it ends or becomes a tunnel.
 pub async fn run(proxy: &Proxy, listener: usize, stream: TcpStream, peer: SocketAddr) -> HttpEnd {
     let l = &proxy.config.listeners[listener];
-    let Some(http) = &l.http else {
+    let (Some(http), Some(responses)) = (&l.http, &proxy.http_responses[listener]) else {
         return HttpEnd::Closed("not an http listener");
     };
     let ctx = Ctx {
@@ -101,6 +104,7 @@ pub async fn run(proxy: &Proxy, listener: usize, stream: TcpStream, peer: Socket
         http,
         peer,
         client_ip: peer.ip().to_string(),
+        responses,
     };
     let mut state = State::Waiting {
         client: Conn::new(stream),
@@ -305,7 +309,16 @@ async fn exchange(
         }));
     }
     let idle = (server_idle, client_idle);
-    match forward_message(&mut server.conn, &mut client.stream, head, resp.body, idle, None).await {
+    match forward_message(
+        &mut server.conn,
+        &mut client.stream,
+        head.into(),
+        resp.body,
+        idle,
+        None,
+    )
+    .await
+    {
         Ok(n) => x.bytes_out += n,
         Err(e) => {
             // Once the head is out nothing else can tell the client: the connection is cut.
@@ -363,11 +376,7 @@ async fn refuse(ctx: &Ctx<'_>, mut client: Conn, x: Option<&Exchange<'_>>, r: Re
 }
 
 fn count(ctx: &Ctx<'_>, status: u16) {
-    ctx.proxy
-        .metrics
-        .http_responses
-        .get_or_create(&ResponseLabels::new(&ctx.l.name, status))
-        .inc();
+    ctx.responses[status_class(status)].inc();
 }
 
 fn body_fault(e: &BodyError) -> &'static str {

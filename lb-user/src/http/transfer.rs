@@ -1,7 +1,7 @@
 //! Moving HTTP messages between the two connections of a session: reading into a side's held
 //! buffer under a deadline, writing under an idle limit, and forwarding a body as its framing
 //! delimits it (the bytes after it stay held: they are the next pipelined message).
-use std::{io, time::Duration};
+use std::{borrow::Cow, io, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -97,12 +97,13 @@ pub enum BodyError {
 
 /// Sends `head`, then the body delimited by `body` from `src` (its held bytes first) to `dst`:
 /// the head and the body bytes already held leave in one write (one segment for a small
-/// message); when none is held, the head goes alone at once. Each read is allowed `src_idle`,
+/// message); when none is held, the head goes alone at once (a borrowed head is then never
+/// copied). Each read is allowed `src_idle`,
 /// each write `dst_idle`; `max`: the largest body accepted. Returns the body bytes forwarded.
 pub async fn forward_message(
     src: &mut Conn,
     dst: &mut TcpStream,
-    mut head: Vec<u8>,
+    mut head: Cow<'_, [u8]>,
     body: Body,
     (src_idle, dst_idle): (Duration, Duration),
     max: Option<u64>,
@@ -121,7 +122,7 @@ pub async fn forward_message(
                 write_all(dst, &head, dst_idle)
                     .await
                     .map_err(BodyError::Destination)?;
-                head = Vec::new();
+                head = Cow::Borrowed(&[]);
             }
             if left == 0 {
                 return Ok(sent);
@@ -140,13 +141,13 @@ pub async fn forward_message(
             let out = if head.is_empty() {
                 &src.held[..take]
             } else {
-                head.extend_from_slice(&src.held[..take]);
+                head.to_mut().extend_from_slice(&src.held[..take]);
                 &head[..]
             };
             write_all(dst, out, dst_idle)
                 .await
                 .map_err(BodyError::Destination)?;
-            head = Vec::new();
+            head = Cow::Borrowed(&[]);
             src.consume(take);
             sent += take as u64;
             if body != Body::UntilClose {
@@ -211,7 +212,15 @@ mod tests {
         writer.write_all(&input[held..]).await.unwrap();
         drop(writer);
         let idle = Duration::from_secs(5);
-        let r = forward_message(&mut src, &mut dst, b"HEAD".to_vec(), body, (idle, idle), max).await;
+        let r = forward_message(
+            &mut src,
+            &mut dst,
+            Cow::Borrowed(&b"HEAD"[..]),
+            body,
+            (idle, idle),
+            max,
+        )
+        .await;
         drop(dst);
         let mut got = Vec::new();
         out.read_to_end(&mut got).await.unwrap();
@@ -244,7 +253,7 @@ mod tests {
             forward_message(
                 &mut src,
                 &mut dst,
-                Vec::new(),
+                Cow::Borrowed(&[]),
                 Body::Length(0),
                 (idle, idle),
                 None,

@@ -61,7 +61,7 @@ pub(super) async fn send_request(
         let sent = forward_message(
             client,
             &mut server.conn.stream,
-            head.to_vec(),
+            head.into(),
             x.req.body,
             idle,
             max,

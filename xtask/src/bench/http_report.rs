@@ -1,6 +1,9 @@
 //! The markdown of `bench http` (docs/benchmarks-http.md): a table per test, the targets, and
 //! every run's values. Every number is measured, a median of measured values, or a ratio of two.
-use super::http::{Results, Sample, Setup, Test};
+use super::{
+    http::{Results, Sample, Setup, Test},
+    report::{num, ratio, times},
+};
 use std::fmt::Write;
 
 /// What the benchmark ran on and how.
@@ -24,21 +27,6 @@ fn p99(s: &Sample) -> Option<f64> {
 }
 fn cpu(s: &Sample) -> Option<f64> {
     s.proxy_cpu
-}
-
-fn num(v: Option<f64>, decimals: usize) -> String {
-    v.map_or("–".into(), |v| format!("{v:.decimals$}"))
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    }
-}
-
-fn times(v: Option<f64>) -> String {
-    v.map_or("–".into(), |v| format!("{v:.2}×"))
 }
 
 pub fn markdown(meta: &Meta, results: &Results) -> String {

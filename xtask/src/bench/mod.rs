@@ -65,13 +65,8 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
     };
     if what == "idle" {
         let report = idle::measure(&env, connections)?;
-        let date = first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
-        let text = report.markdown(&lb_version, &date);
-        println!("{text}");
-        let path = crate::root().join("docs").join("benchmarks-idle.md");
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("xtask bench: wrote {}", path.display());
-        return Ok(());
+        let text = report.markdown(&lb_version, &utc_now());
+        return write_report("benchmarks-idle.md", &text);
     }
     if what == "http" {
         return http_bench(&env, runs, seconds, lb_version);
@@ -92,29 +87,18 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
     let conn = phases::connection_rate(&env, runs, seconds)?;
 
     let meta = report::Meta {
-        date: first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        date: utc_now(),
         kernel: first_line(Command::new("uname").arg("-r")),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus: cpus(),
         iperf3: first_line(Command::new("iperf3").arg("--version")),
-        // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/": drop the URL.
-        haproxy: first_line(Command::new("haproxy").arg("-v"))
-            .split(" - ")
-            .next()
-            .unwrap_or("HAProxy")
-            .to_string(),
+        haproxy: haproxy_version(),
         lb_version,
         runs,
         seconds,
         minutes: started.elapsed().as_secs_f64() / 60.0,
     };
     let text = report::markdown(&meta, &report::Results { throughput, conn });
-    println!("{text}");
-    let docs = crate::root().join("docs");
-    std::fs::create_dir_all(&docs).with_context(|| format!("creating {}", docs.display()))?;
-    let path = docs.join("benchmarks.md");
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("xtask bench: wrote {}", path.display());
-    Ok(())
+    write_report("benchmarks.md", &text)
 }
 
 /// `bench http`: every run, the report, docs/benchmarks-http.md.
@@ -128,31 +112,23 @@ fn http_bench(env: &Env, runs: usize, seconds: u32, lb_version: String) -> Resul
     );
     let results = http::measure_all(env, runs, seconds)?;
     let meta = http_report::Meta {
-        date: first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        date: utc_now(),
         kernel: first_line(Command::new("uname").arg("-r")),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus: cpus(),
         // wrk prints its version with its usage, and exits 1.
         wrk: first_line(Command::new("wrk").arg("--version"))
             .split(" [")
             .next()
             .unwrap_or("wrk")
             .to_string(),
-        haproxy: first_line(Command::new("haproxy").arg("-v"))
-            .split(" - ")
-            .next()
-            .unwrap_or("HAProxy")
-            .to_string(),
+        haproxy: haproxy_version(),
         lb_version,
         runs,
         seconds,
         minutes: started.elapsed().as_secs_f64() / 60.0,
     };
     let text = http_report::markdown(&meta, &results);
-    println!("{text}");
-    let path = crate::root().join("docs").join("benchmarks-http.md");
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("xtask bench: wrote {}", path.display());
-    Ok(())
+    write_report("benchmarks-http.md", &text)
 }
 
 /// Installs iperf3, HAProxy and wrk from Debian when missing.
@@ -202,6 +178,35 @@ fn lb_version() -> String {
 }
 
 /// The first line a command prints, or "unknown" (for the report header only).
+/// Prints a report and writes it to docs/`file`.
+fn write_report(file: &str, text: &str) -> Result<()> {
+    println!("{text}");
+    let docs = crate::root().join("docs");
+    std::fs::create_dir_all(&docs).with_context(|| format!("creating {}", docs.display()))?;
+    let path = docs.join(file);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("xtask bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// The date and time for a report's header.
+fn utc_now() -> String {
+    first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/", without the URL.
+fn haproxy_version() -> String {
+    first_line(Command::new("haproxy").arg("-v"))
+        .split(" - ")
+        .next()
+        .unwrap_or("HAProxy")
+        .to_string()
+}
+
 fn first_line(cmd: &mut Command) -> String {
     cmd.output()
         .ok()

@@ -52,18 +52,18 @@ fn conn_cpu_us(s: &connrate::Sample) -> Option<f64> {
     Some(s.machine_cpu_us)
 }
 
-fn num(value: Option<f64>, decimals: usize) -> String {
+pub(super) fn num(value: Option<f64>, decimals: usize) -> String {
     value.map_or("–".to_string(), |v| format!("{v:.decimals$}"))
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+pub(super) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     }
 }
 
-fn times(value: Option<f64>) -> String {
+pub(super) fn times(value: Option<f64>) -> String {
     value.map_or("–".to_string(), |v| format!("{v:.2}×"))
 }
 

@@ -16,6 +16,12 @@ fn http(forwarded: Forwarded, request_rules: Vec<HeaderRule>) -> Http {
     }
 }
 
+const NONE: Forwarded = Forwarded {
+    x_forwarded_for: false,
+    x_forwarded_proto: false,
+    forwarded: false,
+};
+
 const ALL: Forwarded = Forwarded {
     x_forwarded_for: true,
     x_forwarded_proto: true,
@@ -48,12 +54,7 @@ fn hop_by_hop_fields_are_dropped_and_forwarding_fields_added() {
 fn an_upgrade_keeps_its_fields() {
     let r = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n");
     assert!(is_upgrade(&r));
-    let none = Forwarded {
-        x_forwarded_for: false,
-        x_forwarded_proto: false,
-        forwarded: false,
-    };
-    let head = text(request_head(&r, &http(none, vec![]), "::1", true, false));
+    let head = text(request_head(&r, &http(NONE, vec![]), "::1", true, false));
     assert_eq!(head, "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\nConnection: upgrade\r\n\r\n");
 }
 
@@ -111,12 +112,7 @@ fn response_heads() {
 fn connection_cannot_drop_framing_or_host() {
     // Dropping Content-Length here would turn the body into a request the server reads unseen.
     let r = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nConnection: Content-Length, Host, Transfer-Encoding, X-Gone\r\nX-Gone: 1\r\n\r\n");
-    let none = Forwarded {
-        x_forwarded_for: false,
-        x_forwarded_proto: false,
-        forwarded: false,
-    };
-    let head = text(request_head(&r, &http(none, vec![]), "192.0.2.1", false, false));
+    let head = text(request_head(&r, &http(NONE, vec![]), "192.0.2.1", false, false));
     assert_eq!(head, "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n");
 }
 
@@ -124,11 +120,6 @@ fn connection_cannot_drop_framing_or_host() {
 fn an_h2c_upgrade_is_not_tunneled() {
     let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n");
     assert!(!is_upgrade(&r));
-    let none = Forwarded {
-        x_forwarded_for: false,
-        x_forwarded_proto: false,
-        forwarded: false,
-    };
-    let head = text(request_head(&r, &http(none, vec![]), "192.0.2.1", false, false));
+    let head = text(request_head(&r, &http(NONE, vec![]), "192.0.2.1", false, false));
     assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
 }
