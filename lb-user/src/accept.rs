@@ -2,9 +2,12 @@
 //! by the listener"): binds a listener with its socket options, which the kernel copies to
 //! every socket it accepts, and completes each accepted connection's set-up before the session
 //! supervisor takes it over.
-use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use std::{io, net::SocketAddr, os::fd::AsFd};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    net::TcpStream,
+};
 
 use crate::{config::Listener, sockopt};
 
@@ -18,7 +21,7 @@ use crate::{config::Listener, sockopt};
 /// before the handshake, while the window is the initial one: shrinking the buffer of a socket
 /// that already advertised a larger window, at the hand-off to the kernel, duplicated bytes
 /// (the segments the old window let in overflow the buffer while the program holds).
-pub fn bind(listener: &Listener, rcvbuf: Option<u32>) -> io::Result<TcpListener> {
+pub fn bind(listener: &Listener, rcvbuf: Option<u32>) -> io::Result<Listening> {
     let socket = Socket::new(
         Domain::for_address(listener.bind),
         Type::STREAM,
@@ -45,7 +48,37 @@ pub fn bind(listener: &Listener, rcvbuf: Option<u32>) -> io::Result<TcpListener>
     }
     socket.bind(&listener.bind.into())?;
     socket.listen(listener.backlog.min(i32::MAX as u32) as i32)?;
-    TcpListener::from_std(socket.into())
+    let socket: std::net::TcpListener = socket.into();
+    // SAFETY: the listener owns its fd, which stays open and the same while the AsyncFd owns it.
+    let registered = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
+    Ok(Listening(registered))
+}
+
+/// A bound listening socket, registered with the runtime that runs its accept loop.
+///
+/// Not tokio's `TcpListener`: that registers each accepted socket with the accepting runtime,
+/// while a session runs on a worker of its own ([`crate::workers`]), whose runtime must own the
+/// socket; moving it would cost two more epoll_ctl calls per connection.
+pub struct Listening(AsyncFd<std::net::TcpListener>);
+
+impl Listening {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+
+    /// Waits for the next connection: a non-blocking socket registered with no runtime yet.
+    pub async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        let (socket, peer) = self
+            .0
+            .async_io(Interest::READABLE, |l| {
+                SockRef::from(l).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            })
+            .await?;
+        let peer = peer
+            .as_socket()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer"))?;
+        Ok((socket.into(), peer))
+    }
 }
 
 /// An accepted client connection, configured.
@@ -56,9 +89,11 @@ pub struct Accepted {
     pub original_dst: Option<SocketAddr>,
 }
 
-/// Completes an accepted connection's set-up: the socket flags came from the listener
-/// ([`bind`]); what is left is the original destination of a transparent listener.
-pub fn configure(listener: &Listener, stream: TcpStream, peer: SocketAddr) -> io::Result<Accepted> {
+/// Completes an accepted connection's set-up on the runtime that will run its session: registers
+/// the socket with that runtime (so it must be called there) and, the socket flags having come
+/// from the listener ([`bind`]), looks up the original destination of a transparent listener.
+pub fn configure(listener: &Listener, stream: std::net::TcpStream, peer: SocketAddr) -> io::Result<Accepted> {
+    let stream = TcpStream::from_std(stream)?;
     let original_dst = if listener.transparent {
         sockopt::original_dst(stream.as_fd(), stream.local_addr()?)
     } else {
@@ -75,7 +110,6 @@ pub fn configure(listener: &Listener, stream: TcpStream, peer: SocketAddr) -> io
 mod tests {
     use super::*;
     use crate::config::Keepalive;
-    use socket2::SockRef;
     use std::time::Duration;
 
     fn listener(keepalive: Option<Keepalive>, nodelay: bool) -> Listener {

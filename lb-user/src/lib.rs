@@ -19,3 +19,4 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod sockopt;
+pub mod workers;

@@ -94,7 +94,12 @@ fn main() -> ExitCode {
 fn run(path: PathBuf, forwarding: Option<Forwarding>) -> anyhow::Result<()> {
     let config = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let forwarding = forwarding.unwrap_or(config.forwarding);
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // The main runtime runs the accept loops, the admin endpoint and the kernel's event readers;
+    // sessions run on the workers that `server::run` starts (`tune.threads`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async {
         let mut signals = lb::shutdown::Signals::install().context("installing SIGTERM/SIGINT handlers")?;
         let stop = async move {

@@ -1,5 +1,6 @@
-//! Wiring: loads the forwarding path, binds the listeners and the admin endpoint, runs an accept
-//! loop per listener that hands each connection to a session supervisor, and stops gracefully.
+//! Wiring: loads the forwarding path, binds the listeners and the admin endpoint, starts the
+//! session workers, runs an accept loop per listener that hands each connection to a session
+//! supervisor on a worker, and stops gracefully.
 use prometheus_client::metrics::counter::Counter;
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::Semaphore};
@@ -12,6 +13,7 @@ use crate::{
     config::{Config, Forwarding},
     metrics::{ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, STATUS_CLASSES},
     session,
+    workers::Workers,
 };
 
 /// Everything sessions share.
@@ -102,6 +104,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start {threads} session thread(s): {source}")]
+    Workers { threads: usize, source: std::io::Error },
 }
 
 /// Runs lb until `stop` resolves, then stops accepting, lets flows finish for
@@ -186,6 +190,12 @@ pub async fn run(
         None => None,
     };
     let grace = config.shutdown_grace;
+    let workers = Arc::new(
+        Workers::start(config.threads).map_err(|source| StartError::Workers {
+            threads: config.threads,
+            source,
+        })?,
+    );
     let proxy = Arc::new(Proxy {
         config,
         backends,
@@ -215,6 +225,7 @@ pub async fn run(
             proxy.clone(),
             i,
             socket,
+            workers.clone(),
             stop_accepting.clone(),
             abort.clone(),
             sessions.clone(),
@@ -225,7 +236,7 @@ pub async fn run(
         tracing::info!("admin endpoint listening on {local}");
         tokio::spawn(admin::serve(socket, proxy.clone(), stop_admin.clone()));
     }
-    tracing::info!("lb ready");
+    tracing::info!("lb ready ({} session thread(s))", workers.len());
 
     stop.await;
     stop_accepting.cancel();
@@ -242,6 +253,10 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
     }
     stop_admin.cancel();
+    // The acceptors are gone and the sessions ended: nothing else holds the workers.
+    if let Some(workers) = Arc::into_inner(workers) {
+        workers.stop();
+    }
     tracing::info!("lb stopped");
     Ok(())
 }
@@ -277,11 +292,13 @@ fn raise_fd_limit(config: &Config) {
     }
 }
 
-/// Accepts connections while below the listener's maxconn and spawns a session for each.
+/// Accepts connections while below the listener's maxconn and spawns a session for each on the
+/// next worker.
 async fn accept_loop(
     proxy: Arc<Proxy>,
     index: usize,
-    socket: TcpListener,
+    socket: accept::Listening,
+    workers: Arc<Workers>,
     stop: CancellationToken,
     abort: CancellationToken,
     sessions: TaskTracker,
@@ -314,22 +331,24 @@ async fn accept_loop(
             },
         };
         total.inc();
-        let accepted = match accept::configure(l, stream, peer) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(listener = %l.name, client = %peer, "cannot configure accepted socket: {e}");
-                continue;
-            }
-        };
-        active.inc();
         let (proxy, active, abort) = (proxy.clone(), active.clone(), abort.clone());
-        sessions.spawn(async move {
+        let session = async move {
+            let l = &proxy.config.listeners[index];
+            let accepted = match accept::configure(l, stream, peer) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(listener = %l.name, client = %peer, "cannot configure accepted socket: {e}");
+                    return;
+                }
+            };
+            active.inc();
             tokio::select! {
                 _ = session::run(proxy, index, accepted) => {}
                 _ = abort.cancelled() => {}
             }
             active.dec();
             drop(permit);
-        });
+        };
+        sessions.spawn_on(session, workers.next());
     }
 }

@@ -38,6 +38,8 @@ pub struct Config {
     pub kernel_rcvbuf: Option<u32>,
     /// `flow_control.max_in_flight`: the per-direction brake of kernel flows, in bytes.
     pub max_in_flight: u32,
+    /// `tune.threads`: how many session workers run ([`crate::workers`]).
+    pub threads: usize,
     /// `limits:`, bounds on HTTP messages.
     pub limits: crate::http::request::Limits,
     pub listeners: Vec<Listener>,
@@ -106,6 +108,7 @@ const KEEPALIVE_TIME_MAX: Duration = Duration::from_secs(32767);
 const DEFAULT_MAXCONN: u32 = 4096;
 const DEFAULT_KERNEL_SNDBUF: u64 = 8 << 20;
 const DEFAULT_KERNEL_RCVBUF: u64 = 1 << 20;
+const MAX_THREADS: u32 = 1024;
 /// Chosen by measurement (docs/benchmarks.md): short flows stay in userspace, where they cost
 /// less than the kernel path's set-up, and bulk flows still move almost all their bytes in the
 /// kernel.
@@ -278,6 +281,17 @@ impl Validator<'_> {
             self.socket_buffer("kernel_sndbuf", raw.tune.kernel_sndbuf, DEFAULT_KERNEL_SNDBUF);
         let kernel_rcvbuf =
             self.socket_buffer("kernel_rcvbuf", raw.tune.kernel_rcvbuf, DEFAULT_KERNEL_RCVBUF);
+        let threads = match raw.tune.threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(n @ 1..=MAX_THREADS) => n as usize,
+            Some(_) => {
+                self.error(
+                    &[Step::Key("tune"), Step::Key("threads")],
+                    format!("tune.threads must be between 1 and {MAX_THREADS}"),
+                );
+                1
+            }
+        };
         let max_in_flight = raw
             .flow_control
             .max_in_flight
@@ -323,6 +337,7 @@ impl Validator<'_> {
             kernel_sndbuf,
             kernel_rcvbuf,
             max_in_flight: max_in_flight.clamp(MIN_MAX_IN_FLIGHT, MAX_MAX_IN_FLIGHT) as u32,
+            threads,
             limits,
             listeners,
             backends,
@@ -613,6 +628,26 @@ mod tests {
         assert_eq!(c.kernel_sndbuf, Some(2 << 20));
         let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 0 }}\n{GOOD}")).unwrap();
         assert_eq!(c.kernel_sndbuf, None);
+    }
+
+    #[test]
+    fn threads_default_to_the_cpus_and_are_bounded() {
+        let c = parse("t.yaml", GOOD).unwrap();
+        assert_eq!(c.threads, std::thread::available_parallelism().unwrap().get());
+        let c = parse("t.yaml", &format!("tune: {{ threads: 3 }}\n{GOOD}")).unwrap();
+        assert_eq!(c.threads, 3);
+        for bad in ["0", "1025"] {
+            let e = parse("t.yaml", &format!("tune: {{ threads: {bad} }}\n{GOOD}"))
+                .unwrap_err()
+                .0;
+            assert_eq!(e.len(), 1);
+            assert!(
+                e[0].to_string()
+                    .starts_with("t.yaml:1:18: tune.threads must be between 1 and 1024"),
+                "{}",
+                e[0]
+            );
+        }
     }
 
     #[test]

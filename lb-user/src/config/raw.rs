@@ -89,6 +89,10 @@ pub struct RawTune {
     /// while kernel forwarding is on.
     #[serde(default)]
     pub kernel_rcvbuf: Option<bytesize::ByteSize>,
+    /// Threads that run sessions (HAProxy's `nbthread`), `1` to `1024`; each connection stays
+    /// on one thread from accept to close (default: one per CPU lb may run on).
+    #[serde(default)]
+    pub threads: Option<u32>,
 }
 
 /// `flow_control:`
