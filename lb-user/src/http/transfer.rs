@@ -1,11 +1,11 @@
 //! Moving HTTP messages between the two connections of a session: reading into a side's held
 //! buffer under a deadline, writing under an idle limit, and forwarding a body as its framing
 //! delimits it (the bytes after it stay held: they are the next pipelined message).
-use std::{borrow::Cow, io, time::Duration};
+use std::{borrow::Cow, io, pin::Pin, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    time::Instant,
+    time::{Instant, Sleep},
 };
 
 use super::{
@@ -25,7 +25,12 @@ pub struct Conn {
     pub held: Vec<u8>,
     /// Room to make before the next read: doubles (to [`READ_MAX`]) each time a read fills it.
     want: usize,
+    /// The read deadline's timer, armed lazily (see [`Conn::fill`]).
+    timer: Pin<Box<Sleep>>,
 }
+
+/// A deadline no read waits for: where a new connection's timer starts.
+const UNARMED: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Conn {
     pub fn new(stream: TcpStream) -> Conn {
@@ -33,23 +38,47 @@ impl Conn {
             stream,
             held: Vec::new(),
             want: READ_FIRST,
+            timer: Box::pin(tokio::time::sleep(UNARMED)),
         }
     }
 
     /// Reads more bytes into `held`; `Ok(0)` at end of stream.
+    ///
+    /// The timer is moved only when it must fire sooner than it is set to; when it fires before
+    /// `deadline` (set for an earlier read), it is set again. So a kept-alive connection moves its
+    /// timer about once per timeout period instead of once per read, and never arms one sooner
+    /// than all others at every request: tokio then wakes its poller with a syscall (measured:
+    /// 0.19 eventfd writes per request with a 10 s keep-alive wait after a 60 s server wait).
     pub async fn fill(&mut self, deadline: Instant) -> Result<usize, ReadError> {
         self.held.reserve(self.want);
         let room = self.held.capacity() - self.held.len();
-        match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.held)).await {
-            Ok(Ok(n)) => {
-                if n == room {
-                    self.want = (self.want * 2).min(READ_MAX);
-                }
-                Ok(n)
-            }
-            Ok(Err(e)) => Err(ReadError::Io(e)),
-            Err(_) => Err(ReadError::Timeout),
+        let Conn {
+            stream,
+            held,
+            timer,
+            ..
+        } = self;
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
         }
+        let read = stream.read_buf(held);
+        tokio::pin!(read);
+        let n = loop {
+            tokio::select! {
+                biased;
+                r = &mut read => break r.map_err(ReadError::Io)?,
+                () = timer.as_mut() => {
+                    if Instant::now() >= deadline {
+                        return Err(ReadError::Timeout);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
+        };
+        if n == room {
+            self.want = (self.want * 2).min(READ_MAX);
+        }
+        Ok(n)
     }
 
     /// Drops the first `n` held bytes (a head or body part that was consumed).
@@ -227,6 +256,47 @@ mod tests {
         assert!(got.starts_with(b"HEAD"), "the head did not go first");
         got.drain(..4);
         (r, got, src.held)
+    }
+
+    /// Paused time: each wait below ends at a timer's deadline, exactly (to tokio's millisecond).
+    fn near(a: Duration, b: Duration) -> bool {
+        a.abs_diff(b) <= Duration::from_millis(2)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_read_times_out_at_its_own_deadline_wherever_the_lazy_timer_was() {
+        let (mut writer, reader) = pair().await;
+        let mut c = Conn::new(reader);
+        let t0 = Instant::now();
+        // Answered after 1 s, under a 10 s deadline: the timer stays set to t0 + 10 s.
+        let w = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            writer.write_all(b"a").await.unwrap();
+            writer
+        });
+        assert_eq!(c.fill(t0 + Duration::from_secs(10)).await.unwrap(), 1);
+        let mut writer = w.await.unwrap();
+        // A later deadline: the timer fires first, at t0 + 10 s, and is set again; a byte
+        // arriving after that, before the deadline, is read, not reported as a timeout.
+        let w = tokio::spawn(async move {
+            tokio::time::sleep_until(t0 + Duration::from_millis(10_500)).await;
+            writer.write_all(b"b").await.unwrap();
+            writer
+        });
+        assert_eq!(c.fill(t0 + Duration::from_secs(11)).await.unwrap(), 1);
+        assert!(near(t0.elapsed(), Duration::from_millis(10_500)), "{:?}", t0.elapsed());
+        let _writer = w.await.unwrap();
+        // Nothing more comes: the read fails at its deadline, past the timer's last setting...
+        let t1 = Instant::now();
+        let r = c.fill(t1 + Duration::from_secs(30)).await;
+        assert!(matches!(r, Err(ReadError::Timeout)));
+        assert!(near(t1.elapsed(), Duration::from_secs(30)), "{:?}", t1.elapsed());
+        // ...and at a deadline sooner than the timer's setting too.
+        c.timer.as_mut().reset(Instant::now() + Duration::from_secs(60));
+        let t2 = Instant::now();
+        let r = c.fill(t2 + Duration::from_secs(5)).await;
+        assert!(matches!(r, Err(ReadError::Timeout)));
+        assert!(near(t2.elapsed(), Duration::from_secs(5)), "{:?}", t2.elapsed());
     }
 
     #[tokio::test]
