@@ -253,7 +253,8 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
     }
     stop_admin.cancel();
-    // The acceptors are gone and the sessions ended: nothing else holds the workers.
+    // The acceptors are gone and the sessions ended or were aborted (what is left, stuck past
+    // the bound above, is dropped with its worker's runtime): nothing else holds the workers.
     if let Some(workers) = Arc::into_inner(workers) {
         workers.stop();
     }
@@ -283,6 +284,9 @@ fn raise_fd_limit(config: &Config) {
         .iter()
         .map(|l| 2 * u64::from(l.maxconn))
         .sum::<u64>()
+        // The session workers' pollers (an epoll fd and an eventfd each, and a spare), and a
+        // margin for the listeners, the admin endpoint and BPF.
+        + 3 * config.threads as u64
         + 64;
     if lim.rlim_cur < needed {
         tracing::warn!(

@@ -59,7 +59,8 @@ impl Workers {
     }
 
     /// Stops every worker, cancelling the sessions they still run, and waits for their threads.
-    /// Blocks: call it outside async code or once nothing is left to wait for.
+    /// Blocks while the threads drop what they still run: call it once the sessions ended or
+    /// were aborted.
     pub fn stop(mut self) {
         for w in &mut self.workers {
             w.signal_stop();
@@ -74,16 +75,29 @@ impl Workers {
 
 impl Worker {
     fn start(index: usize) -> io::Result<Self> {
-        let rt = runtime::Builder::new_current_thread().enable_all().build()?;
-        let handle = rt.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (ready, started) = std::sync::mpsc::sync_channel(1);
+        // The runtime is built in its thread: built here, it would be dropped here when the
+        // thread cannot start, and tokio panics when a runtime is dropped inside another one's
+        // `block_on` (where `server::run` starts the workers).
         let thread = std::thread::Builder::new()
             .name(format!("lb-worker-{index}"))
             .spawn(move || {
+                let rt = match runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(rt.handle().clone()));
                 // Runs the spawned sessions until told to stop (or until `Workers` is gone);
                 // dropping the runtime then cancels what is left.
                 let _ = rt.block_on(stopped);
             })?;
+        let handle = started
+            .recv()
+            .map_err(|_| io::Error::other("the thread ended before its runtime started"))??;
         Ok(Self {
             handle,
             stop: Some(stop),

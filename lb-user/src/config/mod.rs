@@ -282,7 +282,9 @@ impl Validator<'_> {
         let kernel_rcvbuf =
             self.socket_buffer("kernel_rcvbuf", raw.tune.kernel_rcvbuf, DEFAULT_KERNEL_RCVBUF);
         let threads = match raw.tune.threads {
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_THREADS as usize),
             Some(n @ 1..=MAX_THREADS) => n as usize,
             Some(_) => {
                 self.error(

@@ -53,10 +53,7 @@ impl Conn {
         self.held.reserve(self.want);
         let room = self.held.capacity() - self.held.len();
         let Conn {
-            stream,
-            held,
-            timer,
-            ..
+            stream, held, timer, ..
         } = self;
         if timer.deadline() > deadline {
             timer.as_mut().reset(deadline);
@@ -284,7 +281,11 @@ mod tests {
             writer
         });
         assert_eq!(c.fill(t0 + Duration::from_secs(11)).await.unwrap(), 1);
-        assert!(near(t0.elapsed(), Duration::from_millis(10_500)), "{:?}", t0.elapsed());
+        assert!(
+            near(t0.elapsed(), Duration::from_millis(10_500)),
+            "{:?}",
+            t0.elapsed()
+        );
         let _writer = w.await.unwrap();
         // Nothing more comes: the read fails at its deadline, past the timer's last setting...
         let t1 = Instant::now();
