@@ -556,6 +556,18 @@ fn with(path: &[Step], step: Step) -> Vec<Step> {
 mod tests {
     use super::*;
 
+    /// The one error `src` has, as printed.
+    fn only_error(src: &str) -> String {
+        let e = parse("t.yaml", src).unwrap_err().0;
+        assert_eq!(
+            e.len(),
+            1,
+            "{}",
+            e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+        );
+        e[0].to_string()
+    }
+
     const GOOD: &str = "listeners:\n  - name: web\n    bind: 127.0.0.1:8080\n    backend: app\nbackends:\n  - name: app\n    servers:\n      - { name: s1, address: 127.0.0.1:9001, weight: 3 }\n";
 
     #[test]
@@ -612,15 +624,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.max_in_flight, 1 << 20);
-        let e = parse("t.yaml", &format!("flow_control:\n  max_in_flight: 4KiB\n{GOOD}"))
-            .unwrap_err()
-            .0;
-        assert_eq!(e.len(), 1);
+        let e = only_error(&format!("flow_control:\n  max_in_flight: 4KiB\n{GOOD}"));
         assert!(
-            e[0].to_string()
-                .starts_with("t.yaml:2:18: flow_control.max_in_flight must be between"),
-            "{}",
-            e[0]
+            e.starts_with("t.yaml:2:18: flow_control.max_in_flight must be between"),
+            "{e}"
         );
     }
 
@@ -639,15 +646,10 @@ mod tests {
         let c = parse("t.yaml", &format!("tune: {{ threads: 3 }}\n{GOOD}")).unwrap();
         assert_eq!(c.threads, 3);
         for bad in ["0", "1025"] {
-            let e = parse("t.yaml", &format!("tune: {{ threads: {bad} }}\n{GOOD}"))
-                .unwrap_err()
-                .0;
-            assert_eq!(e.len(), 1);
+            let e = only_error(&format!("tune: {{ threads: {bad} }}\n{GOOD}"));
             assert!(
-                e[0].to_string()
-                    .starts_with("t.yaml:1:18: tune.threads must be between 1 and 1024"),
-                "{}",
-                e[0]
+                e.starts_with("t.yaml:1:18: tune.threads must be between 1 and 1024"),
+                "{e}"
             );
         }
     }
