@@ -49,8 +49,14 @@ impl Path {
 
     /// Checks the bytes went where they should: by the kernel (the daemon copying only what the
     /// program held back), or all in userspace.
-    pub fn assert_bytes_path(self, lb: &Lb, at_least: u64) {
-        let m = lb.metrics();
+    pub async fn assert_bytes_path(self, lb: &Lb, at_least: u64) {
+        // A copy loop counts a chunk after writing it, and a kernel flow's bytes are counted as
+        // it ends: the peer can have the last bytes before lb has counted them.
+        let m = lb
+            .wait_for("every forwarded byte counted", |m| {
+                m.kernel_bytes() + m.user_bytes() >= at_least as f64
+            })
+            .await;
         let (kernel, user) = (m.kernel_bytes(), m.user_bytes());
         match self {
             Path::Kernel => {
@@ -143,7 +149,7 @@ pub async fn big_transfer(path: Path) {
         }],
     )
     .await;
-    path.assert_bytes_path(&lb, 2 * SIZE);
+    path.assert_bytes_path(&lb, 2 * SIZE).await;
 }
 
 /// 200 concurrent flows of random sizes (1 B to 8 MiB, log-uniform, each way), all intact.
@@ -160,13 +166,16 @@ pub async fn many_flows(path: Path) {
     let total: u64 = specs.iter().map(|s| s.up + s.down).sum();
     let lb = run_flows(path, specs).await;
     match path {
-        Path::User => path.assert_bytes_path(&lb, total),
+        Path::User => path.assert_bytes_path(&lb, total).await,
         // Flows whose client sent everything and its FIN before lb inserted the sockets stay
-        // in userspace (the kernel refuses a socket that is no longer ESTABLISHED); how many
+        // in userspace (the kernel refuses a socket that is no longer ESTABLISHED).await; how many
         // depends on timing, so only the sum and the use of both paths' counters is checked.
         Path::Kernel => {
-            let m = lb.metrics();
-            assert!(m.kernel_bytes() + m.user_bytes() >= total as f64, "{}", m.text);
+            let m = lb
+                .wait_for("every forwarded byte counted", |m| {
+                    m.kernel_bytes() + m.user_bytes() >= total as f64
+                })
+                .await;
             assert!(m.kernel_bytes() > 0.0, "{}", m.text);
         }
     }
@@ -194,7 +203,7 @@ pub async fn early_bytes_do_not_stall(path: Path) {
         }
     }
     // Each byte went out and came back: two passes through lb per byte.
-    path.assert_bytes_path(&lb, 2 * 25 * (1 + 64 * 1024));
+    path.assert_bytes_path(&lb, 2 * 25 * (1 + 64 * 1024)).await;
 }
 
 /// The client sends and shuts down writing; the server sees EOF, replies, closes; the client
@@ -235,7 +244,7 @@ pub async fn half_close_client_first(path: Path) {
         got_reply.len(),
         reply.len()
     );
-    path.assert_bytes_path(&lb, (request.len() + reply.len()) as u64);
+    path.assert_bytes_path(&lb, (request.len() + reply.len()) as u64).await;
 }
 
 /// The server speaks first and shuts down writing; the client sees EOF, replies, closes; the
@@ -279,7 +288,7 @@ pub async fn half_close_server_first(path: Path) {
         got_reply.len(),
         reply.len()
     );
-    path.assert_bytes_path(&lb, (banner.len() + reply.len()) as u64);
+    path.assert_bytes_path(&lb, (banner.len() + reply.len()) as u64).await;
 }
 
 /// A server that resets its connection: the client is reset too, promptly, and it is counted.
