@@ -1,7 +1,8 @@
 //! The per-session protocol supervisor. After the accept stage hands it a configured client
 //! socket, a TCP-mode session picks a server, connects, and hands the pair to the forwarding
 //! stage; an HTTP-mode session runs the HTTP supervisor ([`crate::http::session`]) first, whose
-//! tunnels (upgrades, CONNECT) come back here for the forwarding stage. The session's life is
+//! hand-offs (tunnels after upgrades and CONNECT, and the rest of a response body after which
+//! lb closes) come back here for the forwarding stage. The session's life is
 //! the [`Session`] enum; each stage consumes one state and returns the next (drawn in
 //! LIFECYCLE.md beside this file).
 use std::{net::SocketAddr, sync::Arc, time::Instant};
@@ -10,10 +11,10 @@ use tokio::net::TcpStream;
 use crate::{
     accept::Accepted,
     connect::{connect, ConnectError},
-    forward::{self, kernel::Forwarded, user::UserEnd, End, Timeouts},
+    forward::{self, kernel::Forwarded, user::UserEnd, Directions, End, Timeouts, Totals},
     http::{
-        log,
-        session::{HttpEnd, TunnelRequest},
+        handoff::{self, Handed, Kind},
+        session::HttpEnd,
     },
     metrics::{EndLabels, FallbackLabels},
     server::Proxy,
@@ -42,6 +43,8 @@ struct Pair {
     server: TcpStream,
     /// Idle limits of the pair (`timeouts.tunnel` both ways for an HTTP tunnel).
     timeouts: Timeouts,
+    /// Both ways, but for the rest of an HTTP response body (server to client only).
+    directions: Directions,
     info: FlowInfo,
 }
 
@@ -51,8 +54,8 @@ struct FlowInfo {
     /// The backend the server belongs to (an HTTP route may pick another than the listener's).
     backend: usize,
     server_idx: usize,
-    /// An HTTP tunnel's request, logged again when the tunnel ends.
-    tunnel: Option<TunnelRequest>,
+    /// An HTTP hand-off's exchange, logged when the flow ends.
+    http: Option<(Kind, Handed)>,
 }
 
 /// How a session ended.
@@ -96,10 +99,11 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
                     timeouts,
                     &proxy.user_bytes,
                     None,
+                    pair.directions,
                 ))
                 .await;
                 match end {
-                    UserEnd::Ended(end) => finish(&proxy, listener, pair.info, end, 0),
+                    UserEnd::Ended(end, totals) => finish(&proxy, listener, pair.info, end, totals),
                     // Without offload_after the copy loops only end with the flow.
                     UserEnd::Offload(client, server)
                     | UserEnd::Continue(client, server)
@@ -137,11 +141,12 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
                 client: a.stream,
                 server: stream,
                 timeouts: timeouts(proxy, listener),
+                directions: Directions::Both,
                 info: FlowInfo {
                     peer: a.peer,
                     backend: l.backend,
                     server_idx,
-                    tunnel: None,
+                    http: None,
                 },
             })
         }
@@ -161,30 +166,38 @@ fn timeouts(proxy: &Proxy, listener: usize) -> Timeouts {
     }
 }
 
-/// The HTTP supervisor; a tunnel it ends with goes to the kernel at once (it is a long-lived
-/// flow whose bytes lb no longer needs to see).
+/// The HTTP supervisor; a pair it hands on goes to the kernel at once (a tunnel is a
+/// long-lived flow whose bytes lb no longer needs to see; a response body has moved
+/// `forwarding.offload_after` bytes in userspace already).
 async fn http_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
     match crate::http::session::run(proxy, listener, a.stream, a.peer).await {
         HttpEnd::Closed(why) => Session::Finished(Outcome::Http(why)),
-        HttpEnd::Tunnel(t) => {
-            let tunnel = proxy.config.listeners[listener]
-                .http
-                .as_ref()
-                .map_or(proxy.config.listeners[listener].client_timeout, |h| {
-                    h.tunnel_timeout
-                });
-            Session::InKernel(Pair {
-                client: t.client,
-                server: t.server,
-                timeouts: Timeouts {
-                    client: tunnel,
-                    server: tunnel,
+        HttpEnd::Handoff(h) => {
+            let h = *h;
+            let l = &proxy.config.listeners[listener];
+            let timeouts = match h.kind {
+                Kind::Tunnel => {
+                    let tunnel = l.http.as_ref().map_or(l.client_timeout, |h| h.tunnel_timeout);
+                    Timeouts {
+                        client: tunnel,
+                        server: tunnel,
+                    }
+                }
+                Kind::ResponseBody { .. } => Timeouts {
+                    client: l.client_timeout,
+                    server: proxy.config.backends[h.backend].server_timeout,
                 },
+            };
+            Session::InKernel(Pair {
+                client: h.client,
+                server: h.server,
+                timeouts,
+                directions: h.kind.directions(),
                 info: FlowInfo {
                     peer: a.peer,
-                    backend: t.backend,
-                    server_idx: t.server_idx,
-                    tunnel: Some(t.request),
+                    backend: h.backend,
+                    server_idx: h.server_idx,
+                    http: Some((h.kind, h.record)),
                 },
             })
         }
@@ -209,10 +222,11 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         timeouts,
         &proxy.user_bytes,
         Some(offload_after),
+        pair.directions,
     ))
     .await;
     match end {
-        UserEnd::Ended(end) => finish(proxy, listener, pair.info, end, 0),
+        UserEnd::Ended(end, totals) => finish(proxy, listener, pair.info, end, totals),
         UserEnd::Offload(client, server) => Session::InKernel(Pair {
             client,
             server,
@@ -247,9 +261,14 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         dropped: &proxy.dropped[listener],
         duplicated: &proxy.metrics.kernel_duplicated_bytes,
     };
-    let timeouts = pair.timeouts;
-    match forward::kernel::forward(kernel, pair.client, pair.server, timeouts, settings, &counters).await {
-        Ok(Forwarded::Done(end, kernel_bytes)) => finish(proxy, listener, pair.info, end, kernel_bytes),
+    let flow = forward::kernel::Pair {
+        client: pair.client,
+        server: pair.server,
+        timeouts: pair.timeouts,
+        directions: pair.directions,
+    };
+    match forward::kernel::forward(kernel, flow, settings, &counters).await {
+        Ok(Forwarded::Done(end, totals)) => finish(proxy, listener, pair.info, end, totals),
         Ok(Forwarded::NotEligible(why, client, server)) => {
             let reason = why.name();
             proxy
@@ -272,9 +291,8 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
     }
 }
 
-/// Counts how the flow ended; an HTTP tunnel gets its closing access-log record.
-/// `kernel_bytes`: what the kernel forwarded, both directions.
-fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, kernel_bytes: u64) -> Session {
+/// Counts how the flow ended; an HTTP hand-off gets its access-log record.
+fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, totals: Totals) -> Session {
     let l = &proxy.config.listeners[listener];
     let backend = &proxy.config.backends[info.backend];
     let server = &backend.servers[info.server_idx].name;
@@ -292,30 +310,17 @@ fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, kernel_bytes
         }
         End::Closed => {}
     }
-    if let Some(t) = &info.tunnel {
-        let note = match end {
-            End::Closed => "tunnel closed",
-            End::Reset(_) => "tunnel reset",
-            End::IdleTimeout(_) => "tunnel idle timeout",
+    if let Some((kind, handed)) = &info.http {
+        let ended = handoff::Ended {
+            client: info.peer,
+            listener: &l.name,
+            backend: &backend.name,
+            server,
+            end,
+            kernel_bytes: totals.kernel,
+            to_client: totals.to_client,
         };
-        log::emit(
-            t.format,
-            &log::Record {
-                client: info.peer,
-                listener: &l.name,
-                method: &t.method,
-                host: &t.host,
-                target: &t.target,
-                status: t.status,
-                bytes_in: 0,
-                bytes_out: 0,
-                kernel_bytes,
-                backend: &backend.name,
-                server,
-                times: [-1, -1, -1, t.since.elapsed().as_millis() as i64],
-                note,
-            },
-        );
+        handoff::log_end(*kind, handed, &ended);
     }
     Session::Finished(Outcome::Forwarded(end))
 }

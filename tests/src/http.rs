@@ -195,3 +195,69 @@ pub async fn run_tool(program: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A one-connection backend that answers from a script: it reads the request head, sends
+/// `first`, waits until [`Scripted::go`] (so the test can act while the response is under way),
+/// sends `rest`, shuts its write side if told to, then reads until the other side ends.
+/// [`Scripted::received`] gives everything it received on the connection.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    go: Option<tokio::sync::oneshot::Sender<()>>,
+    received: tokio::task::JoinHandle<Vec<u8>>,
+}
+
+impl Scripted {
+    pub async fn start(first: Vec<u8>, rest: Vec<u8>, close_after: bool) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let received = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            if s.write_all(&first).await.is_err() || wait.await.is_err() {
+                return got;
+            }
+            if s.write_all(&rest).await.is_err() {
+                return got;
+            }
+            if close_after {
+                let _ = s.shutdown().await;
+            }
+            let _ = s.read_to_end(&mut got).await;
+            got
+        });
+        Scripted {
+            addr,
+            go: Some(go),
+            received,
+        }
+    }
+
+    /// Lets the backend send the rest.
+    pub fn go(&mut self) {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
+        }
+    }
+
+    /// Everything the backend received, once its connection ended (at most 30 s).
+    pub async fn received(mut self) -> Vec<u8> {
+        self.go();
+        tokio::time::timeout(Duration::from_secs(30), self.received)
+            .await
+            .expect("the scripted backend's connection did not end")
+            .expect("the scripted backend failed")
+    }
+}
+
+/// `n` bytes of a pattern that shows where a byte came from (its offset mod 251).
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}

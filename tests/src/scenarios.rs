@@ -244,7 +244,8 @@ pub async fn half_close_client_first(path: Path) {
         got_reply.len(),
         reply.len()
     );
-    path.assert_bytes_path(&lb, (request.len() + reply.len()) as u64).await;
+    path.assert_bytes_path(&lb, (request.len() + reply.len()) as u64)
+        .await;
 }
 
 /// The server speaks first and shuts down writing; the client sees EOF, replies, closes; the
@@ -288,7 +289,8 @@ pub async fn half_close_server_first(path: Path) {
         got_reply.len(),
         reply.len()
     );
-    path.assert_bytes_path(&lb, (banner.len() + reply.len()) as u64).await;
+    path.assert_bytes_path(&lb, (banner.len() + reply.len()) as u64)
+        .await;
 }
 
 /// A server that resets its connection: the client is reset too, promptly, and it is counted.

@@ -65,8 +65,9 @@ impl CtlArray {
         })
     }
 
-    /// Takes a free slot and initialises it for a socket the program cannot see yet.
-    pub fn take(&self, max_in_flight: u32) -> Option<Slot<'_>> {
+    /// Takes a free slot and initialises it for a socket the program cannot see yet;
+    /// `redirect`: whether the program may redirect its bytes (else it holds them all).
+    pub fn take(&self, max_in_flight: u32, redirect: bool) -> Option<Slot<'_>> {
         let index = {
             let mut pool = self.free.lock().unwrap_or_else(|p| p.into_inner());
             match pool.freed.pop_front() {
@@ -83,7 +84,7 @@ impl CtlArray {
         // is not indexed in SLOTS yet, so this plain initialisation races with nobody.
         unsafe {
             slot.ptr().write(SockCtl {
-                allow: 1,
+                allow: u32::from(redirect),
                 max_in_flight,
                 ..SockCtl::default()
             })

@@ -155,10 +155,11 @@ impl Kernel {
         })
     }
 
-    /// Gives a socket a control slot (redirecting allowed, braking above `max_in_flight`) and
-    /// makes it visible to the program. Before the socket enters the SOCKHASH.
-    pub fn track(&self, cookie: u64, max_in_flight: u32) -> Result<Tracked<'_>, TrackError> {
-        let slot = self.ctl.take(max_in_flight).ok_or(TrackError::Full)?;
+    /// Gives a socket a control slot (redirecting allowed when `redirect`, else every byte is
+    /// held for the daemon; braking above `max_in_flight`) and makes it visible to the program.
+    /// Before the socket enters the SOCKHASH.
+    pub fn track(&self, cookie: u64, max_in_flight: u32, redirect: bool) -> Result<Tracked<'_>, TrackError> {
+        let slot = self.ctl.take(max_in_flight, redirect).ok_or(TrackError::Full)?;
         let wake = self.wakers.register(slot.index);
         if let Err(e) = lock(&self.slots).insert(cookie, slot.index, 0) {
             self.wakers.unregister(slot.index);

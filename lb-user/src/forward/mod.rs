@@ -65,3 +65,34 @@ pub enum End {
     /// One side moved no byte for its idle timeout; both were closed.
     IdleTimeout(Side),
 }
+
+/// What a flow moved in the forwarding stage, for its access-log record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Bytes the kernel redirected, both ways.
+    pub kernel: u64,
+    /// Bytes from the server given to the client (by the kernel or by lb).
+    pub to_client: u64,
+}
+
+/// Which directions of a pair are forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Directions {
+    /// Both: a TCP flow, or an HTTP tunnel.
+    Both,
+    /// The server's bytes only: the rest of an HTTP response after which lb closes the
+    /// connection. What the client sends is read and dropped (it is past the analysed request,
+    /// pipelined requests that must never reach the server unanalysed); its end of stream is
+    /// passed on.
+    ServerToClient,
+}
+
+impl Directions {
+    /// The side whose bytes are dropped instead of forwarded, if any.
+    pub fn dropped(self) -> Option<Side> {
+        match self {
+            Directions::Both => None,
+            Directions::ServerToClient => Some(Side::Client),
+        }
+    }
+}

@@ -25,7 +25,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{End, Side, Timeouts};
+use super::{Directions, End, Side, Timeouts, Totals};
 
 /// First buffer per direction; it grows to [`MAX_BUF`] when reads fill it (bulk flows).
 const FIRST_BUF: usize = 16 * 1024;
@@ -37,8 +37,8 @@ const DRAIN_ROUNDS: usize = 64;
 
 /// How a userspace flow ended.
 pub enum UserEnd {
-    /// Forwarded until it ended.
-    Ended(End),
+    /// Forwarded until it ended (what this call forwarded: the kernel's count is 0).
+    Ended(End, Totals),
     /// A direction moved `offload_after` bytes and both sockets are emptied: the caller hands
     /// the pair to the kernel.
     Offload(TcpStream, TcpStream),
@@ -52,13 +52,14 @@ pub enum UserEnd {
 
 /// Forwards until both directions are closed, one side resets, or one side idles out; with
 /// `offload_after`, until a direction has moved that many bytes and the pair can be handed to
-/// the kernel.
+/// the kernel. With [`Directions::ServerToClient`] the client's bytes are read and dropped.
 pub async fn forward(
     mut client: TcpStream,
     mut server: TcpStream,
     timeouts: Timeouts,
     bytes: &Counter,
     offload_after: Option<u64>,
+    directions: Directions,
 ) -> UserEnd {
     // Declared before the halves borrow the streams, dropped after them: if this future is
     // dropped (lb's grace period ran out) the guard is still armed and both peers get a reset.
@@ -75,11 +76,13 @@ pub async fn forward(
         clock,
         writing: [AtomicBool::new(false), AtomicBool::new(false)],
         ended: [AtomicBool::new(false), AtomicBool::new(false)],
+        sent: [AtomicU64::new(0), AtomicU64::new(0)],
         bytes,
         offload: Offload {
             after: offload_after.unwrap_or(u64::MAX),
             now: CancellationToken::new(),
         },
+        dropped: directions.dropped(),
     };
     let (clock, writing) = (&shared.clock, &shared.writing);
     let stopped = {
@@ -129,7 +132,7 @@ pub async fn forward(
             drop(guard);
             return UserEnd::StayInUser(client, server);
         }
-        Ok(true) => match drain_both(&mut client, &mut server, timeouts, bytes).await {
+        Ok(true) => match drain_both(&mut client, &mut server, timeouts, &shared).await {
             Ok(drained) => {
                 guard.armed = false;
                 drop(guard);
@@ -149,7 +152,8 @@ pub async fn forward(
         End::IdleTimeout(_) => writing.iter().any(|w| w.load(Relaxed)),
         End::Reset(_) => true,
     };
-    UserEnd::Ended(end)
+    let to_client = shared.sent[Side::Server.index()].load(Relaxed);
+    UserEnd::Ended(end, Totals { kernel: 0, to_client })
 }
 
 /// What the two copy loops of a flow share.
@@ -159,8 +163,12 @@ struct Shared<'a> {
     writing: [AtomicBool; 2],
     /// Per side: its end of stream was read and passed on.
     ended: [AtomicBool; 2],
+    /// Per side: bytes read from it and written to the other (this flow's share of `bytes`).
+    sent: [AtomicU64; 2],
     bytes: &'a Counter,
     offload: Offload,
+    /// The side whose bytes are read and dropped ([`Directions::dropped`]).
+    dropped: Option<Side>,
 }
 
 /// The hand-off trigger shared by both directions.
@@ -187,24 +195,25 @@ async fn drain_both(
     client: &mut TcpStream,
     server: &mut TcpStream,
     timeouts: Timeouts,
-    bytes: &Counter,
+    shared: &Shared<'_>,
 ) -> Result<bool, End> {
     let (mut cr, mut cw) = client.split();
     let (mut sr, mut sw) = server.split();
-    Ok(drain(&mut cr, &mut sw, Side::Client, timeouts, bytes).await?
-        && drain(&mut sr, &mut cw, Side::Server, timeouts, bytes).await?)
+    Ok(drain(&mut cr, &mut sw, Side::Client, timeouts, shared).await?
+        && drain(&mut sr, &mut cw, Side::Server, timeouts, shared).await?)
 }
 
 /// Reads a socket until it is empty (or [`DRAIN_ROUNDS`] reads), writing what it reads on
-/// (within the destination's idle timeout). `Ok(true)`: it was emptied; `Ok(false)`: it kept
-/// sending or ended its stream.
+/// (within the destination's idle timeout) unless the direction drops it. `Ok(true)`: it was
+/// emptied; `Ok(false)`: it kept sending or ended its stream.
 async fn drain(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     from: Side,
     timeouts: Timeouts,
-    bytes: &Counter,
+    shared: &Shared<'_>,
 ) -> Result<bool, End> {
+    let drop = shared.dropped == Some(from);
     let mut buf = vec![0u8; MAX_BUF];
     for _ in 0..DRAIN_ROUNDS {
         // A real recv each time: tokio's try_read answers WouldBlock from its cached readiness
@@ -212,11 +221,13 @@ async fn drain(
         // partly read would be forwarded again, whole, once the socket is in the map).
         match crate::sockopt::recv_nowait(src.as_ref().as_fd(), &mut buf) {
             Ok(0) => return Ok(false),
+            Ok(_) if drop => {}
             Ok(n) => {
                 // A write cut short would lose bytes: a stuck destination ends the flow.
                 match tokio::time::timeout(timeouts.of(from.other()), dst.write_all(&buf[..n])).await {
                     Ok(Ok(())) => {
-                        bytes.inc_by(n as u64);
+                        shared.bytes.inc_by(n as u64);
+                        shared.sent[from.index()].fetch_add(n as u64, Relaxed);
                     }
                     Ok(Err(_)) => return Err(End::Reset(from.other())),
                     Err(_) => return Err(End::IdleTimeout(from.other())),
@@ -277,8 +288,10 @@ async fn pump(
         clock,
         writing,
         ended,
+        sent,
         bytes,
         offload,
+        dropped,
     } = shared;
     // No buffer while the source is quiet (the design notes' buffers allocated only when
     // needed): one is taken when the source has something to read, kept while reads fill it
@@ -330,6 +343,11 @@ async fn pump(
             ended[from.index()].store(true, Relaxed);
             return Ok(Pumped::EndOfStream);
         }
+        if *dropped == Some(from) {
+            // Bytes past what the HTTP analyzers let through: never forwarded.
+            buf = Vec::new();
+            continue;
+        }
         let full = n == buf.capacity();
         let ends = !full && end_follows(src, &mut buf).map_err(|_| from)?;
         writing[from.index()].store(true, Relaxed);
@@ -341,6 +359,7 @@ async fn pump(
         writing[from.index()].store(false, Relaxed);
         clock.touch(from.other());
         bytes.inc_by(buf.len() as u64);
+        sent[from.index()].fetch_add(buf.len() as u64, Relaxed);
         if ends {
             ended[from.index()].store(true, Relaxed);
             return Ok(Pumped::EndOfStream);
@@ -408,4 +427,61 @@ async fn write_last(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()>
     let queued = taken(crate::sockopt::send_more_nowait(dst.as_ref().as_fd(), data))?;
     dst.write_all(&data[queued..]).await?;
     dst.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A connected pair on loopback: (lb's socket, the peer's).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (ours, _) = l.accept().await.unwrap();
+        (ours, peer)
+    }
+
+    #[tokio::test]
+    async fn server_to_client_only_drops_the_clients_bytes_and_passes_its_end_on() {
+        let (client, mut client_peer) = pair().await;
+        let (server, mut server_peer) = pair().await;
+        let bytes = Counter::default();
+        let timeouts = Timeouts {
+            client: Duration::from_secs(10),
+            server: Duration::from_secs(10),
+        };
+        let flow = forward(client, server, timeouts, &bytes, None, Directions::ServerToClient);
+        let peers = async {
+            // A pipelined request the server must never see, then the rest of the response.
+            client_peer
+                .write_all(b"GET /smuggled HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+            server_peer.write_all(b"rest of the body").await.unwrap();
+            server_peer.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client_peer.read_to_end(&mut got).await.unwrap();
+            client_peer.shutdown().await.unwrap();
+            let mut seen = Vec::new();
+            server_peer.read_to_end(&mut seen).await.unwrap();
+            (got, seen)
+        };
+        let (end, (got, seen)) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(flow, peers) })
+                .await
+                .expect("the flow did not end");
+        assert_eq!(got, b"rest of the body");
+        assert!(
+            seen.is_empty(),
+            "the server got {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        let UserEnd::Ended(end, totals) = end else {
+            panic!("the flow did not end");
+        };
+        assert_eq!(end, End::Closed);
+        assert_eq!(totals.to_client, 16);
+        assert_eq!(bytes.get(), 16);
+    }
 }

@@ -14,10 +14,11 @@
 //!
 //! Around them, the HTTP session: [`session`] (the per-connection supervisor and its states),
 //! [`upstream`] (the server side of an exchange), [`rewrite`] (the heads sent on),
-//! [`transfer`] (held buffers, bodies), [`reply`] (lb's own answers) and [`log`] (the access
-//! log).
+//! [`transfer`] (held buffers, bodies), [`reply`] (lb's own answers), [`handoff`] (pairs given
+//! to the forwarding stage) and [`log`] (the access log).
 pub mod chunked;
 pub mod framing;
+pub mod handoff;
 pub mod log;
 pub mod reply;
 pub mod request;

@@ -7,18 +7,20 @@
 //! backend), its body follows as its framing delimits it, and the response head goes through
 //! the response analyzer and is rewritten before the client sees it. Then the connection waits
 //! for the next request (keep-alive, pipelined requests in order), or, after an upgrade (101)
-//! or a CONNECT (2xx), the pair becomes a tunnel the caller hands to the kernel. Drawn in
-//! ../LIFECYCLE.md.
+//! or a CONNECT (2xx), the pair becomes a tunnel the caller hands to the kernel; the rest of a
+//! response body after which lb closes goes to the kernel too, once `forwarding.offload_after`
+//! of it went in userspace ([`super::handoff`]). Drawn in ../LIFECYCLE.md.
 use prometheus_client::metrics::counter::Counter;
 use std::{net::SocketAddr, time::Duration};
 use tokio::{net::TcpStream, time::Instant};
 
 use super::{
     framing::Body,
+    handoff::{Handed, Handoff, Kind},
     log, reply,
     request::{self, Request},
     rewrite,
-    transfer::{close_gently, forward_message, write_all, BodyError, Conn, ReadError},
+    transfer::{close_gently, forward_message, write_all, BodyError, Conn, Moved, ReadError},
     trim_ows,
     upstream::{replayable, send_request, still_open, ServerConn, CHECK_IDLE_AFTER},
     Rejection,
@@ -37,29 +39,9 @@ const LINGER: Duration = Duration::from_secs(1);
 pub enum HttpEnd {
     /// The client connection is closed; why, for the session log.
     Closed(&'static str),
-    /// An upgrade (101) or a CONNECT (2xx) made the pair a tunnel: the caller forwards it.
-    Tunnel(Tunnel),
-}
-
-/// A client/server pair after an upgrade or a CONNECT; every byte lb had read from either side
-/// was passed on.
-pub struct Tunnel {
-    pub client: TcpStream,
-    pub server: TcpStream,
-    pub backend: usize,
-    pub server_idx: usize,
-    /// For the access-log record written when the tunnel ends.
-    pub request: TunnelRequest,
-}
-
-/// The request that opened a tunnel, as the access log shows it.
-pub struct TunnelRequest {
-    pub method: String,
-    pub host: String,
-    pub target: String,
-    pub status: u16,
-    pub format: log::Format,
-    pub since: std::time::Instant,
+    /// The pair goes to the forwarding stage: a tunnel, or the rest of a response body.
+    /// (Boxed: it is large, and rare.)
+    Handoff(Box<Handoff>),
 }
 
 /// Where the client connection is.
@@ -212,6 +194,22 @@ pub(super) struct Exchange<'r> {
     pub(super) bytes_out: u64,
 }
 
+impl Exchange<'_> {
+    /// Milliseconds waiting for the request head, connecting, and from the request sent to the
+    /// response head (-1: not reached), as the access log shows them.
+    fn times(&self) -> [i64; 3] {
+        let ms = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
+            (Some(f), Some(t)) => t.saturating_duration_since(f).as_millis() as i64,
+            _ => -1,
+        };
+        [
+            ms(Some(self.since), Some(self.head_at)),
+            ms(Some(self.head_at), self.connected),
+            ms(self.connected, self.responded),
+        ]
+    }
+}
+
 /// Routes, sends and answers one request; then waits for the next, or ends.
 async fn exchange(
     ctx: &Ctx<'_>,
@@ -293,22 +291,22 @@ async fn exchange(
         if passed.0.is_err() || passed.1.is_err() {
             return State::Ended(HttpEnd::Closed("a side failed at the tunnel's start"));
         }
-        return State::Ended(HttpEnd::Tunnel(Tunnel {
+        let record = handed(ctx, &x, resp.status);
+        return State::Ended(HttpEnd::Handoff(Box::new(Handoff {
             client: client.stream,
             server: server.conn.stream,
             backend,
             server_idx: server.server_idx,
-            request: TunnelRequest {
-                method: req.method.clone(),
-                host: req.host.clone().unwrap_or_else(|| "-".into()),
-                target: req.target.clone(),
-                status: resp.status,
-                format: ctx.http.access_log,
-                since: x.since.into_std(),
-            },
-        }));
+            kind: Kind::Tunnel,
+            record,
+        })));
     }
     let idle = (server_idle, client_idle);
+    // After a response that closes the connection, the rest of its body may go to the kernel
+    // (the client's later bytes never reach the server: see super::handoff). Like a TCP flow,
+    // it moves forwarding.offload_after bytes in userspace first, so a short body never pays
+    // the kernel path's set-up.
+    let hand_off_after = (close && ctx.proxy.kernel.is_some()).then_some(ctx.proxy.config.offload_after);
     match forward_message(
         &mut server.conn,
         &mut client.stream,
@@ -316,10 +314,15 @@ async fn exchange(
         resp.body,
         idle,
         None,
+        hand_off_after,
     )
     .await
     {
-        Ok(n) => x.bytes_out += n,
+        Ok(Moved::Whole(n)) => x.bytes_out += n,
+        Ok(Moved::HandOff(n)) => {
+            x.bytes_out += n;
+            return hand_off_body(ctx, client, server, &x, resp.status, resp.body, n).await;
+        }
         Err(e) => {
             // Once the head is out nothing else can tell the client: the connection is cut.
             access_log(ctx, &x, resp.status, body_fault(&e), 0);
@@ -339,6 +342,60 @@ async fn exchange(
         client,
         server: keep_server.then_some(server),
         first: false,
+    }
+}
+
+/// Hands the rest of a response body to the forwarding stage, server to client only; `sent`:
+/// its bytes lb forwarded already.
+async fn hand_off_body(
+    ctx: &Ctx<'_>,
+    mut client: Conn,
+    server: ServerConn,
+    x: &Exchange<'_>,
+    status: u16,
+    body: Body,
+    sent: u64,
+) -> State {
+    // forward_message stops between reads with every byte it read sent on; should any still be
+    // held, they are the body's and go first.
+    let server_conn = server.conn;
+    if !server_conn.held.is_empty()
+        && write_all(&mut client.stream, &server_conn.held, ctx.l.client_timeout)
+            .await
+            .is_err()
+    {
+        access_log(ctx, x, status, "client failed within the response body", 0);
+        return State::Ended(HttpEnd::Closed("client failed within the response body"));
+    }
+    let early = server_conn.held.len() as u64;
+    let mut record = handed(ctx, x, status);
+    record.bytes_out += early;
+    let left = match body {
+        Body::Length(n) => Some(n.saturating_sub(sent + early)),
+        _ => None,
+    };
+    State::Ended(HttpEnd::Handoff(Box::new(Handoff {
+        client: client.stream,
+        server: server_conn.stream,
+        backend: x.backend,
+        server_idx: server.server_idx,
+        kind: Kind::ResponseBody { left },
+        record,
+    })))
+}
+
+/// The exchange as the record written when its handed-off flow ends shows it.
+fn handed(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16) -> Handed {
+    Handed {
+        method: x.req.method.clone(),
+        host: x.req.host.clone().unwrap_or_else(|| "-".into()),
+        target: x.req.target.clone(),
+        status,
+        format: ctx.http.access_log,
+        since: x.since.into_std(),
+        bytes_in: x.bytes_in,
+        bytes_out: x.bytes_out,
+        times: x.times(),
     }
 }
 
@@ -394,11 +451,7 @@ fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str, answered
         return;
     }
     let backend = &ctx.proxy.config.backends[x.backend];
-    let ms = |from: Option<Instant>, to: Option<Instant>| match (from, to) {
-        (Some(f), Some(t)) => t.saturating_duration_since(f).as_millis() as i64,
-        _ => -1,
-    };
-    let now = Some(Instant::now());
+    let [request, connect, response] = x.times();
     log::emit(
         ctx.http.access_log,
         &log::Record {
@@ -413,12 +466,7 @@ fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str, answered
             kernel_bytes: 0,
             backend: &backend.name,
             server: x.server_idx.map_or("-", |i| backend.servers[i].name.as_str()),
-            times: [
-                ms(Some(x.since), Some(x.head_at)),
-                ms(Some(x.head_at), x.connected),
-                ms(x.connected, x.responded),
-                ms(Some(x.since), now),
-            ],
+            times: [request, connect, response, x.since.elapsed().as_millis() as i64],
             note,
         },
     );

@@ -121,11 +121,21 @@ pub enum BodyError {
     TooLarge,
 }
 
+/// How far [`forward_message`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// The whole message; how many body bytes.
+    Whole(u64),
+    /// The head and this many body bytes (at least `hand_off_after`), the rest of the body not
+    /// yet: the caller hands it to the kernel. Bytes held past them are the body's too.
+    HandOff(u64),
+}
+
 /// Sends `head`, then the body delimited by `body` from `src` (its held bytes first) to `dst`:
 /// the head and the body bytes already held leave in one write (one segment for a small
 /// message); when none is held, the head goes alone at once (a borrowed head is then never
-/// copied). Each read is allowed `src_idle`,
-/// each write `dst_idle`; `max`: the largest body accepted. Returns the body bytes forwarded.
+/// copied). Each read is allowed `src_idle`, each write `dst_idle`; `max`: the largest body
+/// accepted; `hand_off_after`: stop once that many body bytes went and the body is not over.
 pub async fn forward_message(
     src: &mut Conn,
     dst: &mut TcpStream,
@@ -133,7 +143,8 @@ pub async fn forward_message(
     body: Body,
     (src_idle, dst_idle): (Duration, Duration),
     max: Option<u64>,
-) -> Result<u64, BodyError> {
+    hand_off_after: Option<u64>,
+) -> Result<Moved, BodyError> {
     let mut sent = 0u64;
     let mut chunked = Chunked::default();
     let mut left = match body {
@@ -151,7 +162,7 @@ pub async fn forward_message(
                 head = Cow::Borrowed(&[]);
             }
             if left == 0 {
-                return Ok(sent);
+                return Ok(Moved::Whole(sent));
             }
         } else {
             let take = match body {
@@ -180,11 +191,14 @@ pub async fn forward_message(
                 left -= take as u64;
             }
             if left == 0 || chunked.done() {
-                return Ok(sent);
+                return Ok(Moved::Whole(sent));
             }
         }
+        if hand_off_after.is_some_and(|after| sent >= after) {
+            return Ok(Moved::HandOff(sent));
+        }
         match src.fill(Instant::now() + src_idle).await {
-            Ok(0) if body == Body::UntilClose => return Ok(sent),
+            Ok(0) if body == Body::UntilClose => return Ok(Moved::Whole(sent)),
             Ok(0) => return Err(BodyError::Source(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => {}
             Err(ReadError::Timeout) => return Err(BodyError::Source(io::ErrorKind::TimedOut.into())),
@@ -231,6 +245,22 @@ mod tests {
         body: Body,
         max: Option<u64>,
     ) -> (Result<u64, BodyError>, Vec<u8>, Vec<u8>) {
+        let (r, got, rest) = run_until(input, held, body, max, None).await;
+        let r = r.map(|m| match m {
+            Moved::Whole(n) => n,
+            Moved::HandOff(n) => panic!("handed off after {n} bytes without a budget"),
+        });
+        (r, got, rest)
+    }
+
+    /// [`run`] with a hand-off budget.
+    async fn run_until(
+        input: &[u8],
+        held: usize,
+        body: Body,
+        max: Option<u64>,
+        hand_off_after: Option<u64>,
+    ) -> (Result<Moved, BodyError>, Vec<u8>, Vec<u8>) {
         let (mut writer, reader) = pair().await;
         let (mut dst, mut out) = pair().await;
         let mut src = Conn::new(reader);
@@ -245,6 +275,7 @@ mod tests {
             body,
             (idle, idle),
             max,
+            hand_off_after,
         )
         .await;
         drop(dst);
@@ -328,9 +359,13 @@ mod tests {
                 Body::Length(0),
                 (idle, idle),
                 None,
+                Some(0),
             ),
         );
-        assert_eq!(r.await.expect("waited for a byte of an empty body").unwrap(), 0);
+        assert_eq!(
+            r.await.expect("waited for a byte of an empty body").unwrap(),
+            Moved::Whole(0)
+        );
     }
 
     #[tokio::test]
@@ -356,5 +391,31 @@ mod tests {
         assert!(matches!(r, Err(BodyError::Source(e)) if e.kind() == io::ErrorKind::UnexpectedEof));
         let (r, got, _) = run(b"until the end", 5, Body::UntilClose, None).await;
         assert_eq!((r.unwrap(), got.as_slice()), (13, &b"until the end"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_body_is_handed_off_after_its_budget_unless_it_ends_first() {
+        // A budget of 0: the head goes, and the body is left to the caller at once.
+        let (r, got, rest) = run_until(b"0123456789", 0, Body::Length(10), None, Some(0)).await;
+        assert_eq!((r.unwrap(), got.len(), rest.len()), (Moved::HandOff(0), 0, 0));
+        // Held bytes at or past the budget go with the head, the rest is left.
+        let (r, got, _) = run_until(b"0123456789", 4, Body::Length(10), None, Some(3)).await;
+        assert_eq!((r.unwrap(), got.as_slice()), (Moved::HandOff(4), &b"0123"[..]));
+        // A body that ends within the budget is whole, and the bytes after it stay held.
+        let (r, got, rest) = run_until(b"0123456789NEXT", 14, Body::Length(10), None, Some(10)).await;
+        assert_eq!(r.unwrap(), Moved::Whole(10));
+        assert_eq!(
+            (got.as_slice(), rest.as_slice()),
+            (&b"0123456789"[..], &b"NEXT"[..])
+        );
+        let chunked = b"3\r\nabc\r\n0\r\n\r\n";
+        let (r, _, _) = run_until(chunked, chunked.len(), Body::Chunked, None, Some(3)).await;
+        assert_eq!(r.unwrap(), Moved::Whole(chunked.len() as u64));
+        // A chunked body is handed off between reads once past the budget.
+        let (r, got, _) = run_until(chunked, 5, Body::Chunked, None, Some(1)).await;
+        assert!(
+            matches!(r.unwrap(), Moved::HandOff(n) if (1..=5).contains(&n)),
+            "{got:?}"
+        );
     }
 }

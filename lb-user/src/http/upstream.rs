@@ -10,7 +10,7 @@ use super::{
     response::{self, Response},
     rewrite,
     session::{Ctx, Exchange},
-    transfer::{forward_message, write_all, BodyError, Conn, ReadError},
+    transfer::{forward_message, write_all, BodyError, Conn, Moved, ReadError},
     Rejection, Version,
 };
 use crate::{connect::connect, sockopt};
@@ -65,10 +65,12 @@ pub(super) async fn send_request(
             x.req.body,
             idle,
             max,
+            None,
         )
         .await;
         let answer = match sent {
-            Ok(n) => {
+            // Without a hand-off budget the whole request goes.
+            Ok(Moved::Whole(n) | Moved::HandOff(n)) => {
                 x.bytes_in += n;
                 read_response(ctx, client, &mut server, x).await
             }

@@ -22,7 +22,7 @@
 //! to half the bound and the sender to stop first.
 //!
 //! End of stream is passed on the same way: after every byte, the peer's write side is shut.
-use std::{io, os::fd::AsFd, time::Duration};
+use std::{io, os::fd::AsFd, sync::atomic::Ordering::Relaxed, time::Duration};
 use tokio::time::Instant;
 
 use super::{Flow, Halt, TCP_CLOSE};
@@ -229,13 +229,17 @@ fn take_held(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier, limit: u64) -> 
 
 /// Writes pending held bytes of `from` to its peer, at most `room` (what the bound leaves),
 /// then publishes them as consumed: until then the program keeps holding newer segments
-/// behind them.
+/// behind them. A dropped side's bytes are only counted as consumed.
 async fn forward_pending(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier, room: u64) -> Result<(), Halt> {
     // The wait before left at least STEP of room; never write nothing.
     let n = copy.pending().min(room.max(1)) as usize;
-    write_all(flow, from.other(), &copy.buf[copy.start..copy.start + n]).await?;
+    if flow.drops(from) {
+        flow.discarded.fetch_add(n as u64, Relaxed);
+    } else {
+        write_all(flow, from.other(), &copy.buf[copy.start..copy.start + n]).await?;
+        flow.counters.user_bytes.inc_by(n as u64);
+    }
     copy.start += n;
-    flow.counters.user_bytes.inc_by(n as u64);
     let ctl = flow.end(from).tracked.ctl();
     // Only now, with the bytes in the peer's send queue, may the program resume.
     ctl.set_consumed(ctl.consumed() + n as u64);
@@ -253,7 +257,6 @@ fn failed(side: Side, e: io::Error) -> Halt {
 /// `lag` (not merely for the kernel to queue redirected bytes) marks the direction braked.
 /// Ends the flow if the peer closed (reset) meanwhile or made no progress for its idle timeout.
 async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>) -> Result<u64, Halt> {
-    let src = flow.end(from);
     let dst = flow.end(from.other());
     let limit = flow.timeouts.of(from.other());
     let mut delay = Duration::from_micros(50);
@@ -261,7 +264,7 @@ async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>)
     let mut last_progress = Instant::now();
     let mut noted = false;
     for round in 0u32.. {
-        let given = src.given_to_peer();
+        let given = flow.given_to_peer(from);
         let s = dst.send_state()?;
         if s.state == TCP_CLOSE {
             return Err(Halt::Ended(End::Reset(from.other())));

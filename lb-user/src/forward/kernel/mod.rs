@@ -7,6 +7,10 @@
 //! it (a brake, or bytes held for the daemon) or its source socket reports end of stream or an
 //! error; redirected data never wakes the daemon. One timer watches the idle timeouts.
 //!
+//! With [`Directions::ServerToClient`] (the rest of an HTTP response after which lb closes),
+//! the client's slot never allows redirecting: the program holds every byte the client sends,
+//! and the daemon reads and drops them instead of writing them to the server.
+//!
 //! The kernel does not pass FIN on, and it sends redirected bytes from a worker after the
 //! verdict: on end of stream from one side, the daemon waits until the peer's TCP send counters
 //! show every byte from that side queued, and only then shuts the peer's write side.
@@ -19,12 +23,12 @@ use std::{
     io,
     net::TcpStream,
     os::fd::{AsFd, AsRawFd},
-    sync::atomic::{AtomicBool, Ordering::Relaxed},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     time::Duration,
 };
 use tokio::time::Instant;
 
-use super::{End, Side, Timeouts};
+use super::{Directions, End, Side, Timeouts, Totals};
 use crate::{
     bpf::{Kernel, Tracked, Watch},
     sockopt,
@@ -91,13 +95,6 @@ impl FlowSocket<'_> {
             state: p.state,
         })
     }
-
-    /// Every byte that came from this socket after insertion and went to its peer, redirected
-    /// by the program or written by the daemon.
-    fn given_to_peer(&self) -> u64 {
-        let ctl = self.tracked.ctl();
-        ctl.redirected() + ctl.consumed()
-    }
 }
 
 /// A flow while it is in the SOCKHASH. Dropping it removes both entries and closes the
@@ -110,6 +107,10 @@ struct Flow<'k, 'c> {
     counters: &'c FlowCounters<'c>,
     /// Per direction (by source side): its bytes are held and being copied after a brake.
     braked: [AtomicBool; 2],
+    /// The side whose bytes are read and dropped ([`Directions::dropped`]).
+    dropped: Option<Side>,
+    /// Of that side's `consumed` bytes, those dropped (all of them: none goes to the peer).
+    discarded: AtomicU64,
     reset_on_drop: bool,
 }
 
@@ -135,6 +136,23 @@ impl Flow<'_, '_> {
         &self.ends[side.index()]
     }
 
+    /// Whether `from`'s bytes are dropped rather than forwarded.
+    fn drops(&self, from: Side) -> bool {
+        self.dropped == Some(from)
+    }
+
+    /// Every byte that came from `from` after insertion and went to its peer, redirected by
+    /// the program or written by the daemon.
+    fn given_to_peer(&self, from: Side) -> u64 {
+        let ctl = self.end(from).tracked.ctl();
+        let discarded = if self.drops(from) {
+            self.discarded.load(Relaxed)
+        } else {
+            0
+        };
+        (ctl.redirected() + ctl.consumed()).saturating_sub(discarded)
+    }
+
     /// Notes that `from`'s direction is (or no longer is) braked, for the braked-flows gauge.
     fn note_braked(&self, from: Side, braked: bool) {
         if self.braked[from.index()].swap(braked, Relaxed) == braked {
@@ -158,8 +176,13 @@ impl Flow<'_, '_> {
             self.counters.dropped.inc_by(self.undelivered());
         }
         self.check_not_duplicated();
-        let kernel_bytes = self.ends.iter().map(|e| e.tracked.ctl().redirected()).sum();
-        Forwarded::Done(end, kernel_bytes)
+        Forwarded::Done(
+            end,
+            Totals {
+                kernel: self.ends.iter().map(|e| e.tracked.ctl().redirected()).sum(),
+                to_client: self.given_to_peer(Side::Server),
+            },
+        )
     }
 
     /// The program must have seen each received byte once: more than TCP received means a
@@ -189,15 +212,16 @@ impl Flow<'_, '_> {
             let src = self.end(from);
             let all_read = src.tracked.ctl().passed() == src.tracked.ctl().consumed();
             matches!(self.end(from.other()).send_state(),
-                Ok(s) if all_read && s.queued >= src.given_to_peer() && s.unacked == 0)
+                Ok(s) if all_read && s.queued >= self.given_to_peer(from) && s.unacked == 0)
         })
     }
 
     /// Bytes lb accepted from either side (redirected, or passed to it) that the other side's
-    /// peer has not acknowledged.
+    /// peer has not acknowledged. A dropped side's bytes were never to be delivered.
     fn undelivered(&self) -> u64 {
         [Side::Client, Side::Server]
             .into_iter()
+            .filter(|&from| !self.drops(from))
             .map(|from| {
                 let ctl = self.end(from).tracked.ctl();
                 let taken = ctl.redirected() + ctl.passed();
@@ -210,8 +234,8 @@ impl Flow<'_, '_> {
 
 /// What became of a flow handed to the kernel path.
 pub enum Forwarded {
-    /// Forwarded until it ended; the bytes the kernel redirected, both directions.
-    Done(End, u64),
+    /// Forwarded until it ended.
+    Done(End, Totals),
     /// The kernel would not take the pair: the caller forwards it in userspace.
     NotEligible(Ineligible, tokio::net::TcpStream, tokio::net::TcpStream),
 }
@@ -253,19 +277,25 @@ impl From<io::Error> for Halt {
     }
 }
 
+/// The flow handed to [`forward`]: its sockets and how it is forwarded.
+pub struct Pair {
+    pub client: tokio::net::TcpStream,
+    pub server: tokio::net::TcpStream,
+    pub timeouts: Timeouts,
+    pub directions: Directions,
+}
+
 /// Forwards the flow in the kernel until it ends. Only failures of socket calls are errors;
 /// how the flow ended is the [`End`].
 pub async fn forward(
     kernel: &Kernel,
-    client: tokio::net::TcpStream,
-    server: tokio::net::TcpStream,
-    timeouts: Timeouts,
+    pair: Pair,
     settings: Settings,
     counters: &FlowCounters<'_>,
 ) -> io::Result<Forwarded> {
     // Set-up has no await: its locals stay out of the state this future keeps for the flow's
     // whole life.
-    let flow = match set_up(kernel, client, server, timeouts, settings, counters)? {
+    let flow = match set_up(kernel, pair, settings, counters)? {
         Ok(flow) => flow,
         Err((why, c, s)) => {
             return Ok(Forwarded::NotEligible(
@@ -284,9 +314,12 @@ pub async fn forward(
 #[allow(clippy::type_complexity)]
 fn set_up<'k, 'c>(
     kernel: &'k Kernel,
-    client: tokio::net::TcpStream,
-    server: tokio::net::TcpStream,
-    timeouts: Timeouts,
+    Pair {
+        client,
+        server,
+        timeouts,
+        directions,
+    }: Pair,
     settings: Settings,
     counters: &'c FlowCounters<'c>,
 ) -> io::Result<Result<Flow<'k, 'c>, (Ineligible, TcpStream, TcpStream)>> {
@@ -308,10 +341,11 @@ fn set_up<'k, 'c>(
             sockopt::force_send_buffer(s.as_fd(), bytes)?;
         }
     }
-    let tracked = [&client, &server].map(|s| {
+    let tracked = [(&client, Side::Client), (&server, Side::Server)].map(|(s, side)| {
         let cookie = sockopt::cookie(s.as_fd())?;
+        let redirect = directions.dropped() != Some(side);
         kernel
-            .track(cookie, settings.max_in_flight)
+            .track(cookie, settings.max_in_flight, redirect)
             .map_err(|e| io::Error::other(e.to_string()))
     });
     let [Ok(c_tracked), Ok(s_tracked)] = tracked else {
@@ -347,6 +381,8 @@ fn set_up<'k, 'c>(
         timeouts,
         counters,
         braked: [AtomicBool::new(false), AtomicBool::new(false)],
+        dropped: directions.dropped(),
+        discarded: AtomicU64::new(0),
         reset_on_drop: true,
     };
     // The kick: bytes that arrived before insertion run through the program.
