@@ -1,6 +1,8 @@
-//! `cargo xtask bench http`: requests per second and p99 latency with wrk (keep-alive) through
-//! lb's HTTP mode and HAProxy's (`mode http`), against the backend directly, for small and
-//! 1 MiB responses. Configurations alternate within each run, each in a fresh namespace.
+//! `cargo xtask bench http`: requests per second and p99 latency with wrk through lb's HTTP mode
+//! and HAProxy's (`mode http`), against the backend directly: small and 1 MiB responses on
+//! kept-alive connections, and 1 MiB responses on a new connection each (`Connection: close`,
+//! where lb hands the body to the kernel). Configurations alternate within each run, each in a
+//! fresh namespace.
 //!
 //! The backend is this xtask binary re-invoked (`bench-http-backend`): a minimal keep-alive
 //! HTTP/1.1 responder with canned answers, so that the proxies, not the backend, are measured.
@@ -28,22 +30,30 @@ const LARGE: usize = 1 << 20;
 pub enum Test {
     Small,
     Large,
+    /// 1 MiB responses, the client asking each time to close.
+    LargeClose,
 }
 
 impl Test {
-    pub const ALL: [Test; 2] = [Test::Small, Test::Large];
+    pub const ALL: [Test; 3] = [Test::Small, Test::Large, Test::LargeClose];
 
     pub fn title(self) -> &'static str {
         match self {
             Test::Small => "small responses (100 B body), keep-alive",
             Test::Large => "1 MiB responses, keep-alive",
+            Test::LargeClose => "1 MiB responses, Connection: close",
         }
+    }
+
+    /// Whether the targets apply (they are set for kept-alive connections).
+    pub fn targeted(self) -> bool {
+        self != Test::LargeClose
     }
 
     fn path(self) -> &'static str {
         match self {
             Test::Small => "/small",
-            Test::Large => "/large",
+            Test::Large | Test::LargeClose => "/large",
         }
     }
 }
@@ -161,6 +171,11 @@ fn measure_once(env: &Env, setup: Setup, test: Test, run: usize, seconds: u32) -
     let mut wrk = ns.command("wrk");
     wrk.args(["-t", &THREADS.to_string(), "-c", &CONNECTIONS.to_string()])
         .args(["-d", &format!("{seconds}s"), "--latency"])
+        .args(if test == Test::LargeClose {
+            &["-H", "Connection: close"][..]
+        } else {
+            &[]
+        })
         .arg(format!("http://127.0.0.1:{port}{}", test.path()))
         .stdout(out);
     let pid = proxy.as_ref().map(Proc::pid);
@@ -316,33 +331,40 @@ fn duration_ms(v: &str) -> Option<f64> {
     })
 }
 
-/// `xtask bench-http-backend`: answers every GET on a kept-alive connection with a canned
-/// response (`/large`: 1 MiB, else 100 bytes). Ends after `lifetime` seconds at the latest.
+/// `xtask bench-http-backend`: answers every GET with a canned response (`/large`: 1 MiB,
+/// else 100 bytes) on a kept-alive connection, or, when the request asks to close, with
+/// `Connection: close` before it closes. Ends after `lifetime` seconds at the latest.
 pub fn backend(port: u16, lifetime: u64) -> Result<()> {
-    let response = |body: usize| {
+    let response = |body: usize, close: bool| {
+        let connection = if close { "Connection: close\r\n" } else { "" };
         let mut r = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {body}\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {body}\r\n{connection}\r\n"
         )
         .into_bytes();
         r.resize(r.len() + body, b'x');
         std::sync::Arc::new(r)
     };
-    let (small, large) = (response(SMALL), response(LARGE));
+    // [small, large], kept alive and closing.
+    let answers = std::sync::Arc::new([
+        [response(SMALL, false), response(LARGE, false)],
+        [response(SMALL, true), response(LARGE, true)],
+    ]);
     serve_loopback(port, lifetime, move |mut stream| {
-        let (small, large) = (small.clone(), large.clone());
+        let answers = answers.clone();
         async move {
             let _ = stream.set_nodelay(true);
             let mut buf = Vec::with_capacity(8192);
-            // Bounded by the backend's lifetime; a connection ends when its client closes.
+            // Bounded by the backend's lifetime; a connection ends when its client closes, or
+            // after an answer to a request that asked to close.
             loop {
                 while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let answer = if buf.starts_with(b"GET /large") {
-                        &large
-                    } else {
-                        &small
-                    };
+                    let close = buf[..end]
+                        .to_ascii_lowercase()
+                        .windows(17)
+                        .any(|w| w == b"connection: close");
+                    let answer = &answers[usize::from(close)][usize::from(buf.starts_with(b"GET /large"))];
                     buf.drain(..end + 4);
-                    if stream.write_all(answer).await.is_err() {
+                    if stream.write_all(answer).await.is_err() || close {
                         return;
                     }
                 }
