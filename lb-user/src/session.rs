@@ -286,6 +286,20 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
             // The sockets were closed with a reset when the flow was dropped.
             let l = &proxy.config.listeners[listener];
             tracing::error!(listener = %l.name, client = %pair.info.peer, "kernel forwarding failed: {e}");
+            if let Some((kind, handed)) = &pair.info.http {
+                // The exchange's record (a hand-off's only one, for a response body).
+                let backend = &proxy.config.backends[pair.info.backend];
+                let ended = handoff::Ended {
+                    client: pair.info.peer,
+                    listener: &l.name,
+                    backend: &backend.name,
+                    server: &backend.servers[pair.info.server_idx].name,
+                    end: None,
+                    kernel_bytes: 0,
+                    to_client: 0,
+                };
+                handoff::log_end(*kind, handed, &ended);
+            }
             Session::Finished(Outcome::ForwardFailed(e))
         }
     }
@@ -316,7 +330,7 @@ fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, totals: Tota
             listener: &l.name,
             backend: &backend.name,
             server,
-            end,
+            end: Some(end),
             kernel_bytes: totals.kernel,
             to_client: totals.to_client,
         };

@@ -197,41 +197,62 @@ pub async fn run_tool(program: &str, args: &[&str]) -> String {
 }
 
 /// A one-connection backend that answers from a script: it reads the request head, sends
-/// `first`, waits until [`Scripted::go`] (so the test can act while the response is under way),
-/// sends `rest`, shuts its write side if told to, then reads until the other side ends.
-/// [`Scripted::received`] gives everything it received on the connection.
+/// `first`, waits until [`Scripted::go`] (so the test can act while the response is under way;
+/// it keeps reading meanwhile), sends `rest`, shuts its write side, then reads until the other
+/// side ends. [`Scripted::received`] tells what it received on the connection.
 pub struct Scripted {
     pub addr: SocketAddr,
     go: Option<tokio::sync::oneshot::Sender<()>>,
-    received: tokio::task::JoinHandle<Vec<u8>>,
+    received: tokio::task::JoinHandle<Received>,
+}
+
+/// What a [`Scripted`] backend received.
+pub struct Received {
+    pub bytes: Vec<u8>,
+    /// The other side ended its stream before the backend was told to send the rest.
+    pub ended_before_go: bool,
 }
 
 impl Scripted {
-    pub async fn start(first: Vec<u8>, rest: Vec<u8>, close_after: bool) -> Scripted {
+    pub async fn start(first: Vec<u8>, rest: Vec<u8>) -> Scripted {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
         let received = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
+            let mut r = Received {
+                bytes: Vec::new(),
+                ended_before_go: false,
+            };
             let mut buf = [0u8; 4096];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            while !r.bytes.windows(4).any(|w| w == b"\r\n\r\n") {
                 match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return got,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Ok(0) | Err(_) => return r,
+                    Ok(n) => r.bytes.extend_from_slice(&buf[..n]),
                 }
             }
-            if s.write_all(&first).await.is_err() || wait.await.is_err() {
-                return got;
+            if s.write_all(&first).await.is_err() {
+                return r;
+            }
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    go = &mut wait => match go {
+                        Ok(()) => break,
+                        Err(_) => return r,
+                    },
+                    n = s.read(&mut buf), if !r.ended_before_go => match n {
+                        Ok(0) | Err(_) => r.ended_before_go = true,
+                        Ok(n) => r.bytes.extend_from_slice(&buf[..n]),
+                    },
+                }
             }
             if s.write_all(&rest).await.is_err() {
-                return got;
+                return r;
             }
-            if close_after {
-                let _ = s.shutdown().await;
-            }
-            let _ = s.read_to_end(&mut got).await;
-            got
+            let _ = s.shutdown().await;
+            let _ = s.read_to_end(&mut r.bytes).await;
+            r
         });
         Scripted {
             addr,
@@ -247,8 +268,8 @@ impl Scripted {
         }
     }
 
-    /// Everything the backend received, once its connection ended (at most 30 s).
-    pub async fn received(mut self) -> Vec<u8> {
+    /// What the backend received, once its connection ended (at most 30 s).
+    pub async fn received(mut self) -> Received {
         self.go();
         tokio::time::timeout(Duration::from_secs(30), self.received)
             .await

@@ -385,8 +385,10 @@ async fn the_backend_sees_the_rewritten_head() {
     for gone in ["x-secret", "keep-alive", "te:", "cookie", "connection"] {
         assert!(!first.contains(gone), "{gone:?} reached the backend:\n{first}");
     }
-    // Pipelined: the second request was answered after the first, by the default backend.
+    // Pipelined: the second request was answered after the first, by the default backend,
+    // which was asked to close too (lb closes after it).
     assert!(second.contains("app GET /close\n"), "{second}");
+    assert!(second.contains("connection: close\n"), "{second}");
     assert!(
         text.contains("Via: 1.1 lb\r\n") && !text.to_ascii_lowercase().contains("date:"),
         "{text}"

@@ -82,8 +82,9 @@ pub enum Directions {
     Both,
     /// The server's bytes only: the rest of an HTTP response after which lb closes the
     /// connection. What the client sends is read and dropped (it is past the analysed request,
-    /// pipelined requests that must never reach the server unanalysed); its end of stream is
-    /// passed on.
+    /// pipelined requests that must never reach the server unanalysed), and so is its end of
+    /// stream: a server may take a half-close for the client giving up on the response (Go's
+    /// request context, nginx's client-abort check). The flow ends with the server's close.
     ServerToClient,
 }
 

@@ -336,8 +336,9 @@ async fn pump(
             // When the other direction has ended too, the flow is over and its sockets are
             // closed as soon as this returns: that close sends the FIN (every byte received
             // was read, so it is not a reset), and a shutdown call first would only add a
-            // syscall to every short connection.
-            if !ended[from.other().index()].load(Relaxed) {
+            // syscall to every short connection. A dropped side's end is not passed on
+            // (see Directions::ServerToClient).
+            if !ended[from.other().index()].load(Relaxed) && *dropped != Some(from) {
                 dst.shutdown().await.map_err(|_| from.other())?;
             }
             ended[from.index()].store(true, Relaxed);
@@ -443,7 +444,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn server_to_client_only_drops_the_clients_bytes_and_passes_its_end_on() {
+    async fn server_to_client_only_drops_the_clients_bytes_and_its_end() {
         let (client, mut client_peer) = pair().await;
         let (server, mut server_peer) = pair().await;
         let bytes = Counter::default();
@@ -453,16 +454,25 @@ mod tests {
         };
         let flow = forward(client, server, timeouts, &bytes, None, Directions::ServerToClient);
         let peers = async {
-            // A pipelined request the server must never see, then the rest of the response.
+            // A pipelined request the server must never see, and the client's half-close,
+            // which it must not see either (checked over a bounded wait: nothing else can show
+            // an absence); then the rest of the response.
             client_peer
                 .write_all(b"GET /smuggled HTTP/1.1\r\n\r\n")
                 .await
                 .unwrap();
+            client_peer.shutdown().await.unwrap();
+            let mut byte = [0u8; 1];
+            let early = tokio::time::timeout(Duration::from_millis(200), server_peer.read(&mut byte)).await;
+            assert!(
+                early.is_err(),
+                "the server saw {early:?} before the response was over"
+            );
             server_peer.write_all(b"rest of the body").await.unwrap();
             server_peer.shutdown().await.unwrap();
             let mut got = Vec::new();
             client_peer.read_to_end(&mut got).await.unwrap();
-            client_peer.shutdown().await.unwrap();
+            // The flow ends with the server's close, and lb closes the server side then.
             let mut seen = Vec::new();
             server_peer.read_to_end(&mut seen).await.unwrap();
             (got, seen)

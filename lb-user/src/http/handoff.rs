@@ -67,7 +67,8 @@ pub struct Ended<'a> {
     pub listener: &'a str,
     pub backend: &'a str,
     pub server: &'a str,
-    pub end: End,
+    /// How the flow ended; `None`: a socket call of the kernel path failed (the pair was reset).
+    pub end: Option<End>,
     /// Bytes the kernel redirected, both ways.
     pub kernel_bytes: u64,
     /// Bytes from the server given to the client after the hand-off (by the kernel or lb).
@@ -85,9 +86,10 @@ pub fn log_end(kind: Kind, h: &Handed, e: &Ended<'_>) {
     let (bytes_in, bytes_out, times, note) = match kind {
         Kind::Tunnel => {
             let note = match e.end {
-                End::Closed => "tunnel closed",
-                End::Reset(_) => "tunnel reset",
-                End::IdleTimeout(_) => "tunnel idle timeout",
+                Some(End::Closed) => "tunnel closed",
+                Some(End::Reset(_)) => "tunnel reset",
+                Some(End::IdleTimeout(_)) => "tunnel idle timeout",
+                None => "tunnel failed",
             };
             (0, 0, [-1, -1, -1, total], note)
         }
@@ -98,7 +100,10 @@ pub fn log_end(kind: Kind, h: &Handed, e: &Ended<'_>) {
                 h.bytes_in,
                 h.bytes_out + e.to_client,
                 times,
-                body_note(e.end, left, e.to_client),
+                match e.end {
+                    Some(end) => body_note(end, left, e.to_client),
+                    None => "kernel forwarding failed after the hand-off",
+                },
             )
         }
     };

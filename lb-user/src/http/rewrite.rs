@@ -185,6 +185,12 @@ pub fn request_head(
     apply(&mut fields, &http.request_rules);
     if upgrading {
         fields.push(added("Connection", &b"upgrade"[..]));
+    } else if req.version == Version::Http11 && !client_keeps_alive(req) {
+        // lb closes the client connection after this exchange, so the server connection goes
+        // too: the server is asked to close it, which ends the response's flow cleanly once
+        // its body went (a body handed to the kernel, where lb no longer counts its bytes).
+        // An HTTP/1.0 request means it already.
+        fields.push(added("Connection", &b"close"[..]));
     }
     let version = match req.version {
         Version::Http10 => "HTTP/1.0",

@@ -35,6 +35,8 @@ use crate::{
 /// Most bytes read at once. The buffer exists only while a direction's bytes are held; it
 /// grows past this only to take an overcommitted socket's bytes (up to `max_in_flight`).
 const MAX_COPY: usize = 4 << 20;
+/// Most bytes of a dropped side ([`super::Directions::ServerToClient`]) read at once.
+const DROP_STEP: usize = 16 << 10;
 /// Reads per wake-up before yielding to other tasks (a fast sender cannot hold the thread).
 const ROUNDS: usize = 64;
 /// Polls of a peer's progress that only yield to other tasks before the poller sleeps.
@@ -69,6 +71,10 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side) -> Result<(), Halt> {
         }
     }
     src.watch.set_interest(Interest::ErrorsOnly);
+    if flow.drops(from) {
+        // Nothing of it went on, nor does its end (see Directions::ServerToClient).
+        return Ok(());
+    }
     Box::pin(wait_until_delivered(flow, from, None)).await?;
     if let Err(e) = flow.end(from.other()).sock.shutdown(std::net::Shutdown::Write) {
         tracing::debug!("shutdown of the {} side failed: {e}", from.other().name());
@@ -202,7 +208,9 @@ fn take_held(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier, limit: u64) -> 
     let src = flow.end(from);
     let ctl = src.tracked.ctl();
     let held = ctl.passed() - ctl.consumed() - copy.pending();
-    let want = held.min(limit).min(MAX_COPY as u64) as usize;
+    // Bytes to be dropped are read in small steps: a flooding client costs no large buffer.
+    let most = if flow.drops(from) { DROP_STEP } else { MAX_COPY };
+    let want = held.min(limit).min(most as u64) as usize;
     if want == 0 {
         return Ok(());
     }

@@ -1,6 +1,6 @@
 //! Kernel forwarding of one established flow through the BPF SOCKHASH.
 //!
-//! Set-up: give both sockets a control slot (redirecting allowed, braking above
+//! Set-up: give both sockets a control slot (redirecting allowed but see below, braking above
 //! `flow_control.max_in_flight`), record each socket's send baseline, insert both sockets (each
 //! under its peer's cookie), then "kick" each so bytes queued before insertion run through the
 //! verdict program. After that each direction ([`direction`]) sleeps until the program signals
@@ -9,7 +9,8 @@
 //!
 //! With [`Directions::ServerToClient`] (the rest of an HTTP response after which lb closes),
 //! the client's slot never allows redirecting: the program holds every byte the client sends,
-//! and the daemon reads and drops them instead of writing them to the server.
+//! and the daemon reads and drops them instead of writing them to the server; the client's end
+//! of stream is not passed on either.
 //!
 //! The kernel does not pass FIN on, and it sends redirected bytes from a worker after the
 //! verdict: on end of stream from one side, the daemon waits until the peer's TCP send counters

@@ -123,3 +123,15 @@ fn an_h2c_upgrade_is_not_tunneled() {
     let head = text(request_head(&r, &http(NONE, vec![]), "192.0.2.1", false, false));
     assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
 }
+
+#[test]
+fn a_client_that_closes_has_the_server_asked_to_close_too() {
+    let h = http(NONE, vec![]);
+    let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let head = text(request_head(&r, &h, "127.0.0.1", false, false));
+    assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    // Kept alive: no Connection field (keep-alive is HTTP/1.1's default).
+    let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n");
+    let head = text(request_head(&r, &h, "127.0.0.1", false, false));
+    assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+}
