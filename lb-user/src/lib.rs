@@ -20,3 +20,6 @@ pub mod session;
 pub mod shutdown;
 pub mod sockopt;
 pub mod workers;
+
+#[cfg(test)]
+mod test_support;

@@ -286,20 +286,8 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
             // The sockets were closed with a reset when the flow was dropped.
             let l = &proxy.config.listeners[listener];
             tracing::error!(listener = %l.name, client = %pair.info.peer, "kernel forwarding failed: {e}");
-            if let Some((kind, handed)) = &pair.info.http {
-                // The exchange's record (a hand-off's only one, for a response body).
-                let backend = &proxy.config.backends[pair.info.backend];
-                let ended = handoff::Ended {
-                    client: pair.info.peer,
-                    listener: &l.name,
-                    backend: &backend.name,
-                    server: &backend.servers[pair.info.server_idx].name,
-                    end: None,
-                    kernel_bytes: 0,
-                    to_client: 0,
-                };
-                handoff::log_end(*kind, handed, &ended);
-            }
+            // The exchange's record still (a hand-off's only one, for a response body).
+            log_handoff_end(proxy, listener, &pair.info, None, Totals::default());
             Session::Finished(Outcome::ForwardFailed(e))
         }
     }
@@ -324,17 +312,24 @@ fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, totals: Tota
         }
         End::Closed => {}
     }
-    if let Some((kind, handed)) = &info.http {
-        let ended = handoff::Ended {
-            client: info.peer,
-            listener: &l.name,
-            backend: &backend.name,
-            server,
-            end: Some(end),
-            kernel_bytes: totals.kernel,
-            to_client: totals.to_client,
-        };
-        handoff::log_end(*kind, handed, &ended);
-    }
+    log_handoff_end(proxy, listener, &info, Some(end), totals);
     Session::Finished(Outcome::Forwarded(end))
+}
+
+/// An HTTP hand-off's access-log record, when its flow ended (`None`: the kernel path failed).
+fn log_handoff_end(proxy: &Proxy, listener: usize, info: &FlowInfo, end: Option<End>, totals: Totals) {
+    let Some((kind, handed)) = &info.http else {
+        return;
+    };
+    let backend = &proxy.config.backends[info.backend];
+    let ended = handoff::Ended {
+        client: info.peer,
+        listener: &proxy.config.listeners[listener].name,
+        backend: &backend.name,
+        server: &backend.servers[info.server_idx].name,
+        end,
+        kernel_bytes: totals.kernel,
+        to_client: totals.to_client,
+    };
+    handoff::log_end(*kind, handed, &ended);
 }

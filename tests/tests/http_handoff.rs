@@ -84,6 +84,24 @@ fn note(line: &str) -> &str {
     after.split_once(' ').map_or("", |(_, note)| note.trim())
 }
 
+/// A scripted backend sending `first`, then `rest` when told; an lb in front of it; and a client
+/// that sent `request` through lb.
+async fn start(first: Vec<u8>, rest: Vec<u8>, request: &[u8]) -> (Scripted, Lb, TcpStream) {
+    let backend = Scripted::start(first, rest).await;
+    let lb = HttpLbBuilder::new(&[backend.addr]).spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(request).await.unwrap();
+    (backend, lb, c)
+}
+
+/// Waits until lb has handed the response's flow to the kernel.
+async fn in_kernel(lb: &Lb) {
+    lb.wait_for("the body's flow in the kernel", |m| {
+        m.get("lb_kernel_flows") == 1.0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_closing_response_body_goes_to_the_kernel_and_later_client_bytes_never_reach_the_server() {
     if !bpf_available(
@@ -92,22 +110,15 @@ async fn a_closing_response_body_goes_to_the_kernel_and_later_client_bytes_never
         return;
     }
     let (first, rest, body) = content_length_response(b"");
-    let mut backend = Scripted::start(first, rest).await;
-    let lb = HttpLbBuilder::new(&[backend.addr]).spawn();
-    let mut c = TcpStream::connect(lb.listener).await.unwrap();
     // A pipelined request behind the one that asks to close: held by lb, never sent on.
-    c.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /pipelined HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let request = b"GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /pipelined HTTP/1.1\r\nHost: a\r\n\r\n";
+    let (mut backend, lb, mut c) = start(first, rest, request).await;
     let mut got = read_until(&mut c, |b| b.windows(4).any(|w| w == b"\r\n\r\n")).await;
     let head_len = split_response(&got).0.len();
     got.extend(read_until(&mut c, |b| got.len() + b.len() >= head_len + FIRST).await);
     // The rest of the body is the kernel's; what the client sends now goes through the
     // program, which holds it for lb, which drops it.
-    lb.wait_for("the body's flow in the kernel", |m| {
-        m.get("lb_kernel_flows") == 1.0
-    })
-    .await;
+    in_kernel(&lb).await;
     c.write_all(b"POST /smuggled HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
         .await
         .unwrap();
@@ -160,16 +171,13 @@ async fn a_server_sending_past_its_content_length_is_noted() {
     // The kernel does not stop at the body's end: the client, told the connection closes,
     // reads no further message from what follows; lb's record says what happened.
     let (first, rest, body) = content_length_response(b"HTTP/1.1 200 OK\r\n\r\nextra");
-    let mut backend = Scripted::start(first, rest).await;
-    let lb = HttpLbBuilder::new(&[backend.addr]).spawn();
-    let mut c = TcpStream::connect(lb.listener).await.unwrap();
-    c.write_all(b"GET /past HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    lb.wait_for("the body's flow in the kernel", |m| {
-        m.get("lb_kernel_flows") == 1.0
-    })
+    let (mut backend, lb, mut c) = start(
+        first,
+        rest,
+        b"GET /past HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
     .await;
+    in_kernel(&lb).await;
     backend.go();
     let got = read_until(&mut c, |_| false).await;
     drop(c);
@@ -197,16 +205,13 @@ async fn a_chunked_closing_response_goes_to_the_kernel() {
     rest.extend_from_slice(b"\r\n0\r\n\r\n");
     let chunked_len =
         first.len() + rest.len() - b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".len();
-    let mut backend = Scripted::start(first, rest).await;
-    let lb = HttpLbBuilder::new(&[backend.addr]).spawn();
-    let mut c = TcpStream::connect(lb.listener).await.unwrap();
-    c.write_all(b"GET /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    lb.wait_for("the body's flow in the kernel", |m| {
-        m.get("lb_kernel_flows") == 1.0
-    })
+    let (mut backend, lb, mut c) = start(
+        first,
+        rest,
+        b"GET /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
     .await;
+    in_kernel(&lb).await;
     backend.go();
     let got = read_until(&mut c, |b| b.ends_with(b"\r\n0\r\n\r\n")).await;
     drop(c);
@@ -234,12 +239,12 @@ async fn a_closing_response_the_kernel_cannot_take_goes_on_in_userspace_one_way(
     }
     let (first, rest, body) = content_length_response(b"");
     // The backend answers only when told, all at once.
-    let mut backend = Scripted::start(Vec::new(), [first, rest].concat()).await;
-    let lb = HttpLbBuilder::new(&[backend.addr]).spawn();
-    let mut c = TcpStream::connect(lb.listener).await.unwrap();
-    c.write_all(b"GET /half HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let (mut backend, lb, mut c) = start(
+        Vec::new(),
+        [first, rest].concat(),
+        b"GET /half HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     // Sent once lb has the request and went on to the server: left in the socket for the
     // forwarding stage, which must drop it. Then the client half-closes: its socket is no
     // longer ESTABLISHED, which the kernel path refuses.

@@ -433,20 +433,13 @@ async fn write_last(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
-
-    /// A connected pair on loopback: (lb's socket, the peer's).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (ours, _) = l.accept().await.unwrap();
-        (ours, peer)
-    }
+    use crate::test_support::loopback_pair;
 
     #[tokio::test]
     async fn server_to_client_only_drops_the_clients_bytes_and_its_end() {
-        let (client, mut client_peer) = pair().await;
-        let (server, mut server_peer) = pair().await;
+        // (lb's socket, the peer's)
+        let (client, mut client_peer) = loopback_pair().await;
+        let (server, mut server_peer) = loopback_pair().await;
         let bytes = Counter::default();
         let timeouts = Timeouts {
             client: Duration::from_secs(10),

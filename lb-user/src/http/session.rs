@@ -321,7 +321,7 @@ async fn exchange(
         Ok(Moved::Whole(n)) => x.bytes_out += n,
         Ok(Moved::HandOff(n)) => {
             x.bytes_out += n;
-            return hand_off_body(ctx, client, server, &x, resp.status, resp.body, n).await;
+            return hand_off_body(ctx, client, server, &x, resp.status, resp.body, n);
         }
         Err(e) => {
             // Once the head is out nothing else can tell the client: the connection is cut.
@@ -346,41 +346,27 @@ async fn exchange(
 }
 
 /// Hands the rest of a response body to the forwarding stage, server to client only; `sent`:
-/// its bytes lb forwarded already.
-async fn hand_off_body(
+/// its bytes lb forwarded already (nothing is held: see [`Moved::HandOff`]).
+fn hand_off_body(
     ctx: &Ctx<'_>,
-    mut client: Conn,
+    client: Conn,
     server: ServerConn,
     x: &Exchange<'_>,
     status: u16,
     body: Body,
     sent: u64,
 ) -> State {
-    // forward_message stops between reads with every byte it read sent on; should any still be
-    // held, they are the body's and go first.
-    let server_conn = server.conn;
-    if !server_conn.held.is_empty()
-        && write_all(&mut client.stream, &server_conn.held, ctx.l.client_timeout)
-            .await
-            .is_err()
-    {
-        access_log(ctx, x, status, "client failed within the response body", 0);
-        return State::Ended(HttpEnd::Closed("client failed within the response body"));
-    }
-    let early = server_conn.held.len() as u64;
-    let mut record = handed(ctx, x, status);
-    record.bytes_out += early;
     let left = match body {
-        Body::Length(n) => Some(n.saturating_sub(sent + early)),
+        Body::Length(n) => Some(n.saturating_sub(sent)),
         _ => None,
     };
     State::Ended(HttpEnd::Handoff(Box::new(Handoff {
         client: client.stream,
-        server: server_conn.stream,
+        server: server.conn.stream,
         backend: x.backend,
         server_idx: server.server_idx,
         kind: Kind::ResponseBody { left },
-        record,
+        record: handed(ctx, x, status),
     })))
 }
 

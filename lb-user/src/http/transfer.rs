@@ -127,7 +127,8 @@ pub enum Moved {
     /// The whole message; how many body bytes.
     Whole(u64),
     /// The head and this many body bytes (at least `hand_off_after`), the rest of the body not
-    /// yet: the caller hands it to the kernel. Bytes held past them are the body's too.
+    /// yet: the caller hands it to the kernel. Nothing is left held (it stops only once every
+    /// byte it read went: a body ending within them would have been whole).
     HandOff(u64),
 }
 
@@ -227,14 +228,7 @@ pub async fn close_gently(mut stream: TcpStream, linger: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
+    use crate::test_support::loopback_pair as pair;
 
     /// Sends `input` into a Conn whose first `held` bytes are already held, forwards a 4-byte
     /// head and `body`, and returns what reached the other side after the head and what stayed

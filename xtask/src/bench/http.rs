@@ -359,9 +359,8 @@ pub fn backend(port: u16, lifetime: u64) -> Result<()> {
             loop {
                 while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     let close = buf[..end]
-                        .to_ascii_lowercase()
                         .windows(17)
-                        .any(|w| w == b"connection: close");
+                        .any(|w| w.eq_ignore_ascii_case(b"connection: close"));
                     let answer = &answers[usize::from(close)][usize::from(buf.starts_with(b"GET /large"))];
                     buf.drain(..end + 4);
                     if stream.write_all(answer).await.is_err() || close {
