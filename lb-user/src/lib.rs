@@ -8,6 +8,7 @@
 //! Around it: [`config`], [`metrics`] and the [`admin`] endpoint, and [`shutdown`].
 pub mod accept;
 pub mod admin;
+pub mod affinity;
 pub mod balance;
 pub mod bpf;
 pub mod config;

@@ -8,6 +8,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     accept, admin,
+    affinity::{self, AffinityError, CpuAffinity, CpuList},
     balance::RoundRobin,
     bpf::{BpfError, Kernel},
     config::{Config, Forwarding},
@@ -106,6 +107,27 @@ pub enum StartError {
     },
     #[error("cannot start {threads} session thread(s): {source}")]
     Workers { threads: usize, source: std::io::Error },
+    #[error(transparent)]
+    Affinity(#[from] AffinityError),
+}
+
+/// The CPU each session worker is bound to (`tune.cpu_affinity`), said once in the log.
+fn worker_cpus(config: &Config) -> Result<Vec<Option<usize>>, AffinityError> {
+    let allowed = match config.cpu_affinity {
+        CpuAffinity::Unbound => Vec::new(),
+        _ => affinity::allowed().map_err(AffinityError::Allowed)?,
+    };
+    let plan = config.cpu_affinity.plan(config.threads, &allowed)?;
+    let bound: Vec<usize> = plan.iter().flatten().copied().collect();
+    if bound.is_empty() {
+        tracing::info!(
+            threads = config.threads,
+            "session threads not bound to CPUs (tune.cpu_affinity)"
+        );
+    } else {
+        tracing::info!(threads = config.threads, cpus = %CpuList(bound), "session threads bound to CPUs (thread i to the i-th listed)");
+    }
+    Ok(plan)
 }
 
 /// Runs lb until `stop` resolves, then stops accepting, lets flows finish for
@@ -190,8 +212,9 @@ pub async fn run(
         None => None,
     };
     let grace = config.shutdown_grace;
+    let stop_accepting = CancellationToken::new();
     let workers = Arc::new(
-        Workers::start(config.threads).map_err(|source| StartError::Workers {
+        Workers::start(&worker_cpus(&config)?).map_err(|source| StartError::Workers {
             threads: config.threads,
             source,
         })?,
@@ -206,7 +229,6 @@ pub async fn run(
         http_responses,
     });
 
-    let stop_accepting = CancellationToken::new();
     let abort = CancellationToken::new();
     // The admin endpoint stays up while flows drain, so their progress can be watched.
     let stop_admin = CancellationToken::new();

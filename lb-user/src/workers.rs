@@ -8,13 +8,16 @@
 //! moved between CPUs. In `cargo xtask bench http` (100 B responses, 5 runs) requests/s went from
 //! 0.88× to 0.95× HAProxy's and p99 from 1.53× to 1.09× with workers. The accept loops stay on
 //! the main runtime and hand each accepted socket, not yet registered with any reactor, to the
-//! next worker in turn, which registers it with its own.
+//! next worker in turn, which registers it with its own. Each worker's thread may be bound to a
+//! CPU ([`crate::affinity`], `tune.cpu_affinity`).
 use std::{
     io,
     sync::atomic::{AtomicUsize, Ordering},
     thread::JoinHandle,
 };
 use tokio::{runtime, sync::oneshot};
+
+use crate::affinity;
 
 /// The running workers. Dropping it stops them, cancelling what sessions they still run;
 /// [`Workers::stop`] does the same and waits for their threads.
@@ -30,10 +33,14 @@ struct Worker {
 }
 
 impl Workers {
-    /// Starts `count` workers (at least one), threads named `lb-worker-N`.
-    pub fn start(count: usize) -> io::Result<Self> {
-        let workers = (0..count.max(1))
-            .map(Worker::start)
+    /// Starts a worker per entry of `cpus` (at least one), threads named `lb-worker-N`, each
+    /// bound to its entry's CPU when it names one ([`crate::affinity`]).
+    pub fn start(cpus: &[Option<usize>]) -> io::Result<Self> {
+        let cpus = if cpus.is_empty() { &[None][..] } else { cpus };
+        let workers = cpus
+            .iter()
+            .enumerate()
+            .map(|(i, &cpu)| Worker::start(i, cpu))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             workers,
@@ -74,7 +81,7 @@ impl Workers {
 }
 
 impl Worker {
-    fn start(index: usize) -> io::Result<Self> {
+    fn start(index: usize, cpu: Option<usize>) -> io::Result<Self> {
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, started) = std::sync::mpsc::sync_channel(1);
         // The runtime is built in its thread: built here, it would be dropped here when the
@@ -83,6 +90,13 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(format!("lb-worker-{index}"))
             .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = affinity::bind_current_thread(cpu) {
+                        let why = format!("binding lb-worker-{index} to CPU {cpu}: {e}");
+                        let _ = ready.send(Err(io::Error::new(e.kind(), why)));
+                        return;
+                    }
+                }
                 let rt = match runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
@@ -127,7 +141,7 @@ mod tests {
 
     #[test]
     fn sessions_are_spread_over_the_workers_in_turn_and_stay_on_their_thread() {
-        let workers = Workers::start(3).unwrap();
+        let workers = Workers::start(&[None; 3]).unwrap();
         let (tx, rx) = mpsc::channel();
         for i in 0..6 {
             let tx = tx.clone();
@@ -155,7 +169,7 @@ mod tests {
 
     #[test]
     fn stop_cancels_what_is_still_running_and_returns() {
-        let workers = Workers::start(2).unwrap();
+        let workers = Workers::start(&[None; 2]).unwrap();
         let (tx, rx) = mpsc::channel::<()>();
         workers.next().spawn(async move {
             let _held = tx;
@@ -167,8 +181,8 @@ mod tests {
     }
 
     #[test]
-    fn zero_means_one() {
-        let workers = Workers::start(0).unwrap();
+    fn none_means_one() {
+        let workers = Workers::start(&[]).unwrap();
         assert_eq!(workers.len(), 1);
         workers.stop();
     }

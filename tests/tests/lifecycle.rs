@@ -199,3 +199,74 @@ async fn shutdown_lets_open_flows_finish_then_exits() {
         .expect("lb did not exit after its last flow closed");
     assert!(status.success(), "{status}");
 }
+
+/// The CPUs a thread may run on, from its `status` file (`Cpus_allowed_list: 0-2,4`).
+fn cpus_allowed(status_path: &str) -> Vec<usize> {
+    let status = std::fs::read_to_string(status_path).unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    list.split(',')
+        .flat_map(|part| {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()
+        })
+        .collect()
+}
+
+/// Each `lb-worker-N` thread of a running lb and the CPUs it may run on, by N.
+fn worker_cpus(pid: u32) -> Vec<Vec<usize>> {
+    let mut workers: Vec<(usize, Vec<usize>)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let dir = t.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+            let n = comm.trim().strip_prefix("lb-worker-")?.parse().unwrap();
+            Some((n, cpus_allowed(dir.join("status").to_str().unwrap())))
+        })
+        .collect();
+    workers.sort();
+    workers.into_iter().map(|(_, cpus)| cpus).collect()
+}
+
+#[tokio::test]
+async fn session_threads_are_bound_to_cpus_as_configured() {
+    let echo = servers::echo().await;
+    let allowed = cpus_allowed("/proc/self/status");
+    let threads = allowed.len().to_string();
+    // Default (auto), one thread per CPU lb may run on: thread i on the i-th CPU.
+    let lb = LbBuilder::new(&[echo]).set("tune", "threads", &threads).spawn();
+    let want: Vec<Vec<usize>> = allowed.iter().map(|&c| vec![c]).collect();
+    assert_eq!(worker_cpus(lb.pid()), want);
+    // Not one thread per CPU: auto binds none.
+    let extra = (allowed.len() + 1).to_string();
+    let lb = LbBuilder::new(&[echo]).set("tune", "threads", &extra).spawn();
+    assert_eq!(worker_cpus(lb.pid()), vec![allowed.clone(); allowed.len() + 1]);
+    // none: unbound.
+    let lb = LbBuilder::new(&[echo])
+        .set("tune", "threads", "2")
+        .set("tune", "cpu_affinity", "none")
+        .spawn();
+    assert_eq!(worker_cpus(lb.pid()), vec![allowed.clone(); 2]);
+    // A list: round robin over it.
+    let last = *allowed.last().unwrap();
+    let lb = LbBuilder::new(&[echo])
+        .set("tune", "threads", "2")
+        .set("tune", "cpu_affinity", &last.to_string())
+        .spawn();
+    assert_eq!(worker_cpus(lb.pid()), vec![vec![last]; 2]);
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut c, b"ping").await;
+    // A CPU lb may not run on: it does not start, and says why.
+    let err = LbBuilder::new(&[echo])
+        .set("tune", "cpu_affinity", "1023")
+        .try_spawn()
+        .err()
+        .expect("lb started bound to a CPU it may not run on");
+    assert!(
+        err.contains("tune.cpu_affinity names CPU 1023, which lb may not run on"),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@ mod http;
 mod locate;
 pub mod raw;
 
+use crate::affinity::CpuAffinity;
 pub use http::{Forwarded, HeaderRule, HostMatch, Http, Route};
 use locate::{Locator, Step};
 use raw::{RawBackend, RawConfig, RawForwarding, RawKeepalive, RawListener, RawTimeouts};
@@ -40,6 +41,8 @@ pub struct Config {
     pub max_in_flight: u32,
     /// `tune.threads`: how many session workers run ([`crate::workers`]).
     pub threads: usize,
+    /// `tune.cpu_affinity`: which CPU each session worker is bound to.
+    pub cpu_affinity: crate::affinity::CpuAffinity,
     /// `limits:`, bounds on HTTP messages.
     pub limits: crate::http::request::Limits,
     pub listeners: Vec<Listener>,
@@ -294,6 +297,22 @@ impl Validator<'_> {
                 1
             }
         };
+        let cpu_affinity = match raw
+            .tune
+            .cpu_affinity
+            .as_ref()
+            .map(|a| CpuAffinity::parse(&a.text()))
+        {
+            None => CpuAffinity::Auto,
+            Some(Ok(a)) => a,
+            Some(Err(why)) => {
+                self.error(
+                    &[Step::Key("tune"), Step::Key("cpu_affinity")],
+                    format!("tune.cpu_affinity: {why}"),
+                );
+                CpuAffinity::Auto
+            }
+        };
         let max_in_flight = raw
             .flow_control
             .max_in_flight
@@ -340,6 +359,7 @@ impl Validator<'_> {
             kernel_rcvbuf,
             max_in_flight: max_in_flight.clamp(MIN_MAX_IN_FLIGHT, MAX_MAX_IN_FLIGHT) as u32,
             threads,
+            cpu_affinity,
             limits,
             listeners,
             backends,
@@ -637,6 +657,26 @@ mod tests {
         assert_eq!(c.kernel_sndbuf, Some(2 << 20));
         let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 0 }}\n{GOOD}")).unwrap();
         assert_eq!(c.kernel_sndbuf, None);
+    }
+
+    #[test]
+    fn cpu_affinity_is_auto_unless_set() {
+        use crate::affinity::CpuAffinity;
+        assert_eq!(parse("t.yaml", GOOD).unwrap().cpu_affinity, CpuAffinity::Auto);
+        for (text, want) in [
+            ("none", CpuAffinity::Unbound),
+            ("1", CpuAffinity::Cpus(vec![1])),
+            ("0-1", CpuAffinity::Cpus(vec![0, 1])),
+            ("\"2,0\"", CpuAffinity::Cpus(vec![0, 2])),
+        ] {
+            let c = parse("t.yaml", &format!("tune: {{ cpu_affinity: {text} }}\n{GOOD}")).unwrap();
+            assert_eq!(c.cpu_affinity, want, "{text}");
+        }
+        let e = only_error(&format!("tune:\n  cpu_affinity: all\n{GOOD}"));
+        assert!(
+            e.starts_with("t.yaml:2:17: tune.cpu_affinity: `all` is neither `auto`, `none` nor a CPU list"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -93,6 +93,29 @@ pub struct RawTune {
     /// on one thread from accept to close (default: one per CPU lb may run on).
     #[serde(default)]
     pub threads: Option<u32>,
+    /// Which CPU each session thread is bound to (HAProxy's `cpu-map`): `auto` binds thread `i`
+    /// to the `i`-th CPU lb may run on when there is one thread per such CPU (the default
+    /// thread count) and binds none otherwise; `none` binds none; a CPU list as `taskset -c`
+    /// takes it (`0-3,6`) binds thread `i` to its `i`-th CPU, round robin (default `auto`).
+    #[serde(default)]
+    pub cpu_affinity: Option<RawCpuList>,
+}
+
+/// A CPU list as YAML reads it: a lone CPU (`1`) is a number, anything else a string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawCpuList {
+    One(u64),
+    Text(String),
+}
+
+impl RawCpuList {
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            RawCpuList::One(n) => n.to_string().into(),
+            RawCpuList::Text(t) => t.as_str().into(),
+        }
+    }
 }
 
 /// `flow_control:`

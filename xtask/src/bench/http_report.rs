@@ -43,7 +43,7 @@ pub fn markdown(meta: &Meta, results: &Results) -> String {
          - wrk, 2 threads, 32 connections, {} s per run, `--latency`; requests/s is wrk's `Requests/sec`, p99 its 99th percentile. Values are medians of {} run(s). Connections are kept alive, except in the `Connection: close` test, where wrk sends that field and opens a new connection for each request (lb then forwards each body past its first 64 KiB in the kernel; the issue's targets are set for the kept-alive tests).\n\
          - The backend is a minimal HTTP/1.1 responder (`xtask bench-http-backend`) with canned answers: 100 B or 1 MiB bodies; it keeps its connections alive unless a request asks to close.\n\
          - Loopback inside a fresh network namespace for each configuration and run; configurations alternate within each run.\n\
-         - lb: `mode: http` with its defaults and X-Forwarded-For; its access log is off (`RUST_LOG=info,lb::access=off`), as HAProxy here has no log target. HAProxy: `mode http` as shipped by Debian plus `option forwardfor`. Both keep connections to the backend alive.\n\
+         - lb: `mode: http` with its defaults and X-Forwarded-For; its access log is off (`RUST_LOG=info,lb::access=off`), as HAProxy here has no log target. HAProxy: `mode http` as shipped by Debian plus `option forwardfor`. Both keep connections to the backend alive. Both run one thread per CPU; lb binds each to its CPU by default (`tune.cpu_affinity: auto`), HAProxy's are not bound (no `cpu-map`).\n\
          - proxy CPU-s: user + system time of the proxy process while wrk ran.\n",
         meta.seconds, meta.runs
     );
