@@ -32,6 +32,10 @@ pub struct Proxy {
     /// Per listener, for `mode: http` ones: `lb_http_responses_total{listener,code}` by
     /// [`crate::metrics::status_class`], held to avoid a label lookup per response.
     pub http_responses: Vec<Option<[Counter; 5]>>,
+    /// Cancelled when lb starts to stop (SIGTERM): the listeners stop accepting, and HTTP
+    /// sessions close their kept-alive connections (HAProxy's soft-stop): an idle one at once,
+    /// a busy one after its response, which says `Connection: close`.
+    pub stopping: CancellationToken,
 }
 
 impl Proxy {
@@ -227,6 +231,7 @@ pub async fn run(
         user_bytes,
         dropped,
         http_responses,
+        stopping: stop_accepting.clone(),
     });
 
     let abort = CancellationToken::new();

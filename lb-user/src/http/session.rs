@@ -13,6 +13,7 @@
 use prometheus_client::metrics::counter::Counter;
 use std::{net::SocketAddr, time::Duration};
 use tokio::{net::TcpStream, time::Instant};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     framing::Body,
@@ -72,6 +73,10 @@ pub(super) struct Ctx<'a> {
     client_ip: String,
     /// `lb_http_responses_total` of this listener, by status class.
     responses: &'a [Counter; 5],
+    /// Cancelled when lb starts to stop. The connection's own child of
+    /// [`Proxy::stopping`]: waiting on it registers with this connection's token, not with one
+    /// every connection of every thread registers with at every request.
+    stopping: CancellationToken,
 }
 
 /// Runs an HTTP client connection until it ends or becomes a tunnel.
@@ -87,6 +92,7 @@ pub async fn run(proxy: &Proxy, listener: usize, stream: TcpStream, peer: Socket
         peer,
         client_ip: peer.ip().to_string(),
         responses,
+        stopping: proxy.stopping.child_token(),
     };
     let mut state = State::Waiting {
         client: Conn::new(stream),
@@ -146,7 +152,16 @@ async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<Server
                 Err(r) => return refuse(ctx, client, None, r).await,
             }
         }
-        match client.fill(deadline).await {
+        // Between requests on a kept-alive connection, lb stopping closes it (a new
+        // connection's first request is still answered, with `Connection: close`).
+        let idle = !first && client.held.is_empty();
+        let read = tokio::select! {
+            r = client.fill(deadline) => r,
+            () = ctx.stopping.cancelled(), if idle => {
+                return State::Ended(HttpEnd::Closed("lb stopping"))
+            }
+        };
+        match read {
             Ok(0) if client.held.is_empty() => return State::Ended(HttpEnd::Closed("client closed")),
             Ok(0) => {
                 return refuse(
@@ -274,7 +289,10 @@ async fn exchange(
         return refuse(ctx, client, Some(&x), r).await;
     }
     let tunnel = (resp.status == 101) || (req.method == "CONNECT" && (200..300).contains(&resp.status));
-    let close = !tunnel && (!rewrite::client_keeps_alive(&req) || resp.body == Body::UntilClose);
+    let close = !tunnel
+        && (!rewrite::client_keeps_alive(&req)
+            || resp.body == Body::UntilClose
+            || ctx.stopping.is_cancelled());
     let mut head = rewrite::response_head(&resp, ctx.http, close);
     count(ctx, resp.status);
     x.bytes_out += head.len() as u64;
