@@ -70,6 +70,8 @@ pub struct Metrics {
     pub active: Family<ListenerLabels, Gauge>,
     pub connect_errors: Family<ServerLabels, Counter>,
     pub server_connections: Family<ServerLabels, Counter>,
+    /// Current sessions per server (what `leastconn` and `random` weigh).
+    pub server_active: Family<ServerLabels, Gauge>,
     pub resets: Family<EndLabels, Counter>,
     pub timeouts: Family<EndLabels, Counter>,
     /// 1 when flows are forwarded by the kernel, 0 when in userspace.
@@ -116,6 +118,7 @@ impl Metrics {
             active: Family::default(),
             connect_errors: Family::default(),
             server_connections: Family::default(),
+            server_active: Family::default(),
             resets: Family::default(),
             timeouts: Family::default(),
             kernel_forwarding: Gauge::default(),
@@ -157,6 +160,11 @@ impl Metrics {
             "lb_backend_connections",
             "Connections established to a server",
             m.server_connections.clone(),
+        );
+        r.register(
+            "lb_backend_active_sessions",
+            "Current sessions of a server: TCP flows, and HTTP server connections (kept-alive ones included)",
+            m.server_active.clone(),
         );
         r.register(
             "lb_resets",

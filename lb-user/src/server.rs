@@ -9,7 +9,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     accept, admin,
     affinity::{self, AffinityError, CpuAffinity, CpuList},
-    balance::RoundRobin,
+    balance::Balancer,
     bpf::{BpfError, Kernel},
     config::{Config, Forwarding},
     metrics::{ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, STATUS_CLASSES},
@@ -59,7 +59,7 @@ fn kernel_rcvbuf(kernel: Option<&Kernel>, config: &Config) -> Option<u32> {
 /// A backend's runtime state: its balancer and each server's counters (created once, so the
 /// connect path does no label lookup).
 pub struct BackendState {
-    pub balancer: RoundRobin,
+    pub balancer: Balancer,
     /// Per server of the backend's config, same order.
     pub servers: Vec<ServerCounters>,
 }
@@ -87,7 +87,18 @@ impl BackendState {
             })
             .collect();
         BackendState {
-            balancer: RoundRobin::new(backend.servers.iter().map(|s| s.weight)),
+            balancer: Balancer::new(
+                backend,
+                backend.servers.iter().map(|s| {
+                    metrics
+                        .server_active
+                        .get_or_create(&ServerLabels {
+                            backend: backend.name.clone(),
+                            server: s.name.clone(),
+                        })
+                        .clone()
+                }),
+            ),
             servers,
         }
     }

@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     accept::Accepted,
+    balance::{Lease, PickKey},
     connect::{connect, ConnectError},
     forward::{self, kernel::Forwarded, user::UserEnd, Directions, End, Timeouts, Totals},
     http::{
@@ -53,7 +54,8 @@ struct FlowInfo {
     peer: SocketAddr,
     /// The backend the server belongs to (an HTTP route may pick another than the listener's).
     backend: usize,
-    server_idx: usize,
+    /// The server, counted as one of its sessions until the flow ends.
+    lease: Lease,
     /// An HTTP hand-off's exchange, logged when the flow ends.
     http: Option<(Kind, Handed)>,
 }
@@ -129,10 +131,15 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
         tracing::debug!(listener = %l.name, client = %a.peer, original_dst = %dst, "transparent connection");
     }
     let state = &proxy.backends[l.backend];
-    let Some(server_idx) = state.balancer.pick() else {
+    let key = PickKey {
+        client: a.peer.ip(),
+        path: None,
+    };
+    let Some(lease) = state.balancer.pick(key) else {
         tracing::warn!(listener = %l.name, backend = %backend.name, "no server available");
         return Session::Finished(Outcome::NoServer);
     };
+    let server_idx = lease.index();
     let server = &backend.servers[server_idx];
     match connect(server, backend.connect_timeout, l.nodelay, proxy.kernel_rcvbuf()).await {
         Ok(stream) => {
@@ -145,7 +152,7 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
                 info: FlowInfo {
                     peer: a.peer,
                     backend: l.backend,
-                    server_idx,
+                    lease,
                     http: None,
                 },
             })
@@ -196,7 +203,7 @@ async fn http_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
                 info: FlowInfo {
                     peer: a.peer,
                     backend: h.backend,
-                    server_idx: h.server_idx,
+                    lease: h.lease,
                     http: Some((h.kind, h.record)),
                 },
             })
@@ -297,7 +304,7 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
 fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, totals: Totals) -> Session {
     let l = &proxy.config.listeners[listener];
     let backend = &proxy.config.backends[info.backend];
-    let server = &backend.servers[info.server_idx].name;
+    let server = &backend.servers[info.lease.index()].name;
     let labels = |side: forward::Side| EndLabels {
         listener: l.name.clone(),
         side: side.name(),
@@ -326,7 +333,7 @@ fn log_handoff_end(proxy: &Proxy, listener: usize, info: &FlowInfo, end: Option<
         client: info.peer,
         listener: &proxy.config.listeners[listener].name,
         backend: &backend.name,
-        server: &backend.servers[info.server_idx].name,
+        server: &backend.servers[info.lease.index()].name,
         end,
         kernel_bytes: totals.kernel,
         to_client: totals.to_client,

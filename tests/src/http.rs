@@ -104,6 +104,7 @@ pub struct HttpLbBuilder {
     backends: Vec<(String, Vec<SocketAddr>)>,
     listener: Vec<String>,
     top: Vec<String>,
+    app: Vec<String>,
 }
 
 impl HttpLbBuilder {
@@ -113,6 +114,7 @@ impl HttpLbBuilder {
             backends: vec![("app".into(), app.to_vec())],
             listener: Vec::new(),
             top: Vec::new(),
+            app: Vec::new(),
         }
     }
     /// Another backend.
@@ -124,6 +126,12 @@ impl HttpLbBuilder {
     /// e.g. `"    routes:\n      - { path_prefix: /api/, backend: api }\n"`.
     pub fn listener_yaml(mut self, yaml: &str) -> Self {
         self.listener.push(yaml.into());
+        self
+    }
+    /// YAML lines for the `app` backend, indented as its keys (4 spaces), e.g.
+    /// `"    balance: uri\n"`.
+    pub fn app_yaml(mut self, yaml: &str) -> Self {
+        self.app.push(yaml.into());
         self
     }
     /// Top-level YAML, e.g. `"limits: { max_header_bytes: 4KiB }\n"`.
@@ -143,7 +151,13 @@ impl HttpLbBuilder {
         }
         y += "backends:\n";
         for (name, servers) in &self.backends {
-            y += &format!("  - name: {name}\n    servers:\n");
+            y += &format!("  - name: {name}\n");
+            if name == "app" {
+                for line in &self.app {
+                    y += line;
+                }
+            }
+            y += "    servers:\n";
             for (i, s) in servers.iter().enumerate() {
                 y += &format!("      - {{ name: s{i}, address: \"{s}\" }}\n");
             }

@@ -36,6 +36,8 @@ pub struct LbBuilder {
     env: Vec<(String, String)>,
     sections: Vec<(String, String, String)>,
     offload_after: Option<String>,
+    balance: String,
+    weights: Vec<u32>,
 }
 
 impl LbBuilder {
@@ -50,7 +52,19 @@ impl LbBuilder {
             env: Vec::new(),
             sections: Vec::new(),
             offload_after: None,
+            balance: "roundrobin".into(),
+            weights: Vec::new(),
         }
+    }
+    /// The backend's `balance:` algorithm (default roundrobin).
+    pub fn balance(mut self, algorithm: &str) -> Self {
+        self.balance = algorithm.into();
+        self
+    }
+    /// The servers' weights, in order (default: none set, so 1).
+    pub fn weights(mut self, weights: &[u32]) -> Self {
+        self.weights = weights.to_vec();
+        self
     }
     /// An environment variable for lb (e.g. a fault-injection knob).
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -121,7 +135,7 @@ impl LbBuilder {
             }
         }
         y += "listeners:\n  - name: test\n    bind: 127.0.0.1:0\n    mode: tcp\n    backend: pool\n";
-        y += "backends:\n  - name: pool\n    balance: roundrobin\n";
+        y += &format!("backends:\n  - name: pool\n    balance: {}\n", self.balance);
         if !self.backend_timeouts.is_empty() {
             y += "    timeouts:\n";
             for (k, v) in &self.backend_timeouts {
@@ -130,7 +144,10 @@ impl LbBuilder {
         }
         y += "    servers:\n";
         for (i, s) in self.servers.iter().enumerate() {
-            y += &format!("      - {{ name: s{i}, address: \"{s}\" }}\n");
+            match self.weights.get(i) {
+                Some(w) => y += &format!("      - {{ name: s{i}, address: \"{s}\", weight: {w} }}\n"),
+                None => y += &format!("      - {{ name: s{i}, address: \"{s}\" }}\n"),
+            }
         }
         y
     }

@@ -84,10 +84,29 @@ pub struct Backend {
     pub servers: Vec<Server>,
 }
 
-/// Balancing algorithms.
+/// Balancing algorithms (`balance:`, [`crate::balance`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
+    /// Smooth weighted round robin.
     RoundRobin,
+    /// Fewest current sessions per unit of weight.
+    LeastConn,
+    /// Consistent hash of the client's address.
+    Source,
+    /// Consistent hash of the request path (HTTP listeners only).
+    Uri,
+    /// Power of two choices.
+    Random,
+}
+
+impl Balance {
+    const NAMES: [(&'static str, Balance); 5] = [
+        ("roundrobin", Balance::RoundRobin),
+        ("leastconn", Balance::LeastConn),
+        ("source", Balance::Source),
+        ("uri", Balance::Uri),
+        ("random", Balance::Random),
+    ];
 }
 
 /// A validated server.
@@ -350,6 +369,22 @@ impl Validator<'_> {
             }
             listeners.push(self.listener(&path, l, &backend_index, &defaults));
         }
+        for (i, l) in listeners.iter().enumerate() {
+            // A TCP flow has no path to hash (HTTP routes may name such a backend).
+            if l.http.is_none()
+                && backends
+                    .get(l.backend)
+                    .is_some_and(|b: &Backend| b.balance == Balance::Uri)
+            {
+                self.error(
+                    &[Step::Key("listeners"), Step::Index(i), Step::Key("backend")],
+                    format!(
+                        "listener `{}` is mode tcp, but backend `{}` balances by uri, which needs HTTP",
+                        l.name, backends[l.backend].name
+                    ),
+                );
+            }
+        }
         Config {
             forwarding,
             offload_after,
@@ -441,14 +476,19 @@ impl Validator<'_> {
 
     fn backend(&mut self, path: &[Step], b: RawBackend, defaults: &RawTimeouts) -> Backend {
         let balance = match b.balance.as_deref() {
-            None | Some("roundrobin") => Balance::RoundRobin,
-            Some(other) => {
-                self.error(
-                    &with(path, Step::Key("balance")),
-                    format!("balance: unknown algorithm `{other}`; expected roundrobin"),
-                );
-                Balance::RoundRobin
-            }
+            None => Balance::RoundRobin,
+            Some(name) => match Balance::NAMES.iter().find(|(n, _)| *n == name) {
+                Some(&(_, balance)) => balance,
+                None => {
+                    self.error(
+                        &with(path, Step::Key("balance")),
+                        format!(
+                            "balance: unknown algorithm `{name}`; expected one of roundrobin, leastconn, source, uri, random"
+                        ),
+                    );
+                    Balance::RoundRobin
+                }
+            },
         };
         let timeouts = b.timeouts.unwrap_or_default();
         let client_side = [
@@ -657,6 +697,34 @@ mod tests {
         assert_eq!(c.kernel_sndbuf, Some(2 << 20));
         let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 0 }}\n{GOOD}")).unwrap();
         assert_eq!(c.kernel_sndbuf, None);
+    }
+
+    #[test]
+    fn balance_algorithms() {
+        for (name, want) in Balance::NAMES {
+            let text = GOOD.replace(
+                "  - name: app\n",
+                &format!("  - name: app\n    balance: {name}\n"),
+            );
+            // `uri` needs an HTTP listener.
+            let text = if want == Balance::Uri {
+                text.replace("    backend: app\n", "    mode: http\n    default_backend: app\n")
+            } else {
+                text
+            };
+            let c = parse("t.yaml", &text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(c.backends[0].balance, want);
+        }
+        let e = only_error(&GOOD.replace("  - name: app\n", "  - name: app\n    balance: fastest\n"));
+        assert!(
+            e.starts_with("t.yaml:7:14: balance: unknown algorithm `fastest`; expected one of roundrobin"),
+            "{e}"
+        );
+        let e = only_error(&GOOD.replace("  - name: app\n", "  - name: app\n    balance: uri\n"));
+        assert!(
+            e.starts_with("t.yaml:4:14: listener `web` is mode tcp, but backend `app` balances by uri"),
+            "{e}"
+        );
     }
 
     #[test]

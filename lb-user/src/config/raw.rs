@@ -268,7 +268,10 @@ pub struct RawKeepaliveSettings {
 pub struct RawBackend {
     /// Unique name, referenced by listeners' `backend:`.
     pub name: String,
-    /// Balancing algorithm: `roundrobin` (weighted, smooth; the default).
+    /// Balancing algorithm: `roundrobin` (weighted, smooth; the default), `leastconn` (fewest
+    /// current sessions per unit of weight), `source` (consistent hash of the client address),
+    /// `uri` (consistent hash of the request path; HTTP only), `random` (power of two choices).
+    /// Every one honours the servers' weights.
     #[serde(default)]
     pub balance: Option<String>,
     /// Overrides `timeouts.connect` and `timeouts.server` for this backend.

@@ -17,7 +17,8 @@ pub struct Handoff {
     pub client: TcpStream,
     pub server: TcpStream,
     pub backend: usize,
-    pub server_idx: usize,
+    /// The server's lease ([`crate::balance`]): the flow counts as its session until it ends.
+    pub lease: crate::balance::Lease,
     pub kind: Kind,
     /// For the access-log record written when the flow ends.
     pub record: Handed,

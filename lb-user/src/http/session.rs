@@ -314,7 +314,7 @@ async fn exchange(
             client: client.stream,
             server: server.conn.stream,
             backend,
-            server_idx: server.server_idx,
+            lease: server.lease,
             kind: Kind::Tunnel,
             record,
         })));
@@ -382,7 +382,7 @@ fn hand_off_body(
         client: client.stream,
         server: server.conn.stream,
         backend: x.backend,
-        server_idx: server.server_idx,
+        lease: server.lease,
         kind: Kind::ResponseBody { left },
         record: handed(ctx, x, status),
     })))

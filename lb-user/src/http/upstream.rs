@@ -13,13 +13,18 @@ use super::{
     transfer::{forward_message, write_all, BodyError, Conn, Moved, ReadError},
     Rejection, Version,
 };
-use crate::{connect::connect, sockopt};
+use crate::{
+    balance::{Lease, PickKey},
+    connect::connect,
+    sockopt,
+};
 
 /// A server connection, kept between requests while it serves the same backend.
 pub(super) struct ServerConn {
     pub(super) conn: Conn,
     pub(super) backend: usize,
-    pub(super) server_idx: usize,
+    /// The server, counted as one of its sessions while the connection lasts.
+    pub(super) lease: Lease,
     /// When its last response ended (it idles since).
     pub(super) idle_since: Instant,
     /// Its last response had no body (HEAD, 204, 304): where a faulty server may still send
@@ -51,9 +56,9 @@ pub(super) async fn send_request(
         let was_reused = reused.is_some();
         let mut server = match reused.take() {
             Some(s) => s,
-            None => connect_server(ctx, x.backend).await?,
+            None => connect_server(ctx, x.backend, &x.req.path).await?,
         };
-        x.server_idx = Some(server.server_idx);
+        x.server_idx = Some(server.lease.index());
         x.connected = Some(Instant::now());
         let server_idle = ctx.proxy.config.backends[x.backend].server_timeout;
         let idle = (ctx.l.client_timeout, server_idle);
@@ -166,15 +171,19 @@ async fn read_response(
     }
 }
 
-/// Picks a server of `backend` and connects to it.
-async fn connect_server(ctx: &Ctx<'_>, backend: usize) -> Result<ServerConn, Rejection> {
+/// Picks a server of `backend` for a request to `path` and connects to it.
+async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<ServerConn, Rejection> {
     let state = &ctx.proxy.backends[backend];
     let b = &ctx.proxy.config.backends[backend];
-    let Some(idx) = state.balancer.pick() else {
+    let key = PickKey {
+        client: ctx.peer.ip(),
+        path: Some(path),
+    };
+    let Some(lease) = state.balancer.pick(key) else {
         return Err(Rejection::new(503, "no server available"));
     };
     match connect(
-        &b.servers[idx],
+        &b.servers[lease.index()],
         b.connect_timeout,
         ctx.l.nodelay,
         ctx.proxy.kernel_rcvbuf(),
@@ -182,17 +191,17 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize) -> Result<ServerConn, Rej
     .await
     {
         Ok(stream) => {
-            state.servers[idx].connections.inc();
+            state.servers[lease.index()].connections.inc();
             Ok(ServerConn {
                 conn: Conn::new(stream),
                 backend,
-                server_idx: idx,
+                lease,
                 idle_since: Instant::now(),
                 after_bodiless: false,
             })
         }
         Err(e) => {
-            state.servers[idx].connect_errors.inc();
+            state.servers[lease.index()].connect_errors.inc();
             tracing::warn!(listener = %ctx.l.name, backend = %b.name, client = %ctx.peer, "connect failed: {e}");
             Err(Rejection::new(502, "server connection failed"))
         }

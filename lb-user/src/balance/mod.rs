@@ -1,0 +1,248 @@
+//! Server selection, the stage between a session's analysis and its connect: which server of a
+//! backend a new flow (or, in HTTP mode, a new server connection) goes to (`balance:`).
+//!
+//! - [`roundrobin`]: smooth weighted round robin (the default);
+//! - [`leastconn`]: the fewest current sessions per unit of weight;
+//! - [`hash`]: `source` (the client address) and `uri` (the request path), consistent
+//!   (weighted rendezvous hashing): removing one of N servers moves only its own clients;
+//! - [`random`]: the power of two choices, two weighted draws and the less loaded of them.
+//!
+//! Each server's live state ([`ServerLive`]: its weight, which `lb server weight` may change,
+//! and its current sessions) is shared by every thread. A pick returns a [`Lease`], which
+//! counts the session while the caller holds it.
+pub mod hash;
+pub mod leastconn;
+pub mod random;
+pub mod roundrobin;
+
+use prometheus_client::metrics::gauge::Gauge;
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU32, Ordering::Relaxed},
+        Arc,
+    },
+};
+
+use crate::config::{Backend, Balance};
+
+/// What a pick may look at besides the servers: the client's address (`source`) and, for an
+/// HTTP request, its path (`uri`).
+#[derive(Debug, Clone, Copy)]
+pub struct PickKey<'a> {
+    pub client: IpAddr,
+    pub path: Option<&'a str>,
+}
+
+/// One server's live state.
+#[derive(Debug)]
+pub struct ServerLive {
+    weight: AtomicU32,
+    /// Current sessions: the `lb_backend_active_sessions` gauge itself (an atomic).
+    active: Gauge,
+}
+
+impl ServerLive {
+    fn new(weight: u32, active: Gauge) -> ServerLive {
+        ServerLive {
+            weight: AtomicU32::new(weight),
+            active,
+        }
+    }
+
+    /// Its weight now (0: no new flows).
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Relaxed)
+    }
+
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Relaxed);
+    }
+
+    /// Sessions that hold a [`Lease`] on it.
+    pub fn active(&self) -> u32 {
+        u32::try_from(self.active.get()).unwrap_or(0)
+    }
+}
+
+/// A session's claim on the server it was given: counted in [`ServerLive::active`] until
+/// dropped.
+#[derive(Debug)]
+pub struct Lease {
+    server: Arc<ServerLive>,
+    index: usize,
+}
+
+impl Lease {
+    /// The server's index in its backend.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.server.active.dec();
+    }
+}
+
+/// A backend's balancer: its algorithm's state and its servers' live state.
+pub struct Balancer {
+    algorithm: Algorithm,
+    servers: Vec<Arc<ServerLive>>,
+}
+
+enum Algorithm {
+    RoundRobin(roundrobin::RoundRobin),
+    LeastConn(leastconn::LeastConn),
+    Source(hash::Rendezvous),
+    Uri(hash::Rendezvous),
+    Random,
+}
+
+impl Balancer {
+    /// `active`: each server's `lb_backend_active_sessions` gauge, in the backend's order.
+    pub fn new(backend: &Backend, active: impl IntoIterator<Item = Gauge>) -> Balancer {
+        let names = || backend.servers.iter().map(|s| s.name.as_str());
+        let algorithm = match backend.balance {
+            Balance::RoundRobin => Algorithm::RoundRobin(roundrobin::RoundRobin::new(backend.servers.len())),
+            Balance::LeastConn => Algorithm::LeastConn(leastconn::LeastConn::default()),
+            Balance::Source => Algorithm::Source(hash::Rendezvous::new(names())),
+            Balance::Uri => Algorithm::Uri(hash::Rendezvous::new(names())),
+            Balance::Random => Algorithm::Random,
+        };
+        Balancer {
+            algorithm,
+            servers: backend
+                .servers
+                .iter()
+                .zip(active)
+                .map(|(s, active)| Arc::new(ServerLive::new(s.weight, active)))
+                .collect(),
+        }
+    }
+
+    /// Each server's live state, in the backend's order.
+    pub fn servers(&self) -> &[Arc<ServerLive>] {
+        &self.servers
+    }
+
+    /// The server for a new flow, counted as one of its sessions while the lease is held;
+    /// `None` when no server takes new flows (every weight is 0).
+    pub fn pick(&self, key: PickKey<'_>) -> Option<Lease> {
+        // One snapshot per pick: a weight changed meanwhile applies from the next one.
+        let weights: Vec<u32> = self.servers.iter().map(|s| s.weight()).collect();
+        let index = match &self.algorithm {
+            Algorithm::RoundRobin(rr) => rr.pick(&weights),
+            Algorithm::LeastConn(lc) => lc.pick(&weights, &self.active()),
+            Algorithm::Source(h) => h.pick(&weights, &ip_bytes(key.client)),
+            // A request without a path (CONNECT, `*`) hashes as `/`.
+            Algorithm::Uri(h) => h.pick(
+                &weights,
+                key.path.filter(|p| !p.is_empty()).unwrap_or("/").as_bytes(),
+            ),
+            Algorithm::Random => random::pick(&weights, &self.active(), &mut fastrand::Rng::new()),
+        }?;
+        let server = self.servers[index].clone();
+        server.active.inc();
+        Some(Lease { server, index })
+    }
+
+    fn active(&self) -> Vec<u32> {
+        self.servers.iter().map(|s| s.active()).collect()
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        // An IPv4 client seen through an IPv6 socket hashes as itself.
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.octets().to_vec(),
+            None => v6.octets().to_vec(),
+        },
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+    }
+}
+
+/// `a / wa < b / wb` for loads `a`, `b` on weights `wa`, `wb` (both non-zero), without division.
+fn lighter(a: u32, wa: u32, b: u32, wb: u32) -> bool {
+    u64::from(a) * u64::from(wb) < u64::from(b) * u64::from(wa)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Server;
+
+    fn backend(balance: Balance, weights: &[u32]) -> Backend {
+        Backend {
+            name: "b".into(),
+            balance,
+            connect_timeout: std::time::Duration::from_secs(1),
+            server_timeout: std::time::Duration::from_secs(1),
+            servers: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| Server {
+                    name: format!("s{i}"),
+                    address: "127.0.0.1:1".parse().unwrap(),
+                    weight,
+                })
+                .collect(),
+        }
+    }
+
+    fn balancer(balance: Balance, weights: &[u32]) -> Balancer {
+        Balancer::new(
+            &backend(balance, weights),
+            weights.iter().map(|_| Gauge::default()),
+        )
+    }
+
+    const KEY: PickKey<'static> = PickKey {
+        client: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        path: Some("/"),
+    };
+
+    #[test]
+    fn leases_count_sessions_until_dropped() {
+        let b = balancer(Balance::LeastConn, &[1, 1]);
+        let first = b.pick(KEY).unwrap();
+        let second = b.pick(KEY).unwrap();
+        assert_ne!(first.index(), second.index());
+        assert_eq!(b.active(), [1, 1]);
+        drop(first);
+        assert_eq!(b.active().iter().sum::<u32>(), 1);
+        drop(second);
+        assert_eq!(b.active(), [0, 0]);
+    }
+
+    #[test]
+    fn a_weight_set_to_zero_takes_no_new_flows_whatever_the_algorithm() {
+        for balance in [
+            Balance::RoundRobin,
+            Balance::LeastConn,
+            Balance::Source,
+            Balance::Uri,
+            Balance::Random,
+        ] {
+            let b = balancer(balance, &[1, 1, 1]);
+            b.servers()[1].set_weight(0);
+            for i in 0..300u32 {
+                let ip = IpAddr::V4(i.into());
+                let path = format!("/{i}");
+                let lease = b
+                    .pick(PickKey {
+                        client: ip,
+                        path: Some(&path),
+                    })
+                    .unwrap();
+                assert_ne!(lease.index(), 1, "{balance:?}");
+            }
+            for s in b.servers() {
+                s.set_weight(0);
+            }
+            assert!(b.pick(KEY).is_none(), "{balance:?}");
+        }
+    }
+}
