@@ -14,6 +14,7 @@ pub mod bpf;
 pub mod config;
 pub mod connect;
 pub mod forward;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod server;

@@ -72,6 +72,10 @@ pub struct Metrics {
     pub server_connections: Family<ServerLabels, Counter>,
     /// Current sessions per server (what `leastconn` and `random` weigh).
     pub server_active: Family<ServerLabels, Gauge>,
+    /// 1 while a server is healthy (health checks, passive ejection), else 0.
+    pub server_up: Family<ServerLabels, Gauge>,
+    /// Failed health checks per server.
+    pub check_failures: Family<ServerLabels, Counter>,
     pub resets: Family<EndLabels, Counter>,
     pub timeouts: Family<EndLabels, Counter>,
     /// 1 when flows are forwarded by the kernel, 0 when in userspace.
@@ -119,6 +123,8 @@ impl Metrics {
             connect_errors: Family::default(),
             server_connections: Family::default(),
             server_active: Family::default(),
+            server_up: Family::default(),
+            check_failures: Family::default(),
             resets: Family::default(),
             timeouts: Family::default(),
             kernel_forwarding: Gauge::default(),
@@ -165,6 +171,16 @@ impl Metrics {
             "lb_backend_active_sessions",
             "Current sessions of a server: TCP flows, and HTTP server connections (kept-alive ones included)",
             m.server_active.clone(),
+        );
+        r.register(
+            "lb_server_up",
+            "1 while a server is healthy (its health checks pass and it was not ejected), else 0",
+            m.server_up.clone(),
+        );
+        r.register(
+            "lb_health_check_failures",
+            "Failed health checks of a server",
+            m.check_failures.clone(),
         );
         r.register(
             "lb_resets",

@@ -68,6 +68,8 @@ pub struct BackendState {
 pub struct ServerCounters {
     pub connections: Counter,
     pub connect_errors: Counter,
+    /// `lb_health_check_failures_total`.
+    pub check_failures: Counter,
 }
 
 impl BackendState {
@@ -83,6 +85,7 @@ impl BackendState {
                 ServerCounters {
                     connections: metrics.server_connections.get_or_create(&labels).clone(),
                     connect_errors: metrics.connect_errors.get_or_create(&labels).clone(),
+                    check_failures: metrics.check_failures.get_or_create(&labels).clone(),
                 }
             })
             .collect();
@@ -90,13 +93,14 @@ impl BackendState {
             balancer: Balancer::new(
                 backend,
                 backend.servers.iter().map(|s| {
-                    metrics
-                        .server_active
-                        .get_or_create(&ServerLabels {
-                            backend: backend.name.clone(),
-                            server: s.name.clone(),
-                        })
-                        .clone()
+                    let labels = ServerLabels {
+                        backend: backend.name.clone(),
+                        server: s.name.clone(),
+                    };
+                    (
+                        metrics.server_active.get_or_create(&labels).clone(),
+                        metrics.server_up.get_or_create(&labels).clone(),
+                    )
                 }),
             ),
             servers,
@@ -269,6 +273,7 @@ pub async fn run(
             sessions.clone(),
         )));
     }
+    crate::health::spawn(&proxy, &stop_admin);
     if let Some(socket) = admin_socket {
         let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("admin endpoint listening on {local}");

@@ -144,6 +144,7 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
     match connect(server, backend.connect_timeout, l.nodelay, proxy.kernel_rcvbuf()).await {
         Ok(stream) => {
             state.servers[server_idx].connections.inc();
+            lease.observe(true, backend);
             Session::Connected(Pair {
                 client: a.stream,
                 server: stream,
@@ -160,6 +161,7 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
         Err(e) => {
             state.servers[server_idx].connect_errors.inc();
             tracing::warn!(listener = %l.name, backend = %backend.name, client = %a.peer, "connect failed: {e}");
+            lease.observe(false, backend);
             Session::Finished(Outcome::ConnectFailed(e))
         }
     }

@@ -38,6 +38,7 @@ pub struct LbBuilder {
     offload_after: Option<String>,
     balance: String,
     weights: Vec<u32>,
+    backend_yaml: Vec<String>,
 }
 
 impl LbBuilder {
@@ -54,7 +55,14 @@ impl LbBuilder {
             offload_after: None,
             balance: "roundrobin".into(),
             weights: Vec::new(),
+            backend_yaml: Vec::new(),
         }
+    }
+    /// YAML lines for the backend, indented as its keys (4 spaces), e.g.
+    /// `"    health_check: { interval: 200ms }\n"`.
+    pub fn backend_yaml(mut self, yaml: &str) -> Self {
+        self.backend_yaml.push(yaml.into());
+        self
     }
     /// The backend's `balance:` algorithm (default roundrobin).
     pub fn balance(mut self, algorithm: &str) -> Self {
@@ -136,6 +144,9 @@ impl LbBuilder {
         }
         y += "listeners:\n  - name: test\n    bind: 127.0.0.1:0\n    mode: tcp\n    backend: pool\n";
         y += &format!("backends:\n  - name: pool\n    balance: {}\n", self.balance);
+        for line in &self.backend_yaml {
+            y += line;
+        }
         if !self.backend_timeouts.is_empty() {
             y += "    timeouts:\n";
             for (k, v) in &self.backend_timeouts {

@@ -12,17 +12,14 @@
 //! counts the session while the caller holds it.
 pub mod hash;
 pub mod leastconn;
+pub mod live;
 pub mod random;
 pub mod roundrobin;
 
 use prometheus_client::metrics::gauge::Gauge;
-use std::{
-    net::IpAddr,
-    sync::{
-        atomic::{AtomicU32, Ordering::Relaxed},
-        Arc,
-    },
-};
+use std::{net::IpAddr, sync::Arc};
+
+pub use live::{Admin, ServerLive, State};
 
 use crate::config::{Backend, Balance};
 
@@ -32,37 +29,6 @@ use crate::config::{Backend, Balance};
 pub struct PickKey<'a> {
     pub client: IpAddr,
     pub path: Option<&'a str>,
-}
-
-/// One server's live state.
-#[derive(Debug)]
-pub struct ServerLive {
-    weight: AtomicU32,
-    /// Current sessions: the `lb_backend_active_sessions` gauge itself (an atomic).
-    active: Gauge,
-}
-
-impl ServerLive {
-    fn new(weight: u32, active: Gauge) -> ServerLive {
-        ServerLive {
-            weight: AtomicU32::new(weight),
-            active,
-        }
-    }
-
-    /// Its weight now (0: no new flows).
-    pub fn weight(&self) -> u32 {
-        self.weight.load(Relaxed)
-    }
-
-    pub fn set_weight(&self, weight: u32) {
-        self.weight.store(weight, Relaxed);
-    }
-
-    /// Sessions that hold a [`Lease`] on it.
-    pub fn active(&self) -> u32 {
-        u32::try_from(self.active.get()).unwrap_or(0)
-    }
 }
 
 /// A session's claim on the server it was given: counted in [`ServerLive::active`] until
@@ -77,6 +43,27 @@ impl Lease {
     /// The server's index in its backend.
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    pub fn server(&self) -> &ServerLive {
+        &self.server
+    }
+
+    /// Passive checks (`observe:`): how a use of the server went (a connect, or an HTTP
+    /// response: 5xx or none is a failure). `observe.max_consecutive_errors` failures in a row
+    /// take it DOWN, said once in the log.
+    pub fn observe(&self, ok: bool, backend: &Backend) {
+        if ok {
+            self.server.live_success();
+        } else if self.server.live_error(backend.max_consecutive_errors) {
+            let server = &backend.servers[self.index].name;
+            tracing::warn!(
+                backend = %backend.name,
+                server = %server,
+                "server is DOWN: {} errors in a row from live traffic (observe); its health check brings it back",
+                backend.max_consecutive_errors.unwrap_or_default()
+            );
+        }
     }
 }
 
@@ -101,8 +88,9 @@ enum Algorithm {
 }
 
 impl Balancer {
-    /// `active`: each server's `lb_backend_active_sessions` gauge, in the backend's order.
-    pub fn new(backend: &Backend, active: impl IntoIterator<Item = Gauge>) -> Balancer {
+    /// `gauges`: each server's `lb_backend_active_sessions` and `lb_server_up` gauges, in the
+    /// backend's order.
+    pub fn new(backend: &Backend, gauges: impl IntoIterator<Item = (Gauge, Gauge)>) -> Balancer {
         let names = || backend.servers.iter().map(|s| s.name.as_str());
         let algorithm = match backend.balance {
             Balance::RoundRobin => Algorithm::RoundRobin(roundrobin::RoundRobin::new(backend.servers.len())),
@@ -116,8 +104,8 @@ impl Balancer {
             servers: backend
                 .servers
                 .iter()
-                .zip(active)
-                .map(|(s, active)| Arc::new(ServerLive::new(s.weight, active)))
+                .zip(gauges)
+                .map(|(s, (active, up))| Arc::new(ServerLive::new(s.weight, active, up)))
                 .collect(),
         }
     }
@@ -128,10 +116,11 @@ impl Balancer {
     }
 
     /// The server for a new flow, counted as one of its sessions while the lease is held;
-    /// `None` when no server takes new flows (every weight is 0).
+    /// `None` when no server takes new flows (each has weight 0, or is down, draining or in
+    /// maintenance).
     pub fn pick(&self, key: PickKey<'_>) -> Option<Lease> {
         // One snapshot per pick: a weight changed meanwhile applies from the next one.
-        let weights: Vec<u32> = self.servers.iter().map(|s| s.weight()).collect();
+        let weights: Vec<u32> = self.servers.iter().map(|s| s.effective_weight()).collect();
         let index = match &self.algorithm {
             Algorithm::RoundRobin(rr) => rr.pick(&weights),
             Algorithm::LeastConn(lc) => lc.pick(&weights, &self.active()),
@@ -180,6 +169,8 @@ mod tests {
             balance,
             connect_timeout: std::time::Duration::from_secs(1),
             server_timeout: std::time::Duration::from_secs(1),
+            health_check: None,
+            max_consecutive_errors: None,
             servers: weights
                 .iter()
                 .enumerate()
@@ -193,10 +184,8 @@ mod tests {
     }
 
     fn balancer(balance: Balance, weights: &[u32]) -> Balancer {
-        Balancer::new(
-            &backend(balance, weights),
-            weights.iter().map(|_| Gauge::default()),
-        )
+        let gauges = weights.iter().map(|_| (Gauge::default(), Gauge::default()));
+        Balancer::new(&backend(balance, weights), gauges)
     }
 
     const KEY: PickKey<'static> = PickKey {
@@ -218,16 +207,25 @@ mod tests {
     }
 
     #[test]
-    fn a_weight_set_to_zero_takes_no_new_flows_whatever_the_algorithm() {
-        for balance in [
+    fn a_server_at_weight_0_down_draining_or_in_maintenance_takes_no_new_flows() {
+        let exclusions: [fn(&ServerLive); 4] = [
+            |s| s.set_weight(0),
+            |s| s.set_admin(Admin::Drain),
+            |s| s.set_admin(Admin::Maint),
+            |s| {
+                s.set_up(false);
+            },
+        ];
+        let algorithms = [
             Balance::RoundRobin,
             Balance::LeastConn,
             Balance::Source,
             Balance::Uri,
             Balance::Random,
-        ] {
+        ];
+        for (balance, exclude) in algorithms.into_iter().flat_map(|b| exclusions.map(|e| (b, e))) {
             let b = balancer(balance, &[1, 1, 1]);
-            b.servers()[1].set_weight(0);
+            exclude(&b.servers()[1]);
             for i in 0..300u32 {
                 let ip = IpAddr::V4(i.into());
                 let path = format!("/{i}");
@@ -240,7 +238,7 @@ mod tests {
                 assert_ne!(lease.index(), 1, "{balance:?}");
             }
             for s in b.servers() {
-                s.set_weight(0);
+                exclude(s);
             }
             assert!(b.pick(KEY).is_none(), "{balance:?}");
         }

@@ -3,11 +3,13 @@
 //! Every problem is reported as `FILE:LINE:COLUMN: message`. Syntax and type errors come from
 //! serde_yaml (which stops at the first one); every semantic error after that is collected, so
 //! `lb check` shows them all at once.
+mod health;
 mod http;
 mod locate;
 pub mod raw;
 
 use crate::affinity::CpuAffinity;
+pub use health::{CheckKind, HealthCheck};
 pub use http::{Forwarded, HeaderRule, HostMatch, Http, Route};
 use locate::{Locator, Step};
 use raw::{RawBackend, RawConfig, RawForwarding, RawKeepalive, RawListener, RawTimeouts};
@@ -81,6 +83,10 @@ pub struct Backend {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub server_timeout: Duration,
+    /// `health_check:`; `None`: servers are taken to be up.
+    pub health_check: Option<HealthCheck>,
+    /// `observe.max_consecutive_errors`: live errors in a row that take a server down.
+    pub max_consecutive_errors: Option<u32>,
     pub servers: Vec<Server>,
 }
 
@@ -549,11 +555,15 @@ impl Validator<'_> {
                 weight,
             });
         }
+        let health_check = self.health_check(&with(path, Step::Key("health_check")), b.health_check.as_ref());
+        let max_consecutive_errors = self.observe(path, b.observe.as_ref(), health_check.is_some());
         Backend {
             name: b.name,
             balance,
             connect_timeout,
             server_timeout,
+            health_check,
+            max_consecutive_errors,
             servers,
         }
     }
@@ -613,217 +623,4 @@ fn with(path: &[Step], step: Step) -> Vec<Step> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The one error `src` has, as printed.
-    fn only_error(src: &str) -> String {
-        let e = parse("t.yaml", src).unwrap_err().0;
-        assert_eq!(
-            e.len(),
-            1,
-            "{}",
-            e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
-        );
-        e[0].to_string()
-    }
-
-    const GOOD: &str = "listeners:\n  - name: web\n    bind: 127.0.0.1:8080\n    backend: app\nbackends:\n  - name: app\n    servers:\n      - { name: s1, address: 127.0.0.1:9001, weight: 3 }\n";
-
-    #[test]
-    fn minimal_config_gets_defaults() {
-        let c = parse("t.yaml", GOOD).unwrap();
-        assert_eq!(c.forwarding, Forwarding::Auto);
-        assert_eq!(c.listeners[0].client_timeout, DEFAULT_IDLE);
-        assert_eq!(c.backends[0].connect_timeout, DEFAULT_CONNECT);
-        assert_eq!(c.backends[0].servers[0].weight, 3);
-        assert!(c.listeners[0].nodelay);
-        assert_eq!(c.kernel_sndbuf, Some(8 << 20));
-        assert_eq!(c.max_in_flight, 16 << 20);
-    }
-
-    #[test]
-    fn forwarding_is_a_mode_or_settings() {
-        let c = parse("t.yaml", &format!("forwarding: user\n{GOOD}")).unwrap();
-        assert_eq!(
-            (c.forwarding, c.offload_after),
-            (Forwarding::User, DEFAULT_OFFLOAD_AFTER)
-        );
-        let c = parse(
-            "t.yaml",
-            &format!("forwarding: {{ mode: kernel, offload_after: 0 }}\n{GOOD}"),
-        )
-        .unwrap();
-        assert_eq!((c.forwarding, c.offload_after), (Forwarding::Kernel, 0));
-        let c = parse(
-            "t.yaml",
-            &format!("forwarding: {{ offload_after: 1MiB }}\n{GOOD}"),
-        )
-        .unwrap();
-        assert_eq!((c.forwarding, c.offload_after), (Forwarding::Auto, 1 << 20));
-        let e = parse("t.yaml", &format!("forwarding:\n  mode: fast\n{GOOD}"))
-            .unwrap_err()
-            .0;
-        assert!(
-            e[0].to_string()
-                .starts_with("t.yaml:2:9: forwarding: unknown mode `fast`"),
-            "{}",
-            e[0]
-        );
-        let e = parse("t.yaml", &format!("forwarding: {{ offload: 1 }}\n{GOOD}"))
-            .unwrap_err()
-            .0;
-        assert_eq!(e[0].line, 1, "{}", e[0]);
-    }
-
-    #[test]
-    fn max_in_flight_is_checked_where_written() {
-        let c = parse(
-            "t.yaml",
-            &format!("flow_control: {{ max_in_flight: 1MiB }}\n{GOOD}"),
-        )
-        .unwrap();
-        assert_eq!(c.max_in_flight, 1 << 20);
-        let e = only_error(&format!("flow_control:\n  max_in_flight: 4KiB\n{GOOD}"));
-        assert!(
-            e.starts_with("t.yaml:2:18: flow_control.max_in_flight must be between"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn sizes_parse_with_units() {
-        let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 2MiB }}\n{GOOD}")).unwrap();
-        assert_eq!(c.kernel_sndbuf, Some(2 << 20));
-        let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 0 }}\n{GOOD}")).unwrap();
-        assert_eq!(c.kernel_sndbuf, None);
-    }
-
-    #[test]
-    fn balance_algorithms() {
-        for (name, want) in Balance::NAMES {
-            let text = GOOD.replace(
-                "  - name: app\n",
-                &format!("  - name: app\n    balance: {name}\n"),
-            );
-            // `uri` needs an HTTP listener.
-            let text = if want == Balance::Uri {
-                text.replace("    backend: app\n", "    mode: http\n    default_backend: app\n")
-            } else {
-                text
-            };
-            let c = parse("t.yaml", &text).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(c.backends[0].balance, want);
-        }
-        let e = only_error(&GOOD.replace("  - name: app\n", "  - name: app\n    balance: fastest\n"));
-        assert!(
-            e.starts_with("t.yaml:7:14: balance: unknown algorithm `fastest`; expected one of roundrobin"),
-            "{e}"
-        );
-        let e = only_error(&GOOD.replace("  - name: app\n", "  - name: app\n    balance: uri\n"));
-        assert!(
-            e.starts_with("t.yaml:4:14: listener `web` is mode tcp, but backend `app` balances by uri"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn cpu_affinity_is_auto_unless_set() {
-        use crate::affinity::CpuAffinity;
-        assert_eq!(parse("t.yaml", GOOD).unwrap().cpu_affinity, CpuAffinity::Auto);
-        for (text, want) in [
-            ("none", CpuAffinity::Unbound),
-            ("1", CpuAffinity::Cpus(vec![1])),
-            ("0-1", CpuAffinity::Cpus(vec![0, 1])),
-            ("\"2,0\"", CpuAffinity::Cpus(vec![0, 2])),
-        ] {
-            let c = parse("t.yaml", &format!("tune: {{ cpu_affinity: {text} }}\n{GOOD}")).unwrap();
-            assert_eq!(c.cpu_affinity, want, "{text}");
-        }
-        let e = only_error(&format!("tune:\n  cpu_affinity: all\n{GOOD}"));
-        assert!(
-            e.starts_with("t.yaml:2:17: tune.cpu_affinity: `all` is neither `auto`, `none` nor a CPU list"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn threads_default_to_the_cpus_and_are_bounded() {
-        let c = parse("t.yaml", GOOD).unwrap();
-        assert_eq!(c.threads, std::thread::available_parallelism().unwrap().get());
-        let c = parse("t.yaml", &format!("tune: {{ threads: 3 }}\n{GOOD}")).unwrap();
-        assert_eq!(c.threads, 3);
-        for bad in ["0", "1025"] {
-            let e = only_error(&format!("tune: {{ threads: {bad} }}\n{GOOD}"));
-            assert!(
-                e.starts_with("t.yaml:1:18: tune.threads must be between 1 and 1024"),
-                "{e}"
-            );
-        }
-    }
-
-    #[test]
-    fn unknown_key_is_located() {
-        let src = GOOD.replace("    backend: app\n", "    backend: app\n    bakclog: 5\n");
-        let e = parse("t.yaml", &src).unwrap_err().0;
-        assert_eq!(e.len(), 1);
-        assert_eq!((e[0].line, e[0].column), (5, 5), "{}", e[0]);
-        assert!(e[0].message.contains("unknown field `bakclog`"), "{}", e[0]);
-    }
-
-    #[test]
-    fn every_semantic_error_is_reported_with_its_position() {
-        let src = GOOD
-            .replace("bind: 127.0.0.1:8080", "bind: nowhere")
-            .replace("backend: app", "backend: nope");
-        let e = parse("t.yaml", &src).unwrap_err().0;
-        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
-        assert_eq!(e.len(), 2, "{shown:?}");
-        assert!(shown[0].starts_with("t.yaml:3:11: bind: `nowhere`"), "{shown:?}");
-        assert!(
-            shown[1].starts_with("t.yaml:4:14: listener `web` names backend `nope`"),
-            "{shown:?}"
-        );
-    }
-
-    #[test]
-    fn out_of_range_values_are_refused_where_written() {
-        let src = GOOD
-            .replace(
-                "    backend: app\n",
-                "    backend: app\n    keepalive: { idle: 0s, count: 500 }\n",
-            )
-            .replace("weight: 3", "weight: 0");
-        let src = format!("timeouts: {{ server: 100d }}\n{src}");
-        let e = parse("t.yaml", &src).unwrap_err().0;
-        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
-        assert_eq!(e.len(), 4, "{shown:?}");
-        assert!(
-            shown[0].starts_with("t.yaml:1:21: timeouts.server is longer than the maximum"),
-            "{shown:?}"
-        );
-        assert!(
-            shown[1].starts_with("t.yaml:10:7: every server of backend `app` has weight 0"),
-            "{shown:?}"
-        );
-        assert!(
-            shown[2].starts_with("t.yaml:6:24: keepalive.idle must be between"),
-            "{shown:?}"
-        );
-        assert!(
-            shown[3].starts_with("t.yaml:6:35: keepalive.count must be between"),
-            "{shown:?}"
-        );
-    }
-
-    #[test]
-    fn durations_parse_and_zero_is_refused() {
-        let src = format!("timeouts: {{ connect: 250ms, client: 0s }}\n{GOOD}");
-        let e = parse("t.yaml", &src).unwrap_err().0;
-        assert!(
-            e[0].message.contains("timeouts.client must be longer than zero"),
-            "{}",
-            e[0]
-        );
-    }
-}
+mod tests;

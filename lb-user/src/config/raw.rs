@@ -277,9 +277,54 @@ pub struct RawBackend {
     /// Overrides `timeouts.connect` and `timeouts.server` for this backend.
     #[serde(default)]
     pub timeouts: Option<RawTimeouts>,
+    /// Active health checks of every server (none by default: servers are taken to be up).
+    #[serde(default)]
+    pub health_check: Option<RawHealthCheck>,
+    /// Passive checks: what live traffic may tell about a server (needs `health_check`, which
+    /// brings an ejected server back).
+    #[serde(default)]
+    pub observe: Option<RawObserve>,
     /// The servers; at least one.
     #[serde(default)]
     pub servers: Vec<RawServer>,
+}
+
+/// A backend's `health_check:` (HAProxy's `check`, `inter`, `rise`, `fall`, `option httpchk`,
+/// `http-check expect status`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// `tcp` (a connection is accepted; the default) or `http` (a `GET path` is answered with
+    /// the expected status).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Time between two checks of a server, from 100ms (default 2s).
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<std::time::Duration>,
+    /// How long one check may take, at most the interval (default: the interval).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<std::time::Duration>,
+    /// Consecutive successes that bring a DOWN server UP, 1..=100 (default 2).
+    #[serde(default)]
+    pub rise: Option<u32>,
+    /// Consecutive failures that take an UP server DOWN, 1..=100 (default 3).
+    #[serde(default)]
+    pub fall: Option<u32>,
+    /// `http` checks: the path requested (default `/`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `http` checks: the status that means healthy (default: any 2xx or 3xx).
+    #[serde(default)]
+    pub expect_status: Option<u16>,
+}
+
+/// A backend's `observe:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawObserve {
+    /// Connect failures (and, on HTTP listeners, 5xx responses from the server) in a row that
+    /// take a server DOWN until its health check brings it back, 1..=1000.
+    pub max_consecutive_errors: u32,
 }
 
 /// One entry of a backend's `servers:`.

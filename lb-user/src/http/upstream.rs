@@ -96,10 +96,22 @@ pub(super) async fn send_request(
                 return Err(Rejection::new(400, "client closed within the request body"))
             }
         };
+        let backend = &ctx.proxy.config.backends[x.backend];
         match answer {
-            Ok(resp) => return Ok((server, resp)),
+            Ok(resp) => {
+                server.lease.observe(resp.status < 500, backend);
+                return Ok((server, resp));
+            }
+            // Most likely closed by the server while it idled: not a fault of the server.
             Err(no) if was_reused && replayable && no.closed_early => continue,
-            Err(no) => return Err(no.rejection),
+            Err(no) => {
+                // No answer, or a malformed one (502), or none in time (504): the server's
+                // fault (a client failing meanwhile is not).
+                if no.rejection.status >= 500 {
+                    server.lease.observe(false, backend);
+                }
+                return Err(no.rejection);
+            }
         }
     }
 }
@@ -192,6 +204,7 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
     {
         Ok(stream) => {
             state.servers[lease.index()].connections.inc();
+            lease.observe(true, b);
             Ok(ServerConn {
                 conn: Conn::new(stream),
                 backend,
@@ -203,6 +216,7 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
         Err(e) => {
             state.servers[lease.index()].connect_errors.inc();
             tracing::warn!(listener = %ctx.l.name, backend = %b.name, client = %ctx.peer, "connect failed: {e}");
+            lease.observe(false, b);
             Err(Rejection::new(502, "server connection failed"))
         }
     }

@@ -1,0 +1,208 @@
+//! A server's live state, shared by every thread: its weight (which `lb server weight` may
+//! change), its administrative state (`lb server enable|disable|drain`), its health (health
+//! checks and passive ejection), and its current sessions. The balancers read it at each pick;
+//! nothing here waits.
+use prometheus_client::metrics::gauge::Gauge;
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering::Relaxed},
+        Mutex,
+    },
+};
+
+/// What an operator set (HAProxy's `set server state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Admin {
+    /// Takes new flows while healthy.
+    Ready = 0,
+    /// No new flows; the existing ones continue.
+    Drain = 1,
+    /// Maintenance: no new flows, no health checks counted against it; existing flows continue.
+    Maint = 2,
+}
+
+/// The state a server is shown in (stats, logs), most telling first: MAINT, DOWN, DRAIN, UP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Up,
+    Down,
+    Drain,
+    Maint,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Up => "UP",
+            State::Down => "DOWN",
+            State::Drain => "DRAIN",
+            State::Maint => "MAINT",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug)]
+pub struct ServerLive {
+    weight: AtomicU32,
+    admin: AtomicU8,
+    /// Health: checks (or, without them, nothing) say it is up; passive ejection takes it down.
+    up: AtomicBool,
+    /// Live errors in a row (connect failures, 5xx), for passive ejection.
+    errors: AtomicU32,
+    /// Current sessions: the `lb_backend_active_sessions` gauge itself (an atomic).
+    pub(super) active: Gauge,
+    /// `lb_server_up`: 1 while healthy.
+    up_gauge: Gauge,
+    /// The last health check's result, for stats (`-` before the first).
+    last_check: Mutex<String>,
+}
+
+impl ServerLive {
+    pub(super) fn new(weight: u32, active: Gauge, up_gauge: Gauge) -> ServerLive {
+        up_gauge.set(1);
+        ServerLive {
+            weight: AtomicU32::new(weight),
+            admin: AtomicU8::new(Admin::Ready as u8),
+            up: AtomicBool::new(true),
+            errors: AtomicU32::new(0),
+            active,
+            up_gauge,
+            last_check: Mutex::new("-".into()),
+        }
+    }
+
+    /// Its configured (or operator-set) weight.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Relaxed)
+    }
+
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Relaxed);
+    }
+
+    /// The weight a pick sees: 0 unless it takes new flows (ready and healthy).
+    pub fn effective_weight(&self) -> u32 {
+        if self.admin() == Admin::Ready && self.is_up() {
+            self.weight()
+        } else {
+            0
+        }
+    }
+
+    /// Sessions that hold a [`super::Lease`] on it.
+    pub fn active(&self) -> u32 {
+        u32::try_from(self.active.get()).unwrap_or(0)
+    }
+
+    pub fn admin(&self) -> Admin {
+        match self.admin.load(Relaxed) {
+            0 => Admin::Ready,
+            1 => Admin::Drain,
+            _ => Admin::Maint,
+        }
+    }
+
+    pub fn set_admin(&self, admin: Admin) {
+        self.admin.store(admin as u8, Relaxed);
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    /// Sets the health; whether it changed.
+    pub fn set_up(&self, up: bool) -> bool {
+        let was = self.up.swap(up, Relaxed);
+        self.up_gauge.set(i64::from(up));
+        if up {
+            self.errors.store(0, Relaxed);
+        }
+        was != up
+    }
+
+    pub fn state(&self) -> State {
+        match (self.admin(), self.is_up()) {
+            (Admin::Maint, _) => State::Maint,
+            (_, false) => State::Down,
+            (Admin::Drain, true) => State::Drain,
+            (Admin::Ready, true) => State::Up,
+        }
+    }
+
+    /// A live error (connect failure, 5xx) when ejection after `max` in a row is on: whether
+    /// this one took the server down.
+    pub fn live_error(&self, max: Option<u32>) -> bool {
+        let Some(max) = max else {
+            return false;
+        };
+        let n = self.errors.fetch_add(1, Relaxed) + 1;
+        n >= max && self.is_up() && self.set_up(false)
+    }
+
+    /// A live success: the error run is over.
+    pub fn live_success(&self) {
+        if self.errors.load(Relaxed) != 0 {
+            self.errors.store(0, Relaxed);
+        }
+    }
+
+    pub fn last_check(&self) -> String {
+        self.last_check.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn set_last_check(&self, result: String) {
+        if let Ok(mut s) = self.last_check.lock() {
+            *s = result;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live() -> ServerLive {
+        ServerLive::new(2, Gauge::default(), Gauge::default())
+    }
+
+    #[test]
+    fn states_and_the_weight_a_pick_sees() {
+        let s = live();
+        assert_eq!((s.state(), s.effective_weight()), (State::Up, 2));
+        s.set_admin(Admin::Drain);
+        assert_eq!((s.state(), s.effective_weight()), (State::Drain, 0));
+        s.set_up(false);
+        assert_eq!(s.state(), State::Down);
+        s.set_admin(Admin::Maint);
+        assert_eq!(s.state(), State::Maint);
+        s.set_admin(Admin::Ready);
+        assert_eq!((s.state(), s.effective_weight()), (State::Down, 0));
+        s.set_up(true);
+        assert_eq!((s.state(), s.effective_weight()), (State::Up, 2));
+    }
+
+    #[test]
+    fn consecutive_live_errors_eject_once() {
+        let s = live();
+        assert!(!s.live_error(None));
+        assert!(!s.live_error(Some(3)));
+        s.live_success();
+        assert!(!s.live_error(Some(3)));
+        assert!(!s.live_error(Some(3)));
+        assert!(s.live_error(Some(3)));
+        assert!(!s.is_up());
+        // Already down: not ejected again.
+        assert!(!s.live_error(Some(3)));
+        // Back up (a health check): the run starts over.
+        s.set_up(true);
+        assert!(!s.live_error(Some(3)));
+    }
+}
