@@ -13,6 +13,7 @@ pub mod balance;
 pub mod bpf;
 pub mod config;
 pub mod connect;
+pub mod dispatch;
 pub mod forward;
 pub mod health;
 pub mod http;

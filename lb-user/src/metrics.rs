@@ -20,6 +20,35 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+impl BackendLabels {
+    pub fn of(b: &crate::config::Backend) -> BackendLabels {
+        BackendLabels {
+            backend: b.name.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnservedLabels {
+    pub backend: String,
+    /// `no_server` or `connect_failed`.
+    pub reason: &'static str,
+}
+
+impl UnservedLabels {
+    pub fn of(b: &crate::config::Backend, reason: &'static str) -> UnservedLabels {
+        UnservedLabels {
+            backend: b.name.clone(),
+            reason,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
     pub backend: String,
     pub server: String,
@@ -72,6 +101,10 @@ pub struct Metrics {
     pub server_connections: Family<ServerLabels, Counter>,
     /// Current sessions per server (what `leastconn` and `random` weigh).
     pub server_active: Family<ServerLabels, Gauge>,
+    /// Connect attempts redispatched to another server after a failure.
+    pub retries: Family<BackendLabels, Counter>,
+    /// Sessions that got no server, by reason.
+    pub unserved: Family<UnservedLabels, Counter>,
     /// 1 while a server is healthy (health checks, passive ejection), else 0.
     pub server_up: Family<ServerLabels, Gauge>,
     /// Failed health checks per server.
@@ -123,6 +156,8 @@ impl Metrics {
             connect_errors: Family::default(),
             server_connections: Family::default(),
             server_active: Family::default(),
+            retries: Family::default(),
+            unserved: Family::default(),
             server_up: Family::default(),
             check_failures: Family::default(),
             resets: Family::default(),
@@ -171,6 +206,16 @@ impl Metrics {
             "lb_backend_active_sessions",
             "Current sessions of a server: TCP flows, and HTTP server connections (kept-alive ones included)",
             m.server_active.clone(),
+        );
+        r.register(
+            "lb_backend_retries",
+            "Connect attempts redispatched to another server after a failure (retries:)",
+            m.retries.clone(),
+        );
+        r.register(
+            "lb_backend_unserved",
+            "Sessions the backend gave no server: no server available, or every connect attempt failed",
+            m.unserved.clone(),
         );
         r.register(
             "lb_server_up",

@@ -12,7 +12,10 @@ use crate::{
     balance::Balancer,
     bpf::{BpfError, Kernel},
     config::{Config, Forwarding},
-    metrics::{ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, STATUS_CLASSES},
+    metrics::{
+        BackendLabels, ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, UnservedLabels,
+        STATUS_CLASSES,
+    },
     session,
     workers::Workers,
 };
@@ -62,6 +65,19 @@ pub struct BackendState {
     pub balancer: Balancer,
     /// Per server of the backend's config, same order.
     pub servers: Vec<ServerCounters>,
+    /// `lb_backend_retries_total`: connect attempts redispatched after a failure.
+    pub retries: Counter,
+    /// `lb_backend_unserved_total`, by reason.
+    pub unserved: Unserved,
+}
+
+/// Sessions the backend could give no server to (503 in HTTP mode, a closed connection in
+/// TCP mode).
+pub struct Unserved {
+    /// No server took new flows.
+    pub no_server: Counter,
+    /// Every connect attempt failed (retries included).
+    pub connect_failed: Counter,
 }
 
 /// `lb_backend_connections_total` and `lb_backend_connect_errors_total` of one server.
@@ -104,8 +120,24 @@ impl BackendState {
                 }),
             ),
             servers,
+            retries: metrics.retries.get_or_create(&BackendLabels::of(backend)).clone(),
+            unserved: Unserved {
+                no_server: unserved(metrics, backend, "no_server"),
+                connect_failed: unserved(metrics, backend, "connect_failed"),
+            },
         }
     }
+}
+
+/// One `lb_backend_unserved_total` series. (Its own statement: the family's lock guard that
+/// `get_or_create` returns lives to the end of the statement, and a second `get_or_create` on
+/// the same family within it would wait for that guard forever.)
+fn unserved(metrics: &Metrics, backend: &crate::config::Backend, reason: &'static str) -> Counter {
+    let counter = metrics
+        .unserved
+        .get_or_create(&UnservedLabels::of(backend, reason))
+        .clone();
+    counter
 }
 
 /// Why lb could not start.

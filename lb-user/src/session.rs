@@ -10,8 +10,9 @@ use tokio::net::TcpStream;
 
 use crate::{
     accept::Accepted,
-    balance::{Lease, PickKey},
-    connect::{connect, ConnectError},
+    balance::Lease,
+    connect::ConnectError,
+    dispatch::{dispatch, DispatchError, Requester},
     forward::{self, kernel::Forwarded, user::UserEnd, Directions, End, Timeouts, Totals},
     http::{
         handoff::{self, Handed, Kind},
@@ -63,9 +64,9 @@ struct FlowInfo {
 /// How a session ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// No server has a non-zero weight.
+    /// No server takes new flows; the client was closed.
     NoServer,
-    /// The chosen server could not be reached; the client was closed.
+    /// No server could be reached (retries included); the last error. The client was closed.
     ConnectFailed(ConnectError),
     /// A socket call of the kernel forwarding stage failed; the pair was reset.
     ForwardFailed(std::io::Error),
@@ -130,40 +131,30 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
     if let Some(dst) = a.original_dst {
         tracing::debug!(listener = %l.name, client = %a.peer, original_dst = %dst, "transparent connection");
     }
-    let state = &proxy.backends[l.backend];
-    let key = PickKey {
-        client: a.peer.ip(),
+    let who = Requester {
+        listener: &l.name,
+        client: a.peer,
         path: None,
+        nodelay: l.nodelay,
     };
-    let Some(lease) = state.balancer.pick(key) else {
-        tracing::warn!(listener = %l.name, backend = %backend.name, "no server available");
-        return Session::Finished(Outcome::NoServer);
-    };
-    let server_idx = lease.index();
-    let server = &backend.servers[server_idx];
-    match connect(server, backend.connect_timeout, l.nodelay, proxy.kernel_rcvbuf()).await {
-        Ok(stream) => {
-            state.servers[server_idx].connections.inc();
-            lease.observe(true, backend);
-            Session::Connected(Pair {
-                client: a.stream,
-                server: stream,
-                timeouts: timeouts(proxy, listener),
-                directions: Directions::Both,
-                info: FlowInfo {
-                    peer: a.peer,
-                    backend: l.backend,
-                    lease,
-                    http: None,
-                },
-            })
+    match dispatch(proxy, l.backend, who).await {
+        Ok((lease, stream)) => Session::Connected(Pair {
+            client: a.stream,
+            server: stream,
+            timeouts: timeouts(proxy, listener),
+            directions: Directions::Both,
+            info: FlowInfo {
+                peer: a.peer,
+                backend: l.backend,
+                lease,
+                http: None,
+            },
+        }),
+        Err(DispatchError::NoServer) => {
+            tracing::warn!(listener = %l.name, backend = %backend.name, client = %a.peer, "no server available");
+            Session::Finished(Outcome::NoServer)
         }
-        Err(e) => {
-            state.servers[server_idx].connect_errors.inc();
-            tracing::warn!(listener = %l.name, backend = %backend.name, client = %a.peer, "connect failed: {e}");
-            lease.observe(false, backend);
-            Session::Finished(Outcome::ConnectFailed(e))
-        }
+        Err(DispatchError::Failed { last, .. }) => Session::Finished(Outcome::ConnectFailed(last)),
     }
 }
 

@@ -650,7 +650,7 @@ async fn a_connection_field_cannot_unframe_a_body() {
 }
 
 #[tokio::test]
-async fn server_failures_are_502_and_504() {
+async fn an_unreachable_server_is_503_and_a_silent_one_504() {
     let refusing = lb_tests::servers::refusing().await;
     // Accepts and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -666,10 +666,11 @@ async fn server_failures_are_502_and_504() {
         .top_yaml("timeouts: { server: 1s }\n")
         .listener_yaml("    routes:\n      - { path_prefix: /slow, backend: silent }\n")
         .spawn();
+    // Refused, and no other server to retry on: 503 (HAProxy's answer too).
     let answer = raw_exchange(lb.listener, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(
         status_of(&answer),
-        Some(502),
+        Some(503),
         "{}",
         String::from_utf8_lossy(&answer)
     );

@@ -117,10 +117,18 @@ impl Balancer {
 
     /// The server for a new flow, counted as one of its sessions while the lease is held;
     /// `None` when no server takes new flows (each has weight 0, or is down, draining or in
-    /// maintenance).
-    pub fn pick(&self, key: PickKey<'_>) -> Option<Lease> {
+    /// maintenance, or is in `skip`: the servers a retry redispatches away from).
+    pub fn pick(&self, key: PickKey<'_>, skip: &[usize]) -> Option<Lease> {
         // One snapshot per pick: a weight changed meanwhile applies from the next one.
-        let weights: Vec<u32> = self.servers.iter().map(|s| s.effective_weight()).collect();
+        let weights: Vec<u32> = (self.servers.iter().enumerate())
+            .map(|(i, s)| {
+                if skip.contains(&i) {
+                    0
+                } else {
+                    s.effective_weight()
+                }
+            })
+            .collect();
         let index = match &self.algorithm {
             Algorithm::RoundRobin(rr) => rr.pick(&weights),
             Algorithm::LeastConn(lc) => lc.pick(&weights, &self.active()),
@@ -169,6 +177,7 @@ mod tests {
             balance,
             connect_timeout: std::time::Duration::from_secs(1),
             server_timeout: std::time::Duration::from_secs(1),
+            retries: 3,
             health_check: None,
             max_consecutive_errors: None,
             servers: weights
@@ -196,8 +205,8 @@ mod tests {
     #[test]
     fn leases_count_sessions_until_dropped() {
         let b = balancer(Balance::LeastConn, &[1, 1]);
-        let first = b.pick(KEY).unwrap();
-        let second = b.pick(KEY).unwrap();
+        let first = b.pick(KEY, &[]).unwrap();
+        let second = b.pick(KEY, &[]).unwrap();
         assert_ne!(first.index(), second.index());
         assert_eq!(b.active(), [1, 1]);
         drop(first);
@@ -229,18 +238,19 @@ mod tests {
             for i in 0..300u32 {
                 let ip = IpAddr::V4(i.into());
                 let path = format!("/{i}");
-                let lease = b
-                    .pick(PickKey {
-                        client: ip,
-                        path: Some(&path),
-                    })
-                    .unwrap();
+                let key = PickKey {
+                    client: ip,
+                    path: Some(&path),
+                };
+                let lease = b.pick(key, &[]).unwrap();
                 assert_ne!(lease.index(), 1, "{balance:?}");
+                // Redispatched away from server 0 too: server 2 is the one left.
+                assert_eq!(b.pick(key, &[0]).unwrap().index(), 2, "{balance:?}");
             }
             for s in b.servers() {
                 exclude(s);
             }
-            assert!(b.pick(KEY).is_none(), "{balance:?}");
+            assert!(b.pick(KEY, &[]).is_none(), "{balance:?}");
         }
     }
 }

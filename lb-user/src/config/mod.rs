@@ -83,6 +83,8 @@ pub struct Backend {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub server_timeout: Duration,
+    /// `retries`: connect attempts after a failed one, each on another server.
+    pub retries: u32,
     /// `health_check:`; `None`: servers are taken to be up.
     pub health_check: Option<HealthCheck>,
     /// `observe.max_consecutive_errors`: live errors in a row that take a server down.
@@ -127,6 +129,9 @@ const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
 const DEFAULT_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const MAX_WEIGHT: u32 = 256;
+/// HAProxy's default.
+const DEFAULT_RETRIES: u32 = 3;
+const MAX_RETRIES: u32 = 100;
 /// Longer timeouts are surely mistakes (and would overflow deadline arithmetic).
 const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// TCP_KEEPIDLE / TCP_KEEPINTVL accept 1..=32767 seconds.
@@ -555,6 +560,13 @@ impl Validator<'_> {
                 weight,
             });
         }
+        let retries = b.retries.unwrap_or(DEFAULT_RETRIES);
+        if retries > MAX_RETRIES {
+            self.error(
+                &with(path, Step::Key("retries")),
+                format!("retries must be between 0 and {MAX_RETRIES}"),
+            );
+        }
         let health_check = self.health_check(&with(path, Step::Key("health_check")), b.health_check.as_ref());
         let max_consecutive_errors = self.observe(path, b.observe.as_ref(), health_check.is_some());
         Backend {
@@ -562,6 +574,7 @@ impl Validator<'_> {
             balance,
             connect_timeout,
             server_timeout,
+            retries,
             health_check,
             max_consecutive_errors,
             servers,

@@ -277,6 +277,10 @@ pub struct RawBackend {
     /// Overrides `timeouts.connect` and `timeouts.server` for this backend.
     #[serde(default)]
     pub timeouts: Option<RawTimeouts>,
+    /// Connect attempts after a failed one, each on a server not tried yet for this session
+    /// (HAProxy's `retries` with `option redispatch`), 0..=100 (default 3).
+    #[serde(default)]
+    pub retries: Option<u32>,
     /// Active health checks of every server (none by default: servers are taken to be up).
     #[serde(default)]
     pub health_check: Option<RawHealthCheck>,

@@ -281,3 +281,12 @@ fn durations_parse_and_zero_is_refused() {
         e[0]
     );
 }
+
+#[test]
+fn retries_default_to_three_and_are_bounded() {
+    assert_eq!(parse("t.yaml", GOOD).unwrap().backends[0].retries, 3);
+    let with = |n: &str| GOOD.replace("  - name: app\n", &format!("  - name: app\n    retries: {n}\n"));
+    assert_eq!(parse("t.yaml", &with("0")).unwrap().backends[0].retries, 0);
+    let e = only_error(&with("101"));
+    assert!(e.starts_with("t.yaml:7:14: retries must be between 0 and 100"), "{e}");
+}

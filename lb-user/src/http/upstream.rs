@@ -14,8 +14,8 @@ use super::{
     Rejection, Version,
 };
 use crate::{
-    balance::{Lease, PickKey},
-    connect::connect,
+    balance::Lease,
+    dispatch::{dispatch, DispatchError, Requester},
     sockopt,
 };
 
@@ -183,42 +183,26 @@ async fn read_response(
     }
 }
 
-/// Picks a server of `backend` for a request to `path` and connects to it.
+/// A new connection to a server of `backend` for a request to `path` (retried on other
+/// servers as `retries:` allows: [`crate::dispatch`]).
 async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<ServerConn, Rejection> {
-    let state = &ctx.proxy.backends[backend];
-    let b = &ctx.proxy.config.backends[backend];
-    let key = PickKey {
-        client: ctx.peer.ip(),
+    let who = Requester {
+        listener: &ctx.l.name,
+        client: ctx.peer,
         path: Some(path),
+        nodelay: ctx.l.nodelay,
     };
-    let Some(lease) = state.balancer.pick(key) else {
-        return Err(Rejection::new(503, "no server available"));
-    };
-    match connect(
-        &b.servers[lease.index()],
-        b.connect_timeout,
-        ctx.l.nodelay,
-        ctx.proxy.kernel_rcvbuf(),
-    )
-    .await
-    {
-        Ok(stream) => {
-            state.servers[lease.index()].connections.inc();
-            lease.observe(true, b);
-            Ok(ServerConn {
-                conn: Conn::new(stream),
-                backend,
-                lease,
-                idle_since: Instant::now(),
-                after_bodiless: false,
-            })
-        }
-        Err(e) => {
-            state.servers[lease.index()].connect_errors.inc();
-            tracing::warn!(listener = %ctx.l.name, backend = %b.name, client = %ctx.peer, "connect failed: {e}");
-            lease.observe(false, b);
-            Err(Rejection::new(502, "server connection failed"))
-        }
+    match dispatch(ctx.proxy, backend, who).await {
+        Ok((lease, stream)) => Ok(ServerConn {
+            conn: Conn::new(stream),
+            backend,
+            lease,
+            idle_since: Instant::now(),
+            after_bodiless: false,
+        }),
+        Err(DispatchError::NoServer) => Err(Rejection::new(503, "no server available")),
+        // HAProxy's answer too once its retries are spent.
+        Err(DispatchError::Failed { .. }) => Err(Rejection::new(503, "no server could be reached")),
     }
 }
 
