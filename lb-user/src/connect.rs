@@ -86,6 +86,7 @@ mod tests {
             name: "s".into(),
             address,
             weight: 1,
+            maxconn: None,
         }
     }
 

@@ -3,12 +3,15 @@
 //! retry on another server (`retries:`, with HAProxy's `option redispatch` always on) until one
 //! answers, the retries are spent, or no untried server is left. Each attempt tells the
 //! server's passive check how it went.
-use tokio::net::TcpStream;
+use tokio::{
+    net::TcpStream,
+    time::{timeout_at, Instant},
+};
 
 use crate::{
-    balance::{Lease, PickKey},
+    balance::{Lease, Pick, PickKey},
     connect::{connect, ConnectError},
-    server::Proxy,
+    server::{BackendState, Proxy},
 };
 
 /// Why no server connection came out of dispatch.
@@ -17,6 +20,9 @@ pub enum DispatchError {
     /// No server takes new flows (down, draining, maintenance, weight 0).
     #[error("no server available")]
     NoServer,
+    /// Every server was at its `maxconn` for the whole `timeouts.queue`.
+    #[error("every server stayed at its maxconn for timeouts.queue ({0:?})")]
+    QueueTimeout(std::time::Duration),
     /// Every attempt failed; the last one's error.
     #[error("{attempts} connect attempt(s) failed, the last: {last}")]
     Failed { attempts: u32, last: ConnectError },
@@ -46,12 +52,22 @@ pub async fn dispatch(
     };
     let mut tried: Vec<usize> = Vec::new();
     let mut last = None;
+    let queue_deadline = Instant::now() + b.queue_timeout;
     loop {
-        let Some(lease) = state.balancer.pick(key, &tried) else {
-            break;
+        let lease = match state.balancer.pick(key, &tried) {
+            Pick::Server(lease) => lease,
+            Pick::NoServer => break,
+            Pick::Full => match queued(state, key, &tried, queue_deadline).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => break,
+                Err(_) => {
+                    state.unserved.queue_timeout.inc();
+                    return Err(DispatchError::QueueTimeout(b.queue_timeout));
+                }
+            },
         };
-        // A retry goes to another server (redispatch): the same one just refused.
         let idx = lease.index();
+        // A retry goes to another server (redispatch): the ones tried are left out.
         if !tried.is_empty() {
             state.retries.inc();
         }
@@ -93,4 +109,32 @@ pub async fn dispatch(
             })
         }
     }
+}
+
+/// Waits in the backend's queue (`lb_backend_queue`) until a server below its `maxconn` can
+/// be picked (`None`: no server takes new flows any more), or `deadline` (`Err`).
+async fn queued(
+    state: &BackendState,
+    key: PickKey<'_>,
+    tried: &[usize],
+    deadline: Instant,
+) -> Result<Option<Lease>, tokio::time::error::Elapsed> {
+    state.queued.inc();
+    let picked = timeout_at(deadline, async {
+        loop {
+            // Registered before the pick, so a slot freed between the two is not missed.
+            let freed = state.balancer.queue().notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            match state.balancer.pick(key, tried) {
+                Pick::Server(lease) => return Some(lease),
+                // Every server went away meanwhile (down, drained): nothing to wait for.
+                Pick::NoServer => return None,
+                Pick::Full => freed.await,
+            }
+        }
+    })
+    .await;
+    state.queued.dec();
+    picked
 }

@@ -35,7 +35,7 @@ impl BackendLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UnservedLabels {
     pub backend: String,
-    /// `no_server` or `connect_failed`.
+    /// `no_server`, `connect_failed` or `queue_timeout`.
     pub reason: &'static str,
 }
 
@@ -105,6 +105,8 @@ pub struct Metrics {
     pub retries: Family<BackendLabels, Counter>,
     /// Sessions that got no server, by reason.
     pub unserved: Family<UnservedLabels, Counter>,
+    /// Sessions waiting for a server below its `maxconn`.
+    pub queued: Family<BackendLabels, Gauge>,
     /// 1 while a server is healthy (health checks, passive ejection), else 0.
     pub server_up: Family<ServerLabels, Gauge>,
     /// Failed health checks per server.
@@ -158,6 +160,7 @@ impl Metrics {
             server_active: Family::default(),
             retries: Family::default(),
             unserved: Family::default(),
+            queued: Family::default(),
             server_up: Family::default(),
             check_failures: Family::default(),
             resets: Family::default(),
@@ -216,6 +219,11 @@ impl Metrics {
             "lb_backend_unserved",
             "Sessions the backend gave no server: no server available, or every connect attempt failed",
             m.unserved.clone(),
+        );
+        r.register(
+            "lb_backend_queue",
+            "Sessions waiting for a server below its maxconn",
+            m.queued.clone(),
         );
         r.register(
             "lb_server_up",

@@ -1,7 +1,7 @@
 //! Wiring: loads the forwarding path, binds the listeners and the admin endpoint, starts the
 //! session workers, runs an accept loop per listener that hands each connection to a session
 //! supervisor on a worker, and stops gracefully.
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -69,6 +69,8 @@ pub struct BackendState {
     pub retries: Counter,
     /// `lb_backend_unserved_total`, by reason.
     pub unserved: Unserved,
+    /// `lb_backend_queue`: sessions waiting for a server below its `maxconn`.
+    pub queued: Gauge,
 }
 
 /// Sessions the backend could give no server to (503 in HTTP mode, a closed connection in
@@ -78,6 +80,8 @@ pub struct Unserved {
     pub no_server: Counter,
     /// Every connect attempt failed (retries included).
     pub connect_failed: Counter,
+    /// Every server stayed at its `maxconn` for `timeouts.queue`.
+    pub queue_timeout: Counter,
 }
 
 /// `lb_backend_connections_total` and `lb_backend_connect_errors_total` of one server.
@@ -124,7 +128,9 @@ impl BackendState {
             unserved: Unserved {
                 no_server: unserved(metrics, backend, "no_server"),
                 connect_failed: unserved(metrics, backend, "connect_failed"),
+                queue_timeout: unserved(metrics, backend, "queue_timeout"),
             },
+            queued: metrics.queued.get_or_create(&BackendLabels::of(backend)).clone(),
         }
     }
 }

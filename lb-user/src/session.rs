@@ -68,6 +68,8 @@ pub enum Outcome {
     NoServer,
     /// No server could be reached (retries included); the last error. The client was closed.
     ConnectFailed(ConnectError),
+    /// Every server stayed at its `maxconn` for `timeouts.queue`; the client was closed.
+    QueueTimeout,
     /// A socket call of the kernel forwarding stage failed; the pair was reset.
     ForwardFailed(std::io::Error),
     /// Forwarded until the flow ended.
@@ -155,6 +157,10 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
             Session::Finished(Outcome::NoServer)
         }
         Err(DispatchError::Failed { last, .. }) => Session::Finished(Outcome::ConnectFailed(last)),
+        Err(e @ DispatchError::QueueTimeout(_)) => {
+            tracing::warn!(listener = %l.name, backend = %backend.name, client = %a.peer, "{e}");
+            Session::Finished(Outcome::QueueTimeout)
+        }
     }
 }
 

@@ -105,6 +105,7 @@ pub struct HttpLbBuilder {
     listener: Vec<String>,
     top: Vec<String>,
     app: Vec<String>,
+    server_options: String,
 }
 
 impl HttpLbBuilder {
@@ -115,6 +116,7 @@ impl HttpLbBuilder {
             listener: Vec::new(),
             top: Vec::new(),
             app: Vec::new(),
+            server_options: String::new(),
         }
     }
     /// Another backend.
@@ -132,6 +134,11 @@ impl HttpLbBuilder {
     /// `"    balance: uri\n"`.
     pub fn app_yaml(mut self, yaml: &str) -> Self {
         self.app.push(yaml.into());
+        self
+    }
+    /// More keys for every server's flow mapping, e.g. `"maxconn: 1"`.
+    pub fn server_options(mut self, keys: &str) -> Self {
+        self.server_options = format!(", {keys}");
         self
     }
     /// Top-level YAML, e.g. `"limits: { max_header_bytes: 4KiB }\n"`.
@@ -159,7 +166,10 @@ impl HttpLbBuilder {
             }
             y += "    servers:\n";
             for (i, s) in servers.iter().enumerate() {
-                y += &format!("      - {{ name: s{i}, address: \"{s}\" }}\n");
+                y += &format!(
+                    "      - {{ name: s{i}, address: \"{s}\"{} }}\n",
+                    self.server_options
+                );
             }
         }
         y

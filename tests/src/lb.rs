@@ -39,6 +39,7 @@ pub struct LbBuilder {
     balance: String,
     weights: Vec<u32>,
     backend_yaml: Vec<String>,
+    server_options: String,
 }
 
 impl LbBuilder {
@@ -56,7 +57,13 @@ impl LbBuilder {
             balance: "roundrobin".into(),
             weights: Vec::new(),
             backend_yaml: Vec::new(),
+            server_options: String::new(),
         }
+    }
+    /// More keys for every server's flow mapping, e.g. `"maxconn: 1"`.
+    pub fn server_options(mut self, keys: &str) -> Self {
+        self.server_options = format!(", {keys}");
+        self
     }
     /// YAML lines for the backend, indented as its keys (4 spaces), e.g.
     /// `"    health_check: { interval: 200ms }\n"`.
@@ -156,8 +163,18 @@ impl LbBuilder {
         y += "    servers:\n";
         for (i, s) in self.servers.iter().enumerate() {
             match self.weights.get(i) {
-                Some(w) => y += &format!("      - {{ name: s{i}, address: \"{s}\", weight: {w} }}\n"),
-                None => y += &format!("      - {{ name: s{i}, address: \"{s}\" }}\n"),
+                Some(w) => {
+                    y += &format!(
+                        "      - {{ name: s{i}, address: \"{s}\", weight: {w}{} }}\n",
+                        self.server_options
+                    )
+                }
+                None => {
+                    y += &format!(
+                        "      - {{ name: s{i}, address: \"{s}\"{} }}\n",
+                        self.server_options
+                    )
+                }
             }
         }
         y

@@ -7,9 +7,10 @@ use std::{
     fmt,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering::Relaxed},
-        Mutex,
+        Arc, Mutex,
     },
 };
+use tokio::sync::Notify;
 
 /// What an operator set (HAProxy's `set server state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +59,11 @@ pub struct ServerLive {
     /// Live errors in a row (connect failures, 5xx), for passive ejection.
     errors: AtomicU32,
     /// Current sessions: the `lb_backend_active_sessions` gauge itself (an atomic).
-    pub(super) active: Gauge,
+    active: Gauge,
+    /// Most sessions at once; 0: no limit.
+    maxconn: u32,
+    /// The backend's queue: told when a limited server frees a slot.
+    queue: Arc<Notify>,
     /// `lb_server_up`: 1 while healthy.
     up_gauge: Gauge,
     /// The last health check's result, for stats (`-` before the first).
@@ -66,9 +71,17 @@ pub struct ServerLive {
 }
 
 impl ServerLive {
-    pub(super) fn new(weight: u32, active: Gauge, up_gauge: Gauge) -> ServerLive {
+    pub(super) fn new(
+        weight: u32,
+        maxconn: Option<u32>,
+        gauges: (Gauge, Gauge),
+        queue: Arc<Notify>,
+    ) -> ServerLive {
+        let (active, up_gauge) = gauges;
         up_gauge.set(1);
         ServerLive {
+            maxconn: maxconn.unwrap_or(0),
+            queue,
             weight: AtomicU32::new(weight),
             admin: AtomicU8::new(Admin::Ready as u8),
             up: AtomicBool::new(true),
@@ -100,6 +113,34 @@ impl ServerLive {
     /// Sessions that hold a [`super::Lease`] on it.
     pub fn active(&self) -> u32 {
         u32::try_from(self.active.get()).unwrap_or(0)
+    }
+
+    /// Its `maxconn` (`None`: no limit).
+    pub fn maxconn(&self) -> Option<u32> {
+        (self.maxconn > 0).then_some(self.maxconn)
+    }
+
+    /// At its `maxconn`.
+    pub fn is_full(&self) -> bool {
+        self.maxconn > 0 && self.active() >= self.maxconn
+    }
+
+    /// Counts one more session unless that would pass `maxconn` (checked and counted at once:
+    /// two threads cannot both take the last slot).
+    pub(super) fn try_acquire(&self) -> bool {
+        let limit = i64::from(self.maxconn);
+        self.active
+            .inner()
+            .fetch_update(Relaxed, Relaxed, |n| (limit == 0 || n < limit).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// A session ended: its slot goes to the first session queued for the backend.
+    pub(super) fn release(&self) {
+        self.active.dec();
+        if self.maxconn > 0 {
+            self.queue.notify_one();
+        }
     }
 
     pub fn admin(&self) -> Admin {
@@ -170,7 +211,23 @@ mod tests {
     use super::*;
 
     fn live() -> ServerLive {
-        ServerLive::new(2, Gauge::default(), Gauge::default())
+        ServerLive::new(2, None, Default::default(), Default::default())
+    }
+
+    #[test]
+    fn maxconn_is_never_passed() {
+        let s = ServerLive::new(1, Some(2), Default::default(), Default::default());
+        assert!(s.try_acquire() && s.try_acquire());
+        assert!(s.is_full());
+        assert!(!s.try_acquire());
+        assert_eq!(s.active(), 2);
+        s.release();
+        assert!(!s.is_full());
+        assert!(s.try_acquire());
+        // Unlimited.
+        let s = live();
+        assert!((0..1000).all(|_| s.try_acquire()));
+        assert_eq!(s.maxconn(), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod roundrobin;
 
 use prometheus_client::metrics::gauge::Gauge;
 use std::{net::IpAddr, sync::Arc};
+use tokio::sync::Notify;
 
 pub use live::{Admin, ServerLive, State};
 
@@ -69,7 +70,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.server.active.dec();
+        self.server.release();
     }
 }
 
@@ -77,6 +78,27 @@ impl Drop for Lease {
 pub struct Balancer {
     algorithm: Algorithm,
     servers: Vec<Arc<ServerLive>>,
+    /// Sessions waiting for a server below its `maxconn` wait on this.
+    queue: Arc<Notify>,
+}
+
+/// What a pick found.
+#[derive(Debug)]
+pub enum Pick {
+    Server(Lease),
+    /// Servers take new flows, but every one is at its `maxconn`: wait in [`Balancer::queue`].
+    Full,
+    /// No server takes new flows.
+    NoServer,
+}
+
+impl Pick {
+    pub fn lease(self) -> Option<Lease> {
+        match self {
+            Pick::Server(lease) => Some(lease),
+            _ => None,
+        }
+    }
 }
 
 enum Algorithm {
@@ -99,14 +121,16 @@ impl Balancer {
             Balance::Uri => Algorithm::Uri(hash::Rendezvous::new(names())),
             Balance::Random => Algorithm::Random,
         };
+        let queue = Arc::new(Notify::new());
         Balancer {
             algorithm,
             servers: backend
                 .servers
                 .iter()
                 .zip(gauges)
-                .map(|(s, (active, up))| Arc::new(ServerLive::new(s.weight, active, up)))
+                .map(|(s, gauges)| Arc::new(ServerLive::new(s.weight, s.maxconn, gauges, queue.clone())))
                 .collect(),
+            queue,
         }
     }
 
@@ -115,34 +139,64 @@ impl Balancer {
         &self.servers
     }
 
-    /// The server for a new flow, counted as one of its sessions while the lease is held;
-    /// `None` when no server takes new flows (each has weight 0, or is down, draining or in
-    /// maintenance, or is in `skip`: the servers a retry redispatches away from).
-    pub fn pick(&self, key: PickKey<'_>, skip: &[usize]) -> Option<Lease> {
-        // One snapshot per pick: a weight changed meanwhile applies from the next one.
-        let weights: Vec<u32> = (self.servers.iter().enumerate())
-            .map(|(i, s)| {
-                if skip.contains(&i) {
-                    0
-                } else {
-                    s.effective_weight()
-                }
-            })
-            .collect();
-        let index = match &self.algorithm {
-            Algorithm::RoundRobin(rr) => rr.pick(&weights),
-            Algorithm::LeastConn(lc) => lc.pick(&weights, &self.active()),
-            Algorithm::Source(h) => h.pick(&weights, &ip_bytes(key.client)),
+    /// Where sessions wait while every server is at its `maxconn`.
+    pub fn queue(&self) -> &Notify {
+        &self.queue
+    }
+
+    /// The server for a new flow, counted as one of its sessions while the lease is held.
+    /// Servers that do not take new flows (weight 0, down, draining, in maintenance) are left
+    /// out, and so are those in `skip` (a retry redispatches away from them) and those at their
+    /// `maxconn` (with a hashing algorithm, a key then goes to its next server in hash order).
+    pub fn pick(&self, key: PickKey<'_>, skip: &[usize]) -> Pick {
+        let mut full = Vec::new();
+        // Bounded: each turn leaves one more server out.
+        for _ in 0..=self.servers.len() {
+            // One snapshot per pick: a weight changed meanwhile applies from the next one.
+            let weights: Vec<u32> = (self.servers.iter().enumerate())
+                .map(|(i, s)| {
+                    if skip.contains(&i) || full.contains(&i) {
+                        0
+                    } else if s.is_full() && s.effective_weight() > 0 {
+                        full.push(i);
+                        0
+                    } else {
+                        s.effective_weight()
+                    }
+                })
+                .collect();
+            let Some(index) = self.choose(key, &weights) else {
+                break;
+            };
+            let server = &self.servers[index];
+            if server.try_acquire() {
+                return Pick::Server(Lease {
+                    server: server.clone(),
+                    index,
+                });
+            }
+            // Another thread took its last slot meanwhile.
+            full.push(index);
+        }
+        if full.is_empty() {
+            Pick::NoServer
+        } else {
+            Pick::Full
+        }
+    }
+
+    fn choose(&self, key: PickKey<'_>, weights: &[u32]) -> Option<usize> {
+        match &self.algorithm {
+            Algorithm::RoundRobin(rr) => rr.pick(weights),
+            Algorithm::LeastConn(lc) => lc.pick(weights, &self.active()),
+            Algorithm::Source(h) => h.pick(weights, &ip_bytes(key.client)),
             // A request without a path (CONNECT, `*`) hashes as `/`.
             Algorithm::Uri(h) => h.pick(
-                &weights,
+                weights,
                 key.path.filter(|p| !p.is_empty()).unwrap_or("/").as_bytes(),
             ),
-            Algorithm::Random => random::pick(&weights, &self.active(), &mut fastrand::Rng::new()),
-        }?;
-        let server = self.servers[index].clone();
-        server.active.inc();
-        Some(Lease { server, index })
+            Algorithm::Random => random::pick(weights, &self.active(), &mut fastrand::Rng::new()),
+        }
     }
 
     fn active(&self) -> Vec<u32> {
@@ -177,6 +231,7 @@ mod tests {
             balance,
             connect_timeout: std::time::Duration::from_secs(1),
             server_timeout: std::time::Duration::from_secs(1),
+            queue_timeout: std::time::Duration::from_secs(1),
             retries: 3,
             health_check: None,
             max_consecutive_errors: None,
@@ -187,6 +242,7 @@ mod tests {
                     name: format!("s{i}"),
                     address: "127.0.0.1:1".parse().unwrap(),
                     weight,
+                    maxconn: None,
                 })
                 .collect(),
         }
@@ -203,10 +259,42 @@ mod tests {
     };
 
     #[test]
+    fn full_servers_are_passed_over_then_waited_for() {
+        for balance in [
+            Balance::RoundRobin,
+            Balance::LeastConn,
+            Balance::Source,
+            Balance::Random,
+        ] {
+            let mut config = backend(balance, &[1, 1]);
+            config.servers[0].maxconn = Some(1);
+            config.servers[1].maxconn = Some(2);
+            let gauges = (0..2).map(|_| (Gauge::default(), Gauge::default()));
+            let b = Balancer::new(&config, gauges);
+            let leases: Vec<Lease> = (0..3).map(|_| b.pick(KEY, &[]).lease().unwrap()).collect();
+            assert_eq!(b.active(), [1, 2], "{balance:?}");
+            assert!(matches!(b.pick(KEY, &[]), Pick::Full), "{balance:?}");
+            // A slot freed is taken by the next pick, and the queue is told.
+            let notified = b.queue().notified();
+            drop(leases);
+            assert!(b.pick(KEY, &[]).lease().is_some());
+            // (The permit `notify_one` left makes this resolve at once.)
+            assert_ready(notified);
+        }
+    }
+
+    /// Polls a future once, asserting it is ready.
+    fn assert_ready(f: impl std::future::Future<Output = ()>) {
+        let mut f = std::pin::pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(f.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[test]
     fn leases_count_sessions_until_dropped() {
         let b = balancer(Balance::LeastConn, &[1, 1]);
-        let first = b.pick(KEY, &[]).unwrap();
-        let second = b.pick(KEY, &[]).unwrap();
+        let first = b.pick(KEY, &[]).lease().unwrap();
+        let second = b.pick(KEY, &[]).lease().unwrap();
         assert_ne!(first.index(), second.index());
         assert_eq!(b.active(), [1, 1]);
         drop(first);
@@ -242,15 +330,15 @@ mod tests {
                     client: ip,
                     path: Some(&path),
                 };
-                let lease = b.pick(key, &[]).unwrap();
+                let lease = b.pick(key, &[]).lease().unwrap();
                 assert_ne!(lease.index(), 1, "{balance:?}");
                 // Redispatched away from server 0 too: server 2 is the one left.
-                assert_eq!(b.pick(key, &[0]).unwrap().index(), 2, "{balance:?}");
+                assert_eq!(b.pick(key, &[0]).lease().unwrap().index(), 2, "{balance:?}");
             }
             for s in b.servers() {
                 exclude(s);
             }
-            assert!(b.pick(KEY, &[]).is_none(), "{balance:?}");
+            assert!(matches!(b.pick(KEY, &[]), Pick::NoServer), "{balance:?}");
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct Backend {
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub server_timeout: Duration,
+    /// `timeouts.queue`: the longest wait for a server below its `maxconn`.
+    pub queue_timeout: Duration,
     /// `retries`: connect attempts after a failed one, each on another server.
     pub retries: u32,
     /// `health_check:`; `None`: servers are taken to be up.
@@ -123,6 +125,8 @@ pub struct Server {
     pub name: String,
     pub address: SocketAddr,
     pub weight: u32,
+    /// Most sessions at once; `None`: no limit.
+    pub maxconn: Option<u32>,
 }
 
 const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
@@ -132,6 +136,7 @@ const MAX_WEIGHT: u32 = 256;
 /// HAProxy's default.
 const DEFAULT_RETRIES: u32 = 3;
 const MAX_RETRIES: u32 = 100;
+const MAX_SERVER_MAXCONN: u32 = 1_000_000;
 /// Longer timeouts are surely mistakes (and would overflow deadline arithmetic).
 const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// TCP_KEEPIDLE / TCP_KEEPINTVL accept 1..=32767 seconds.
@@ -436,8 +441,12 @@ impl Validator<'_> {
         let http = self.http_listener(path, &l, http, backends, defaults);
         let backend = self.backend_named(path, backends, &format!("listener `{}`", l.name), &l.backend);
         let timeouts = l.timeouts.unwrap_or_default();
-        if timeouts.connect.is_some() || timeouts.server.is_some() || timeouts.shutdown_grace.is_some() {
-            self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client`, `http_request`, `http_keep_alive` and `tunnel` (connect and server belong to the backend, shutdown_grace to the top level)");
+        if timeouts.connect.is_some()
+            || timeouts.server.is_some()
+            || timeouts.shutdown_grace.is_some()
+            || timeouts.queue.is_some()
+        {
+            self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client`, `http_request`, `http_keep_alive` and `tunnel` (connect, server and queue belong to the backend, shutdown_grace to the top level)");
         }
         self.timeouts(&with(path, Step::Key("timeouts")), &timeouts);
         let client_timeout = timeouts.client.or(defaults.client).unwrap_or(DEFAULT_IDLE);
@@ -512,12 +521,13 @@ impl Validator<'_> {
         if client_side.iter().any(Option::is_some) {
             self.error(
                 &with(path, Step::Key("timeouts")),
-                "a backend's timeouts may only set `connect` and `server`",
+                "a backend's timeouts may only set `connect`, `server` and `queue`",
             );
         }
         self.timeouts(&with(path, Step::Key("timeouts")), &timeouts);
         let connect_timeout = timeouts.connect.or(defaults.connect).unwrap_or(DEFAULT_CONNECT);
         let server_timeout = timeouts.server.or(defaults.server).unwrap_or(DEFAULT_IDLE);
+        let queue_timeout = timeouts.queue.or(defaults.queue).unwrap_or(connect_timeout);
         if b.servers.is_empty() {
             self.error(path, format!("backend `{}` has no servers", b.name));
         } else if b.servers.iter().all(|s| s.weight == Some(0)) {
@@ -554,10 +564,17 @@ impl Validator<'_> {
                     format!("weight {weight} is above the maximum {MAX_WEIGHT}"),
                 );
             }
+            if s.maxconn.is_some_and(|m| !(1..=MAX_SERVER_MAXCONN).contains(&m)) {
+                self.error(
+                    &with(&spath, Step::Key("maxconn")),
+                    format!("maxconn must be between 1 and {MAX_SERVER_MAXCONN}"),
+                );
+            }
             servers.push(Server {
                 name: s.name,
                 address,
                 weight,
+                maxconn: s.maxconn,
             });
         }
         let retries = b.retries.unwrap_or(DEFAULT_RETRIES);
@@ -574,6 +591,7 @@ impl Validator<'_> {
             balance,
             connect_timeout,
             server_timeout,
+            queue_timeout,
             retries,
             health_check,
             max_consecutive_errors,
@@ -611,6 +629,7 @@ impl Validator<'_> {
             ("http_request", t.http_request),
             ("http_keep_alive", t.http_keep_alive),
             ("tunnel", t.tunnel),
+            ("queue", t.queue),
         ];
         for (key, value) in values {
             let Some(d) = value else { continue };

@@ -165,6 +165,11 @@ pub struct RawTimeouts {
     /// direction (HAProxy's `timeout tunnel`; default 1h). Top level or listener.
     #[serde(default, with = "humantime_serde")]
     pub tunnel: Option<Duration>,
+    /// How long a new session may wait for a server below its `maxconn` when every one is at
+    /// it; 503 (HTTP) or a closed connection (TCP) after it (HAProxy's `timeout queue`; default
+    /// `connect`). Top level or backend.
+    #[serde(default, with = "humantime_serde")]
+    pub queue: Option<Duration>,
 }
 
 /// `limits:` bounds on HTTP messages.
@@ -342,6 +347,11 @@ pub struct RawServer {
     /// Relative share of new flows, 1..=256 (default 1); 0 sends it nothing.
     #[serde(default)]
     pub weight: Option<u32>,
+    /// Most sessions at once (TCP flows, HTTP server connections), 1..=1000000; new ones wait
+    /// in the backend's queue for `timeouts.queue` when every server is full (default: no
+    /// limit).
+    #[serde(default)]
+    pub maxconn: Option<u32>,
 }
 
 /// One entry of a listener's `routes:`. At least one of `host` and `path_prefix`.

@@ -288,5 +288,27 @@ fn retries_default_to_three_and_are_bounded() {
     let with = |n: &str| GOOD.replace("  - name: app\n", &format!("  - name: app\n    retries: {n}\n"));
     assert_eq!(parse("t.yaml", &with("0")).unwrap().backends[0].retries, 0);
     let e = only_error(&with("101"));
-    assert!(e.starts_with("t.yaml:7:14: retries must be between 0 and 100"), "{e}");
+    assert!(
+        e.starts_with("t.yaml:7:14: retries must be between 0 and 100"),
+        "{e}"
+    );
+}
+
+#[test]
+fn maxconn_and_the_queue_timeout() {
+    let c = parse("t.yaml", GOOD).unwrap();
+    assert_eq!(c.backends[0].servers[0].maxconn, None);
+    // The queue waits as long as a connect may take, unless set.
+    assert_eq!(c.backends[0].queue_timeout, c.backends[0].connect_timeout);
+    let text = GOOD.replace("weight: 3 }", "weight: 3, maxconn: 10 }");
+    let c = parse("t.yaml", &format!("timeouts: {{ queue: 2s }}\n{text}")).unwrap();
+    assert_eq!(c.backends[0].servers[0].maxconn, Some(10));
+    assert_eq!(c.backends[0].queue_timeout, Duration::from_secs(2));
+    let e = only_error(&GOOD.replace("weight: 3 }", "weight: 3, maxconn: 0 }"));
+    assert!(e.contains("maxconn must be between 1 and 1000000"), "{e}");
+    let e = only_error(&GOOD.replace(
+        "    backend: app\n",
+        "    backend: app\n    timeouts: { queue: 1s }\n",
+    ));
+    assert!(e.contains("a listener's timeouts may only set"), "{e}");
 }

@@ -348,8 +348,12 @@ async fn exchange(
         }
     }
     access_log(ctx, &x, resp.status, "", 0);
-    let keep_server =
-        rewrite::server_keeps_alive(&resp) && resp.body != Body::UntilClose && server.conn.held.is_empty();
+    // A server with a `maxconn` counts requests under way, not idle kept connections (as
+    // HAProxy does): its connection goes, and with it the slot, when the exchange ends.
+    let keep_server = rewrite::server_keeps_alive(&resp)
+        && resp.body != Body::UntilClose
+        && server.conn.held.is_empty()
+        && server.lease.server().maxconn().is_none();
     if close {
         close_gently(client.stream, LINGER).await;
         return State::Ended(HttpEnd::Closed("closed after the response"));

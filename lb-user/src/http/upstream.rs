@@ -203,6 +203,10 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
         Err(DispatchError::NoServer) => Err(Rejection::new(503, "no server available")),
         // HAProxy's answer too once its retries are spent.
         Err(DispatchError::Failed { .. }) => Err(Rejection::new(503, "no server could be reached")),
+        Err(DispatchError::QueueTimeout(_)) => Err(Rejection::new(
+            503,
+            "every server stayed at its maxconn for timeouts.queue",
+        )),
     }
 }
 
