@@ -8,6 +8,7 @@
 //! Around it: [`config`], [`metrics`] and the [`admin`] endpoint, and [`shutdown`].
 pub mod accept;
 pub mod admin;
+pub mod admin_client;
 pub mod affinity;
 pub mod balance;
 pub mod bpf;
@@ -22,6 +23,8 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod sockopt;
+pub mod stats;
+pub mod stats_page;
 pub mod workers;
 
 #[cfg(test)]

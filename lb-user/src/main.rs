@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 use lb::config::{self, Forwarding};
 use std::{path::PathBuf, process::ExitCode};
 
+mod cli_admin;
+
 /// `lb --version`: says whether this binary carries its eBPF program (the tests read it).
 const VERSION: &str = if cfg!(lb_no_ebpf) {
     concat!(
@@ -50,6 +52,23 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Show a running lb's listeners, backends and servers (state, last check, sessions,
+    /// queue, bytes by kernel and by userspace, errors), from its admin endpoint.
+    Stats {
+        #[command(flatten)]
+        target: cli_admin::Target,
+        /// The raw JSON (`GET /stats.json`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a server of a running lb at once, without dropping flows (HAProxy's
+    /// `set server`): enable, disable (maintenance), drain, or set its weight.
+    Server {
+        #[command(flatten)]
+        target: cli_admin::Target,
+        #[command(subcommand)]
+        command: cli_admin::ServerCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +89,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Stats { target, json } => report(cli_admin::stats(&target, json)),
+        Command::Server { target, command } => report(cli_admin::server(&target, &command)),
         Command::Run { config, forwarding } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -87,6 +108,17 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Exit status of a command for a running lb; its error on stderr.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

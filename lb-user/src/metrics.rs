@@ -49,6 +49,14 @@ impl UnservedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerPathLabels {
+    pub backend: String,
+    pub server: String,
+    /// `kernel` or `user`.
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
     pub backend: String,
     pub server: String,
@@ -101,6 +109,8 @@ pub struct Metrics {
     pub server_connections: Family<ServerLabels, Counter>,
     /// Current sessions per server (what `leastconn` and `random` weigh).
     pub server_active: Family<ServerLabels, Gauge>,
+    /// Payload bytes per server and path.
+    pub server_bytes: Family<ServerPathLabels, Counter>,
     /// Connect attempts redispatched to another server after a failure.
     pub retries: Family<BackendLabels, Counter>,
     /// Sessions that got no server, by reason.
@@ -158,6 +168,7 @@ impl Metrics {
             connect_errors: Family::default(),
             server_connections: Family::default(),
             server_active: Family::default(),
+            server_bytes: Family::default(),
             retries: Family::default(),
             unserved: Family::default(),
             queued: Family::default(),
@@ -219,6 +230,11 @@ impl Metrics {
             "lb_backend_unserved",
             "Sessions the backend gave no server: no server available, or every connect attempt failed",
             m.unserved.clone(),
+        );
+        r.register(
+            "lb_server_forwarded_bytes",
+            "Payload bytes of a server's flows, both directions, by path: user (copied by lb, counted as they go; an HTTP exchange's heads and bodies when it ends) and kernel (counted when the flow ends)",
+            m.server_bytes.clone(),
         );
         r.register(
             "lb_backend_queue",

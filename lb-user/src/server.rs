@@ -13,8 +13,8 @@ use crate::{
     bpf::{BpfError, Kernel},
     config::{Config, Forwarding},
     metrics::{
-        BackendLabels, ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, UnservedLabels,
-        STATUS_CLASSES,
+        BackendLabels, ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, ServerPathLabels,
+        UnservedLabels, STATUS_CLASSES,
     },
     session,
     workers::Workers,
@@ -42,6 +42,19 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The counters of server `index` of backend `backend`.
+    pub fn server_counters(&self, backend: usize, index: usize) -> &ServerCounters {
+        &self.backends[backend].servers[index]
+    }
+
+    /// Where a flow to that server counts the bytes lb copies.
+    pub fn byte_counters(&self, backend: usize, index: usize) -> crate::forward::ByteCounters<'_> {
+        crate::forward::ByteCounters {
+            total: &self.user_bytes,
+            server: &self.server_counters(backend, index).user_bytes,
+        }
+    }
+
     /// SO_RCVBUF for both sockets of every flow when the kernel path is there
     /// (`tune.kernel_rcvbuf`), set before the handshake (on the listening socket, which
     /// accepted sockets inherit, and on the server socket before it connects), so that it bounds what a
@@ -90,6 +103,9 @@ pub struct ServerCounters {
     pub connect_errors: Counter,
     /// `lb_health_check_failures_total`.
     pub check_failures: Counter,
+    /// `lb_server_forwarded_bytes_total{path="user"}` and `{path="kernel"}`.
+    pub user_bytes: Counter,
+    pub kernel_bytes: Counter,
 }
 
 impl BackendState {
@@ -106,6 +122,8 @@ impl BackendState {
                     connections: metrics.server_connections.get_or_create(&labels).clone(),
                     connect_errors: metrics.connect_errors.get_or_create(&labels).clone(),
                     check_failures: metrics.check_failures.get_or_create(&labels).clone(),
+                    user_bytes: server_bytes(metrics, &labels, "user"),
+                    kernel_bytes: server_bytes(metrics, &labels, "kernel"),
                 }
             })
             .collect();
@@ -143,6 +161,17 @@ fn unserved(metrics: &Metrics, backend: &crate::config::Backend, reason: &'stati
         .unserved
         .get_or_create(&UnservedLabels::of(backend, reason))
         .clone();
+    counter
+}
+
+/// One `lb_server_forwarded_bytes_total` series (a statement of its own: see [`unserved`]).
+fn server_bytes(metrics: &Metrics, server: &ServerLabels, path: &'static str) -> Counter {
+    let labels = ServerPathLabels {
+        backend: server.backend.clone(),
+        server: server.server.clone(),
+        path,
+    };
+    let counter = metrics.server_bytes.get_or_create(&labels).clone();
     counter
 }
 
@@ -260,11 +289,14 @@ pub async fn run(
         })?;
         sockets.push(socket);
     }
-    let admin_socket = match config.admin {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
+    let admin_socket = match &config.admin {
+        Some(admin) => Some(
+            TcpListener::bind(admin.listen)
                 .await
-                .map_err(|source| StartError::Admin { addr, source })?,
+                .map_err(|source| StartError::Admin {
+                    addr: admin.listen,
+                    source,
+                })?,
         ),
         None => None,
     };

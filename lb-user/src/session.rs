@@ -102,7 +102,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
                     pair.client,
                     pair.server,
                     timeouts,
-                    &proxy.user_bytes,
+                    proxy.byte_counters(pair.info.backend, pair.info.lease.index()),
                     None,
                     pair.directions,
                 ))
@@ -226,7 +226,7 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         pair.client,
         pair.server,
         timeouts,
-        &proxy.user_bytes,
+        proxy.byte_counters(pair.info.backend, pair.info.lease.index()),
         Some(offload_after),
         pair.directions,
     ))
@@ -263,7 +263,7 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         max_in_flight: proxy.config.max_in_flight,
     };
     let counters = forward::kernel::FlowCounters {
-        user_bytes: &proxy.user_bytes,
+        user_bytes: proxy.byte_counters(pair.info.backend, pair.info.lease.index()),
         dropped: &proxy.dropped[listener],
         duplicated: &proxy.metrics.kernel_duplicated_bytes,
     };
@@ -318,6 +318,10 @@ fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, totals: Tota
         }
         End::Closed => {}
     }
+    (proxy
+        .server_counters(info.backend, info.lease.index())
+        .kernel_bytes)
+        .inc_by(totals.kernel);
     log_handoff_end(proxy, listener, &info, Some(end), totals);
     Session::Finished(Outcome::Forwarded(end))
 }

@@ -40,6 +40,7 @@ pub struct LbBuilder {
     weights: Vec<u32>,
     backend_yaml: Vec<String>,
     server_options: String,
+    admin_token: Option<String>,
 }
 
 impl LbBuilder {
@@ -58,7 +59,13 @@ impl LbBuilder {
             weights: Vec::new(),
             backend_yaml: Vec::new(),
             server_options: String::new(),
+            admin_token: None,
         }
+    }
+    /// `admin.token`: every admin request must then carry it ([`Lb::metrics`] cannot).
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.into());
+        self
     }
     /// More keys for every server's flow mapping, e.g. `"maxconn: 1"`.
     pub fn server_options(mut self, keys: &str) -> Self {
@@ -131,6 +138,9 @@ impl LbBuilder {
             ),
         };
         y += "admin:\n  listen: 127.0.0.1:0\n";
+        if let Some(t) = &self.admin_token {
+            y += &format!("  token: {t}\n");
+        }
         let mut sections: Vec<&str> = Vec::new();
         for (section, _, _) in &self.sections {
             if !sections.contains(&section.as_str()) {

@@ -97,16 +97,36 @@ pub fn bpf_available(test: &str) -> bool {
         (false, _) => "not running as root (BPF sockmap needs CAP_BPF + CAP_NET_ADMIN)",
         (true, false) => "lb was built without its eBPF program (run `cargo xtask setup`)",
     };
+    skip(test, why);
+    false
+}
+
+/// Whether `program` (one `cargo xtask test` installs) is on PATH; when not, a visible skip
+/// (a failure under `LB_REQUIRE_BPF=1`, where CI has installed everything).
+pub fn program_available(test: &str, program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| dir.join(program).is_file()) {
+        return true;
+    }
+    skip(
+        test,
+        &format!("`{program}` is not installed (`cargo xtask test` installs it)"),
+    );
+    false
+}
+
+/// Says a test is skipped: on stderr and in `LB_SKIP_LOG` (cargo test captures a passing
+/// test's output; `cargo xtask test` lists skips from that file). Under `LB_REQUIRE_BPF=1`
+/// (set by `.ci/run`) a skip is a failure.
+fn skip(test: &str, why: &str) {
     if std::env::var("LB_REQUIRE_BPF").as_deref() == Ok("1") {
         panic!("{test}: LB_REQUIRE_BPF=1 but {why}");
     }
     eprintln!("SKIPPED {test}: {why}");
-    // cargo test captures a passing test's output: `cargo xtask test` lists skips from this file.
     if let Ok(path) = std::env::var("LB_SKIP_LOG") {
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
             let _ = writeln!(f, "{test}: {why}");
         }
     }
-    false
 }

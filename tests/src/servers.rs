@@ -41,6 +41,24 @@ pub async fn named(id: u8) -> SocketAddr {
     addr
 }
 
+/// Says who it is (sends `id`, one byte), then echoes every byte back until the client closes.
+pub async fn named_echo(id: u8) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(&[id]).await.is_ok() {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// The integrity peer: for each connection, reads the flow header, sends the requested number
 /// of seeded random bytes while reading everything the client sends, and reports both sha256s.
 pub async fn integrity() -> (SocketAddr, mpsc::UnboundedReceiver<ServerReport>) {

@@ -142,10 +142,16 @@ fn test(args: Vec<String>) -> Result<()> {
     if !ebpf {
         eprintln!("xtask: WARNING: the eBPF toolchain is missing: lb is built without kernel forwarding and BPF tests will skip");
     }
-    // The HTTP tests drive lb with real clients (curl, Python's http.client, wrk).
+    // The HTTP tests drive lb with real clients (curl, Python's http.client, wrk); the stats
+    // page is opened in a headless browser.
     setup::ensure_programs(
         "xtask test",
-        &[("curl", "curl"), ("python3", "python3"), ("wrk", "wrk")],
+        &[
+            ("curl", "curl"),
+            ("python3", "python3"),
+            ("wrk", "wrk"),
+            ("chromium", "chromium"),
+        ],
     )?;
     let cargo = |args: &[&str]| {
         let mut cmd = Command::new("cargo");

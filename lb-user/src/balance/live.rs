@@ -24,7 +24,8 @@ pub enum Admin {
     Maint = 2,
 }
 
-/// The state a server is shown in (stats, logs), most telling first: MAINT, DOWN, DRAIN, UP.
+/// The state a server is shown in (stats, logs): what an operator set first (MAINT, DRAIN),
+/// then its health (DOWN, UP); the last check's result says why a drained server is failing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Up,
@@ -172,8 +173,8 @@ impl ServerLive {
     pub fn state(&self) -> State {
         match (self.admin(), self.is_up()) {
             (Admin::Maint, _) => State::Maint,
-            (_, false) => State::Down,
-            (Admin::Drain, true) => State::Drain,
+            (Admin::Drain, _) => State::Drain,
+            (Admin::Ready, false) => State::Down,
             (Admin::Ready, true) => State::Up,
         }
     }
@@ -237,7 +238,7 @@ mod tests {
         s.set_admin(Admin::Drain);
         assert_eq!((s.state(), s.effective_weight()), (State::Drain, 0));
         s.set_up(false);
-        assert_eq!(s.state(), State::Down);
+        assert_eq!(s.state(), State::Drain);
         s.set_admin(Admin::Maint);
         assert_eq!(s.state(), State::Maint);
         s.set_admin(Admin::Ready);

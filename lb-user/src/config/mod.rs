@@ -33,7 +33,7 @@ pub struct Config {
     /// `forwarding.offload_after`: bytes a flow moves in userspace (either direction) before it
     /// is handed to the kernel; 0 = at once.
     pub offload_after: u64,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<Admin>,
     pub shutdown_grace: Duration,
     /// SO_SNDBUF for both sockets of a kernel-forwarded flow; `None` keeps autotuning.
     pub kernel_sndbuf: Option<u32>,
@@ -49,6 +49,14 @@ pub struct Config {
     pub limits: crate::http::request::Limits,
     pub listeners: Vec<Listener>,
     pub backends: Vec<Backend>,
+}
+
+/// `admin:`, the admin endpoint.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    /// Required of every request when set; without it only loopback clients are served.
+    pub token: Option<String>,
 }
 
 /// A validated listener.
@@ -110,6 +118,14 @@ pub enum Balance {
 }
 
 impl Balance {
+    /// Its name in the configuration.
+    pub fn name(self) -> &'static str {
+        Balance::NAMES
+            .iter()
+            .find(|(_, b)| *b == self)
+            .map_or("?", |(n, _)| n)
+    }
+
     const NAMES: [(&'static str, Balance); 5] = [
         ("roundrobin", Balance::RoundRobin),
         ("leastconn", Balance::LeastConn),
@@ -306,11 +322,24 @@ impl Validator<'_> {
         };
         let offload_after = offload_after.map_or(DEFAULT_OFFLOAD_AFTER, |b| b.as_u64());
         let admin = raw.admin.and_then(|a| {
-            self.address(
+            let listen = self.address(
                 &[Step::Key("admin"), Step::Key("listen")],
                 "admin.listen",
                 &a.listen,
-            )
+            )?;
+            if a.token.as_ref().is_some_and(|t| t.len() < 16 || t.chars().any(|c| c.is_whitespace())) {
+                self.error(
+                    &[Step::Key("admin"), Step::Key("token")],
+                    "admin.token must be at least 16 characters, without spaces",
+                );
+            }
+            if a.token.is_none() && !listen.ip().is_loopback() {
+                self.error(
+                    &[Step::Key("admin"), Step::Key("listen")],
+                    "admin.listen is not a loopback address: set admin.token, or anyone who can reach it could drain your servers",
+                );
+            }
+            Some(Admin { listen, token: a.token })
         });
         let defaults = raw.timeouts;
         self.timeouts(&[Step::Key("timeouts")], &defaults);

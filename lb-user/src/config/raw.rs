@@ -66,8 +66,14 @@ pub struct RawForwardingSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
-    /// `IP:PORT` of the admin HTTP endpoint (`GET /metrics`). Keep it on loopback.
+    /// `IP:PORT` of the admin HTTP endpoint (metrics, stats, runtime commands). A non-loopback
+    /// address needs a `token`.
     pub listen: String,
+    /// A secret every request must carry (`Authorization: Bearer TOKEN`, or HTTP Basic auth
+    /// with any user and the token as password, which browsers ask for), at least 16
+    /// characters. Without it, only loopback clients are served.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// `tune:`

@@ -66,6 +66,22 @@ pub enum End {
     IdleTimeout(Side),
 }
 
+/// Where the payload bytes lb copies itself are counted: lb's total
+/// (`lb_forwarded_bytes_total{path="user"}`) and the flow's server
+/// (`lb_server_forwarded_bytes_total{path="user"}`).
+#[derive(Debug, Clone, Copy)]
+pub struct ByteCounters<'a> {
+    pub total: &'a prometheus_client::metrics::counter::Counter,
+    pub server: &'a prometheus_client::metrics::counter::Counter,
+}
+
+impl ByteCounters<'_> {
+    pub fn add(&self, n: u64) {
+        self.total.inc_by(n);
+        self.server.inc_by(n);
+    }
+}
+
 /// What a flow moved in the forwarding stage, for its access-log record.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {

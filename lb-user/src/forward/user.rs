@@ -9,7 +9,6 @@
 //! read until it is empty and what was read is written on, so no segment is left partly read
 //! (the kernel would forward a partly read segment again, whole). The caller then hands the
 //! pair to the kernel path, which takes every byte that arrives from then on.
-use prometheus_client::metrics::counter::Counter;
 use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -25,7 +24,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Directions, End, Side, Timeouts, Totals};
+use super::{ByteCounters, Directions, End, Side, Timeouts, Totals};
 
 /// First buffer per direction; it grows to [`MAX_BUF`] when reads fill it (bulk flows).
 const FIRST_BUF: usize = 16 * 1024;
@@ -57,7 +56,7 @@ pub async fn forward(
     mut client: TcpStream,
     mut server: TcpStream,
     timeouts: Timeouts,
-    bytes: &Counter,
+    bytes: ByteCounters<'_>,
     offload_after: Option<u64>,
     directions: Directions,
 ) -> UserEnd {
@@ -165,7 +164,7 @@ struct Shared<'a> {
     ended: [AtomicBool; 2],
     /// Per side: bytes read from it and written to the other (this flow's share of `bytes`).
     sent: [AtomicU64; 2],
-    bytes: &'a Counter,
+    bytes: ByteCounters<'a>,
     offload: Offload,
     /// The side whose bytes are read and dropped ([`Directions::dropped`]).
     dropped: Option<Side>,
@@ -226,7 +225,7 @@ async fn drain(
                 // A write cut short would lose bytes: a stuck destination ends the flow.
                 match tokio::time::timeout(timeouts.of(from.other()), dst.write_all(&buf[..n])).await {
                     Ok(Ok(())) => {
-                        shared.bytes.inc_by(n as u64);
+                        shared.bytes.add(n as u64);
                         shared.sent[from.index()].fetch_add(n as u64, Relaxed);
                     }
                     Ok(Err(_)) => return Err(End::Reset(from.other())),
@@ -359,7 +358,7 @@ async fn pump(
         }
         writing[from.index()].store(false, Relaxed);
         clock.touch(from.other());
-        bytes.inc_by(buf.len() as u64);
+        bytes.add(buf.len() as u64);
         sent[from.index()].fetch_add(buf.len() as u64, Relaxed);
         if ends {
             ended[from.index()].store(true, Relaxed);
@@ -434,18 +433,23 @@ async fn write_last(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()>
 mod tests {
     use super::*;
     use crate::test_support::loopback_pair;
+    use prometheus_client::metrics::counter::Counter;
 
     #[tokio::test]
     async fn server_to_client_only_drops_the_clients_bytes_and_its_end() {
         // (lb's socket, the peer's)
         let (client, mut client_peer) = loopback_pair().await;
         let (server, mut server_peer) = loopback_pair().await;
-        let bytes = Counter::default();
+        let (total, per_server) = (Counter::default(), Counter::default());
+        let bytes = ByteCounters {
+            total: &total,
+            server: &per_server,
+        };
         let timeouts = Timeouts {
             client: Duration::from_secs(10),
             server: Duration::from_secs(10),
         };
-        let flow = forward(client, server, timeouts, &bytes, None, Directions::ServerToClient);
+        let flow = forward(client, server, timeouts, bytes, None, Directions::ServerToClient);
         let peers = async {
             // A pipelined request the server must never see, and the client's half-close,
             // which it must not see either (checked over a bounded wait: nothing else can show
@@ -485,6 +489,6 @@ mod tests {
         };
         assert_eq!(end, End::Closed);
         assert_eq!(totals.to_client, 16);
-        assert_eq!(bytes.get(), 16);
+        assert_eq!((total.get(), per_server.get()), (16, 16));
     }
 }

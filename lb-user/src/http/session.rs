@@ -382,6 +382,7 @@ fn hand_off_body(
         Body::Length(n) => Some(n.saturating_sub(sent)),
         _ => None,
     };
+    count_bytes(ctx, x);
     State::Ended(HttpEnd::Handoff(Box::new(Handoff {
         client: client.stream,
         server: server.conn.stream,
@@ -390,6 +391,14 @@ fn hand_off_body(
         kind: Kind::ResponseBody { left },
         record: handed(ctx, x, status),
     })))
+}
+
+/// The bytes an exchange moved in userspace, in its server's `lb_server_forwarded_bytes_total`.
+fn count_bytes(ctx: &Ctx<'_>, x: &Exchange<'_>) {
+    if let Some(i) = x.server_idx {
+        let counters = ctx.proxy.server_counters(x.backend, i);
+        counters.user_bytes.inc_by(x.bytes_in + x.bytes_out);
+    }
 }
 
 /// The exchange as the record written when its handed-off flow ends shows it.
@@ -455,6 +464,7 @@ fn body_fault(e: &BodyError) -> &'static str {
 
 /// The exchange's access-log record (format in [`super::log`] and the README).
 fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str, answered: u64) {
+    count_bytes(ctx, x);
     if !log::wanted(ctx.http.access_log) {
         return;
     }

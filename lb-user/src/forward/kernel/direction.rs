@@ -245,7 +245,7 @@ async fn forward_pending(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier, roo
         flow.discarded.fetch_add(n as u64, Relaxed);
     } else {
         write_all(flow, from.other(), &copy.buf[copy.start..copy.start + n]).await?;
-        flow.counters.user_bytes.inc_by(n as u64);
+        flow.counters.user_bytes.add(n as u64);
     }
     copy.start += n;
     let ctl = flow.end(from).tracked.ctl();

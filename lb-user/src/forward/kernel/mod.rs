@@ -29,7 +29,7 @@ use std::{
 };
 use tokio::time::Instant;
 
-use super::{Directions, End, Side, Timeouts, Totals};
+use super::{ByteCounters, Directions, End, Side, Timeouts, Totals};
 use crate::{
     bpf::{Kernel, Tracked, Watch},
     sockopt,
@@ -51,7 +51,7 @@ pub struct Settings {
 /// Counters a flow adds to.
 pub struct FlowCounters<'a> {
     /// Bytes the daemon copied itself (`lb_forwarded_bytes_total{path="user"}`).
-    pub user_bytes: &'a Counter,
+    pub user_bytes: ByteCounters<'a>,
     /// Bytes lb had accepted from one side and could not deliver because the other failed
     /// (`lb_dropped_bytes_total{listener}`).
     pub dropped: &'a Counter,

@@ -1,0 +1,148 @@
+//! The client side of the admin endpoint, for `lb stats` and `lb server ...`: one HTTP/1.1
+//! request to a running lb, and the answer printed for a person.
+use http_body_util::{BodyExt, Empty};
+use hyper::{body::Bytes, header, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::{fmt::Write, net::SocketAddr, time::Duration};
+use tokio::net::TcpStream;
+
+use crate::stats::{ServerStats, Stats};
+
+/// Bound on the whole request (connect, send, answer).
+const LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    // (The causes are in the messages, not chained: `lb` prints the whole chain.)
+    #[error("cannot reach lb's admin endpoint at {addr}: {error}")]
+    Connect { addr: SocketAddr, error: std::io::Error },
+    #[error("admin endpoint at {addr}: {error}")]
+    Http { addr: SocketAddr, error: hyper::Error },
+    #[error("admin endpoint at {addr} did not answer within {LIMIT:?}")]
+    Timeout { addr: SocketAddr },
+    #[error("lb answered {status}: {body}")]
+    Refused { status: StatusCode, body: String },
+    #[error("unreadable answer from lb: {0}")]
+    Format(#[from] serde_json::Error),
+}
+
+/// Where a running lb's admin endpoint is, and its token if it has one.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub token: Option<String>,
+}
+
+impl Endpoint {
+    /// Sends `method path` and returns the body of a 2xx answer.
+    pub async fn call(&self, method: Method, path: &str) -> Result<String, AdminError> {
+        match tokio::time::timeout(LIMIT, self.exchange(method, path)).await {
+            Ok(r) => r,
+            Err(_) => Err(AdminError::Timeout { addr: self.addr }),
+        }
+    }
+
+    async fn exchange(&self, method: Method, path: &str) -> Result<String, AdminError> {
+        let addr = self.addr;
+        let http = |error| AdminError::Http { addr, error };
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|error| AdminError::Connect { addr, error })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, addr.to_string());
+        if let Some(t) = &self.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Empty::<Bytes>::new())
+            .expect("a request from valid parts");
+        let resp = sender.send_request(req).await.map_err(http)?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(AdminError::Refused {
+                status,
+                body: error_text(&body),
+            })
+        }
+    }
+
+    pub async fn stats(&self) -> Result<Stats, AdminError> {
+        Ok(serde_json::from_str(
+            &self.call(Method::GET, "/stats.json").await?,
+        )?)
+    }
+}
+
+/// The `error` of a JSON error answer, else the body as it is.
+fn error_text(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| body.trim().to_string())
+}
+
+/// `lb stats` for a person: the listeners, then a table per backend.
+pub fn format_stats(s: &Stats) -> String {
+    let mut out = String::new();
+    let path = if s.forwarding == "kernel" {
+        "the kernel (sockmap)"
+    } else {
+        "userspace"
+    };
+    let _ = writeln!(out, "lb {}, established flows forwarded by {path}", s.version);
+    let _ = writeln!(
+        out,
+        "\nLISTENER              BIND                   MODE  BACKEND           NOW     TOTAL"
+    );
+    for l in &s.listeners {
+        let _ = writeln!(
+            out,
+            "{:<21} {:<22} {:<5} {:<15} {:>5} {:>9}",
+            l.name, l.bind, l.mode, l.backend, l.active, l.total
+        );
+    }
+    for b in &s.backends {
+        let _ = writeln!(
+            out,
+            "\nBACKEND {} ({}; queue {}, retries {}, unserved {})",
+            b.name, b.balance, b.queue, b.retries, b.unserved
+        );
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<22} {:<6} {:>6} {:>5} {:>8} {:>8} {:>7} {:>12} {:>12}  CHECK",
+            "SERVER", "ADDRESS", "STATE", "WEIGHT", "NOW", "MAXCONN", "TOTAL", "ERRORS", "KERNEL B", "USER B"
+        );
+        for sv in &b.servers {
+            server_line(&mut out, sv);
+        }
+    }
+    out
+}
+
+fn server_line(out: &mut String, s: &ServerStats) {
+    let _ = writeln!(
+        out,
+        "  {:<16} {:<22} {:<6} {:>6} {:>5} {:>8} {:>8} {:>7} {:>12} {:>12}  {}",
+        s.name,
+        s.address,
+        s.state,
+        s.weight,
+        s.active,
+        s.maxconn.map_or("-".to_string(), |m| m.to_string()),
+        s.total,
+        s.connect_errors,
+        s.bytes_kernel,
+        s.bytes_user,
+        s.check
+    );
+}

@@ -1,0 +1,133 @@
+//! A snapshot of what lb is doing, for operators: listeners, backends and each server's state,
+//! check result, sessions, queue, bytes by path and errors. The admin endpoint serves it as
+//! JSON (`GET /stats.json`, `lb stats --json`) and as the stats page (`GET /stats`); the same
+//! numbers are Prometheus metrics.
+use serde::{Deserialize, Serialize};
+
+use crate::{metrics::ListenerLabels, server::Proxy};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Stats {
+    pub version: String,
+    /// `kernel` or `user`: how established flows are forwarded.
+    pub forwarding: String,
+    pub listeners: Vec<ListenerStats>,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenerStats {
+    pub name: String,
+    pub bind: String,
+    /// `tcp` or `http`.
+    pub mode: String,
+    pub backend: String,
+    /// Connections open now.
+    pub active: i64,
+    /// Connections accepted since start.
+    pub total: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub name: String,
+    pub balance: String,
+    /// Sessions waiting for a server below its maxconn.
+    pub queue: i64,
+    /// Connect attempts redispatched after a failure.
+    pub retries: u64,
+    /// Sessions given no server: none available, none reached, queue timeout.
+    pub unserved: u64,
+    pub servers: Vec<ServerStats>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServerStats {
+    pub name: String,
+    pub address: String,
+    /// `UP`, `DOWN`, `DRAIN` or `MAINT`.
+    pub state: String,
+    /// The last health check's result (`OK`, or why it failed); `-` without checks yet.
+    pub check: String,
+    pub weight: u32,
+    pub maxconn: Option<u32>,
+    /// Sessions now.
+    pub active: u32,
+    /// Connections established since start.
+    pub total: u64,
+    pub connect_errors: u64,
+    pub check_failures: u64,
+    /// Payload bytes forwarded by the kernel (counted when a flow ends) and by lb itself.
+    pub bytes_kernel: u64,
+    pub bytes_user: u64,
+}
+
+/// What `proxy` is doing now.
+pub fn snapshot(proxy: &Proxy) -> Stats {
+    let config = &proxy.config;
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let labels = ListenerLabels {
+                listener: l.name.clone(),
+            };
+            let active = proxy.metrics.active.get_or_create(&labels).get();
+            let total = proxy.metrics.connections.get_or_create(&labels).get();
+            ListenerStats {
+                name: l.name.clone(),
+                bind: l.bind.to_string(),
+                mode: if l.http.is_some() { "http" } else { "tcp" }.into(),
+                backend: config.backends[l.backend].name.clone(),
+                active,
+                total,
+            }
+        })
+        .collect();
+    let backends = config
+        .backends
+        .iter()
+        .zip(&proxy.backends)
+        .map(|(b, state)| {
+            let servers = b
+                .servers
+                .iter()
+                .zip(state.balancer.servers())
+                .zip(&state.servers)
+                .map(|((s, live), counters)| ServerStats {
+                    name: s.name.clone(),
+                    address: s.address.to_string(),
+                    state: live.state().name().into(),
+                    check: if b.health_check.is_some() {
+                        live.last_check()
+                    } else {
+                        "-".into()
+                    },
+                    weight: live.weight(),
+                    maxconn: live.maxconn(),
+                    active: live.active(),
+                    total: counters.connections.get(),
+                    connect_errors: counters.connect_errors.get(),
+                    check_failures: counters.check_failures.get(),
+                    bytes_kernel: counters.kernel_bytes.get(),
+                    bytes_user: counters.user_bytes.get(),
+                })
+                .collect();
+            let u = &state.unserved;
+            BackendStats {
+                name: b.name.clone(),
+                balance: b.balance.name().into(),
+                queue: state.queued.get(),
+                retries: state.retries.get(),
+                unserved: u.no_server.get() + u.connect_failed.get() + u.queue_timeout.get(),
+                servers,
+            }
+        })
+        .collect();
+    Stats {
+        version: env!("CARGO_PKG_VERSION").into(),
+        forwarding: if proxy.kernel.is_some() { "kernel" } else { "user" }.into(),
+        listeners,
+        backends,
+    }
+}

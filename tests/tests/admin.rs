@@ -1,0 +1,191 @@
+//! Runtime administration: the real `lb stats` and `lb server ...` commands against a running
+//! lb's admin endpoint. Changes take effect at once, for new flows only.
+use lb_tests::{
+    bpf_available,
+    lb::{lb_binary, Lb, LbBuilder},
+    servers,
+};
+use std::{process::Output, time::Duration};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+
+/// Runs `lb ARGS --admin ADDR` (bounded at 30 s).
+async fn lb_cmd(lb: &Lb, args: &[&str]) -> Output {
+    let admin = lb.admin.to_string();
+    let run = tokio::process::Command::new(lb_binary())
+        .args(args)
+        .args(["--admin", &admin])
+        .env_remove("LB_ADMIN_TOKEN")
+        .output();
+    timeout(Duration::from_secs(30), run)
+        .await
+        .expect("lb command timed out")
+        .expect("cannot run lb")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A flow through lb: the id of the server it reached, and the flow.
+async fn flow(lb: &Lb) -> (u8, TcpStream) {
+    let mut s = TcpStream::connect(lb.listener).await.unwrap();
+    let mut id = [0u8; 1];
+    timeout(Duration::from_secs(10), s.read_exact(&mut id))
+        .await
+        .expect("no server id within 10 s")
+        .unwrap();
+    (id[0], s)
+}
+
+/// Sends `n` bytes of a pattern on an echoing flow and checks they all come back, in order.
+async fn echo_intact(s: &mut TcpStream, n: usize) {
+    let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+    };
+    let receive = async {
+        let mut back = vec![0u8; n];
+        timeout(Duration::from_secs(30), r.read_exact(&mut back))
+            .await
+            .expect("echo timed out")
+            .unwrap();
+        back
+    };
+    let ((), back) = tokio::join!(send, receive);
+    assert!(back == data, "the echo differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_kernel_flows_finish_and_sends_no_new_ones() {
+    if !bpf_available("drain_lets_kernel_flows_finish_and_sends_no_new_ones") {
+        return;
+    }
+    let (s0, s1) = (servers::named_echo(0).await, servers::named_echo(1).await);
+    // Every flow goes to the kernel at once.
+    let lb = LbBuilder::new(&[s0, s1])
+        .forwarding("kernel")
+        .offload_after("0")
+        .spawn();
+    let (a, mut on_0) = flow(&lb).await;
+    let (b, _on_1) = flow(&lb).await;
+    assert_eq!((a, b), (0, 1));
+    echo_intact(&mut on_0, 64 << 10).await;
+
+    let out = stdout(&lb_cmd(&lb, &["server", "drain", "pool/s0"]).await);
+    assert!(out.contains("pool/s0: DRAIN"), "{out}");
+    for _ in 0..10 {
+        assert_eq!(flow(&lb).await.0, 1, "a new flow went to the draining server");
+    }
+    // The flow already on it goes on, through the kernel, intact.
+    echo_intact(&mut on_0, 4 << 20).await;
+    let m = lb.metrics();
+    assert!(m.kernel_bytes() >= (8 << 20) as f64, "{}", m.text);
+    assert_eq!(
+        m.get("lb_backend_active_sessions{backend=\"pool\",server=\"s0\"}"),
+        1.0
+    );
+    let stats = stdout(&lb_cmd(&lb, &["stats"]).await);
+    assert!(stats.contains("DRAIN"), "{stats}");
+
+    // Back: new flows reach it again.
+    stdout(&lb_cmd(&lb, &["server", "enable", "pool/s0"]).await);
+    let mut seen = [0; 2];
+    for _ in 0..10 {
+        seen[usize::from(flow(&lb).await.0)] += 1;
+    }
+    assert!(seen[0] >= 4, "{seen:?}");
+}
+
+#[tokio::test]
+async fn weight_and_disable_apply_to_the_next_flow() {
+    let (s0, s1) = (servers::named_echo(0).await, servers::named_echo(1).await);
+    let lb = LbBuilder::new(&[s0, s1]).spawn();
+    let out = stdout(&lb_cmd(&lb, &["server", "weight", "pool/s1", "0"]).await);
+    assert!(out.contains("pool/s1: UP (weight 0"), "{out}");
+    for _ in 0..6 {
+        assert_eq!(flow(&lb).await.0, 0);
+    }
+    stdout(&lb_cmd(&lb, &["server", "weight", "pool/s1", "3"]).await);
+    let out = stdout(&lb_cmd(&lb, &["server", "disable", "pool/s0"]).await);
+    assert!(out.contains("pool/s0: MAINT"), "{out}");
+    for _ in 0..6 {
+        assert_eq!(flow(&lb).await.0, 1);
+    }
+    // Both out: a TCP client is closed, and that is counted.
+    stdout(&lb_cmd(&lb, &["server", "disable", "pool/s1"]).await);
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
+        .await
+        .expect("lb kept the client");
+    assert!(rest.is_empty());
+    lb.wait_for("the unserved session", |m| {
+        m.counted("lb_backend_unserved_total{backend=\"pool\",reason=\"no_server\"}") == 1.0
+    })
+    .await;
+
+    let json = stdout(&lb_cmd(&lb, &["stats", "--json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let servers = &v["backends"][0]["servers"];
+    assert_eq!(servers[0]["state"], "MAINT");
+    assert_eq!(servers[1]["weight"], 3);
+    assert_eq!(v["listeners"][0]["name"], "test");
+    // A name lb does not have, and a weight out of range: refused with the reason.
+    let wrong = lb_cmd(&lb, &["server", "drain", "pool/nope"]).await;
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("backend `pool` has no server `nope`"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    let wrong = lb_cmd(&lb, &["server", "weight", "pool/s0", "999"]).await;
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("expected a number from 0 to 256"));
+}
+
+#[tokio::test]
+async fn with_a_token_every_request_must_carry_it() {
+    let s0 = servers::named_echo(0).await;
+    let token = "s3cret-token-0123456789";
+    let lb = LbBuilder::new(&[s0]).admin_token(token).spawn();
+    let refused = lb_cmd(&lb, &["stats"]).await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let out = stdout(&lb_cmd(&lb, &["stats", "--token", token]).await);
+    assert!(out.contains("s0"), "{out}");
+    // A wrong one is no better than none.
+    let wrong = lb_cmd(
+        &lb,
+        &["server", "drain", "pool/s0", "--token", "s3cret-token-0123456780"],
+    )
+    .await;
+    assert!(!wrong.status.success());
+    // Not even metrics without it.
+    let mut c = TcpStream::connect(lb.admin).await.unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
