@@ -126,11 +126,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 fn route(proxy: &Proxy, peer: SocketAddr, method: &Method, path: &str) -> Answer {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
-        (&Method::GET, ["metrics"]) => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            proxy.metrics.render(proxy.kernel.as_ref()),
-        ),
+        (&Method::GET, ["metrics"]) => {
+            stats::export_states(proxy);
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                proxy.metrics.render(proxy.kernel.as_ref()),
+            )
+        }
         (&Method::GET, ["stats.json"]) => json(StatusCode::OK, &stats::snapshot(proxy)),
         (&Method::GET, ["stats"]) => (
             StatusCode::OK,

@@ -57,6 +57,14 @@ pub struct ServerPathLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerStateLabels {
+    pub backend: String,
+    pub server: String,
+    /// `UP`, `DOWN`, `DRAIN` or `MAINT`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
     pub backend: String,
     pub server: String,
@@ -109,6 +117,8 @@ pub struct Metrics {
     pub server_connections: Family<ServerLabels, Counter>,
     /// Current sessions per server (what `leastconn` and `random` weigh).
     pub server_active: Family<ServerLabels, Gauge>,
+    /// 1 for a server's current state, 0 for the others (set at each scrape).
+    pub server_state: Family<ServerStateLabels, Gauge>,
     /// Payload bytes per server and path.
     pub server_bytes: Family<ServerPathLabels, Counter>,
     /// Connect attempts redispatched to another server after a failure.
@@ -168,6 +178,7 @@ impl Metrics {
             connect_errors: Family::default(),
             server_connections: Family::default(),
             server_active: Family::default(),
+            server_state: Family::default(),
             server_bytes: Family::default(),
             retries: Family::default(),
             unserved: Family::default(),
@@ -235,6 +246,11 @@ impl Metrics {
             "lb_server_forwarded_bytes",
             "Payload bytes of a server's flows, both directions, by path: user (copied by lb, counted as they go; an HTTP exchange's heads and bodies when it ends) and kernel (counted when the flow ends)",
             m.server_bytes.clone(),
+        );
+        r.register(
+            "lb_server_state",
+            "1 for the state a server is in (UP, DOWN, DRAIN, MAINT), 0 for the others",
+            m.server_state.clone(),
         );
         r.register(
             "lb_backend_queue",

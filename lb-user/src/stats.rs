@@ -4,7 +4,11 @@
 //! numbers are Prometheus metrics.
 use serde::{Deserialize, Serialize};
 
-use crate::{metrics::ListenerLabels, server::Proxy};
+use crate::{
+    balance::State,
+    metrics::{ListenerLabels, ServerStateLabels},
+    server::Proxy,
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
@@ -60,6 +64,25 @@ pub struct ServerStats {
     /// Payload bytes forwarded by the kernel (counted when a flow ends) and by lb itself.
     pub bytes_kernel: u64,
     pub bytes_user: u64,
+}
+
+/// Sets `lb_server_state` from each server's state now (before a scrape: the state lives in
+/// the servers' atomics, not in a metric).
+pub fn export_states(proxy: &Proxy) {
+    for (b, state) in proxy.config.backends.iter().zip(&proxy.backends) {
+        for (s, live) in b.servers.iter().zip(state.balancer.servers()) {
+            let now = live.state();
+            for st in [State::Up, State::Down, State::Drain, State::Maint] {
+                let labels = ServerStateLabels {
+                    backend: b.name.clone(),
+                    server: s.name.clone(),
+                    state: st.name(),
+                };
+                let gauge = proxy.metrics.server_state.get_or_create(&labels).clone();
+                gauge.set(i64::from(st == now));
+            }
+        }
+    }
 }
 
 /// What `proxy` is doing now.

@@ -94,6 +94,8 @@ async fn drain_lets_kernel_flows_finish_and_sends_no_new_ones() {
         m.get("lb_backend_active_sessions{backend=\"pool\",server=\"s0\"}"),
         1.0
     );
+    let state = |s: &str| format!("lb_server_state{{backend=\"pool\",server=\"s0\",state=\"{s}\"}}");
+    assert_eq!((m.get(&state("DRAIN")), m.get(&state("UP"))), (1.0, 0.0));
     let stats = stdout(&lb_cmd(&lb, &["stats"]).await);
     assert!(stats.contains("DRAIN"), "{stats}");
 

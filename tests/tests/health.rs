@@ -2,6 +2,7 @@
 //! and bring it back, and passive checks (`observe:`) eject a server that live traffic finds
 //! failing. Servers are in-process, on 127.0.0.1.
 use lb_tests::{
+    bpf_available,
     http::{raw_exchange, status_of, HttpLbBuilder, Reflector},
     lb::{Lb, LbBuilder},
     servers,
@@ -76,10 +77,16 @@ async fn until_up_is(lb: &Lb, server: usize, want: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_server_goes_down_within_fall_checks_and_comes_back_after_rise() {
+    if !bpf_available("a_dead_server_goes_down_within_fall_checks_and_comes_back_after_rise") {
+        return;
+    }
     let s0 = Killable::start(0, "127.0.0.1:0".parse().unwrap()).await;
     let s1 = Killable::start(1, "127.0.0.1:0".parse().unwrap()).await;
     // interval × fall = 600 ms to go DOWN, interval × rise = 400 ms to come back.
+    // Flows go to the kernel at once (spliced), as established flows do past offload_after.
     let lb = LbBuilder::new(&[s0.addr, s1.addr])
+        .forwarding("kernel")
+        .offload_after("0")
         .backend_yaml("    health_check: { kind: tcp, interval: 200ms, rise: 2, fall: 3 }\n")
         .spawn();
     assert_eq!(lb.metrics().get(&up(0)), 1.0);
@@ -113,6 +120,10 @@ async fn a_dead_server_goes_down_within_fall_checks_and_comes_back_after_rise() 
         .unwrap()
         .unwrap();
     assert_eq!(&echo, b"still there");
+    // ... forwarded by the kernel.
+    let m = lb.metrics();
+    assert!(m.get("lb_kernel_flows") >= 2.0, "{}", m.text);
+    assert!(m.kernel_bytes() >= 22.0, "{}", m.text);
     // And the one on the dead server's listener too: killing a listener ends no connection.
     held_a.write_all(b"x").await.unwrap();
 

@@ -318,10 +318,17 @@ fn admin_tokens() {
     let with_admin = |yaml: &str| format!("admin: {yaml}\n{GOOD}");
     let c = parse("t.yaml", &with_admin("{ listen: 127.0.0.1:9000 }")).unwrap();
     assert_eq!(c.admin.unwrap().token, None);
-    let c = parse("t.yaml", &with_admin("{ listen: 0.0.0.0:9000, token: 0123456789abcdef }")).unwrap();
+    let c = parse(
+        "t.yaml",
+        &with_admin("{ listen: 0.0.0.0:9000, token: 0123456789abcdef }"),
+    )
+    .unwrap();
     assert_eq!(c.admin.unwrap().token.as_deref(), Some("0123456789abcdef"));
     let e = only_error(&with_admin("{ listen: 0.0.0.0:9000 }"));
-    assert!(e.contains("admin.listen is not a loopback address: set admin.token"), "{e}");
+    assert!(
+        e.contains("admin.listen is not a loopback address: set admin.token"),
+        "{e}"
+    );
     let e = only_error(&with_admin("{ listen: 127.0.0.1:9000, token: short }"));
     assert!(e.contains("admin.token must be at least 16 characters"), "{e}");
 }
