@@ -13,9 +13,9 @@ use http_body_util::Full;
 use hyper::{
     body::Bytes, header, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
 };
-use hyper_util::rt::TokioIo;
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -26,16 +26,27 @@ use crate::{
 
 /// Most a weight may be set to (as in the configuration).
 const MAX_WEIGHT: u32 = 256;
+/// Admin connections at once: the endpoint shares the process's file descriptors with the
+/// data path.
+const MAX_CONNECTIONS: usize = 64;
+/// A client has this long to send a request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
+                    // Out of fds or memory: pause instead of spinning on the error.
                     tracing::warn!("admin accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -47,11 +58,14 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: CancellationT
                 async move { Ok::<_, Infallible>(respond(&proxy, peer, &req)) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 tracing::debug!("admin connection: {e}");
             }
+            drop(permit);
         });
     }
 }
@@ -79,17 +93,26 @@ fn respond<B>(proxy: &Proxy, peer: SocketAddr, req: &Request<B>) -> Response<Ful
     resp
 }
 
-/// Loopback clients only, or the token when one is set.
+/// Loopback clients only, or the token when one is set; and no command from another web site.
 fn guard<B>(proxy: &Proxy, peer: SocketAddr, req: &Request<B>) -> Result<(), Answer> {
+    let forbidden = |why| Err(text(StatusCode::FORBIDDEN, why));
+    // A browser sends any page's form POST, cross-site, to a loopback address: such a request
+    // says where it comes from, and a command is refused unless it comes from the endpoint's
+    // own origin (the CLI sends neither field).
+    if req.method() == Method::POST && cross_site(req) {
+        return forbidden("cross-site requests may not change lb\n");
+    }
     let token = proxy.config.admin.as_ref().and_then(|a| a.token.as_deref());
     let Some(token) = token else {
-        return if peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback() {
+        if !(peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback()) {
+            return forbidden("loopback clients only (set admin.token to allow others)\n");
+        }
+        // A DNS name pointed at 127.0.0.1 (DNS rebinding) would let a web page read the
+        // answers: the endpoint is named by address, or as localhost.
+        return if host_is_local(req) {
             Ok(())
         } else {
-            Err(text(
-                StatusCode::FORBIDDEN,
-                "loopback clients only (set admin.token to allow others)\n",
-            ))
+            forbidden("name the admin endpoint by its address (Host)\n")
         };
     };
     let presented = req
@@ -101,6 +124,35 @@ fn guard<B>(proxy: &Proxy, peer: SocketAddr, req: &Request<B>) -> Result<(), Ans
         Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
         _ => Err(text(StatusCode::UNAUTHORIZED, "the admin token is required\n")),
     }
+}
+
+/// Whether a browser says the request comes from another origin than the endpoint's own.
+fn cross_site<B>(req: &Request<B>) -> bool {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if header("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none") {
+        return true;
+    }
+    match (header("origin"), header("host")) {
+        (Some(origin), Some(host)) => origin.strip_prefix("http://") != Some(host),
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// The Host is an IP address or `localhost` (with or without a port).
+fn host_is_local<B>(req: &Request<B>) -> bool {
+    let Some(host) = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        // HTTP/1.0 without Host: no name to rebind.
+        return true;
+    };
+    if host.parse::<SocketAddr>().is_ok() || host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    name.eq_ignore_ascii_case("localhost")
 }
 
 /// The token in an `Authorization` value: `Bearer TOKEN`, or Basic with the token as password.
@@ -220,6 +272,41 @@ fn error(status: StatusCode, message: String) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(method: Method, headers: &[(&str, &str)]) -> Request<()> {
+        let mut r = Request::builder().method(method).uri("/");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.body(()).unwrap()
+    }
+
+    #[test]
+    fn commands_from_other_sites_and_rebound_names_are_told_apart() {
+        let post = |h: &[(&str, &str)]| cross_site(&request(Method::POST, h));
+        assert!(!post(&[("host", "127.0.0.1:8404")]));
+        assert!(!post(&[
+            ("host", "127.0.0.1:8404"),
+            ("origin", "http://127.0.0.1:8404")
+        ]));
+        assert!(post(&[
+            ("host", "127.0.0.1:8404"),
+            ("origin", "https://evil.example")
+        ]));
+        assert!(post(&[
+            ("host", "127.0.0.1:8404"),
+            ("sec-fetch-site", "cross-site")
+        ]));
+        assert!(!post(&[
+            ("host", "127.0.0.1:8404"),
+            ("sec-fetch-site", "same-origin")
+        ]));
+        let local = |host| host_is_local(&request(Method::GET, &[("host", host)]));
+        assert!(
+            local("127.0.0.1:8404") && local("[::1]:8404") && local("localhost:8404") && local("localhost")
+        );
+        assert!(!local("evil.example:8404") && !local("evil.example"));
+    }
 
     #[test]
     fn credentials() {

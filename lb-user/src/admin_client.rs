@@ -22,6 +22,8 @@ pub enum AdminError {
     Timeout { addr: SocketAddr },
     #[error("lb answered {status}: {body}")]
     Refused { status: StatusCode, body: String },
+    #[error("cannot make that request: {0}")]
+    Request(String),
     #[error("unreadable answer from lb: {0}")]
     Format(#[from] serde_json::Error),
 }
@@ -59,9 +61,10 @@ impl Endpoint {
         if let Some(t) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
+        // A name or token no URL or header can carry is the caller's mistake, not a panic.
         let req = req
             .body(Empty::<Bytes>::new())
-            .expect("a request from valid parts");
+            .map_err(|e| AdminError::Request(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(http)?;
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(http)?.to_bytes();

@@ -36,6 +36,10 @@ pub struct Requester<'a> {
     /// The request's path, for `balance: uri`.
     pub path: Option<&'a str>,
     pub nodelay: bool,
+    /// An HTTP session: a connect that succeeds says nothing of the server's health yet (its
+    /// answer does: 5xx or none is a failure, [`Lease::observe`]); a TCP flow's connect is all
+    /// lb sees of it.
+    pub http: bool,
 }
 
 /// A connection to a server of `backend`, and the lease that counts it.
@@ -54,7 +58,14 @@ pub async fn dispatch(
     let mut last = None;
     let queue_deadline = Instant::now() + b.queue_timeout;
     loop {
-        let lease = match state.balancer.pick(key, &tried) {
+        // While sessions wait, a new one waits with them rather than take a slot before them.
+        let waiting = state.queued.get() > 0 && tried.is_empty();
+        let pick = if waiting {
+            Pick::Full
+        } else {
+            state.balancer.pick(key, &tried)
+        };
+        let lease = match pick {
             Pick::Server(lease) => lease,
             Pick::NoServer => break,
             Pick::Full => match queued(state, key, &tried, queue_deadline).await {
@@ -81,7 +92,9 @@ pub async fn dispatch(
         {
             Ok(stream) => {
                 state.servers[idx].connections.inc();
-                lease.observe(true, b);
+                if !who.http {
+                    lease.observe(true, b);
+                }
                 return Ok((lease, stream));
             }
             Err(e) => {

@@ -80,15 +80,38 @@ async fn run(proxy: &Proxy, backend: usize, server: usize, check: &HealthCheck) 
 }
 
 /// The checks in a row that agree.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Run {
     passed: u32,
     failed: u32,
+    /// The health the last check left the server in.
+    seen_up: bool,
+}
+
+impl Default for Run {
+    fn default() -> Run {
+        Run {
+            passed: 0,
+            failed: 0,
+            seen_up: true,
+        }
+    }
 }
 
 impl Run {
     /// Counts one check of a server that is `up` now; the health it moves to, if it moves.
     fn record(&mut self, up: bool, ok: bool, check: &HealthCheck) -> Option<bool> {
+        if self.seen_up && !up {
+            // Taken down since the last check (passive ejection): it needs `rise` passes from
+            // now, not the ones it had before.
+            self.passed = 0;
+        }
+        let moved = self.count(up, ok, check);
+        self.seen_up = moved.unwrap_or(up);
+        moved
+    }
+
+    fn count(&mut self, up: bool, ok: bool, check: &HealthCheck) -> Option<bool> {
         if ok {
             self.failed = 0;
             self.passed = self.passed.saturating_add(1);
@@ -186,9 +209,11 @@ mod tests {
         assert_eq!(run.record(false, false, &c), None);
         assert_eq!(run.record(false, true, &c), None);
         assert_eq!(run.record(false, true, &c), Some(true));
-        // Ejected by live traffic while the checks pass: back after `rise` more.
+        // Ejected by live traffic while the checks pass: back after `rise` more, not at once.
         let mut run = Run::default();
         assert_eq!(run.record(true, true, &c), None);
+        assert_eq!(run.record(true, true, &c), None);
+        assert_eq!(run.record(false, true, &c), None);
         assert_eq!(run.record(false, true, &c), Some(true));
     }
 

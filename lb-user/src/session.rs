@@ -138,6 +138,7 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
         client: a.peer,
         path: None,
         nodelay: l.nodelay,
+        http: false,
     };
     match dispatch(proxy, l.backend, who).await {
         Ok((lease, stream)) => Session::Connected(Pair {

@@ -308,8 +308,12 @@ impl Lb {
     pub fn metrics(&self) -> Metrics {
         let mut s = TcpStream::connect(self.admin).expect("connect admin");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        // Named by address: the endpoint refuses other names (DNS rebinding).
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin
+        );
+        s.write_all(request.as_bytes()).unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).expect("read metrics");
         let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");

@@ -2,6 +2,7 @@
 //! lb's admin endpoint. Changes take effect at once, for new flows only.
 use lb_tests::{
     bpf_available,
+    http::{HttpLbBuilder, Reflector},
     lb::{lb_binary, Lb, LbBuilder},
     servers,
 };
@@ -190,4 +191,77 @@ async fn with_a_token_every_request_must_carry_it() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+}
+
+/// One request on `c`, kept alive; the reflecting server's name (the body's first word).
+async fn served_by(c: &mut TcpStream) -> String {
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")?
+                        .parse()
+                        .ok()
+                })
+                .unwrap();
+            if got.len() >= end + 4 + length {
+                return text[end + 4..].split(' ').next().unwrap().to_string();
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_drained_server_gets_no_more_requests_from_kept_alive_clients() {
+    let (web1, web2) = (Reflector::start("web1").await, Reflector::start("web2").await);
+    let lb = HttpLbBuilder::new(&[web1.addr, web2.addr]).spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    assert_eq!(served_by(&mut c).await, "web1");
+    assert_eq!(served_by(&mut c).await, "web1", "the server connection is kept");
+    stdout(&lb_cmd(&lb, &["server", "drain", "app/s0"]).await);
+    // Same client connection: the next request goes to a server that takes new flows.
+    assert_eq!(served_by(&mut c).await, "web2");
+}
+
+#[tokio::test]
+async fn commands_from_other_web_sites_and_rebound_names_are_refused() {
+    let s0 = servers::named_echo(0).await;
+    let lb = LbBuilder::new(&[s0]).spawn();
+    let raw = |request: String| async move {
+        let mut c = TcpStream::connect(lb.admin).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let admin = lb.admin;
+    // A page on another site posting a form to the loopback endpoint.
+    let answer = raw(format!(
+        "POST /servers/pool/s0/disable HTTP/1.1\r\nHost: {admin}\r\nOrigin: https://evil.example\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert_eq!(flow(&lb).await.0, 0, "the server was disabled anyway");
+    // A name that resolves to 127.0.0.1 (DNS rebinding).
+    let answer = raw(format!(
+        "GET /stats.json HTTP/1.1\r\nHost: evil.example:{}\r\nConnection: close\r\n\r\n",
+        admin.port()
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 }

@@ -183,3 +183,48 @@ async fn live_errors_eject_a_server_until_its_check_passes() {
         lb.log()
     );
 }
+
+/// Answers every request with a 500 and closes.
+async fn failing_http() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http_server_answering_5xx_is_ejected() {
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[failing_http().await, app.addr])
+        .app_yaml("    health_check: { interval: 1h }\n    observe: { max_consecutive_errors: 3 }\n")
+        .spawn();
+    // A new server connection for each request: each connect succeeds, each answer is a 500.
+    let get = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(status_of(&raw_exchange(lb.listener, get).await).unwrap());
+    }
+    // Round robin: every other request until the third 500 in a row took it down.
+    assert_eq!(statuses.iter().filter(|&&s| s == 500).count(), 3, "{statuses:?}");
+    assert!(statuses[6..].iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(
+        lb.metrics().get("lb_server_up{backend=\"app\",server=\"s0\"}"),
+        0.0
+    );
+}

@@ -70,10 +70,11 @@ async fn the_stats_page_shows_every_server_in_its_state() {
     })
     .await;
     let mut admin = TcpStream::connect(lb.admin).await.unwrap();
-    admin
-        .write_all(b"POST /servers/app/s1/drain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let drain = format!(
+        "POST /servers/app/s1/drain HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        lb.admin
+    );
+    admin.write_all(drain.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     tokio::io::AsyncReadExt::read_to_end(&mut admin, &mut answer)
         .await

@@ -32,7 +32,13 @@ impl Rendezvous {
             let h = xxh3_64_with_seed(key, seed);
             // 53 bits into (0, 1]: never 0, whose logarithm has no finite score.
             let unit = ((h >> 11) + 1) as f64 / (1u64 << 53) as f64;
-            let score = f64::from(w) / -unit.ln();
+            // -ln(1) is 0: the best score there is (not -inf, what w / -0.0 would give).
+            let distance = -unit.ln();
+            let score = if distance > 0.0 {
+                f64::from(w) / distance
+            } else {
+                f64::INFINITY
+            };
             if best.is_none_or(|(_, s)| score > s) {
                 best = Some((i, score));
             }

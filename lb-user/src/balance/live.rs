@@ -20,7 +20,8 @@ pub enum Admin {
     Ready = 0,
     /// No new flows; the existing ones continue.
     Drain = 1,
-    /// Maintenance: no new flows, no health checks counted against it; existing flows continue.
+    /// Maintenance: no new flows; existing flows continue. Its health checks go on (so its
+    /// health is known when it comes back).
     Maint = 2,
 }
 
@@ -100,6 +101,7 @@ impl ServerLive {
 
     pub fn set_weight(&self, weight: u32) {
         self.weight.store(weight, Relaxed);
+        self.wake_queue();
     }
 
     /// The weight a pick sees: 0 unless it takes new flows (ready and healthy).
@@ -136,12 +138,20 @@ impl ServerLive {
             .is_ok()
     }
 
-    /// A session ended: its slot goes to the first session queued for the backend.
+    /// A session ended: the sessions queued for the backend look again.
     pub(super) fn release(&self) {
         self.active.dec();
         if self.maxconn > 0 {
-            self.queue.notify_one();
+            self.wake_queue();
         }
+    }
+
+    /// Every session queued for the backend picks again. All of them, not one: a waiter may
+    /// not be able to use what changed (a server its retries already tried), and one woken in
+    /// vain would leave the others waiting beside a free slot. Each waiter registers before it
+    /// picks, so none misses a change.
+    fn wake_queue(&self) {
+        self.queue.notify_waiters();
     }
 
     pub fn admin(&self) -> Admin {
@@ -154,6 +164,7 @@ impl ServerLive {
 
     pub fn set_admin(&self, admin: Admin) {
         self.admin.store(admin as u8, Relaxed);
+        self.wake_queue();
     }
 
     pub fn is_up(&self) -> bool {
@@ -166,6 +177,7 @@ impl ServerLive {
         self.up_gauge.set(i64::from(up));
         if up {
             self.errors.store(0, Relaxed);
+            self.wake_queue();
         }
         was != up
     }

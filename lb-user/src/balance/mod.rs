@@ -278,9 +278,33 @@ mod tests {
             let notified = b.queue().notified();
             drop(leases);
             assert!(b.pick(KEY, &[]).lease().is_some());
-            // (The permit `notify_one` left makes this resolve at once.)
+            // (Created before the release: `notify_waiters` completes it.)
             assert_ready(notified);
         }
+    }
+
+    #[test]
+    fn a_freed_slot_or_a_server_back_wakes_every_waiter() {
+        let mut config = backend(Balance::RoundRobin, &[1, 1]);
+        config.servers[0].maxconn = Some(1);
+        let gauges = (0..2).map(|_| (Gauge::default(), Gauge::default()));
+        let b = Balancer::new(&config, gauges);
+        let held = b.pick(KEY, &[1]).lease().unwrap();
+        // Two waiters registered (as `dispatch` registers before it picks): one of them may be
+        // unable to use the freed slot (it tried that server already), so both must look.
+        let (first, second) = (b.queue().notified(), b.queue().notified());
+        let (mut first, mut second) = (std::pin::pin!(first), std::pin::pin!(second));
+        first.as_mut().enable();
+        second.as_mut().enable();
+        drop(held);
+        assert_ready(first);
+        assert_ready(second);
+        // A server coming back (health, enable, weight) wakes them too.
+        let waiter = b.queue().notified();
+        let mut waiter = std::pin::pin!(waiter);
+        waiter.as_mut().enable();
+        b.servers()[1].set_admin(Admin::Ready);
+        assert_ready(waiter);
     }
 
     /// Polls a future once, asserting it is ready.

@@ -276,9 +276,11 @@ async fn exchange(
     // bodiless response a faulty server may have sent a body anyway; and a connection that
     // idled may have been closed by the server. Otherwise a failure before any answer is
     // retried on a new connection (send_request).
+    // A kept connection to a server that no longer takes new flows (drained, in maintenance,
+    // down, weight 0) is let go: the request is dispatched anew.
     let reused = kept.filter(|s| {
         let check = !replayable(&req) || s.after_bodiless || s.idle_since.elapsed() >= CHECK_IDLE_AFTER;
-        s.backend == backend && (!check || still_open(s))
+        s.backend == backend && s.lease.server().effective_weight() > 0 && (!check || still_open(s))
     });
     let (mut server, resp) = match send_request(ctx, &mut client, reused, &head, &mut x).await {
         Ok(sent) => sent,
@@ -286,6 +288,7 @@ async fn exchange(
     };
     if resp.status == 101 && !upgrading {
         let r = Rejection::new(502, "101 answer to a request that did not ask to upgrade");
+        drop(server);
         return refuse(ctx, client, Some(&x), r).await;
     }
     let tunnel = (resp.status == 101) || (req.method == "CONNECT" && (200..300).contains(&resp.status));
@@ -355,6 +358,8 @@ async fn exchange(
         && server.conn.held.is_empty()
         && server.lease.server().maxconn().is_none();
     if close {
+        // The server connection (and its maxconn slot) goes now, not after the linger.
+        drop(server);
         close_gently(client.stream, LINGER).await;
         return State::Ended(HttpEnd::Closed("closed after the response"));
     }

@@ -191,6 +191,7 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
         client: ctx.peer,
         path: Some(path),
         nodelay: ctx.l.nodelay,
+        http: true,
     };
     match dispatch(ctx.proxy, backend, who).await {
         Ok((lease, stream)) => Ok(ServerConn {
