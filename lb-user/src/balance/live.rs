@@ -177,6 +177,10 @@ impl ServerLive {
         self.up_gauge.set(i64::from(up));
         if up {
             self.errors.store(0, Relaxed);
+        }
+        if was != up {
+            // Up: a waiter may take it. Down: when it was the last server taking flows, the
+            // waiters learn at once that none is left (503) instead of at `timeouts.queue`.
             self.wake_queue();
         }
         was != up

@@ -305,6 +305,12 @@ mod tests {
         waiter.as_mut().enable();
         b.servers()[1].set_admin(Admin::Ready);
         assert_ready(waiter);
+        // And one going down (the waiters then find no server, and answer at once).
+        let waiter = b.queue().notified();
+        let mut waiter = std::pin::pin!(waiter);
+        waiter.as_mut().enable();
+        b.servers()[1].set_up(false);
+        assert_ready(waiter);
     }
 
     /// Polls a future once, asserting it is ready.
