@@ -195,6 +195,36 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Reads one response with a Content-Length body from a kept-alive connection (at most 10 s
+/// for each read); its text, head and body.
+pub async fn read_response(c: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")?
+                        .parse()
+                        .ok()
+                })
+                .expect("a Content-Length");
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("no response within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed within a response: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// The status code of the first response in `bytes`.
 pub fn status_of(bytes: &[u8]) -> Option<u16> {
     let line = bytes.split(|&b| b == b'\n').next()?;

@@ -24,25 +24,9 @@ pub async fn echo() -> SocketAddr {
     addr
 }
 
-/// Says who it is: sends `id` (one byte) on each connection, then holds it until the client
-/// closes (a session lb counts for as long as the test keeps it).
+/// Says who it is (sends `id`, one byte), then echoes every byte back until the client closes
+/// (a flow the test keeps open without sending is a session lb counts meanwhile).
 pub async fn named(id: u8) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if s.write_all(&[id]).await.is_ok() {
-                    let _ = read_to_end(&mut s).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Says who it is (sends `id`, one byte), then echoes every byte back until the client closes.
-pub async fn named_echo(id: u8) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {

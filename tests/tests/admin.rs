@@ -2,7 +2,7 @@
 //! lb's admin endpoint. Changes take effect at once, for new flows only.
 use lb_tests::{
     bpf_available,
-    http::{HttpLbBuilder, Reflector},
+    http::{read_response, HttpLbBuilder, Reflector},
     lb::{lb_binary, Lb, LbBuilder},
     servers,
 };
@@ -71,7 +71,7 @@ async fn drain_lets_kernel_flows_finish_and_sends_no_new_ones() {
     if !bpf_available("drain_lets_kernel_flows_finish_and_sends_no_new_ones") {
         return;
     }
-    let (s0, s1) = (servers::named_echo(0).await, servers::named_echo(1).await);
+    let (s0, s1) = (servers::named(0).await, servers::named(1).await);
     // Every flow goes to the kernel at once.
     let lb = LbBuilder::new(&[s0, s1])
         .forwarding("kernel")
@@ -111,7 +111,7 @@ async fn drain_lets_kernel_flows_finish_and_sends_no_new_ones() {
 
 #[tokio::test]
 async fn weight_and_disable_apply_to_the_next_flow() {
-    let (s0, s1) = (servers::named_echo(0).await, servers::named_echo(1).await);
+    let (s0, s1) = (servers::named(0).await, servers::named(1).await);
     let lb = LbBuilder::new(&[s0, s1]).spawn();
     let out = stdout(&lb_cmd(&lb, &["server", "weight", "pool/s1", "0"]).await);
     assert!(out.contains("pool/s1: UP (weight 0"), "{out}");
@@ -157,7 +157,7 @@ async fn weight_and_disable_apply_to_the_next_flow() {
 
 #[tokio::test]
 async fn with_a_token_every_request_must_carry_it() {
-    let s0 = servers::named_echo(0).await;
+    let s0 = servers::named(0).await;
     let token = "s3cret-token-0123456789";
     let lb = LbBuilder::new(&[s0]).admin_token(token).spawn();
     let refused = lb_cmd(&lb, &["stats"]).await;
@@ -196,31 +196,9 @@ async fn with_a_token_every_request_must_carry_it() {
 /// One request on `c`, kept alive; the reflecting server's name (the body's first word).
 async fn served_by(c: &mut TcpStream) -> String {
     c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
-    let mut got = Vec::new();
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")?
-                        .parse()
-                        .ok()
-                })
-                .unwrap();
-            if got.len() >= end + 4 + length {
-                return text[end + 4..].split(' ').next().unwrap().to_string();
-            }
-        }
-        let mut buf = [0u8; 4096];
-        let n = timeout(Duration::from_secs(10), c.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed: {text}");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let text = read_response(c).await;
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    body.split(' ').next().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -237,7 +215,7 @@ async fn a_drained_server_gets_no_more_requests_from_kept_alive_clients() {
 
 #[tokio::test]
 async fn commands_from_other_web_sites_and_rebound_names_are_refused() {
-    let s0 = servers::named_echo(0).await;
+    let s0 = servers::named(0).await;
     let lb = LbBuilder::new(&[s0]).spawn();
     let raw = |request: String| async move {
         let mut c = TcpStream::connect(lb.admin).await.unwrap();

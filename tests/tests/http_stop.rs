@@ -1,41 +1,12 @@
 //! HTTP mode when lb stops (SIGTERM): kept-alive connections do not hold the stop up for
 //! `timeouts.shutdown_grace`, as with HAProxy's soft stop.
-use lb_tests::http::{HttpLbBuilder, Reflector};
+use lb_tests::http::{read_response, HttpLbBuilder, Reflector};
 use std::time::Duration;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     time::timeout,
 };
-
-/// Reads one response with a Content-Length body (the reflector always sends one).
-async fn read_response(c: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")?
-                        .parse()
-                        .ok()
-                })
-                .expect("a Content-Length");
-            if got.len() >= end + 4 + length {
-                return text;
-            }
-        }
-        let mut buf = [0u8; 4096];
-        let n = timeout(Duration::from_secs(10), c.read(&mut buf))
-            .await
-            .expect("no response within 10 s")
-            .unwrap();
-        assert!(n > 0, "closed within a response: {text}");
-        got.extend_from_slice(&buf[..n]);
-    }
-}
 
 /// Waits (at most 5 s) for lb to close `c`; what it sent before.
 async fn closed(c: &mut TcpStream) -> Vec<u8> {

@@ -2,7 +2,7 @@
 //! server full waits for a slot, and gets 503 (HTTP) or a closed connection (TCP) when none
 //! frees in time.
 use lb_tests::{
-    http::{status_of, HttpLbBuilder, Reflector},
+    http::{read_response, status_of, HttpLbBuilder, Reflector},
     lb::{Lb, LbBuilder},
     servers,
 };
@@ -15,21 +15,6 @@ use tokio::{
 
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
 
-/// Reads until `c` holds a whole response head (at most 10 s).
-async fn response_head(c: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut buf = [0u8; 4096];
-        let n = timeout(Duration::from_secs(10), c.read(&mut buf))
-            .await
-            .expect("no response within 10 s")
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    got
-}
-
 async fn until_queued(lb: &Lb, backend: &str, n: f64) {
     let series = format!("lb_backend_queue{{backend=\"{backend}\"}}");
     lb.wait_for(&format!("{n} queued"), |m| m.counted(&series) == n)
@@ -39,12 +24,13 @@ async fn until_queued(lb: &Lb, backend: &str, n: f64) {
 /// A request whose body is still coming: it holds its server's slot until the rest is sent.
 const HALF_POST: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello";
 
-#[tokio::test]
-async fn the_second_request_waits_for_the_first_to_finish() {
+/// An lb whose one server has maxconn 1 (`timeouts.queue` as given), and a first request
+/// holding that slot, its body still coming.
+async fn hold_the_only_slot(queue: &str) -> (Reflector, Lb, TcpStream) {
     let app = Reflector::start("app").await;
     let lb = HttpLbBuilder::new(&[app.addr])
         .server_options("maxconn: 1")
-        .top_yaml("timeouts: { queue: 30s }\n")
+        .top_yaml(&format!("timeouts: {{ queue: {queue} }}\n"))
         .spawn();
     let mut first = TcpStream::connect(lb.listener).await.unwrap();
     first.write_all(HALF_POST).await.unwrap();
@@ -52,6 +38,12 @@ async fn the_second_request_waits_for_the_first_to_finish() {
         m.get("lb_backend_active_sessions{backend=\"app\",server=\"s0\"}") == 1.0
     })
     .await;
+    (app, lb, first)
+}
+
+#[tokio::test]
+async fn the_second_request_waits_for_the_first_to_finish() {
+    let (_app, lb, mut first) = hold_the_only_slot("30s").await;
     let mut second = TcpStream::connect(lb.listener).await.unwrap();
     second.write_all(GET).await.unwrap();
     until_queued(&lb, "app", 1.0).await;
@@ -64,31 +56,21 @@ async fn the_second_request_waits_for_the_first_to_finish() {
     // The first request ends: its slot goes to the second, while the first client stays
     // connected (an idle kept-alive client holds no slot).
     first.write_all(b"world").await.unwrap();
-    assert_eq!(status_of(&response_head(&mut first).await), Some(200));
-    assert_eq!(status_of(&response_head(&mut second).await), Some(200));
+    assert_eq!(status_of(read_response(&mut first).await.as_bytes()), Some(200));
+    assert_eq!(status_of(read_response(&mut second).await.as_bytes()), Some(200));
     until_queued(&lb, "app", 0.0).await;
     // And the first client's next request is served in its turn.
     first.write_all(GET).await.unwrap();
-    assert_eq!(status_of(&response_head(&mut first).await), Some(200));
+    assert_eq!(status_of(read_response(&mut first).await.as_bytes()), Some(200));
 }
 
 #[tokio::test]
 async fn a_request_queued_past_timeouts_queue_gets_503() {
-    let app = Reflector::start("app").await;
-    let lb = HttpLbBuilder::new(&[app.addr])
-        .server_options("maxconn: 1")
-        .top_yaml("timeouts: { queue: 300ms }\n")
-        .spawn();
-    let mut first = TcpStream::connect(lb.listener).await.unwrap();
-    first.write_all(HALF_POST).await.unwrap();
-    lb.wait_for("the first request at the server", |m| {
-        m.get("lb_backend_active_sessions{backend=\"app\",server=\"s0\"}") == 1.0
-    })
-    .await;
+    let (app, lb, mut first) = hold_the_only_slot("300ms").await;
     let started = Instant::now();
     let mut second = TcpStream::connect(lb.listener).await.unwrap();
     second.write_all(GET).await.unwrap();
-    assert_eq!(status_of(&response_head(&mut second).await), Some(503));
+    assert_eq!(status_of(read_response(&mut second).await.as_bytes()), Some(503));
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "503 before the queue timeout"
@@ -100,7 +82,7 @@ async fn a_request_queued_past_timeouts_queue_gets_503() {
     );
     assert_eq!(app.connections(), 1);
     first.write_all(b"world").await.unwrap();
-    assert_eq!(status_of(&response_head(&mut first).await), Some(200));
+    assert_eq!(status_of(read_response(&mut first).await.as_bytes()), Some(200));
 }
 
 #[tokio::test]
