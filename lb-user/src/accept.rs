@@ -124,6 +124,7 @@ mod tests {
             maxconn: 1,
             client_timeout: Duration::from_secs(1),
             http: None,
+            tls: None,
         }
     }
 

@@ -5,7 +5,8 @@
 //! - `GET /stats.json`: the [`crate::stats`] snapshot; `GET /stats`: the stats page;
 //! - `POST /servers/BACKEND/SERVER/enable|disable|drain` and
 //!   `POST /servers/BACKEND/SERVER/weight/N`: runtime changes, at once, for new flows only
-//!   (flows already on a server are never cut).
+//!   (flows already on a server are never cut);
+//! - `POST /reload`: the TLS listeners' certificates read again ([`crate::reload`]).
 //!
 //! Guarded: with `admin.token` every request must carry it; without, only loopback clients
 //! are served (the configuration refuses a non-loopback `admin.listen` without a token).
@@ -194,8 +195,19 @@ fn route(proxy: &Proxy, peer: SocketAddr, method: &Method, path: &str) -> Answer
         ),
         (&Method::GET, [""]) => text(
             StatusCode::OK,
-            "lb admin: GET /metrics, /stats, /stats.json; POST /servers/BACKEND/SERVER/{enable,disable,drain,weight/N}\n",
+            "lb admin: GET /metrics, /stats, /stats.json; POST /servers/BACKEND/SERVER/{enable,disable,drain,weight/N}, /reload\n",
         ),
+        (&Method::POST, ["reload"]) => {
+            let result = crate::reload::reload_certificates(proxy);
+            crate::reload::log(&result, &format!("lb reload from {peer}"));
+            match result {
+                Ok(r) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "listeners": r.listeners, "certificates": r.certificates }),
+                ),
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+            }
+        }
         (&Method::POST, ["servers", backend, server, command @ ..]) => {
             change_server(proxy, peer, backend, server, command)
         }

@@ -1,4 +1,4 @@
-//! `lb stats` and `lb server ...`: commands for a running lb, over its admin endpoint (part
+//! `lb stats`, `lb server ...` and `lb reload`: commands for a running lb, over its admin endpoint (part
 //! of the `lb` binary, not of the library).
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -38,9 +38,11 @@ pub enum ServerCommand {
 impl Target {
     fn endpoint(&self) -> anyhow::Result<Endpoint> {
         let from_file = match &self.config {
+            // Only the admin section: the rest (a certificate being replaced, say) is the
+            // running lb's to judge.
             Some(path) => {
-                let c = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-                match c.admin {
+                let admin = config::load_admin(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                match admin {
                     Some(a) => Some(a),
                     None => bail!(
                         "{}: no `admin:` section, so lb has no admin endpoint",
@@ -99,6 +101,20 @@ pub fn server(target: &Target, command: &ServerCommand) -> anyhow::Result<()> {
         println!(
             "{backend}/{}: {} (weight {}, {} session(s) now)",
             s.name, s.state, s.weight, s.active
+        );
+        Ok(())
+    })
+}
+
+/// `lb reload`: the running lb reads its TLS certificates again (as on SIGHUP).
+pub fn reload(target: &Target) -> anyhow::Result<()> {
+    let endpoint = target.endpoint()?;
+    runtime()?.block_on(async {
+        let body = endpoint.call(Method::POST, "/reload").await?;
+        let v: serde_json::Value = serde_json::from_str(&body).context("reading lb's answer")?;
+        println!(
+            "reloaded {} certificate(s) of {} TLS listener(s)",
+            v["certificates"], v["listeners"]
         );
         Ok(())
     })

@@ -87,6 +87,7 @@ mod tests {
             address,
             weight: 1,
             maxconn: None,
+            tls: None,
         }
     }
 

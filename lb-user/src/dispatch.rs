@@ -2,16 +2,17 @@
 //! backend ([`crate::balance`]) and connect to it ([`crate::connect`]); when the connect fails,
 //! retry on another server (`retries:`, with HAProxy's `option redispatch` always on) until one
 //! answers, the retries are spent, or no untried server is left. Each attempt tells the
-//! server's passive check how it went.
-use tokio::{
-    net::TcpStream,
-    time::{timeout_at, Instant},
-};
+//! server's passive check how it went. A server with `tls:` then gets its TLS handshake
+//! ([`crate::tls::connect`]); a failed one is not retried (a certificate lb refuses is most
+//! likely refused on every server of the backend: it is a configuration to fix, said in the log).
+use tokio::time::{timeout_at, Instant};
 
 use crate::{
     balance::{Lease, Pick, PickKey},
     connect::{connect, ConnectError},
     server::{BackendState, Proxy},
+    stream::Stream,
+    tls::connect::HandshakeError,
 };
 
 /// Why no server connection came out of dispatch.
@@ -26,6 +27,13 @@ pub enum DispatchError {
     /// Every attempt failed; the last one's error.
     #[error("{attempts} connect attempt(s) failed, the last: {last}")]
     Failed { attempts: u32, last: ConnectError },
+    /// Connected, but the TLS handshake with the server failed.
+    #[error("TLS to server {server} ({address}) failed: {source}")]
+    Tls {
+        server: String,
+        address: std::net::SocketAddr,
+        source: HandshakeError,
+    },
 }
 
 /// Who is asking, for the pick and the log.
@@ -42,12 +50,13 @@ pub struct Requester<'a> {
     pub http: bool,
 }
 
-/// A connection to a server of `backend`, and the lease that counts it.
+/// A connection to a server of `backend` (with its TLS session when the server has `tls:`),
+/// and the lease that counts it.
 pub async fn dispatch(
     proxy: &Proxy,
     backend: usize,
     who: Requester<'_>,
-) -> Result<(Lease, TcpStream), DispatchError> {
+) -> Result<(Lease, Stream), DispatchError> {
     let state = &proxy.backends[backend];
     let b = &proxy.config.backends[backend];
     let key = PickKey {
@@ -92,10 +101,32 @@ pub async fn dispatch(
         {
             Ok(stream) => {
                 state.servers[idx].connections.inc();
-                if !who.http {
-                    lease.observe(true, b);
-                }
-                return Ok((lease, stream));
+                let server = &b.servers[idx];
+                let Some(tls) = &server.tls else {
+                    if !who.http {
+                        lease.observe(true, b);
+                    }
+                    return Ok((lease, Stream::Tcp(stream)));
+                };
+                return match crate::tls::connect::handshake(tls, stream, b.connect_timeout).await {
+                    Ok(secured) => {
+                        if !who.http {
+                            lease.observe(true, b);
+                        }
+                        Ok((lease, Stream::Tls(Box::new(secured.into()))))
+                    }
+                    Err(source) => {
+                        state.servers[idx].tls_failures.inc();
+                        lease.observe(false, b);
+                        let e = DispatchError::Tls {
+                            server: server.name.clone(),
+                            address: server.address,
+                            source,
+                        };
+                        tracing::warn!(listener = %who.listener, backend = %b.name, client = %who.client, "{e}");
+                        Err(e)
+                    }
+                };
             }
             Err(e) => {
                 state.servers[idx].connect_errors.inc();

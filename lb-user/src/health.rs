@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     balance::ServerLive,
-    config::{CheckKind, HealthCheck},
+    config::{CheckKind, HealthCheck, Server},
     server::Proxy,
+    stream::Stream,
 };
 
 /// Most bytes of a check's response head read.
@@ -54,7 +55,7 @@ async fn run(proxy: &Proxy, backend: usize, server: usize, check: &HealthCheck) 
     loop {
         tokio::time::sleep_until(next).await;
         next += check.interval;
-        let result = probe(s.address, &check.kind, check.timeout).await;
+        let result = probe(s, &check.kind, check.timeout).await;
         live.set_last_check(match &result {
             Ok(()) => "OK".into(),
             Err(why) => why.clone(),
@@ -124,12 +125,23 @@ impl Run {
     }
 }
 
-/// One check; `Err` says why it failed, in the words the stats show.
-async fn probe(addr: std::net::SocketAddr, kind: &CheckKind, limit: Duration) -> Result<(), String> {
+/// One check; `Err` says why it failed, in the words the stats show. A server with `tls:` is
+/// checked over TLS (a TCP check is then a TLS handshake), as HAProxy checks an `ssl` server.
+async fn probe(server: &Server, kind: &CheckKind, limit: Duration) -> Result<(), String> {
+    let addr = server.address;
     let attempt = async {
-        let mut stream = TcpStream::connect(addr)
+        let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        let mut stream = match &server.tls {
+            None => Stream::Tcp(tcp),
+            Some(tls) => {
+                let secured = crate::tls::connect::handshake(tls, tcp, limit)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                Stream::Tls(Box::new(secured.into()))
+            }
+        };
         let CheckKind::Http { path, expect_status } = kind else {
             return Ok(());
         };
@@ -140,6 +152,7 @@ async fn probe(addr: std::net::SocketAddr, kind: &CheckKind, limit: Duration) ->
             .write_all(request.as_bytes())
             .await
             .map_err(|e| format!("send: {e}"))?;
+        stream.flush().await.map_err(|e| format!("send: {e}"))?;
         let status = read_status(&mut stream).await?;
         let good = match expect_status {
             Some(want) => status == *want,
@@ -159,7 +172,7 @@ async fn probe(addr: std::net::SocketAddr, kind: &CheckKind, limit: Duration) ->
 
 /// Reads a response head and returns its status (the head checked as strictly as any
 /// response lb forwards).
-async fn read_status(stream: &mut TcpStream) -> Result<u16, String> {
+async fn read_status(stream: &mut Stream) -> Result<u16, String> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         match crate::http::response::analyze(&buf, "GET", MAX_HEAD) {
@@ -230,6 +243,17 @@ mod tests {
         addr
     }
 
+    /// A plain server at `address`.
+    fn at(address: std::net::SocketAddr) -> Server {
+        Server {
+            name: "s".into(),
+            address,
+            weight: 1,
+            maxconn: None,
+            tls: None,
+        }
+    }
+
     #[tokio::test]
     async fn probes() {
         let limit = Duration::from_secs(5);
@@ -240,14 +264,17 @@ mod tests {
         let ok = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
         let unavailable = answering(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n").await;
         let garbage = answering(b"SSH-2.0-OpenSSH\r\n\r\n").await;
-        assert_eq!(probe(ok, &CheckKind::Tcp, limit).await, Ok(()));
-        assert_eq!(probe(ok, &http(None), limit).await, Ok(()));
-        assert_eq!(probe(ok, &http(Some(204)), limit).await, Err("status 200".into()));
+        assert_eq!(probe(&at(ok), &CheckKind::Tcp, limit).await, Ok(()));
+        assert_eq!(probe(&at(ok), &http(None), limit).await, Ok(()));
         assert_eq!(
-            probe(unavailable, &http(None), limit).await,
+            probe(&at(ok), &http(Some(204)), limit).await,
+            Err("status 200".into())
+        );
+        assert_eq!(
+            probe(&at(unavailable), &http(None), limit).await,
             Err("status 503".into())
         );
-        assert!(probe(garbage, &http(None), limit)
+        assert!(probe(&at(garbage), &http(None), limit)
             .await
             .unwrap_err()
             .starts_with("malformed response"));
@@ -256,7 +283,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        assert!(probe(closed, &CheckKind::Tcp, limit)
+        assert!(probe(&at(closed), &CheckKind::Tcp, limit)
             .await
             .unwrap_err()
             .starts_with("connect:"));
@@ -264,7 +291,7 @@ mod tests {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let short = Duration::from_millis(200);
         assert_eq!(
-            probe(silent.local_addr().unwrap(), &http(None), short).await,
+            probe(&at(silent.local_addr().unwrap()), &http(None), short).await,
             Err("no answer within 200ms".into())
         );
     }

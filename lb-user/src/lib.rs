@@ -19,12 +19,15 @@ pub mod forward;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod sockopt;
 pub mod stats;
 pub mod stats_page;
+pub mod stream;
+pub mod tls;
 pub mod workers;
 
 #[cfg(test)]

@@ -25,7 +25,8 @@ const VERSION: &str = if cfg!(lb_no_ebpf) {
         Like HAProxy, lb is driven by one configuration file (YAML here): `lb run -c FILE` is \
         `haproxy -f FILE`, `lb check -c FILE` is `haproxy -c -f FILE`. Listeners (HAProxy's \
         frontends/binds) forward to backends of servers; `timeouts:` holds the defaults. \
-        SIGTERM or SIGINT stops accepting and lets live flows finish for `timeouts.shutdown_grace`.\n\n\
+        SIGTERM or SIGINT stops accepting and lets live flows finish for `timeouts.shutdown_grace`; \
+        SIGHUP (or `lb reload`) reads the TLS certificates again.\n\n\
         Logging: RUST_LOG (default `info`), e.g. RUST_LOG=lb=debug."
 )]
 struct Cli {
@@ -69,6 +70,13 @@ enum Command {
         #[command(subcommand)]
         command: cli_admin::ServerCommand,
     },
+    /// Make a running lb read its TLS certificates again, as SIGHUP does: new handshakes get
+    /// the new ones, open sessions keep theirs; a bad certificate is refused (with the reason)
+    /// and the old ones stay in use.
+    Reload {
+        #[command(flatten)]
+        target: cli_admin::Target,
+    },
 }
 
 fn main() -> ExitCode {
@@ -91,6 +99,7 @@ fn main() -> ExitCode {
         },
         Command::Stats { target, json } => report(cli_admin::stats(&target, json)),
         Command::Server { target, command } => report(cli_admin::server(&target, &command)),
+        Command::Reload { target } => report(cli_admin::reload(&target)),
         Command::Run { config, forwarding } => {
             tracing_subscriber::fmt()
                 .with_env_filter(

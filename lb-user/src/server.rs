@@ -17,6 +17,7 @@ use crate::{
         UnservedLabels, STATUS_CLASSES,
     },
     session,
+    tls::ktls::Ktls,
     workers::Workers,
 };
 
@@ -39,6 +40,10 @@ pub struct Proxy {
     /// sessions close their kept-alive connections (HAProxy's soft-stop): an idle one at once,
     /// a busy one after its response, which says `Connection: close`.
     pub stopping: CancellationToken,
+    /// Per listener of `config.listeners`: its TLS termination, for listeners with `tls:`.
+    pub tls: Vec<Option<crate::tls::accept::Terminator>>,
+    /// Whether the kernel offers kTLS (checked at start when TLS is configured).
+    pub ktls: Option<Ktls>,
 }
 
 impl Proxy {
@@ -106,6 +111,8 @@ pub struct ServerCounters {
     /// `lb_server_forwarded_bytes_total{path="user"}` and `{path="kernel"}`.
     pub user_bytes: Counter,
     pub kernel_bytes: Counter,
+    /// `lb_server_tls_failures_total`: TLS handshakes with the server that failed.
+    pub tls_failures: Counter,
 }
 
 impl BackendState {
@@ -124,6 +131,7 @@ impl BackendState {
                     check_failures: metrics.check_failures.get_or_create(&labels).clone(),
                     user_bytes: server_bytes(metrics, &labels, "user"),
                     kernel_bytes: server_bytes(metrics, &labels, "kernel"),
+                    tls_failures: metrics.server_tls_failures.get_or_create(&labels).clone(),
                 }
             })
             .collect();
@@ -279,6 +287,24 @@ pub async fn run(
         .iter()
         .map(|b| BackendState::new(b, &metrics))
         .collect();
+    let tls = config
+        .listeners
+        .iter()
+        .map(|l| l.tls.as_ref().map(|t| terminator(l, t, &metrics)))
+        .collect();
+    let ktls = uses_tls(&config).then(crate::tls::ktls::detect);
+    match &ktls {
+        Some(Ktls::Available) => {
+            metrics.ktls_available.set(1);
+            tracing::info!(
+                "kTLS available; lb does not use it yet: flows with a TLS side are forwarded in userspace"
+            );
+        }
+        Some(Ktls::Unavailable(why)) => {
+            tracing::info!("kTLS unavailable ({why}): flows with a TLS side are forwarded in userspace")
+        }
+        None => {}
+    }
     let mut sockets = Vec::new();
     let rcvbuf = kernel_rcvbuf(kernel.as_ref(), &config);
     for l in &config.listeners {
@@ -317,6 +343,8 @@ pub async fn run(
         dropped,
         http_responses,
         stopping: stop_accepting.clone(),
+        tls,
+        ktls,
     });
 
     let abort = CancellationToken::new();
@@ -344,6 +372,7 @@ pub async fn run(
         )));
     }
     crate::health::spawn(&proxy, &stop_admin);
+    crate::reload::watch(&proxy, &stop_admin);
     if let Some(socket) = admin_socket {
         let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("admin endpoint listening on {local}");
@@ -373,6 +402,38 @@ pub async fn run(
     }
     tracing::info!("lb stopped");
     Ok(())
+}
+
+/// Whether any listener or server speaks TLS.
+fn uses_tls(config: &Config) -> bool {
+    config.listeners.iter().any(|l| l.tls.is_some())
+        || config
+            .backends
+            .iter()
+            .flat_map(|b| &b.servers)
+            .any(|s| s.tls.is_some())
+}
+
+/// A listener's TLS termination, with its counters.
+fn terminator(
+    l: &crate::config::Listener,
+    settings: &crate::config::ListenerTls,
+    metrics: &Metrics,
+) -> crate::tls::accept::Terminator {
+    use crate::{metrics::TlsFailureLabels, tls::accept::Failure};
+    let labels = ListenerLabels {
+        listener: l.name.clone(),
+    };
+    let handshakes = metrics.tls_handshakes.get_or_create(&labels).clone();
+    let failures = Failure::ALL.map(|f| {
+        let labels = TlsFailureLabels {
+            listener: l.name.clone(),
+            reason: f.name(),
+        };
+        let counter = metrics.tls_failures.get_or_create(&labels).clone();
+        counter
+    });
+    crate::tls::accept::Terminator::new(settings, handshakes, failures)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (a flow needs two fds, its sockets, in

@@ -1,5 +1,6 @@
 //! The per-session protocol supervisor. After the accept stage hands it a configured client
-//! socket, a TCP-mode session picks a server, connects, and hands the pair to the forwarding
+//! socket (and, on a listener with `tls:`, the TLS stage completed its handshake), a TCP-mode
+//! session picks a server, connects, and hands the pair to the forwarding
 //! stage; an HTTP-mode session runs the HTTP supervisor ([`crate::http::session`]) first, whose
 //! hand-offs (tunnels after upgrades and CONNECT, and the rest of a response body after which
 //! lb closes) come back here for the forwarding stage. The session's life is
@@ -7,6 +8,8 @@
 //! LIFECYCLE.md beside this file).
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::TcpStream;
+
+use crate::stream::Stream;
 
 use crate::{
     accept::Accepted,
@@ -24,10 +27,12 @@ use crate::{
 
 /// Where a session is in its life.
 enum Session {
-    /// Accepted and configured; no server chosen yet.
+    /// Accepted and configured; its TLS handshake to come on a listener with `tls:`.
     Accepted(Accepted),
+    /// A TCP listener's connection, ready for a server.
+    Tcp(Client),
     /// An HTTP listener's connection: the HTTP supervisor has it.
-    Http(Accepted),
+    Http(Client),
     /// Both connections are up: forwarded in userspace, until `forwarding.offload_after` bytes
     /// when the kernel path is there (at once to the kernel when that is 0).
     Connected(Pair),
@@ -35,8 +40,28 @@ enum Session {
     InKernel(Pair),
     /// The kernel would not take the pair: userspace to the end.
     UserOnly(Pair),
+    /// A side speaks TLS, which lb decrypts or encrypts: userspace to the end (no kTLS).
+    Streams(StreamPair),
     /// Over.
     Finished(Outcome),
+}
+
+/// A client connection ready for its protocol: plain, or after its TLS handshake.
+struct Client {
+    stream: Stream,
+    peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
+    /// The name the client asked for in its TLS handshake (SNI).
+    sni: Option<String>,
+}
+
+/// A pair with a TLS side.
+struct StreamPair {
+    client: Stream,
+    server: Stream,
+    timeouts: Timeouts,
+    directions: Directions,
+    info: FlowInfo,
 }
 
 /// An established client/server pair.
@@ -76,22 +101,35 @@ pub enum Outcome {
     Forwarded(End),
     /// An HTTP connection ended (why).
     Http(&'static str),
+    /// The client's TLS handshake failed.
+    Handshake(crate::tls::accept::Failure),
+    /// The TLS handshake with the server failed; the client was closed.
+    ServerTls,
 }
 
 /// Runs one session to its end.
 pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outcome {
     let started = Instant::now();
-    let mut state = if proxy.config.listeners[listener].http.is_some() {
-        Session::Http(accepted)
-    } else {
-        Session::Accepted(accepted)
-    };
+    let mut state = Session::Accepted(accepted);
     loop {
         state = match state {
             // Each stage's state is boxed while it runs, so a session holds only the stage it is
             // in (an async fn's state would otherwise be as large as the largest stage's).
-            Session::Accepted(a) => Box::pin(connect_stage(&proxy, listener, a)).await,
-            Session::Http(a) => Box::pin(http_stage(&proxy, listener, a)).await,
+            Session::Accepted(a) => Box::pin(tls_stage(&proxy, listener, a)).await,
+            Session::Tcp(c) => Box::pin(connect_stage(&proxy, listener, c)).await,
+            Session::Http(c) => Box::pin(http_stage(&proxy, listener, c)).await,
+            Session::Streams(pair) => {
+                let counters = proxy.byte_counters(pair.info.backend, pair.info.lease.index());
+                let (end, totals) = Box::pin(forward::streams::forward(
+                    pair.client,
+                    pair.server,
+                    pair.timeouts,
+                    counters,
+                    pair.directions,
+                ))
+                .await;
+                finish(&proxy, listener, pair.info, end, totals)
+            }
             Session::Connected(pair) => Box::pin(user_stage(&proxy, listener, pair)).await,
             Session::InKernel(pair) => Box::pin(kernel_stage(&proxy, listener, pair)).await,
             Session::UserOnly(pair) => {
@@ -127,7 +165,34 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
     }
 }
 
-async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
+/// The TLS stage, on a listener with `tls:` (the handshake, within `timeouts.tls_handshake`);
+/// then the listener's protocol.
+async fn tls_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
+    let l = &proxy.config.listeners[listener];
+    let (stream, sni) = match &proxy.tls[listener] {
+        None => (Stream::Tcp(a.stream), None),
+        Some(tls) => match tls.handshake(a.stream).await {
+            Ok((secured, info)) => (Stream::Tls(Box::new(secured.into())), info.sni),
+            Err(failure) => {
+                tracing::debug!(listener = %l.name, client = %a.peer, reason = failure.name(), "TLS handshake failed");
+                return Session::Finished(Outcome::Handshake(failure));
+            }
+        },
+    };
+    let client = Client {
+        stream,
+        peer: a.peer,
+        original_dst: a.original_dst,
+        sni,
+    };
+    if l.http.is_some() {
+        Session::Http(client)
+    } else {
+        Session::Tcp(client)
+    }
+}
+
+async fn connect_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
     let l = &proxy.config.listeners[listener];
     let backend = &proxy.config.backends[l.backend];
     if let Some(dst) = a.original_dst {
@@ -141,18 +206,24 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
         http: false,
     };
     match dispatch(proxy, l.backend, who).await {
-        Ok((lease, stream)) => Session::Connected(Pair {
-            client: a.stream,
-            server: stream,
-            timeouts: timeouts(proxy, listener),
-            directions: Directions::Both,
-            info: FlowInfo {
+        Ok((lease, stream)) => {
+            let info = FlowInfo {
                 peer: a.peer,
                 backend: l.backend,
                 lease,
                 http: None,
-            },
-        }),
+            };
+            match paired(
+                a.stream,
+                stream,
+                timeouts(proxy, listener),
+                Directions::Both,
+                info,
+            ) {
+                Ok(pair) => Session::Connected(pair),
+                Err(streams) => Session::Streams(streams),
+            }
+        }
         Err(DispatchError::NoServer) => {
             tracing::warn!(listener = %l.name, backend = %backend.name, client = %a.peer, "no server available");
             Session::Finished(Outcome::NoServer)
@@ -162,6 +233,35 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
             tracing::warn!(listener = %l.name, backend = %backend.name, client = %a.peer, "{e}");
             Session::Finished(Outcome::QueueTimeout)
         }
+        // Said in the log by dispatch.
+        Err(DispatchError::Tls { .. }) => Session::Finished(Outcome::ServerTls),
+    }
+}
+
+/// A pair for the kernel and plain forwarding paths when both sides are plain TCP; else one
+/// for [`forward::streams`].
+fn paired(
+    client: Stream,
+    server: Stream,
+    timeouts: Timeouts,
+    directions: Directions,
+    info: FlowInfo,
+) -> Result<Pair, StreamPair> {
+    match (client.into_tcp(), server.into_tcp()) {
+        (Ok(client), Ok(server)) => Ok(Pair {
+            client,
+            server,
+            timeouts,
+            directions,
+            info,
+        }),
+        (client, server) => Err(StreamPair {
+            client: client.map_or_else(|tls| tls, Stream::Tcp),
+            server: server.map_or_else(|tls| tls, Stream::Tcp),
+            timeouts,
+            directions,
+            info,
+        }),
     }
 }
 
@@ -176,8 +276,8 @@ fn timeouts(proxy: &Proxy, listener: usize) -> Timeouts {
 /// The HTTP supervisor; a pair it hands on goes to the kernel at once (a tunnel is a
 /// long-lived flow whose bytes lb no longer needs to see; a response body has moved
 /// `forwarding.offload_after` bytes in userspace already).
-async fn http_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
-    match crate::http::session::run(proxy, listener, a.stream, a.peer).await {
+async fn http_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
+    match crate::http::session::run(proxy, listener, a.stream, a.peer, a.sni).await {
         HttpEnd::Closed(why) => Session::Finished(Outcome::Http(why)),
         HttpEnd::Handoff(h) => {
             let h = *h;
@@ -195,18 +295,16 @@ async fn http_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
                     server: proxy.config.backends[h.backend].server_timeout,
                 },
             };
-            Session::InKernel(Pair {
-                client: h.client,
-                server: h.server,
-                timeouts,
-                directions: h.kind.directions(),
-                info: FlowInfo {
-                    peer: a.peer,
-                    backend: h.backend,
-                    lease: h.lease,
-                    http: Some((h.kind, h.record)),
-                },
-            })
+            let info = FlowInfo {
+                peer: a.peer,
+                backend: h.backend,
+                lease: h.lease,
+                http: Some((h.kind, h.record)),
+            };
+            match paired(h.client, h.server, timeouts, h.kind.directions(), info) {
+                Ok(pair) => Session::InKernel(pair),
+                Err(streams) => Session::Streams(streams),
+            }
         }
     }
 }

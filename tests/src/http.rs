@@ -19,7 +19,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::lb::{lb_binary, spawn_command, Lb};
+use crate::{
+    lb::{lb_binary, spawn_command, Lb},
+    tls::{Pki, TlsClient},
+};
 
 /// A backend that answers each request with `200` and a body describing it: `NAME METHOD
 /// TARGET`, one `name: value` line per header field as received (names lowercased by hyper),
@@ -106,6 +109,7 @@ pub struct HttpLbBuilder {
     top: Vec<String>,
     app: Vec<String>,
     server_options: String,
+    tls: bool,
 }
 
 impl HttpLbBuilder {
@@ -117,7 +121,14 @@ impl HttpLbBuilder {
             top: Vec::new(),
             app: Vec::new(),
             server_options: String::new(),
+            tls: false,
         }
+    }
+    /// The listener terminates TLS (`tls: true`): with a certificate for `lb.test` and
+    /// 127.0.0.1 from a CA made for the test; [`Lb::connect`] and friends then speak TLS.
+    pub fn tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
     }
     /// Another backend.
     pub fn backend(mut self, name: &str, servers: &[SocketAddr]) -> Self {
@@ -153,6 +164,9 @@ impl HttpLbBuilder {
             y += t;
         }
         y += "listeners:\n  - name: web\n    bind: 127.0.0.1:0\n    mode: http\n    default_backend: app\n";
+        if self.tls {
+            y += "    tls:\n      certificates:\n        - { cert: lb.pem, key: lb.key }\n";
+        }
         for l in &self.listener {
             y += l;
         }
@@ -179,9 +193,20 @@ impl HttpLbBuilder {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("lb.yaml");
         std::fs::write(&path, self.config_text()).expect("write config");
+        let tls = self.tls.then(|| {
+            let pki = Pki::new(dir.path(), "lb");
+            pki.issue("lb", &["lb.test", "127.0.0.1"]);
+            TlsClient {
+                name: "lb.test".into(),
+                ca: pki.ca_pem.clone(),
+                config: pki.client(),
+            }
+        });
         let mut cmd = Command::new(lb_binary());
         cmd.args(["run", "-c"]).arg(&path);
-        spawn_command(cmd, dir).unwrap_or_else(|e| panic!("lb did not start: {e}"))
+        let mut lb = spawn_command(cmd, dir).unwrap_or_else(|e| panic!("lb did not start: {e}"));
+        lb.tls = tls;
+        lb
     }
 }
 

@@ -251,6 +251,7 @@ pub fn spawn_command(mut cmd: Command, dir: tempfile::TempDir) -> Result<Lb, Str
         listener,
         admin,
         log,
+        tls: None,
         _dir: dir,
     })
 }
@@ -291,10 +292,53 @@ pub struct Lb {
     pub listener: SocketAddr,
     pub admin: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// Set when the listener terminates TLS: how to reach it.
+    pub tls: Option<crate::tls::TlsClient>,
     _dir: tempfile::TempDir,
 }
 
 impl Lb {
+    /// The directory of lb's configuration file (and of the test's certificates).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// How to reach the listener (plain, or TLS when it terminates TLS), for a task.
+    pub fn dialer(&self) -> crate::tls::Dialer {
+        crate::tls::Dialer {
+            addr: self.listener,
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// A client connection to the listener: TLS when it terminates TLS.
+    pub async fn connect(&self) -> Box<dyn crate::tls::Io> {
+        self.dialer().connect().await
+    }
+
+    /// Sends `request` on a new client connection and reads until lb closes it (at most
+    /// 10 s); everything received.
+    pub async fn exchange(&self, request: &[u8]) -> Vec<u8> {
+        self.dialer().exchange(request).await
+    }
+
+    /// The URL of `path` on the listener, and the curl arguments that reach it (the CA and
+    /// the name's address for a TLS listener).
+    pub fn url(&self, path: &str) -> (String, Vec<String>) {
+        match &self.tls {
+            None => (format!("http://{}{path}", self.listener), Vec::new()),
+            Some(t) => (
+                format!("https://{}:{}{path}", t.name, self.listener.port()),
+                vec![
+                    "--cacert".into(),
+                    t.ca.display().to_string(),
+                    "--resolve".into(),
+                    format!("{}:{}:{}", t.name, self.listener.port(), self.listener.ip()),
+                ],
+            ),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

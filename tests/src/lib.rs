@@ -8,12 +8,14 @@
 //! - [`flows`]: the integrity client: random bytes both ways at once, sha256 on both ends.
 //! - [`scenarios`]: the forwarding tests, written once and run on both forwarding paths.
 //! - [`http`]: an lb with a `mode: http` listener, a reflecting backend, a raw HTTP client.
+//! - [`tls`]: a private CA and certificates made by the tests, TLS clients and servers.
 pub mod flows;
 pub mod http;
 pub mod lb;
 pub mod paced;
 pub mod scenarios;
 pub mod servers;
+pub mod tls;
 
 /// Awaits every client task (each at most `bound`), then one server report per client (each at
 /// most 30 s), keyed by the seed `seed_of` reads from it. A timeout or a failed flow fails the

@@ -10,6 +10,37 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
+/// Runs each named test over plain HTTP and over HTTPS (a listener with `tls:`: the same
+/// analyzers, routing, rewriting and keep-alive behind a TLS handshake), as `NAME::plain` and
+/// `NAME::https`.
+macro_rules! plain_and_https {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn plain() {
+                super::$name(false).await
+            }
+            #[tokio::test]
+            async fn https() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
+plain_and_https!(
+    malformed_and_smuggling_requests_never_reach_the_backend,
+    curl_requests_on_one_connection_follow_their_routes,
+    python_http_client_keeps_its_connection_and_so_does_lb,
+    the_backend_sees_the_rewritten_head,
+    slowloris_gets_408_at_the_timeout_while_others_are_served,
+    wrk_with_keep_alive_gets_only_correct_answers,
+    a_connection_field_cannot_unframe_a_body,
+    expect_100_continue_is_answered_by_lb,
+    a_malformed_chunked_body_is_refused,
+    a_kept_connection_the_server_closed_is_replaced,
+);
+
 /// Each refused head, its status, and the class of attack it stands for. Every one must be
 /// refused whole: the analyzer is what keeps it from the server.
 const REFUSED: &[(&str, u16, &str)] = &[
@@ -201,12 +232,12 @@ const REFUSED: &[(&str, u16, &str)] = &[
     ("GET /\r\nHost: a\r\n\r\n", 400, "HTTP/0.9 request line"),
 ];
 
-#[tokio::test]
-async fn malformed_and_smuggling_requests_never_reach_the_backend() {
+async fn malformed_and_smuggling_requests_never_reach_the_backend(tls: bool) {
     assert!(REFUSED.len() >= 40);
     let app = Reflector::start("app").await;
     let lb = HttpLbBuilder::new(&[app.addr])
         .top_yaml("limits: { max_body_bytes: 1MiB }\n")
+        .tls(tls)
         .spawn();
     let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(20_000));
     let long_head = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "b".repeat(20_000));
@@ -216,7 +247,7 @@ async fn malformed_and_smuggling_requests_never_reach_the_backend() {
     ];
     let mut wrong = Vec::new();
     for &(head, expected, class) in REFUSED.iter().chain(oversized.iter()) {
-        let answer = raw_exchange(lb.listener, head.as_bytes()).await;
+        let answer = lb.exchange(head.as_bytes()).await;
         if status_of(&answer) != Some(expected) {
             wrong.push(format!(
                 "{class}: expected {expected}, got {:?}",
@@ -227,11 +258,9 @@ async fn malformed_and_smuggling_requests_never_reach_the_backend() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     assert_eq!(app.connections(), 0, "a refused request reached the backend");
     // The same listener still serves well-formed requests.
-    let ok = raw_exchange(
-        lb.listener,
-        b"GET /fine HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let ok = lb
+        .exchange(b"GET /fine HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await;
     assert_eq!(status_of(&ok), Some(200), "{}", String::from_utf8_lossy(&ok));
     // lb's own answers are counted by class.
     let m = lb.metrics();
@@ -251,46 +280,38 @@ async fn malformed_and_smuggling_requests_never_reach_the_backend() {
     assert_eq!(class("2xx"), 1.0, "{}", m.text);
 }
 
-#[tokio::test]
-async fn curl_requests_on_one_connection_follow_their_routes() {
+async fn curl_requests_on_one_connection_follow_their_routes(tls: bool) {
     let (app, api) = (Reflector::start("app").await, Reflector::start("api").await);
     let lb = HttpLbBuilder::new(&[app.addr])
         .backend("api", &[api.addr])
         .listener_yaml("    routes:\n      - { path_prefix: /api/, backend: api }\n")
+        .tls(tls)
         .spawn();
-    let base = format!("http://{}", lb.listener);
-    let (a, b, c) = (
-        format!("{base}/a"),
-        format!("{base}/api/v1"),
-        format!("{base}/api/upload"),
-    );
+    let ((a, tls_args), (b, _), (c, _)) = (lb.url("/a"), lb.url("/api/v1"), lb.url("/api/upload"));
     let w = "\n[connects=%{num_connects} status=%{http_code}]\n";
-    let out = run_tool(
-        "curl",
+    // Each request its own options (--next resets them), the TLS ones too.
+    let mut args: Vec<String> = Vec::new();
+    let requests: [&[&str]; 3] = [
+        &[&a],
+        &["-d", "x=1", &b],
         &[
-            "-sS",
-            "-w",
-            w,
-            &a,
-            "--next",
-            "-sS",
-            "-w",
-            w,
-            "-d",
-            "x=1",
-            &b,
-            "--next",
-            "-sS",
-            "-w",
-            w,
             "-H",
             "Transfer-Encoding: chunked",
             "--data-binary",
             "chunked upload",
             &c,
         ],
-    )
-    .await;
+    ];
+    for (i, request) in requests.iter().enumerate() {
+        if i > 0 {
+            args.push("--next".into());
+        }
+        args.extend(["-sS", "-w", w].map(String::from));
+        args.extend(tls_args.iter().cloned());
+        args.extend(request.iter().map(|a| a.to_string()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_tool("curl", &args).await;
     assert!(out.contains("app GET /a\n"), "{out}");
     assert!(
         out.contains("api POST /api/v1\n") && out.contains("body=x=1"),
@@ -305,14 +326,23 @@ async fn curl_requests_on_one_connection_follow_their_routes() {
     assert_eq!(out.matches("[connects=0 status=200]").count(), 2, "{out}");
 }
 
-#[tokio::test]
-async fn python_http_client_keeps_its_connection_and_so_does_lb() {
+async fn python_http_client_keeps_its_connection_and_so_does_lb(tls: bool) {
     let app = Reflector::start("app").await;
-    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    let lb = HttpLbBuilder::new(&[app.addr]).tls(tls).spawn();
+    let connection = match &lb.tls {
+        None => format!("http.client.HTTPConnection(\"{}\", {}, timeout=10)", lb.listener.ip(), lb.listener.port()),
+        // The certificate names 127.0.0.1 too: Python checks it against the address.
+        Some(t) => format!(
+            "http.client.HTTPSConnection(\"{}\", {}, timeout=10, context=ssl.create_default_context(cafile=\"{}\"))",
+            lb.listener.ip(),
+            lb.listener.port(),
+            t.ca.display()
+        ),
+    };
     let script = format!(
         r#"
-import http.client
-c = http.client.HTTPConnection("{}", {}, timeout=10)
+import http.client, ssl
+c = {connection}
 socks = set()
 for i in range(5):
     c.request("POST" if i % 2 else "GET", f"/r{{i}}", body=b"p" * i if i % 2 else None)
@@ -326,9 +356,7 @@ r = c.getresponse()
 assert r.status == 200 and "content-length: 0" in r.read().decode().lower()
 socks.add(id(c.sock))
 print("ok", len(socks))
-"#,
-        lb.listener.ip(),
-        lb.listener.port()
+"#
     );
     let out = run_tool("python3", &["-c", &script]).await;
     assert_eq!(out.trim(), "ok 1");
@@ -336,8 +364,7 @@ print("ok", len(socks))
     assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), 6);
 }
 
-#[tokio::test]
-async fn the_backend_sees_the_rewritten_head() {
+async fn the_backend_sees_the_rewritten_head(tls: bool) {
     let (app, api) = (Reflector::start("app").await, Reflector::start("api").await);
     let lb = HttpLbBuilder::new(&[app.addr])
         .backend("api", &[api.addr])
@@ -353,12 +380,13 @@ async fn the_backend_sees_the_rewritten_head() {
             "      - { remove: Date }\n",
             "      - { add: Via, value: 1.1 lb }\n",
         ))
+        .tls(tls)
         .spawn();
     let request = concat!(
         "GET /h HTTP/1.1\r\nHost: V1.Api.Test:8080\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n",
         "Keep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nX-Env: dev\r\nCookie: c=1\r\n\r\n",
     );
-    let mut s = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    let mut s = lb.connect().await;
     s.write_all(request.as_bytes()).await.unwrap();
     s.write_all(b"GET /close HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n")
         .await
@@ -373,14 +401,15 @@ async fn the_backend_sees_the_rewritten_head() {
         .split_once("api GET /h\n")
         .map(|(_, rest)| rest.split_once("HTTP/1.1 ").unwrap())
         .unwrap();
+    let scheme = if tls { "https" } else { "http" };
     for seen in [
-        "x-forwarded-for: 10.0.0.1, 127.0.0.1\n",
-        "x-forwarded-proto: http\n",
-        "forwarded: for=127.0.0.1;proto=http\n",
-        "x-env: test\n",
-        "x-added: one\n",
+        "x-forwarded-for: 10.0.0.1, 127.0.0.1\n".to_string(),
+        format!("x-forwarded-proto: {scheme}\n"),
+        format!("forwarded: for=127.0.0.1;proto={scheme}\n"),
+        "x-env: test\n".into(),
+        "x-added: one\n".into(),
     ] {
-        assert!(first.contains(seen), "missing {seen:?} in\n{first}");
+        assert!(first.contains(&seen), "missing {seen:?} in\n{first}");
     }
     for gone in ["x-secret", "keep-alive", "te:", "cookie", "connection"] {
         assert!(!first.contains(gone), "{gone:?} reached the backend:\n{first}");
@@ -399,15 +428,16 @@ async fn the_backend_sees_the_rewritten_head() {
     );
 }
 
-#[tokio::test]
-async fn slowloris_gets_408_at_the_timeout_while_others_are_served() {
+async fn slowloris_gets_408_at_the_timeout_while_others_are_served(tls: bool) {
     let app = Reflector::start("app").await;
     let lb = HttpLbBuilder::new(&[app.addr])
         .listener_yaml("    timeouts: { http_request: 2s }\n")
+        .tls(tls)
         .spawn();
-    let addr = lb.listener;
+    let dial = lb.dialer();
+    let slow_dial = dial.clone();
     let slow = tokio::spawn(async move {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut s = slow_dial.connect().await;
         let started = Instant::now();
         let head = b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Dribble: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
         // One byte a second, until lb answers (bounded by the head's length).
@@ -424,9 +454,10 @@ async fn slowloris_gets_408_at_the_timeout_while_others_are_served() {
     });
     let mut others = Vec::new();
     for i in 0..50 {
+        let dial = dial.clone();
         others.push(tokio::spawn(async move {
             let req = format!("GET /fast{i} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-            status_of(&raw_exchange(addr, req.as_bytes()).await)
+            status_of(&dial.exchange(req.as_bytes()).await)
         }));
     }
     for o in others {
@@ -445,10 +476,9 @@ async fn slowloris_gets_408_at_the_timeout_while_others_are_served() {
     assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), 50);
 }
 
-#[tokio::test]
-async fn wrk_with_keep_alive_gets_only_correct_answers() {
+async fn wrk_with_keep_alive_gets_only_correct_answers(tls: bool) {
     let app = Reflector::start("app").await;
-    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    let lb = HttpLbBuilder::new(&[app.addr]).tls(tls).spawn();
     // Every response is checked (status and the backend's description of the request); wrk
     // keeps its 8 connections alive for the whole 2 s.
     let script = tempfile::NamedTempFile::new().unwrap();
@@ -471,7 +501,8 @@ end
 "#,
     )
     .unwrap();
-    let url = format!("http://{}/wrk", lb.listener);
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://{}/wrk", lb.listener);
     let out = run_tool(
         "wrk",
         &[
@@ -628,18 +659,17 @@ async fn the_access_log_can_be_json() {
     assert!(record["time"].as_str().unwrap().ends_with('Z'), "{record}");
 }
 
-#[tokio::test]
-async fn a_connection_field_cannot_unframe_a_body() {
+async fn a_connection_field_cannot_unframe_a_body(tls: bool) {
     // Were Content-Length dropped as hop-by-hop, the server would read the body as a second
     // request lb never analyzed.
     let app = Reflector::start("app").await;
-    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    let lb = HttpLbBuilder::new(&[app.addr]).tls(tls).spawn();
     let smuggled = "GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n";
     let request = format!(
         "POST /public HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: Content-Length, close\r\n\r\n{smuggled}",
         smuggled.len()
     );
-    let answer = String::from_utf8_lossy(&raw_exchange(lb.listener, request.as_bytes()).await).into_owned();
+    let answer = String::from_utf8_lossy(&lb.exchange(request.as_bytes()).await).into_owned();
     assert_eq!(status_of(answer.as_bytes()), Some(200), "{answer}");
     assert!(
         answer.contains("app POST /public\n") && answer.contains(&format!("body={smuggled}")),
@@ -689,11 +719,10 @@ async fn an_unreachable_server_is_503_and_a_silent_one_504() {
     holder.abort();
 }
 
-#[tokio::test]
-async fn expect_100_continue_is_answered_by_lb() {
+async fn expect_100_continue_is_answered_by_lb(tls: bool) {
     let app = Reflector::start("app").await;
-    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
-    let mut s = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    let lb = HttpLbBuilder::new(&[app.addr]).tls(tls).spawn();
+    let mut s = lb.connect().await;
     s.write_all(b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
@@ -721,10 +750,9 @@ async fn expect_100_continue_is_answered_by_lb() {
     );
 }
 
-#[tokio::test]
-async fn a_malformed_chunked_body_is_refused() {
+async fn a_malformed_chunked_body_is_refused(tls: bool) {
     let app = Reflector::start("app").await;
-    let lb = HttpLbBuilder::new(&[app.addr]).spawn();
+    let lb = HttpLbBuilder::new(&[app.addr]).tls(tls).spawn();
     for body in [
         "5\r\nhello\r\nzz\r\n",
         "5 \r\nhello\r\n0\r\n\r\n",
@@ -732,7 +760,7 @@ async fn a_malformed_chunked_body_is_refused() {
         "5\r\nhelloX\r\n0\r\n\r\n",
     ] {
         let request = format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
-        let answer = raw_exchange(lb.listener, request.as_bytes()).await;
+        let answer = lb.exchange(request.as_bytes()).await;
         assert_eq!(
             status_of(&answer),
             Some(400),
@@ -742,8 +770,7 @@ async fn a_malformed_chunked_body_is_refused() {
     }
 }
 
-#[tokio::test]
-async fn a_kept_connection_the_server_closed_is_replaced() {
+async fn a_kept_connection_the_server_closed_is_replaced(tls: bool) {
     // A server that closes after each answer without saying so: lb keeps the connection, finds
     // it closed at the next request, and sends that request again on a new one.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -779,8 +806,8 @@ async fn a_kept_connection_the_server_closed_is_replaced() {
             });
         }
     });
-    let lb = HttpLbBuilder::new(&[addr]).spawn();
-    let mut c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    let lb = HttpLbBuilder::new(&[addr]).tls(tls).spawn();
+    let mut c = lb.connect().await;
     for request in [
         &b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
         b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n",

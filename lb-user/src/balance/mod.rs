@@ -243,6 +243,7 @@ mod tests {
                     address: "127.0.0.1:1".parse().unwrap(),
                     weight,
                     maxconn: None,
+                    tls: None,
                 })
                 .collect(),
         }

@@ -42,12 +42,16 @@ pub struct Http {
     pub tunnel_timeout: Duration,
     /// `access_log`: text, json or off.
     pub access_log: Format,
+    /// The listener terminates TLS: the scheme the forwarding fields tell is `https`.
+    pub https: bool,
 }
 
 /// One route.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub host: Option<HostMatch>,
+    /// The TLS handshake's SNI (listeners with `tls:`).
+    pub sni: Option<HostMatch>,
     pub path_prefix: Option<String>,
     /// Index into [`super::Config::backends`].
     pub backend: usize,
@@ -62,16 +66,25 @@ pub enum HostMatch {
 }
 
 impl Route {
-    /// Whether a request for `host` (lowercase, without port) and routing `path` (see
+    /// Whether a request for `host` (lowercase, without port), on a connection whose client
+    /// asked for `sni` (lowercase), and routing `path` (see
     /// [`crate::http::request::Request::path`]) matches.
-    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
-        let host_ok = match (&self.host, host) {
+    pub fn matches(&self, host: Option<&str>, sni: Option<&str>, path: &str) -> bool {
+        HostMatch::admits(self.host.as_ref(), host)
+            && HostMatch::admits(self.sni.as_ref(), sni)
+            && self.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+    }
+}
+
+impl HostMatch {
+    /// Whether `name` passes `m` (no matcher: any name, or none).
+    fn admits(m: Option<&HostMatch>, name: Option<&str>) -> bool {
+        match (m, name) {
             (None, _) => true,
             (Some(_), None) => false,
-            (Some(HostMatch::Exact(h)), Some(host)) => h == host,
-            (Some(HostMatch::Suffix(s)), Some(host)) => host.len() > s.len() && host.ends_with(s.as_str()),
-        };
-        host_ok && self.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            (Some(HostMatch::Exact(h)), Some(name)) => h == name,
+            (Some(HostMatch::Suffix(s)), Some(name)) => name.len() > s.len() && name.ends_with(s.as_str()),
+        }
     }
 }
 
@@ -149,6 +162,7 @@ impl Validator<'_> {
                     &with(&with(path, Step::Key("routes")), Step::Index(i)),
                     r,
                     backends,
+                    l.tls.is_some(),
                 )
             })
             .collect();
@@ -180,35 +194,55 @@ impl Validator<'_> {
             keep_alive_timeout: pick(|t| t.http_keep_alive).unwrap_or(request_timeout),
             tunnel_timeout: pick(|t| t.tunnel).unwrap_or(DEFAULT_TUNNEL),
             access_log,
+            https: false,
         })
     }
 
-    fn route(&mut self, path: &[Step], r: &RawRoute, backends: &HashMap<String, usize>) -> Route {
-        if r.host.is_none() && r.path_prefix.is_none() {
-            self.error(path, "a route needs `host`, `path_prefix` or both");
+    /// A `host:` or `sni:` of a route: a name or `*.suffix`.
+    fn host_match(&mut self, path: &[Step], key: &str, h: &str) -> HostMatch {
+        let lower = h.to_ascii_lowercase();
+        let (matcher, name) = match lower.strip_prefix('*') {
+            Some(suffix) => (
+                HostMatch::Suffix(suffix.to_string()),
+                suffix.strip_prefix('.').unwrap_or(""),
+            ),
+            None => (HostMatch::Exact(lower.clone()), lower.as_str()),
+        };
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~[]:".contains(&b))
+            && !name.starts_with('.');
+        if !valid || matches!(&matcher, HostMatch::Suffix(s) if !s.starts_with('.')) {
+            self.error(
+                path,
+                format!("{key}: `{h}` is not a host name or `*.suffix` (and no port: routing ignores it)"),
+            );
         }
-        let host = r.host.as_deref().map(|h| {
-            let lower = h.to_ascii_lowercase();
-            let (matcher, name) = match lower.strip_prefix('*') {
-                Some(suffix) => (
-                    HostMatch::Suffix(suffix.to_string()),
-                    suffix.strip_prefix('.').unwrap_or(""),
-                ),
-                None => (HostMatch::Exact(lower.clone()), lower.as_str()),
-            };
-            let valid = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._~[]:".contains(&b))
-                && !name.starts_with('.');
-            if !valid || matches!(&matcher, HostMatch::Suffix(s) if !s.starts_with('.')) {
-                self.error(
-                    &with(path, Step::Key("host")),
-                    format!("host: `{h}` is not a host name or `*.suffix` (and no port: routing ignores it)"),
-                );
-            }
-            matcher
-        });
+        matcher
+    }
+
+    fn route(&mut self, path: &[Step], r: &RawRoute, backends: &HashMap<String, usize>, tls: bool) -> Route {
+        if r.host.is_none() && r.sni.is_none() && r.path_prefix.is_none() {
+            self.error(
+                path,
+                "a route needs `host`, `sni`, `path_prefix`, or several of them",
+            );
+        }
+        let host = r
+            .host
+            .as_deref()
+            .map(|h| self.host_match(&with(path, Step::Key("host")), "host", h));
+        let sni = r
+            .sni
+            .as_deref()
+            .map(|h| self.host_match(&with(path, Step::Key("sni")), "sni", h));
+        if sni.is_some() && !tls {
+            self.error(
+                &with(path, Step::Key("sni")),
+                "sni: this listener has no `tls:`, so its clients send no SNI",
+            );
+        }
         if let Some(p) = &r.path_prefix {
             if !p.starts_with('/') || !p.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
                 self.error(
@@ -220,6 +254,7 @@ impl Validator<'_> {
         let backend = self.backend_named(path, backends, "route", &r.backend);
         Route {
             host,
+            sni,
             path_prefix: r.path_prefix.clone(),
             backend,
         }

@@ -7,6 +7,7 @@ mod health;
 mod http;
 mod locate;
 pub mod raw;
+mod tls;
 
 use crate::affinity::CpuAffinity;
 pub use health::{CheckKind, HealthCheck};
@@ -14,6 +15,7 @@ pub use http::{Forwarded, HeaderRule, HostMatch, Http, Route};
 use locate::{Locator, Step};
 use raw::{RawBackend, RawConfig, RawForwarding, RawKeepalive, RawListener, RawTimeouts};
 use std::{collections::HashMap, fmt, net::SocketAddr, path::Path, time::Duration};
+pub use tls::ListenerTls;
 
 /// How established flows are forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -74,6 +76,8 @@ pub struct Listener {
     pub client_timeout: Duration,
     /// `mode: http`: the HTTP side; `None` for `mode: tcp`.
     pub http: Option<Http>,
+    /// `tls:`: clients connect with TLS, which lb terminates.
+    pub tls: Option<ListenerTls>,
 }
 
 /// Keepalive settings; `None` fields keep the kernel's defaults.
@@ -143,6 +147,8 @@ pub struct Server {
     pub weight: u32,
     /// Most sessions at once; `None`: no limit.
     pub maxconn: Option<u32>,
+    /// `tls:` (the backend's, with the server's over it): lb connects with TLS.
+    pub tls: Option<crate::tls::connect::ServerTls>,
 }
 
 const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
@@ -221,9 +227,35 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     parse(&file, &source)
 }
 
-/// Parses and validates configuration text; `file` names it in errors.
-pub fn parse(file: &str, source: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = serde_yaml::from_str(source).map_err(|e| {
+/// Reads only the `admin:` section of a configuration file (what the commands for a running
+/// lb need; the other sections are the running lb's to judge).
+pub fn load_admin(path: &Path) -> Result<Option<Admin>, ConfigErrors> {
+    let file = path.display().to_string();
+    let source = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let raw: RawConfig = deserialize(&file, &source)?;
+    let mut v = Validator {
+        file: &file,
+        locator: Locator::new(&source),
+        errors: Vec::new(),
+    };
+    let admin = v.admin(raw.admin);
+    if v.errors.is_empty() {
+        Ok(admin)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+/// The raw configuration, or the syntax or type error serde_yaml stopped at.
+fn deserialize(file: &str, source: &str) -> Result<RawConfig, ConfigErrors> {
+    serde_yaml::from_str(source).map_err(|e| {
         let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
         // serde_yaml appends " at line X column Y"; the position is already in front.
         let message = e.to_string();
@@ -237,7 +269,12 @@ pub fn parse(file: &str, source: &str) -> Result<Config, ConfigErrors> {
             column,
             message,
         }])
-    })?;
+    })
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(file: &str, source: &str) -> Result<Config, ConfigErrors> {
+    let raw = deserialize(file, source)?;
     let mut v = Validator {
         file,
         locator: Locator::new(source),
@@ -298,6 +335,34 @@ impl Validator<'_> {
         parsed
     }
 
+    fn admin(&mut self, raw: Option<raw::RawAdmin>) -> Option<Admin> {
+        let a = raw?;
+        let listen = self.address(
+            &[Step::Key("admin"), Step::Key("listen")],
+            "admin.listen",
+            &a.listen,
+        )?;
+        if a.token
+            .as_ref()
+            .is_some_and(|t| t.len() < 16 || t.chars().any(|c| c.is_whitespace()))
+        {
+            self.error(
+                &[Step::Key("admin"), Step::Key("token")],
+                "admin.token must be at least 16 characters, without spaces",
+            );
+        }
+        if a.token.is_none() && !listen.ip().is_loopback() {
+            self.error(
+                &[Step::Key("admin"), Step::Key("listen")],
+                "admin.listen is not a loopback address: set admin.token, or anyone who can reach it could drain your servers",
+            );
+        }
+        Some(Admin {
+            listen,
+            token: a.token,
+        })
+    }
+
     fn config(&mut self, raw: RawConfig) -> Config {
         let (mode, mode_path, offload_after) = match raw.forwarding {
             None => (None, vec![Step::Key("forwarding")], None),
@@ -321,26 +386,7 @@ impl Validator<'_> {
             }
         };
         let offload_after = offload_after.map_or(DEFAULT_OFFLOAD_AFTER, |b| b.as_u64());
-        let admin = raw.admin.and_then(|a| {
-            let listen = self.address(
-                &[Step::Key("admin"), Step::Key("listen")],
-                "admin.listen",
-                &a.listen,
-            )?;
-            if a.token.as_ref().is_some_and(|t| t.len() < 16 || t.chars().any(|c| c.is_whitespace())) {
-                self.error(
-                    &[Step::Key("admin"), Step::Key("token")],
-                    "admin.token must be at least 16 characters, without spaces",
-                );
-            }
-            if a.token.is_none() && !listen.ip().is_loopback() {
-                self.error(
-                    &[Step::Key("admin"), Step::Key("listen")],
-                    "admin.listen is not a loopback address: set admin.token, or anyone who can reach it could drain your servers",
-                );
-            }
-            Some(Admin { listen, token: a.token })
-        });
+        let admin = self.admin(raw.admin);
         let defaults = raw.timeouts;
         self.timeouts(&[Step::Key("timeouts")], &defaults);
         let limits = self.limits(&raw.limits);
@@ -469,13 +515,23 @@ impl Validator<'_> {
         };
         let http = self.http_listener(path, &l, http, backends, defaults);
         let backend = self.backend_named(path, backends, &format!("listener `{}`", l.name), &l.backend);
+        let handshake_timeout = l
+            .timeouts
+            .as_ref()
+            .and_then(|t| t.tls_handshake)
+            .or(defaults.tls_handshake);
+        let tls = self.listener_tls(path, l.tls.as_ref(), http.is_some(), handshake_timeout);
+        let mut http = http;
+        if let (Some(h), Some(_)) = (&mut http, &tls) {
+            h.https = true;
+        }
         let timeouts = l.timeouts.unwrap_or_default();
         if timeouts.connect.is_some()
             || timeouts.server.is_some()
             || timeouts.shutdown_grace.is_some()
             || timeouts.queue.is_some()
         {
-            self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client`, `http_request`, `http_keep_alive` and `tunnel` (connect, server and queue belong to the backend, shutdown_grace to the top level)");
+            self.error(&with(path, Step::Key("timeouts")), "a listener's timeouts may only set `client`, `http_request`, `http_keep_alive`, `tunnel` and `tls_handshake` (connect, server and queue belong to the backend, shutdown_grace to the top level)");
         }
         self.timeouts(&with(path, Step::Key("timeouts")), &timeouts);
         let client_timeout = timeouts.client.or(defaults.client).unwrap_or(DEFAULT_IDLE);
@@ -520,6 +576,7 @@ impl Validator<'_> {
             maxconn,
             client_timeout,
             http,
+            tls,
         }
     }
 
@@ -546,6 +603,7 @@ impl Validator<'_> {
             timeouts.http_request,
             timeouts.http_keep_alive,
             timeouts.tunnel,
+            timeouts.tls_handshake,
         ];
         if client_side.iter().any(Option::is_some) {
             self.error(
@@ -599,11 +657,13 @@ impl Validator<'_> {
                     format!("maxconn must be between 1 and {MAX_SERVER_MAXCONN}"),
                 );
             }
+            let tls = self.server_tls(path, b.tls.as_ref(), &spath, s.tls.as_ref(), address);
             servers.push(Server {
                 name: s.name,
                 address,
                 weight,
                 maxconn: s.maxconn,
+                tls,
             });
         }
         let retries = b.retries.unwrap_or(DEFAULT_RETRIES);
@@ -659,6 +719,7 @@ impl Validator<'_> {
             ("http_keep_alive", t.http_keep_alive),
             ("tunnel", t.tunnel),
             ("queue", t.queue),
+            ("tls_handshake", t.tls_handshake),
         ];
         for (key, value) in values {
             let Some(d) = value else { continue };

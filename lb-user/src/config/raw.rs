@@ -176,6 +176,10 @@ pub struct RawTimeouts {
     /// `connect`). Top level or backend.
     #[serde(default, with = "humantime_serde")]
     pub queue: Option<Duration>,
+    /// A listener with `tls:`: time a client has to complete the TLS handshake, from its
+    /// connection (default 10s). Top level or listener.
+    #[serde(default, with = "humantime_serde")]
+    pub tls_handshake: Option<Duration>,
 }
 
 /// `limits:` bounds on HTTP messages.
@@ -242,8 +246,12 @@ pub struct RawListener {
     /// (default 4096). Each flow needs two open files; lb raises its limit to the hard one.
     #[serde(default)]
     pub maxconn: Option<u32>,
+    /// Terminate TLS: clients connect with TLS, lb analyzes (`http`) or forwards (`tcp`) the
+    /// decrypted bytes.
+    #[serde(default)]
+    pub tls: Option<RawListenerTls>,
     /// Overrides `timeouts.client` (and the HTTP timeouts `http_request`, `http_keep_alive`,
-    /// `tunnel`) for this listener.
+    /// `tunnel`, and `tls_handshake`) for this listener.
     #[serde(default)]
     pub timeouts: Option<RawTimeouts>,
 }
@@ -299,6 +307,9 @@ pub struct RawBackend {
     /// brings an ejected server back).
     #[serde(default)]
     pub observe: Option<RawObserve>,
+    /// Connect to every server with TLS (a server's own `tls:` overrides it key by key).
+    #[serde(default)]
+    pub tls: Option<RawServerTls>,
     /// The servers; at least one.
     #[serde(default)]
     pub servers: Vec<RawServer>,
@@ -358,9 +369,75 @@ pub struct RawServer {
     /// limit).
     #[serde(default)]
     pub maxconn: Option<u32>,
+    /// TLS to this server: settings that override the backend's `tls:` key by key, or `false`
+    /// for a server that speaks plain TCP in a TLS backend.
+    #[serde(default)]
+    pub tls: Option<RawServerTls>,
 }
 
-/// One entry of a listener's `routes:`. At least one of `host` and `path_prefix`.
+/// A listener's `tls:` (HAProxy's `bind ... ssl crt ...`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    /// PEM certificate chains and keys, at least one. The certificate a client gets is the one
+    /// whose subjectAltName (else CN) matches the name it asked for (SNI; `*.example.com`
+    /// matches one label); the first is the default, for clients that send no name or one no
+    /// certificate has. Relative paths are relative to the configuration file.
+    pub certificates: Vec<RawCertFiles>,
+    /// Refuse the handshake (alert `access_denied`) when the client's SNI matches no
+    /// certificate, instead of presenting the first (HAProxy's `strict-sni`; default false).
+    #[serde(default)]
+    pub strict_sni: Option<bool>,
+    /// Application protocols offered in ALPN, preferred first (default `[http/1.1]` on an
+    /// `http` listener, none on a `tcp` one). lb speaks HTTP/1.x only, so an `http` listener
+    /// cannot offer `h2`.
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    /// The oldest TLS version accepted: `1.2` (default) or `1.3` (also written `TLSv1.2`).
+    #[serde(default)]
+    pub min_version: Option<String>,
+}
+
+/// A certificate chain and its key, both PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertFiles {
+    /// The certificate chain: the server's certificate first, then its intermediates.
+    pub cert: String,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+/// `tls:` of a backend or a server: `true`/`false`, or settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawServerTls {
+    Switch(bool),
+    Settings(RawServerTlsSettings),
+}
+
+/// TLS to servers (HAProxy's `server ... ssl sni ... ca-file ... verify ... crt ...`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTlsSettings {
+    /// The name sent in SNI and checked against the server's certificate (default: none is
+    /// sent, and the certificate must name the server's IP address).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM file of the CA certificates that may sign the server's certificate (default: the
+    /// system's CA store).
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Check the server's certificate (default true). `false` accepts any certificate: the
+    /// connection is encrypted but not authenticated.
+    #[serde(default)]
+    pub verify: Option<bool>,
+    /// A certificate and key lb presents when the server asks for one (mutual TLS).
+    #[serde(default)]
+    pub client_cert: Option<RawCertFiles>,
+}
+
+/// One entry of a listener's `routes:`. At least one of `host`, `sni` and `path_prefix`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
@@ -368,6 +445,10 @@ pub struct RawRoute {
     /// case: `example.com` exactly, or `*.example.com` for any name ending in `.example.com`.
     #[serde(default)]
     pub host: Option<String>,
+    /// The name the client asked for in the TLS handshake (SNI; listeners with `tls:` only),
+    /// written like `host`.
+    #[serde(default)]
+    pub sni: Option<String>,
     /// A prefix of the request target's path, such as `/api/` (compared case-sensitively).
     #[serde(default)]
     pub path_prefix: Option<String>,

@@ -5,7 +5,10 @@
 //! - [`kernel`]: both sockets go into the BPF SOCKHASH and the kernel forwards every byte; the
 //!   daemon only hears about end of stream, resets and idleness.
 //! - [`user`]: a tokio copy loop, used when BPF is unavailable or `forwarding: user`.
+//! - [`streams`]: a copy loop for flows with a TLS side (decrypted and encrypted by lb), which
+//!   neither of the others can take without kTLS.
 pub mod kernel;
+pub mod streams;
 pub mod user;
 
 use std::time::Duration;

@@ -6,16 +6,18 @@
 //! which lb closes the client connection (the server's bytes only: what the client sends after
 //! its request was never analysed, so it must not reach the server).
 use std::{net::SocketAddr, time::Instant};
-use tokio::net::TcpStream;
 
 use super::log;
-use crate::forward::{Directions, End, Side};
+use crate::{
+    forward::{Directions, End, Side},
+    stream::Stream,
+};
 
 /// A client/server pair the HTTP session hands on; every byte lb had read from the side(s)
-/// forwarded was passed on first.
+/// forwarded was passed on first. A pair with a TLS side stays in userspace (no kTLS).
 pub struct Handoff {
-    pub client: TcpStream,
-    pub server: TcpStream,
+    pub client: Stream,
+    pub server: Stream,
     pub backend: usize,
     /// The server's lease ([`crate::balance`]): the flow counts as its session until it ends.
     pub lease: crate::balance::Lease,

@@ -151,6 +151,7 @@ pub fn request_head(
         fields.retain(|f| !f.is("expect"));
     }
     let f = http.forwarded;
+    let scheme = if http.https { "https" } else { "http" };
     if f.x_forwarded_for {
         // One field holding the list, the client last (the convention every reader parses).
         let mut list: Vec<u8> = Vec::new();
@@ -164,14 +165,14 @@ pub fn request_head(
     }
     if f.x_forwarded_proto {
         fields.retain(|h| !h.is("x-forwarded-proto"));
-        fields.push(added("X-Forwarded-Proto", &b"http"[..]));
+        fields.push(added("X-Forwarded-Proto", scheme.as_bytes()));
     }
     if f.forwarded {
         // RFC 7239: an IPv6 node is quoted and bracketed.
         let element = if client_ip.contains(':') {
-            format!("for=\"[{client_ip}]\";proto=http")
+            format!("for=\"[{client_ip}]\";proto={scheme}")
         } else {
-            format!("for={client_ip};proto=http")
+            format!("for={client_ip};proto={scheme}")
         };
         match fields.iter_mut().rfind(|h| h.is("forwarded")) {
             Some(h) => {

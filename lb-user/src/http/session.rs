@@ -12,7 +12,7 @@
 //! of it went in userspace ([`super::handoff`]). Drawn in ../LIFECYCLE.md.
 use prometheus_client::metrics::counter::Counter;
 use std::{net::SocketAddr, time::Duration};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -30,6 +30,7 @@ use crate::{
     config::{Http, Listener},
     metrics::status_class,
     server::Proxy,
+    stream::Stream,
 };
 
 /// How long lb keeps reading (and dropping) what a client still sends after lb answered it and
@@ -69,6 +70,8 @@ pub(super) struct Ctx<'a> {
     pub(super) l: &'a Listener,
     pub(super) http: &'a Http,
     pub(super) peer: SocketAddr,
+    /// The name the client asked for in its TLS handshake (SNI), for routes.
+    sni: Option<String>,
     /// The client's address as the forwarding fields write it (formatted once per connection).
     client_ip: String,
     /// `lb_http_responses_total` of this listener, by status class.
@@ -79,8 +82,15 @@ pub(super) struct Ctx<'a> {
     stopping: CancellationToken,
 }
 
-/// Runs an HTTP client connection until it ends or becomes a tunnel.
-pub async fn run(proxy: &Proxy, listener: usize, stream: TcpStream, peer: SocketAddr) -> HttpEnd {
+/// Runs an HTTP client connection (plain, or after its TLS handshake: `sni`) until it ends or
+/// becomes a tunnel.
+pub async fn run(
+    proxy: &Proxy,
+    listener: usize,
+    stream: Stream,
+    peer: SocketAddr,
+    sni: Option<String>,
+) -> HttpEnd {
     let l = &proxy.config.listeners[listener];
     let (Some(http), Some(responses)) = (&l.http, &proxy.http_responses[listener]) else {
         return HttpEnd::Closed("not an http listener");
@@ -90,6 +100,7 @@ pub async fn run(proxy: &Proxy, listener: usize, stream: TcpStream, peer: Socket
         l,
         http,
         peer,
+        sni,
         client_ip: peer.ip().to_string(),
         responses,
         stopping: proxy.stopping.child_token(),
@@ -237,7 +248,7 @@ async fn exchange(
         .http
         .routes
         .iter()
-        .find(|r| r.matches(req.host.as_deref(), &req.path))
+        .find(|r| r.matches(req.host.as_deref(), ctx.sni.as_deref(), &req.path))
         .map_or(ctx.l.backend, |r| r.backend);
     let mut x = Exchange {
         req: &req,
@@ -326,8 +337,11 @@ async fn exchange(
     // After a response that closes the connection, the rest of its body may go to the kernel
     // (the client's later bytes never reach the server: see super::handoff). Like a TCP flow,
     // it moves forwarding.offload_after bytes in userspace first, so a short body never pays
-    // the kernel path's set-up.
-    let hand_off_after = (close && ctx.proxy.kernel.is_some()).then_some(ctx.proxy.config.offload_after);
+    // the kernel path's set-up. Not with a TLS side: the kernel cannot take it (no kTLS), and
+    // lb forwarding the rest itself is what it does already.
+    let plain = !client.stream.is_tls() && !server.conn.stream.is_tls();
+    let hand_off_after =
+        (close && plain && ctx.proxy.kernel.is_some()).then_some(ctx.proxy.config.offload_after);
     match forward_message(
         &mut server.conn,
         &mut client.stream,

@@ -3,10 +3,11 @@
 //! delimits it (the bytes after it stay held: they are the next pipelined message).
 use std::{borrow::Cow, io, pin::Pin, time::Duration};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     time::{Instant, Sleep},
 };
+
+use crate::stream::Stream;
 
 use super::{
     chunked::{ChunkError, Chunked},
@@ -21,7 +22,7 @@ const KEEP_WHILE_IDLE: usize = 16 << 10;
 
 /// One side's connection and the bytes read from it that were not consumed yet.
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub held: Vec<u8>,
     /// Room to make before the next read: doubles (to [`READ_MAX`]) each time a read fills it.
     want: usize,
@@ -33,9 +34,9 @@ pub struct Conn {
 const UNARMED: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Conn {
-    pub fn new(stream: TcpStream) -> Conn {
+    pub fn new(stream: impl Into<Stream>) -> Conn {
         Conn {
-            stream,
+            stream: stream.into(),
             held: Vec::new(),
             want: READ_FIRST,
             timer: Box::pin(tokio::time::sleep(UNARMED)),
@@ -63,7 +64,13 @@ impl Conn {
         let n = loop {
             tokio::select! {
                 biased;
-                r = &mut read => break r.map_err(ReadError::Io)?,
+                r = &mut read => match r {
+                    Ok(n) => break n,
+                    // A TLS peer that closed without a close_notify: an end of stream (HTTP's
+                    // own framing tells whether a message was cut).
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break 0,
+                    Err(e) => return Err(ReadError::Io(e)),
+                },
                 () = timer.as_mut() => {
                     if Instant::now() >= deadline {
                         return Err(ReadError::Timeout);
@@ -100,9 +107,18 @@ pub enum ReadError {
     Io(io::Error),
 }
 
-/// Writes all of `bytes`, each write allowed `idle`.
-pub async fn write_all(stream: &mut TcpStream, bytes: &[u8], idle: Duration) -> io::Result<()> {
-    match tokio::time::timeout(idle, stream.write_all(bytes)).await {
+/// Writes all of `bytes`, each write allowed `idle`, and flushes (a TLS stream may hold the
+/// last record back otherwise).
+pub async fn write_all<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    idle: Duration,
+) -> io::Result<()> {
+    let written = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(idle, written).await {
         Ok(r) => r,
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
     }
@@ -137,9 +153,9 @@ pub enum Moved {
 /// message); when none is held, the head goes alone at once (a borrowed head is then never
 /// copied). Each read is allowed `src_idle`, each write `dst_idle`; `max`: the largest body
 /// accepted; `hand_off_after`: stop once that many body bytes went and the body is not over.
-pub async fn forward_message(
+pub async fn forward_message<W: AsyncWrite + Unpin>(
     src: &mut Conn,
-    dst: &mut TcpStream,
+    dst: &mut W,
     mut head: Cow<'_, [u8]>,
     body: Body,
     (src_idle, dst_idle): (Duration, Duration),
@@ -212,7 +228,7 @@ pub async fn forward_message(
 /// what the peer still sends is read and dropped (for at most `linger`), so that closing does
 /// not reset the connection before the peer has read the answer (a close with unread input
 /// sends RST, which can destroy data the peer has not read yet).
-pub async fn close_gently(mut stream: TcpStream, linger: Duration) {
+pub async fn close_gently(mut stream: Stream, linger: Duration) {
     let _ = stream.shutdown().await;
     let deadline = Instant::now() + linger;
     let mut sink = [0u8; 4096];

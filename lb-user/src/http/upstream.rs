@@ -208,6 +208,7 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
             503,
             "every server stayed at its maxconn for timeouts.queue",
         )),
+        Err(DispatchError::Tls { .. }) => Err(Rejection::new(502, "TLS handshake with the server failed")),
     }
 }
 

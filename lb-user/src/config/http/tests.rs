@@ -58,13 +58,13 @@ fn routes_rules_and_timeouts() {
     );
     assert_eq!(h.routes[0].host, Some(HostMatch::Suffix(".example.com".into())));
     assert_eq!(h.routes[0].backend, 1);
-    assert!(h.routes[0].matches(Some("a.example.com"), "/"));
-    assert!(!h.routes[0].matches(Some("example.com"), "/"));
-    assert!(!h.routes[0].matches(None, "/"));
-    assert!(h.routes[1].matches(Some("www.example.com"), "/static/x.css"));
-    assert!(!h.routes[1].matches(Some("www.example.com"), "/Static/x.css"));
-    assert!(h.routes[2].matches(None, "/api/v1"));
-    assert!(!h.routes[2].matches(None, "/"));
+    assert!(h.routes[0].matches(Some("a.example.com"), None, "/"));
+    assert!(!h.routes[0].matches(Some("example.com"), None, "/"));
+    assert!(!h.routes[0].matches(None, None, "/"));
+    assert!(h.routes[1].matches(Some("www.example.com"), None, "/static/x.css"));
+    assert!(!h.routes[1].matches(Some("www.example.com"), None, "/Static/x.css"));
+    assert!(h.routes[2].matches(None, None, "/api/v1"));
+    assert!(!h.routes[2].matches(None, None, "/"));
     assert!(!h.forwarded.x_forwarded_proto && h.forwarded.forwarded);
     assert_eq!(h.access_log, crate::http::log::Format::Json);
     assert_eq!(

@@ -13,6 +13,7 @@ fn http(forwarded: Forwarded, request_rules: Vec<HeaderRule>) -> Http {
         keep_alive_timeout: Duration::from_secs(1),
         tunnel_timeout: Duration::from_secs(1),
         access_log: crate::http::log::Format::Text,
+        https: false,
     }
 }
 
@@ -47,6 +48,20 @@ fn hop_by_hop_fields_are_dropped_and_forwarding_fields_added() {
     assert_eq!(
         head,
         "GET /x HTTP/1.1\r\nHost: a\r\nForwarded: for=10.0.0.1, for=192.0.2.7;proto=http\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-Forwarded-Proto: http\r\n\r\n"
+    );
+}
+
+#[test]
+fn a_tls_listener_tells_https_whatever_the_client_claimed() {
+    let r = req("GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: http\r\n\r\n");
+    let https = Http {
+        https: true,
+        ..http(ALL, vec![])
+    };
+    let head = text(request_head(&r, &https, "192.0.2.7", false, false));
+    assert_eq!(
+        head,
+        "GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\nForwarded: for=192.0.2.7;proto=https\r\n\r\n"
     );
 }
 

@@ -1,0 +1,60 @@
+//! The TLS stage (rustls): on a listener with `tls:`, between the accept and the session's
+//! protocol (the design notes' "TCP socket plus a TLS reader": the request buffer exists only
+//! once the handshake is over), and on a backend with `tls:`, right after the connect.
+//!
+//! - [`certs`]: certificate files, checked as `lb check` reports them, and the SNI index;
+//! - [`accept`]: the client-side handshake (SNI, ALPN, minimum version, its timeout, the
+//!   reasons a handshake fails) and certificate reloads;
+//! - [`connect`]: TLS to servers (SNI, a private CA or the system's, client certificates);
+//! - [`ktls`]: whether the kernel could take TLS records over (kTLS).
+//!
+//! The crypto provider is *ring*: it builds with the C compiler a fresh machine has (aws-lc
+//! needs cmake too).
+pub mod accept;
+pub mod certs;
+pub mod connect;
+pub mod ktls;
+
+use std::sync::{Arc, OnceLock};
+
+/// The crypto provider every TLS configuration uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The TLS versions lb accepts at least (`min_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinVersion {
+    Tls12,
+    Tls13,
+}
+
+impl MinVersion {
+    pub fn versions(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        match self {
+            MinVersion::Tls12 => rustls::ALL_VERSIONS,
+            MinVersion::Tls13 => TLS13_ONLY,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MinVersion::Tls12 => "TLSv1.2",
+            MinVersion::Tls13 => "TLSv1.3",
+        }
+    }
+
+    /// `1.2`, `1.3`, or as HAProxy writes them, `TLSv1.2`, `TLSv1.3`.
+    pub fn parse(text: &str) -> Option<MinVersion> {
+        match text.strip_prefix("TLSv").unwrap_or(text) {
+            "1.2" => Some(MinVersion::Tls12),
+            "1.3" => Some(MinVersion::Tls13),
+            _ => None,
+        }
+    }
+}
