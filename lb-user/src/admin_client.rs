@@ -103,6 +103,9 @@ pub fn format_stats(s: &Stats) -> String {
         "userspace"
     };
     let _ = writeln!(out, "lb {}, established flows forwarded by {path}", s.version);
+    if let Some(tls) = &s.tls_forwarding {
+        let _ = writeln!(out, "flows with a TLS side forwarded by {tls}");
+    }
     let _ = writeln!(
         out,
         "\nLISTENER              BIND                   MODE  BACKEND           NOW     TOTAL"
@@ -113,6 +116,24 @@ pub fn format_stats(s: &Stats) -> String {
             "{:<21} {:<22} {:<5} {:<15} {:>5} {:>9}",
             l.name, l.bind, l.mode, l.backend, l.active, l.total
         );
+    }
+    for l in &s.listeners {
+        let Some(tls) = &l.tls else { continue };
+        let _ = writeln!(
+            out,
+            "\nTLS {}: {} handshake(s), {} failed",
+            l.name, tls.handshakes, tls.failed
+        );
+        for c in &tls.certificates {
+            let _ = writeln!(
+                out,
+                "  {} [{}] until {} ({})",
+                c.subject,
+                c.names.join(", "),
+                c.not_after,
+                c.file
+            );
+        }
     }
     for b in &s.backends {
         let _ = writeln!(

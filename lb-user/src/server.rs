@@ -356,9 +356,10 @@ pub async fn run(
         let l = &proxy.config.listeners[i];
         let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(
-            "listener `{}` listening on {local} (mode {}, backend `{}`)",
+            "listener `{}` listening on {local} (mode {}{}, backend `{}`)",
             l.name,
             if l.http.is_some() { "http" } else { "tcp" },
+            if l.tls.is_some() { " over TLS" } else { "" },
             proxy.config.backends[l.backend].name
         );
         acceptors.push(tokio::spawn(accept_loop(

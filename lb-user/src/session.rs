@@ -41,7 +41,7 @@ enum Session {
     /// The kernel would not take the pair: userspace to the end.
     UserOnly(Pair),
     /// A side speaks TLS, which lb decrypts or encrypts: userspace to the end (no kTLS).
-    Streams(StreamPair),
+    Streams(Box<StreamPair>),
     /// Over.
     Finished(Outcome),
 }
@@ -119,6 +119,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
             Session::Tcp(c) => Box::pin(connect_stage(&proxy, listener, c)).await,
             Session::Http(c) => Box::pin(http_stage(&proxy, listener, c)).await,
             Session::Streams(pair) => {
+                let pair = *pair;
                 let counters = proxy.byte_counters(pair.info.backend, pair.info.lease.index());
                 let (end, totals) = Box::pin(forward::streams::forward(
                     pair.client,
@@ -246,7 +247,7 @@ fn paired(
     timeouts: Timeouts,
     directions: Directions,
     info: FlowInfo,
-) -> Result<Pair, StreamPair> {
+) -> Result<Pair, Box<StreamPair>> {
     match (client.into_tcp(), server.into_tcp()) {
         (Ok(client), Ok(server)) => Ok(Pair {
             client,
@@ -255,13 +256,13 @@ fn paired(
             directions,
             info,
         }),
-        (client, server) => Err(StreamPair {
+        (client, server) => Err(Box::new(StreamPair {
             client: client.map_or_else(|tls| tls, Stream::Tcp),
             server: server.map_or_else(|tls| tls, Stream::Tcp),
             timeouts,
             directions,
             info,
-        }),
+        })),
     }
 }
 

@@ -8,6 +8,7 @@ use crate::{
     balance::State,
     metrics::{ListenerLabels, ServerStateLabels},
     server::Proxy,
+    tls::{accept::Terminator, ktls::Ktls},
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -15,6 +16,9 @@ pub struct Stats {
     pub version: String,
     /// `kernel` or `user`: how established flows are forwarded.
     pub forwarding: String,
+    /// With TLS configured: how flows with a TLS side are forwarded (kTLS or userspace).
+    #[serde(default)]
+    pub tls_forwarding: Option<String>,
     pub listeners: Vec<ListenerStats>,
     pub backends: Vec<BackendStats>,
 }
@@ -30,6 +34,28 @@ pub struct ListenerStats {
     pub active: i64,
     /// Connections accepted since start.
     pub total: u64,
+    /// A listener with `tls:`: its handshakes and the certificates it presents now.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsStats>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenerTlsStats {
+    /// Handshakes completed since start.
+    pub handshakes: u64,
+    /// Handshakes that failed since start, every reason.
+    pub failed: u64,
+    pub certificates: Vec<CertificateStats>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertificateStats {
+    pub subject: String,
+    /// The DNS names it serves.
+    pub names: Vec<String>,
+    /// When it expires (RFC 3339).
+    pub not_after: String,
+    pub file: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -91,7 +117,8 @@ pub fn snapshot(proxy: &Proxy) -> Stats {
     let listeners = config
         .listeners
         .iter()
-        .map(|l| {
+        .enumerate()
+        .map(|(i, l)| {
             let labels = ListenerLabels {
                 listener: l.name.clone(),
             };
@@ -104,6 +131,7 @@ pub fn snapshot(proxy: &Proxy) -> Stats {
                 backend: config.backends[l.backend].name.clone(),
                 active,
                 total,
+                tls: proxy.tls[i].as_ref().map(listener_tls),
             }
         })
         .collect();
@@ -150,7 +178,33 @@ pub fn snapshot(proxy: &Proxy) -> Stats {
     Stats {
         version: env!("CARGO_PKG_VERSION").into(),
         forwarding: if proxy.kernel.is_some() { "kernel" } else { "user" }.into(),
+        tls_forwarding: proxy.ktls.as_ref().map(|k| match k {
+            Ktls::Available => "kTLS available but not used yet: userspace".to_string(),
+            Ktls::Unavailable(why) => format!("userspace: kTLS unavailable ({why})"),
+        }),
         listeners,
         backends,
+    }
+}
+
+/// A TLS listener's counters and the certificates it presents now.
+fn listener_tls(tls: &Terminator) -> ListenerTlsStats {
+    let set = tls.current();
+    ListenerTlsStats {
+        handshakes: tls.handshakes.get(),
+        failed: tls.failures.iter().map(|c| c.get()).sum(),
+        certificates: set
+            .certs
+            .iter()
+            .map(|c| CertificateStats {
+                subject: c.subject.clone(),
+                names: c.names.clone(),
+                not_after: humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.not_after.max(0) as u64),
+                )
+                .to_string(),
+                file: c.files.cert.display().to_string(),
+            })
+            .collect(),
     }
 }

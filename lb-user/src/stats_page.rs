@@ -48,6 +48,34 @@ pub fn render(stats: &Stats) -> String {
         );
     }
     h.push_str("</table>");
+    if let Some(tls) = &stats.tls_forwarding {
+        let _ = write!(
+            h,
+            "<p id=\"tls\">Flows with a TLS side are forwarded by {}.</p>",
+            escape(tls)
+        );
+    }
+    for l in &stats.listeners {
+        let Some(tls) = &l.tls else { continue };
+        let _ = write!(
+            h,
+            "<p class=\"tls\" data-listener=\"{}\">TLS on {}: {} handshakes, {} failed. Certificates: ",
+            escape(&l.name),
+            escape(&l.name),
+            tls.handshakes,
+            tls.failed
+        );
+        for (i, c) in tls.certificates.iter().enumerate() {
+            let sep = if i > 0 { "; " } else { "" };
+            let _ = write!(
+                h,
+                "{sep}{} until {}",
+                escape(&c.names.join(", ")),
+                escape(&c.not_after)
+            );
+        }
+        h.push_str("</p>");
+    }
     for b in &stats.backends {
         backend(&mut h, b);
     }
@@ -150,6 +178,7 @@ mod tests {
         let stats = Stats {
             version: "0.1.0".into(),
             forwarding: "kernel".into(),
+            tls_forwarding: None,
             listeners: vec![ListenerStats {
                 name: "web".into(),
                 bind: "0.0.0.0:80".into(),
@@ -157,6 +186,7 @@ mod tests {
                 backend: "app".into(),
                 active: 1,
                 total: 9,
+                tls: None,
             }],
             backends: vec![
                 BackendStats {

@@ -107,7 +107,8 @@ pub struct HttpLbBuilder {
     backends: Vec<(String, Vec<SocketAddr>)>,
     listener: Vec<String>,
     top: Vec<String>,
-    app: Vec<String>,
+    /// YAML lines per backend name.
+    backend_yaml: Vec<(String, String)>,
     server_options: String,
     tls: bool,
 }
@@ -119,7 +120,7 @@ impl HttpLbBuilder {
             backends: vec![("app".into(), app.to_vec())],
             listener: Vec::new(),
             top: Vec::new(),
-            app: Vec::new(),
+            backend_yaml: Vec::new(),
             server_options: String::new(),
             tls: false,
         }
@@ -143,8 +144,12 @@ impl HttpLbBuilder {
     }
     /// YAML lines for the `app` backend, indented as its keys (4 spaces), e.g.
     /// `"    balance: uri\n"`.
-    pub fn app_yaml(mut self, yaml: &str) -> Self {
-        self.app.push(yaml.into());
+    pub fn app_yaml(self, yaml: &str) -> Self {
+        self.backend_yaml("app", yaml)
+    }
+    /// YAML lines for backend `name`, indented as its keys (4 spaces).
+    pub fn backend_yaml(mut self, name: &str, yaml: &str) -> Self {
+        self.backend_yaml.push((name.into(), yaml.into()));
         self
     }
     /// More keys for every server's flow mapping, e.g. `"maxconn: 1"`.
@@ -173,10 +178,8 @@ impl HttpLbBuilder {
         y += "backends:\n";
         for (name, servers) in &self.backends {
             y += &format!("  - name: {name}\n");
-            if name == "app" {
-                for line in &self.app {
-                    y += line;
-                }
+            for (_, line) in self.backend_yaml.iter().filter(|(b, _)| b == name) {
+                y += line;
             }
             y += "    servers:\n";
             for (i, s) in servers.iter().enumerate() {
@@ -222,7 +225,7 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
 
 /// Reads one response with a Content-Length body from a kept-alive connection (at most 10 s
 /// for each read); its text, head and body.
-pub async fn read_response(c: &mut TcpStream) -> String {
+pub async fn read_response(c: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     let mut got = Vec::new();
     loop {
         let text = String::from_utf8_lossy(&got).into_owned();

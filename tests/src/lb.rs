@@ -41,6 +41,7 @@ pub struct LbBuilder {
     backend_yaml: Vec<String>,
     server_options: String,
     admin_token: Option<String>,
+    listener_yaml: Vec<String>,
 }
 
 impl LbBuilder {
@@ -60,7 +61,13 @@ impl LbBuilder {
             backend_yaml: Vec::new(),
             server_options: String::new(),
             admin_token: None,
+            listener_yaml: Vec::new(),
         }
+    }
+    /// YAML lines for the listener, indented as its keys (4 spaces), e.g. a `tls:` block.
+    pub fn listener_yaml(mut self, yaml: &str) -> Self {
+        self.listener_yaml.push(yaml.into());
+        self
     }
     /// `admin.token`: every admin request must then carry it ([`Lb::metrics`] cannot).
     pub fn admin_token(mut self, token: &str) -> Self {
@@ -160,6 +167,9 @@ impl LbBuilder {
             }
         }
         y += "listeners:\n  - name: test\n    bind: 127.0.0.1:0\n    mode: tcp\n    backend: pool\n";
+        for line in &self.listener_yaml {
+            y += line;
+        }
         y += &format!("backends:\n  - name: pool\n    balance: {}\n", self.balance);
         for line in &self.backend_yaml {
             y += line;

@@ -219,3 +219,20 @@ pub async fn https_server(files: &CertFiles, body: &'static str) -> SocketAddr {
     });
     addr
 }
+
+/// A listener's `tls:` block (indented as a listener's key) presenting `certs`, the first the
+/// default; `extra`: more keys of the block, e.g. `"strict_sni: true"`.
+pub fn listener_tls_yaml(certs: &[&CertFiles], extra: &[&str]) -> String {
+    let mut y = String::from("    tls:\n      certificates:\n");
+    for c in certs {
+        y += &format!(
+            "        - {{ cert: \"{}\", key: \"{}\" }}\n",
+            c.cert.display(),
+            c.key.display()
+        );
+    }
+    for e in extra {
+        y += &format!("      {e}\n");
+    }
+    y
+}

@@ -138,3 +138,70 @@ fn version_and_help() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("run") && help.contains("check"), "{help}");
 }
+
+#[test]
+fn bad_certificates_are_named_with_their_file_and_reason() {
+    use lb_tests::tls::Pki;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "check");
+    let good = pki.issue("good", &["good.test"]);
+    let other = pki.issue("other", &["other.test"]);
+    let expired = pki.issue_with("expired", &["old.test"], |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let missing = dir.path().join("missing.pem");
+    // A directory cannot be read as a file, even by root.
+    let unreadable = dir.path().join("a-directory.key");
+    std::fs::create_dir(&unreadable).unwrap();
+    let entry = |cert: &Path, key: &Path| {
+        format!(
+            "    tls: {{ certificates: [ {{ cert: \"{}\", key: \"{}\" }} ] }}\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let listener =
+        |i: usize, tls: String| format!("  - name: l{i}\n    bind: 127.0.0.1:0\n    backend: app\n{tls}");
+    let text = format!(
+        "listeners:\n{}{}{}{}{}backends:\n  - name: app\n    servers:\n      - {{ name: s1, address: 127.0.0.1:9001 }}\n",
+        listener(0, entry(&missing, &good.key)),
+        listener(1, entry(&good.cert, &unreadable)),
+        listener(2, entry(&expired.cert, &expired.key)),
+        listener(3, entry(&good.cert, &other.key)),
+        listener(4, entry(&good.cert, &good.key)),
+    );
+    let path = dir.path().join("tls.yaml");
+    std::fs::write(&path, text).unwrap();
+    let (code, _, stderr) = check(&path);
+    assert_eq!(code, 1, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 4, "{stderr}");
+    let file = path.display().to_string();
+    let expected = [
+        (
+            5,
+            format!("{}: cannot read: No such file or directory", missing.display()),
+        ),
+        (
+            9,
+            format!("{}: cannot read: Is a directory", unreadable.display()),
+        ),
+        (
+            13,
+            format!("{}: the certificate expired on", expired.cert.display()),
+        ),
+        (
+            17,
+            format!(
+                "{}: the private key does not match the certificate in {}",
+                other.key.display(),
+                good.cert.display()
+            ),
+        ),
+    ];
+    for (l, (line, what)) in lines.iter().zip(expected) {
+        assert!(l.starts_with(&format!("{file}:{line}:")), "{l}");
+        assert!(l.contains(&format!("tls: {what}")), "{l}");
+    }
+}
