@@ -4,6 +4,7 @@
 //! - `demo`: lb on conf/demo.yaml with two loopback demo servers.
 //! - `test`: the whole test suite.
 //! - `bench tcp`: iperf3 and connection-rate benchmarks (lb kernel, lb user, HAProxy, direct).
+//! - `bench http`, `bench tls`: HTTP and TLS against HAProxy.
 //! - `bench idle`: lb's memory for 10,000 idle kernel-forwarded connections.
 mod bench;
 mod demo;
@@ -33,10 +34,11 @@ enum Task {
         args: Vec<String>,
     },
     /// Run a benchmark: `tcp` (throughput and connection rate against HAProxy and direct),
-    /// `http` (requests/s and p99 with wrk against HAProxy's HTTP mode and direct) or `idle`
+    /// `http` (requests/s and p99 with wrk against HAProxy's HTTP mode and direct), `tls` (full
+    /// handshakes/s and bulk HTTPS against HAProxy, ECDSA and RSA certificates) or `idle`
     /// (lb's memory for idle kernel-forwarded connections).
     Bench {
-        /// Which benchmark: `tcp`, `http` or `idle`.
+        /// Which benchmark: `tcp`, `http`, `tls` or `idle`.
         what: String,
         /// Runs per configuration (medians are reported).
         #[arg(long, default_value_t = 3)]
@@ -67,6 +69,16 @@ enum Task {
         count: u64,
         #[arg(long)]
         hold: u64,
+    },
+    /// Internal to `bench tls`: the full-handshake client.
+    #[command(hide = true)]
+    BenchTlsClient {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        ca: PathBuf,
     },
     /// Internal to `bench tcp`: the connection-rate echo server.
     #[command(hide = true)]
@@ -117,6 +129,7 @@ fn main() -> Result<()> {
         Task::BenchEcho { port, lifetime } => bench::echo_server(port, lifetime),
         Task::BenchConnect { port, seconds } => bench::connect_client(port, seconds),
         Task::BenchHttpBackend { port, lifetime } => bench::http_backend(port, lifetime),
+        Task::BenchTlsClient { port, seconds, ca } => bench::tls_client(port, seconds, &ca),
     }
 }
 

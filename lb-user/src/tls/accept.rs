@@ -122,7 +122,7 @@ impl Terminator {
         });
         let mut config = ServerConfig::builder_with_provider(super::provider())
             .with_protocol_versions(settings.min_version.versions())
-            .expect("ring offers TLS 1.2 and 1.3")
+            .expect("aws-lc-rs offers TLS 1.2 and 1.3")
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = settings.alpn.clone();

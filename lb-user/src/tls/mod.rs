@@ -8,8 +8,9 @@
 //! - [`connect`]: TLS to servers (SNI, a private CA or the system's, client certificates);
 //! - [`ktls`]: whether the kernel could take TLS records over (kTLS).
 //!
-//! The crypto provider is *ring*: it builds with the C compiler a fresh machine has (aws-lc
-//! needs cmake too).
+//! The crypto provider is aws-lc-rs (rustls's default): its RSA signatures take half the time
+//! of ring's (0.3 against 0.66 ms for RSA 2048 here; OpenSSL 0.26 ms), which is most of a full
+//! handshake's cost with an RSA certificate. It builds with the C compiler alone.
 pub mod accept;
 pub mod certs;
 pub mod connect;
@@ -21,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .clone()
 }
 

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use std::{fs, process::Stdio, time::Duration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BACKEND_PORT: u16 = 7002;
+pub(super) const BACKEND_PORT: u16 = 7002;
 const PROXY_PORT: u16 = 17002;
 /// wrk's connections and threads.
 const CONNECTIONS: u32 = 32;
@@ -285,7 +285,7 @@ listen bench
 }
 
 /// Reads requests/s, the 99th percentile and the errors from wrk's `--latency` output.
-fn parse_wrk(text: &str) -> Result<Sample> {
+pub(super) fn parse_wrk(text: &str) -> Result<Sample> {
     let rps = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))

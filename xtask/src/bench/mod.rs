@@ -1,7 +1,8 @@
 //! `cargo xtask bench tcp`: throughput (iperf3) and connection rate through lb (kernel and user
 //! forwarding) and HAProxy (as shipped and tuned), against direct connections. Prints markdown
 //! tables and writes them to docs/benchmarks.md. `bench http` ([`http`]): requests/s and p99
-//! through lb's and HAProxy's HTTP modes (docs/benchmarks-http.md); `bench idle` ([`idle`]).
+//! through lb's and HAProxy's HTTP modes (docs/benchmarks-http.md); `bench tls` ([`tls`]): full
+//! handshakes/s and bulk HTTPS through both (docs/benchmarks-tls.md); `bench idle` ([`idle`]).
 //!
 //! Layout: [`sys`] (namespaces, child processes, CPU counters), [`configs`] (starting each
 //! proxy), [`iperf`] and [`connrate`] (one measurement each), [`phases`] (the loops over runs
@@ -16,10 +17,12 @@ mod phases;
 mod report;
 mod stats;
 mod sys;
+mod tls;
 
 pub use connrate::{connect_client, echo_server};
 pub use http::backend as http_backend;
 pub use idle::{hold_server, idle_client};
+pub use tls::handshake_client as tls_client;
 
 use anyhow::{bail, Context, Result};
 use configs::{Config, Env};
@@ -28,8 +31,8 @@ use std::{path::PathBuf, process::Command, time::Instant};
 /// Runs benchmark `what`: `tcp` with `runs` runs per configuration and `seconds` per
 /// measurement, or `idle` with `connections` idle connections.
 pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()> {
-    if !["tcp", "http", "idle"].contains(&what) {
-        bail!("unknown benchmark {what:?}; available: tcp, http, idle");
+    if !["tcp", "http", "tls", "idle"].contains(&what) {
+        bail!("unknown benchmark {what:?}; available: tcp, http, tls, idle");
     }
     if runs == 0 || seconds == 0 || connections == 0 {
         bail!("--runs, --seconds and --connections must be at least 1");
@@ -70,6 +73,14 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
     }
     if what == "http" {
         return http_bench(&env, runs, seconds, lb_version);
+    }
+    if what == "tls" {
+        eprintln!(
+            "xtask bench: {runs} run(s) × 2 certificates × 2 tests × 2 configurations × {seconds} s: about {:.0} min",
+            (runs * 8) as f64 * (f64::from(seconds) + 1.0) / 60.0
+        );
+        let text = tls::measure_all(&env, runs, seconds)?;
+        return write_report("benchmarks-tls.md", &text);
     }
     let started = Instant::now();
     // Set-up took about 0.5 s per iperf3 test and 1 s per connection-rate test here.
@@ -135,7 +146,12 @@ fn http_bench(env: &Env, runs: usize, seconds: u32, lb_version: String) -> Resul
 fn ensure_tools() -> Result<()> {
     crate::setup::ensure_programs(
         "xtask bench",
-        &[("iperf3", "iperf3"), ("haproxy", "haproxy"), ("wrk", "wrk")],
+        &[
+            ("iperf3", "iperf3"),
+            ("haproxy", "haproxy"),
+            ("wrk", "wrk"),
+            ("openssl", "openssl"),
+        ],
     )
 }
 
