@@ -145,8 +145,13 @@ async fn probe(server: &Server, kind: &CheckKind, limit: Duration) -> Result<(),
         let CheckKind::Http { path, expect_status } = kind else {
             return Ok(());
         };
+        // The name TLS asks for, when there is one: a server with name-based hosts answers it.
+        let host = match server.tls.as_ref().map(|t| &t.name) {
+            Some(rustls::pki_types::ServerName::DnsName(name)) => name.as_ref().to_string(),
+            _ => addr.to_string(),
+        };
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lb-health-check\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health-check\r\nConnection: close\r\n\r\n"
         );
         stream
             .write_all(request.as_bytes())

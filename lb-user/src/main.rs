@@ -72,7 +72,7 @@ enum Command {
     },
     /// Make a running lb read its TLS certificates again, as SIGHUP does: new handshakes get
     /// the new ones, open sessions keep theirs; a bad certificate is refused (with the reason)
-    /// and the old ones stay in use.
+    /// and that listener keeps its old ones.
     Reload {
         #[command(flatten)]
         target: cli_admin::Target,

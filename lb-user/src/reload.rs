@@ -1,11 +1,12 @@
 //! Certificate reloads (HAProxy's reload, for what lb can change live): on SIGHUP or
 //! `lb reload` (`POST /reload` on the admin endpoint), every TLS listener's certificate files
-//! are read again. All or nothing: when any certificate is bad (missing, unreadable, expired,
-//! not matching its key), nothing changes and the old certificates stay in use. New handshakes
-//! get the new certificates; sessions already under way keep theirs.
+//! are read again. All or nothing for each listener: when any of its certificates is bad
+//! (missing, unreadable, expired, not matching its key), that listener keeps its old ones (the
+//! others take their new ones). New handshakes get the new certificates; sessions already
+//! under way keep theirs. Reloads run one at a time.
 //!
 //! The rest of the configuration is read at start only.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -19,46 +20,62 @@ pub struct Reloaded {
     pub certificates: usize,
 }
 
-/// Why a reload was refused: every bad certificate, as `listener `NAME`: FILE: reason`.
+/// Why a reload was refused for some listeners: every bad certificate, as `listener `NAME`:
+/// FILE: reason`, and what was reloaded elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("certificates not reloaded, the old ones stay in use: {}", .0.join("; "))]
-pub struct Refused(pub Vec<String>);
+#[error("certificates refused, the listener keeps its old ones: {}{}", .problems.join("; "), others(.reloaded))]
+pub struct Refused {
+    pub problems: Vec<String>,
+    pub reloaded: Reloaded,
+}
 
-/// Reads every TLS listener's certificates again and installs them, or none.
+fn others(r: &Reloaded) -> String {
+    match r.listeners {
+        0 => String::new(),
+        n => format!(
+            " (the {} certificate(s) of {n} other listener(s) were reloaded)",
+            r.certificates
+        ),
+    }
+}
+
+/// Reads every TLS listener's certificates again and installs each listener's set that is
+/// whole.
 pub fn reload_certificates(proxy: &Proxy) -> Result<Reloaded, Refused> {
-    let mut ready = Vec::new();
+    // A SIGHUP and a `lb reload` at once must not install an older read over a newer one.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut reloaded = Reloaded {
+        listeners: 0,
+        certificates: 0,
+    };
     let mut problems = Vec::new();
     for (i, tls) in proxy.tls.iter().enumerate() {
         let Some(tls) = tls else { continue };
         let name = &proxy.config.listeners[i].name;
         match tls.reread() {
-            Ok(set) => ready.push((tls, set)),
+            Ok(set) => {
+                reloaded.listeners += 1;
+                reloaded.certificates += set.certs.len();
+                tls.install(set);
+            }
             Err(errors) => {
                 problems.extend(errors.into_iter().map(|(_, e)| format!("listener `{name}`: {e}")))
             }
         }
     }
-    let counter = |result| {
-        let c = proxy
-            .metrics
-            .tls_reloads
-            .get_or_create(&ResultLabels { result })
-            .clone();
-        c
-    };
-    if !problems.is_empty() {
-        counter("refused").inc();
-        return Err(Refused(problems));
+    let result = if problems.is_empty() { "ok" } else { "refused" };
+    let counter = proxy
+        .metrics
+        .tls_reloads
+        .get_or_create(&ResultLabels { result })
+        .clone();
+    counter.inc();
+    if problems.is_empty() {
+        Ok(reloaded)
+    } else {
+        Err(Refused { problems, reloaded })
     }
-    let reloaded = Reloaded {
-        listeners: ready.len(),
-        certificates: ready.iter().map(|(_, set)| set.certs.len()).sum(),
-    };
-    for (tls, set) in ready {
-        tls.install(set);
-    }
-    counter("ok").inc();
-    Ok(reloaded)
 }
 
 /// Reloads on each SIGHUP until `stop`; each result is logged.

@@ -55,6 +55,18 @@ struct Client {
     sni: Option<String>,
 }
 
+impl Client {
+    /// A connection on a listener without `tls:`.
+    fn plain(a: Accepted) -> Client {
+        Client {
+            stream: Stream::Tcp(a.stream),
+            peer: a.peer,
+            original_dst: a.original_dst,
+            sni: None,
+        }
+    }
+}
+
 /// A pair with a TLS side.
 struct StreamPair {
     client: Stream,
@@ -115,7 +127,11 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
         state = match state {
             // Each stage's state is boxed while it runs, so a session holds only the stage it is
             // in (an async fn's state would otherwise be as large as the largest stage's).
-            Session::Accepted(a) => Box::pin(tls_stage(&proxy, listener, a)).await,
+            Session::Accepted(a) => match &proxy.tls[listener] {
+                // No future to box for a plain listener.
+                None => protocol(&proxy, listener, Client::plain(a)),
+                Some(_) => Box::pin(tls_stage(&proxy, listener, a)).await,
+            },
             Session::Tcp(c) => Box::pin(connect_stage(&proxy, listener, c)).await,
             Session::Http(c) => Box::pin(http_stage(&proxy, listener, c)).await,
             Session::Streams(pair) => {
@@ -169,24 +185,32 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
 /// The TLS stage, on a listener with `tls:` (the handshake, within `timeouts.tls_handshake`);
 /// then the listener's protocol.
 async fn tls_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
-    let l = &proxy.config.listeners[listener];
-    let (stream, sni) = match &proxy.tls[listener] {
-        None => (Stream::Tcp(a.stream), None),
-        Some(tls) => match tls.handshake(a.stream).await {
-            Ok((secured, info)) => (Stream::Tls(Box::new(secured.into())), info.sni),
-            Err(failure) => {
-                tracing::debug!(listener = %l.name, client = %a.peer, reason = failure.name(), "TLS handshake failed");
-                return Session::Finished(Outcome::Handshake(failure));
-            }
-        },
+    let Some(tls) = &proxy.tls[listener] else {
+        return protocol(proxy, listener, Client::plain(a));
     };
-    let client = Client {
-        stream,
-        peer: a.peer,
-        original_dst: a.original_dst,
-        sni,
-    };
-    if l.http.is_some() {
+    let (peer, original_dst) = (a.peer, a.original_dst);
+    match tls.handshake(a.stream).await {
+        Ok((secured, info)) => protocol(
+            proxy,
+            listener,
+            Client {
+                stream: Stream::Tls(Box::new(secured.into())),
+                peer,
+                original_dst,
+                sni: info.sni,
+            },
+        ),
+        Err(failure) => {
+            let l = &proxy.config.listeners[listener];
+            tracing::debug!(listener = %l.name, client = %peer, reason = failure.name(), "TLS handshake failed");
+            Session::Finished(Outcome::Handshake(failure))
+        }
+    }
+}
+
+/// The listener's protocol for a client connection ready for it.
+fn protocol(proxy: &Proxy, listener: usize, client: Client) -> Session {
+    if proxy.config.listeners[listener].http.is_some() {
         Session::Http(client)
     } else {
         Session::Tcp(client)

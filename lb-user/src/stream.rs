@@ -7,7 +7,7 @@
 //! is copied in userspace to its end ([`crate::forward::streams`]).
 use std::{
     io,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     pin::Pin,
     task::{Context, Poll},
 };
@@ -44,6 +44,18 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
     }
+
+    /// Whether the TLS layer holds input lb has not read: decrypted bytes, or the peer's
+    /// close_notify (a peek at the socket cannot see what rustls already took from it).
+    pub fn tls_holds_input(&mut self) -> bool {
+        let Stream::Tls(tls) = self else { return false };
+        // Only records already read are processed here: nothing is read from the socket.
+        let state = match tls.as_mut() {
+            TlsStream::Client(c) => c.get_mut().1.process_new_packets(),
+            TlsStream::Server(s) => s.get_mut().1.process_new_packets(),
+        };
+        state.map_or(true, |s| s.plaintext_bytes_to_read() > 0 || s.peer_has_closed())
+    }
 }
 
 impl From<TcpStream> for Stream {
@@ -55,6 +67,12 @@ impl From<TcpStream> for Stream {
 impl AsFd for Stream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.tcp().as_fd()
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.tcp().as_raw_fd()
     }
 }
 

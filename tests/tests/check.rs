@@ -150,58 +150,70 @@ fn bad_certificates_are_named_with_their_file_and_reason() {
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = rcgen::date_time_ymd(2021, 1, 1);
     });
+    // A CN and no subjectAltName: clients would match no name.
+    let nameless = pki.issue_with("nameless", &["nameless.test"], |p| p.subject_alt_names.clear());
     let missing = dir.path().join("missing.pem");
     // A directory cannot be read as a file, even by root.
     let unreadable = dir.path().join("a-directory.key");
     std::fs::create_dir(&unreadable).unwrap();
-    let entry = |cert: &Path, key: &Path| {
-        format!(
-            "    tls: {{ certificates: [ {{ cert: \"{}\", key: \"{}\" }} ] }}\n",
+    let listeners = [
+        (&missing, &good.key),
+        (&good.cert, &unreadable),
+        (&expired.cert, &expired.key),
+        (&good.cert, &other.key),
+        (&nameless.cert, &nameless.key),
+        (&good.cert, &good.key),
+    ];
+    let mut text = String::from("listeners:\n");
+    for (i, (cert, key)) in listeners.iter().enumerate() {
+        text += &format!(
+            "  - name: l{i}\n    bind: 127.0.0.1:0\n    backend: app\n    tls:\n      certificates:\n        - cert: \"{}\"\n          key: \"{}\"\n",
             cert.display(),
             key.display()
-        )
-    };
-    let listener =
-        |i: usize, tls: String| format!("  - name: l{i}\n    bind: 127.0.0.1:0\n    backend: app\n{tls}");
-    let text = format!(
-        "listeners:\n{}{}{}{}{}backends:\n  - name: app\n    servers:\n      - {{ name: s1, address: 127.0.0.1:9001 }}\n",
-        listener(0, entry(&missing, &good.key)),
-        listener(1, entry(&good.cert, &unreadable)),
-        listener(2, entry(&expired.cert, &expired.key)),
-        listener(3, entry(&good.cert, &other.key)),
-        listener(4, entry(&good.cert, &good.key)),
-    );
+        );
+    }
+    text += "backends:\n  - name: app\n    servers:\n      - { name: s1, address: 127.0.0.1:9001 }\n";
     let path = dir.path().join("tls.yaml");
     std::fs::write(&path, text).unwrap();
     let (code, _, stderr) = check(&path);
     assert_eq!(code, 1, "{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 4, "{stderr}");
-    let file = path.display().to_string();
+    assert_eq!(lines.len(), 5, "{stderr}");
+    // Listener i's `cert:` value is on line 7 + 7i, column 17; its `key:` value on the next
+    // line, column 16: each error points at the file at fault.
+    let cert_at = |i: usize| format!("{}:{}:17: ", path.display(), 7 + 7 * i);
+    let key_at = |i: usize| format!("{}:{}:16: ", path.display(), 8 + 7 * i);
     let expected = [
         (
-            5,
+            cert_at(0),
             format!("{}: cannot read: No such file or directory", missing.display()),
         ),
         (
-            9,
+            key_at(1),
             format!("{}: cannot read: Is a directory", unreadable.display()),
         ),
         (
-            13,
+            cert_at(2),
             format!("{}: the certificate expired on", expired.cert.display()),
         ),
         (
-            17,
+            key_at(3),
             format!(
                 "{}: the private key does not match the certificate in {}",
                 other.key.display(),
                 good.cert.display()
             ),
         ),
+        (
+            cert_at(4),
+            format!(
+                "{}: the certificate's subjectAltName has no DNS name",
+                nameless.cert.display()
+            ),
+        ),
     ];
-    for (l, (line, what)) in lines.iter().zip(expected) {
-        assert!(l.starts_with(&format!("{file}:{line}:")), "{l}");
+    for (l, (at, what)) in lines.iter().zip(expected) {
+        assert!(l.starts_with(&at), "expected at {at}: {l}");
         assert!(l.contains(&format!("tls: {what}")), "{l}");
     }
 }

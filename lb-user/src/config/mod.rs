@@ -244,6 +244,7 @@ pub fn load_admin(path: &Path) -> Result<Option<Admin>, ConfigErrors> {
         file: &file,
         locator: Locator::new(&source),
         errors: Vec::new(),
+        tls_clients: Vec::new(),
     };
     let admin = v.admin(raw.admin);
     if v.errors.is_empty() {
@@ -279,6 +280,7 @@ pub fn parse(file: &str, source: &str) -> Result<Config, ConfigErrors> {
         file,
         locator: Locator::new(source),
         errors: Vec::new(),
+        tls_clients: Vec::new(),
     };
     let config = v.config(raw);
     if v.errors.is_empty() {
@@ -292,6 +294,9 @@ struct Validator<'a> {
     file: &'a str,
     locator: Locator,
     errors: Vec<ConfigError>,
+    /// TLS client configurations built so far, by (ca, verify, client_cert); `None`: failed
+    /// (reported already).
+    tls_clients: Vec<(tls::ClientKey, Option<std::sync::Arc<rustls::ClientConfig>>)>,
 }
 
 impl Validator<'_> {
@@ -521,6 +526,12 @@ impl Validator<'_> {
             .and_then(|t| t.tls_handshake)
             .or(defaults.tls_handshake);
         let tls = self.listener_tls(path, l.tls.as_ref(), http.is_some(), handshake_timeout);
+        if tls.is_none() && l.timeouts.as_ref().is_some_and(|t| t.tls_handshake.is_some()) {
+            self.error(
+                &[path, &[Step::Key("timeouts"), Step::Key("tls_handshake")]].concat(),
+                "timeouts.tls_handshake: this listener has no `tls:`",
+            );
+        }
         let mut http = http;
         if let (Some(h), Some(_)) = (&mut http, &tls) {
             h.https = true;

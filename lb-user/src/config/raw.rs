@@ -408,12 +408,32 @@ pub struct RawCertFiles {
     pub key: String,
 }
 
-/// `tls:` of a backend or a server: `true`/`false`, or settings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// `tls:` of a backend or a server: `true`/`false`, or settings. (Not `untagged`: a typo in
+/// the settings must be reported with the key's name, which an untagged enum loses.)
+#[derive(Debug)]
 pub enum RawServerTls {
     Switch(bool),
     Settings(RawServerTlsSettings),
+}
+
+impl<'de> Deserialize<'de> for RawServerTls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawServerTls;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, or { sni, ca, verify, client_cert }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawServerTls, E> {
+                Ok(RawServerTls::Switch(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawServerTls, A::Error> {
+                RawServerTlsSettings::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawServerTls::Settings)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// TLS to servers (HAProxy's `server ... ssl sni ... ca-file ... verify ... crt ...`).

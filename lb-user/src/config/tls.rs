@@ -22,6 +22,9 @@ use std::{
 
 const DEFAULT_HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// What a TLS client configuration is built from: `ca`, `verify`, `client_cert`.
+pub(super) type ClientKey = (Option<PathBuf>, bool, Option<CertFiles>);
+
 /// A listener's `tls:`.
 #[derive(Debug, Clone)]
 pub struct ListenerTls {
@@ -178,6 +181,13 @@ impl Validator<'_> {
         let client_cert = from
             .and_then(|t| t.client_cert.as_ref())
             .map(|c| self.cert_files(c));
+        if !verify && ca.is_some() {
+            self.error(
+                &with(&ca_path, Step::Key("ca")),
+                "tls: `ca` with `verify: false` would not be used: remove one of them",
+            );
+            return None;
+        }
         let name = match &sni {
             Some(n) => match ServerName::try_from(n.clone()) {
                 Ok(name @ ServerName::DnsName(_)) => name,
@@ -191,13 +201,21 @@ impl Validator<'_> {
             },
             None => ServerName::IpAddress(address.ip().into()),
         };
-        match client_config(
+        // Built once for each distinct block (every server of a backend shares its `tls:`), and
+        // a bad one reported once.
+        let key = (ca.clone(), verify, client_cert.clone());
+        if let Some((_, built)) = self.tls_clients.iter().find(|(k, _)| *k == key) {
+            return built.clone().map(|config| ServerTls { config, name });
+        }
+        let built = client_config(
             ca.as_deref(),
             verify,
             client_cert.as_ref(),
             crate::tls::provider(),
-        ) {
-            Ok(config) => Some(ServerTls { config, name, verify }),
+        );
+        self.tls_clients.push((key, built.as_ref().ok().cloned()));
+        match built {
+            Ok(config) => Some(ServerTls { config, name }),
             Err(e) => {
                 let at = match &e {
                     crate::tls::connect::ServerTlsError::Cert(c)

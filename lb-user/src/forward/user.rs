@@ -241,9 +241,9 @@ async fn drain(
 }
 
 /// Sets SO_LINGER 0 on both sockets when dropped armed, so closing them sends a reset.
-struct ResetOnDrop {
-    fds: [RawFd; 2],
-    armed: bool,
+pub(super) struct ResetOnDrop {
+    pub(super) fds: [RawFd; 2],
+    pub(super) armed: bool,
 }
 
 impl Drop for ResetOnDrop {
@@ -260,16 +260,16 @@ impl Drop for ResetOnDrop {
 
 /// When each side last moved a byte, as nanoseconds since the flow started (atomics, so the
 /// two direction futures can update it while the flow's future stays `Send`).
-struct Clock {
-    start: Instant,
-    last: [AtomicU64; 2],
+pub(super) struct Clock {
+    pub(super) start: Instant,
+    pub(super) last: [AtomicU64; 2],
 }
 
 impl Clock {
-    fn touch(&self, side: Side) {
+    pub(super) fn touch(&self, side: Side) {
         self.last[side.index()].store(self.start.elapsed().as_nanos() as u64, Relaxed);
     }
-    fn last(&self, side: Side) -> Instant {
+    pub(super) fn last(&self, side: Side) -> Instant {
         self.start + Duration::from_nanos(self.last[side.index()].load(Relaxed))
     }
 }

@@ -200,6 +200,12 @@ async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<Server
                 let r = Rejection::new(408, "request head not complete within timeouts.http_request");
                 return refuse(ctx, client, None, r).await;
             }
+            // Between requests, a TLS client may close without a close_notify: nothing was cut.
+            Err(ReadError::Io(e))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof && client.held.is_empty() =>
+            {
+                return State::Ended(HttpEnd::Closed("client closed"))
+            }
             Err(ReadError::Io(_)) => return State::Ended(HttpEnd::Closed("client failed")),
         }
     }
@@ -289,9 +295,11 @@ async fn exchange(
     // retried on a new connection (send_request).
     // A kept connection to a server that no longer takes new flows (drained, in maintenance,
     // down, weight 0) is let go: the request is dispatched anew.
-    let reused = kept.filter(|s| {
+    let reused = kept.and_then(|mut s| {
         let check = !replayable(&req) || s.after_bodiless || s.idle_since.elapsed() >= CHECK_IDLE_AFTER;
-        s.backend == backend && s.lease.server().effective_weight() > 0 && (!check || still_open(s))
+        let usable =
+            s.backend == backend && s.lease.server().effective_weight() > 0 && (!check || still_open(&mut s));
+        usable.then_some(s)
     });
     let (mut server, resp) = match send_request(ctx, &mut client, reused, &head, &mut x).await {
         Ok(sent) => sent,

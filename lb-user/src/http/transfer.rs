@@ -64,13 +64,9 @@ impl Conn {
         let n = loop {
             tokio::select! {
                 biased;
-                r = &mut read => match r {
-                    Ok(n) => break n,
-                    // A TLS peer that closed without a close_notify: an end of stream (HTTP's
-                    // own framing tells whether a message was cut).
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break 0,
-                    Err(e) => return Err(ReadError::Io(e)),
-                },
+                // A TLS peer that closed without a close_notify is an error (UnexpectedEof):
+                // whatever it was sending may have been cut by someone on the path.
+                r = &mut read => break r.map_err(ReadError::Io)?,
                 () = timer.as_mut() => {
                     if Instant::now() >= deadline {
                         return Err(ReadError::Timeout);

@@ -214,8 +214,10 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
 
 /// A kept server connection is usable while the server has neither closed it nor sent
 /// anything unasked (left-over bytes, say a body to a HEAD, would be read as the next answer).
-pub(super) fn still_open(s: &ServerConn) -> bool {
+/// On a TLS connection, both the TLS layer and the socket must be empty.
+pub(super) fn still_open(s: &mut ServerConn) -> bool {
     s.conn.held.is_empty()
+        && !s.conn.stream.tls_holds_input()
         && matches!(sockopt::peek_nowait(s.conn.stream.as_fd(), &mut [0u8; 1]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }

@@ -8,10 +8,7 @@ use rustls::{
     sign::CertifiedKey,
     ServerConfig,
 };
-use std::{
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::sync::{Arc, RwLock};
 use tokio::net::TcpStream;
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
@@ -100,8 +97,6 @@ impl ResolvesServerCert for SniResolver {
 pub struct Handshaken {
     /// The name the client asked for (SNI), lowercase.
     pub sni: Option<String>,
-    /// The protocol ALPN settled on.
-    pub alpn: Option<Vec<u8>>,
 }
 
 /// A listener's TLS termination.
@@ -145,7 +140,6 @@ impl Terminator {
                 let conn = stream.get_ref().1;
                 let info = Handshaken {
                     sni: conn.server_name().map(str::to_ascii_lowercase),
-                    alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
                 };
                 return Ok((stream, info));
             }
@@ -154,10 +148,6 @@ impl Terminator {
         };
         self.failures[failure as usize].inc();
         Err(failure)
-    }
-
-    pub fn handshake_timeout(&self) -> Duration {
-        self.settings.handshake_timeout
     }
 
     /// The certificates handshakes get now.
@@ -190,7 +180,7 @@ pub fn load_set(settings: &ListenerTls) -> Result<CertSet, Vec<(usize, CertError
     let mut errors = Vec::new();
     for (i, files) in settings.certificates.iter().enumerate() {
         match certs::load(files, &provider, now) {
-            Ok(cert) if cert.names.is_empty() => errors.push((
+            Ok(cert) if cert.names.is_empty() && !cert.has_address => errors.push((
                 i,
                 CertError::NoName {
                     path: files.cert.clone(),

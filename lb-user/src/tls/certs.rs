@@ -41,7 +41,7 @@ pub enum CertError {
     NotYetValid { path: PathBuf, not_before: String },
     #[error("{}: the private key does not match the certificate in {}", key.display(), cert.display())]
     Mismatch { cert: PathBuf, key: PathBuf },
-    #[error("{}: the certificate names no DNS name (subjectAltName or CN) to match SNI with", path.display())]
+    #[error("{}: the certificate's subjectAltName has no DNS name or IP address (clients ignore the CN)", path.display())]
     NoName { path: PathBuf },
 }
 
@@ -49,9 +49,11 @@ pub enum CertError {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub key: Arc<CertifiedKey>,
-    /// The DNS names it is valid for, lowercase (`*.example.com` for a wildcard); a listener's
-    /// certificate needs one ([`CertError::NoName`]).
+    /// The DNS names of its subjectAltName, lowercase (`*.example.com` for a wildcard).
     pub names: Vec<String>,
+    /// Its subjectAltName has an IP address (a certificate for clients that connect by
+    /// address: it can only be the default).
+    pub has_address: bool,
     /// Its subject, as OpenSSL prints it (for logs and `lb stats`).
     pub subject: String,
     /// When it expires (seconds since the epoch).
@@ -116,28 +118,21 @@ pub fn load(files: &CertFiles, provider: &CryptoProvider, now: i64) -> Result<Lo
             not_before: validity.not_before.to_string(),
         });
     }
-    let mut names: Vec<String> = match x509.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
-                _ => None,
-            })
-            .collect(),
+    // Clients match a name against the subjectAltName only (they ignore the CN): so does lb.
+    use x509_parser::extensions::GeneralName;
+    let alt_names: Vec<GeneralName<'_>> = match x509.subject_alternative_name() {
+        Ok(Some(san)) => san.value.general_names.clone(),
         Ok(None) => Vec::new(),
         Err(e) => return Err(bad(e.to_string())),
     };
-    // Clients ignore the CN when there is a subjectAltName; lb matches as they do.
-    if names.is_empty() {
-        names.extend(
-            x509.subject()
-                .iter_common_name()
-                .filter_map(|cn| cn.as_str().ok())
-                .map(str::to_ascii_lowercase),
-        );
-    }
+    let names: Vec<String> = alt_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect();
+    let has_address = alt_names.iter().any(|n| matches!(n, GeneralName::IPAddress(_)));
     let subject = x509.subject().to_string();
     let not_after = validity.not_after.timestamp();
     let signing = provider
@@ -148,15 +143,25 @@ pub fn load(files: &CertFiles, provider: &CryptoProvider, now: i64) -> Result<Lo
             reason: e.to_string(),
         })?;
     let certified = CertifiedKey::new(chain, signing);
-    if certified.keys_match().is_err() {
-        return Err(CertError::Mismatch {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-        });
+    match certified.keys_match() {
+        Ok(()) => {}
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            return Err(CertError::Mismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            })
+        }
+        Err(e) => {
+            return Err(CertError::BadKey {
+                path: files.key.clone(),
+                reason: format!("cannot be compared with the certificate's: {e}"),
+            })
+        }
     }
     Ok(Loaded {
         key: Arc::new(certified),
         names,
+        has_address,
         subject,
         not_after,
         files: files.clone(),

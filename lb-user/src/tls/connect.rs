@@ -26,7 +26,6 @@ pub struct ServerTls {
     pub config: Arc<ClientConfig>,
     /// Sent in SNI (a DNS name) and checked against the server's certificate.
     pub name: ServerName<'static>,
-    pub verify: bool,
 }
 
 /// A `tls:` block of a backend or server that cannot be used.

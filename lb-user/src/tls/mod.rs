@@ -43,13 +43,6 @@ impl MinVersion {
         }
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            MinVersion::Tls12 => "TLSv1.2",
-            MinVersion::Tls13 => "TLSv1.3",
-        }
-    }
-
     /// `1.2`, `1.3`, or as HAProxy writes them, `TLSv1.2`, `TLSv1.3`.
     pub fn parse(text: &str) -> Option<MinVersion> {
         match text.strip_prefix("TLSv").unwrap_or(text) {
