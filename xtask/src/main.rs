@@ -155,14 +155,15 @@ fn test(args: Vec<String>) -> Result<()> {
     if !ebpf {
         eprintln!("xtask: WARNING: the eBPF toolchain is missing: lb is built without kernel forwarding and BPF tests will skip");
     }
-    // The HTTP tests drive lb with real clients (curl, Python's http.client, wrk); the stats
-    // page is opened in a headless browser.
+    // The HTTP tests drive lb with real clients (curl, Python's http.client, wrk), the TLS
+    // tests with openssl s_client too; the stats page is opened in a headless browser.
     setup::ensure_programs(
         "xtask test",
         &[
             ("curl", "curl"),
             ("python3", "python3"),
             ("wrk", "wrk"),
+            ("openssl", "openssl"),
             ("chromium", "chromium"),
         ],
     )?;
