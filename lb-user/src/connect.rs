@@ -79,17 +79,8 @@ pub async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::server;
     use std::{net::SocketAddr, time::Instant};
-
-    fn server(address: SocketAddr) -> Server {
-        Server {
-            name: "s".into(),
-            address,
-            weight: 1,
-            maxconn: None,
-            tls: None,
-        }
-    }
 
     /// A listener whose accept queue is full drops SYNs, so a connect is still in progress
     /// when the stage first looks at it and completes with the SYN's retransmission (after

@@ -201,6 +201,7 @@ async fn read_status(stream: &mut Stream) -> Result<u16, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::server;
 
     fn check(rise: u32, fall: u32) -> HealthCheck {
         HealthCheck {
@@ -248,17 +249,6 @@ mod tests {
         addr
     }
 
-    /// A plain server at `address`.
-    fn at(address: std::net::SocketAddr) -> Server {
-        Server {
-            name: "s".into(),
-            address,
-            weight: 1,
-            maxconn: None,
-            tls: None,
-        }
-    }
-
     #[tokio::test]
     async fn probes() {
         let limit = Duration::from_secs(5);
@@ -269,17 +259,17 @@ mod tests {
         let ok = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
         let unavailable = answering(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n").await;
         let garbage = answering(b"SSH-2.0-OpenSSH\r\n\r\n").await;
-        assert_eq!(probe(&at(ok), &CheckKind::Tcp, limit).await, Ok(()));
-        assert_eq!(probe(&at(ok), &http(None), limit).await, Ok(()));
+        assert_eq!(probe(&server(ok), &CheckKind::Tcp, limit).await, Ok(()));
+        assert_eq!(probe(&server(ok), &http(None), limit).await, Ok(()));
         assert_eq!(
-            probe(&at(ok), &http(Some(204)), limit).await,
+            probe(&server(ok), &http(Some(204)), limit).await,
             Err("status 200".into())
         );
         assert_eq!(
-            probe(&at(unavailable), &http(None), limit).await,
+            probe(&server(unavailable), &http(None), limit).await,
             Err("status 503".into())
         );
-        assert!(probe(&at(garbage), &http(None), limit)
+        assert!(probe(&server(garbage), &http(None), limit)
             .await
             .unwrap_err()
             .starts_with("malformed response"));
@@ -288,7 +278,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        assert!(probe(&at(closed), &CheckKind::Tcp, limit)
+        assert!(probe(&server(closed), &CheckKind::Tcp, limit)
             .await
             .unwrap_err()
             .starts_with("connect:"));
@@ -296,7 +286,7 @@ mod tests {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let short = Duration::from_millis(200);
         assert_eq!(
-            probe(&at(silent.local_addr().unwrap()), &http(None), short).await,
+            probe(&server(silent.local_addr().unwrap()), &http(None), short).await,
             Err("no answer within 200ms".into())
         );
     }

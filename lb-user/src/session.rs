@@ -9,7 +9,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::TcpStream;
 
-use crate::stream::Stream;
+use crate::{stream::Stream, tls::accept::Terminator};
 
 use crate::{
     accept::Accepted,
@@ -130,7 +130,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
             Session::Accepted(a) => match &proxy.tls[listener] {
                 // No future to box for a plain listener.
                 None => protocol(&proxy, listener, Client::plain(a)),
-                Some(_) => Box::pin(tls_stage(&proxy, listener, a)).await,
+                Some(tls) => Box::pin(tls_stage(&proxy, listener, tls, a)).await,
             },
             Session::Tcp(c) => Box::pin(connect_stage(&proxy, listener, c)).await,
             Session::Http(c) => Box::pin(http_stage(&proxy, listener, c)).await,
@@ -184,10 +184,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
 
 /// The TLS stage, on a listener with `tls:` (the handshake, within `timeouts.tls_handshake`);
 /// then the listener's protocol.
-async fn tls_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
-    let Some(tls) = &proxy.tls[listener] else {
-        return protocol(proxy, listener, Client::plain(a));
-    };
+async fn tls_stage(proxy: &Proxy, listener: usize, tls: &Terminator, a: Accepted) -> Session {
     let (peer, original_dst) = (a.peer, a.original_dst);
     match tls.handshake(a.stream).await {
         Ok((secured, info)) => protocol(

@@ -8,3 +8,14 @@ pub async fn loopback_pair() -> (TcpStream, TcpStream) {
     let (accepted, _) = l.accept().await.unwrap();
     (connected, accepted)
 }
+
+/// A plain server named `s` at `address`, weight 1, no limit.
+pub fn server(address: std::net::SocketAddr) -> crate::config::Server {
+    crate::config::Server {
+        name: "s".into(),
+        address,
+        weight: 1,
+        maxconn: None,
+        tls: None,
+    }
+}

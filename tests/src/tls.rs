@@ -170,10 +170,8 @@ pub fn peer_common_name(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> 
     cn.as_str().unwrap().to_string()
 }
 
-/// A TLS server on 127.0.0.1 that answers each connection with `body` (once its request head
-/// arrived) in an HTTP/1.1 response with `Connection: close`, then closes.
-pub async fn https_server(files: &CertFiles, body: &'static str) -> SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A TLS acceptor presenting `files` (for the tests' TLS servers).
+pub fn acceptor(files: &CertFiles) -> TlsAcceptor {
     use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let chain = CertificateDer::pem_file_iter(&files.cert)
         .unwrap()
@@ -187,7 +185,14 @@ pub async fn https_server(files: &CertFiles, body: &'static str) -> SocketAddr {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TLS server on 127.0.0.1 that answers each connection with `body` (once its request head
+/// arrived) in an HTTP/1.1 response with `Connection: close`, then closes.
+pub async fn https_server(files: &CertFiles, body: &'static str) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor = acceptor(files);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

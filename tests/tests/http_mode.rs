@@ -542,33 +542,15 @@ end
     );
 }
 
-/// A WebSocket echo server: every message comes back as it was sent.
-async fn websocket_echo() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_close() || ws.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn a_websocket_goes_through_as_a_kernel_forwarded_tunnel() {
     if !bpf_available("a_websocket_goes_through_as_a_kernel_forwarded_tunnel") {
         return;
     }
-    let (app, chat) = (Reflector::start("app").await, websocket_echo().await);
+    let (app, chat) = (
+        Reflector::start("app").await,
+        lb_tests::servers::websocket_echo().await,
+    );
     let lb = HttpLbBuilder::new(&[app.addr])
         .backend("chat", &[chat])
         .listener_yaml("    routes:\n      - { path_prefix: /chat, backend: chat }\n")

@@ -215,30 +215,28 @@ impl fmt::Display for ConfigErrors {
 
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let (file, source) = read(path)?;
+    parse(&file, &source)
+}
+
+/// The file's name as errors show it, and its text.
+fn read(path: &Path) -> Result<(String, String), ConfigErrors> {
     let file = path.display().to_string();
-    let source = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: file.clone(),
+    match std::fs::read_to_string(path) {
+        Ok(source) => Ok((file, source)),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file,
             line: 0,
             column: 0,
             message: format!("cannot read: {e}"),
-        }])
-    })?;
-    parse(&file, &source)
+        }])),
+    }
 }
 
 /// Reads only the `admin:` section of a configuration file (what the commands for a running
 /// lb need; the other sections are the running lb's to judge).
 pub fn load_admin(path: &Path) -> Result<Option<Admin>, ConfigErrors> {
-    let file = path.display().to_string();
-    let source = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: file.clone(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read: {e}"),
-        }])
-    })?;
+    let (file, source) = read(path)?;
     let raw: RawConfig = deserialize(&file, &source)?;
     let mut v = Validator {
         file: &file,

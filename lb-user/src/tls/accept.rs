@@ -139,7 +139,8 @@ impl Terminator {
                 self.handshakes.inc();
                 let conn = stream.get_ref().1;
                 let info = Handshaken {
-                    sni: conn.server_name().map(str::to_ascii_lowercase),
+                    // Lowercase already (rustls lowercases the name it received).
+                    sni: conn.server_name().map(str::to_owned),
                 };
                 return Ok((stream, info));
             }

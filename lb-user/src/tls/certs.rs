@@ -209,13 +209,13 @@ impl CertSet {
         }
     }
 
-    /// The certificate for a client that asked for `sni` and can verify `schemes`: an exact
+    /// The certificate for a client that asked for `sni` (lowercase, as rustls hands it over)
+    /// and can verify `schemes`: an exact
     /// name first, then a wildcard one level up, then the default. Among certificates for the
     /// same name (an ECDSA and an RSA one, say), the first whose key the client can verify.
     pub fn pick(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         let named = sni.and_then(|name| {
-            let name = name.to_ascii_lowercase();
-            self.exact.get(&name).or_else(|| {
+            self.exact.get(name).or_else(|| {
                 let parent = name.split_once('.')?.1;
                 self.wildcard.get(parent)
             })

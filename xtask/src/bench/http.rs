@@ -152,18 +152,7 @@ pub fn measure_all(env: &Env, runs: usize, seconds: u32) -> Result<Results> {
 fn measure_once(env: &Env, setup: Setup, test: Test, run: usize, seconds: u32) -> Result<Sample> {
     // Dropped in reverse order: proxy, backend, then the namespace.
     let ns = Netns::create(format!("lbbench-{}-h{}{run}", std::process::id(), setup.tag()))?;
-    let mut backend_cmd = ns.command(&env.helper.to_string_lossy());
-    backend_cmd
-        .args([
-            "bench-http-backend",
-            "--port",
-            &BACKEND_PORT.to_string(),
-            "--lifetime",
-        ])
-        .arg((seconds + 60).to_string())
-        .stdout(Stdio::null());
-    let mut backend = Proc::spawn("http backend", backend_cmd)?;
-    backend.wait_listening(BACKEND_PORT)?;
+    let _backend = start_backend(env, &ns, seconds)?;
     let mut proxy = start_proxy(env, &ns, setup)?;
     let port = if proxy.is_some() { PROXY_PORT } else { BACKEND_PORT };
     let out_path = env.dir.join("wrk.txt");
@@ -198,22 +187,68 @@ fn measure_once(env: &Env, setup: Setup, test: Test, run: usize, seconds: u32) -
 
 /// Starts the proxy of `setup` in `ns` and waits until it accepts; `None` for direct.
 fn start_proxy(env: &Env, ns: &Netns, setup: Setup) -> Result<Option<Proc>> {
-    let (file, text) = match setup {
+    let (program, text) = match setup {
         Setup::Direct => return Ok(None),
-        Setup::Lb => ("yaml", lb_config()),
-        Setup::Haproxy => ("cfg", haproxy_config()),
+        Setup::Lb => (Program::Lb, lb_config()),
+        Setup::Haproxy => (Program::Haproxy, haproxy_config()),
     };
-    let conf = env.dir.join(format!("http-{}.{file}", setup.tag()));
-    let log = env.dir.join(format!("http-{}.log", setup.tag()));
-    fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
+    spawn_proxy(
+        env,
+        ns,
+        program,
+        &format!("http-{}", setup.tag()),
+        &text,
+        PROXY_PORT,
+    )
+    .map(Some)
+}
+
+/// `xtask bench-http-backend` in `ns`, on [`BACKEND_PORT`], listening (it ends by itself a
+/// minute after the test's `seconds`).
+pub(super) fn start_backend(env: &Env, ns: &Netns, seconds: u32) -> Result<Proc> {
+    let mut cmd = ns.command(&env.helper.to_string_lossy());
+    cmd.args([
+        "bench-http-backend",
+        "--port",
+        &BACKEND_PORT.to_string(),
+        "--lifetime",
+    ])
+    .arg((seconds + 60).to_string())
+    .stdout(Stdio::null());
+    let mut backend = Proc::spawn("http backend", cmd)?;
+    backend.wait_listening(BACKEND_PORT)?;
+    Ok(backend)
+}
+
+/// Which proxy a benchmark starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Program {
+    Lb,
+    Haproxy,
+}
+
+/// Writes `config` to `env.dir/NAME.yaml` (lb) or `NAME.cfg` (HAProxy), starts the proxy in
+/// `ns` with it, its log in `NAME.log`, and waits until it accepts on `port`.
+pub(super) fn spawn_proxy(
+    env: &Env,
+    ns: &Netns,
+    program: Program,
+    name: &str,
+    config: &str,
+    port: u16,
+) -> Result<Proc> {
+    let ext = if program == Program::Lb { "yaml" } else { "cfg" };
+    let conf = env.dir.join(format!("{name}.{ext}"));
+    let log = env.dir.join(format!("{name}.log"));
+    fs::write(&conf, config).with_context(|| format!("writing {}", conf.display()))?;
     let log_file = fs::File::create(&log)?;
-    let mut cmd = match setup {
-        Setup::Haproxy => {
+    let mut cmd = match program {
+        Program::Haproxy => {
             let mut cmd = ns.command("haproxy");
             cmd.arg("-f").arg(&conf).arg("-db");
             cmd
         }
-        _ => {
+        Program::Lb => {
             let lb = env
                 .lb
                 .as_ref()
@@ -229,20 +264,15 @@ fn start_proxy(env: &Env, ns: &Netns, setup: Setup) -> Result<Option<Proc>> {
         }
     };
     cmd.stdout(Stdio::null()).stderr(log_file);
-    let mut proc = Proc::spawn(setup.name(), cmd)?;
-    proc.wait_listening(PROXY_PORT)
-        .and_then(|()| match setup {
-            Setup::Lb => wait_for_log_line(&log, "listening on"),
-            _ => Ok(()),
+    let what = if program == Program::Lb { "lb" } else { "HAProxy" };
+    let mut proc = Proc::spawn(what, cmd)?;
+    proc.wait_listening(port)
+        .and_then(|()| match program {
+            Program::Lb => wait_for_log_line(&log, "listening on"),
+            Program::Haproxy => Ok(()),
         })
-        .with_context(|| {
-            format!(
-                "{} did not start; its log ends with:\n{}",
-                setup.name(),
-                tail(&log)
-            )
-        })?;
-    Ok(Some(proc))
+        .with_context(|| format!("{what} did not start; its log ends with:\n{}", tail(&log)))?;
+    Ok(proc)
 }
 
 /// lb's defaults, with the forwarding headers both proxies add (X-Forwarded-For).

@@ -8,8 +8,8 @@
 //! request with `Connection: close`, read to the end. Bulk: wrk over HTTPS, 32 kept-alive
 //! connections fetching 1 MiB responses.
 use super::{
-    configs::{tail, wait_for_log_line, Env},
-    http::{parse_wrk, BACKEND_PORT},
+    configs::Env,
+    http::{parse_wrk, spawn_proxy, start_backend, Program, BACKEND_PORT},
     report::{num, ratio, times},
     stats::median,
     sys::{self, CpuMark, Netns, Proc},
@@ -258,18 +258,7 @@ fn measure_once(
     seconds: u32,
 ) -> Result<Sample> {
     let ns = Netns::create(format!("lbbench-{}-t{}{run}", std::process::id(), setup.tag()))?;
-    let mut backend_cmd = ns.command(&env.helper.to_string_lossy());
-    backend_cmd
-        .args([
-            "bench-http-backend",
-            "--port",
-            &BACKEND_PORT.to_string(),
-            "--lifetime",
-        ])
-        .arg((seconds + 60).to_string())
-        .stdout(Stdio::null());
-    let mut backend = Proc::spawn("http backend", backend_cmd)?;
-    backend.wait_listening(BACKEND_PORT)?;
+    let _backend = start_backend(env, &ns, seconds)?;
     let mut proxy = start_proxy(env, &ns, setup, cert)?;
     let out_path = env.dir.join("tls-client.txt");
     let out = fs::File::create(&out_path)?;
@@ -332,47 +321,18 @@ fn measure_once(
 }
 
 fn start_proxy(env: &Env, ns: &Netns, setup: Setup, cert: &Cert) -> Result<Proc> {
-    let (ext, text) = match setup {
-        Setup::Lb => ("yaml", lb_config(cert)),
-        Setup::Haproxy => ("cfg", haproxy_config(cert)),
+    let (program, text) = match setup {
+        Setup::Lb => (Program::Lb, lb_config(cert)),
+        Setup::Haproxy => (Program::Haproxy, haproxy_config(cert)),
     };
-    let conf = env.dir.join(format!("tls-{}.{ext}", setup.tag()));
-    let log = env.dir.join(format!("tls-{}.log", setup.tag()));
-    fs::write(&conf, text)?;
-    let mut cmd = match setup {
-        Setup::Haproxy => {
-            let mut cmd = ns.command("haproxy");
-            cmd.arg("-f").arg(&conf).arg("-db");
-            cmd
-        }
-        Setup::Lb => {
-            let lb = env
-                .lb
-                .as_ref()
-                .map_err(|e| anyhow::anyhow!("lb did not build: {e}"))?;
-            let mut cmd = ns.command(&lb.to_string_lossy());
-            cmd.env("RUST_LOG", "info,lb::access=off")
-                .arg("run")
-                .arg("-c")
-                .arg(&conf);
-            cmd
-        }
-    };
-    cmd.stdout(Stdio::null()).stderr(fs::File::create(&log)?);
-    let mut proc = Proc::spawn(setup.name(), cmd)?;
-    proc.wait_listening(PROXY_PORT)
-        .and_then(|()| match setup {
-            Setup::Lb => wait_for_log_line(&log, "listening on"),
-            Setup::Haproxy => Ok(()),
-        })
-        .with_context(|| {
-            format!(
-                "{} did not start; its log ends with:\n{}",
-                setup.name(),
-                tail(&log)
-            )
-        })?;
-    Ok(proc)
+    spawn_proxy(
+        env,
+        ns,
+        program,
+        &format!("tls-{}", setup.tag()),
+        &text,
+        PROXY_PORT,
+    )
 }
 
 /// lb's defaults with `tls:`.
