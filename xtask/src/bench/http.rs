@@ -189,8 +189,8 @@ fn measure_once(env: &Env, setup: Setup, test: Test, run: usize, seconds: u32) -
 fn start_proxy(env: &Env, ns: &Netns, setup: Setup) -> Result<Option<Proc>> {
     let (program, text) = match setup {
         Setup::Direct => return Ok(None),
-        Setup::Lb => (Program::Lb, lb_config()),
-        Setup::Haproxy => (Program::Haproxy, haproxy_config()),
+        Setup::Lb => (Program::Lb, lb_config(PROXY_PORT, "")),
+        Setup::Haproxy => (Program::Haproxy, haproxy_config(PROXY_PORT, "")),
     };
     spawn_proxy(
         env,
@@ -275,18 +275,19 @@ pub(super) fn spawn_proxy(
     Ok(proc)
 }
 
-/// lb's defaults, with the forwarding headers both proxies add (X-Forwarded-For).
-fn lb_config() -> String {
+/// lb's defaults, with the forwarding headers both proxies add (X-Forwarded-For), listening on
+/// `port`; `listener_yaml`: more keys of the listener (4 spaces in), e.g. a `tls:` block.
+pub(super) fn lb_config(port: u16, listener_yaml: &str) -> String {
     format!(
         "forwarding: kernel
 timeouts: {{ connect: 5s, client: 60s, server: 60s }}
 listeners:
   - name: bench
-    bind: 127.0.0.1:{PROXY_PORT}
+    bind: 127.0.0.1:{port}
     mode: http
     default_backend: bench
     forwarded: {{ x_forwarded_for: true, x_forwarded_proto: false }}
-backends:
+{listener_yaml}backends:
   - name: bench
     servers:
       - {{ name: backend, address: 127.0.0.1:{BACKEND_PORT} }}
@@ -294,8 +295,9 @@ backends:
     )
 }
 
-/// HAProxy's `mode http` as shipped, plus `option forwardfor` (lb adds X-Forwarded-For too).
-fn haproxy_config() -> String {
+/// HAProxy's `mode http` as shipped, plus `option forwardfor` (lb adds X-Forwarded-For too),
+/// listening on `port`; `bind_options`: what follows the bind's address (` ssl crt ...`).
+pub(super) fn haproxy_config(port: u16, bind_options: &str) -> String {
     format!(
         "global
     maxconn 4096
@@ -308,7 +310,7 @@ defaults
     option forwardfor
 
 listen bench
-    bind 127.0.0.1:{PROXY_PORT}
+    bind 127.0.0.1:{port}{bind_options}
     server backend 127.0.0.1:{BACKEND_PORT}
 "
     )

@@ -9,7 +9,7 @@
 //! connections fetching 1 MiB responses.
 use super::{
     configs::Env,
-    http::{parse_wrk, spawn_proxy, start_backend, Program, BACKEND_PORT},
+    http::{haproxy_config, lb_config, parse_wrk, spawn_proxy, start_backend, Program},
     report::{num, ratio, times},
     stats::median,
     sys::{self, CpuMark, Netns, Proc},
@@ -322,8 +322,25 @@ fn measure_once(
 
 fn start_proxy(env: &Env, ns: &Netns, setup: Setup, cert: &Cert) -> Result<Proc> {
     let (program, text) = match setup {
-        Setup::Lb => (Program::Lb, lb_config(cert)),
-        Setup::Haproxy => (Program::Haproxy, haproxy_config(cert)),
+        // `bench http`'s configurations, with TLS on the listener.
+        Setup::Lb => (
+            Program::Lb,
+            lb_config(
+                PROXY_PORT,
+                &format!(
+                    "    tls:\n      certificates:\n        - {{ cert: \"{}\", key: \"{}\" }}\n",
+                    cert.cert.display(),
+                    cert.key.display()
+                ),
+            ),
+        ),
+        Setup::Haproxy => (
+            Program::Haproxy,
+            haproxy_config(
+                PROXY_PORT,
+                &format!(" ssl crt {} alpn http/1.1", cert.combined.display()),
+            ),
+        ),
     };
     spawn_proxy(
         env,
@@ -332,51 +349,6 @@ fn start_proxy(env: &Env, ns: &Netns, setup: Setup, cert: &Cert) -> Result<Proc>
         &format!("tls-{}", setup.tag()),
         &text,
         PROXY_PORT,
-    )
-}
-
-/// lb's defaults with `tls:`.
-fn lb_config(cert: &Cert) -> String {
-    format!(
-        "forwarding: kernel
-timeouts: {{ connect: 5s, client: 60s, server: 60s }}
-listeners:
-  - name: bench
-    bind: 127.0.0.1:{PROXY_PORT}
-    mode: http
-    default_backend: bench
-    forwarded: {{ x_forwarded_for: true, x_forwarded_proto: false }}
-    tls:
-      certificates:
-        - {{ cert: \"{}\", key: \"{}\" }}
-backends:
-  - name: bench
-    servers:
-      - {{ name: backend, address: 127.0.0.1:{BACKEND_PORT} }}
-",
-        cert.cert.display(),
-        cert.key.display()
-    )
-}
-
-/// HAProxy's `mode http` as shipped, `ssl crt` on the bind, `option forwardfor`.
-fn haproxy_config(cert: &Cert) -> String {
-    format!(
-        "global
-    maxconn 4096
-
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    option forwardfor
-
-listen bench
-    bind 127.0.0.1:{PROXY_PORT} ssl crt {} alpn http/1.1
-    server backend 127.0.0.1:{BACKEND_PORT}
-",
-        cert.combined.display()
     )
 }
 
