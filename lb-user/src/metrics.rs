@@ -104,6 +104,14 @@ pub struct TlsFailureLabels {
     pub reason: &'static str,
 }
 
+/// `lb_ktls_handoffs_total`: the listener and what became of the session
+/// ([`crate::tls::accept::HandOffResult`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KtlsHandOffLabels {
+    pub listener: String,
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     pub listener: String,
@@ -165,6 +173,8 @@ pub struct Metrics {
     pub server_tls_failures: Family<ServerLabels, Counter>,
     /// 1 when the kernel offers kTLS, 0 when flows with a TLS side are forwarded in userspace.
     pub ktls_available: Gauge,
+    /// Client TLS sessions offered to the kernel's TLS after their handshake, by result.
+    pub ktls_handoffs: Family<KtlsHandOffLabels, Counter>,
     /// Certificate reloads (SIGHUP, `lb reload`), by result.
     pub tls_reloads: Family<ResultLabels, Counter>,
     kernel: KernelMetrics,
@@ -219,6 +229,7 @@ impl Metrics {
             tls_failures: Family::default(),
             server_tls_failures: Family::default(),
             ktls_available: Gauge::default(),
+            ktls_handoffs: Family::default(),
             tls_reloads: Family::default(),
             kernel: KernelMetrics::default(),
             scrape: Mutex::new(()),
@@ -342,8 +353,13 @@ impl Metrics {
         );
         r.register(
             "lb_ktls_available",
-            "1 when the kernel offers kTLS; 0: flows with a TLS side are forwarded in userspace",
+            "1 when the kernel offers kTLS (client TLS sessions are handed to it after their handshake); 0: rustls encrypts and decrypts every TLS session",
             m.ktls_available.clone(),
+        );
+        r.register(
+            "lb_ktls_handoffs",
+            "Client TLS sessions offered to the kernel's TLS after their handshake, by listener and result (kernel: the kernel encrypts and decrypts it; kept: rustls goes on, for a cipher the kernel lacks; failed: the kernel refused the keys and the session was closed)",
+            m.ktls_handoffs.clone(),
         );
         r.register(
             "lb_tls_reloads",

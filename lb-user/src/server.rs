@@ -287,24 +287,25 @@ pub async fn run(
         .iter()
         .map(|b| BackendState::new(b, &metrics))
         .collect();
-    let tls = config
-        .listeners
-        .iter()
-        .map(|l| l.tls.as_ref().map(|t| terminator(l, t, &metrics)))
-        .collect();
     let ktls = uses_tls(&config).then(crate::tls::ktls::detect);
     match &ktls {
-        Some(Ktls::Available) => {
+        Some(Ktls::Available(ciphers)) => {
             metrics.ktls_available.set(1);
             tracing::info!(
-                "kTLS available; lb does not use it yet: flows with a TLS side are forwarded in userspace"
+                ciphers = %ciphers.names().join(", "),
+                "kTLS available: client TLS sessions go to the kernel's TLS after their handshake (listeners with ktls: false excepted)"
             );
         }
         Some(Ktls::Unavailable(why)) => {
-            tracing::info!("kTLS unavailable ({why}): flows with a TLS side are forwarded in userspace")
+            tracing::info!("kTLS unavailable ({why}): rustls encrypts and decrypts every TLS session, flows with a TLS side are forwarded in userspace")
         }
         None => {}
     }
+    let tls = config
+        .listeners
+        .iter()
+        .map(|l| l.tls.as_ref().map(|t| terminator(l, t, &metrics, ktls.as_ref())))
+        .collect();
     let mut sockets = Vec::new();
     let rcvbuf = kernel_rcvbuf(kernel.as_ref(), &config);
     for l in &config.listeners {
@@ -420,8 +421,12 @@ fn terminator(
     l: &crate::config::Listener,
     settings: &crate::config::ListenerTls,
     metrics: &Metrics,
+    ktls: Option<&Ktls>,
 ) -> crate::tls::accept::Terminator {
-    use crate::{metrics::TlsFailureLabels, tls::accept::Failure};
+    use crate::{
+        metrics::{KtlsHandOffLabels, TlsFailureLabels},
+        tls::accept::{Failure, HandOffResult},
+    };
     let labels = ListenerLabels {
         listener: l.name.clone(),
     };
@@ -434,7 +439,19 @@ fn terminator(
         let counter = metrics.tls_failures.get_or_create(&labels).clone();
         counter
     });
-    crate::tls::accept::Terminator::new(settings, handshakes, failures)
+    let handoffs = HandOffResult::ALL.map(|r| {
+        let labels = KtlsHandOffLabels {
+            listener: l.name.clone(),
+            result: r.name(),
+        };
+        let counter = metrics.ktls_handoffs.get_or_create(&labels).clone();
+        counter
+    });
+    let kernel = match ktls {
+        Some(Ktls::Available(ciphers)) => Some(*ciphers),
+        _ => None,
+    };
+    crate::tls::accept::Terminator::new(settings, handshakes, failures, kernel, handoffs)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (a flow needs two fds, its sockets, in

@@ -191,7 +191,7 @@ async fn tls_stage(proxy: &Proxy, listener: usize, tls: &Terminator, a: Accepted
             proxy,
             listener,
             Client {
-                stream: Stream::Tls(Box::new(secured.into())),
+                stream: secured,
                 peer,
                 original_dst,
                 sni: info.sni,

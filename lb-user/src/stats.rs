@@ -179,7 +179,10 @@ pub fn snapshot(proxy: &Proxy) -> Stats {
         version: env!("CARGO_PKG_VERSION").into(),
         forwarding: if proxy.kernel.is_some() { "kernel" } else { "user" }.into(),
         tls_forwarding: proxy.ktls.as_ref().map(|k| match k {
-            Ktls::Available => "kTLS available but not used yet: userspace".to_string(),
+            Ktls::Available(ciphers) => format!(
+                "kTLS ({}): client sessions encrypted and decrypted by the kernel, copied in userspace",
+                ciphers.names().join(", ")
+            ),
             Ktls::Unavailable(why) => format!("userspace: kTLS unavailable ({why})"),
         }),
         listeners,

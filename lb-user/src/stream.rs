@@ -2,9 +2,10 @@
 //! the same socket under a TLS session lb terminates (a client's, [`crate::tls::accept`]) or
 //! originates (to a server, [`crate::tls::connect`]).
 //!
-//! The HTTP session reads and writes either through [`Stream`]. Only a plain socket can go to
-//! the kernel forwarding path: without kTLS the kernel cannot decrypt, so a flow with a TLS side
-//! is copied in userspace to its end ([`crate::forward::streams`]).
+//! The HTTP session reads and writes any of them through [`Stream`]. Only a plain socket can go
+//! to the kernel forwarding path: a flow with a TLS side is copied in userspace to its end
+//! ([`crate::forward::streams`]): decrypted and encrypted by rustls, or, for a client session
+//! handed to the kernel's TLS ([`crate::tls::ktls`]), by the kernel, lb moving plaintext.
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
@@ -17,11 +18,15 @@ use tokio::{
 };
 use tokio_rustls::TlsStream;
 
+use crate::tls::{io::TlsIo, ktls::KtlsStream};
+
 /// One side's connection.
 pub enum Stream {
     Tcp(TcpStream),
     /// Boxed: a TLS session's state is a few KiB and most connections have none.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<TlsIo>>),
+    /// A TLS session the kernel encrypts and decrypts (kTLS).
+    Ktls(Box<KtlsStream>),
 }
 
 impl Stream {
@@ -29,7 +34,8 @@ impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tcp(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
+            Stream::Tls(s) => s.get_ref().0.tcp(),
+            Stream::Ktls(s) => s.tcp(),
         }
     }
 
@@ -42,13 +48,17 @@ impl Stream {
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
+        matches!(self, Stream::Tls(_) | Stream::Ktls(_))
     }
 
     /// Whether the TLS layer holds input lb has not read: decrypted bytes, or the peer's
     /// close_notify (a peek at the socket cannot see what rustls already took from it).
     pub fn tls_holds_input(&mut self) -> bool {
-        let Stream::Tls(tls) = self else { return false };
+        let tls = match self {
+            Stream::Tcp(_) => return false,
+            Stream::Ktls(k) => return k.holds_input(),
+            Stream::Tls(tls) => tls,
+        };
         // Only records already read are processed here: nothing is read from the socket.
         let state = match tls.as_mut() {
             TlsStream::Client(c) => c.get_mut().1.process_new_packets(),
@@ -81,6 +91,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Ktls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -90,6 +101,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Ktls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -101,6 +113,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Ktls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -108,6 +121,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Ktls(s) => s.is_write_vectored(),
         }
     }
 
@@ -115,14 +129,16 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Ktls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
-    /// For TLS: a close_notify alert, then the TCP write side is shut.
+    /// For TLS (rustls or the kernel's): a close_notify alert, then the TCP write side is shut.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Ktls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

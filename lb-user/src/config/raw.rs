@@ -396,6 +396,11 @@ pub struct RawListenerTls {
     /// The oldest TLS version accepted: `1.2` (default) or `1.3` (also written `TLSv1.2`).
     #[serde(default)]
     pub min_version: Option<String>,
+    /// Hand each session to the kernel's TLS (kTLS) after its handshake, where the kernel has
+    /// it (default true; HAProxy's `ktls on`): the kernel encrypts and decrypts, lb moves
+    /// plaintext. Without kTLS in the kernel this changes nothing.
+    #[serde(default)]
+    pub ktls: Option<bool>,
 }
 
 /// A certificate chain and its key, both PEM files.

@@ -37,6 +37,8 @@ pub struct ListenerTls {
     pub min_version: MinVersion,
     /// `timeouts.tls_handshake`.
     pub handshake_timeout: Duration,
+    /// Sessions go to the kernel's TLS after the handshake, where it has it.
+    pub ktls: bool,
 }
 
 impl Validator<'_> {
@@ -116,6 +118,7 @@ impl Validator<'_> {
             certificates,
             certs: Arc::new(CertSet::new(Vec::new(), true)),
             strict_sni: raw.strict_sni.unwrap_or(false),
+            ktls: raw.ktls.unwrap_or(true),
             alpn,
             min_version,
             handshake_timeout: handshake_timeout.unwrap_or(DEFAULT_HANDSHAKE),

@@ -1,7 +1,8 @@
 //! The client-side TLS handshake of a listener with `tls:` (HAProxy's `bind ... ssl`): the
 //! certificate chosen by SNI, ALPN, the minimum version, `timeouts.tls_handshake`, and why a
 //! handshake failed, counted by reason; certificates swapped on reload without touching live
-//! sessions (each holds the configuration it started with).
+//! sessions (each holds the configuration it started with); then the session handed to the
+//! kernel's TLS where it has it ([`super::ktls`]).
 use prometheus_client::metrics::counter::Counter;
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
@@ -10,10 +11,14 @@ use rustls::{
 };
 use std::sync::{Arc, RwLock};
 use tokio::net::TcpStream;
-use tokio_rustls::{server::TlsStream, TlsAcceptor};
+use tokio_rustls::TlsAcceptor;
 
-use super::certs::{self, CertError, CertSet};
-use crate::config::ListenerTls;
+use super::{
+    certs::{self, CertError, CertSet},
+    io::TlsIo,
+    ktls::{self, Ciphers, HandOff},
+};
+use crate::{config::ListenerTls, stream::Stream};
 
 /// Why a client's handshake failed (`lb_tls_handshake_failures_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +37,9 @@ pub enum Failure {
     Closed,
     /// Any other violation of the protocol.
     Protocol,
+    /// The handshake was over, but the kernel's TLS refused the session's keys (counted in
+    /// `lb_ktls_handoffs_total{result="failed"}`, not with the handshake failures).
+    Kernel,
 }
 
 impl Failure {
@@ -55,6 +63,7 @@ impl Failure {
             Failure::Timeout => "timeout",
             Failure::Closed => "closed",
             Failure::Protocol => "protocol",
+            Failure::Kernel => "ktls",
         }
     }
 
@@ -108,10 +117,45 @@ pub struct Terminator {
     pub handshakes: Counter,
     /// `lb_tls_handshake_failures_total{listener,reason}`, in [`Failure::ALL`]'s order.
     pub failures: [Counter; 7],
+    /// The ciphers of the kernel's TLS, when sessions are handed to it.
+    kernel: Option<Ciphers>,
+    /// `lb_ktls_handoffs_total{listener,result}`, in [`HandOffResult::ALL`]'s order.
+    pub handoffs: [Counter; 3],
+}
+
+/// What became of a session offered to the kernel's TLS (`lb_ktls_handoffs_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOffResult {
+    /// The kernel encrypts and decrypts it.
+    Kernel,
+    /// It stayed with rustls (a cipher the kernel lacks).
+    Kept,
+    /// The kernel refused the keys once they were out of rustls: the session was closed.
+    Failed,
+}
+
+impl HandOffResult {
+    pub const ALL: [HandOffResult; 3] = [HandOffResult::Kernel, HandOffResult::Kept, HandOffResult::Failed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HandOffResult::Kernel => "kernel",
+            HandOffResult::Kept => "kept",
+            HandOffResult::Failed => "failed",
+        }
+    }
 }
 
 impl Terminator {
-    pub fn new(settings: &ListenerTls, handshakes: Counter, failures: [Counter; 7]) -> Terminator {
+    /// `kernel`: the kernel's TLS ciphers, when it has kTLS (used unless `ktls: false`).
+    pub fn new(
+        settings: &ListenerTls,
+        handshakes: Counter,
+        failures: [Counter; 7],
+        kernel: Option<Ciphers>,
+        handoffs: [Counter; 3],
+    ) -> Terminator {
+        let kernel = kernel.filter(|_| settings.ktls);
         let resolver = Arc::new(SniResolver {
             set: RwLock::new(settings.certs.clone()),
         });
@@ -121,19 +165,28 @@ impl Terminator {
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = settings.alpn.clone();
+        // rustls lets its keys out only when asked to at the start.
+        config.enable_secret_extraction = kernel.is_some();
         Terminator {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             resolver,
             settings: settings.clone(),
             handshakes,
             failures,
+            kernel,
+            handoffs,
         }
     }
 
-    /// The TLS handshake with an accepted client, within `timeouts.tls_handshake`. A failure
-    /// is counted; rustls has sent the alert that describes it, where there is one.
-    pub async fn handshake(&self, tcp: TcpStream) -> Result<(TlsStream<TcpStream>, Handshaken), Failure> {
-        let accepted = tokio::time::timeout(self.settings.handshake_timeout, self.acceptor.accept(tcp)).await;
+    /// The TLS handshake with an accepted client, within `timeouts.tls_handshake`; then the
+    /// session goes to the kernel's TLS where it can. A failure is counted; rustls has sent the
+    /// alert that describes it, where there is one.
+    pub async fn handshake(&self, tcp: TcpStream) -> Result<(Stream, Handshaken), Failure> {
+        let io = match self.kernel {
+            Some(_) => TlsIo::whole_records(tcp),
+            None => TlsIo::plain(tcp),
+        };
+        let accepted = tokio::time::timeout(self.settings.handshake_timeout, self.acceptor.accept(io)).await;
         let failure = match accepted {
             Ok(Ok(stream)) => {
                 self.handshakes.inc();
@@ -142,6 +195,23 @@ impl Terminator {
                     // Lowercase already (rustls lowercases the name it received).
                     sni: conn.server_name().map(str::to_owned),
                 };
+                let Some(ciphers) = &self.kernel else {
+                    return Ok((Stream::Tls(Box::new(stream.into())), info));
+                };
+                let (result, stream) = match ktls::hand_off(stream, ciphers) {
+                    HandOff::Kernel(k) => (HandOffResult::Kernel, Stream::Ktls(Box::new(k))),
+                    HandOff::Kept(tls, why) => {
+                        tracing::debug!(sni = ?info.sni, "TLS session kept in userspace: {why}");
+                        (HandOffResult::Kept, Stream::Tls(Box::new((*tls).into())))
+                    }
+                    HandOff::Failed(e) => {
+                        // The socket was closed with the session.
+                        tracing::warn!(sni = ?info.sni, "handing a TLS session to the kernel failed: {e}");
+                        self.handoffs[HandOffResult::Failed as usize].inc();
+                        return Err(Failure::Kernel);
+                    }
+                };
+                self.handoffs[result as usize].inc();
                 return Ok((stream, info));
             }
             Ok(Err(e)) => Failure::of(&e),

@@ -123,8 +123,9 @@ pub async fn handshake(
     tls: &ServerTls,
     tcp: TcpStream,
     timeout: Duration,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HandshakeError> {
-    let connect = TlsConnector::from(tls.config.clone()).connect(tls.name.clone(), tcp);
+) -> Result<tokio_rustls::client::TlsStream<super::io::TlsIo>, HandshakeError> {
+    // Sessions to servers stay with rustls: plain reads.
+    let connect = TlsConnector::from(tls.config.clone()).connect(tls.name.clone(), super::io::TlsIo::plain(tcp));
     match tokio::time::timeout(timeout, connect).await {
         Err(_) => Err(HandshakeError::Timeout(timeout)),
         Ok(Err(e)) => Err(HandshakeError::Failed(e)),

@@ -6,7 +6,10 @@
 //! - [`accept`]: the client-side handshake (SNI, ALPN, minimum version, its timeout, the
 //!   reasons a handshake fails) and certificate reloads;
 //! - [`connect`]: TLS to servers (SNI, a private CA or the system's, client certificates);
-//! - [`ktls`]: whether the kernel could take TLS records over (kTLS).
+//! - [`ktls`]: whether the kernel can take TLS records over (kTLS), and handing a client's
+//!   session to it after the handshake;
+//! - [`io`]: the socket under a session, read whole records at a time while a hand-off to the
+//!   kernel may follow.
 //!
 //! The crypto provider is aws-lc-rs (rustls's default): its RSA signatures take half the time
 //! of ring's (0.3 against 0.66 ms for RSA 2048 here; OpenSSL 0.26 ms), which is most of a full
@@ -14,6 +17,7 @@
 pub mod accept;
 pub mod certs;
 pub mod connect;
+pub mod io;
 pub mod ktls;
 
 use std::sync::{Arc, OnceLock};
