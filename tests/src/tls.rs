@@ -172,27 +172,65 @@ pub fn peer_common_name(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> 
 
 /// A TLS acceptor presenting `files` (for the tests' TLS servers).
 pub fn acceptor(files: &CertFiles) -> TlsAcceptor {
-    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    acceptor_verifying(files, None)
+}
+
+/// [`acceptor`], asking clients for a certificate signed by `client_ca` (a PEM file) and
+/// refusing the handshake without one, when given.
+pub fn acceptor_verifying(files: &CertFiles, client_ca: Option<&Path>) -> TlsAcceptor {
+    use tokio_rustls::rustls::{
+        pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+        server::WebPkiClientVerifier,
+    };
     let chain = CertificateDer::pem_file_iter(&files.cert)
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(&files.key).unwrap();
-    let config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-    TlsAcceptor::from(Arc::new(config))
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    TlsAcceptor::from(Arc::new(builder.with_single_cert(chain, key).unwrap()))
 }
 
 /// A TLS server on 127.0.0.1 that answers each connection with `body` (once its request head
 /// arrived) in an HTTP/1.1 response with `Connection: close`, then closes.
 pub async fn https_server(files: &CertFiles, body: &'static str) -> SocketAddr {
+    serve_https(acceptor(files), move |_| body.to_string()).await
+}
+
+/// A TLS server on 127.0.0.1 that requires a client certificate signed by `client_ca` and
+/// answers with `client CN`, the CN of the certificate it got.
+pub async fn https_server_requiring_client_cert(files: &CertFiles, client_ca: &Path) -> SocketAddr {
+    serve_https(acceptor_verifying(files, Some(client_ca)), |conn| {
+        let der = &conn.peer_certificates().expect("a client certificate")[0];
+        let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+        let cn = cert.subject().iter_common_name().next().expect("a CN");
+        format!("client {}", cn.as_str().unwrap())
+    })
+    .await
+}
+
+/// Serves one `Connection: close` response per TLS connection, its body made from the
+/// session by `body`.
+async fn serve_https(
+    acceptor: TlsAcceptor,
+    body: impl Fn(&rustls::ServerConnection) -> String + Send + Sync + 'static,
+) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let acceptor = acceptor(files);
+    let body = Arc::new(body);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -200,7 +238,7 @@ pub async fn https_server(files: &CertFiles, body: &'static str) -> SocketAddr {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let acceptor = acceptor.clone();
+            let (acceptor, body) = (acceptor.clone(), body.clone());
             tokio::spawn(async move {
                 let Ok(mut s) = acceptor.accept(tcp).await else {
                     return;
@@ -213,6 +251,7 @@ pub async fn https_server(files: &CertFiles, body: &'static str) -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
+                let body = body(s.get_ref().1);
                 let answer = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()

@@ -5,7 +5,7 @@ use lb_tests::{
     http::{read_response, run_tool, status_of, HttpLbBuilder, Reflector},
     lb::LbBuilder,
     servers,
-    tls::{connect, https_server, listener_tls_yaml, peer_common_name, Pki},
+    tls::{connect, https_server, https_server_requiring_client_cert, listener_tls_yaml, peer_common_name, Pki},
 };
 use rand::{rngs::SmallRng, RngCore, SeedableRng};
 use std::time::{Duration, Instant};
@@ -176,6 +176,41 @@ async fn tls_to_a_server_with_a_private_ca_and_502_with_the_wrong_one() {
         "{}",
         m.text
     );
+}
+
+/// `client_cert:` to a server that requires one (mutual TLS): the server sees lb's
+/// certificate; a backend without `client_cert` is refused by it (502).
+#[tokio::test]
+async fn a_client_certificate_is_presented_to_a_server_that_requires_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let servers_ca = Pki::new(dir.path(), "servers");
+    let clients_ca = Pki::new(dir.path(), "clients");
+    let cert = servers_ca.issue("backend", &["backend.test"]);
+    let lb_cert = clients_ca.issue("lb-client", &["lb-client.test"]);
+    let server = https_server_requiring_client_cert(&cert, &clients_ca.ca_pem).await;
+    let tls = format!("{{ sni: backend.test, ca: \"{}\"", servers_ca.ca_pem.display());
+    let lb = HttpLbBuilder::new(&[server])
+        .app_yaml(&format!(
+            "    tls: {tls}, client_cert: {{ cert: \"{}\", key: \"{}\" }} }}\n",
+            lb_cert.cert.display(),
+            lb_cert.key.display()
+        ))
+        .backend("anonymous", &[server])
+        .listener_yaml("    routes:\n      - { path_prefix: /anonymous, backend: anonymous }\n")
+        .backend_yaml("anonymous", &format!("    tls: {tls} }}\n"))
+        .spawn();
+    let answer = lb
+        .exchange(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 200 ") && text.ends_with("client lb-client.test"),
+        "{text}"
+    );
+    let answer = lb
+        .exchange(b"GET /anonymous HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(status_of(&answer), Some(502), "{}", String::from_utf8_lossy(&answer));
 }
 
 #[tokio::test]
