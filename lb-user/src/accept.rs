@@ -125,6 +125,8 @@ mod tests {
             client_timeout: Duration::from_secs(1),
             http: None,
             tls: None,
+            sni_routes: Vec::new(),
+            peek_timeout: Duration::from_secs(1),
         }
     }
 

@@ -128,9 +128,12 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
             // Each stage's state is boxed while it runs, so a session holds only the stage it is
             // in (an async fn's state would otherwise be as large as the largest stage's).
             Session::Accepted(a) => match &proxy.tls[listener] {
+                Some(tls) => Box::pin(tls_stage(&proxy, listener, tls, a)).await,
+                None if proxy.config.listeners[listener].peeks_sni() => {
+                    Box::pin(sni_stage(&proxy, listener, a)).await
+                }
                 // No future to box for a plain listener.
                 None => protocol(&proxy, listener, Client::plain(a)),
-                Some(tls) => Box::pin(tls_stage(&proxy, listener, tls, a)).await,
             },
             Session::Tcp(c) => Box::pin(connect_stage(&proxy, listener, c)).await,
             Session::Http(c) => Box::pin(http_stage(&proxy, listener, c)).await,
@@ -205,6 +208,24 @@ async fn tls_stage(proxy: &Proxy, listener: usize, tls: &Terminator, a: Accepted
     }
 }
 
+/// The SNI stage of a `tcp` listener with `route_by_sni:` and no `tls:`: the ClientHello is
+/// peeked at (left in the socket for the server), within `timeouts.tls_handshake`.
+async fn sni_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
+    let l = &proxy.config.listeners[listener];
+    match crate::tls::peek::client_hello_sni(&a.stream, l.peek_timeout).await {
+        Ok(sni) => Session::Tcp(Client { sni, ..Client::plain(a) }),
+        Err(failure) => {
+            let labels = crate::metrics::TlsFailureLabels {
+                listener: l.name.clone(),
+                reason: failure.name(),
+            };
+            proxy.metrics.tls_failures.get_or_create(&labels).inc();
+            tracing::debug!(listener = %l.name, client = %a.peer, reason = failure.name(), "no ClientHello to route by");
+            Session::Finished(Outcome::Handshake(failure))
+        }
+    }
+}
+
 /// The listener's protocol for a client connection ready for it.
 fn protocol(proxy: &Proxy, listener: usize, client: Client) -> Session {
     if proxy.config.listeners[listener].http.is_some() {
@@ -216,7 +237,8 @@ fn protocol(proxy: &Proxy, listener: usize, client: Client) -> Session {
 
 async fn connect_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
     let l = &proxy.config.listeners[listener];
-    let backend = &proxy.config.backends[l.backend];
+    let chosen = l.backend_for_sni(a.sni.as_deref());
+    let backend = &proxy.config.backends[chosen];
     if let Some(dst) = a.original_dst {
         tracing::debug!(listener = %l.name, client = %a.peer, original_dst = %dst, "transparent connection");
     }
@@ -227,18 +249,22 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
         nodelay: l.nodelay,
         http: false,
     };
-    match dispatch(proxy, l.backend, who).await {
+    match dispatch(proxy, chosen, who).await {
         Ok((lease, stream)) => {
             let info = FlowInfo {
                 peer: a.peer,
-                backend: l.backend,
+                backend: chosen,
                 lease,
                 http: None,
+            };
+            let timeouts = Timeouts {
+                client: l.client_timeout,
+                server: backend.server_timeout,
             };
             match paired(
                 a.stream,
                 stream,
-                timeouts(proxy, listener),
+                timeouts,
                 Directions::Both,
                 info,
             ) {
@@ -284,14 +310,6 @@ fn paired(
             directions,
             info,
         })),
-    }
-}
-
-fn timeouts(proxy: &Proxy, listener: usize) -> Timeouts {
-    let l = &proxy.config.listeners[listener];
-    Timeouts {
-        client: l.client_timeout,
-        server: proxy.config.backends[l.backend].server_timeout,
     }
 }
 

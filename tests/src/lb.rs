@@ -42,6 +42,8 @@ pub struct LbBuilder {
     server_options: String,
     admin_token: Option<String>,
     listener_yaml: Vec<String>,
+    /// More backends after `pool`: (name, servers).
+    backends: Vec<(String, Vec<SocketAddr>)>,
 }
 
 impl LbBuilder {
@@ -62,7 +64,14 @@ impl LbBuilder {
             server_options: String::new(),
             admin_token: None,
             listener_yaml: Vec::new(),
+            backends: Vec::new(),
         }
+    }
+
+    /// Another backend, `name`, with `servers` (named s0, s1, ...), after `pool`.
+    pub fn backend(mut self, name: &str, servers: &[SocketAddr]) -> Self {
+        self.backends.push((name.to_string(), servers.to_vec()));
+        self
     }
     /// YAML lines for the listener, indented as its keys (4 spaces), e.g. a `tls:` block.
     pub fn listener_yaml(mut self, yaml: &str) -> Self {
@@ -195,6 +204,12 @@ impl LbBuilder {
                         self.server_options
                     )
                 }
+            }
+        }
+        for (name, servers) in &self.backends {
+            y += &format!("  - name: {name}\n    servers:\n");
+            for (i, s) in servers.iter().enumerate() {
+                y += &format!("      - {{ name: s{i}, address: \"{s}\" }}\n");
             }
         }
         y

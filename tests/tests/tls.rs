@@ -1,6 +1,7 @@
 //! TLS end to end: certificates chosen by SNI (curl, openssl s_client, Python), TLS to servers
 //! with a private CA, certificate reloads, a TLS-terminating TCP listener, a tunnel over TLS,
-//! and bad input on a TLS port. Every certificate is made by the test (rcgen).
+//! routing by SNI without termination, mutual TLS to servers, and bad input on a TLS port.
+//! Every certificate is made by the test (rcgen).
 use lb_tests::{
     http::{read_response, run_tool, status_of, HttpLbBuilder, Reflector},
     lb::LbBuilder,
@@ -351,6 +352,51 @@ async fn a_tcp_listener_terminates_tls_and_forwards_every_byte() {
     // Decrypted and encrypted by lb: userspace, both ways; the kernel saw none of it.
     assert!(m.user_bytes() >= 2.0 * payload.len() as f64, "{}", m.text);
     assert_eq!(m.kernel_bytes(), 0.0, "{}", m.text);
+}
+
+/// `route_by_sni:` without `tls:`: a tcp listener peeks at the ClientHello, picks the backend
+/// by the name asked for, and forwards the TLS flow untouched (the client gets the server's
+/// own certificate); a name no route has goes to the listener's backend; plain HTTP is closed
+/// and counted.
+#[tokio::test]
+async fn a_tcp_listener_routes_tls_by_sni_without_terminating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "sni");
+    let a = https_server(&pki.issue("a", &["a.test"]), "server a").await;
+    let b = https_server(&pki.issue("b", &["b.test", "x.b.test"]), "server b").await;
+    let d = https_server(&pki.issue("d", &["default.test"]), "server d").await;
+    let lb = LbBuilder::new(&[d])
+        .backend("a", &[a])
+        .backend("b", &[b])
+        .listener_yaml("    route_by_sni:\n      - { sni: A.test, backend: a }\n      - { sni: \"*.b.test\", backend: b }\n")
+        .spawn();
+    for (name, cn, body) in [
+        ("a.test", "a.test", "server a"),
+        ("x.b.test", "b.test", "server b"),
+        ("default.test", "default.test", "server d"),
+    ] {
+        let mut s = connect(lb.listener, name, pki.client()).await.unwrap();
+        assert_eq!(peer_common_name(&s), cn, "{name}");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the server's answer within 10 s")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.ends_with(body), "{name}: {text}");
+    }
+    let mut plain = TcpStream::connect(lb.listener).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    let (got, _) = until_closed(&mut plain).await;
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    let m = lb.metrics();
+    assert_eq!(
+        m.get("lb_tls_handshake_failures_total{listener=\"test\",reason=\"not_tls\"}"),
+        1.0,
+        "{}",
+        m.text
+    );
 }
 
 #[tokio::test]

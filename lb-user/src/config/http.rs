@@ -78,7 +78,7 @@ impl Route {
 
 impl HostMatch {
     /// Whether `name` passes `m` (no matcher: any name, or none).
-    fn admits(m: Option<&HostMatch>, name: Option<&str>) -> bool {
+    pub(crate) fn admits(m: Option<&HostMatch>, name: Option<&str>) -> bool {
         match (m, name) {
             (None, _) => true,
             (Some(_), None) => false,
@@ -199,7 +199,7 @@ impl Validator<'_> {
     }
 
     /// A `host:` or `sni:` of a route: a name or `*.suffix`.
-    fn host_match(&mut self, path: &[Step], key: &str, h: &str) -> HostMatch {
+    pub(super) fn host_match(&mut self, path: &[Step], key: &str, h: &str) -> HostMatch {
         let lower = h.to_ascii_lowercase();
         let (matcher, name) = match lower.strip_prefix('*') {
             Some(suffix) => (

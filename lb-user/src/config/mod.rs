@@ -78,6 +78,34 @@ pub struct Listener {
     pub http: Option<Http>,
     /// `tls:`: clients connect with TLS, which lb terminates.
     pub tls: Option<ListenerTls>,
+    /// `route_by_sni:` of a `tcp` listener (empty: every flow goes to `backend`).
+    pub sni_routes: Vec<SniRoute>,
+    /// How long lb waits for a whole ClientHello when it peeks at it (`route_by_sni` without
+    /// `tls:`): `timeouts.tls_handshake`.
+    pub peek_timeout: Duration,
+}
+
+/// One entry of `route_by_sni:`.
+#[derive(Debug, Clone)]
+pub struct SniRoute {
+    pub sni: HostMatch,
+    /// Index into [`Config::backends`].
+    pub backend: usize,
+}
+
+impl Listener {
+    /// The backend of a TCP flow whose client asked for `sni`.
+    pub fn backend_for_sni(&self, sni: Option<&str>) -> usize {
+        self.sni_routes
+            .iter()
+            .find(|r| HostMatch::admits(Some(&r.sni), sni))
+            .map_or(self.backend, |r| r.backend)
+    }
+
+    /// Whether lb reads the ClientHello of a TLS flow it does not terminate.
+    pub fn peeks_sni(&self) -> bool {
+        !self.sni_routes.is_empty() && self.tls.is_none()
+    }
 }
 
 /// Keepalive settings; `None` fields keep the kernel's defaults.
@@ -465,18 +493,24 @@ impl Validator<'_> {
         }
         for (i, l) in listeners.iter().enumerate() {
             // A TCP flow has no path to hash (HTTP routes may name such a backend).
-            if l.http.is_none()
-                && backends
-                    .get(l.backend)
-                    .is_some_and(|b: &Backend| b.balance == Balance::Uri)
-            {
-                self.error(
-                    &[Step::Key("listeners"), Step::Index(i), Step::Key("backend")],
-                    format!(
-                        "listener `{}` is mode tcp, but backend `{}` balances by uri, which needs HTTP",
-                        l.name, backends[l.backend].name
-                    ),
-                );
+            if l.http.is_some() {
+                continue;
+            }
+            let used = std::iter::once((l.backend, vec![Step::Key("backend")])).chain(
+                l.sni_routes.iter().enumerate().map(|(j, r)| {
+                    (r.backend, vec![Step::Key("route_by_sni"), Step::Index(j), Step::Key("backend")])
+                }),
+            );
+            for (b, at) in used {
+                if backends.get(b).is_some_and(|b: &Backend| b.balance == Balance::Uri) {
+                    self.error(
+                        &[&[Step::Key("listeners"), Step::Index(i)][..], &at].concat(),
+                        format!(
+                            "listener `{}` is mode tcp, but backend `{}` balances by uri, which needs HTTP",
+                            l.name, backends[b].name
+                        ),
+                    );
+                }
             }
         }
         Config {
@@ -524,10 +558,14 @@ impl Validator<'_> {
             .and_then(|t| t.tls_handshake)
             .or(defaults.tls_handshake);
         let tls = self.listener_tls(path, l.tls.as_ref(), http.is_some(), handshake_timeout);
-        if tls.is_none() && l.timeouts.as_ref().is_some_and(|t| t.tls_handshake.is_some()) {
+        let sni_routes = self.sni_routes(&with(path, Step::Key("route_by_sni")), &l, http.is_some(), backends);
+        if tls.is_none()
+            && l.route_by_sni.is_empty()
+            && l.timeouts.as_ref().is_some_and(|t| t.tls_handshake.is_some())
+        {
             self.error(
                 &[path, &[Step::Key("timeouts"), Step::Key("tls_handshake")]].concat(),
-                "timeouts.tls_handshake: this listener has no `tls:`",
+                "timeouts.tls_handshake: this listener has no `tls:` and no `route_by_sni:`",
             );
         }
         let mut http = http;
@@ -586,7 +624,34 @@ impl Validator<'_> {
             client_timeout,
             http,
             tls,
+            sni_routes,
+            peek_timeout: handshake_timeout.unwrap_or(tls::DEFAULT_HANDSHAKE),
         }
+    }
+
+    /// `route_by_sni:`, for `tcp` listeners.
+    fn sni_routes(
+        &mut self,
+        path: &[Step],
+        l: &RawListener,
+        http: bool,
+        backends: &HashMap<String, usize>,
+    ) -> Vec<SniRoute> {
+        if http && !l.route_by_sni.is_empty() {
+            self.error(
+                path,
+                "route_by_sni: is for tcp listeners; an http listener's `routes:` match `sni:`",
+            );
+            return Vec::new();
+        }
+        let mut routes = Vec::new();
+        for (i, r) in l.route_by_sni.iter().enumerate() {
+            let path = with(path, Step::Index(i));
+            let sni = self.host_match(&with(&path, Step::Key("sni")), "sni", &r.sni);
+            let backend = self.backend_named(&path, backends, "route_by_sni", &r.backend);
+            routes.push(SniRoute { sni, backend });
+        }
+        routes
     }
 
     fn backend(&mut self, path: &[Step], b: RawBackend, defaults: &RawTimeouts) -> Backend {

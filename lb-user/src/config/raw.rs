@@ -250,6 +250,12 @@ pub struct RawListener {
     /// decrypted bytes.
     #[serde(default)]
     pub tls: Option<RawListenerTls>,
+    /// `tcp` mode: pick the backend by the name the client asks for in its TLS ClientHello
+    /// (SNI), tried in order; a flow no entry matches goes to `backend`. Without `tls:`, lb
+    /// peeks at the ClientHello and forwards the TLS flow as it is (HAProxy's `req_ssl_sni`),
+    /// within `timeouts.tls_handshake`; with `tls:`, the name comes from lb's handshake.
+    #[serde(default)]
+    pub route_by_sni: Vec<RawSniRoute>,
     /// Overrides `timeouts.client` (and the HTTP timeouts `http_request`, `http_keep_alive`,
     /// `tunnel`, and `tls_handshake`) for this listener.
     #[serde(default)]
@@ -401,6 +407,17 @@ pub struct RawListenerTls {
     /// plaintext. Without kTLS in the kernel this changes nothing.
     #[serde(default)]
     pub ktls: Option<bool>,
+}
+
+/// One entry of a `tcp` listener's `route_by_sni:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSniRoute {
+    /// The name: `example.com` exactly, or `*.example.com` for any name ending in
+    /// `.example.com` (compared without case).
+    pub sni: String,
+    /// The backend that receives the matching flows.
+    pub backend: String,
 }
 
 /// A certificate chain and its key, both PEM files.

@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-const DEFAULT_HANDSHAKE: Duration = Duration::from_secs(10);
+pub(super) const DEFAULT_HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// What a TLS client configuration is built from: `ca`, `verify`, `client_cert`.
 pub(super) type ClientKey = (Option<PathBuf>, bool, Option<CertFiles>);

@@ -69,10 +69,15 @@ impl Failure {
 
     /// Which failure the error of a failed handshake is.
     fn of(e: &std::io::Error) -> Failure {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            Some(tls) => Failure::of_error(tls),
+            None => Failure::Closed,
+        }
+    }
+
+    /// Which failure a TLS error is.
+    pub fn of_error(tls: &rustls::Error) -> Failure {
         use rustls::{Error, InvalidMessage};
-        let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
-            return Failure::Closed;
-        };
         match tls {
             Error::InvalidMessage(
                 InvalidMessage::InvalidContentType | InvalidMessage::UnknownProtocolVersion,

@@ -8,6 +8,7 @@
 //! - [`connect`]: TLS to servers (SNI, a private CA or the system's, client certificates);
 //! - [`ktls`]: whether the kernel can take TLS records over (kTLS), and handing a client's
 //!   session to it after the handshake;
+//! - [`peek`]: the SNI of a ClientHello lb does not answer (`route_by_sni` without `tls:`);
 //! - [`io`]: the socket under a session, read whole records at a time while a hand-off to the
 //!   kernel may follow.
 //!
@@ -19,6 +20,7 @@ pub mod certs;
 pub mod connect;
 pub mod io;
 pub mod ktls;
+pub mod peek;
 
 use std::sync::{Arc, OnceLock};
 
