@@ -180,7 +180,7 @@ pub fn snapshot(proxy: &Proxy) -> Stats {
         forwarding: if proxy.kernel.is_some() { "kernel" } else { "user" }.into(),
         tls_forwarding: proxy.ktls.as_ref().map(|k| match k {
             Ktls::Available(ciphers) => format!(
-                "kTLS ({}): client sessions encrypted and decrypted by the kernel, copied in userspace",
+                "userspace, client sessions encrypted and decrypted by the kernel (kTLS: {})",
                 ciphers.names().join(", ")
             ),
             Ktls::Unavailable(why) => format!("userspace: kTLS unavailable ({why})"),

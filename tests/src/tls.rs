@@ -280,3 +280,10 @@ pub fn listener_tls_yaml(certs: &[&CertFiles], extra: &[&str]) -> String {
     }
     y
 }
+
+/// Whether this kernel has kTLS: the TLS ULP is listed once lb asked for it at start (asking
+/// loads the module where there is one).
+pub fn kernel_has_ktls() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"))
+}
