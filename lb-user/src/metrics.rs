@@ -358,7 +358,7 @@ impl Metrics {
         );
         r.register(
             "lb_ktls_handoffs",
-            "Client TLS sessions offered to the kernel's TLS after their handshake, by listener and result (kernel: the kernel encrypts and decrypts it; kept: rustls goes on, for a cipher the kernel lacks; failed: the kernel refused the keys and the session was closed)",
+            "Client TLS sessions offered to the kernel's TLS after their handshake, by listener and result (kernel: the kernel encrypts and decrypts it; kept: rustls goes on, for a cipher the kernel lacks, part of a record already read, or a client that closed right after its handshake; failed: the kernel refused the keys and the session was closed)",
             m.ktls_handoffs.clone(),
         );
         r.register(

@@ -351,9 +351,13 @@ async fn a_tcp_listener_terminates_tls_and_forwards_every_byte() {
             m.get("lb_active_connections{listener=\"test\"}") == 0.0
         })
         .await;
-    // Decrypted and encrypted by lb: userspace, both ways; the kernel saw none of it.
+    // Copied by lb both ways (the sockmap path takes plain TCP only); decrypted and encrypted
+    // by the kernel's TLS where the kernel has it, else by rustls.
     assert!(m.user_bytes() >= 2.0 * payload.len() as f64, "{}", m.text);
     assert_eq!(m.kernel_bytes(), 0.0, "{}", m.text);
+    let in_kernel = m.get("lb_ktls_handoffs_total{listener=\"test\",result=\"kernel\"}");
+    let expected = if lb_tests::tls::kernel_has_ktls() { 1.0 } else { 0.0 };
+    assert_eq!(in_kernel, expected, "{}", m.text);
 }
 
 /// `route_by_sni:` without `tls:`: a tcp listener peeks at the ClientHello, picks the backend

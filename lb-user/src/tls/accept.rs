@@ -133,9 +133,11 @@ pub struct Terminator {
 pub enum HandOffResult {
     /// The kernel encrypts and decrypts it.
     Kernel,
-    /// It stayed with rustls (a cipher the kernel lacks).
+    /// It stayed with rustls: a cipher the kernel lacks, part of a record already read, records
+    /// still to send, or a client that closed or misbehaved right after its handshake.
     Kept,
-    /// The kernel refused the keys once they were out of rustls: the session was closed.
+    /// The keys were out of rustls when the kernel refused them (or reading what rustls held
+    /// failed): the session was closed.
     Failed,
 }
 

@@ -101,8 +101,8 @@ impl AsyncRead for TlsIo {
                     *got += n;
                 }
                 if buf.remaining() < HEADER {
-                    // rustls always offers more room than this; a smaller buffer cannot take a
-                    // header whole, so the reads go plain rather than lose bytes.
+                    // rustls always offers more room than this; a smaller buffer could not take
+                    // the header whole: an error rather than lost bytes.
                     return Poll::Ready(Err(io::Error::other("TLS read buffer smaller than a record header")));
                 }
                 buf.put_slice(&header[..]);

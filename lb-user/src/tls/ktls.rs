@@ -112,6 +112,7 @@ pub fn detect() -> Ktls {
             let info = CryptoInfo::new(ProtocolVersion::TLSv1_3, cipher, &[0; 32], &[0; 12], 0)
                 .expect("key and iv long enough for every cipher");
             info.set(client.as_raw_fd(), libc::TLS_TX)?;
+            info.set(client.as_raw_fd(), libc::TLS_RX)?;
         }
         Ok(())
     };
@@ -165,13 +166,13 @@ impl CryptoInfo {
     /// 8-byte IV; ChaCha20 takes the 12 bytes as its IV) and the sequence number of the next
     /// record. `None` when a length is wrong for the cipher.
     fn new(version: ProtocolVersion, cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> Option<CryptoInfo> {
-        let version = match version {
-            ProtocolVersion::TLSv1_2 => libc::TLS_1_2_VERSION,
-            _ => libc::TLS_1_3_VERSION,
-        };
+        let tls12 = version == ProtocolVersion::TLSv1_2;
+        let version = if tls12 { libc::TLS_1_2_VERSION } else { libc::TLS_1_3_VERSION };
         let iv: &[u8; 12] = iv.get(..12)?.try_into().ok()?;
         let rec_seq = seq.to_be_bytes();
-        let (salt, explicit) = (iv[..4].try_into().ok()?, iv[4..].try_into().ok()?);
+        let salt = iv[..4].try_into().ok()?;
+        let implicit = u64::from_be_bytes(iv[4..].try_into().ok()?);
+        let explicit = if tls12 { tls12_first_explicit_nonce(implicit, seq)? } else { implicit }.to_be_bytes();
         Some(match cipher {
             Cipher::Aes128Gcm => CryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
                 info: libc::tls_crypto_info {
@@ -206,6 +207,23 @@ impl CryptoInfo {
                 })
             }
         })
+    }
+
+    /// Its parts, for the tests: the key, the 12-byte IV (salt and IV), the TLS version and
+    /// the next record's sequence number.
+    #[cfg(test)]
+    fn parts(&self) -> (&[u8], [u8; 12], u16, u64) {
+        let joined = |salt: &[u8], iv: &[u8]| -> [u8; 12] {
+            let mut all = [0u8; 12];
+            all[..salt.len()].copy_from_slice(salt);
+            all[salt.len()..].copy_from_slice(iv);
+            all
+        };
+        match self {
+            CryptoInfo::Aes128Gcm(i) => (&i.key, joined(&i.salt, &i.iv), i.info.version, u64::from_be_bytes(i.rec_seq)),
+            CryptoInfo::Aes256Gcm(i) => (&i.key, joined(&i.salt, &i.iv), i.info.version, u64::from_be_bytes(i.rec_seq)),
+            CryptoInfo::Chacha20Poly1305(i) => (&i.key, i.iv, i.info.version, u64::from_be_bytes(i.rec_seq)),
+        }
     }
 
     /// From what rustls extracted for one direction: (sequence number, secrets).
@@ -245,6 +263,22 @@ impl CryptoInfo {
             Err(io::Error::last_os_error())
         }
     }
+}
+
+/// The explicit nonce of the kernel's first TLS 1.2 AES-GCM record after the hand-off.
+///
+/// rustls's nonces are the salt and `implicit XOR seq`; the kernel's are the salt and a counter
+/// it starts at the `iv` it is given and adds 1 to per record. Given `implicit` itself, its
+/// first record would reuse the nonce rustls's record 0 (the Finished) had under the same key,
+/// which GCM must never do. Every nonce rustls used (`implicit XOR j`, `j < seq`) differs from
+/// `implicit` only in the bits below `seq`'s next power of two: the kernel starts above all of
+/// them. `None` when that would wrap around (the
+/// hand-off then fails and the session is closed; with a random implicit part, odds of 2^-40
+/// for a session handed over after a million records, far less at the usual one). (For
+/// ChaCha20 and TLS 1.3 the kernel derives nonces from the sequence number, as rustls does.)
+fn tls12_first_explicit_nonce(implicit: u64, seq: u64) -> Option<u64> {
+    let below = seq.checked_next_power_of_two()?.wrapping_sub(1);
+    (implicit | below).checked_add(1)
 }
 
 /// A client's TLS session after its handshake.
@@ -315,20 +349,22 @@ fn take_keys(mut tls: tokio_rustls::server::TlsStream<TlsIo>, ciphers: &Ciphers)
         return Err(Taken::Kept(Box::new(tls), why.unwrap_or("unknown")));
     };
     // The records rustls read whole: decrypted, then taken out as plaintext (lb reads it first).
+    // A client that already closed, or sent something rustls refuses, is left to rustls, which
+    // reports it as on any session.
+    let kept = match conn.process_new_packets() {
+        Err(_) => Some("rustls refused a record"),
+        Ok(state) if state.peer_has_closed() => Some("the client closed"),
+        Ok(_) => None,
+    };
+    if let Some(why) = kept {
+        tls.get_mut().0.plain_reads();
+        return Err(Taken::Kept(Box::new(tls), why));
+    }
     let mut early = Vec::new();
-    conn.process_new_packets()
-        .map_err(io::Error::other)
-        .and_then(|state| {
-            if state.peer_has_closed() {
-                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed right after the handshake"));
-            }
-            match conn.reader().read_to_end(&mut early) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-                Err(e) => Err(e),
-                Ok(_) => Ok(()),
-            }
-        })
-        .map_err(Taken::Failed)?;
+    match conn.reader().read_to_end(&mut early) {
+        Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(Taken::Failed(e)),
+        _ => {}
+    }
     let (io, conn) = tls.into_inner();
     let secrets = conn
         .dangerous_extract_secrets()
@@ -480,6 +516,8 @@ impl AsyncRead for KtlsStream {
                         "peer closed connection without sending TLS close_notify",
                     )))
                 }
+                // An empty record: no data, and not the end of the stream.
+                Ok((0, Some(APPLICATION_DATA))) => continue,
                 Ok((n, None | Some(APPLICATION_DATA))) => {
                     // SAFETY: the kernel wrote `n` bytes at the start of the unfilled part.
                     unsafe { buf.assume_init(n) };

@@ -3,7 +3,7 @@
 //! every byte stays in the socket for the server (HAProxy's `req_ssl_sni`). rustls's
 //! [`Acceptor`] parses it: lb never answers, the server does the handshake.
 use rustls::server::Acceptor;
-use std::{io, time::Duration};
+use std::{io, os::fd::AsRawFd, time::Duration};
 use tokio::{io::Interest, net::TcpStream};
 
 use super::accept::Failure;
@@ -25,31 +25,54 @@ async fn peek_sni(tcp: &TcpStream) -> Result<Option<String>, Failure> {
     let mut buf = vec![0u8; MOST];
     let mut seen = 0;
     loop {
-        let n = tcp.peek(&mut buf).await.map_err(|_| Failure::Closed)?;
-        if n == 0 {
-            return Err(Failure::Closed);
+        let ready = tcp.ready(Interest::READABLE).await.map_err(|_| Failure::Closed)?;
+        // A peek sees the same bytes until more arrive: nothing new is a WouldBlock, which
+        // clears the socket's readiness so that the next segment is awaited, not spun on.
+        let peeked = tcp.try_io(Interest::READABLE, || match peek(tcp, &mut buf)? {
+            n if n == seen && n > 0 => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        });
+        let n = match peeked {
+            Ok(0) => return Err(Failure::Closed),
+            Ok(n) => n,
+            // The client closed with the ClientHello unfinished (readiness stays then).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && ready.is_read_closed() => {
+                return Err(Failure::Closed)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(Failure::Closed),
+        };
+        seen = n;
+        // Parsed from the start each time: the Acceptor takes bytes once.
+        let mut acceptor = Acceptor::default();
+        let mut bytes = &buf[..n];
+        while !bytes.is_empty() {
+            acceptor.read_tls(&mut bytes).map_err(|_| Failure::Protocol)?;
         }
-        if n > seen {
-            seen = n;
-            // Parsed from the start each time: the Acceptor takes bytes once.
-            let mut acceptor = Acceptor::default();
-            let mut bytes = &buf[..n];
-            while !bytes.is_empty() {
-                acceptor.read_tls(&mut bytes).map_err(|_| Failure::Protocol)?;
-            }
-            match acceptor.accept() {
-                Ok(Some(accepted)) => return Ok(accepted.client_hello().server_name().map(str::to_ascii_lowercase)),
-                Ok(None) => {}
-                Err((e, _alert)) => return Err(Failure::of_error(&e)),
-            }
-            if n == MOST {
-                return Err(Failure::Protocol);
-            }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return Ok(accepted.client_hello().server_name().map(str::to_ascii_lowercase)),
+            Ok(None) if n == MOST => return Err(Failure::Protocol),
+            Ok(None) => {}
+            Err((e, _alert)) => return Err(Failure::of_error(&e)),
         }
-        // Not whole yet: a peek sees the same bytes until more arrive, so the socket's
-        // readiness is cleared (a WouldBlock through try_io) and the next segment awaited.
-        let _ = tcp.try_io(Interest::READABLE, || Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock)));
-        tcp.readable().await.map_err(|_| Failure::Closed)?;
+    }
+}
+
+/// `recv(MSG_PEEK)` without waiting: the bytes stay in the socket.
+fn peek(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: a valid fd and a buffer of the length given.
+    let n = unsafe {
+        libc::recv(
+            tcp.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -87,6 +110,18 @@ mod tests {
         let mut all = vec![0u8; hello.len()];
         server.read_exact(&mut all).await.unwrap();
         assert_eq!(all, hello);
+    }
+
+    /// Half a ClientHello, then the client's FIN: closed at once (no spinning until the time
+    /// limit).
+    #[tokio::test(start_paused = true)]
+    async fn half_a_hello_then_a_close_is_closed() {
+        let (mut client, server) = crate::test_support::loopback_pair().await;
+        client.write_all(&client_hello("a.test")[..30]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(client_hello_sni(&server, Duration::from_secs(5)).await, Err(Failure::Closed));
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     #[tokio::test]

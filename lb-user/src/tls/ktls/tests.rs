@@ -58,14 +58,15 @@ async fn session(suite: SupportedCipherSuite) -> (Server, Client) {
     (server.unwrap(), client.unwrap())
 }
 
-/// A direction's key, 12-byte IV, TLS version and next sequence number, back from the struct.
+/// A direction's AEAD algorithm, key, 12-byte IV, TLS version and next sequence number.
 fn parts(info: &CryptoInfo) -> (&'static aws_lc_rs::aead::Algorithm, Vec<u8>, [u8; 12], u16, u64) {
-    let iv = |salt: &[u8], iv: &[u8]| -> [u8; 12] { [salt, iv].concat().try_into().unwrap() };
-    match info {
-        CryptoInfo::Aes128Gcm(i) => (&AES_128_GCM, i.key.to_vec(), iv(&i.salt, &i.iv), i.info.version, u64::from_be_bytes(i.rec_seq)),
-        CryptoInfo::Aes256Gcm(i) => (&AES_256_GCM, i.key.to_vec(), iv(&i.salt, &i.iv), i.info.version, u64::from_be_bytes(i.rec_seq)),
-        CryptoInfo::Chacha20Poly1305(i) => (&CHACHA20_POLY1305, i.key.to_vec(), i.iv, i.info.version, u64::from_be_bytes(i.rec_seq)),
-    }
+    let alg = match info {
+        CryptoInfo::Aes128Gcm(_) => &AES_128_GCM,
+        CryptoInfo::Aes256Gcm(_) => &AES_256_GCM,
+        CryptoInfo::Chacha20Poly1305(_) => &CHACHA20_POLY1305,
+    };
+    let (key, iv, version, seq) = info.parts();
+    (alg, key.to_vec(), iv, version, seq)
 }
 
 /// The per-record nonce: TLS 1.3's and TLS 1.2 ChaCha20's (the IV xor the sequence number),
@@ -116,7 +117,8 @@ fn seal(info: &CryptoInfo, data: &[u8]) -> Vec<u8> {
         return [header, body].concat();
     }
     let gcm = !std::ptr::eq(alg, &CHACHA20_POLY1305);
-    let explicit = seq.to_be_bytes();
+    // TLS 1.2 AES-GCM: the explicit nonce the kernel writes, its first record's: the struct's IV.
+    let explicit: [u8; 8] = iv[4..].try_into().unwrap();
     let aad = [&seq.to_be_bytes()[..], &[APPLICATION_DATA], &wire_version, &(data.len() as u16).to_be_bytes()].concat();
     let mut body = data.to_vec();
     key.seal_in_place_append_tag(nonce(iv, seq, gcm.then_some(explicit)), Aad::from(aad), &mut body)
@@ -191,6 +193,31 @@ async fn a_cipher_the_kernel_lacks_keeps_the_session_in_rustls() {
     let mut got = [0u8; 12];
     server.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"still rustls");
+}
+
+/// TLS 1.2 AES-GCM: the kernel's first nonce (and so every later one, counting up) is above
+/// every nonce rustls used before the hand-off (`implicit XOR j` for `j < seq`), whatever the
+/// implicit part; when none is left, the session stays with rustls.
+#[test]
+fn tls12_gcm_nonces_are_never_reused() {
+    for implicit in [0u64, 1, 2, 0x8000_0000_0000_0001, 0x0123_4567_89ab_cdef, u64::MAX - 7] {
+        for seq in [0u64, 1, 2, 3, 4, 5, 1000, 1 << 20] {
+            let Some(first) = tls12_first_explicit_nonce(implicit, seq) else {
+                assert!(implicit | seq.next_power_of_two().wrapping_sub(1) == u64::MAX);
+                continue;
+            };
+            let used = (0..seq.min(5000)).map(|j| implicit ^ j);
+            for u in used {
+                assert!(first > u, "implicit {implicit:#x}, seq {seq}: first {first:#x} <= used {u:#x}");
+            }
+        }
+    }
+    // What CryptoInfo gives the kernel is that nonce, for TLS 1.2 only.
+    let iv = [1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 1];
+    let tls12 = CryptoInfo::new(ProtocolVersion::TLSv1_2, Cipher::Aes128Gcm, &[0; 16], &iv, 1).unwrap();
+    assert_eq!(tls12.parts().1[4..], 2u64.to_be_bytes());
+    let tls13 = CryptoInfo::new(ProtocolVersion::TLSv1_3, Cipher::Aes128Gcm, &[0; 16], &iv, 1).unwrap();
+    assert_eq!(tls13.parts().1, iv);
 }
 
 /// The cipher of every suite rustls (aws-lc-rs) offers is one the kernel implements.
