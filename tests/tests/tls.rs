@@ -55,6 +55,19 @@ async fn each_name_gets_its_certificate_and_its_route() {
         assert!(out.contains("ALPN: server accepted http/1.1"), "{name}: {out}");
         assert!(out.contains(served_by), "{name} went to the wrong backend: {out}");
     }
+    // TLS 1.2 too, with each kind of cipher (AES-GCM's explicit nonces and ChaCha20's, which
+    // the kernel's TLS takes over where it has it).
+    for cipher in ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"] {
+        let resolve = format!("a.test:{port}:127.0.0.1");
+        let url = format!("https://a.test:{port}/tls12");
+        let out = run_tool(
+            "curl",
+            &["-sS", "-v", "--cacert", &ca, "--resolve", &resolve, "--tls-max", "1.2", "--ciphers", cipher, &url, "--stderr", "-"],
+        )
+        .await;
+        assert!(out.contains("TLSv1.2") && out.contains(cipher), "{cipher}: {out}");
+        assert!(out.contains("A GET /tls12"), "{cipher}: {out}");
+    }
     // openssl s_client: ALPN negotiated, the certificate verified against the test's CA.
     let connect_to = format!("127.0.0.1:{port}");
     let out = run_tool(
@@ -111,9 +124,18 @@ print(head.split()[1], s.selected_alpn_protocol(), cn, body.splitlines()[0])
             m.sum("lb_tls_handshake_failures_total") == 1.0
         })
         .await;
+    // Three curl (TLS 1.3), three curl (TLS 1.2), openssl, Python.
     assert_eq!(
         m.get("lb_tls_handshakes_total{listener=\"web\"}"),
-        5.0,
+        8.0,
+        "{}",
+        m.text
+    );
+    // Each handed to the kernel's TLS, where the kernel has it.
+    let expected = if lb_tests::tls::kernel_has_ktls() { 8.0 } else { 0.0 };
+    assert_eq!(
+        m.get("lb_ktls_handoffs_total{listener=\"web\",result=\"kernel\"}"),
+        expected,
         "{}",
         m.text
     );
