@@ -213,7 +213,10 @@ async fn tls_stage(proxy: &Proxy, listener: usize, tls: &Terminator, a: Accepted
 async fn sni_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
     let l = &proxy.config.listeners[listener];
     match crate::tls::peek::client_hello_sni(&a.stream, l.peek_timeout).await {
-        Ok(sni) => Session::Tcp(Client { sni, ..Client::plain(a) }),
+        Ok(sni) => Session::Tcp(Client {
+            sni,
+            ..Client::plain(a)
+        }),
         Err(failure) => {
             let labels = crate::metrics::TlsFailureLabels {
                 listener: l.name.clone(),
@@ -261,13 +264,7 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
                 client: l.client_timeout,
                 server: backend.server_timeout,
             };
-            match paired(
-                a.stream,
-                stream,
-                timeouts,
-                Directions::Both,
-                info,
-            ) {
+            match paired(a.stream, stream, timeouts, Directions::Both, info) {
                 Ok(pair) => Session::Connected(pair),
                 Err(streams) => Session::Streams(streams),
             }

@@ -6,7 +6,9 @@ use lb_tests::{
     http::{read_response, run_tool, status_of, HttpLbBuilder, Reflector},
     lb::LbBuilder,
     servers,
-    tls::{connect, https_server, https_server_requiring_client_cert, listener_tls_yaml, peer_common_name, Pki},
+    tls::{
+        connect, https_server, https_server_requiring_client_cert, listener_tls_yaml, peer_common_name, Pki,
+    },
 };
 use rand::{rngs::SmallRng, RngCore, SeedableRng};
 use std::time::{Duration, Instant};
@@ -57,12 +59,30 @@ async fn each_name_gets_its_certificate_and_its_route() {
     }
     // TLS 1.2 too, with each kind of cipher (AES-GCM's explicit nonces and ChaCha20's, which
     // the kernel's TLS takes over where it has it).
-    for cipher in ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"] {
+    for cipher in [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ] {
         let resolve = format!("a.test:{port}:127.0.0.1");
         let url = format!("https://a.test:{port}/tls12");
         let out = run_tool(
             "curl",
-            &["-sS", "-v", "--cacert", &ca, "--resolve", &resolve, "--tls-max", "1.2", "--ciphers", cipher, &url, "--stderr", "-"],
+            &[
+                "-sS",
+                "-v",
+                "--cacert",
+                &ca,
+                "--resolve",
+                &resolve,
+                "--tls-max",
+                "1.2",
+                "--ciphers",
+                cipher,
+                &url,
+                "--stderr",
+                "-",
+            ],
         )
         .await;
         assert!(out.contains("TLSv1.2") && out.contains(cipher), "{cipher}: {out}");
@@ -132,7 +152,11 @@ print(head.split()[1], s.selected_alpn_protocol(), cn, body.splitlines()[0])
         m.text
     );
     // Each handed to the kernel's TLS, where the kernel has it.
-    let expected = if lb_tests::tls::kernel_has_ktls() { 8.0 } else { 0.0 };
+    let expected = if lb_tests::tls::kernel_has_ktls() {
+        8.0
+    } else {
+        0.0
+    };
     assert_eq!(
         m.get("lb_ktls_handoffs_total{listener=\"web\",result=\"kernel\"}"),
         expected,
@@ -233,7 +257,12 @@ async fn a_client_certificate_is_presented_to_a_server_that_requires_one() {
     let answer = lb
         .exchange(b"GET /anonymous HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         .await;
-    assert_eq!(status_of(&answer), Some(502), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        status_of(&answer),
+        Some(502),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
 }
 
 #[tokio::test]
@@ -378,7 +407,11 @@ async fn a_tcp_listener_terminates_tls_and_forwards_every_byte() {
     assert!(m.user_bytes() >= 2.0 * payload.len() as f64, "{}", m.text);
     assert_eq!(m.kernel_bytes(), 0.0, "{}", m.text);
     let in_kernel = m.get("lb_ktls_handoffs_total{listener=\"test\",result=\"kernel\"}");
-    let expected = if lb_tests::tls::kernel_has_ktls() { 1.0 } else { 0.0 };
+    let expected = if lb_tests::tls::kernel_has_ktls() {
+        1.0
+    } else {
+        0.0
+    };
     assert_eq!(in_kernel, expected, "{}", m.text);
 }
 
@@ -415,7 +448,10 @@ async fn a_tcp_listener_routes_tls_by_sni_without_terminating_it() {
         assert!(text.ends_with(body), "{name}: {text}");
     }
     let mut plain = TcpStream::connect(lb.listener).await.unwrap();
-    plain.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
     let (got, _) = until_closed(&mut plain).await;
     assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
     let m = lb.metrics();

@@ -21,13 +21,23 @@ pub fn run(toolchain: &str) -> Result<(u64, u64)> {
     let vm_dir = root().join("target/ktls-vm");
     std::fs::create_dir_all(&vm_dir).context("creating target/ktls-vm")?;
     println!("xtask: kTLS tests: setting up the virtual machine (a Debian kernel with CONFIG_TLS)");
-    run_cmd(Command::new("bash").arg(scripts.join("setup.sh")).env("LB_VM_DIR", &vm_dir))?;
+    run_cmd(
+        Command::new("bash")
+            .arg(scripts.join("setup.sh"))
+            .env("LB_VM_DIR", &vm_dir),
+    )?;
     let (mut passed, mut failed) = (0, 0);
     for exe in test_executables(toolchain)? {
         println!("xtask: kTLS tests: {exe} in the virtual machine");
         let mut cmd = Command::new("bash");
         cmd.arg(scripts.join("run.sh"))
-            .args(["env", "LB_REQUIRE_BPF=1", "LB_REQUIRE_KTLS=1", &exe, "--test-threads=2"])
+            .args([
+                "env",
+                "LB_REQUIRE_BPF=1",
+                "LB_REQUIRE_KTLS=1",
+                &exe,
+                "--test-threads=2",
+            ])
             .current_dir(root())
             .env("LB_VM_DIR", &vm_dir)
             .env("VM_RW_DIRS", root())
@@ -53,13 +63,20 @@ pub fn run(toolchain: &str) -> Result<(u64, u64)> {
 /// The test executables of [`TARGETS`], built (already, by the main run) and listed by cargo.
 fn test_executables(toolchain: &str) -> Result<Vec<String>> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root())
-        .env("LB_BPF_TOOLCHAIN", toolchain)
-        .args(["test", "-p", "lb-tests", "--no-run", "--message-format=json"]);
+    cmd.current_dir(root()).env("LB_BPF_TOOLCHAIN", toolchain).args([
+        "test",
+        "-p",
+        "lb-tests",
+        "--no-run",
+        "--message-format=json",
+    ]);
     for t in TARGETS {
         cmd.args(["--test", t]);
     }
-    let out = cmd.stderr(Stdio::inherit()).output().context("cargo test --no-run")?;
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
     if !out.status.success() {
         bail!("cargo test --no-run failed: {}", out.status);
     }

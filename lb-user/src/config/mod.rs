@@ -498,11 +498,17 @@ impl Validator<'_> {
             }
             let used = std::iter::once((l.backend, vec![Step::Key("backend")])).chain(
                 l.sni_routes.iter().enumerate().map(|(j, r)| {
-                    (r.backend, vec![Step::Key("route_by_sni"), Step::Index(j), Step::Key("backend")])
+                    (
+                        r.backend,
+                        vec![Step::Key("route_by_sni"), Step::Index(j), Step::Key("backend")],
+                    )
                 }),
             );
             for (b, at) in used {
-                if backends.get(b).is_some_and(|b: &Backend| b.balance == Balance::Uri) {
+                if backends
+                    .get(b)
+                    .is_some_and(|b: &Backend| b.balance == Balance::Uri)
+                {
                     self.error(
                         &[&[Step::Key("listeners"), Step::Index(i)][..], &at].concat(),
                         format!(
@@ -558,7 +564,12 @@ impl Validator<'_> {
             .and_then(|t| t.tls_handshake)
             .or(defaults.tls_handshake);
         let tls = self.listener_tls(path, l.tls.as_ref(), http.is_some(), handshake_timeout);
-        let sni_routes = self.sni_routes(&with(path, Step::Key("route_by_sni")), &l, http.is_some(), backends);
+        let sni_routes = self.sni_routes(
+            &with(path, Step::Key("route_by_sni")),
+            &l,
+            http.is_some(),
+            backends,
+        );
         if tls.is_none()
             && l.route_by_sni.is_empty()
             && l.timeouts.as_ref().is_some_and(|t| t.tls_handshake.is_some())

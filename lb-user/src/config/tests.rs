@@ -345,13 +345,25 @@ fn route_by_sni_on_tcp_listeners() {
     assert_eq!(l.peek_timeout, Duration::from_secs(3));
     assert_eq!(l.sni_routes[0].sni, HostMatch::Exact("api.test".into()));
     assert_eq!(l.backend_for_sni(Some("x.b.test")), 0);
-    let e = only_error(&routed.replace("backend: app }\n      - { sni: \"*", "backend: nope }\n      - { sni: \"*"));
+    let e = only_error(&routed.replace(
+        "backend: app }\n      - { sni: \"*",
+        "backend: nope }\n      - { sni: \"*",
+    ));
     assert!(e.starts_with("t.yaml:6:35: ") && e.contains("`nope`"), "{e}");
     let e = only_error(&routed.replace("sni: API.test", "sni: \"a b\""));
-    assert!(e.starts_with("t.yaml:6:16: ") && e.contains("is not a host name"), "{e}");
-    let e = only_error(&routed.replace("    backend: app\n    route", "    mode: http\n    backend: app\n    route"));
+    assert!(
+        e.starts_with("t.yaml:6:16: ") && e.contains("is not a host name"),
+        "{e}"
+    );
+    let e = only_error(&routed.replace(
+        "    backend: app\n    route",
+        "    mode: http\n    backend: app\n    route",
+    ));
     assert!(e.contains("route_by_sni: is for tcp listeners"), "{e}");
     // tls_handshake needs tls: or route_by_sni:.
-    let e = only_error(&GOOD.replace("    backend: app\n", "    backend: app\n    timeouts: { tls_handshake: 3s }\n"));
+    let e = only_error(&GOOD.replace(
+        "    backend: app\n",
+        "    backend: app\n    timeouts: { tls_handshake: 3s }\n",
+    ));
     assert!(e.contains("no `tls:` and no `route_by_sni:`"), "{e}");
 }

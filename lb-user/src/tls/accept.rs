@@ -69,7 +69,10 @@ impl Failure {
 
     /// Which failure the error of a failed handshake is.
     fn of(e: &std::io::Error) -> Failure {
-        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
             Some(tls) => Failure::of_error(tls),
             None => Failure::Closed,
         }

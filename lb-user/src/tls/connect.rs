@@ -125,7 +125,8 @@ pub async fn handshake(
     timeout: Duration,
 ) -> Result<tokio_rustls::client::TlsStream<super::io::TlsIo>, HandshakeError> {
     // Sessions to servers stay with rustls: plain reads.
-    let connect = TlsConnector::from(tls.config.clone()).connect(tls.name.clone(), super::io::TlsIo::plain(tcp));
+    let connect =
+        TlsConnector::from(tls.config.clone()).connect(tls.name.clone(), super::io::TlsIo::plain(tcp));
     match tokio::time::timeout(timeout, connect).await {
         Err(_) => Err(HandshakeError::Timeout(timeout)),
         Ok(Err(e)) => Err(HandshakeError::Failed(e)),

@@ -103,7 +103,9 @@ impl AsyncRead for TlsIo {
                 if buf.remaining() < HEADER {
                     // rustls always offers more room than this; a smaller buffer could not take
                     // the header whole: an error rather than lost bytes.
-                    return Poll::Ready(Err(io::Error::other("TLS read buffer smaller than a record header")));
+                    return Poll::Ready(Err(io::Error::other(
+                        "TLS read buffer smaller than a record header",
+                    )));
                 }
                 buf.put_slice(&header[..]);
                 let left = u16::from_be_bytes([header[3], header[4]]) as usize;
@@ -200,9 +202,15 @@ mod tests {
         assert_eq!(got, wire);
         let ends = [a.len(), a.len() + b.len(), a.len() + b.len() + c.len()];
         for end in ends {
-            assert!(boundaries.contains(&(end, true)), "no read ended at {end}: {boundaries:?}");
+            assert!(
+                boundaries.contains(&(end, true)),
+                "no read ended at {end}: {boundaries:?}"
+            );
         }
-        assert!(!io.at_record_boundary(), "mid-record after the fourth's first bytes");
+        assert!(
+            !io.at_record_boundary(),
+            "mid-record after the fourth's first bytes"
+        );
         // The rest of the fourth record completes it.
         peer.write_all(&next[7..]).await.unwrap();
         let mut buf = [0u8; 4096];

@@ -12,6 +12,7 @@
 //!
 //! What the kernel does not do for lb: TLS 1.3 key updates (a peer's KeyUpdate ends the
 //! session with an error, as the kernel cannot rekey a receive direction it was handed).
+use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion};
 use std::{
     io::{self, Read},
     mem::{size_of, MaybeUninit},
@@ -20,7 +21,6 @@ use std::{
     pin::Pin,
     task::{ready, Context, Poll},
 };
-use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion};
 use tokio::{
     io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
     net::TcpStream,
@@ -167,12 +167,21 @@ impl CryptoInfo {
     /// record. `None` when a length is wrong for the cipher.
     fn new(version: ProtocolVersion, cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> Option<CryptoInfo> {
         let tls12 = version == ProtocolVersion::TLSv1_2;
-        let version = if tls12 { libc::TLS_1_2_VERSION } else { libc::TLS_1_3_VERSION };
+        let version = if tls12 {
+            libc::TLS_1_2_VERSION
+        } else {
+            libc::TLS_1_3_VERSION
+        };
         let iv: &[u8; 12] = iv.get(..12)?.try_into().ok()?;
         let rec_seq = seq.to_be_bytes();
         let salt = iv[..4].try_into().ok()?;
         let implicit = u64::from_be_bytes(iv[4..].try_into().ok()?);
-        let explicit = if tls12 { tls12_first_explicit_nonce(implicit, seq)? } else { implicit }.to_be_bytes();
+        let explicit = if tls12 {
+            tls12_first_explicit_nonce(implicit, seq)?
+        } else {
+            implicit
+        }
+        .to_be_bytes();
         Some(match cipher {
             Cipher::Aes128Gcm => CryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
                 info: libc::tls_crypto_info {
@@ -220,14 +229,28 @@ impl CryptoInfo {
             all
         };
         match self {
-            CryptoInfo::Aes128Gcm(i) => (&i.key, joined(&i.salt, &i.iv), i.info.version, u64::from_be_bytes(i.rec_seq)),
-            CryptoInfo::Aes256Gcm(i) => (&i.key, joined(&i.salt, &i.iv), i.info.version, u64::from_be_bytes(i.rec_seq)),
+            CryptoInfo::Aes128Gcm(i) => (
+                &i.key,
+                joined(&i.salt, &i.iv),
+                i.info.version,
+                u64::from_be_bytes(i.rec_seq),
+            ),
+            CryptoInfo::Aes256Gcm(i) => (
+                &i.key,
+                joined(&i.salt, &i.iv),
+                i.info.version,
+                u64::from_be_bytes(i.rec_seq),
+            ),
             CryptoInfo::Chacha20Poly1305(i) => (&i.key, i.iv, i.info.version, u64::from_be_bytes(i.rec_seq)),
         }
     }
 
     /// From what rustls extracted for one direction: (sequence number, secrets).
-    fn from_rustls(version: ProtocolVersion, cipher: Cipher, (seq, secrets): (u64, ConnectionTrafficSecrets)) -> Option<CryptoInfo> {
+    fn from_rustls(
+        version: ProtocolVersion,
+        cipher: Cipher,
+        (seq, secrets): (u64, ConnectionTrafficSecrets),
+    ) -> Option<CryptoInfo> {
         let (key, iv) = match &secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv }
             | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
@@ -544,7 +567,9 @@ impl AsyncRead for KtlsStream {
                 Ok((_, Some(other))) => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("a TLS record of type {other} after the hand-off to the kernel (a key update?)"),
+                        format!(
+                            "a TLS record of type {other} after the hand-off to the kernel (a key update?)"
+                        ),
                     )))
                 }
             }

@@ -50,7 +50,9 @@ async fn peek_sni(tcp: &TcpStream) -> Result<Option<String>, Failure> {
             acceptor.read_tls(&mut bytes).map_err(|_| Failure::Protocol)?;
         }
         match acceptor.accept() {
-            Ok(Some(accepted)) => return Ok(accepted.client_hello().server_name().map(str::to_ascii_lowercase)),
+            Ok(Some(accepted)) => {
+                return Ok(accepted.client_hello().server_name().map(str::to_ascii_lowercase))
+            }
             Ok(None) if n == MOST => return Err(Failure::Protocol),
             Ok(None) => {}
             Err((e, _alert)) => return Err(Failure::of_error(&e)),
@@ -88,7 +90,9 @@ mod tests {
             .unwrap()
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
-        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name.to_string().try_into().unwrap()).unwrap();
+        let mut conn =
+            rustls::ClientConnection::new(std::sync::Arc::new(config), name.to_string().try_into().unwrap())
+                .unwrap();
         let mut out = Vec::new();
         conn.write_tls(&mut out).unwrap();
         out
@@ -120,21 +124,37 @@ mod tests {
         client.write_all(&client_hello("a.test")[..30]).await.unwrap();
         client.shutdown().await.unwrap();
         let started = tokio::time::Instant::now();
-        assert_eq!(client_hello_sni(&server, Duration::from_secs(5)).await, Err(Failure::Closed));
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert_eq!(
+            client_hello_sni(&server, Duration::from_secs(5)).await,
+            Err(Failure::Closed)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
     async fn plain_http_is_not_tls() {
         let (mut client, server) = crate::test_support::loopback_pair().await;
-        client.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
-        assert_eq!(client_hello_sni(&server, Duration::from_secs(5)).await, Err(Failure::NotTls));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            client_hello_sni(&server, Duration::from_secs(5)).await,
+            Err(Failure::NotTls)
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn half_a_hello_times_out() {
         let (mut client, server) = crate::test_support::loopback_pair().await;
         client.write_all(&client_hello("a.test")[..30]).await.unwrap();
-        assert_eq!(client_hello_sni(&server, Duration::from_secs(5)).await, Err(Failure::Timeout));
+        assert_eq!(
+            client_hello_sni(&server, Duration::from_secs(5)).await,
+            Err(Failure::Timeout)
+        );
     }
 }

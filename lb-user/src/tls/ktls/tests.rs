@@ -54,7 +54,10 @@ async fn session(suite: SupportedCipherSuite) -> (Server, Client) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let name = ServerName::try_from("k.test").unwrap();
-    let (server, client) = tokio::join!(acceptor.accept(TlsIo::whole_records(s)), connector.connect(name, c));
+    let (server, client) = tokio::join!(
+        acceptor.accept(TlsIo::whole_records(s)),
+        connector.connect(name, c)
+    );
     (server.unwrap(), client.unwrap())
 }
 
@@ -75,7 +78,10 @@ fn nonce(iv: [u8; 12], seq: u64, explicit: Option<[u8; 8]>) -> Nonce {
     let mut n = iv;
     match explicit {
         Some(e) => n[4..].copy_from_slice(&e),
-        None => n[4..].iter_mut().zip(seq.to_be_bytes()).for_each(|(b, s)| *b ^= s),
+        None => n[4..]
+            .iter_mut()
+            .zip(seq.to_be_bytes())
+            .for_each(|(b, s)| *b ^= s),
     }
     Nonce::assume_unique_for_key(n)
 }
@@ -88,7 +94,9 @@ fn open(info: &CryptoInfo, record: &[u8]) -> Vec<u8> {
     assert_eq!(header[0], APPLICATION_DATA);
     if version == libc::TLS_1_3_VERSION {
         let mut body = body.to_vec();
-        let plain = key.open_in_place(nonce(iv, seq, None), Aad::from(header), &mut body).unwrap();
+        let plain = key
+            .open_in_place(nonce(iv, seq, None), Aad::from(header), &mut body)
+            .unwrap();
         let (content_type, data) = plain.split_last().unwrap();
         assert_eq!(*content_type, APPLICATION_DATA);
         return data.to_vec();
@@ -101,7 +109,9 @@ fn open(info: &CryptoInfo, record: &[u8]) -> Vec<u8> {
     };
     let len = (sealed.len() - 16) as u16;
     let aad = [&seq.to_be_bytes()[..], &header[..3], &len.to_be_bytes()].concat();
-    key.open_in_place(nonce(iv, seq, explicit), Aad::from(aad), &mut sealed).unwrap().to_vec()
+    key.open_in_place(nonce(iv, seq, explicit), Aad::from(aad), &mut sealed)
+        .unwrap()
+        .to_vec()
 }
 
 /// Seals `data` into an application-data record with `info`, as the kernel would send it.
@@ -113,18 +123,34 @@ fn seal(info: &CryptoInfo, data: &[u8]) -> Vec<u8> {
         let mut body = [data, &[APPLICATION_DATA]].concat();
         let len = (body.len() + 16) as u16;
         let header = [&[APPLICATION_DATA][..], &wire_version, &len.to_be_bytes()].concat();
-        key.seal_in_place_append_tag(nonce(iv, seq, None), Aad::from(&header), &mut body).unwrap();
+        key.seal_in_place_append_tag(nonce(iv, seq, None), Aad::from(&header), &mut body)
+            .unwrap();
         return [header, body].concat();
     }
     let gcm = !std::ptr::eq(alg, &CHACHA20_POLY1305);
     // TLS 1.2 AES-GCM: the explicit nonce the kernel writes, its first record's: the struct's IV.
     let explicit: [u8; 8] = iv[4..].try_into().unwrap();
-    let aad = [&seq.to_be_bytes()[..], &[APPLICATION_DATA], &wire_version, &(data.len() as u16).to_be_bytes()].concat();
+    let aad = [
+        &seq.to_be_bytes()[..],
+        &[APPLICATION_DATA],
+        &wire_version,
+        &(data.len() as u16).to_be_bytes(),
+    ]
+    .concat();
     let mut body = data.to_vec();
     key.seal_in_place_append_tag(nonce(iv, seq, gcm.then_some(explicit)), Aad::from(aad), &mut body)
         .unwrap();
-    let body = if gcm { [&explicit[..], &body].concat() } else { body };
-    let header = [&[APPLICATION_DATA][..], &wire_version, &(body.len() as u16).to_be_bytes()].concat();
+    let body = if gcm {
+        [&explicit[..], &body].concat()
+    } else {
+        body
+    };
+    let header = [
+        &[APPLICATION_DATA][..],
+        &wire_version,
+        &(body.len() as u16).to_be_bytes(),
+    ]
+    .concat();
     [header, body].concat()
 }
 
@@ -145,7 +171,10 @@ async fn keys_work_both_ways(suite: SupportedCipherSuite) {
     let Ok(mut keys) = take_keys(server, &ALL) else {
         panic!("{suite:?}: the keys were not taken");
     };
-    assert!(keys.early.is_empty(), "the request was left on the socket, not read by rustls");
+    assert!(
+        keys.early.is_empty(),
+        "the request was left on the socket, not read by rustls"
+    );
     let record = read_record(&mut keys.tcp).await;
     assert_eq!(open(&keys.rx, &record), request, "{suite:?}: receive keys");
     let response = b"HTTP/1.1 204 No Content\r\n\r\n";
@@ -200,7 +229,14 @@ async fn a_cipher_the_kernel_lacks_keeps_the_session_in_rustls() {
 /// implicit part; when none is left, the session stays with rustls.
 #[test]
 fn tls12_gcm_nonces_are_never_reused() {
-    for implicit in [0u64, 1, 2, 0x8000_0000_0000_0001, 0x0123_4567_89ab_cdef, u64::MAX - 7] {
+    for implicit in [
+        0u64,
+        1,
+        2,
+        0x8000_0000_0000_0001,
+        0x0123_4567_89ab_cdef,
+        u64::MAX - 7,
+    ] {
         for seq in [0u64, 1, 2, 3, 4, 5, 1000, 1 << 20] {
             let Some(first) = tls12_first_explicit_nonce(implicit, seq) else {
                 assert!(implicit | seq.next_power_of_two().wrapping_sub(1) == u64::MAX);
@@ -208,7 +244,10 @@ fn tls12_gcm_nonces_are_never_reused() {
             };
             let used = (0..seq.min(5000)).map(|j| implicit ^ j);
             for u in used {
-                assert!(first > u, "implicit {implicit:#x}, seq {seq}: first {first:#x} <= used {u:#x}");
+                assert!(
+                    first > u,
+                    "implicit {implicit:#x}, seq {seq}: first {first:#x} <= used {u:#x}"
+                );
             }
         }
     }
