@@ -1,5 +1,5 @@
 //! Socket calls that std, tokio and socket2 do not offer: socket cookies, TCP_INFO counters,
-//! SIOCOUTQ, SO_ORIGINAL_DST and non-blocking raw recv. Thin, safe wrappers over libc.
+//! SIOCOUTQ, SO_ORIGINAL_DST, non-blocking raw recv and raw setsockopt. Thin, safe wrappers over libc.
 use std::{
     io,
     mem::{size_of, MaybeUninit},
@@ -21,15 +21,20 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<
 
 /// Sets an int socket option (values above i32::MAX are clamped).
 fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: u32) -> io::Result<()> {
-    let value = value.min(i32::MAX as u32) as libc::c_int;
-    // SAFETY: value is a valid int for the duration of the call.
+    setsockopt(fd, level, name, &(value.min(i32::MAX as u32) as libc::c_int))
+}
+
+/// Sets a socket option whose value is `value`'s bytes: an int, a name (`TCP_ULP`), or a
+/// kernel struct (`TLS_TX`).
+pub fn setsockopt<T: ?Sized>(fd: BorrowedFd<'_>, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: value is valid for reads of its size for the duration of the call.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+            std::ptr::from_ref(value).cast(),
+            size_of_val(value) as libc::socklen_t,
         )
     };
     if rc != 0 {

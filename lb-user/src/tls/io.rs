@@ -30,6 +30,12 @@ enum Reads {
     Body { left: usize },
 }
 
+/// Before a record's header: nothing of it read.
+const NEXT_RECORD: Reads = Reads::Header {
+    header: [0; HEADER],
+    got: 0,
+};
+
 /// A TCP socket, read at record boundaries while [`Reads`] says so.
 #[derive(Debug)]
 pub struct TlsIo {
@@ -50,10 +56,7 @@ impl TlsIo {
     pub fn whole_records(tcp: TcpStream) -> TlsIo {
         TlsIo {
             tcp,
-            reads: Reads::Header {
-                header: [0; HEADER],
-                got: 0,
-            },
+            reads: NEXT_RECORD,
         }
     }
 
@@ -110,10 +113,7 @@ impl AsyncRead for TlsIo {
                 buf.put_slice(&header[..]);
                 let left = u16::from_be_bytes([header[3], header[4]]) as usize;
                 this.reads = if left == 0 {
-                    Reads::Header {
-                        header: [0; HEADER],
-                        got: 0,
-                    }
+                    NEXT_RECORD
                 } else {
                     Reads::Body { left }
                 };
@@ -131,10 +131,7 @@ impl AsyncRead for TlsIo {
                 if n == 0 {
                     this.reads = Reads::Plain;
                 } else if n == *left {
-                    this.reads = Reads::Header {
-                        header: [0; HEADER],
-                        got: 0,
-                    };
+                    this.reads = NEXT_RECORD;
                 } else {
                     *left -= n;
                 }
@@ -145,25 +142,8 @@ impl AsyncRead for TlsIo {
 }
 
 impl AsyncWrite for TlsIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
-    }
+    // rustls's records, as they are.
+    writes_to_tcp!();
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)

@@ -17,7 +17,7 @@ use std::{
     io::{self, Read},
     mem::{size_of, MaybeUninit},
     net::{Ipv4Addr, TcpListener, TcpStream as StdTcpStream},
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     pin::Pin,
     task::{ready, Context, Poll},
 };
@@ -106,13 +106,13 @@ pub fn detect() -> Ktls {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let client = StdTcpStream::connect(listener.local_addr()?)?;
         let _accepted = listener.accept()?;
-        set_ulp(client.as_raw_fd())?;
+        set_ulp(client.as_fd())?;
         if let Some(cipher) = cipher {
             // Zero keys: only whether the kernel takes the cipher is asked.
             let info = CryptoInfo::new(ProtocolVersion::TLSv1_3, cipher, &[0; 32], &[0; 12], 0)
                 .expect("key and iv long enough for every cipher");
-            info.set(client.as_raw_fd(), libc::TLS_TX)?;
-            info.set(client.as_raw_fd(), libc::TLS_RX)?;
+            info.set(client.as_fd(), libc::TLS_TX)?;
+            info.set(client.as_fd(), libc::TLS_RX)?;
         }
         Ok(())
     };
@@ -129,23 +129,8 @@ pub fn detect() -> Ktls {
     }
 }
 
-fn set_ulp(fd: RawFd) -> io::Result<()> {
-    let name = b"tls";
-    // SAFETY: a valid fd and a buffer of the length given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_TCP,
-            libc::TCP_ULP,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+fn set_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
+    crate::sockopt::setsockopt(fd, libc::SOL_TCP, libc::TCP_ULP, b"tls".as_slice())
 }
 
 /// One direction's keys as the kernel takes them (`struct tls12_crypto_info_*`).
@@ -267,23 +252,13 @@ impl CryptoInfo {
         CryptoInfo::new(version, cipher, key, iv, seq)
     }
 
-    fn bytes(&self) -> (*const libc::c_void, usize) {
-        match self {
-            CryptoInfo::Aes128Gcm(i) => (std::ptr::from_ref(i).cast(), size_of_val(i)),
-            CryptoInfo::Aes256Gcm(i) => (std::ptr::from_ref(i).cast(), size_of_val(i)),
-            CryptoInfo::Chacha20Poly1305(i) => (std::ptr::from_ref(i).cast(), size_of_val(i)),
-        }
-    }
-
     /// Installs the keys on a socket with the TLS ULP, for `TLS_TX` or `TLS_RX`.
-    fn set(&self, fd: RawFd, direction: libc::c_int) -> io::Result<()> {
-        let (ptr, len) = self.bytes();
-        // SAFETY: `ptr` points to a `len`-byte struct alive for the call.
-        let rc = unsafe { libc::setsockopt(fd, libc::SOL_TLS, direction, ptr, len as libc::socklen_t) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
+    fn set(&self, fd: BorrowedFd<'_>, direction: libc::c_int) -> io::Result<()> {
+        use crate::sockopt::setsockopt;
+        match self {
+            CryptoInfo::Aes128Gcm(i) => setsockopt(fd, libc::SOL_TLS, direction, i),
+            CryptoInfo::Aes256Gcm(i) => setsockopt(fd, libc::SOL_TLS, direction, i),
+            CryptoInfo::Chacha20Poly1305(i) => setsockopt(fd, libc::SOL_TLS, direction, i),
         }
     }
 }
@@ -295,10 +270,9 @@ impl CryptoInfo {
 /// first record would reuse the nonce rustls's record 0 (the Finished) had under the same key,
 /// which GCM must never do. Every nonce rustls used (`implicit XOR j`, `j < seq`) differs from
 /// `implicit` only in the bits below `seq`'s next power of two: the kernel starts above all of
-/// them. `None` when that would wrap around (the
-/// hand-off then fails and the session is closed; with a random implicit part, odds of 2^-40
-/// for a session handed over after a million records, far less at the usual one). (For
-/// ChaCha20 and TLS 1.3 the kernel derives nonces from the sequence number, as rustls does.)
+/// them. `None` when that would wrap around, which needs every bit of the random implicit part
+/// above `seq` set (the hand-off then fails and the session is closed). (For ChaCha20 and TLS
+/// 1.3 the kernel derives nonces from the sequence number, as rustls does.)
 fn tls12_first_explicit_nonce(implicit: u64, seq: u64) -> Option<u64> {
     let below = seq.checked_next_power_of_two()?.wrapping_sub(1);
     (implicit | below).checked_add(1)
@@ -323,7 +297,7 @@ pub fn hand_off(tls: tokio_rustls::server::TlsStream<TlsIo>, ciphers: &Ciphers) 
         Err(Taken::Kept(tls, why)) => return HandOff::Kept(tls, why),
         Err(Taken::Failed(e)) => return HandOff::Failed(e),
     };
-    let fd = keys.tcp.as_raw_fd();
+    let fd = keys.tcp.as_fd();
     let installed = set_ulp(fd)
         .and_then(|()| keys.tx.set(fd, libc::TLS_TX))
         .and_then(|()| keys.rx.set(fd, libc::TLS_RX));
@@ -439,22 +413,31 @@ impl KtlsStream {
     }
 }
 
+/// Room for one control message of one byte (a record type), aligned as the kernel reads and
+/// writes it.
+#[repr(C, align(8))]
+struct Control([u8; 64]);
+
+/// A msghdr for one buffer (`iov`) and the first `control_len` bytes of `control`; both must
+/// outlive its use.
+fn msghdr(iov: &mut libc::iovec, control: &mut Control, control_len: usize) -> libc::msghdr {
+    // SAFETY: a zeroed msghdr is valid (no address, no buffers).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control_len.min(control.0.len()) as _;
+    msg
+}
+
 /// One `recvmsg` on a kTLS socket: the bytes read and the record type, if the kernel said.
 fn recv_record(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<(usize, Option<u8>)> {
-    // Room for one control message of one byte, aligned as the kernel writes it.
-    #[repr(C, align(8))]
-    struct Control([u8; 64]);
     let mut control = Control([0; 64]);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    // SAFETY: zeroed msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control.0.len() as _;
+    let mut msg = msghdr(&mut iov, &mut control, 64);
     // SAFETY: a valid fd and a msghdr whose buffers are valid for their lengths.
     let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
     if n < 0 {
@@ -477,21 +460,16 @@ fn recv_record(fd: RawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<(usize, Opt
 /// Sends a close_notify alert through the kernel's TLS.
 fn send_close_notify(fd: RawFd) -> io::Result<()> {
     let mut alert = [1u8 /* warning */, CLOSE_NOTIFY];
-    #[repr(C, align(8))]
-    struct Control([u8; 64]);
     let mut control = Control([0; 64]);
     let mut iov = libc::iovec {
         iov_base: alert.as_mut_ptr().cast(),
         iov_len: alert.len(),
     };
-    // SAFETY: zeroed msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a length.
+    let space = unsafe { libc::CMSG_SPACE(1) } as usize;
+    let msg = msghdr(&mut iov, &mut control, space);
     // SAFETY: the control buffer has room for one one-byte message (CMSG_SPACE(1) <= 64).
     unsafe {
-        msg.msg_controllen = libc::CMSG_SPACE(1) as _;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_TLS;
         (*cmsg).cmsg_type = libc::TLS_SET_RECORD_TYPE;
@@ -578,25 +556,8 @@ impl AsyncRead for KtlsStream {
 }
 
 impl AsyncWrite for KtlsStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
-    }
+    // The kernel makes the records.
+    writes_to_tcp!();
 
     /// A close_notify, then the TCP write side is shut.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

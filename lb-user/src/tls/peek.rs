@@ -3,7 +3,7 @@
 //! every byte stays in the socket for the server (HAProxy's `req_ssl_sni`). rustls's
 //! [`Acceptor`] parses it: lb never answers, the server does the handshake.
 use rustls::server::Acceptor;
-use std::{io, os::fd::AsRawFd, time::Duration};
+use std::{io, os::fd::AsFd, time::Duration};
 use tokio::{io::Interest, net::TcpStream};
 
 use super::accept::Failure;
@@ -28,9 +28,11 @@ async fn peek_sni(tcp: &TcpStream) -> Result<Option<String>, Failure> {
         let ready = tcp.ready(Interest::READABLE).await.map_err(|_| Failure::Closed)?;
         // A peek sees the same bytes until more arrive: nothing new is a WouldBlock, which
         // clears the socket's readiness so that the next segment is awaited, not spun on.
-        let peeked = tcp.try_io(Interest::READABLE, || match peek(tcp, &mut buf)? {
-            n if n == seen && n > 0 => Err(io::ErrorKind::WouldBlock.into()),
-            n => Ok(n),
+        let peeked = tcp.try_io(Interest::READABLE, || {
+            match crate::sockopt::peek_nowait(tcp.as_fd(), &mut buf)? {
+                n if n == seen && n > 0 => Err(io::ErrorKind::WouldBlock.into()),
+                n => Ok(n),
+            }
         });
         let n = match peeked {
             Ok(0) => return Err(Failure::Closed),
@@ -57,24 +59,6 @@ async fn peek_sni(tcp: &TcpStream) -> Result<Option<String>, Failure> {
             Ok(None) => {}
             Err((e, _alert)) => return Err(Failure::of_error(&e)),
         }
-    }
-}
-
-/// `recv(MSG_PEEK)` without waiting: the bytes stay in the socket.
-fn peek(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: a valid fd and a buffer of the length given.
-    let n = unsafe {
-        libc::recv(
-            tcp.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 
