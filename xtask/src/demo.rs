@@ -19,13 +19,9 @@ pub fn run() -> Result<()> {
     if !ebpf {
         eprintln!("xtask demo: WARNING: the eBPF toolchain is missing; lb will forward in userspace");
     }
+    eprintln!("xtask demo: building lb (release; the first build takes about 4 minutes here)");
+    let lb = crate::lb_bin::build(true, ebpf)?;
     let root = crate::root();
-    crate::run_cmd(
-        Command::new("cargo")
-            .current_dir(&root)
-            .env("LB_BPF_TOOLCHAIN", crate::setup::bpf_toolchain())
-            .args(["build", "--release", "-p", "lb-user"]),
-    )?;
     for (name, addr) in SERVERS {
         let listener = TcpListener::bind(addr)
             .with_context(|| format!("demo server {name} cannot listen on {addr} (in use?)"))?;
@@ -45,7 +41,7 @@ pub fn run() -> Result<()> {
     let config = root.join("conf/demo.yaml");
     // lb receives the terminal's Ctrl-C itself and stops gracefully; the demo servers are
     // threads of this process and end with it.
-    let status = Command::new(root.join("target/release/lb"))
+    let status = Command::new(lb)
         .args(["run", "-c"])
         .arg(&config)
         .status()

@@ -16,7 +16,7 @@ use crate::{root, run_cmd};
 const TARGETS: [&str; 2] = ["tls", "http_mode"];
 
 /// Runs the TLS and HTTPS end-to-end tests in the VM; (passed, failed).
-pub fn run(toolchain: &str) -> Result<(u64, u64)> {
+pub fn run() -> Result<(u64, u64)> {
     let scripts = root().join("xtask/ktls-vm");
     let vm_dir = root().join("target/ktls-vm");
     std::fs::create_dir_all(&vm_dir).context("creating target/ktls-vm")?;
@@ -27,7 +27,7 @@ pub fn run(toolchain: &str) -> Result<(u64, u64)> {
             .env("LB_VM_DIR", &vm_dir),
     )?;
     let (mut passed, mut failed) = (0, 0);
-    for exe in test_executables(toolchain)? {
+    for exe in test_executables()? {
         println!("xtask: kTLS tests: {exe} in the virtual machine");
         let mut cmd = Command::new("bash");
         cmd.arg(scripts.join("run.sh"))
@@ -61,15 +61,10 @@ pub fn run(toolchain: &str) -> Result<(u64, u64)> {
 }
 
 /// The test executables of [`TARGETS`], built (already, by the main run) and listed by cargo.
-fn test_executables(toolchain: &str) -> Result<Vec<String>> {
+fn test_executables() -> Result<Vec<String>> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root()).env("LB_BPF_TOOLCHAIN", toolchain).args([
-        "test",
-        "-p",
-        "lb-tests",
-        "--no-run",
-        "--message-format=json",
-    ]);
+    cmd.current_dir(root())
+        .args(["test", "-p", "lb-tests", "--no-run", "--message-format=json"]);
     for t in TARGETS {
         cmd.args(["--test", t]);
     }

@@ -1,14 +1,17 @@
 //! `cargo xtask …`: what cargo cannot do alone.
 //!
-//! - `setup`: install the eBPF toolchain (idempotent; run by `demo` and `test` when needed).
+//! - `setup`: install the eBPF toolchain (idempotent; run by `demo`, `test` and `bench`).
 //! - `demo`: lb on conf/demo.yaml with two loopback demo servers.
-//! - `test`: the whole test suite.
+//! - `test`: the whole test suite, the fresh-machine check included.
+//! - `fresh`: setup and a build of lb from an empty rustup and cargo home.
 //! - `bench tcp`: iperf3 and connection-rate benchmarks (lb kernel, lb user, HAProxy, direct).
 //! - `bench http`, `bench tls`: HTTP and TLS against HAProxy.
 //! - `bench idle`: lb's memory for 10,000 idle kernel-forwarded connections.
 mod bench;
 mod demo;
+mod fresh;
 mod ktls_vm;
+mod lb_bin;
 mod setup;
 
 use anyhow::{bail, Context, Result};
@@ -24,8 +27,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the eBPF build needs (nightly rust-src, LLVM 22, bpf-linker). Idempotent.
+    /// Install what the eBPF build needs (LLVM 22, the toolchain pinned in
+    /// lb-ebpf/rust-toolchain.toml with its rust-src, bpf-linker). Idempotent.
     Setup,
+    /// Check what a fresh machine gets: setup and a build of lb from an empty rustup and cargo
+    /// home, which must end with the eBPF program built in and the other toolchains untouched.
+    Fresh {
+        /// Put the channel's newest unversioned `nightly` in the empty home first.
+        #[arg(long)]
+        nightly: bool,
+    },
     /// Build lb and run it on conf/demo.yaml with two demo servers on loopback.
     Demo,
     /// Run every test (privileged BPF tests included when run as root).
@@ -112,6 +123,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
         Task::Setup => setup::ensure(true).map(|_| ()),
+        Task::Fresh { nightly } => fresh::run(nightly),
         Task::Demo => demo::run(),
         Task::Test { args } => test(args),
         Task::Bench {
@@ -160,6 +172,7 @@ fn test(args: Vec<String>) -> Result<()> {
     // tests with openssl s_client too; the stats page is opened in a headless browser.
     setup::ensure_programs(
         "xtask test",
+        "the clients the end-to-end tests drive lb with",
         &[
             ("curl", "curl"),
             ("python3", "python3"),
@@ -168,21 +181,16 @@ fn test(args: Vec<String>) -> Result<()> {
             ("chromium", "chromium"),
         ],
     )?;
-    let cargo = |args: &[&str]| {
-        let mut cmd = Command::new("cargo");
-        cmd.current_dir(root())
-            .env("LB_BPF_TOOLCHAIN", setup::bpf_toolchain())
-            .args(args);
-        cmd
-    };
     // The end-to-end tests run the real `lb` binary, which `cargo test` alone does not build.
-    run_cmd(&mut cargo(&["build", "-p", "lb-user", "--bins"]))?;
+    lb_bin::build(false, ebpf)?;
     // Skipped tests pass (their output is captured), so they also append a line to this file,
     // which is shown and counted at the end.
     let skip_log = root().join("target/lb-test-skipped.txt");
     std::fs::write(&skip_log, "").context("creating the skip log")?;
-    let mut test = cargo(&["test", "--workspace", "--all-targets"]);
-    test.args(&args)
+    let mut test = Command::new("cargo");
+    test.current_dir(root())
+        .args(["test", "--workspace", "--all-targets"])
+        .args(&args)
         .env("LB_SKIP_LOG", &skip_log)
         .stdout(std::process::Stdio::piped());
     let mut child = test.spawn().context("starting cargo test")?;
@@ -196,25 +204,42 @@ fn test(args: Vec<String>) -> Result<()> {
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
-    // The kTLS tests, in a virtual machine (whole runs only: a filter is for the tests here).
-    // Only when the rest passed, and as root with the eBPF build (the VM runs the same binaries).
-    let in_vm = if status.success() && args.is_empty() && ebpf && is_root() {
-        let (p, f) = ktls_vm::run(&setup::bpf_toolchain())?;
+    // Whole runs only (a filter is for the tests here), and only when the rest passed:
+    // - the kTLS tests, in a virtual machine, as root with the eBPF build (the VM runs the same
+    //   binaries);
+    // - the fresh-machine check, one test more.
+    let whole = status.success() && args.is_empty();
+    let in_vm = if whole && ebpf && is_root() {
+        let (p, f) = ktls_vm::run()?;
         (passed, failed) = (passed + p, failed + f);
         true
     } else {
         false
     };
-    let skipped = std::fs::read_to_string(&skip_log).unwrap_or_default();
-    for line in skipped.lines() {
-        println!("SKIPPED {line}");
+    if whole {
+        fresh::run(false).context("the fresh-machine check (cargo xtask fresh) failed")?;
+        passed += 1;
     }
+    let mut skipped: Vec<String> = std::fs::read_to_string(&skip_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
     if !in_vm && args.is_empty() {
-        println!("SKIPPED the kTLS tests in a virtual machine (they need root, the eBPF build, and the rest passing)");
+        skipped.push(
+            "the kTLS tests in a virtual machine (they need root, the eBPF build, and the rest passing)"
+                .into(),
+        );
+    }
+    if !whole && args.is_empty() {
+        skipped.push("the fresh-machine check (it needs the rest passing)".into());
+    }
+    for line in &skipped {
+        println!("SKIPPED {line}");
     }
     println!(
         "summary: {passed} passed, {failed} failed, {} skipped",
-        skipped.lines().count() + usize::from(!in_vm && args.is_empty())
+        skipped.len()
     );
     if !status.success() {
         bail!("cargo test failed: {status}");

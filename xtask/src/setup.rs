@@ -1,53 +1,255 @@
-//! Installs what the eBPF build needs on a fresh Debian machine, idempotently: each step first
-//! checks whether its result is already there.
-use anyhow::Result;
-use std::process::Command;
+//! `cargo xtask setup`: installs what the eBPF build needs on a Debian machine of this kind.
+//!
+//! Each step runs only when its result is missing, says in one line what it installs, why and
+//! how long it took, and shows the installer's output only when it fails (the whole output is
+//! kept in `target/xtask-setup/`). The eBPF toolchain is the one pinned in
+//! lb-ebpf/rust-toolchain.toml: setup installs that dated toolchain and nothing else with rustup,
+//! so the machine's unversioned `nightly` and `stable` are never installed, updated or switched.
+use anyhow::{bail, Context, Result};
+use std::{
+    fmt,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
 
-/// bpf-linker version known to work with aya 0.14 and LLVM 22.
+/// bpf-linker version known to work with aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// bpf-linker's LLVM major version (the `llvm-22` feature, /usr/lib/llvm-22).
+/// The LLVM bpf-linker is built against (its `llvm-22` feature, Debian's llvm-22-dev). The
+/// pinned toolchain must use the same LLVM: bpf-linker cannot read a newer LLVM's bitcode.
 const LLVM_MAJOR: u32 = 22;
-/// A dated nightly built with LLVM 22, installed when the machine's `nightly` is missing or uses
-/// another LLVM.
-const DATED_NIGHTLY: &str = "nightly-2026-05-19";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const LLVM_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
 
-/// One set-up step: what it installs, whether it is already there, how to install it.
-type Step = (&'static str, fn() -> bool, fn() -> Result<()>);
+/// The eBPF toolchain as lb-ebpf/rust-toolchain.toml pins it.
+#[derive(serde::Deserialize)]
+pub struct Toolchain {
+    pub channel: String,
+    components: Vec<String>,
+    profile: String,
+}
+
+impl Toolchain {
+    /// Reads lb-ebpf/rust-toolchain.toml, the one place the eBPF toolchain is named (lb-user's
+    /// build script reads it too).
+    pub fn pinned() -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            toolchain: Toolchain,
+        }
+        let path = crate::root().join("lb-ebpf/rust-toolchain.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let file: File = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(file.toolchain)
+    }
+
+    /// `rustup run <channel> …`, never installing anything by itself (rustup's auto-install
+    /// would fetch the default profile without rust-src).
+    fn run(&self, program: &str) -> Command {
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", &self.channel, program])
+            .env("RUSTUP_AUTO_INSTALL", "0");
+        cmd
+    }
+
+    /// The toolchain's `rustc -vV`, if it is installed.
+    fn version(&self) -> Option<String> {
+        let out = self.run("rustc").arg("-vV").output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl fmt::Display for Toolchain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} with {}", self.channel, self.components.join(", "))
+    }
+}
+
+/// The set-up steps, in order (bpf-linker is built against the LLVM of the first).
+#[derive(Clone, Copy)]
+enum Step {
+    Llvm,
+    Toolchain,
+    Linker,
+}
+
+impl Step {
+    const ALL: [Step; 3] = [Step::Llvm, Step::Toolchain, Step::Linker];
+
+    fn what(self, toolchain: &Toolchain) -> String {
+        match self {
+            Step::Llvm => format!("LLVM {LLVM_MAJOR} development files (apt)"),
+            Step::Toolchain => format!("{toolchain} (rustup)"),
+            Step::Linker => format!("bpf-linker {BPF_LINKER_VERSION} (cargo install)"),
+        }
+    }
+
+    fn why(self) -> &'static str {
+        match self {
+            Step::Llvm => "bpf-linker is built on them",
+            Step::Toolchain => "compiles the eBPF program, pinned in lb-ebpf/rust-toolchain.toml",
+            Step::Linker => "links the eBPF program",
+        }
+    }
+
+    /// About how long the step takes here, for the plan line.
+    fn seconds(self) -> u64 {
+        match self {
+            Step::Llvm => 20,
+            Step::Toolchain => 30,
+            Step::Linker => 55,
+        }
+    }
+
+    fn log_name(self) -> &'static str {
+        match self {
+            Step::Llvm => "llvm",
+            Step::Toolchain => "toolchain",
+            Step::Linker => "bpf-linker",
+        }
+    }
+
+    fn present(self, toolchain: &Toolchain) -> bool {
+        match self {
+            // The unversioned libLLVM.so link and llvm-config come with llvm-22-dev only.
+            Step::Llvm => {
+                let prefix = Path::new(LLVM_PREFIX);
+                prefix.join("lib/libLLVM.so").exists() && prefix.join("bin/llvm-config").exists()
+            }
+            Step::Toolchain => {
+                let out = toolchain.run("rustc").args(["--print", "sysroot"]).output();
+                out.is_ok_and(|o| {
+                    o.status.success()
+                        && Path::new(String::from_utf8_lossy(&o.stdout).trim())
+                            .join("lib/rustlib/src/rust/library/core")
+                            .is_dir()
+                })
+            }
+            Step::Linker => {
+                let out = Command::new("bpf-linker").arg("--version").output();
+                out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+            }
+        }
+    }
+
+    fn install(self, toolchain: &Toolchain, log: &Path) -> Result<()> {
+        match self {
+            Step::Llvm => apt_install(&LLVM_PACKAGES, log),
+            Step::Toolchain => {
+                let mut cmd = Command::new("rustup");
+                cmd.args([
+                    "toolchain",
+                    "install",
+                    &toolchain.channel,
+                    "--profile",
+                    &toolchain.profile,
+                ]);
+                for component in &toolchain.components {
+                    cmd.args(["--component", component]);
+                }
+                // Checked before bpf-linker's minute of building for nothing.
+                quietly(&mut cmd, log).and_then(|()| same_llvm(toolchain))
+            }
+            Step::Linker => quietly(
+                Command::new("cargo").env("LLVM_PREFIX", LLVM_PREFIX).args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    &format!("llvm-{LLVM_MAJOR}"),
+                ]),
+                log,
+            ),
+        }
+    }
+}
 
 /// Makes sure the eBPF toolchain is installed. Returns whether it is usable. With `strict`, a
 /// failure is an error; otherwise it is a warning and lb builds with userspace forwarding only.
 pub fn ensure(strict: bool) -> Result<bool> {
-    let steps: [Step; 3] = [
-        ("LLVM 22 development files", llvm_present, install_llvm),
-        ("nightly rust-src", rust_src_present, install_rust_src),
-        ("bpf-linker", bpf_linker_present, install_bpf_linker),
-    ];
-    for (what, present, install) in steps {
-        if present() {
-            continue;
-        }
-        eprintln!("xtask setup: installing {what}");
-        if let Err(err) = install().and_then(|()| {
-            if present() {
-                Ok(())
-            } else {
-                anyhow::bail!("{what} still missing after install")
-            }
-        }) {
-            if strict {
-                return Err(err.context(format!("installing {what}")));
-            }
-            eprintln!("xtask setup: WARNING: cannot install {what}: {err:#}");
-            return Ok(false);
+    let toolchain = Toolchain::pinned()?;
+    let todo: Vec<Step> = Step::ALL.into_iter().filter(|s| !s.present(&toolchain)).collect();
+    let result = if todo.is_empty() {
+        eprintln!(
+            "xtask setup: the eBPF toolchain is installed ({toolchain}; bpf-linker {BPF_LINKER_VERSION}; LLVM {LLVM_MAJOR})"
+        );
+        Ok(())
+    } else {
+        install(&toolchain, &todo)
+    }
+    .and_then(|()| same_llvm(&toolchain));
+    match result {
+        Ok(()) => Ok(true),
+        Err(err) if strict => Err(err),
+        Err(err) => {
+            eprintln!("xtask setup: WARNING: {err:#}; lb will be built without its eBPF program");
+            Ok(false)
         }
     }
-    Ok(true)
 }
 
-/// Installs from Debian each `(program, package)` whose program is not on PATH (apt lists
-/// refreshed only then); `who` prefixes the message.
-pub fn ensure_programs(who: &str, programs: &[(&str, &str)]) -> Result<()> {
+/// Runs `todo`, one line per step.
+fn install(toolchain: &Toolchain, todo: &[Step]) -> Result<()> {
+    let total: u64 = todo.iter().map(|s| s.seconds()).sum();
+    eprintln!(
+        "xtask setup: installing what the eBPF build needs: {} step(s), about {} s here",
+        todo.len(),
+        total
+    );
+    for (i, step) in todo.iter().enumerate() {
+        eprint!(
+            "xtask setup: [{}/{}] {}: {} ... ",
+            i + 1,
+            todo.len(),
+            step.what(toolchain),
+            step.why()
+        );
+        let _ = std::io::stderr().flush();
+        let started = Instant::now();
+        let log = log_file(step.log_name())?;
+        let done = step.install(toolchain, &log).and_then(|()| {
+            if step.present(toolchain) {
+                Ok(())
+            } else {
+                bail!("installed, yet still missing (output: {})", log.display())
+            }
+        });
+        match done {
+            Ok(()) => eprintln!("done in {} s", started.elapsed().as_secs()),
+            Err(err) => {
+                eprintln!("FAILED after {} s", started.elapsed().as_secs());
+                return Err(err.context(format!("installing {}", step.what(toolchain))));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless the pinned toolchain's LLVM is the one bpf-linker is built against.
+fn same_llvm(toolchain: &Toolchain) -> Result<()> {
+    let version = toolchain.version().context("the pinned toolchain does not run")?;
+    let llvm = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .unwrap_or("unknown");
+    if !llvm.starts_with(&format!("{LLVM_MAJOR}.")) {
+        bail!(
+            "{} uses LLVM {llvm}, and bpf-linker is built against LLVM {LLVM_MAJOR}: pin a toolchain with LLVM {LLVM_MAJOR} in lb-ebpf/rust-toolchain.toml",
+            toolchain.channel
+        );
+    }
+    Ok(())
+}
+
+/// Installs from Debian each `(program, package)` whose program is not on PATH, in one line
+/// that names `who` and `why`.
+pub fn ensure_programs(who: &str, why: &str, programs: &[(&str, &str)]) -> Result<()> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let on_path = |program: &str| std::env::split_paths(&path).any(|dir| dir.join(program).is_file());
     let missing: Vec<&str> = programs
@@ -58,106 +260,63 @@ pub fn ensure_programs(who: &str, programs: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("{who}: installing {}", missing.join(" "));
-    crate::run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    crate::run_cmd(
+    eprint!("{who}: installing {} (apt: {why}) ... ", missing.join(" "));
+    let _ = std::io::stderr().flush();
+    let started = Instant::now();
+    match apt_install(&missing, &log_file("apt")?) {
+        Ok(()) => {
+            eprintln!("done in {} s", started.elapsed().as_secs());
+            Ok(())
+        }
+        Err(err) => {
+            eprintln!("FAILED after {} s", started.elapsed().as_secs());
+            Err(err)
+        }
+    }
+}
+
+/// `apt-get update`, then `apt-get install` of `packages`, output to `log`.
+fn apt_install(packages: &[&str], log: &Path) -> Result<()> {
+    quietly(Command::new("apt-get").args(["update", "-q"]), log)?;
+    quietly(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq"])
-            .args(&missing),
+            .args(["install", "-y", "-q"])
+            .args(packages),
+        log,
     )
 }
 
-fn llvm_present() -> bool {
-    // The unversioned libLLVM.so link and llvm-config come with llvm-22-dev, not the runtime.
-    let prefix = std::path::Path::new(LLVM_PREFIX);
-    prefix.join("lib/libLLVM.so").exists() && prefix.join("bin/llvm-config").exists()
-}
-
-fn install_llvm() -> Result<()> {
-    crate::run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    crate::run_cmd(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "llvm-22-dev",
-                "libpolly-22-dev",
-                "libzstd-dev",
-                "zlib1g-dev",
-            ]),
-    )
-}
-
-/// The toolchain the eBPF crate is built with (lb-user/build.rs reads LB_BPF_TOOLCHAIN): the
-/// machine's `nightly` when its LLVM is the one bpf-linker is built against (the bitcode it emits
-/// must be readable by bpf-linker: a newer LLVM's fails with "Invalid record"), else a dated
-/// nightly known to use LLVM 22.
-pub fn bpf_toolchain() -> String {
-    if let Ok(t) = std::env::var("LB_BPF_TOOLCHAIN") {
-        return t;
+/// Runs `cmd` with its output appended to `log`; when it fails, shows the output's last lines.
+pub fn quietly(cmd: &mut Command, log: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if status.success() {
+        return Ok(());
     }
-    let nightly_llvm = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "-vV"])
-        .output();
-    let matches = nightly_llvm.is_ok_and(|o| {
-        o.status.success()
-            && String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with(&format!("LLVM version: {LLVM_MAJOR}.")))
-    });
-    if matches {
-        "nightly".into()
-    } else {
-        DATED_NIGHTLY.into()
+    let output = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = output.lines().collect();
+    eprintln!();
+    for line in &lines[lines.len().saturating_sub(40)..] {
+        eprintln!("    {line}");
     }
+    bail!("{cmd:?} failed: {status} (its whole output: {})", log.display())
 }
 
-fn rust_src_present() -> bool {
-    let out = Command::new("rustup")
-        .args([
-            "component",
-            "list",
-            "--installed",
-            "--toolchain",
-            &bpf_toolchain(),
-        ])
-        .output();
-    out.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
-}
-
-fn install_rust_src() -> Result<()> {
-    let toolchain = bpf_toolchain();
-    crate::run_cmd(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        &toolchain,
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src",
-    ]))
-}
-
-fn bpf_linker_present() -> bool {
-    let out = Command::new("bpf-linker").arg("--version").output();
-    out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
-}
-
-fn install_bpf_linker() -> Result<()> {
-    if !llvm_present() {
-        anyhow::bail!("bpf-linker needs {LLVM_PREFIX}");
-    }
-    crate::run_cmd(Command::new("cargo").env("LLVM_PREFIX", LLVM_PREFIX).args([
-        "install",
-        "bpf-linker",
-        "--locked",
-        "--version",
-        BPF_LINKER_VERSION,
-        "--no-default-features",
-        "--features",
-        "llvm-22",
-    ]))
+/// An empty `target/xtask-setup/NAME.log` for one step's output.
+fn log_file(name: &str) -> Result<PathBuf> {
+    let dir = crate::root().join("target/xtask-setup");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = dir.join(format!("{name}.log"));
+    std::fs::write(&log, "").with_context(|| format!("creating {}", log.display()))?;
+    Ok(log)
 }

@@ -26,7 +26,7 @@ pub use tls::handshake_client as tls_client;
 
 use anyhow::{bail, Context, Result};
 use configs::{Config, Env};
-use std::{path::PathBuf, process::Command, time::Instant};
+use std::{process::Command, time::Instant};
 
 /// Runs benchmark `what`: `tcp` with `runs` runs per configuration and `seconds` per
 /// measurement, or `idle` with `connections` idle connections.
@@ -38,9 +38,9 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
         bail!("--runs, --seconds and --connections must be at least 1");
     }
     ensure_tools()?;
-    crate::setup::ensure(false)?;
+    let ebpf = crate::setup::ensure(false)?;
     // A failed build must not fall back to an older binary: the lb rows report it instead.
-    let built = build_lb();
+    let built = crate::lb_bin::build(true, ebpf);
     // Taken now: the work tree may change while the benchmark runs.
     let lb_version = lb_version();
     sys::catch_interrupts();
@@ -146,6 +146,7 @@ fn http_bench(env: &Env, runs: usize, seconds: u32, lb_version: String) -> Resul
 fn ensure_tools() -> Result<()> {
     crate::setup::ensure_programs(
         "xtask bench",
+        "the peers and load generators the benchmarks measure against",
         &[
             ("iperf3", "iperf3"),
             ("haproxy", "haproxy"),
@@ -153,24 +154,6 @@ fn ensure_tools() -> Result<()> {
             ("openssl", "openssl"),
         ],
     )
-}
-
-/// Builds the release lb and returns its path.
-fn build_lb() -> Result<PathBuf> {
-    let root = crate::root();
-    crate::run_cmd(
-        Command::new("cargo")
-            .current_dir(&root)
-            .env("LB_BPF_TOOLCHAIN", crate::setup::bpf_toolchain())
-            .args(["build", "--release", "-p", "lb-user"]),
-    )
-    .context("building lb")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let lb = target.join("release").join("lb");
-    if !lb.exists() {
-        bail!("{} is missing after the build", lb.display());
-    }
-    Ok(lb)
 }
 
 /// The commit lb was built from, and whether the work tree had changes (what was measured).
