@@ -480,7 +480,8 @@ async fn wrk_with_keep_alive_gets_only_correct_answers(tls: bool) {
     let app = Reflector::start("app").await;
     let lb = HttpLbBuilder::new(&[app.addr]).tls(tls).spawn();
     // Every response is checked (status and the backend's description of the request); wrk
-    // keeps its 8 connections alive for the whole 2 s.
+    // keeps its 8 connections alive for the whole 4 s. (In the kTLS VM, under software
+    // emulation, the 8 TLS handshakes alone took up to 2 s, and a 2 s run got no answer.)
     let script = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         script.path(),
@@ -511,7 +512,7 @@ end
             "-c",
             "8",
             "-d",
-            "2s",
+            "4s",
             "-s",
             script.path().to_str().unwrap(),
             &url,
@@ -527,7 +528,9 @@ end
             .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
             .unwrap()
     };
-    assert!(field("requests") > 100, "{out}");
+    // More requests than connections: connections were reused (how many more is a matter of
+    // speed, for the benchmarks).
+    assert!(field("requests") > 8, "{out}");
     eprintln!(
         "wrk through lb: {line}, {} server connection(s)",
         app.connections()

@@ -39,7 +39,8 @@ enum Task {
     },
     /// Build lb and run it on conf/demo.yaml with two demo servers on loopback.
     Demo,
-    /// Run every test (privileged BPF tests included when run as root).
+    /// Run every test (privileged BPF tests included when run as root); a whole run ends with
+    /// the kTLS tests in a virtual machine and the fresh-machine check (`fresh`).
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

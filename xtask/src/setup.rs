@@ -99,8 +99,8 @@ impl Step {
     fn seconds(self) -> u64 {
         match self {
             Step::Llvm => 20,
-            Step::Toolchain => 30,
-            Step::Linker => 55,
+            Step::Toolchain => 15,
+            Step::Linker => 60,
         }
     }
 
