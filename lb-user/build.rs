@@ -36,7 +36,7 @@ fn main() {
     let object = out_dir.join("lb-ebpf");
     let log = out_dir.join("ebpf-build.log");
     let toolchain = pinned_toolchain();
-    let size = |object: &Path| fs::metadata(object).map_or(None, |m| Some(m.len()));
+    let size = |object: &Path| fs::metadata(object).ok().map(|m| m.len());
     let not_built = match build(&mut cargo, &toolchain, &capture, &log) {
         Ok(()) if size(&object).is_some_and(|n| n > 0) => return,
         Ok(()) => NotBuilt::Failed("aya-build produced no lb-ebpf object".into()),
@@ -48,6 +48,7 @@ fn main() {
         fs::write(&object, []).expect("write empty eBPF object");
     }
     cargo.say("cargo:rustc-cfg=lb_no_ebpf");
+    let failed = matches!(not_built, NotBuilt::Failed(_));
     let (cause, fix) = match not_built {
         NotBuilt::Skipped => {
             cargo.say("cargo:warning=AYA_BUILD_SKIP is set: lb is built without its eBPF program (userspace forwarding only)");
@@ -63,18 +64,21 @@ fn main() {
         ),
     };
     cargo.say(&format!("cargo:warning=lb is built WITHOUT its eBPF program, so it forwards in userspace only: {cause}. Fix: {fix}."));
-    // Try again once setup has installed something. Not on every build: a rerun of this script
-    // recompiles lb (35 s in release).
-    cargo.say("cargo:rerun-if-env-changed=PATH");
-    for watched in fix_watch(&toolchain) {
+    for watched in retry_when(&out_dir, &toolchain, failed) {
         cargo.say(&format!("cargo:rerun-if-changed={}", watched.display()));
     }
 }
 
-/// The paths `cargo xtask setup` changes: cargo's bin directory (bpf-linker), the list of
-/// toolchains rustup has installed and the pinned toolchain's list of components (rust-src).
-/// A watched path that does not exist makes every build rerun this script.
-fn fix_watch(toolchain: &str) -> Vec<PathBuf> {
+/// When to try again. After a failed eBPF build, on every build: whatever repairs it (a fix in
+/// lb-ebpf, `cargo xtask setup`) is worth trying at once. When something is missing, once setup
+/// has installed something (cargo's bin directory: bpf-linker; the list of toolchains rustup has
+/// installed; the pinned toolchain's components: rust-src), not on every build: a rerun of this
+/// script recompiles lb (35 s in release). Only paths that exist are watched, since a missing one
+/// would make every build rerun it.
+fn retry_when(out_dir: &Path, toolchain: &str, failed: bool) -> Vec<PathBuf> {
+    if failed {
+        return vec![out_dir.join("never-written")];
+    }
     let home = |var: &str, default: &str| {
         env::var_os(var)
             .map(PathBuf::from)
@@ -84,6 +88,7 @@ fn fix_watch(toolchain: &str) -> Vec<PathBuf> {
     watched.extend(home("CARGO_HOME", ".cargo").map(|h| h.join("bin")));
     watched.extend(home("RUSTUP_HOME", ".rustup").map(|h| h.join("update-hashes")));
     watched.extend(sysroot(toolchain).map(|s| s.join("lib/rustlib/components")));
+    watched.retain(|p| p.exists());
     watched
 }
 
@@ -113,7 +118,10 @@ fn build(cargo: &mut Cargo, toolchain: &str, capture: &Path, log: &Path) -> Resu
     // Pass on aya-build's directives (rerun-if-changed …); the lines it relays go to the log.
     let mut relayed = String::new();
     for line in output.lines() {
-        match line.strip_prefix("cargo:warning=") {
+        match line
+            .strip_prefix("cargo:warning=")
+            .or_else(|| line.strip_prefix("cargo::warning="))
+        {
             Some(text) => {
                 relayed.push_str(text);
                 relayed.push('\n');
@@ -125,7 +133,11 @@ fn build(cargo: &mut Cargo, toolchain: &str, capture: &Path, log: &Path) -> Resu
     let _ = fs::write(log, &relayed);
     match built {
         Ok(()) => {
-            let warnings = relayed.lines().filter(|l| l.starts_with("warning")).count();
+            // The rendered compiler messages, not cargo's summary of them.
+            let warnings = relayed
+                .lines()
+                .filter(|l| l.starts_with("warning") && !l.contains(" generated "))
+                .count();
             if warnings > 0 {
                 cargo.say(&format!(
                     "cargo:warning=the eBPF program built with {warnings} compiler warning(s): {}",
@@ -135,11 +147,14 @@ fn build(cargo: &mut Cargo, toolchain: &str, capture: &Path, log: &Path) -> Resu
             Ok(())
         }
         Err(err) => {
+            // aya-build's error is the whole inner command line; the log keeps it. (The inner
+            // cargo's stderr may still be on its way to the capture when aya-build returns.)
+            let _ = fs::write(log, format!("{relayed}\n{err:#}\n"));
             let first_error = relayed
                 .lines()
                 .find(|l| l.starts_with("error"))
-                .map_or_else(|| format!("{err:#}"), str::to_string);
-            Err(NotBuilt::Failed(first_error))
+                .unwrap_or("the inner cargo failed");
+            Err(NotBuilt::Failed(first_error.to_string()))
         }
     }
 }

@@ -56,12 +56,24 @@ pub fn run(nightly: bool) -> Result<()> {
         ));
     }
     let before = home.toolchains()?;
+    let default_before = home.default_toolchain()?;
+    if let Some(linker) = home.which("bpf-linker") {
+        bail!(
+            "{} is on the temporary home's PATH before setup: setup's bpf-linker step would not be checked",
+            linker.display()
+        );
+    }
 
     let started = Instant::now();
     say("running `xtask setup` in it:");
     let exe = std::env::current_exe().context("finding the xtask binary")?;
-    crate::run_cmd(home.command(exe.to_str().context("xtask's path")?).arg("setup"))
-        .context("xtask setup in the temporary home")?;
+    // Its logs, and bpf-linker's build, in the temporary directory too.
+    crate::run_cmd(
+        home.command(exe.to_str().context("xtask's path")?)
+            .arg("setup")
+            .env("CARGO_TARGET_DIR", dir.join("target")),
+    )
+    .context("xtask setup in the temporary home")?;
     let setup_secs = started.elapsed().as_secs();
 
     let started = Instant::now();
@@ -80,11 +92,7 @@ pub fn run(nightly: bool) -> Result<()> {
     .context("building lb in the temporary home")?;
     let build_secs = started.elapsed().as_secs();
     let lb = dir.join("target").join(PROFILE).join("lb");
-    let version = Command::new(&lb)
-        .arg("--version")
-        .output()
-        .with_context(|| format!("running {} --version", lb.display()))?;
-    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+    let version = lb_bin::version(&lb)?;
     if !version.contains(lb_bin::BUILT_IN) {
         let build_log = std::fs::read_to_string(&log).unwrap_or_default();
         let warning = build_log
@@ -96,6 +104,11 @@ pub fn run(nightly: bool) -> Result<()> {
 
     let after = home.toolchains()?;
     only_added(&before, &after, &setup::Toolchain::pinned()?.channel)?;
+    let default_after = home.default_toolchain()?;
+    ensure!(
+        default_after == default_before,
+        "setup or the build switched the default toolchain from {default_before} to {default_after}"
+    );
     say(&format!(
         "passed: setup {setup_secs} s, build {build_secs} s; `{version}`; toolchains before {:?}, after {:?}, the ones before unchanged",
         before.keys().collect::<Vec<_>>(),
@@ -126,6 +139,25 @@ fn only_added(before: &Toolchains, after: &Toolchains, pinned: &str) -> Result<(
     Ok(())
 }
 
+/// The variables the temporary home's commands keep: a machine behind a proxy or a mirror
+/// reaches rustup's and crates.io's servers only with them.
+const KEPT: [&str; 14] = [
+    "HOME",
+    "LANG",
+    "TERM",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "RUSTUP_DIST_SERVER",
+    "RUSTUP_UPDATE_ROOT",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "CARGO_HTTP_CAINFO",
+];
+
 /// A rustup and cargo home of its own, and an environment that sees nothing else.
 struct Home {
     rustup_home: PathBuf,
@@ -149,7 +181,10 @@ impl Home {
         let bin = home.cargo_home.join("bin");
         std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
         std::fs::create_dir_all(&home.rustup_home)?;
-        let rustup = which("rustup")?;
+        let rustup = setup::which("rustup")
+            .context("rustup is not on PATH")?
+            .canonicalize()
+            .context("resolving rustup's path")?;
         // What rustup's installer puts in a new cargo home: the program, under its proxies' names.
         for name in ["rustup", "cargo", "rustc", "rustdoc"] {
             std::os::unix::fs::symlink(&rustup, bin.join(name))
@@ -176,19 +211,37 @@ impl Home {
 
     /// `program` with an environment of nothing but this home (and the system's PATH).
     fn command(&self, program: &str) -> Command {
-        let mut path = self.cargo_home.join("bin").into_os_string();
-        path.push(":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
         let mut cmd = Command::new(program);
         cmd.env_clear()
-            .env("PATH", path)
+            .env("PATH", self.path())
             .env("RUSTUP_HOME", &self.rustup_home)
             .env("CARGO_HOME", &self.cargo_home);
-        for keep in ["HOME", "LANG", "TERM"] {
+        // What a user's shell has besides: where home is, and how to reach the registries.
+        for keep in KEPT {
             if let Some(value) = std::env::var_os(keep) {
                 cmd.env(keep, value);
             }
         }
         cmd
+    }
+
+    /// Where `program` is on this home's PATH.
+    fn which(&self, program: &str) -> Option<PathBuf> {
+        std::env::split_paths(&self.path())
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    }
+
+    /// The home's PATH: its cargo/bin, then the system's directories.
+    fn path(&self) -> std::ffi::OsString {
+        let mut path = self.cargo_home.join("bin").into_os_string();
+        path.push(":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        path
+    }
+
+    /// The home's default toolchain, as `rustup default` says it.
+    fn default_toolchain(&self) -> Result<String> {
+        Ok(output(self.command("rustup").arg("default"))?.trim().to_string())
     }
 
     /// Every toolchain of the home, with its `rustc -vV` and installed components.
@@ -216,16 +269,6 @@ impl Home {
         }
         Ok(toolchains)
     }
-}
-
-fn which(program: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{program} is not on PATH"))?
-        .canonicalize()
-        .context("resolving rustup's path")
 }
 
 /// A command's standard output; an error when it fails.

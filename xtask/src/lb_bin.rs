@@ -6,7 +6,8 @@ use std::{
     process::Command,
 };
 
-/// What `lb --version` says of a binary with its eBPF program (the tests read it too).
+/// What `lb --version` says of a binary with its eBPF program (tests/src/lib.rs looks for the
+/// same words).
 pub const BUILT_IN: &str = "eBPF sockmap forwarding built in";
 
 /// Builds lb (`cargo build -p lb-user --bins`, `--release` when `release`) and returns its path.
@@ -20,8 +21,9 @@ pub fn build(release: bool, ebpf: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     crate::run_cmd(&mut cmd).context("building lb")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let lb = target.join(if release { "release" } else { "debug" }).join("lb");
+    let lb = crate::target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("lb");
     if !lb.exists() {
         bail!("{} is missing after the build", lb.display());
     }
@@ -36,9 +38,14 @@ pub fn build(release: bool, ebpf: bool) -> Result<PathBuf> {
 
 /// Whether `lb --version` says the binary carries its eBPF program.
 pub fn has_ebpf(lb: &Path) -> Result<bool> {
+    Ok(version(lb)?.contains(BUILT_IN))
+}
+
+/// What `lb --version` says.
+pub fn version(lb: &Path) -> Result<String> {
     let out = Command::new(lb)
         .arg("--version")
         .output()
         .with_context(|| format!("running {} --version", lb.display()))?;
-    Ok(String::from_utf8_lossy(&out.stdout).contains(BUILT_IN))
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }

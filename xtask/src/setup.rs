@@ -128,9 +128,17 @@ impl Step {
                             .is_dir()
                 })
             }
+            // That version, built against that LLVM (its `--version` does not say which).
             Step::Linker => {
-                let out = Command::new("bpf-linker").arg("--version").output();
-                out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+                let Some(linker) = which("bpf-linker") else {
+                    return false;
+                };
+                let version = Command::new(&linker).arg("--version").output();
+                let libs = Command::new("ldd").arg(&linker).output();
+                version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+                    && libs.is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout).contains(&format!("libLLVM.so.{LLVM_MAJOR}."))
+                    })
             }
         }
     }
@@ -157,6 +165,8 @@ impl Step {
                 Command::new("cargo").env("LLVM_PREFIX", LLVM_PREFIX).args([
                     "install",
                     "bpf-linker",
+                    // Replaces one built against another LLVM.
+                    "--force",
                     "--locked",
                     "--version",
                     BPF_LINKER_VERSION,
@@ -179,11 +189,13 @@ pub fn ensure(strict: bool) -> Result<bool> {
         eprintln!(
             "xtask setup: the eBPF toolchain is installed ({toolchain}; bpf-linker {BPF_LINKER_VERSION}; LLVM {LLVM_MAJOR})"
         );
-        Ok(())
-    } else {
+        same_llvm(&toolchain)
+    } else if todo.iter().any(|s| matches!(s, Step::Toolchain)) {
         install(&toolchain, &todo)
-    }
-    .and_then(|()| same_llvm(&toolchain));
+    } else {
+        // The toolchain step checks it when it runs.
+        same_llvm(&toolchain).and_then(|()| install(&toolchain, &todo))
+    };
     match result {
         Ok(()) => Ok(true),
         Err(err) if strict => Err(err),
@@ -250,11 +262,9 @@ fn same_llvm(toolchain: &Toolchain) -> Result<()> {
 /// Installs from Debian each `(program, package)` whose program is not on PATH, in one line
 /// that names `who` and `why`.
 pub fn ensure_programs(who: &str, why: &str, programs: &[(&str, &str)]) -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let on_path = |program: &str| std::env::split_paths(&path).any(|dir| dir.join(program).is_file());
     let missing: Vec<&str> = programs
         .iter()
-        .filter(|(program, _)| !on_path(program))
+        .filter(|(program, _)| which(program).is_none())
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
@@ -287,7 +297,8 @@ fn apt_install(packages: &[&str], log: &Path) -> Result<()> {
     )
 }
 
-/// Runs `cmd` with its output appended to `log`; when it fails, shows the output's last lines.
+/// Runs `cmd` with its output appended to `log`; when it fails, the error carries the output's
+/// last lines.
 pub fn quietly(cmd: &mut Command, log: &Path) -> Result<()> {
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -305,16 +316,28 @@ pub fn quietly(cmd: &mut Command, log: &Path) -> Result<()> {
     }
     let output = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = output.lines().collect();
-    eprintln!();
-    for line in &lines[lines.len().saturating_sub(40)..] {
-        eprintln!("    {line}");
-    }
-    bail!("{cmd:?} failed: {status} (its whole output: {})", log.display())
+    let tail: String = lines[lines.len().saturating_sub(40)..]
+        .iter()
+        .map(|l| format!("\n    {l}"))
+        .collect();
+    bail!(
+        "{:?} failed: {status}; the end of its output ({} has all of it):{tail}",
+        cmd.get_program(),
+        log.display()
+    )
 }
 
-/// An empty `target/xtask-setup/NAME.log` for one step's output.
+/// Where `program` is on PATH, if it is.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// An empty `xtask-setup/NAME.log` in the target directory, for one step's output.
 fn log_file(name: &str) -> Result<PathBuf> {
-    let dir = crate::root().join("target/xtask-setup");
+    let dir = crate::target_dir().join("xtask-setup");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log = dir.join(format!("{name}.log"));
     std::fs::write(&log, "").with_context(|| format!("creating {}", log.display()))?;
