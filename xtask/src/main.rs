@@ -222,17 +222,12 @@ fn test(args: Vec<String>) -> Result<()> {
     } else {
         false
     };
-    let fresh = whole && ebpf;
-    let fresh_failed = if fresh {
-        let result = fresh::run(false);
-        if let Err(err) = &result {
-            println!("FAILED the fresh-machine check (cargo xtask fresh): {err:#}");
-        }
-        result.is_err()
-    } else {
-        false
-    };
-    if fresh {
+    let fresh = (whole && ebpf).then(|| fresh::run(false));
+    if let Some(Err(err)) = &fresh {
+        println!("FAILED the fresh-machine check (cargo xtask fresh): {err:#}");
+    }
+    let fresh_failed = matches!(fresh, Some(Err(_)));
+    if fresh.is_some() {
         (passed, failed) = (
             passed + u64::from(!fresh_failed),
             failed + u64::from(fresh_failed),
@@ -249,7 +244,7 @@ fn test(args: Vec<String>) -> Result<()> {
                 .into(),
         );
     }
-    if !fresh && args.is_empty() {
+    if fresh.is_none() && args.is_empty() {
         skipped.push("the fresh-machine check (it needs setup to work here and the rest passing)".into());
     }
     for line in &skipped {

@@ -69,7 +69,7 @@ impl fmt::Display for Toolchain {
 }
 
 /// The set-up steps, in order (bpf-linker is built against the LLVM of the first).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Step {
     Llvm,
     Toolchain,
@@ -185,17 +185,22 @@ impl Step {
 pub fn ensure(strict: bool) -> Result<bool> {
     let toolchain = Toolchain::pinned()?;
     let todo: Vec<Step> = Step::ALL.into_iter().filter(|s| !s.present(&toolchain)).collect();
-    let result = if todo.is_empty() {
-        eprintln!(
-            "xtask setup: the eBPF toolchain is installed ({toolchain}; bpf-linker {BPF_LINKER_VERSION}; LLVM {LLVM_MAJOR})"
-        );
-        same_llvm(&toolchain)
-    } else if todo.iter().any(|s| matches!(s, Step::Toolchain)) {
-        install(&toolchain, &todo)
+    // An installed toolchain is checked first; the toolchain step checks the one it installs.
+    let result = if todo.contains(&Step::Toolchain) {
+        Ok(())
     } else {
-        // The toolchain step checks it when it runs.
-        same_llvm(&toolchain).and_then(|()| install(&toolchain, &todo))
-    };
+        same_llvm(&toolchain)
+    }
+    .and_then(|()| {
+        if todo.is_empty() {
+            eprintln!(
+                "xtask setup: the eBPF toolchain is installed ({toolchain}; bpf-linker {BPF_LINKER_VERSION}; LLVM {LLVM_MAJOR})"
+            );
+            Ok(())
+        } else {
+            install(&toolchain, &todo)
+        }
+    });
     match result {
         Ok(()) => Ok(true),
         Err(err) if strict => Err(err),
@@ -215,32 +220,38 @@ fn install(toolchain: &Toolchain, todo: &[Step]) -> Result<()> {
         total
     );
     for (i, step) in todo.iter().enumerate() {
-        eprint!(
-            "xtask setup: [{}/{}] {}: {} ... ",
+        let line = format!(
+            "xtask setup: [{}/{}] {}: {}",
             i + 1,
             todo.len(),
             step.what(toolchain),
             step.why()
         );
-        let _ = std::io::stderr().flush();
-        let started = Instant::now();
-        let log = log_file(step.log_name())?;
-        let done = step.install(toolchain, &log).and_then(|()| {
-            if step.present(toolchain) {
-                Ok(())
-            } else {
+        timed(&line, || {
+            let log = log_file(step.log_name())?;
+            step.install(toolchain, &log)?;
+            if !step.present(toolchain) {
                 bail!("installed, yet still missing (output: {})", log.display())
             }
-        });
-        match done {
-            Ok(()) => eprintln!("done in {} s", started.elapsed().as_secs()),
-            Err(err) => {
-                eprintln!("FAILED after {} s", started.elapsed().as_secs());
-                return Err(err.context(format!("installing {}", step.what(toolchain))));
-            }
-        }
+            Ok(())
+        })
+        .with_context(|| format!("installing {}", step.what(toolchain)))?;
     }
     Ok(())
+}
+
+/// Runs `f` on one line: `line ... done in N s`, or `FAILED after N s`.
+fn timed(line: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    eprint!("{line} ... ");
+    let _ = std::io::stderr().flush();
+    let started = Instant::now();
+    let result = f();
+    let secs = started.elapsed().as_secs();
+    match &result {
+        Ok(()) => eprintln!("done in {secs} s"),
+        Err(_) => eprintln!("FAILED after {secs} s"),
+    }
+    result
 }
 
 /// Fails unless the pinned toolchain's LLVM is the one bpf-linker is built against.
@@ -270,19 +281,10 @@ pub fn ensure_programs(who: &str, why: &str, programs: &[(&str, &str)]) -> Resul
     if missing.is_empty() {
         return Ok(());
     }
-    eprint!("{who}: installing {} (apt: {why}) ... ", missing.join(" "));
-    let _ = std::io::stderr().flush();
-    let started = Instant::now();
-    match apt_install(&missing, &log_file("apt")?) {
-        Ok(()) => {
-            eprintln!("done in {} s", started.elapsed().as_secs());
-            Ok(())
-        }
-        Err(err) => {
-            eprintln!("FAILED after {} s", started.elapsed().as_secs());
-            Err(err)
-        }
-    }
+    timed(
+        &format!("{who}: installing {} (apt: {why})", missing.join(" ")),
+        || apt_install(&missing, &log_file("apt")?),
+    )
 }
 
 /// `apt-get update`, then `apt-get install` of `packages`, output to `log`.
