@@ -16,7 +16,7 @@ use crate::{
     balance::Lease,
     connect::ConnectError,
     dispatch::{dispatch, DispatchError, Requester},
-    forward::{self, kernel::Forwarded, user::UserEnd, Directions, End, Timeouts, Totals},
+    forward::{self, kernel::Forwarded, user::UserEnd, Directions, End, Timeouts, Totals, Unsent},
     http::{
         handoff::{self, Handed, Kind},
         session::HttpEnd,
@@ -84,6 +84,8 @@ struct Pair {
     timeouts: Timeouts,
     /// Both ways, but for the rest of an HTTP response body (server to client only).
     directions: Directions,
+    /// Bytes a stopped copy loop had read and not written, for the next path to write first.
+    unsent: Unsent,
     info: FlowInfo,
 }
 
@@ -163,16 +165,17 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
                     proxy.byte_counters(pair.info.backend, pair.info.lease.index()),
                     None,
                     pair.directions,
+                    pair.unsent,
                 ))
                 .await;
                 match end {
                     UserEnd::Ended(end, totals) => finish(&proxy, listener, pair.info, end, totals),
                     // Without offload_after the copy loops only end with the flow.
-                    UserEnd::Offload(client, server)
-                    | UserEnd::Continue(client, server)
-                    | UserEnd::StayInUser(client, server) => Session::UserOnly(Pair {
+                    UserEnd::Offload(client, server, unsent)
+                    | UserEnd::StayInUser(client, server, unsent) => Session::UserOnly(Pair {
                         client,
                         server,
+                        unsent,
                         ..pair
                     }),
                 }
@@ -298,6 +301,7 @@ fn paired(
             server,
             timeouts,
             directions,
+            unsent: Unsent::default(),
             info,
         }),
         (client, server) => Err(Box::new(StreamPair {
@@ -365,25 +369,22 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         proxy.byte_counters(pair.info.backend, pair.info.lease.index()),
         Some(offload_after),
         pair.directions,
+        pair.unsent,
     ))
     .await;
     match end {
         UserEnd::Ended(end, totals) => finish(proxy, listener, pair.info, end, totals),
-        UserEnd::Offload(client, server) => Session::InKernel(Pair {
+        UserEnd::Offload(client, server, unsent) => Session::InKernel(Pair {
             client,
             server,
-            ..pair
-        }),
-        // Not this time (a socket kept sending): again after another offload_after bytes.
-        UserEnd::Continue(client, server) => Session::Connected(Pair {
-            client,
-            server,
+            unsent,
             ..pair
         }),
         // A side ended its stream first: the kernel takes only ESTABLISHED sockets.
-        UserEnd::StayInUser(client, server) => Session::UserOnly(Pair {
+        UserEnd::StayInUser(client, server, unsent) => Session::UserOnly(Pair {
             client,
             server,
+            unsent,
             ..pair
         }),
     }
@@ -408,10 +409,11 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         server: pair.server,
         timeouts: pair.timeouts,
         directions: pair.directions,
+        unsent: pair.unsent,
     };
     match forward::kernel::forward(kernel, flow, settings, &counters).await {
         Ok(Forwarded::Done(end, totals)) => finish(proxy, listener, pair.info, end, totals),
-        Ok(Forwarded::NotEligible(why, client, server)) => {
+        Ok(Forwarded::NotEligible(why, client, server, unsent)) => {
             let reason = why.name();
             proxy
                 .metrics
@@ -421,6 +423,7 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
             Session::UserOnly(Pair {
                 client,
                 server,
+                unsent,
                 ..pair
             })
         }

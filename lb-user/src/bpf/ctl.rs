@@ -155,6 +155,14 @@ impl Slot<'_> {
             .store(total, Release)
     }
 
+    /// Lets the program redirect this socket's bytes (once it has passed no more than
+    /// `consumed`). Release: whatever the daemon wrote to the peer before must be queued
+    /// before the program can see the permission.
+    pub fn allow_redirect(&self) {
+        self.u32_field(|p| unsafe { addr_of_mut!((*p).allow) })
+            .store(1, Release)
+    }
+
     /// The brake bound this slot was set up with.
     pub fn max_in_flight(&self) -> u32 {
         self.u32_field(|p| unsafe { addr_of_mut!((*p).max_in_flight) })

@@ -116,3 +116,27 @@ impl Directions {
         }
     }
 }
+
+/// Bytes lb read from a side and had not yet written to the other when the userspace copy
+/// loops stopped for the hand-off, by the side they came from. A copy loop stops at once,
+/// even in the middle of a write to a peer that is not reading (a serial server busy writing
+/// its own answer): waiting for that write would stop the other direction too. Whichever path
+/// takes the flow next writes them first, before any newer byte of their direction.
+#[derive(Debug, Default)]
+pub struct Unsent([Vec<u8>; 2]);
+
+impl Unsent {
+    /// The bytes still to go from `from` to its peer.
+    pub fn of(&self, from: Side) -> &[u8] {
+        &self.0[from.index()]
+    }
+
+    pub fn set(&mut self, from: Side, bytes: Vec<u8>) {
+        self.0[from.index()] = bytes;
+    }
+
+    /// Takes the bytes of `from`'s direction out.
+    pub fn take(&mut self, from: Side) -> Vec<u8> {
+        std::mem::take(&mut self.0[from.index()])
+    }
+}

@@ -5,10 +5,13 @@
 //! passed on, idle sides time out, and a flow that does not end cleanly is closed with a reset.
 //!
 //! The hand-off to the kernel: once a direction has moved `offload_after` bytes, both copy
-//! loops stop between a read and the next (nothing is left half-written), then each socket is
-//! read until it is empty and what was read is written on, so no segment is left partly read
-//! (the kernel would forward a partly read segment again, whole). The caller then hands the
-//! pair to the kernel path, which takes every byte that arrives from then on.
+//! loops stop at once, each on its own: one waiting to read stops before reading, one in the
+//! middle of a write stops with what it has not written yet ([`Unsent`]). Neither waits for the
+//! other, nor for a socket to be empty: a sender that never pauses, or a serial server that
+//! does not read while it writes, cannot keep the flow from the kernel or stall it. The kernel
+//! path writes the unsent bytes of a direction first and only then lets the program redirect
+//! that direction; bytes still queued on a socket go through the program, which skips what lb
+//! had already read of a segment.
 use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
     sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -24,34 +27,28 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{ByteCounters, Directions, End, Side, Timeouts, Totals};
+use super::{ByteCounters, Directions, End, Side, Timeouts, Totals, Unsent};
 
 /// First buffer per direction; it grows to [`MAX_BUF`] when reads fill it (bulk flows).
 const FIRST_BUF: usize = 16 * 1024;
 const MAX_BUF: usize = 64 * 1024;
 
-/// Reads before a hand-off gives up on emptying a socket (a sender that never pauses): the
-/// flow then goes on in userspace and tries again after another `offload_after` bytes.
-const DRAIN_ROUNDS: usize = 64;
-
 /// How a userspace flow ended.
 pub enum UserEnd {
     /// Forwarded until it ended (what this call forwarded: the kernel's count is 0).
     Ended(End, Totals),
-    /// A direction moved `offload_after` bytes and both sockets are emptied: the caller hands
-    /// the pair to the kernel.
-    Offload(TcpStream, TcpStream),
-    /// The hand-off was attempted but a socket kept sending: the caller goes on in userspace
-    /// and tries again later.
-    Continue(TcpStream, TcpStream),
+    /// A direction moved `offload_after` bytes and both copy loops stopped: the caller hands
+    /// the pair to the kernel, with the bytes the loops had not written yet.
+    Offload(TcpStream, TcpStream, Unsent),
     /// A side had ended its stream: the kernel cannot take the pair (only ESTABLISHED sockets
-    /// can), so the caller forwards it in userspace to the end.
-    StayInUser(TcpStream, TcpStream),
+    /// can), so the caller forwards it in userspace to the end, the unsent bytes first.
+    StayInUser(TcpStream, TcpStream, Unsent),
 }
 
 /// Forwards until both directions are closed, one side resets, or one side idles out; with
 /// `offload_after`, until a direction has moved that many bytes and the pair can be handed to
 /// the kernel. With [`Directions::ServerToClient`] the client's bytes are read and dropped.
+/// `unsent`: bytes an earlier copy loop read and did not write, written first.
 pub async fn forward(
     mut client: TcpStream,
     mut server: TcpStream,
@@ -59,6 +56,7 @@ pub async fn forward(
     bytes: ByteCounters<'_>,
     offload_after: Option<u64>,
     directions: Directions,
+    mut unsent: Unsent,
 ) -> UserEnd {
     // Declared before the halves borrow the streams, dropped after them: if this future is
     // dropped (lb's grace period ran out) the guard is still armed and both peers get a reset.
@@ -87,17 +85,17 @@ pub async fn forward(
     let stopped = {
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.split();
-        let c2s = pump(&mut cr, &mut sw, Side::Client, &shared);
-        let s2c = pump(&mut sr, &mut cw, Side::Server, &shared);
+        let c2s = pump(&mut cr, &mut sw, Side::Client, &shared, unsent.take(Side::Client));
+        let s2c = pump(&mut sr, &mut cw, Side::Server, &shared, unsent.take(Side::Server));
         tokio::pin!(c2s, s2c);
         // Per direction: None while it runs, then how it stopped.
         let (mut c2s_done, mut s2c_done) = (None, None);
         loop {
-            match (c2s_done, s2c_done) {
+            match (c2s_done.take(), s2c_done.take()) {
                 (Some(Pumped::EndOfStream), Some(Pumped::EndOfStream)) => break Err(End::Closed),
                 // Both stopped for the hand-off (or one had ended its stream meanwhile).
-                (Some(c), Some(s)) => break Ok(c == Pumped::Paused && s == Pumped::Paused),
-                _ => {}
+                (Some(c), Some(s)) => break Ok([c, s]),
+                (c, s) => (c2s_done, s2c_done) = (c, s),
             }
             let deadline = [Side::Client, Side::Server]
                 .iter()
@@ -126,22 +124,22 @@ pub async fn forward(
         }
     };
     let end = match stopped {
-        Ok(false) => {
+        Ok(stopped) => {
             guard.armed = false;
             drop(guard);
-            return UserEnd::StayInUser(client, server);
-        }
-        Ok(true) => match drain_both(&mut client, &mut server, timeouts, &shared).await {
-            Ok(drained) => {
-                guard.armed = false;
-                drop(guard);
-                return match drained {
-                    true => UserEnd::Offload(client, server),
-                    false => UserEnd::Continue(client, server),
-                };
+            let mut left = Unsent::default();
+            let mut both_paused = true;
+            for (side, pumped) in [Side::Client, Side::Server].into_iter().zip(stopped) {
+                match pumped {
+                    Pumped::Paused(bytes) => left.set(side, bytes),
+                    Pumped::EndOfStream => both_paused = false,
+                }
             }
-            Err(end) => end,
-        },
+            return match both_paused {
+                true => UserEnd::Offload(client, server, left),
+                false => UserEnd::StayInUser(client, server, left),
+            };
+        }
         Err(end) => end,
     };
     // A plain close only when the streams are complete: after both ends of stream, or on an
@@ -179,65 +177,12 @@ struct Offload {
 }
 
 /// How a copy loop stopped (other than failing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 enum Pumped {
     /// End of stream, passed on.
     EndOfStream,
-    /// Stopped between two reads for the hand-off.
-    Paused,
-}
-
-/// Empties both sockets for the hand-off. `Ok(true)`: both are empty; `Ok(false)`: one kept
-/// sending or ended its stream meanwhile (the flow goes on in userspace); `Err`: how the flow
-/// ended.
-async fn drain_both(
-    client: &mut TcpStream,
-    server: &mut TcpStream,
-    timeouts: Timeouts,
-    shared: &Shared<'_>,
-) -> Result<bool, End> {
-    let (mut cr, mut cw) = client.split();
-    let (mut sr, mut sw) = server.split();
-    Ok(drain(&mut cr, &mut sw, Side::Client, timeouts, shared).await?
-        && drain(&mut sr, &mut cw, Side::Server, timeouts, shared).await?)
-}
-
-/// Reads a socket until it is empty (or [`DRAIN_ROUNDS`] reads), writing what it reads on
-/// (within the destination's idle timeout) unless the direction drops it. `Ok(true)`: it was
-/// emptied; `Ok(false)`: it kept sending or ended its stream.
-async fn drain(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
-    from: Side,
-    timeouts: Timeouts,
-    shared: &Shared<'_>,
-) -> Result<bool, End> {
-    let drop = shared.dropped == Some(from);
-    let mut buf = vec![0u8; MAX_BUF];
-    for _ in 0..DRAIN_ROUNDS {
-        // A real recv each time: tokio's try_read answers WouldBlock from its cached readiness
-        // without asking the kernel, and "empty" must be the kernel's word (a segment left
-        // partly read would be forwarded again, whole, once the socket is in the map).
-        match crate::sockopt::recv_nowait(src.as_ref().as_fd(), &mut buf) {
-            Ok(0) => return Ok(false),
-            Ok(_) if drop => {}
-            Ok(n) => {
-                // A write cut short would lose bytes: a stuck destination ends the flow.
-                match tokio::time::timeout(timeouts.of(from.other()), dst.write_all(&buf[..n])).await {
-                    Ok(Ok(())) => {
-                        shared.bytes.add(n as u64);
-                        shared.sent[from.index()].fetch_add(n as u64, Relaxed);
-                    }
-                    Ok(Err(_)) => return Err(End::Reset(from.other())),
-                    Err(_) => return Err(End::IdleTimeout(from.other())),
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(End::Reset(from)),
-        }
-    }
-    Ok(false)
+    /// Stopped for the hand-off, with the bytes it had read and not yet written.
+    Paused(Vec<u8>),
 }
 
 /// Sets SO_LINGER 0 on both sockets when dropped armed, so closing them sends a reset.
@@ -275,30 +220,36 @@ impl Clock {
 }
 
 /// Copies one direction until end of stream, then shuts the destination's write side; or,
-/// for the hand-off, until a direction moved `offload.after` bytes (stopping between reads).
-/// `Err(side)` names the side that failed.
+/// for the hand-off, until a direction moved `offload.after` bytes (then it stops at once,
+/// mid-write if need be). `unsent`: bytes of this direction an earlier loop had not written,
+/// written first. `Err(side)` names the side that failed.
 async fn pump(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     from: Side,
     shared: &Shared<'_>,
+    unsent: Vec<u8>,
 ) -> Result<Pumped, Side> {
     let Shared {
         clock,
         writing,
         ended,
-        sent,
-        bytes,
         offload,
         dropped,
+        ..
     } = shared;
+    let mut moved = 0u64;
+    if !unsent.is_empty() {
+        if let Some(left) = deliver(dst, unsent, from, shared, &mut moved).await? {
+            return Ok(Pumped::Paused(left));
+        }
+    }
     // No buffer while the source is quiet (the design notes' buffers allocated only when
     // needed): one is taken when the source has something to read, kept while reads fill it
     // (a bulk flow), and given back after a short read, so an idle flow holds none. Reads fill
     // its spare capacity (read_buf): it is never zero-filled, which on short flows was the
     // largest cost lb itself added.
     let mut buf: Vec<u8> = Vec::new();
-    let mut moved = 0u64;
     // The client usually speaks first, and its first bytes are often there by the time the
     // server is connected: they are read at once, as HAProxy does after an accept, rather than
     // after the event loop has reported the new socket readable.
@@ -315,7 +266,7 @@ async fn pump(
             // Readiness waits are cancel-safe too.
             tokio::select! {
                 biased;
-                _ = offload.now.cancelled() => return Ok(Pumped::Paused),
+                _ = offload.now.cancelled() => return Ok(Pumped::Paused(Vec::new())),
                 r = src.as_ref().readable() => r.map_err(|_| from)?,
             }
             buf.reserve_exact(FIRST_BUF);
@@ -324,7 +275,7 @@ async fn pump(
         let n = match buf.len() {
             0 => tokio::select! {
                 biased;
-                _ = offload.now.cancelled() => return Ok(Pumped::Paused),
+                _ = offload.now.cancelled() => return Ok(Pumped::Paused(Vec::new())),
                 r = src.read_buf(&mut buf) => r.map_err(|_| from)?,
             },
             // The first read, before the loop, found bytes.
@@ -349,43 +300,83 @@ async fn pump(
             continue;
         }
         let full = n == buf.capacity();
-        let ends = !full && end_follows(src, &mut buf).map_err(|_| from)?;
-        writing[from.index()].store(true, Relaxed);
-        if ends {
+        if !full && end_follows(src, &mut buf).map_err(|_| from)? {
+            writing[from.index()].store(true, Relaxed);
             write_last(dst, &buf).await.map_err(|_| from.other())?;
-        } else {
-            write_eager(dst, &buf).await.map_err(|_| from.other())?;
-        }
-        writing[from.index()].store(false, Relaxed);
-        clock.touch(from.other());
-        bytes.add(buf.len() as u64);
-        sent[from.index()].fetch_add(buf.len() as u64, Relaxed);
-        if ends {
+            writing[from.index()].store(false, Relaxed);
+            count(shared, from, buf.len());
             ended[from.index()].store(true, Relaxed);
             return Ok(Pumped::EndOfStream);
         }
-        moved += buf.len() as u64;
-        if !full {
-            buf = Vec::new();
-        } else {
-            buf.clear();
-            if buf.capacity() < MAX_BUF {
-                buf.reserve_exact(MAX_BUF);
-            }
+        // A full buffer is kept for the next read (a bulk flow), a short read's given back.
+        let next = match full {
+            true => Vec::with_capacity(buf.capacity().max(MAX_BUF)),
+            false => Vec::new(),
+        };
+        if let Some(left) = deliver(dst, std::mem::replace(&mut buf, next), from, shared, &mut moved).await? {
+            return Ok(Pumped::Paused(left));
         }
         if moved >= offload.after {
             offload.now.cancel();
-            return Ok(Pumped::Paused);
+            return Ok(Pumped::Paused(Vec::new()));
         }
     }
 }
 
-/// Writes all of `data`, trying the socket before asking tokio whether it is writable: a
-/// server socket fresh from the connect stage has not had its first readiness event yet, and
-/// waiting for it would put a turn of the event loop on every connection's critical path.
-async fn write_eager(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()> {
-    let sent = taken(crate::sockopt::send_nowait(dst.as_ref().as_fd(), data))?;
-    dst.write_all(&data[sent..]).await
+/// Writes `data` to the destination, unless the hand-off comes first: then returns what is
+/// left unwritten. Adds what it wrote to `moved` and to the counters.
+async fn deliver(
+    dst: &mut WriteHalf<'_>,
+    mut data: Vec<u8>,
+    from: Side,
+    shared: &Shared<'_>,
+    moved: &mut u64,
+) -> Result<Option<Vec<u8>>, Side> {
+    shared.writing[from.index()].store(true, Relaxed);
+    let written = write_until_handoff(dst, &data, &shared.offload.now)
+        .await
+        .map_err(|_| from.other())?;
+    shared.writing[from.index()].store(false, Relaxed);
+    if written > 0 {
+        shared.clock.touch(from.other());
+        count(shared, from, written);
+        *moved += written as u64;
+    }
+    if written == data.len() {
+        return Ok(None);
+    }
+    data.drain(..written);
+    Ok(Some(data))
+}
+
+/// Counts `n` bytes from `from` as written to its peer.
+fn count(shared: &Shared<'_>, from: Side, n: usize) {
+    shared.bytes.add(n as u64);
+    shared.sent[from.index()].fetch_add(n as u64, Relaxed);
+}
+
+/// Writes `data`, trying the socket before asking tokio whether it is writable (a server
+/// socket fresh from the connect stage has not had its first readiness event yet, and waiting
+/// for it would put a turn of the event loop on every connection's critical path); stops when
+/// `handoff` is cancelled. Returns how much was written.
+async fn write_until_handoff(
+    dst: &mut WriteHalf<'_>,
+    data: &[u8],
+    handoff: &CancellationToken,
+) -> std::io::Result<usize> {
+    let mut sent = taken(crate::sockopt::send_nowait(dst.as_ref().as_fd(), data))?;
+    while sent < data.len() {
+        // A write is cancel-safe: it either took bytes or did nothing.
+        tokio::select! {
+            biased;
+            _ = handoff.cancelled() => break,
+            r = dst.write(&data[sent..]) => match r? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => sent += n,
+            },
+        }
+    }
+    Ok(sent)
 }
 
 /// What a non-blocking send took: nothing when the socket had no room now.
@@ -449,7 +440,15 @@ mod tests {
             client: Duration::from_secs(10),
             server: Duration::from_secs(10),
         };
-        let flow = forward(client, server, timeouts, bytes, None, Directions::ServerToClient);
+        let flow = forward(
+            client,
+            server,
+            timeouts,
+            bytes,
+            None,
+            Directions::ServerToClient,
+            Unsent::default(),
+        );
         let peers = async {
             // A pipelined request the server must never see, and the client's half-close,
             // which it must not see either (checked over a bounded wait: nothing else can show
@@ -490,5 +489,78 @@ mod tests {
         assert_eq!(end, End::Closed);
         assert_eq!(totals.to_client, 16);
         assert_eq!((total.get(), per_server.get()), (16, 16));
+    }
+
+    #[tokio::test]
+    async fn the_hand_off_stops_a_write_to_a_peer_that_does_not_read() {
+        // A serial server: it writes its answer and reads nothing meanwhile. The client keeps
+        // sending (and reads the answer), so lb's write to the server blocks once the small
+        // buffers on the way are full; the answer then reaches offload_after, and the hand-off
+        // must not wait for that write.
+        let (client, client_peer) = loopback_pair().await;
+        let (server, mut server_peer) = loopback_pair().await;
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(64 << 10)
+            .unwrap();
+        socket2::SockRef::from(&server_peer)
+            .set_recv_buffer_size(64 << 10)
+            .unwrap();
+        let (total, per_server) = (Counter::default(), Counter::default());
+        let bytes = ByteCounters {
+            total: &total,
+            server: &per_server,
+        };
+        let timeouts = Timeouts {
+            client: Duration::from_secs(10),
+            server: Duration::from_secs(10),
+        };
+        const UP: usize = 16 << 20;
+        const ANSWER: usize = 4 << 20;
+        let up: Vec<u8> = (0..UP).map(|i| (i % 251) as u8).collect();
+        let (mut client_rx, mut client_tx) = client_peer.into_split();
+        let sender = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                // Ends when the test drops the flow's sockets.
+                let _ = client_tx.write_all(&up).await;
+            })
+        };
+        let reader = tokio::spawn(async move {
+            let mut sink = vec![0u8; 64 << 10];
+            while matches!(client_rx.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        let answer = async {
+            server_peer.write_all(&vec![7u8; ANSWER]).await.unwrap();
+        };
+        let flow = forward(
+            client,
+            server,
+            timeouts,
+            bytes,
+            Some(2 << 20),
+            Directions::Both,
+            Unsent::default(),
+        );
+        let (end, ()) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(flow, answer) })
+            .await
+            .expect("the hand-off waited for a write the server would not take");
+        let UserEnd::Offload(_client, mut server, unsent) = end else {
+            panic!("the flow was not handed off");
+        };
+        let up_unsent = unsent.of(Side::Client).len();
+        assert!(up_unsent > 0, "the write to the server was not stopped midway");
+        // What reached the server, then what is left to send, is the start of the upload, in
+        // order. (A half-close after what lb wrote marks its end.)
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server_peer.read_to_end(&mut got).await.unwrap();
+        let written_up = got.len();
+        assert!(got == up[..written_up], "the server got the upload altered");
+        assert!(
+            unsent.of(Side::Client) == &up[written_up..written_up + up_unsent],
+            "the unsent bytes are not the ones that follow"
+        );
+        sender.abort();
+        reader.abort();
     }
 }

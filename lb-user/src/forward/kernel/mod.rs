@@ -29,7 +29,7 @@ use std::{
 };
 use tokio::time::Instant;
 
-use super::{ByteCounters, Directions, End, Side, Timeouts, Totals};
+use super::{ByteCounters, Directions, End, Side, Timeouts, Totals, Unsent};
 use crate::{
     bpf::{Kernel, Tracked, Watch},
     sockopt,
@@ -237,8 +237,9 @@ impl Flow<'_, '_> {
 pub enum Forwarded {
     /// Forwarded until it ended.
     Done(End, Totals),
-    /// The kernel would not take the pair: the caller forwards it in userspace.
-    NotEligible(Ineligible, tokio::net::TcpStream, tokio::net::TcpStream),
+    /// The kernel would not take the pair: the caller forwards it in userspace, the unsent
+    /// bytes first.
+    NotEligible(Ineligible, tokio::net::TcpStream, tokio::net::TcpStream, Unsent),
 }
 
 /// Why the kernel would not take a pair.
@@ -284,29 +285,34 @@ pub struct Pair {
     pub server: tokio::net::TcpStream,
     pub timeouts: Timeouts,
     pub directions: Directions,
+    /// Bytes the userspace copy loops read and had not written when they stopped: each
+    /// direction writes its own first, and only then lets the program redirect.
+    pub unsent: Unsent,
 }
 
 /// Forwards the flow in the kernel until it ends. Only failures of socket calls are errors;
 /// how the flow ended is the [`End`].
 pub async fn forward(
     kernel: &Kernel,
-    pair: Pair,
+    mut pair: Pair,
     settings: Settings,
     counters: &FlowCounters<'_>,
 ) -> io::Result<Forwarded> {
+    let mut unsent = std::mem::take(&mut pair.unsent);
     // Set-up has no await: its locals stay out of the state this future keeps for the flow's
     // whole life.
-    let flow = match set_up(kernel, pair, settings, counters)? {
+    let flow = match set_up(kernel, pair, &unsent, settings, counters)? {
         Ok(flow) => flow,
         Err((why, c, s)) => {
             return Ok(Forwarded::NotEligible(
                 why,
                 tokio::net::TcpStream::from_std(c)?,
                 tokio::net::TcpStream::from_std(s)?,
+                unsent,
             ))
         }
     };
-    let end = run(&flow).await?;
+    let end = run(&flow, [unsent.take(Side::Client), unsent.take(Side::Server)]).await?;
     Ok(flow.close(end))
 }
 
@@ -320,7 +326,9 @@ fn set_up<'k, 'c>(
         server,
         timeouts,
         directions,
+        unsent: _,
     }: Pair,
+    unsent: &Unsent,
     settings: Settings,
     counters: &'c FlowCounters<'c>,
 ) -> io::Result<Result<Flow<'k, 'c>, (Ineligible, TcpStream, TcpStream)>> {
@@ -344,7 +352,9 @@ fn set_up<'k, 'c>(
     }
     let tracked = [(&client, Side::Client), (&server, Side::Server)].map(|(s, side)| {
         let cookie = sockopt::cookie(s.as_fd())?;
-        let redirect = directions.dropped() != Some(side);
+        // A direction with unsent bytes is held until the daemon has written them: the
+        // program must not redirect newer bytes ahead of them.
+        let redirect = directions.dropped() != Some(side) && unsent.of(side).is_empty();
         kernel
             .track(cookie, settings.max_in_flight, redirect)
             .map_err(|e| io::Error::other(e.to_string()))
@@ -353,20 +363,24 @@ fn set_up<'k, 'c>(
         tracing::debug!("flow stays in userspace: no control slot");
         return Ok(Err((Ineligible::NoSlot, client, server)));
     };
-    let ends = [(client, c_tracked, c_progress), (server, s_tracked, s_progress)].map(
-        |(sock, tracked, progress)| {
-            let watch = tracked.watch(&sock)?;
-            // Bytes waiting unread now go through the program after insertion (the kick).
-            let unread = sockopt::inq(sock.as_fd())?;
-            Ok::<_, io::Error>(FlowSocket {
-                sock,
-                tracked,
-                baseline: progress.queued_total,
-                received_base: progress.received_total.saturating_sub(unread),
-                watch,
-            })
-        },
-    );
+    let ends = [
+        (client, c_tracked, c_progress, unsent.of(Side::Server).len()),
+        (server, s_tracked, s_progress, unsent.of(Side::Client).len()),
+    ]
+    .map(|(sock, tracked, progress, to_write)| {
+        let watch = tracked.watch(&sock)?;
+        // Bytes waiting unread now go through the program after insertion (the kick).
+        let unread = sockopt::inq(sock.as_fd())?;
+        Ok::<_, io::Error>(FlowSocket {
+            sock,
+            tracked,
+            // The unsent bytes the daemon writes to this socket first belong before the
+            // flow's start in the map too.
+            baseline: progress.queued_total + to_write as u64,
+            received_base: progress.received_total.saturating_sub(unread),
+            watch,
+        })
+    });
     let [c, s] = ends;
     let (c, s) = (c?, s?);
     if !insert_pair(kernel, &c, &s) {
@@ -395,9 +409,9 @@ fn set_up<'k, 'c>(
 
 /// Both directions until both have passed their end of stream on, one side fails, or a side
 /// idles out.
-async fn run(flow: &Flow<'_, '_>) -> io::Result<End> {
-    let c2s = direction::run(flow, Side::Client);
-    let s2c = direction::run(flow, Side::Server);
+async fn run(flow: &Flow<'_, '_>, [c_unsent, s_unsent]: [Vec<u8>; 2]) -> io::Result<End> {
+    let c2s = direction::run(flow, Side::Client, c_unsent);
+    let s2c = direction::run(flow, Side::Server, s_unsent);
     tokio::pin!(c2s, s2c);
     // Started (boxed) only once a direction has passed its end of stream on.
     let mut c_after = None;
