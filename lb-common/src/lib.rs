@@ -88,7 +88,15 @@ pub struct SockCtl {
     /// with its head overlapping bytes already taken (a retransmission that partly covers
     /// received data): the program trims that head so no byte is forwarded twice.
     pub next_seq: u32,
-    /// Unused; keeps the size a multiple of 8.
+    /// Times the program asked the daemon to throttle the sender: while redirecting, the
+    /// bytes in flight passed half of `max_in_flight`. It asks again only once the daemon has
+    /// dealt with the last request (`throttles == throttles_done`).
+    pub throttles: u32,
+    /// Throttle requests the daemon has dealt with: it shrank this socket's receive buffer (so
+    /// TCP's window, and what a brake would hold, shrink), waited until the bytes in flight
+    /// fell to the low-water mark, and gave the buffer back.
+    pub throttles_done: u32,
+    /// Unused; keeps the size a multiple of 8 with no implicit padding.
     pub _pad: u32,
 }
 
@@ -96,6 +104,9 @@ pub struct SockCtl {
 pub const EVENT_BRAKE: u32 = 1;
 /// Bytes were passed while the daemon had caught up (allow was 0, or the peer was missing).
 pub const EVENT_HELD: u32 = 2;
+/// While redirecting, the bytes in flight passed half the bound: the daemon throttles the
+/// sender (see [`SockCtl::throttles`]).
+pub const EVENT_THROTTLE: u32 = 3;
 
 /// One ring-buffer record: "look at this socket".
 #[repr(C)]
@@ -103,7 +114,7 @@ pub const EVENT_HELD: u32 = 2;
 pub struct Event {
     /// The socket's slot in [`FLOW_CTL_MAP`].
     pub slot: u32,
-    /// [`EVENT_BRAKE`] or [`EVENT_HELD`].
+    /// [`EVENT_BRAKE`], [`EVENT_HELD`] or [`EVENT_THROTTLE`].
     pub kind: u32,
 }
 
@@ -141,7 +152,8 @@ pub struct CpuStats {
     pub untrimmed: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockCtl>() == 48);
+const _: () = assert!(core::mem::size_of::<SockCtl>() == 56);
+const _: () = assert!(core::mem::offset_of!(SockCtl, throttles_done) == 48);
 const _: () = assert!(core::mem::align_of::<SockCtl>() == 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 8);
 const _: () = assert!(core::mem::size_of::<CpuStats>() == 96);

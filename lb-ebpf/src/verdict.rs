@@ -6,9 +6,12 @@
 //! lb-user/src/LIFECYCLE.md; in short:
 //! - held → redirecting only when the daemon allows it and has forwarded every byte passed so
 //!   far (`passed == consumed`), so no redirected byte can overtake a held one;
-//! - redirecting → held (the brake) when the peer has not yet queued more than `max_in_flight`
-//!   of the redirected bytes: the bytes then stay charged to this socket's receive buffer, TCP's
-//!   window closes on the sender, and the daemon is woken through the ring buffer.
+//! - redirecting → held (the brake) when the peer's receiver has not acknowledged more than
+//!   `max_in_flight` of the bytes given to it: the bytes then stay charged to this socket's
+//!   receive buffer, TCP's window closes on the sender, and the daemon is woken through the
+//!   ring buffer;
+//! - half way there, still redirecting, the daemon is asked to throttle the sender (once per
+//!   request it has dealt with).
 //!
 //! Before either, it trims bytes it has already taken off the head of the skb (see
 //! [`take_new_bytes`]).
@@ -30,8 +33,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    CpuStats, Event, SockCtl, BPF_F_MMAPABLE, EVENTS_BYTES, EVENT_BRAKE, EVENT_HELD, FLAG_BASED,
-    FLAG_REDIRECTING, FLAG_SEQ, MAX_SOCKETS,
+    CpuStats, Event, SockCtl, BPF_F_MMAPABLE, EVENTS_BYTES, EVENT_BRAKE, EVENT_HELD, EVENT_THROTTLE,
+    FLAG_BASED, FLAG_REDIRECTING, FLAG_SEQ, MAX_SOCKETS,
 };
 
 #[map(name = "SOCKS")]
@@ -166,6 +169,15 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         );
         return hold(ctx, stats, ctl, slot, len, true, EVENT_BRAKE);
     }
+    if lag + len > bound / 2 {
+        // Half way to the brake: the daemon shrinks this socket's window, so that a brake, if
+        // it comes, holds little. Once per request the daemon has dealt with.
+        let done = unsafe { core::ptr::read_volatile(&(*ctl).throttles_done) };
+        if unsafe { (*ctl).throttles } == done {
+            unsafe { (*ctl).throttles = done.wrapping_add(1) };
+            signal(ctx, stats, slot, EVENT_THROTTLE);
+        }
+    }
     redirect(ctx, stats, ctl, slot, cookie, len)
 }
 
@@ -214,11 +226,19 @@ fn hold(
             (*stats).held_bytes += len;
         }
     }
-    if caught_up && EVENTS.output::<Event>(Event { slot, kind }, 0).is_err() {
+    if caught_up {
+        signal(ctx, stats, slot, kind);
+    }
+    SK_PASS
+}
+
+/// Wakes the daemon for the socket in `slot`.
+#[inline(always)]
+fn signal(ctx: &SkBuffContext, stats: *mut CpuStats, slot: u32, kind: u32) {
+    if EVENTS.output::<Event>(Event { slot, kind }, 0).is_err() {
         unsafe { (*stats).events_lost += 1 };
         debug!(ctx, "lb: event ring full, slot {} not signalled", slot);
     }
-    SK_PASS
 }
 
 /// Trims the bytes this socket's program already took off the head of the skb and returns the

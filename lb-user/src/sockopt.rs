@@ -152,6 +152,17 @@ pub fn force_send_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
         .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes))
 }
 
+/// The socket's receive buffer (SO_RCVBUF: what the kernel uses, twice what was asked for).
+pub fn receive_buffer(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    getsockopt::<u32>(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)
+}
+
+/// Sets SO_RCVBUF past `net.core.rmem_max` where lb may (SO_RCVBUFFORCE), else within it.
+pub fn force_receive_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes))
+}
+
 /// Non-blocking `recv`; `Ok(0)` is end of stream.
 pub fn recv_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     recv(fd, buf, libc::MSG_DONTWAIT)

@@ -163,6 +163,25 @@ impl Slot<'_> {
             .store(1, Release)
     }
 
+    /// Throttle requests the program made (see [`SockCtl::throttles`]).
+    pub fn throttles(&self) -> u32 {
+        self.u32_field(|p| unsafe { addr_of_mut!((*p).throttles) })
+            .load(Acquire)
+    }
+
+    /// Throttle requests the daemon has dealt with.
+    pub fn throttles_done(&self) -> u32 {
+        self.u32_field(|p| unsafe { addr_of_mut!((*p).throttles_done) })
+            .load(Relaxed)
+    }
+
+    /// Publishes that the daemon dealt with the throttle requests up to `n`: the program may
+    /// ask again.
+    pub fn set_throttles_done(&self, n: u32) {
+        self.u32_field(|p| unsafe { addr_of_mut!((*p).throttles_done) })
+            .store(n, Release)
+    }
+
     /// The brake bound this slot was set up with.
     pub fn max_in_flight(&self) -> u32 {
         self.u32_field(|p| unsafe { addr_of_mut!((*p).max_in_flight) })

@@ -49,6 +49,13 @@ const STEP: u64 = 256 << 10;
 /// 93-98 % of the bytes to the kernel with no stall; a half 93 %; waiting for a step of room
 /// only, 6 %.)
 const LOW_WATER_DIVISOR: u64 = 4;
+/// The receive buffer of a throttled sender's socket (SO_RCVBUF's argument).
+const THROTTLE_RCVBUF: u32 = 64 << 10;
+/// A receiver that needs longer than this to drain to the low-water mark is throttled.
+const SLOW_DRAIN: Duration = Duration::from_millis(20);
+/// Bounds of a wait for a receiver to drain (see [`Pace`]).
+const MIN_PACE_WAIT: Duration = Duration::from_millis(1);
+const MAX_PACE_WAIT: Duration = Duration::from_millis(250);
 /// How often, at most, the daemon polls a peer's progress while it waits for room.
 const MAX_POLL: Duration = Duration::from_millis(20);
 
@@ -60,6 +67,8 @@ enum Pumped {
     More,
     /// The source's end of stream, after every byte.
     EndOfStream,
+    /// Look again after this long, or when the program or the socket signals.
+    Wait(Duration),
 }
 
 /// Forwards one direction until its end of stream has been passed on (`Ok`), or the flow
@@ -82,6 +91,10 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side, unsent: Vec<u8>) -> Res
             Pumped::EndOfStream => break,
             Pumped::More => tokio::task::yield_now().await,
             Pumped::Idle => src.watch.wait().await?,
+            Pumped::Wait(d) => tokio::select! {
+                r = src.watch.wait() => r?,
+                _ = tokio::time::sleep(d) => {}
+            },
         }
     }
     src.watch.set_interest(Interest::ErrorsOnly);
@@ -145,6 +158,45 @@ struct Copier {
     watching_input: bool,
     /// Since the brake, the receiver has drained to the low-water mark: copy with any room.
     released: bool,
+    /// A throttle request under way.
+    throttle: Option<Throttle>,
+}
+
+/// A throttle request under way: the receiver's pace since, and once it proved slow, the
+/// receive buffer the socket had before (SO_RCVBUF's argument), to give back.
+#[derive(Clone, Copy)]
+struct Throttle {
+    pace: Pace,
+    shrunk: Option<u32>,
+}
+
+/// How fast a receiver acknowledges: from the first look, to tell how long it needs for the
+/// rest (a slow reader may take seconds; polling it would cost more than its bytes).
+#[derive(Clone, Copy)]
+struct Pace {
+    since: Instant,
+    acked: u64,
+}
+
+impl Pace {
+    fn start(acked: u64) -> Pace {
+        Pace {
+            since: Instant::now(),
+            acked,
+        }
+    }
+
+    /// About how long until `left` more bytes are acknowledged, now that `acked` are: three
+    /// quarters of the estimate (a pace that quickens is not overslept), between
+    /// [`MIN_PACE_WAIT`] and [`MAX_PACE_WAIT`].
+    fn wait_for(&self, acked: u64, left: u64) -> Duration {
+        let rate = acked.saturating_sub(self.acked) as f64 / self.since.elapsed().as_secs_f64().max(1e-6);
+        let need = match rate > 0.0 {
+            true => Duration::from_secs_f64(0.75 * left as f64 / rate),
+            false => MIN_PACE_WAIT,
+        };
+        need.clamp(MIN_PACE_WAIT, MAX_PACE_WAIT)
+    }
 }
 
 impl Copier {
@@ -169,14 +221,22 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             }
             *copy = Copier {
                 dequeued: copy.dequeued,
+                throttle: copy.throttle,
                 ..Copier::default()
             };
             flow.note_braked(from, false);
             // Only an end of stream or an error can be waiting (or a segment passed since).
+            // (Before the throttle: an end of stream keeps the socket's hang-up signalled, so
+            // a throttle's wait would wake at once, again and again; and it ends the throttle.)
             return match sockopt::peek_nowait(fd, &mut [0u8; 1]) {
                 Ok(0) => Ok(Pumped::EndOfStream),
                 Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Pumped::Idle),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match throttle(flow, from, copy).map_err(|e| failed(from, e))? {
+                        Some(later) => Ok(Pumped::Wait(later)),
+                        None => Ok(Pumped::Idle),
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => Err(failed(from, e)),
             };
@@ -241,8 +301,8 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         }
         let peeked = match sockopt::peek_nowait(fd, &mut copy.scratch[..want]) {
             // The sender's FIN is in, and held bytes before it are still on their way to the
-            // socket's queue (the psock's backlog worker moves them): as if not queued yet.
-            Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
+            // socket's queue (the psock's backlog worker moves them).
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) if (n as u64) <= skip => Err(io::ErrorKind::WouldBlock.into()),
             r => r,
         };
@@ -261,6 +321,47 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
     Ok(Pumped::More)
 }
 
+/// The throttle (see `SockCtl::throttles`): when the program asks, the receiver's pace is
+/// measured first. A receiver that drains quickly (a transient lag, say the kernel's worker
+/// behind a fast reader) is left alone: shrinking the window then only costs throughput. A
+/// slow one gets the source's receive buffer shrunk to [`THROTTLE_RCVBUF`], so TCP's window,
+/// and what a brake would hold, shrink with it. Once the receiver has drained to the low-water
+/// mark the buffer is given back and the request marked done. `Some(d)`: look again in `d`.
+fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Option<Duration>> {
+    let src = flow.end(from);
+    let ctl = src.tracked.ctl();
+    let fd = src.sock.as_fd();
+    let asked = ctl.throttles();
+    let (in_flight, acked) = match copy.throttle {
+        None if asked == ctl.throttles_done() => return Ok(None),
+        _ => flow.in_flight(from)?,
+    };
+    let low = u64::from(ctl.max_in_flight()) / LOW_WATER_DIVISOR;
+    let Some(throttle) = &mut copy.throttle else {
+        copy.throttle = Some(Throttle {
+            pace: Pace::start(acked),
+            shrunk: None,
+        });
+        return Ok(Some(MIN_PACE_WAIT));
+    };
+    if in_flight > low {
+        let wait = throttle.pace.wait_for(acked, in_flight - low);
+        if throttle.shrunk.is_none() && wait >= SLOW_DRAIN {
+            let before = sockopt::receive_buffer(fd)?;
+            sockopt::force_receive_buffer(fd, THROTTLE_RCVBUF)?;
+            // The kernel reports twice what it was given.
+            throttle.shrunk = Some(before / 2);
+        }
+        return Ok(Some(wait));
+    }
+    if let Some(before) = throttle.shrunk {
+        sockopt::force_receive_buffer(fd, before)?;
+    }
+    copy.throttle = None;
+    ctl.set_throttles_done(asked);
+    Ok(None)
+}
+
 /// What a failed read of held bytes means: counted by the program but not queued yet (wait
 /// for the socket to report them: `Some(Idle)`), try again (`None`), or the side failed.
 fn held_error(
@@ -269,13 +370,28 @@ fn held_error(
     copy: &mut Copier,
     e: io::Error,
 ) -> Result<Option<Pumped>, Halt> {
+    let src = flow.end(from);
     match e.kind() {
         io::ErrorKind::WouldBlock => {
+            // The bytes written and still queued come off first: they take receive memory the
+            // kernel needs to queue the rest (it waits for room, the daemon for the bytes), and
+            // they keep the socket readable, which would wake the daemon again and again.
+            discard_written(copy, src.sock.as_fd(), src.tracked.ctl().consumed())
+                .map_err(|e| failed(from, e))?;
             if !copy.watching_input {
-                flow.end(from).watch.set_interest(Interest::Input);
+                src.watch.set_interest(Interest::Input);
                 copy.watching_input = true;
             }
             Ok(Some(Pumped::Idle))
+        }
+        io::ErrorKind::UnexpectedEof => {
+            // The end of stream keeps the socket readable (and hung up): only time tells when
+            // the rest has arrived.
+            discard_written(copy, src.sock.as_fd(), src.tracked.ctl().consumed())
+                .map_err(|e| failed(from, e))?;
+            src.watch.set_interest(Interest::ErrorsOnly);
+            copy.watching_input = true;
+            Ok(Some(Pumped::Wait(MIN_PACE_WAIT)))
         }
         io::ErrorKind::Interrupted => Ok(None),
         _ => Err(failed(from, e)),
@@ -337,7 +453,7 @@ fn take_off(copy: &mut Copier, fd: std::os::fd::BorrowedFd<'_>, want: u64, keep:
     };
     if n == 0 {
         // See the peek in `pump`: held bytes still on their way.
-        return Err(io::ErrorKind::WouldBlock.into());
+        return Err(io::ErrorKind::UnexpectedEof.into());
     }
     copy.dequeued += n as u64;
     Ok(n as u64)
@@ -370,11 +486,11 @@ fn failed(side: Side, e: io::Error) -> Halt {
 async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>) -> Result<u64, Halt> {
     let dst = flow.end(from.other());
     let limit = flow.timeouts.of(from.other());
-    let mut delay = Duration::from_micros(50);
     let mut last = (u64::MAX, u64::MAX);
     let started = Instant::now();
     let mut last_progress = started;
-    let mut first_acked = None;
+    let mut pace = None;
+    let mut queue_pace = None;
     let mut noted = false;
     for round in 0u32.. {
         let given = flow.given_to_peer(from);
@@ -394,33 +510,24 @@ async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>)
         if (s.queued, s.acked) != last {
             last = (s.queued, s.acked);
             last_progress = Instant::now();
-            delay = Duration::from_micros(50);
         } else if last_progress.elapsed() >= limit {
             return Err(Halt::Ended(End::IdleTimeout(from.other())));
         }
         if let (false, Some(lag)) = (room, lag) {
-            // Waiting for the receiver, which reads at its own pace (a slow one may take
-            // seconds): sleep about as long as it needs for the rest, from its rate so far,
-            // rather than poll it.
-            let first = *first_acked.get_or_insert(s.acked);
-            let rate = (s.acked - first) as f64 / started.elapsed().as_secs_f64().max(1e-6);
-            let need = if rate > 0.0 {
-                Duration::from_secs_f64((unacked - lag) as f64 / rate)
-            } else {
-                delay
-            };
-            tokio::time::sleep(need.clamp(Duration::from_micros(50), MAX_POLL)).await;
-            delay = (delay * 2).min(MAX_POLL);
+            // Waiting for the receiver, which reads at its own pace.
+            let pace = *pace.get_or_insert(Pace::start(s.acked));
+            tokio::time::sleep(pace.wait_for(s.acked, unacked - lag)).await;
             continue;
         }
         // The kernel worker usually catches up within microseconds, and a braked sender waits
         // for this: yield to other tasks for a while before sleeping (a tokio sleep lasts at
-        // least a millisecond).
-        if round < SPIN_ROUNDS {
+        // least a millisecond). Many bytes behind, it moves at the receiver's pace.
+        let left = given - s.queued;
+        if round < SPIN_ROUNDS && left < STEP {
             tokio::task::yield_now().await;
         } else {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(MAX_POLL);
+            let pace = *queue_pace.get_or_insert(Pace::start(s.queued));
+            tokio::time::sleep(pace.wait_for(s.queued, left)).await;
         }
     }
     unreachable!("the loop above only ends by returning")

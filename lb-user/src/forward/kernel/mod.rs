@@ -154,6 +154,36 @@ impl Flow<'_, '_> {
         (ctl.redirected() + ctl.consumed()).saturating_sub(discarded)
     }
 
+    /// Bytes given to `from`'s peer that its receiver has not acknowledged (what lb holds for
+    /// this direction, in the peer's psock and send queues), and the bytes it acknowledged.
+    fn in_flight(&self, from: Side) -> io::Result<(u64, u64)> {
+        let acked = self.end(from.other()).send_state()?.acked;
+        Ok((self.given_to_peer(from).saturating_sub(acked), acked))
+    }
+
+    /// Logs where each direction stands (at debug level), for a flow that ends abnormally.
+    fn log_state(&self, why: &str) {
+        for from in [Side::Client, Side::Server] {
+            let src = self.end(from);
+            let ctl = src.tracked.ctl();
+            let dst = self.end(from.other()).send_state();
+            let (rmem, rcvbuf) = sockopt::receive_memory(src.sock.as_fd()).unwrap_or_default();
+            tracing::debug!(
+                "{why}: from {}: redirected {} passed {} consumed {} throttles {}/{}; source rmem {rmem}/{rcvbuf}, inq {:?}; peer queued {:?} acked {:?} unacked {:?}",
+                from.name(),
+                ctl.redirected(),
+                ctl.passed(),
+                ctl.consumed(),
+                ctl.throttles(),
+                ctl.throttles_done(),
+                sockopt::inq(src.sock.as_fd()).ok(),
+                dst.as_ref().map(|s| s.queued).ok(),
+                dst.as_ref().map(|s| s.acked).ok(),
+                dst.as_ref().map(|s| s.unacked).ok(),
+            );
+        }
+    }
+
     /// Notes that `from`'s direction is (or no longer is) braked, for the braked-flows gauge.
     fn note_braked(&self, from: Side, braked: bool) {
         if self.braked[from.index()].swap(braked, Relaxed) == braked {
@@ -428,7 +458,10 @@ async fn run(flow: &Flow<'_, '_>, [c_unsent, s_unsent]: [Vec<u8>; 2]) -> io::Res
         if Instant::now() >= wake {
             wake = match idle_check(flow)? {
                 Ok(deadline) => deadline,
-                Err(side) => return Ok(End::IdleTimeout(side)),
+                Err(side) => {
+                    flow.log_state("idle timeout");
+                    return Ok(End::IdleTimeout(side));
+                }
             };
         }
         tokio::select! {
