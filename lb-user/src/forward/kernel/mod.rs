@@ -18,6 +18,8 @@
 //!
 //! The hand-off protocol between program and daemon is drawn in ../../LIFECYCLE.md.
 mod direction;
+#[cfg(test)]
+mod model;
 
 use prometheus_client::metrics::counter::Counter;
 use std::{
