@@ -1,27 +1,28 @@
 //! One direction of a kernel flow (bytes from `from` to its peer): the daemon's side of the
-//! hand-off protocol (../../LIFECYCLE.md).
+//! hand-off protocol (../../LIFECYCLE.md). Each direction runs on its own: nothing here waits
+//! on the other direction.
 //!
-//! While the program redirects, the direction sleeps. When the program holds bytes (the brake,
-//! or bytes that arrived before the peer was in the map) it wakes the direction, which:
-//! 1. waits until the kernel's queue towards the peer is empty (so the held bytes cannot
-//!    overtake redirected ones) and the bound leaves room: the peer's unacknowledged bytes are
-//!    at least [`STEP`] below `max_in_flight`;
-//! 2. takes as many held bytes as that room allows off the socket, writes them to the peer and
-//!    publishes the count (`consumed`); a socket whose receive memory overflowed its buffer has
-//!    its held bytes taken at once, before there is room (see [`overcommitted`]);
-//! 3. once `consumed == passed`, goes back to sleep: the program resumes redirecting on the
-//!    next segment (if the peer is below the bound), or signals again.
+//! First, the bytes the userspace copy loop had not written ([`super::Unsent`]) are written;
+//! only then may the program redirect this direction. While the program redirects, the
+//! direction sleeps. It wakes when the program asks:
+//! - **throttle** (the bytes in flight passed half the bound): if the receiver is slow, the
+//!   source's receive buffer shrinks, so TCP's window, and what a brake would hold, shrink
+//!   with it; it is given back once the receiver has drained to the low-water mark;
+//! - **held bytes** (the brake, or bytes held since the flow entered the map): it
+//!   1. waits until the kernel's queue towards the peer is empty (so the held bytes cannot
+//!      overtake redirected ones) and, after a brake, until the receiver has drained to the
+//!      low-water mark (a quarter of the bound);
+//!   2. peeks at the held bytes, writes them to the peer and publishes the count (`consumed`),
+//!      leaving them on the socket: their receive memory keeps the sender's window closed, so
+//!      no new segment arrives that it would have to chase;
+//!   3. once `consumed == passed`, takes them off (the window reopens) and sleeps: the program
+//!      redirects the next segment, or signals again.
+//!   Written bytes come off early whenever the rest of the held bytes has yet to reach the
+//!   socket's queue: they hold receive memory the kernel needs to queue the rest. A socket
+//!   whose receive memory overflowed its buffer has its held bytes taken at once (see
+//!   [`overcommitted`]).
 //!
-//! Why take the held bytes as soon as there is room, rather than let the sender stop and copy
-//! them in one go: a read from a socket's psock queue sends no window update on this kernel
-//! (6.18). Once the sender has used its whole window it stays silent, with a window smaller
-//! than a segment, until its probe timer fires about 200 ms later, whatever the daemon read.
-//! Reading while the sender still has segments in flight reopens the window through the ACKs
-//! of those segments. Measured with iperf3, one stream, 16 MiB bound, alternating runs on one
-//! machine: 14.9–16.5 Gbit/s against 8.8–11.2 when the daemon waited for the receiver to drain
-//! to half the bound and the sender to stop first.
-//!
-//! End of stream is passed on the same way: after every byte, the peer's write side is shut.
+//! End of stream is passed on after every byte: the peer's write side is shut.
 use std::{io, os::fd::AsFd, sync::atomic::Ordering::Relaxed, time::Duration};
 use tokio::time::Instant;
 
