@@ -378,50 +378,57 @@ fn both_sides_slow_at_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundreds_of_flows_with_random_sizes_and_pauses() {
+#[test]
+fn hundreds_of_flows_with_random_sizes_and_pauses() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Ok(r) = paced::serve(s, &AtomicU64::new(0)).await {
-                    let _ = tx.send(r);
-                }
-            });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(r) = paced::serve(s, &AtomicU64::new(0)).await {
+                        let _ = tx.send(r);
+                    }
+                });
+            }
+        });
+        for mode in Mode::available("hundreds_of_flows_with_random_sizes_and_pauses") {
+            let lb = mode.lb(&[addr]);
+            let mut rng = SmallRng::seed_from_u64(42);
+            let reading = |rng: &mut SmallRng| Reading {
+                stall_ms: rng.gen_range(0..50),
+                burst: (1 << 10, rng.gen_range(16u64 << 10..1 << 20)),
+                pause_ms: (0, rng.gen_range(0..20)),
+            };
+            let specs: Vec<PacedSpec> = (0..300u64)
+                .map(|seed| PacedSpec {
+                    up: rng.gen_range(0..1 << 20),
+                    down: rng.gen_range(0..2 << 20),
+                    seed,
+                    client_reads: reading(&mut rng),
+                    server_reads: reading(&mut rng),
+                })
+                .collect();
+            let target = lb.listener;
+            let tasks: Vec<_> = specs
+                .iter()
+                .map(|&spec| {
+                    tokio::spawn(async move { paced::run_client(target, spec, &AtomicU64::new(0)).await })
+                })
+                .collect();
+            let (clients, by_seed) =
+                lb_tests::gather(tasks, &mut reports, |r| r.0, Duration::from_secs(120)).await;
+            for (spec, client) in specs.iter().zip(&clients) {
+                paced::assert_intact(spec, client, &by_seed[&spec.seed].1);
+            }
         }
     });
-    for mode in Mode::available("hundreds_of_flows_with_random_sizes_and_pauses") {
-        let lb = mode.lb(&[addr]);
-        let mut rng = SmallRng::seed_from_u64(42);
-        let reading = |rng: &mut SmallRng| Reading {
-            stall_ms: rng.gen_range(0..50),
-            burst: (1 << 10, rng.gen_range(16u64 << 10..1 << 20)),
-            pause_ms: (0, rng.gen_range(0..20)),
-        };
-        let specs: Vec<PacedSpec> = (0..300u64)
-            .map(|seed| PacedSpec {
-                up: rng.gen_range(0..1 << 20),
-                down: rng.gen_range(0..2 << 20),
-                seed,
-                client_reads: reading(&mut rng),
-                server_reads: reading(&mut rng),
-            })
-            .collect();
-        let target = lb.listener;
-        let tasks: Vec<_> = specs
-            .iter()
-            .map(|&spec| {
-                tokio::spawn(async move { paced::run_client(target, spec, &AtomicU64::new(0)).await })
-            })
-            .collect();
-        let (clients, by_seed) =
-            lb_tests::gather(tasks, &mut reports, |r| r.0, Duration::from_secs(120)).await;
-        for (spec, client) in specs.iter().zip(&clients) {
-            paced::assert_intact(spec, client, &by_seed[&spec.seed].1);
-        }
-    }
 }

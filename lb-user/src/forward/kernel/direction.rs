@@ -17,10 +17,11 @@
 //!      no new segment arrives that it would have to chase;
 //!   3. once `consumed == passed`, takes them off (the window reopens) and sleeps: the program
 //!      redirects the next segment, or signals again.
-//!   Written bytes come off early whenever the rest of the held bytes has yet to reach the
-//!   socket's queue: they hold receive memory the kernel needs to queue the rest. A socket
-//!   whose receive memory overflowed its buffer has its held bytes taken at once (see
-//!   [`overcommitted`]).
+//!
+//! Written bytes come off early whenever the rest of the held bytes has yet to reach the
+//! socket's queue: they hold receive memory the kernel needs to queue the rest. A socket whose
+//! receive memory overflowed its buffer has its held bytes taken at once (see
+//! [`overcommitted`]).
 //!
 //! End of stream is passed on after every byte: the peer's write side is shut.
 use std::{io, os::fd::AsFd, sync::atomic::Ordering::Relaxed, time::Duration};
