@@ -302,9 +302,17 @@ async fn pump(
         let full = n == buf.capacity();
         if !full && end_follows(src, &mut buf).map_err(|_| from)? {
             writing[from.index()].store(true, Relaxed);
-            write_last(dst, &buf).await.map_err(|_| from.other())?;
+            let written = write_last(dst, &buf, &offload.now)
+                .await
+                .map_err(|_| from.other())?;
             writing[from.index()].store(false, Relaxed);
-            count(shared, from, buf.len());
+            count(shared, from, written);
+            if written < buf.len() {
+                // The hand-off came first (say a serial server not reading while it writes):
+                // the next path writes the rest and finds the end of stream again.
+                buf.drain(..written);
+                return Ok(Pumped::Paused(buf));
+            }
             ended[from.index()].store(true, Relaxed);
             return Ok(Pumped::EndOfStream);
         }
@@ -412,12 +420,20 @@ fn end_follows(src: &ReadHalf<'_>, buf: &mut Vec<u8>) -> std::io::Result<bool> {
 /// Writes a direction's last bytes and its end of stream: queued with MSG_MORE, so that the
 /// `shutdown` sends them with the FIN in one segment (one segment, and the peer's ACK of it,
 /// fewer per short flow, like HAProxy when it reads data and close together). Whatever
-/// MSG_MORE did not take goes out by a plain write.
-async fn write_last(dst: &mut WriteHalf<'_>, data: &[u8]) -> std::io::Result<()> {
-    // Tried at once, like write_eager.
+/// MSG_MORE did not take goes out by a plain write, unless the hand-off comes first: then the
+/// end of stream is not passed on, and what is returned (the bytes written) is short.
+async fn write_last(
+    dst: &mut WriteHalf<'_>,
+    data: &[u8],
+    handoff: &CancellationToken,
+) -> std::io::Result<usize> {
+    // Tried at once, like write_until_handoff.
     let queued = taken(crate::sockopt::send_more_nowait(dst.as_ref().as_fd(), data))?;
-    dst.write_all(&data[queued..]).await?;
-    dst.shutdown().await
+    let written = queued + write_until_handoff(dst, &data[queued..], handoff).await?;
+    if written == data.len() {
+        dst.shutdown().await?;
+    }
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -518,11 +534,17 @@ mod tests {
         const ANSWER: usize = 4 << 20;
         let up: Vec<u8> = (0..UP).map(|i| (i % 251) as u8).collect();
         let (mut client_rx, mut client_tx) = client_peer.into_split();
+        let sent = std::sync::Arc::new(AtomicU64::new(0));
         let sender = {
-            let up = up.clone();
+            let (up, sent) = (up.clone(), sent.clone());
             tokio::spawn(async move {
                 // Ends when the test drops the flow's sockets.
-                let _ = client_tx.write_all(&up).await;
+                for chunk in up.chunks(64 << 10) {
+                    if client_tx.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    sent.fetch_add(chunk.len() as u64, Relaxed);
+                }
             })
         };
         let reader = tokio::spawn(async move {
@@ -530,6 +552,15 @@ mod tests {
             while matches!(client_rx.read(&mut sink).await, Ok(n) if n > 0) {}
         });
         let answer = async {
+            // Once the client has sent more than the server's way holds (its small buffers),
+            // lb's copy loop is stuck in a write: only then does the answer start.
+            for _ in 0..5000 {
+                if sent.load(Relaxed) >= 1 << 20 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(sent.load(Relaxed) >= 1 << 20, "the client could not send");
             server_peer.write_all(&vec![7u8; ANSWER]).await.unwrap();
         };
         let flow = forward(

@@ -192,12 +192,25 @@ impl Pace {
     /// quarters of the estimate (a pace that quickens is not overslept), between
     /// [`MIN_PACE_WAIT`] and [`MAX_PACE_WAIT`].
     fn wait_for(&self, acked: u64, left: u64) -> Duration {
-        let rate = acked.saturating_sub(self.acked) as f64 / self.since.elapsed().as_secs_f64().max(1e-6);
-        let need = match rate > 0.0 {
-            true => Duration::from_secs_f64(0.75 * left as f64 / rate),
-            false => MIN_PACE_WAIT,
+        let need = match self.rate(acked) {
+            Some(rate) => Duration::from_secs_f64(0.75 * left as f64 / rate),
+            // Nothing acknowledged yet: back off as the silence lasts.
+            None => self.since.elapsed(),
         };
         need.clamp(MIN_PACE_WAIT, MAX_PACE_WAIT)
+    }
+
+    /// Bytes acknowledged per second since the first look, if any were.
+    fn rate(&self, acked: u64) -> Option<f64> {
+        let moved = acked.saturating_sub(self.acked);
+        (moved > 0).then(|| moved as f64 / self.since.elapsed().as_secs_f64().max(1e-6))
+    }
+
+    /// Whether the receiver needs longer than [`SLOW_DRAIN`] for `left` more bytes (a receiver
+    /// that acknowledged nothing since the first look is slow).
+    fn is_slow(&self, acked: u64, left: u64) -> bool {
+        self.rate(acked)
+            .is_none_or(|rate| Duration::from_secs_f64(left as f64 / rate) >= SLOW_DRAIN)
     }
 }
 
@@ -231,6 +244,8 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             // (Before the throttle: an end of stream keeps the socket's hang-up signalled, so
             // a throttle's wait would wake at once, again and again; and it ends the throttle.)
             return match sockopt::peek_nowait(fd, &mut [0u8; 1]) {
+                // A segment passed since the counts were read comes first.
+                Ok(0) if ctl.passed() != consumed => continue,
                 Ok(0) => Ok(Pumped::EndOfStream),
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -261,6 +276,12 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         if ctl.redirected() > 0 {
             flow.note_braked(from, true);
         }
+        // A throttle's small buffer goes back while bytes are held: held and peeked bytes are
+        // charged to it, and TCP drops in-window segments once receive memory passes it. The
+        // request stays open: once caught up, the receiver's pace decides again.
+        if let Some(before) = copy.throttle.as_mut().and_then(|t| t.shrunk.take()) {
+            sockopt::force_receive_buffer(fd, before).map_err(|e| failed(from, e))?;
+        }
         let max = u64::from(ctl.max_in_flight());
         if copy.pending() < max && overcommitted(fd).map_err(|e| failed(from, e))? {
             // Take the excess off the socket now, whatever the peer's room (the bytes written
@@ -269,7 +290,12 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             let want = (max - copy.pending()).min(passed - copy.dequeued);
             match take_off(copy, fd, want, true) {
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                // Not queued yet (or only the end of stream is): the peek below tells.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::UnexpectedEof
+                    ) => {}
                 Err(e) => return Err(failed(from, e)),
             }
         }
@@ -348,7 +374,7 @@ fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Op
     };
     if in_flight > low {
         let wait = throttle.pace.wait_for(acked, in_flight - low);
-        if throttle.shrunk.is_none() && wait >= SLOW_DRAIN {
+        if throttle.shrunk.is_none() && throttle.pace.is_slow(acked, in_flight - low) {
             let before = sockopt::receive_buffer(fd)?;
             sockopt::force_receive_buffer(fd, THROTTLE_RCVBUF)?;
             // The kernel reports twice what it was given.
@@ -419,6 +445,8 @@ fn discard_written(copy: &mut Copier, fd: std::os::fd::BorrowedFd<'_>, consumed:
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => copy.dequeued += n as u64,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The rest comes off on a later round.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e),
         }
     }
