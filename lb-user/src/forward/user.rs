@@ -240,8 +240,9 @@ async fn pump(
     } = shared;
     let mut moved = 0u64;
     if !unsent.is_empty() {
-        if let Some(left) = deliver(dst, unsent, from, shared, &mut moved).await? {
-            return Ok(Pumped::Paused(left));
+        let mut unsent = unsent;
+        if !deliver(dst, &mut unsent, from, shared, &mut moved).await? {
+            return Ok(Pumped::Paused(unsent));
         }
     }
     // No buffer while the source is quiet (the design notes' buffers allocated only when
@@ -316,13 +317,18 @@ async fn pump(
             ended[from.index()].store(true, Relaxed);
             return Ok(Pumped::EndOfStream);
         }
+        if !deliver(dst, &mut buf, from, shared, &mut moved).await? {
+            // The hand-off came first: what is left goes with it.
+            return Ok(Pumped::Paused(buf));
+        }
         // A full buffer is kept for the next read (a bulk flow), a short read's given back.
-        let next = match full {
-            true => Vec::with_capacity(buf.capacity().max(MAX_BUF)),
-            false => Vec::new(),
-        };
-        if let Some(left) = deliver(dst, std::mem::replace(&mut buf, next), from, shared, &mut moved).await? {
-            return Ok(Pumped::Paused(left));
+        if !full {
+            buf = Vec::new();
+        } else {
+            buf.clear();
+            if buf.capacity() < MAX_BUF {
+                buf.reserve_exact(MAX_BUF);
+            }
         }
         if moved >= offload.after {
             offload.now.cancel();
@@ -331,17 +337,17 @@ async fn pump(
     }
 }
 
-/// Writes `data` to the destination, unless the hand-off comes first: then returns what is
-/// left unwritten. Adds what it wrote to `moved` and to the counters.
+/// Writes `data` to the destination; `false` if the hand-off came first, with what is left
+/// unwritten in `data`. Adds what it wrote to `moved` and to the counters.
 async fn deliver(
     dst: &mut WriteHalf<'_>,
-    mut data: Vec<u8>,
+    data: &mut Vec<u8>,
     from: Side,
     shared: &Shared<'_>,
     moved: &mut u64,
-) -> Result<Option<Vec<u8>>, Side> {
+) -> Result<bool, Side> {
     shared.writing[from.index()].store(true, Relaxed);
-    let written = write_until_handoff(dst, &data, &shared.offload.now)
+    let written = write_until_handoff(dst, data, &shared.offload.now)
         .await
         .map_err(|_| from.other())?;
     shared.writing[from.index()].store(false, Relaxed);
@@ -351,10 +357,10 @@ async fn deliver(
         *moved += written as u64;
     }
     if written == data.len() {
-        return Ok(None);
+        return Ok(true);
     }
     data.drain(..written);
-    Ok(Some(data))
+    Ok(false)
 }
 
 /// Counts `n` bytes from `from` as written to its peer.
