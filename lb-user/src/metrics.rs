@@ -198,6 +198,7 @@ struct KernelMetrics {
     untrimmed: Counter,
     flows: Gauge,
     braked_flows: Gauge,
+    most_in_flight: Gauge,
     tracked_sockets: Gauge,
 }
 
@@ -388,6 +389,11 @@ impl Metrics {
             k.braked_flows.clone(),
         );
         r.register(
+            "lb_flow_most_in_flight_bytes",
+            "The most bytes one kernel flow direction had inside lb at once since start (unacknowledged by its receiver plus held on its sender's socket), as seen at brakes and throttles; a direction that never braked or was throttled stayed under half of max_in_flight",
+            k.most_in_flight.clone(),
+        );
+        r.register(
             "lb_kernel_events_lost",
             "Program events the ring buffer had no room for (every flow is then woken)",
             k.events_lost.clone(),
@@ -479,6 +485,8 @@ impl Metrics {
             catch_up(&to_kernel, s.resumes);
             km.flows.set(k.flows());
             km.braked_flows.set(k.braked_flows());
+            km.most_in_flight
+                .set(i64::try_from(k.most_in_flight()).unwrap_or(i64::MAX));
             km.tracked_sockets.set(k.tracked_sockets());
         }
         let mut out = String::new();

@@ -6,6 +6,8 @@
 //! - [`servers`]: in-process test servers (echo, the integrity peer, refusing and black-hole
 //!   addresses).
 //! - [`flows`]: the integrity client: random bytes both ways at once, sha256 on both ends.
+//! - [`peers`]: peers that behave like real ones (a serial echo server, pipelining, paced
+//!   readers), shared with the benchmarks.
 //! - [`scenarios`]: the forwarding tests, written once and run on both forwarding paths.
 //! - [`http`]: an lb with a `mode: http` listener, a reflecting backend, a raw HTTP client.
 //! - [`tls`]: a private CA and certificates made by the tests, TLS clients and servers.
@@ -13,6 +15,7 @@ pub mod flows;
 pub mod http;
 pub mod lb;
 pub mod paced;
+pub mod peers;
 pub mod scenarios;
 pub mod servers;
 pub mod tls;

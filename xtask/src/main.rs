@@ -4,7 +4,8 @@
 //! - `demo`: lb on conf/demo.yaml with two loopback demo servers.
 //! - `test`: the whole test suite, the fresh-machine check included.
 //! - `fresh`: setup and a build of lb from an empty rustup and cargo home.
-//! - `bench tcp`: iperf3 and connection-rate benchmarks (lb kernel, lb user, HAProxy, direct).
+//! - `bench tcp`: iperf3 and connection-rate benchmarks (lb kernel, lb user, HAProxy, direct),
+//!   and the offload-share table (`bench offload` alone).
 //! - `bench http`, `bench tls`: HTTP and TLS against HAProxy.
 //! - `bench idle`: lb's memory for 10,000 idle kernel-forwarded connections.
 mod bench;
@@ -51,7 +52,8 @@ enum Task {
     /// handshakes/s and bulk HTTPS against HAProxy, ECDSA and RSA certificates) or `idle`
     /// (lb's memory for idle kernel-forwarded connections).
     Bench {
-        /// Which benchmark: `tcp`, `http`, `tls` or `idle`.
+        /// Which benchmark: `tcp`, `offload` (the offload-share table of `tcp` alone), `http`,
+        /// `tls` or `idle`.
         what: String,
         /// Runs per configuration (medians are reported).
         #[arg(long, default_value_t = 3)]
@@ -110,6 +112,22 @@ enum Task {
         #[arg(long)]
         lifetime: u64,
     },
+    /// Internal to `bench tcp` (offload share): every peer server, on ports from `port` on.
+    #[command(hide = true)]
+    BenchPeers {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        lifetime: u64,
+    },
+    /// Internal to `bench tcp` (offload share): one peer's clients.
+    #[command(hide = true)]
+    BenchPeerClient {
+        #[arg(long)]
+        peer: String,
+        #[arg(long)]
+        port: u16,
+    },
     /// Internal to `bench tcp`: the connection-rate client.
     #[command(hide = true)]
     BenchConnect {
@@ -142,6 +160,8 @@ fn main() -> Result<()> {
         } => bench::idle_client(port, admin_port, count, hold),
         Task::BenchEcho { port, lifetime } => bench::echo_server(port, lifetime),
         Task::BenchConnect { port, seconds } => bench::connect_client(port, seconds),
+        Task::BenchPeers { port, lifetime } => bench::peers_server(port, lifetime),
+        Task::BenchPeerClient { peer, port } => bench::peer_client(&peer, port),
         Task::BenchHttpBackend { port, lifetime } => bench::http_backend(port, lifetime),
         Task::BenchTlsClient { port, seconds, ca } => bench::tls_client(port, seconds, &ca),
     }

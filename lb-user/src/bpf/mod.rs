@@ -22,7 +22,7 @@ use lb_common::{
 use std::{
     os::fd::{AsFd, AsRawFd},
     sync::{
-        atomic::{AtomicI64, Ordering::Relaxed},
+        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
 };
@@ -82,6 +82,8 @@ pub struct Kernel {
     flows: AtomicI64,
     /// Flows with a direction braked now.
     braked: AtomicI64,
+    /// The most bytes one flow direction had inside lb at once, as the daemon saw them.
+    most_in_flight: AtomicU64,
     // Keeps the array map alive as long as its mapping, and the program loaded and attached
     // for as long as lb runs.
     _ctl_map: MapData,
@@ -150,6 +152,7 @@ impl Kernel {
             tracked: AtomicI64::new(0),
             flows: AtomicI64::new(0),
             braked: AtomicI64::new(0),
+            most_in_flight: AtomicU64::new(0),
             _ctl_map: ctl_map,
             _ebpf: ebpf,
         })
@@ -208,6 +211,19 @@ impl Kernel {
     /// Flows with at least one braked direction now.
     pub fn braked_flows(&self) -> i64 {
         self.braked.load(Relaxed)
+    }
+
+    /// Notes that a flow direction had `bytes` inside lb (see [`Kernel::most_in_flight`]).
+    pub fn note_in_flight(&self, bytes: u64) {
+        self.most_in_flight.fetch_max(bytes, Relaxed);
+    }
+
+    /// The most bytes one flow direction had inside lb at once since lb started: not yet
+    /// acknowledged by its receiver plus held on its sender's socket, as the daemon saw them
+    /// when the program woke it (brakes, throttles). A direction that never woke it stayed
+    /// under half of `max_in_flight` (the throttle's threshold).
+    pub fn most_in_flight(&self) -> u64 {
+        self.most_in_flight.load(Relaxed)
     }
 
     /// Sockets lb tracks now: two per kernel-forwarded flow.

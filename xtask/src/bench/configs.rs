@@ -76,13 +76,18 @@ pub struct Env {
 /// Starts the proxy of `config` inside `ns`, listening on 127.0.0.1:`listen` and forwarding to
 /// 127.0.0.1:`backend`, and waits until it accepts. `None` for [`Config::Direct`].
 pub fn start(config: Config, env: &Env, ns: &Netns, listen: u16, backend: u16) -> Result<Option<Proxy>> {
-    let (file, text) = match config {
+    let text = match config {
         Config::Direct => return Ok(None),
-        Config::LbKernel | Config::LbKernelAtOnce | Config::LbUser => {
-            ("yaml", lb_config(config, listen, backend))
-        }
-        Config::HaproxyShipped | Config::HaproxyTuned => ("cfg", haproxy_config(config, listen, backend)),
+        Config::LbKernel | Config::LbKernelAtOnce | Config::LbUser => lb_config(config, listen, backend),
+        Config::HaproxyShipped | Config::HaproxyTuned => haproxy_config(config, listen, backend),
     };
+    launch(config, env, ns, listen, &text).map(Some)
+}
+
+/// Starts the proxy of `config` (not [`Config::Direct`]) inside `ns` on the configuration
+/// `text`, and waits until it accepts on 127.0.0.1:`listen`.
+pub fn launch(config: Config, env: &Env, ns: &Netns, listen: u16, text: &str) -> Result<Proxy> {
+    let file = if config.is_haproxy() { "cfg" } else { "yaml" };
     let base = format!("{}-{listen}", config.tag());
     let conf = env.dir.join(format!("{base}.{file}"));
     let log = env.dir.join(format!("{base}.log"));
@@ -117,7 +122,7 @@ pub fn start(config: Config, env: &Env, ns: &Netns, listen: u16, backend: u16) -
             tail(&log)
         )
     })?;
-    Ok(Some(Proxy { config, proc, log }))
+    Ok(Proxy { config, proc, log })
 }
 
 /// A running proxy; stopped when dropped.

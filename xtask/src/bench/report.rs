@@ -27,6 +27,7 @@ pub struct Meta {
 pub struct Results {
     pub throughput: Vec<(Test, ByConfig<iperf::Sample>)>,
     pub conn: ByConfig<connrate::Sample>,
+    pub offload: Vec<(super::offload::Peer, Series<super::offload::Sample>)>,
 }
 
 /// "Process CPU ≈ 0" means at most this share of one core during a transfer (a userspace copy
@@ -123,6 +124,7 @@ pub fn markdown(meta: &Meta, results: &Results) -> String {
         throughput_table(&mut out, *test, by);
     }
     conn_table(&mut out, &results.conn);
+    super::offload_report::markdown(&mut out, &results.offload, meta.runs);
     targets(&mut out, meta, results);
     raw_values(&mut out, results);
     failures(&mut out, results);

@@ -282,6 +282,11 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         if let Some(before) = copy.throttle.as_mut().and_then(|t| t.shrunk.take()) {
             sockopt::force_receive_buffer(fd, before).map_err(|e| failed(from, e))?;
         }
+        if !copy.released {
+            // Once per hold, at its start: the most this direction has inside lb.
+            let (unacked, _) = flow.in_flight(from).map_err(|e| failed(from.other(), e))?;
+            flow.note_in_flight(from, unacked);
+        }
         let max = u64::from(ctl.max_in_flight());
         if copy.pending() < max && overcommitted(fd).map_err(|e| failed(from, e))? {
             // Take the excess off the socket now, whatever the peer's room (the bytes written
@@ -364,6 +369,7 @@ fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Op
         None if asked == ctl.throttles_done() => return Ok(None),
         _ => flow.in_flight(from)?,
     };
+    flow.note_in_flight(from, in_flight);
     let low = u64::from(ctl.max_in_flight()) / LOW_WATER_DIVISOR;
     let Some(throttle) = &mut copy.throttle else {
         copy.throttle = Some(Throttle {

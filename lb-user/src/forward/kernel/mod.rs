@@ -163,6 +163,14 @@ impl Flow<'_, '_> {
         Ok((self.given_to_peer(from).saturating_sub(acked), acked))
     }
 
+    /// Records what `from`'s direction has inside lb now, `unacked` at its peer plus what is
+    /// held on its own socket, for the most-in-flight gauge.
+    fn note_in_flight(&self, from: Side, unacked: u64) {
+        let ctl = self.end(from).tracked.ctl();
+        let held = ctl.passed().saturating_sub(ctl.consumed());
+        self.kernel.note_in_flight(unacked + held);
+    }
+
     /// Logs where each direction stands (at debug level), for a flow that ends abnormally.
     fn log_state(&self, why: &str) {
         for from in [Side::Client, Side::Server] {
