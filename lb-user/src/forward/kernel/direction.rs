@@ -53,6 +53,12 @@ const STEP: u64 = 256 << 10;
 const LOW_WATER_DIVISOR: u64 = 4;
 /// The receive buffer of a throttled sender's socket (SO_RCVBUF's argument).
 const THROTTLE_RCVBUF: u32 = 64 << 10;
+/// The receive buffer of a throttled socket while its bytes are held. Measured with a reader
+/// paced at 100 MB/s (`cargo xtask bench offload`): keeping 64 KiB stalled the flow for up to
+/// 5 s (held bytes the kernel could not queue); the whole buffer back (1 MiB) let the sender's
+/// window reopen, and each hold copied about 1.5 MB (91 % through the kernel); 256 KiB: 93-94 %
+/// with no stall; 512 KiB: 92-93 %.
+const HOLD_RCVBUF: u32 = 256 << 10;
 /// A receiver that needs longer than this to drain to the low-water mark is throttled.
 const SLOW_DRAIN: Duration = Duration::from_millis(20);
 /// Bounds of a wait for a receiver to drain (see [`Pace`]).
@@ -162,6 +168,9 @@ struct Copier {
     released: bool,
     /// A throttle request under way.
     throttle: Option<Throttle>,
+    /// The last throttle request found the receiver slow: the next one shrinks the buffer at
+    /// once (kept across releases).
+    slow_receiver: bool,
 }
 
 /// A throttle request under way: the receiver's pace since, and once it proved slow, the
@@ -170,6 +179,8 @@ struct Copier {
 struct Throttle {
     pace: Pace,
     shrunk: Option<u32>,
+    /// Bytes are held since the shrink: the buffer was eased to [`HOLD_RCVBUF`].
+    eased: bool,
 }
 
 /// How fast a receiver acknowledges: from the first look, to tell how long it needs for the
@@ -237,6 +248,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             *copy = Copier {
                 dequeued: copy.dequeued,
                 throttle: copy.throttle,
+                slow_receiver: copy.slow_receiver,
                 ..Copier::default()
             };
             flow.note_braked(from, false);
@@ -276,11 +288,14 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         if ctl.redirected() > 0 {
             flow.note_braked(from, true);
         }
-        // A throttle's small buffer goes back while bytes are held: held and peeked bytes are
-        // charged to it, and TCP drops in-window segments once receive memory passes it. The
-        // request stays open: once caught up, the receiver's pace decides again.
-        if let Some(before) = copy.throttle.as_mut().and_then(|t| t.shrunk.take()) {
-            sockopt::force_receive_buffer(fd, before).map_err(|e| failed(from, e))?;
+        // A throttle's small buffer is eased while bytes are held: held and peeked bytes are
+        // charged to it, and the kernel cannot queue held bytes past it (the window advertised
+        // before the shrink may still bring some). Not all the way back: the sender's window
+        // would reopen, and the daemon would copy all of it. The request stays open: once
+        // caught up and drained to the low-water mark, the whole buffer goes back.
+        if let Some(t) = copy.throttle.as_mut().filter(|t| t.shrunk.is_some() && !t.eased) {
+            t.eased = true;
+            sockopt::force_receive_buffer(fd, HOLD_RCVBUF).map_err(|e| failed(from, e))?;
         }
         if !copy.released {
             // Once per hold, at its start: the most this direction has inside lb.
@@ -371,26 +386,39 @@ fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Op
     };
     flow.note_in_flight(from, in_flight);
     let low = u64::from(ctl.max_in_flight()) / LOW_WATER_DIVISOR;
+    let shrink = |fd| -> io::Result<u32> {
+        let before = sockopt::receive_buffer(fd)?;
+        sockopt::force_receive_buffer(fd, THROTTLE_RCVBUF)?;
+        // The kernel reports twice what it was given.
+        Ok(before / 2)
+    };
     let Some(throttle) = &mut copy.throttle else {
+        // A receiver that was slow last time is taken to be slow again: the program asks only
+        // half way to the brake, and a fast sender fills the other half within milliseconds,
+        // before a new measurement could tell (the brake would then hold the whole window).
+        let shrunk = match copy.slow_receiver && in_flight > low {
+            true => Some(shrink(fd)?),
+            false => None,
+        };
         copy.throttle = Some(Throttle {
             pace: Pace::start(acked),
-            shrunk: None,
+            shrunk,
+            eased: false,
         });
         return Ok(Some(MIN_PACE_WAIT));
     };
     if in_flight > low {
         let wait = throttle.pace.wait_for(acked, in_flight - low);
         if throttle.shrunk.is_none() && throttle.pace.is_slow(acked, in_flight - low) {
-            let before = sockopt::receive_buffer(fd)?;
-            sockopt::force_receive_buffer(fd, THROTTLE_RCVBUF)?;
-            // The kernel reports twice what it was given.
-            throttle.shrunk = Some(before / 2);
+            throttle.shrunk = Some(shrink(fd)?);
         }
         return Ok(Some(wait));
     }
     if let Some(before) = throttle.shrunk {
         sockopt::force_receive_buffer(fd, before)?;
     }
+    // Drained without a shrink: the receiver kept up this time.
+    copy.slow_receiver = throttle.shrunk.is_some();
     copy.throttle = None;
     ctl.set_throttles_done(asked);
     Ok(None)
