@@ -161,6 +161,8 @@ pub struct Sample {
     pub failed: u64,
     /// The most a flow took beyond its bound, in seconds (negative: all were early).
     pub worst_over: Option<f64>,
+    /// iperf3's throughput (iperf3 only).
+    pub gbps: Option<f64>,
 }
 
 impl Sample {
@@ -186,14 +188,15 @@ pub fn measure_all(env: &Env, runs: usize, seconds: u32) -> Result<Vec<(Peer, Se
             match measure(env, *peer, run, seconds) {
                 Ok(s) => {
                     eprintln!(
-                        "{label} kernel {:5.1} %  lb {:.3} CPU-s/GB  most in flight {:.1} MiB  {} flows, {} late, {} failed, worst {:+.2} s",
+                        "{label} kernel {:5.1} %  lb {:.3} CPU-s/GB  most in flight {:.1} MiB  {} flows, {} late, {} failed, worst {:+.2} s{}",
                         s.share().unwrap_or(0.0) * 100.0,
                         s.cpu_per_gb().unwrap_or(0.0),
                         s.most_in_flight / MIB as f64,
                         s.flows,
                         s.late,
                         s.failed,
-                        s.worst_over.unwrap_or(0.0)
+                        s.worst_over.unwrap_or(0.0),
+                        s.gbps.map(|g| format!(", {g:.2} Gbit/s")).unwrap_or_default()
                     );
                     series.samples.push(s);
                 }
@@ -238,9 +241,10 @@ fn measure(env: &Env, peer: Peer, run: usize, seconds: u32) -> Result<Sample> {
     let cpu_before = sys::process_cpu_precise(pid)?;
     let outcome = match peer.iperf() {
         Some(test) => {
-            iperf::measure(&ns, &env.dir, test, seconds, PROXY_PORT, Some(pid))?;
+            let sample = iperf::measure(&ns, &env.dir, test, seconds, PROXY_PORT, Some(pid))?;
             Outcome {
                 flows: 1,
+                gbps: Some(sample.gbps),
                 ..Outcome::default()
             }
         }
@@ -267,6 +271,7 @@ fn measure(env: &Env, peer: Peer, run: usize, seconds: u32) -> Result<Sample> {
         late: outcome.late,
         failed: outcome.failed,
         worst_over: outcome.worst_over,
+        gbps: outcome.gbps,
     })
 }
 
@@ -339,6 +344,8 @@ struct Outcome {
     error: Option<String>,
     /// The most any flow took beyond its bound, in seconds (negative: every flow was early).
     worst_over: Option<f64>,
+    /// iperf3's throughput (iperf3 only).
+    gbps: Option<f64>,
 }
 
 impl Outcome {

@@ -53,7 +53,10 @@ pub fn markdown(out: &mut String, results: &[(Peer, Series<Sample>)], runs: usiz
         let _ = writeln!(
             out,
             "| {} | {} | {} % ({} %) | {} | {} | {flows} | {bad} | {} | {}/{} |",
-            peer.title(),
+            match series.median(|s| s.gbps) {
+                Some(g) => format!("{} ({g:.1} Gbit/s)", peer.title()),
+                None => peer.title(),
+            },
             num(series.median(payload), 0),
             num(series.median(share), 1),
             num(lowest(series, share), 1),
