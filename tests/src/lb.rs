@@ -446,6 +446,18 @@ impl Lb {
 
 impl Drop for Lb {
     fn drop(&mut self) {
+        // A failing test shows what lb said (the test's output is shown only when it fails):
+        // why it cut a flow, for one, is only in its log.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(100)..];
+            eprintln!(
+                "lb's log at the failure (last {} lines):\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -20,6 +20,39 @@ pub mod scenarios;
 pub mod servers;
 pub mod tls;
 
+/// How many times slower than the machines the tests' sizes and time bounds were chosen on
+/// this one is: `LB_TEST_SCALE` (a whole number, 1 when unset). `cargo xtask test` sets it for
+/// its runs in software-emulated virtual machines, where a byte costs tens of times the CPU it
+/// costs natively: the tests that move many bytes divide their transfers by it ([`scaled`],
+/// [`scaled_rate`]) and multiply their tight time bounds ([`slack`]), so that they test the same
+/// things in a time that fits.
+pub fn scale() -> u32 {
+    match std::env::var("LB_TEST_SCALE") {
+        Err(_) => 1,
+        Ok(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n >= 1)
+            .unwrap_or_else(|| panic!("LB_TEST_SCALE={v}: expected a whole number >= 1")),
+    }
+}
+
+/// A transfer size (or a count of flows) divided by [`scale`], at least 1.
+pub fn scaled(n: usize) -> usize {
+    (n / scale() as usize).max(1)
+}
+
+/// A rate in bytes per second divided by [`scale`]: with [`scaled`] sizes, a paced transfer
+/// takes as long as unscaled.
+pub fn scaled_rate(rate: f64) -> f64 {
+    rate / f64::from(scale())
+}
+
+/// A time bound multiplied by [`scale`].
+pub fn slack(bound: std::time::Duration) -> std::time::Duration {
+    bound * scale()
+}
+
 /// Awaits every client task (each at most `bound`), then one server report per client (each at
 /// most 30 s), keyed by the seed `seed_of` reads from it. A timeout or a failed flow fails the
 /// test.

@@ -1,5 +1,6 @@
 //! The forwarding contract, written once and run against both paths (`tests/kernel_path.rs`,
 //! `tests/user_path.rs`): integrity, no stall on early bytes, half-close both ways, many flows.
+//! The bulk transfers shrink by `LB_TEST_SCALE` ([`crate::scale`]) on slow emulated machines.
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::time::Duration;
 use tokio::{
@@ -137,19 +138,19 @@ async fn run_flows(path: Path, specs: Vec<FlowSpec>) -> Lb {
     lb
 }
 
-/// 256 MiB each way at once through lb; sha256 equal both ways; the bytes took `path`.
+/// 256 MiB (scaled) each way at once through lb; sha256 equal both ways; the bytes took `path`.
 pub async fn big_transfer(path: Path) {
-    const SIZE: u64 = 256 << 20;
+    let size = crate::scaled(256 << 20) as u64;
     let lb = run_flows(
         path,
         vec![FlowSpec {
-            up: SIZE,
-            down: SIZE,
+            up: size,
+            down: size,
             seed: 1,
         }],
     )
     .await;
-    path.assert_bytes_path(&lb, 2 * SIZE).await;
+    path.assert_bytes_path(&lb, 2 * size).await;
 }
 
 /// 200 concurrent flows of random sizes (1 B to 8 MiB, log-uniform, each way), all intact.

@@ -2,11 +2,14 @@
 //! are held to the bound without losing or reordering a byte. Privileged like kernel_path.rs.
 //!
 //! The tests take turns (one lb at a time): the slow-reader test measures the machine's
-//! available memory, which another test's transfers would disturb.
+//! available memory, which another test's transfers would disturb. Under `LB_TEST_SCALE`
+//! (`lb_tests::scale`, slow emulated machines) the slow reader is offered less and fewer readers
+//! stall; what each flow sends, which the bounds are measured against, stays.
 use lb_tests::{
     bpf_available,
     lb::Lb,
     paced::{self, EndReport, PacedSpec, Reading},
+    scaled,
     scenarios::Path,
     servers,
 };
@@ -90,16 +93,17 @@ async fn run_paced(max_in_flight: &str, specs: Vec<PacedSpec>) -> Lb {
     lb
 }
 
-/// A client that reads nothing for 5 s while the server offers 1 GiB: the server manages to
-/// write no more than the bound plus the socket buffers on the way, the machine's available
-/// memory stays flat, and once the client reads, every byte arrives in order.
+/// A client that reads nothing for 5 s while the server offers 1 GiB (less when scaled, still far
+/// beyond the bound): the server manages to write no more than the bound plus the socket buffers
+/// on the way, the machine's available memory stays flat, and once the client reads, every byte
+/// arrives in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_holds_the_server_to_the_bound() {
     if !bpf_available("slow_reader_holds_the_server_to_the_bound") {
         return;
     }
     let _turn = ONE_AT_A_TIME.lock().await;
-    const OFFER: u64 = 1 << 30;
+    let offer = scaled(1 << 30) as u64;
     const MAX_IN_FLIGHT: u64 = 4 << 20;
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let lb = Path::Kernel
@@ -113,7 +117,7 @@ async fn slow_reader_holds_the_server_to_the_bound() {
         async move {
             let mut s = servers::accept_one(&l).await;
             let _ = sndbuf_tx.send(socket_int(&s, libc::SO_SNDBUF));
-            paced::write_seeded(&mut s, 7, OFFER, &written).await
+            paced::write_seeded(&mut s, 7, offer, &written).await
         }
     });
     let mut c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
@@ -157,14 +161,14 @@ async fn slow_reader_holds_the_server_to_the_bound() {
         .expect("client read timed out")
         .unwrap();
     let sent = server.await.unwrap().unwrap();
-    assert_eq!(len, OFFER, "the client got {len} of {OFFER} bytes");
+    assert_eq!(len, offer, "the client got {len} of {offer} bytes");
     assert_eq!(hash, sent, "the stream differs");
     lb.wait_for("the brake to be released", |m| m.get("lb_flows_braked") == 0.0)
         .await;
 }
 
-/// 50 flows at once whose readers stall and resume at random, both ways, with a small bound:
-/// the brake engages and releases many times, and every flow arrives intact.
+/// 50 flows (fewer, scaled) at once whose readers stall and resume at random, both ways, with a
+/// small bound: the brake engages and releases many times, and every flow arrives intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalling_readers_keep_every_flow_intact() {
     if !bpf_available("stalling_readers_keep_every_flow_intact") {
@@ -172,7 +176,7 @@ async fn stalling_readers_keep_every_flow_intact() {
     }
     let _turn = ONE_AT_A_TIME.lock().await;
     let mut rng = SmallRng::seed_from_u64(50);
-    let specs: Vec<PacedSpec> = (0..50)
+    let specs: Vec<PacedSpec> = (0..scaled(50) as u64)
         .map(|i| PacedSpec {
             // More than lb's receive buffer (tune.kernel_rcvbuf 1 MiB, 2 MiB with the kernel's
             // doubling) holds: a client whose whole upload and FIN fit in it before lb had

@@ -1,11 +1,12 @@
 //! The hand-off from userspace to the kernel (`forwarding.offload_after`): short flows stay in
 //! userspace, long ones move to the kernel mid-stream without losing or reordering a byte.
-//! Privileged like kernel_path.rs.
+//! Privileged like kernel_path.rs. Sizes follow `LB_TEST_SCALE` (`lb_tests::scale`), for slow
+//! emulated machines.
 use lb_tests::{
     bpf_available,
     flows::{self, FlowSpec},
     lb::LbBuilder,
-    servers,
+    scaled, servers,
 };
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::time::Duration;
@@ -41,27 +42,28 @@ async fn short_flows_stay_in_userspace() {
 }
 
 /// 100 flows sending 16 MiB each way at full speed through lbs whose `offload_after` is drawn
-/// at random between 1 byte and 4 MiB: each flow is handed to the kernel mid-stream, at an
-/// offset its own timing decides, and every byte arrives in order both ways.
+/// at random between 1 byte and 4 MiB (both divided by the scale): each flow is handed to the
+/// kernel mid-stream, at an offset its own timing decides, and every byte arrives in order both
+/// ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mid_stream_handoffs_at_random_offsets_keep_every_byte() {
     if !bpf_available("mid_stream_handoffs_at_random_offsets_keep_every_byte") {
         return;
     }
-    const SIZE: u64 = 16 << 20;
+    let size = scaled(16 << 20) as u64;
     let mut rng = SmallRng::seed_from_u64(100);
     let (server, mut reports) = servers::integrity().await;
     let (mut kernel, mut user, mut handoffs, mut fallbacks) = (0.0, 0.0, 0.0, 0.0);
     for round in 0..10u64 {
-        let offload_after = rng.gen_range(1..=4u64 << 20);
+        let offload_after = rng.gen_range(1..=scaled(4 << 20) as u64);
         let lb = LbBuilder::new(&[server])
             .forwarding("kernel")
             .offload_after(&offload_after.to_string())
             .spawn();
         let specs: Vec<FlowSpec> = (0..10)
             .map(|i| FlowSpec {
-                up: SIZE,
-                down: SIZE,
+                up: size,
+                down: size,
                 seed: 10_000 + round * 10 + i,
             })
             .collect();
@@ -100,7 +102,7 @@ async fn mid_stream_handoffs_at_random_offsets_keep_every_byte() {
         "100 hand-offs: {kernel} kernel bytes, {user} user bytes, {handoffs} directions handed to the kernel, {fallbacks} flows finished in userspace"
     );
     assert!(
-        kernel + user >= 100.0 * 2.0 * SIZE as f64,
+        kernel + user >= 100.0 * 2.0 * size as f64,
         "bytes missing from the counters"
     );
     // Each flow sends both ways, so a flow handed over hands over two directions.

@@ -8,12 +8,14 @@
 //!
 //! The peers (`lb_tests::peers`, which `cargo xtask bench tcp` also runs) are plain blocking
 //! sockets on threads, like the simple servers users run; the tests take turns (one lb at a
-//! time) so that their timings are their own.
+//! time) so that their timings are their own. Sizes, rates and time bounds follow
+//! `LB_TEST_SCALE` (`lb_tests::scale`), for slow emulated machines.
 use lb_tests::{
     bpf_available,
     lb::{Lb, LbBuilder},
     paced::{self, PacedSpec, Reading},
     peers::{self, answer, run_flows, serial_echo, server, stream_and_read},
+    scaled, scaled_rate, slack,
 };
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::{
@@ -44,16 +46,23 @@ impl Mode {
 
     fn lb(self, servers: &[SocketAddr]) -> Lb {
         // A stalled flow is cut at these idle timeouts (and then fails its check) rather than
-        // left to the test's bound.
+        // left to the test's bound. The brake's bound (16 MiB by default) shrinks with the
+        // transfers, so that slow readers still meet it.
         let b = LbBuilder::new(servers)
             .timeout("client", "20s")
-            .backend_timeout("server", "20s");
+            .backend_timeout("server", "20s")
+            .set("flow_control", "max_in_flight", &max_in_flight().to_string());
         match self {
             Mode::Kernel => b.arg("--forwarding").arg("kernel"),
             Mode::User => b.arg("--forwarding").arg("user"),
         }
         .spawn()
     }
+}
+
+/// `flow_control.max_in_flight`: the default, 16 MiB, divided by the scale (256 KiB at least).
+fn max_in_flight() -> usize {
+    scaled(16 << 20).max(256 << 10)
 }
 
 /// Share of the payload bytes the kernel forwarded.
@@ -81,19 +90,19 @@ fn check_share(mode: Mode, lb: &Lb, what: &str) {
 fn a_serial_echo_server_never_stalls_a_flow() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     const FLOWS: usize = 12;
-    const SIZE: usize = 16 << 20;
+    let size = scaled(16 << 20);
     let echo = server(serial_echo);
     for mode in Mode::available("a_serial_echo_server_never_stalls_a_flow") {
         let lb = mode.lb(&[echo]);
         for round in 0..3u64 {
             let took = run_flows(FLOWS, |i| {
-                peers::echo_flow(lb.listener, round * 100 + i as u64, SIZE)
+                peers::echo_flow(lb.listener, round * 100 + i as u64, size)
                     .unwrap_or_else(|e| panic!("{mode:?} round {round}: {e}"))
             });
             let slowest = took.iter().max().unwrap();
             // Unpaced: far less than this, unless a flow waited for its idle timeout.
             assert!(
-                *slowest < Duration::from_secs(15),
+                *slowest < slack(Duration::from_secs(15)),
                 "{mode:?} round {round}: a flow took {slowest:?}"
             );
         }
@@ -104,14 +113,17 @@ fn a_serial_echo_server_never_stalls_a_flow() {
 #[test]
 fn a_server_answers_pipelined_requests_while_the_client_sends() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    const REQUESTS: usize = 16 * 1024;
+    let requests = scaled(16 * 1024);
     let addr = server(answer);
     for mode in Mode::available("a_server_answers_pipelined_requests_while_the_client_sends") {
         let lb = mode.lb(&[addr]);
         run_flows(4, |i| {
-            let took = peers::answer_flow(lb.listener, 7 + i as u64, REQUESTS)
+            let took = peers::answer_flow(lb.listener, 7 + i as u64, requests)
                 .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
-            assert!(took < Duration::from_secs(15), "{mode:?} flow {i} took {took:?}");
+            assert!(
+                took < slack(Duration::from_secs(15)),
+                "{mode:?} flow {i} took {took:?}"
+            );
         });
         check_share(mode, &lb, "pipelined requests");
     }
@@ -130,8 +142,9 @@ fn paced_readers_get_the_stream_within_its_time() {
     for mode in Mode::available("paced_readers_get_the_stream_within_its_time") {
         let lb = mode.lb(&[addr]);
         for (rate, size) in [(100e6, 96usize << 20), (10e6, 12 << 20)] {
+            let (rate, size) = (scaled_rate(rate), scaled(size));
             let took = run_flows(2, |i| streamed(&lb, i as u64, size, 0, rate, 0.0));
-            let due = Duration::from_secs_f64(size as f64 / rate) + Duration::from_secs(1);
+            let due = Duration::from_secs_f64(size as f64 / rate) + slack(Duration::from_secs(1));
             for t in took {
                 assert!(
                     t <= due,
@@ -142,10 +155,10 @@ fn paced_readers_get_the_stream_within_its_time() {
         check_share(mode, &lb, "paced readers");
         if mode == Mode::Kernel {
             // A slow reader brakes its direction; what lb then held for it stays within the
-            // bound (16 MiB) plus what a brake holds on the sender's socket.
+            // bound plus what a brake holds on the sender's socket.
             let most = lb.metrics().get("lb_flow_most_in_flight_bytes");
             assert!(
-                most > 0.0 && most <= 32.0 * 1048576.0,
+                most > 0.0 && most <= 2.0 * max_in_flight() as f64,
                 "lb_flow_most_in_flight_bytes {most}"
             );
         }
@@ -158,14 +171,13 @@ fn both_sides_slow_at_once() {
     let addr = server(stream_and_read);
     for mode in Mode::available("both_sides_slow_at_once") {
         let lb = mode.lb(&[addr]);
-        const SIZE: usize = 24 << 20;
-        const RATE: f64 = 20e6;
-        let took = run_flows(2, |i| streamed(&lb, 10 + i as u64, SIZE, SIZE, RATE, RATE));
-        let due = Duration::from_secs_f64(SIZE as f64 / RATE) + Duration::from_secs(1);
+        let (size, rate) = (scaled(24 << 20), scaled_rate(20e6));
+        let took = run_flows(2, |i| streamed(&lb, 10 + i as u64, size, size, rate, rate));
+        let due = Duration::from_secs_f64(size as f64 / rate) + slack(Duration::from_secs(1));
         for t in took {
             assert!(
                 t <= due,
-                "{mode:?}: a flow with both sides at {RATE} B/s took {t:?}"
+                "{mode:?}: a flow with both sides at {rate} B/s took {t:?}"
             );
         }
         check_share(mode, &lb, "both sides slow");
@@ -202,10 +214,12 @@ fn hundreds_of_flows_with_random_sizes_and_pauses() {
                 burst: (1 << 10, rng.gen_range(16u64 << 10..1 << 20)),
                 pause_ms: (0, rng.gen_range(0..20)),
             };
+            // Hundreds still: a smaller scale shrinks the flows, not their number.
+            let (up, down) = (scaled(1 << 20) as u64, scaled(2 << 20) as u64);
             let specs: Vec<PacedSpec> = (0..300u64)
                 .map(|seed| PacedSpec {
-                    up: rng.gen_range(0..1 << 20),
-                    down: rng.gen_range(0..2 << 20),
+                    up: rng.gen_range(0..up),
+                    down: rng.gen_range(0..down),
                     seed,
                     client_reads: reading(&mut rng),
                     server_reads: reading(&mut rng),
@@ -219,7 +233,7 @@ fn hundreds_of_flows_with_random_sizes_and_pauses() {
                 })
                 .collect();
             let (clients, by_seed) =
-                lb_tests::gather(tasks, &mut reports, |r| r.0, Duration::from_secs(120)).await;
+                lb_tests::gather(tasks, &mut reports, |r| r.0, slack(Duration::from_secs(120))).await;
             for (spec, client) in specs.iter().zip(&clients) {
                 paced::assert_intact(spec, client, &by_seed[&spec.seed].1);
             }

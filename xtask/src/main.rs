@@ -3,6 +3,7 @@
 //! - `setup`: install the eBPF toolchain (idempotent; run by `demo`, `test` and `bench`).
 //! - `demo`: lb on conf/demo.yaml with two loopback demo servers.
 //! - `test`: the whole test suite, the fresh-machine check included.
+//! - `test-vm`: the tests in virtual machines alone (see [`vm`]).
 //! - `fresh`: setup and a build of lb from an empty rustup and cargo home.
 //! - `bench tcp`: iperf3 and connection-rate benchmarks (lb kernel, lb user, HAProxy, direct),
 //!   and the offload-share table (`bench offload` alone).
@@ -11,9 +12,9 @@
 mod bench;
 mod demo;
 mod fresh;
-mod ktls_vm;
 mod lb_bin;
 mod setup;
+mod vm;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -41,12 +42,16 @@ enum Task {
     /// Build lb and run it on conf/demo.yaml with two demo servers on loopback.
     Demo,
     /// Run every test (privileged BPF tests included when run as root); a whole run ends with
-    /// the kTLS tests in a virtual machine and the fresh-machine check (`fresh`).
+    /// the kTLS and kernel-path tests in virtual machines on Debian's 6.12 and 6.1 kernels, and
+    /// the fresh-machine check (`fresh`).
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run only the tests in virtual machines (what a whole `test` run ends with): the kTLS
+    /// tests on Debian's 6.12, the kernel-path tests on 6.12 and 6.1. As root.
+    TestVm,
     /// Run a benchmark: `tcp` (throughput and connection rate against HAProxy and direct),
     /// `http` (requests/s and p99 with wrk against HAProxy's HTTP mode and direct), `tls` (full
     /// handshakes/s and bulk HTTPS against HAProxy, ECDSA and RSA certificates) or `idle`
@@ -145,6 +150,7 @@ fn main() -> Result<()> {
         Task::Fresh { nightly } => fresh::run(nightly),
         Task::Demo => demo::run(),
         Task::Test { args } => test(args),
+        Task::TestVm => test_vm(),
         Task::Bench {
             what,
             runs,
@@ -231,12 +237,12 @@ fn test(args: Vec<String>) -> Result<()> {
     }
     let status = child.wait().context("waiting for cargo test")?;
     // Whole runs only (a filter is for the tests here), and only when the rest passed:
-    // - the kTLS tests, in a virtual machine, as root with the eBPF build (the VM runs the same
-    //   binaries);
+    // - the kTLS and kernel-path tests, in virtual machines on other kernels, as root with the
+    //   eBPF build (the VMs run the same binaries);
     // - the fresh-machine check, one test more, where setup works here (it runs it again).
     let whole = status.success() && args.is_empty();
     let in_vm = if whole && ebpf && is_root() {
-        let (p, f) = ktls_vm::run()?;
+        let (p, f) = vm::run()?;
         (passed, failed) = (passed + p, failed + f);
         true
     } else {
@@ -260,7 +266,7 @@ fn test(args: Vec<String>) -> Result<()> {
         .collect();
     if !in_vm && args.is_empty() {
         skipped.push(
-            "the kTLS tests in a virtual machine (they need root, the eBPF build, and the rest passing)"
+            "the kTLS and kernel-path tests in virtual machines (they need root, the eBPF build, and the rest passing)"
                 .into(),
         );
     }
@@ -280,6 +286,16 @@ fn test(args: Vec<String>) -> Result<()> {
     if fresh_failed {
         bail!("the fresh-machine check failed");
     }
+    Ok(())
+}
+
+fn test_vm() -> Result<()> {
+    if !setup::ensure(false)? || !is_root() {
+        bail!("the tests in virtual machines need the eBPF build (`cargo xtask setup`) and root");
+    }
+    lb_bin::build(false, true)?;
+    let (passed, failed) = vm::run()?;
+    println!("summary: {passed} passed, {failed} failed");
     Ok(())
 }
 

@@ -1,30 +1,44 @@
 #!/bin/bash
 # Idempotent setup for run.sh: installs qemu + busybox-static (if missing),
-# downloads a Debian kernel package (newest reachable: bookworm-backports, else bookworm),
-# extracts it under $LB_VM_DIR/kernel (NOT into the host's /boot) and builds a minimal
-# busybox initramfs with the 9p / tls / overlay modules.
+# downloads one of Debian's kernel packages (LB_VM_KERNEL: 6.12 from bookworm-backports, the
+# default, or 6.1 from bookworm), extracts it under $LB_VM_DIR/kernel (NOT into the host's
+# /boot) and builds a minimal busybox initramfs with the 9p / overlay modules.
+# One $LB_VM_DIR per kernel: a directory holds one kernel and its initramfs.
 # Usage: setup.sh [--force]     (--force rebuilds the initramfs)
+# Environment: LB_VM_DIR (required), LB_VM_KERNEL=6.12|6.1,
+#   LB_VM_APT_DIR (default $LB_VM_DIR/apt: the private apt lists and cache, shareable by VMs)
 set -euo pipefail
 SELF=$(realpath "$0")
 
 VMDIR=${LB_VM_DIR:?set LB_VM_DIR to the directory of the VM files (not under /tmp: the guest does not see the host /tmp)}
+KERNEL=${LB_VM_KERNEL:-6.12}
 FORCE=${1:-}
 cd "$VMDIR" 2>/dev/null || { mkdir -p "$VMDIR"; cd "$VMDIR"; }
+VMDIR=$(pwd -P)
 log() { echo "setup: $*" >&2; }
+# bookworm's own kernel series, or the backports' (a NotAutomatic suite: only with -t)
+case $KERNEL in
+  6.1) SUITE_ARGS=() ;;
+  6.12) SUITE_ARGS=(-t bookworm-backports) ;;
+  *) log "LB_VM_KERNEL=$KERNEL: expected 6.1 (bookworm) or 6.12 (bookworm-backports)"; exit 2 ;;
+esac
 
 export DEBIAN_FRONTEND=noninteractive
 
 # --- private apt configuration (host's /etc/apt is left alone) -----------------
-mkdir -p apt/lists/partial apt/cache/archives/partial debs
-cat > apt/sources.list <<'EOF'
+APTDIR=${LB_VM_APT_DIR:-$VMDIR/apt}
+mkdir -p "$APTDIR"/lists/partial "$APTDIR"/cache/archives/partial debs
+APTDIR=$(cd "$APTDIR" && pwd -P)
+cat > "$APTDIR/sources.list.tmp" <<'EOF'
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main
 EOF
-APT=(-o Dir::Etc::SourceList="$VMDIR/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
-     -o Dir::State::Lists="$VMDIR/apt/lists" -o Dir::Cache="$VMDIR/apt/cache")
-if [ -z "$(find apt/lists -name '*backports*Packages*' -mmin -1440 2>/dev/null)" ]; then
+mv "$APTDIR/sources.list.tmp" "$APTDIR/sources.list"
+APT=(-o Dir::Etc::SourceList="$APTDIR/sources.list" -o Dir::Etc::SourceParts=/dev/null
+     -o Dir::State::Lists="$APTDIR/lists" -o Dir::Cache="$APTDIR/cache")
+if [ -z "$(find "$APTDIR/lists" -name '*backports*Packages*' -mmin -1440 2>/dev/null)" ]; then
   log "apt-get update (private lists incl. bookworm-backports)"
   apt-get "${APT[@]}" update -qq
 fi
@@ -49,16 +63,15 @@ fi
 
 # --- kernel package -------------------------------------------------------------
 # linux-image-amd64 (metapackage) -> its dependency is the real image package.
-# Prefer bookworm-backports (6.12.x at the time of writing); else plain bookworm (6.1).
-KPKG=
-for t in bookworm-backports bookworm; do
-  KPKG=$(apt-cache "${APT[@]}" -t "$t" depends linux-image-amd64 2>/dev/null |
-         awk '/Depends: linux-image-[0-9]/{print $2; exit}')
-  [ -n "$KPKG" ] && break
-done
-[ -n "$KPKG" ] || { log "cannot resolve linux-image-amd64"; exit 1; }
+KPKG=$(apt-cache "${APT[@]}" "${SUITE_ARGS[@]}" depends linux-image-amd64 2>/dev/null |
+       awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+[ -n "$KPKG" ] || { log "cannot resolve linux-image-amd64 (${SUITE_ARGS[*]:-bookworm})"; exit 1; }
 KVER=${KPKG#linux-image-}            # e.g. 6.12.95+deb12-amd64
 KVER=${KVER%-unsigned}
+case $KVER in
+  "$KERNEL".*) ;;
+  *) log "LB_VM_KERNEL=$KERNEL but the suite's kernel is $KVER"; exit 1 ;;
+esac
 log "kernel package: $KPKG (version $KVER)"
 
 DEB=$(ls debs/"${KPKG}"_*.deb 2>/dev/null | head -1 || true)
