@@ -117,20 +117,28 @@ pub fn serial_echo(mut s: TcpStream) {
     let _ = s.shutdown(Shutdown::Write);
 }
 
-/// One flow against [`serial_echo`]: sends `size` seeded bytes while reading the echo.
-/// Returns the time taken, or what went wrong.
-pub fn echo_flow(addr: SocketAddr, seed: u64, size: usize) -> Result<Duration, String> {
-    let data = bytes(seed, size);
+/// Sends `data` through a new connection to `addr` while reading what comes back, then
+/// half-closes; returns the sha256 and length of what came back, and the time taken.
+fn exchange(addr: SocketAddr, data: Vec<u8>) -> Result<([u8; 32], usize, Duration), String> {
     let started = Instant::now();
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     let mut r = s.try_clone().map_err(|e| e.to_string())?;
     let reader = thread::spawn(move || read_all(&mut r, 0.0));
     write_all(&mut s, &data, 0.0);
     let (hash, len) = reader.join().map_err(|_| "the reader panicked".to_string())?;
-    if (len, hash) != (size, sha(&data)) {
+    Ok((hash, len, started.elapsed()))
+}
+
+/// One flow against [`serial_echo`]: sends `size` seeded bytes while reading the echo.
+/// Returns the time taken, or what went wrong.
+pub fn echo_flow(addr: SocketAddr, seed: u64, size: usize) -> Result<Duration, String> {
+    let data = bytes(seed, size);
+    let expected = sha(&data);
+    let (hash, len, took) = exchange(addr, data)?;
+    if (len, hash) != (size, expected) {
         return Err(format!("flow {seed}: the echo differs ({len} of {size} bytes)"));
     }
-    Ok(started.elapsed())
+    Ok(took)
 }
 
 /// Answers each [`REQUEST`]-byte request at once with its bytes inverted, before the next is
@@ -151,19 +159,14 @@ pub fn answer(mut s: TcpStream) {
 pub fn answer_flow(addr: SocketAddr, seed: u64, requests: usize) -> Result<Duration, String> {
     let requests = bytes(seed, REQUEST * requests);
     let answers: Vec<u8> = requests.iter().map(|b| !b).collect();
-    let started = Instant::now();
-    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    let mut r = s.try_clone().map_err(|e| e.to_string())?;
-    let reader = thread::spawn(move || read_all(&mut r, 0.0));
-    write_all(&mut s, &requests, 0.0);
-    let (hash, len) = reader.join().map_err(|_| "the reader panicked".to_string())?;
+    let (hash, len, took) = exchange(addr, requests)?;
     if (len, hash) != (answers.len(), sha(&answers)) {
         return Err(format!(
             "flow {seed}: the answers differ ({len} of {} bytes)",
             answers.len()
         ));
     }
-    Ok(started.elapsed())
+    Ok(took)
 }
 
 /// A server that streams what the client's 24-byte header asks for (length, seed, its own read

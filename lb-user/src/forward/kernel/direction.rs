@@ -293,9 +293,12 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         // before the shrink may still bring some). Not all the way back: the sender's window
         // would reopen, and the daemon would copy all of it. The request stays open: once
         // caught up and drained to the low-water mark, the whole buffer goes back.
-        if let Some(t) = copy.throttle.as_mut().filter(|t| t.shrunk.is_some() && !t.eased) {
-            t.eased = true;
-            sockopt::force_receive_buffer(fd, HOLD_RCVBUF).map_err(|e| failed(from, e))?;
+        if let Some(t) = copy.throttle.as_mut().filter(|t| !t.eased) {
+            if let Some(before) = t.shrunk {
+                t.eased = true;
+                // Never above the buffer the socket had (`tune.kernel_rcvbuf` may be smaller).
+                sockopt::force_receive_buffer(fd, HOLD_RCVBUF.min(before)).map_err(|e| failed(from, e))?;
+            }
         }
         if !copy.released {
             // Once per hold, at its start: the most this direction has inside lb.
