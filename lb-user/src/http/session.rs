@@ -145,6 +145,7 @@ async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<Server
             ctx.http.keep_alive_timeout
         };
     let mut started = !client.held.is_empty();
+    let mut answering_stop = false;
     if started {
         deadline = since + ctx.http.request_timeout;
     }
@@ -164,12 +165,18 @@ async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<Server
             }
         }
         // Between requests on a kept-alive connection, lb stopping closes it (a new
-        // connection's first request is still answered, with `Connection: close`).
-        let idle = !first && client.held.is_empty();
+        // connection's first request is still answered, with `Connection: close`). A request
+        // whose first bytes already arrived is answered too: closing with them unread would
+        // reset the connection.
+        let idle = !first && client.held.is_empty() && !answering_stop;
         let read = tokio::select! {
             r = client.fill(deadline) => r,
             () = ctx.stopping.cancelled(), if idle => {
-                return State::Ended(HttpEnd::Closed("lb stopping"))
+                if !client.has_input() {
+                    return State::Ended(HttpEnd::Closed("lb stopping"));
+                }
+                answering_stop = true;
+                continue;
             }
         };
         match read {

@@ -1,7 +1,7 @@
 //! Moving HTTP messages between the two connections of a session: reading into a side's held
 //! buffer under a deadline, writing under an idle limit, and forwarding a body as its framing
 //! delimits it (the bytes after it stay held: they are the next pipelined message).
-use std::{borrow::Cow, io, pin::Pin, time::Duration};
+use std::{borrow::Cow, io, os::fd::AsFd, pin::Pin, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     time::{Instant, Sleep},
@@ -84,6 +84,15 @@ impl Conn {
     /// Drops the first `n` held bytes (a head or body part that was consumed).
     pub fn consume(&mut self, n: usize) {
         self.held.drain(..n);
+    }
+
+    /// Whether the peer sent bytes lb has not taken yet: held here, inside the TLS layer, or
+    /// still in the socket. A close with unread input sends the peer a reset, which can
+    /// destroy the answers it was still to read.
+    pub fn has_input(&mut self) -> bool {
+        !self.held.is_empty()
+            || self.stream.tls_holds_input()
+            || matches!(crate::sockopt::peek_nowait(self.stream.as_fd(), &mut [0u8; 1]), Ok(n) if n > 0)
     }
 
     /// Before a wait that may be long (keep-alive): a buffer a body grew is given back, so an
@@ -423,5 +432,24 @@ mod tests {
             matches!(r.unwrap(), Moved::HandOff(n) if (1..=5).contains(&n)),
             "{got:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn input_counts_whether_held_or_still_in_the_socket() {
+        let (mut writer, reader) = pair().await;
+        let mut c = Conn::new(reader);
+        assert!(!c.has_input());
+        writer.write_all(b"GET").await.unwrap();
+        c.stream.tcp().readable().await.unwrap();
+        assert!(c.has_input(), "unread bytes in the socket");
+        let n = c.fill(Instant::now() + Duration::from_secs(5)).await.unwrap();
+        assert_eq!(n, 3);
+        assert!(c.has_input(), "held bytes");
+        c.consume(3);
+        assert!(!c.has_input());
+        // A peer's close is no input: closing then resets nothing.
+        drop(writer);
+        c.stream.tcp().readable().await.unwrap();
+        assert!(!c.has_input());
     }
 }
