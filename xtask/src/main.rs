@@ -69,6 +69,13 @@ enum Task {
         /// `idle`: connections held open.
         #[arg(long, default_value_t = 10_000)]
         connections: u64,
+        /// `offload`: only these peers (comma-separated names, e.g. `paced-100,iperf3-up`); the
+        /// table is printed, not written to docs/.
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
+        /// Keep the working directory (every proxy's configuration and log) and print its path.
+        #[arg(long)]
+        keep: bool,
     },
     /// Internal to `bench idle`: the backend that echoes and holds connections.
     #[command(hide = true)]
@@ -156,7 +163,9 @@ fn main() -> Result<()> {
             runs,
             seconds,
             connections,
-        } => bench::run(&what, runs, seconds, connections),
+            peers,
+            keep,
+        } => bench::run(&what, runs, seconds, connections, &peers, keep),
         Task::BenchHold { port, lifetime } => bench::hold_server(port, lifetime),
         Task::BenchIdleClient {
             port,

@@ -129,7 +129,7 @@ pub fn launch(config: Config, env: &Env, ns: &Netns, listen: u16, text: &str) ->
 pub struct Proxy {
     config: Config,
     proc: Proc,
-    log: PathBuf,
+    pub log: PathBuf,
 }
 
 impl Proxy {

@@ -32,11 +32,26 @@ use configs::{Config, Env};
 use std::{process::Command, time::Instant};
 
 /// Runs benchmark `what`: `tcp` with `runs` runs per configuration and `seconds` per
-/// measurement, or `idle` with `connections` idle connections.
-pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()> {
+/// measurement, or `idle` with `connections` idle connections. `peers`: for `offload`, only
+/// these (by name); `keep`: the working directory stays.
+pub fn run(
+    what: &str,
+    runs: usize,
+    seconds: u32,
+    connections: u64,
+    peers: &[String],
+    keep: bool,
+) -> Result<()> {
     if !["tcp", "offload", "http", "tls", "idle"].contains(&what) {
         bail!("unknown benchmark {what:?}; available: tcp, offload, http, tls, idle");
     }
+    if !peers.is_empty() && what != "offload" {
+        bail!("--peers chooses among the offload peers: `bench offload --peers ...`");
+    }
+    let peers = peers
+        .iter()
+        .map(|p| offload::Peer::from_name(p))
+        .collect::<Result<Vec<_>>>()?;
     if runs == 0 || seconds == 0 || connections == 0 {
         bail!("--runs, --seconds and --connections must be at least 1");
     }
@@ -48,7 +63,11 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
     let lb_version = lb_version();
     sys::catch_interrupts();
     sys::remove_stale_namespaces();
-    let tmp = sys::TempDir::create()?;
+    let mut tmp = sys::TempDir::create()?;
+    if keep {
+        tmp.keep = true;
+        eprintln!("xtask bench: working directory {} (kept)", tmp.path.display());
+    }
     // Every run uses copies taken now: a cargo build by someone else during the benchmark must
     // neither swap the lb being measured nor remove the xtask binary the helpers run from
     // (/proc/self/exe stays readable even after the file is replaced).
@@ -78,6 +97,13 @@ pub fn run(what: &str, runs: usize, seconds: u32, connections: u64) -> Result<()
         return http_bench(&env, runs, seconds, lb_version);
     }
     if what == "offload" {
+        if !peers.is_empty() {
+            let results = offload::measure_some(&env, &peers, runs, seconds)?;
+            let mut text = String::new();
+            offload_report::markdown(&mut text, &results, runs);
+            println!("{text}");
+            return Ok(());
+        }
         return offload_bench(&env, runs, seconds, lb_version);
     }
     if what == "tls" {

@@ -179,8 +179,17 @@ impl Sample {
 
 /// Every peer, `runs` times (each run goes through every peer in turn).
 pub fn measure_all(env: &Env, runs: usize, seconds: u32) -> Result<Vec<(Peer, Series<Sample>)>> {
-    let mut results: Vec<(Peer, Series<Sample>)> =
-        Peer::ALL.iter().map(|p| (*p, Series::default())).collect();
+    measure_some(env, &Peer::ALL, runs, seconds)
+}
+
+/// [`measure_all`] for `peers` only.
+pub fn measure_some(
+    env: &Env,
+    peers: &[Peer],
+    runs: usize,
+    seconds: u32,
+) -> Result<Vec<(Peer, Series<Sample>)>> {
+    let mut results: Vec<(Peer, Series<Sample>)> = peers.iter().map(|p| (*p, Series::default())).collect();
     for run in 1..=runs {
         for (peer, series) in results.iter_mut() {
             sys::check_interrupt()?;
@@ -252,6 +261,15 @@ fn measure(env: &Env, peer: Peer, run: usize, seconds: u32) -> Result<Sample> {
     };
     let lb_cpu = sys::process_cpu_precise(pid)? - cpu_before;
     proxy.check_alive()?;
+    // Each peer's and run's log apart (the next lb's log takes the same name): for `--keep`.
+    let _ = std::fs::copy(&proxy.log, env.dir.join(format!("lb-{}-{run}.log", peer.name())));
+    // And the namespace's TCP counters (zero windows, probes, drops).
+    if let Ok(out) = ns.command("nstat").args(["-az"]).output() {
+        let _ = std::fs::write(
+            env.dir.join(format!("nstat-{}-{run}.txt", peer.name())),
+            out.stdout,
+        );
+    }
     let after = Metrics::read(&ns)?;
     if let Some(error) = &outcome.error {
         eprintln!("offload {}: {error}", peer.name());

@@ -342,18 +342,23 @@ impl CpuMark {
 /// A scratch directory removed on drop.
 pub struct TempDir {
     pub path: std::path::PathBuf,
+    /// Left in place when dropped (`bench --keep`).
+    pub keep: bool,
 }
 
 impl TempDir {
     pub fn create() -> Result<TempDir> {
         let path = std::env::temp_dir().join(format!("lb-bench-{}", std::process::id()));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(TempDir { path })
+        Ok(TempDir { path, keep: false })
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let _ = fs::remove_dir_all(&self.path);
     }
 }
