@@ -57,7 +57,8 @@ const THROTTLE_RCVBUF: u32 = 64 << 10;
 /// paced at 100 MB/s (`cargo xtask bench offload`): keeping 64 KiB stalled the flow for up to
 /// 5 s (held bytes the kernel could not queue); the whole buffer back (1 MiB) let the sender's
 /// window reopen, and each hold copied about 1.5 MB (91 % through the kernel); 256 KiB: 93-94 %
-/// with no stall; 512 KiB: 92-93 %.
+/// with no stall; 512 KiB: 92-93 %. (128 KiB copied less per hold, ~260 KB against ~460 KB,
+/// but serial echo flows stalled until their idle timeout: 3 of 432 in two runs of the table.)
 const HOLD_RCVBUF: u32 = 256 << 10;
 /// A receiver that needs longer than this to drain to the low-water mark is throttled.
 const SLOW_DRAIN: Duration = Duration::from_millis(20);
@@ -171,6 +172,8 @@ struct Copier {
     /// The last throttle request found the receiver slow: the next one shrinks the buffer at
     /// once (kept across releases).
     slow_receiver: bool,
+    /// When this hold began, and `consumed` then (for its trace line).
+    hold_start: Option<(Instant, u64)>,
 }
 
 /// A throttle request under way: the receiver's pace since, and once it proved slow, the
@@ -245,6 +248,14 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             if copy.watching_input {
                 src.watch.set_interest(Interest::EndOfStream);
             }
+            if let Some((since, at)) = copy.hold_start {
+                tracing::trace!(
+                    "from {}: hold over, {} bytes copied in {:?}",
+                    from.name(),
+                    consumed - at,
+                    since.elapsed()
+                );
+            }
             *copy = Copier {
                 dequeued: copy.dequeued,
                 throttle: copy.throttle,
@@ -304,6 +315,20 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             // Once per hold, at its start: the most this direction has inside lb.
             let (unacked, _) = flow.in_flight(from).map_err(|e| failed(from.other(), e))?;
             flow.note_in_flight(from, unacked);
+            if copy.hold_start.is_none() {
+                copy.hold_start = Some((Instant::now(), consumed));
+                tracing::trace!(
+                    "from {}: hold, {} held, {unacked} unacknowledged, braked {}, throttle {}",
+                    from.name(),
+                    passed - consumed,
+                    ctl.redirected() > 0,
+                    match copy.throttle {
+                        None => "none",
+                        Some(Throttle { shrunk: None, .. }) => "measuring",
+                        Some(_) => "shrunk",
+                    }
+                );
+            }
         }
         let max = u64::from(ctl.max_in_flight());
         if copy.pending() < max && overcommitted(fd).map_err(|e| failed(from, e))? {
@@ -403,6 +428,11 @@ fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Op
             true => Some(shrink(fd)?),
             false => None,
         };
+        tracing::trace!(
+            "from {}: throttle asked at {in_flight} in flight, shrunk at once: {}",
+            from.name(),
+            shrunk.is_some()
+        );
         copy.throttle = Some(Throttle {
             pace: Pace::start(acked),
             shrunk,
@@ -414,12 +444,14 @@ fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Op
         let wait = throttle.pace.wait_for(acked, in_flight - low);
         if throttle.shrunk.is_none() && throttle.pace.is_slow(acked, in_flight - low) {
             throttle.shrunk = Some(shrink(fd)?);
+            tracing::trace!("from {}: throttled at {in_flight} in flight", from.name());
         }
         return Ok(Some(wait));
     }
     if let Some(before) = throttle.shrunk {
         sockopt::force_receive_buffer(fd, before)?;
     }
+    tracing::trace!("from {}: throttle over at {in_flight} in flight", from.name());
     // Drained without a shrink: the receiver kept up this time.
     copy.slow_receiver = throttle.shrunk.is_some();
     copy.throttle = None;
