@@ -58,7 +58,8 @@ const THROTTLE_RCVBUF: u32 = 64 << 10;
 /// 5 s (held bytes the kernel could not queue); the whole buffer back (1 MiB) let the sender's
 /// window reopen, and each hold copied about 1.5 MB (91 % through the kernel); 256 KiB: 93-94 %
 /// with no stall; 512 KiB: 92-93 %. (128 KiB copied less per hold, ~260 KB against ~460 KB,
-/// but serial echo flows stalled until their idle timeout: 3 of 432 in two runs of the table.)
+/// but 3 of 432 serial echo flows failed in two runs of the table: stalled until their idle
+/// timeout, in the two whose log was kept.)
 const HOLD_RCVBUF: u32 = 256 << 10;
 /// A receiver that needs longer than this to drain to the low-water mark is throttled.
 const SLOW_DRAIN: Duration = Duration::from_millis(20);
