@@ -94,7 +94,7 @@ pub struct SockCtl {
     pub throttles: u32,
     /// Throttle requests the daemon has dealt with: it shrank this socket's receive buffer (so
     /// TCP's window, and what a brake would hold, shrink), waited until the bytes in flight
-    /// fell to the low-water mark, and gave the buffer back.
+    /// fell to the low-water mark or a hold ended, and gave the buffer back.
     pub throttles_done: u32,
     /// Unused; keeps the size a multiple of 8 with no implicit padding.
     pub _pad: u32,

@@ -92,6 +92,23 @@ impl CtlArray {
         Some(slot)
     }
 
+    /// Whether the socket in slot `index` has a throttle request the daemon has not dealt
+    /// with (for the event reader, which knows slots by index only; a slot it finds
+    /// registered is in use).
+    pub fn throttle_open(&self, index: u32) -> bool {
+        if index >= MAX_SOCKETS {
+            return false;
+        }
+        // SAFETY: index < MAX_SOCKETS, inside the mapping; both are aligned u32 fields, read
+        // atomically as in `Slot`.
+        unsafe {
+            let p = self.base.as_ptr().add(index as usize);
+            let asked = AtomicU32::from_ptr(addr_of_mut!((*p).throttles)).load(Acquire);
+            let done = AtomicU32::from_ptr(addr_of_mut!((*p).throttles_done)).load(Acquire);
+            asked != done
+        }
+    }
+
     fn give_back(&self, index: u32) {
         let mut pool = self.free.lock().unwrap_or_else(|p| p.into_inner());
         pool.freed.push_back(index);

@@ -26,11 +26,12 @@ use std::{
         Arc, Mutex,
     },
 };
-use tokio::{io::unix::AsyncFd, sync::Notify};
+use tokio::io::unix::AsyncFd;
 
 use ctl::CtlArray;
 pub use ctl::Slot;
 use events::Wakers;
+pub use events::{Wake, THROTTLE_RCVBUF};
 use watch::Watcher;
 pub use watch::{Interest, Watch};
 
@@ -71,7 +72,7 @@ pub enum TrackError {
 pub struct Kernel {
     socks: Mutex<SockHash<MapData, u64>>,
     slots: Mutex<HashMap<MapData, u64, u32>>,
-    ctl: CtlArray,
+    ctl: Arc<CtlArray>,
     wakers: Arc<Wakers>,
     /// Ends and errors of every kernel flow's sockets.
     watcher: Watcher,
@@ -122,14 +123,14 @@ impl Kernel {
             Map::Array(data) => data,
             _ => return Err(BpfError::Missing(FLOW_CTL_MAP)),
         };
-        let ctl = CtlArray::map(ctl_map.fd().as_fd()).map_err(BpfError::Mmap)?;
+        let ctl = Arc::new(CtlArray::map(ctl_map.fd().as_fd()).map_err(BpfError::Mmap)?);
         let ring: RingBuf<MapData> =
             RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?).map_err(|e| BpfError::Map(EVENTS_MAP, e))?;
         let stats: PerCpuArray<MapData, CpuStats> = PerCpuArray::try_from(take(&mut ebpf, CPU_STATS_MAP)?)
             .map_err(|e| BpfError::Map(CPU_STATS_MAP, e))?;
         let stats = Arc::new(stats);
         let wakers = Arc::new(Wakers::default());
-        events::spawn_reader(ring, wakers.clone(), stats.clone()).map_err(BpfError::Events)?;
+        events::spawn_reader(ring, wakers.clone(), stats.clone(), ctl.clone()).map_err(BpfError::Events)?;
         let watcher = Watcher::spawn(wakers.clone()).map_err(BpfError::Events)?;
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
@@ -243,7 +244,7 @@ pub struct Tracked<'k> {
     kernel: &'k Kernel,
     pub cookie: u64,
     slot: Slot<'k>,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
 }
 
 impl<'k> Tracked<'k> {
@@ -256,6 +257,11 @@ impl<'k> Tracked<'k> {
     /// signals this socket (a brake, or bytes held while the daemon had caught up).
     pub fn watch(&self, sock: &std::net::TcpStream) -> std::io::Result<Watch<'k>> {
         Watch::add(&self.kernel.watcher, sock, self.slot.index, self.wake.clone())
+    }
+
+    /// The socket's wake-up, which also keeps its throttle state (see [`Wake`]).
+    pub fn wake(&self) -> &Wake {
+        &self.wake
     }
 }
 

@@ -18,9 +18,9 @@ use std::{
         Arc,
     },
 };
-use tokio::{io::unix::AsyncFd, sync::Notify};
+use tokio::io::unix::AsyncFd;
 
-use super::events::Wakers;
+use super::events::{Wake, Wakers};
 
 /// Events a reader drains per system call.
 const BATCH: usize = 64;
@@ -95,7 +95,7 @@ pub struct Watch<'k> {
     watcher: &'k Watcher,
     sock: RawFd,
     slot: u32,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     interest: AtomicU32,
     /// The interest the socket is armed with, or [`NOT_ARMED`] once a wake-up may have been
     /// its (one-shot) event: a wait re-arms only then, or when the interest changed.
@@ -109,7 +109,7 @@ impl<'k> Watch<'k> {
         watcher: &'k Watcher,
         sock: &TcpStream,
         slot: u32,
-        wake: Arc<Notify>,
+        wake: Arc<Wake>,
     ) -> io::Result<Watch<'k>> {
         let watch = Watch {
             watcher,

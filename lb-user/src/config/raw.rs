@@ -133,7 +133,7 @@ pub struct RawFlowControl {
     /// stops forwarding that direction and the bytes stay in lb's receive buffer, so TCP's
     /// window closes on the sender; once the reader has drained to a quarter of the bound, lb
     /// forwards the held bytes itself and hands the direction back to the kernel. Above half the
-    /// bound a slow reader's sender is throttled (its window shrunk), so a brake holds little.
+    /// bound the sender is throttled (its window shrunk), so a brake holds little.
     /// Bounds the memory a slow reader can make lb hold. `256KiB` to `1GiB` (default 16MiB).
     #[serde(default)]
     pub max_in_flight: Option<bytesize::ByteSize>,

@@ -6,8 +6,9 @@
 //! only then may the program redirect this direction. While the program redirects, the
 //! direction sleeps. It wakes when the program asks:
 //! - **throttle** (the bytes in flight passed half the bound): the source's receive buffer
-//!   shrinks at once, so TCP's window, and what a brake would hold, shrink with it; it is
-//!   given back once the receiver has drained to the low-water mark;
+//!   shrinks at once (the event reader shrinks it before this task wakes, see `bpf::Wake`),
+//!   so TCP's window, and what a brake would hold, shrink with it; it is given back when a
+//!   hold ends or once the receiver has drained to the low-water mark;
 //! - **held bytes** (the brake, or bytes held since the flow entered the map): it
 //!   1. waits until the kernel's queue towards the peer is empty (so the held bytes cannot
 //!      overtake redirected ones) and, after a brake, until the receiver has drained to the
@@ -24,7 +25,12 @@
 //! [`overcommitted`]).
 //!
 //! End of stream is passed on after every byte: the peer's write side is shut.
-use std::{io, os::fd::AsFd, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+    sync::atomic::Ordering::Relaxed,
+    time::Duration,
+};
 use tokio::time::Instant;
 
 use super::{Flow, Halt, TCP_CLOSE};
@@ -51,8 +57,6 @@ const STEP: u64 = 256 << 10;
 /// 93-98 % of the bytes to the kernel with no stall; a half 93 %; waiting for a step of room
 /// only, 6 %.)
 const LOW_WATER_DIVISOR: u64 = 4;
-/// The receive buffer of a throttled sender's socket (SO_RCVBUF's argument).
-const THROTTLE_RCVBUF: u32 = 64 << 10;
 /// The receive buffer of a throttled socket while its bytes are held. Measured with a reader
 /// paced at 100 MB/s (`cargo xtask bench offload`): keeping 64 KiB stalled the flow for up to
 /// 5 s (held bytes the kernel could not queue); the whole buffer back (1 MiB) let the sender's
@@ -91,7 +95,14 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side, unsent: Vec<u8>) -> Res
         drop(unsent);
         src.tracked.ctl().allow_redirect();
     }
-    let mut copy = Copier::default();
+    // The reader of the program's events may shrink the socket's buffer for a throttle
+    // request from now on (see `bpf::Wake`); given back here, to the buffer it has now.
+    let _attached = src.tracked.wake().attach(src.sock.as_raw_fd());
+    let mut copy = Copier {
+        // The kernel reports twice what it was given.
+        rcvbuf: sockopt::receive_buffer(src.sock.as_fd()).map_err(|e| failed(from, e))? / 2,
+        ..Copier::default()
+    };
     loop {
         // Boxed: copying is rare (brakes, end of stream) and its state is large; an idle
         // direction, the common case for many flows, keeps only the wait below.
@@ -168,18 +179,16 @@ struct Copier {
     released: bool,
     /// A throttle request under way (kept across releases).
     throttle: Option<Throttle>,
+    /// The socket's receive buffer when not throttled (SO_RCVBUF's argument).
+    rcvbuf: u32,
     /// When this hold began, and `consumed` then (for its trace line).
     hold_start: Option<(Instant, u64)>,
 }
 
-/// A throttle request under way: the receiver's pace since the shrink, and the receive buffer
-/// the socket had before (SO_RCVBUF's argument), to give back.
+/// A throttle request under way: the receiver's pace since this task saw it.
 #[derive(Clone, Copy)]
 struct Throttle {
     pace: Pace,
-    before: u32,
-    /// Bytes are held since the shrink: the buffer was eased to [`HOLD_RCVBUF`].
-    eased: bool,
 }
 
 /// How fast a receiver acknowledges: from the first look, to tell how long it needs for the
@@ -232,7 +241,19 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         let (passed, consumed) = (ctl.passed(), ctl.consumed());
         if passed == consumed {
             // Caught up: the written bytes come off the socket (which reopens the sender's
-            // window), and the program redirects the next segment (or signals again).
+            // window), and the program redirects the next segment (or signals again). A hold
+            // that ends gives a throttled socket its buffer back first: the sender's window then
+            // reopens at once, where a small one left it at zero for a retransmission timeout
+            // (about 200 ms here, and a reader paced at 100 MB/s ran dry: late by up to 0.25 s
+            // in 2 of 3 runs, none in 3 with the buffer back). The next request shrinks it
+            // again, at once (the event reader does).
+            if copy.hold_start.is_some() {
+                copy.throttle = None;
+                src.tracked
+                    .wake()
+                    .end_throttle(fd, copy.rcvbuf, || ctl.set_throttles_done(ctl.throttles()))
+                    .map_err(|e| failed(from, e))?;
+            }
             discard_written(copy, fd, consumed).map_err(|e| failed(from, e))?;
             if copy.watching_input {
                 src.watch.set_interest(Interest::EndOfStream);
@@ -248,6 +269,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             *copy = Copier {
                 dequeued: copy.dequeued,
                 throttle: copy.throttle,
+                rcvbuf: copy.rcvbuf,
                 ..Copier::default()
             };
             flow.note_braked(from, false);
@@ -292,11 +314,12 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         // before the shrink may still bring some). Not all the way back: the sender's window
         // would reopen, and the daemon would copy all of it. The request stays open: once
         // caught up and drained to the low-water mark, the whole buffer goes back.
-        if let Some(t) = copy.throttle.as_mut().filter(|t| !t.eased) {
-            t.eased = true;
-            // Never above the buffer the socket had (`tune.kernel_rcvbuf` may be smaller).
-            sockopt::force_receive_buffer(fd, HOLD_RCVBUF.min(t.before)).map_err(|e| failed(from, e))?;
-        }
+        // (Shrunk by this task or by the event reader; never above the socket's own buffer:
+        // `tune.kernel_rcvbuf` may be smaller.)
+        src.tracked
+            .wake()
+            .ease(fd, HOLD_RCVBUF.min(copy.rcvbuf))
+            .map_err(|e| failed(from, e))?;
         if !copy.released {
             // Once per hold, at its start: the most this direction has inside lb.
             let (unacked, _) = flow.in_flight(from).map_err(|e| failed(from.other(), e))?;
@@ -308,9 +331,9 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
                     from.name(),
                     passed - consumed,
                     ctl.redirected() > 0,
-                    match copy.throttle {
-                        None => "none",
-                        Some(_) => "shrunk",
+                    match src.tracked.wake().shrunk() {
+                        false => "none",
+                        true => "shrunk",
                     }
                 );
             }
@@ -383,17 +406,17 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
 }
 
 /// The throttle (see `SockCtl::throttles`): when the program asks, the source's receive buffer
-/// shrinks at once to [`THROTTLE_RCVBUF`], so TCP's window, and what a brake would hold,
-/// shrink with it. Once the receiver has drained to the low-water mark the buffer is given back
-/// and the request marked done. `Some(d)`: look again in `d`.
+/// shrinks at once to [`crate::bpf::THROTTLE_RCVBUF`] (usually the event reader has shrunk it
+/// already), so TCP's window, and what a brake would hold, shrink with it. Once the receiver
+/// has drained to the low-water mark the buffer is given back and the request marked done (a
+/// hold that ends does the same, in [`pump`]). `Some(d)`: look again in `d`.
 ///
 /// No measurement comes first: the program asks half way to the brake, and a fast sender fills
 /// the other half within 2 to 6 ms (loopback), before a measurement of the receiver's pace
 /// could tell; a brake then holds the whole window (about 2 MB copied, against about 0.5 MB
 /// after a shrink). The small buffer costs a fast receiver little: on loopback the program
 /// takes each segment off the queue as it comes, and shrunk senders were seen to move 8 MB in
-/// 3.5 ms. A request found already drained (it came during a hold, which waited for the
-/// low-water mark) is marked done as it is.
+/// 3.5 ms. A request found already drained is marked done as it is.
 fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Option<Duration>> {
     let src = flow.end(from);
     let ctl = src.tracked.ctl();
@@ -405,28 +428,27 @@ fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Op
     };
     flow.note_in_flight(from, in_flight);
     let low = u64::from(ctl.max_in_flight()) / LOW_WATER_DIVISOR;
+    let wake = src.tracked.wake();
     if in_flight > low {
         let throttle = match &mut copy.throttle {
             Some(t) => t,
             None => {
-                let before = sockopt::receive_buffer(fd)?;
-                sockopt::force_receive_buffer(fd, THROTTLE_RCVBUF)?;
-                tracing::trace!("from {}: throttled at {in_flight} in flight", from.name());
+                tracing::trace!(
+                    "from {}: throttle at {in_flight} in flight, shrunk already: {}",
+                    from.name(),
+                    wake.shrunk()
+                );
+                wake.shrink(fd)?;
                 copy.throttle.insert(Throttle {
                     pace: Pace::start(acked),
-                    // The kernel reports twice what it was given.
-                    before: before / 2,
-                    eased: false,
                 })
             }
         };
         return Ok(Some(throttle.pace.wait_for(acked, in_flight - low)));
     }
-    if let Some(throttle) = copy.throttle.take() {
-        sockopt::force_receive_buffer(fd, throttle.before)?;
-    }
+    copy.throttle = None;
     tracing::trace!("from {}: throttle over at {in_flight} in flight", from.name());
-    ctl.set_throttles_done(asked);
+    wake.end_throttle(fd, copy.rcvbuf, || ctl.set_throttles_done(asked))?;
     Ok(None)
 }
 
