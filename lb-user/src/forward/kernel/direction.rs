@@ -242,11 +242,10 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         if passed == consumed {
             // Caught up: the written bytes come off the socket (which reopens the sender's
             // window), and the program redirects the next segment (or signals again). A hold
-            // that ends gives a throttled socket its buffer back first: the sender's window then
-            // reopens at once, where a small one left it at zero for a retransmission timeout
-            // (about 200 ms here, and a reader paced at 100 MB/s ran dry: late by up to 0.25 s
-            // in 2 of 3 runs, none in 3 with the buffer back). The next request shrinks it
-            // again, at once (the event reader does).
+            // that ends gives a throttled socket its buffer back first, before the read that
+            // reopens the window: left small until the low-water mark, a reader paced at
+            // 100 MB/s ran late by up to 0.25 s in 2 of 3 runs, none in 3 with the buffer back.
+            // The next request shrinks it again, at once (the event reader does).
             if copy.hold_start.is_some() {
                 copy.throttle = None;
                 src.tracked
