@@ -27,7 +27,7 @@ use crate::sockopt;
 pub const THROTTLE_RCVBUF: u32 = 64 << 10;
 
 /// One tracked socket's wake-up, and its throttle state: whether its receive buffer is shrunk
-/// (by the reader or by the flow), and the socket the reader may shrink. Every change of the
+/// (by the reader or by the flow) and from what, and the socket the reader may shrink. Every change of the
 /// buffer goes through the lock, so the flow's "give back, then mark the request done" cannot
 /// interleave with the reader's "request still open? shrink".
 pub struct Wake {
@@ -39,7 +39,9 @@ struct Hook {
     /// The socket while its flow direction runs (-1 before and after): the reader touches it
     /// only under the lock, and the direction clears it before the socket can close.
     sock: RawFd,
-    shrunk: bool,
+    /// Shrunk: the buffer the socket had before (SO_RCVBUF's argument), to give back. Read at
+    /// the shrink, so a flow that is never throttled pays no system call for it.
+    shrunk: Option<u32>,
     /// Bytes are held while shrunk: the buffer was eased (see the flow direction).
     eased: bool,
 }
@@ -50,7 +52,7 @@ impl Wake {
             notify: Notify::new(),
             throttle: Mutex::new(Hook {
                 sock: -1,
-                shrunk: false,
+                shrunk: None,
                 eased: false,
             }),
         }
@@ -69,37 +71,37 @@ impl Wake {
 
     /// Whether the receive buffer is shrunk now.
     pub fn shrunk(&self) -> bool {
-        self.hook().shrunk
+        self.hook().shrunk.is_some()
     }
 
     /// Shrinks the buffer of `fd` (this slot's socket) unless it is already.
     pub fn shrink(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let mut hook = self.hook();
-        if !hook.shrunk {
-            sockopt::force_receive_buffer(fd, THROTTLE_RCVBUF)?;
-            hook.shrunk = true;
+        if hook.shrunk.is_none() {
+            hook.shrunk = Some(shrink(fd)?);
         }
         Ok(())
     }
 
-    /// While shrunk and not yet eased, sets the buffer to `bytes`; whether it did.
+    /// While shrunk and not yet eased, sets the buffer to `bytes`, or to the buffer it had
+    /// before if that is smaller (`tune.kernel_rcvbuf` may be); whether it did.
     pub fn ease(&self, fd: BorrowedFd<'_>, bytes: u32) -> io::Result<bool> {
         let mut hook = self.hook();
-        if !hook.shrunk || hook.eased {
+        let Some(before) = hook.shrunk.filter(|_| !hook.eased) else {
             return Ok(false);
-        }
-        sockopt::force_receive_buffer(fd, bytes)?;
+        };
+        sockopt::force_receive_buffer(fd, bytes.min(before))?;
         hook.eased = true;
         Ok(true)
     }
 
-    /// Ends a throttle request: gives the buffer back (`bytes`) if shrunk, then `done` (which
-    /// publishes the request as dealt with), under the lock.
-    pub fn end_throttle(&self, fd: BorrowedFd<'_>, bytes: u32, done: impl FnOnce()) -> io::Result<()> {
+    /// Ends a throttle request: gives the buffer back if shrunk, then `done` (which publishes
+    /// the request as dealt with), under the lock.
+    pub fn end_throttle(&self, fd: BorrowedFd<'_>, done: impl FnOnce()) -> io::Result<()> {
         let mut hook = self.hook();
-        if hook.shrunk {
-            sockopt::force_receive_buffer(fd, bytes)?;
-            hook.shrunk = false;
+        if let Some(before) = hook.shrunk {
+            sockopt::force_receive_buffer(fd, before)?;
+            hook.shrunk = None;
             hook.eased = false;
         }
         done();
@@ -109,13 +111,13 @@ impl Wake {
     /// The reader's part: shrinks the attached socket if `open` (the request is still open).
     fn throttle_now(&self, open: impl FnOnce() -> bool) {
         let mut hook = self.hook();
-        if hook.sock < 0 || hook.shrunk || !open() {
+        if hook.sock < 0 || hook.shrunk.is_some() || !open() {
             return;
         }
         // SAFETY: the fd stays open while attached, and it is detached under this lock.
         let fd = unsafe { BorrowedFd::borrow_raw(hook.sock) };
-        match sockopt::force_receive_buffer(fd, THROTTLE_RCVBUF) {
-            Ok(()) => hook.shrunk = true,
+        match shrink(fd) {
+            Ok(before) => hook.shrunk = Some(before),
             // The flow's own task tries again (and ends the flow if the socket failed).
             Err(e) => tracing::debug!("throttle by the event reader failed: {e}"),
         }
@@ -124,6 +126,14 @@ impl Wake {
     fn hook(&self) -> std::sync::MutexGuard<'_, Hook> {
         self.throttle.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Shrinks the receive buffer of `fd` to [`THROTTLE_RCVBUF`]; returns the one it had.
+fn shrink(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // The kernel reports twice what it was given.
+    let before = sockopt::receive_buffer(fd)? / 2;
+    sockopt::force_receive_buffer(fd, THROTTLE_RCVBUF)?;
+    Ok(before)
 }
 
 /// A socket the reader may shrink; detached when dropped.
@@ -272,12 +282,17 @@ mod tests {
         assert!(!wake.ease(s.as_fd(), 96 << 10).unwrap());
         assert_eq!(rcvbuf(&s), 128 << 10);
         let mut done = false;
-        wake.end_throttle(s.as_fd(), FULL, || done = true).unwrap();
+        wake.end_throttle(s.as_fd(), || done = true).unwrap();
         assert_eq!((rcvbuf(&s), wake.shrunk(), done), (FULL, false, true));
         // Not shrunk: ending a request only publishes it.
         sockopt::force_receive_buffer(s.as_fd(), 160 << 10).unwrap();
-        wake.end_throttle(s.as_fd(), FULL, || ()).unwrap();
+        wake.end_throttle(s.as_fd(), || ()).unwrap();
         assert_eq!(rcvbuf(&s), 160 << 10);
+        // Eased never above the buffer it had: shrunk from 160 KiB, eased to at most that.
+        wake.shrink(s.as_fd()).unwrap();
+        assert!(wake.ease(s.as_fd(), FULL).unwrap());
+        assert_eq!(rcvbuf(&s), 160 << 10);
+        wake.end_throttle(s.as_fd(), || ()).unwrap();
         // Detached (the direction ended): the reader leaves the socket alone.
         drop(attached);
         wake.throttle_now(|| true);

@@ -96,13 +96,9 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side, unsent: Vec<u8>) -> Res
         src.tracked.ctl().allow_redirect();
     }
     // The reader of the program's events may shrink the socket's buffer for a throttle
-    // request from now on (see `bpf::Wake`); given back here, to the buffer it has now.
+    // request from now on (see `bpf::Wake`); it is given back here.
     let _attached = src.tracked.wake().attach(src.sock.as_raw_fd());
-    let mut copy = Copier {
-        // The kernel reports twice what it was given.
-        rcvbuf: sockopt::receive_buffer(src.sock.as_fd()).map_err(|e| failed(from, e))? / 2,
-        ..Copier::default()
-    };
+    let mut copy = Copier::default();
     loop {
         // Boxed: copying is rare (brakes, end of stream) and its state is large; an idle
         // direction, the common case for many flows, keeps only the wait below.
@@ -179,8 +175,6 @@ struct Copier {
     released: bool,
     /// A throttle request under way (kept across releases).
     throttle: Option<Throttle>,
-    /// The socket's receive buffer when not throttled (SO_RCVBUF's argument).
-    rcvbuf: u32,
     /// When this hold began, and `consumed` then (for its trace line).
     hold_start: Option<(Instant, u64)>,
 }
@@ -250,7 +244,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
                 copy.throttle = None;
                 src.tracked
                     .wake()
-                    .end_throttle(fd, copy.rcvbuf, || ctl.set_throttles_done(ctl.throttles()))
+                    .end_throttle(fd, || ctl.set_throttles_done(ctl.throttles()))
                     .map_err(|e| failed(from, e))?;
             }
             discard_written(copy, fd, consumed).map_err(|e| failed(from, e))?;
@@ -268,7 +262,6 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             *copy = Copier {
                 dequeued: copy.dequeued,
                 throttle: copy.throttle,
-                rcvbuf: copy.rcvbuf,
                 ..Copier::default()
             };
             flow.note_braked(from, false);
@@ -313,11 +306,10 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         // before the shrink may still bring some). Not all the way back: the sender's window
         // would reopen, and the daemon would copy all of it. The request stays open: once
         // caught up and drained to the low-water mark, the whole buffer goes back.
-        // (Shrunk by this task or by the event reader; never above the socket's own buffer:
-        // `tune.kernel_rcvbuf` may be smaller.)
+        // (Shrunk by this task or by the event reader; never above the socket's own buffer.)
         src.tracked
             .wake()
-            .ease(fd, HOLD_RCVBUF.min(copy.rcvbuf))
+            .ease(fd, HOLD_RCVBUF)
             .map_err(|e| failed(from, e))?;
         if !copy.released {
             // Once per hold, at its start: the most this direction has inside lb.
@@ -447,7 +439,7 @@ fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Op
     }
     copy.throttle = None;
     tracing::trace!("from {}: throttle over at {in_flight} in flight", from.name());
-    wake.end_throttle(fd, copy.rcvbuf, || ctl.set_throttles_done(asked))?;
+    wake.end_throttle(fd, || ctl.set_throttles_done(asked))?;
     Ok(None)
 }
 
