@@ -457,6 +457,14 @@ impl Drop for Lb {
                 tail.len(),
                 tail.join("\n")
             );
+            // The whole log too, when asked for (a flow cut early scrolls out of the tail).
+            if let Some(dir) = std::env::var_os("LB_TEST_LOG_DIR") {
+                let path = std::path::Path::new(&dir).join(format!("lb-{}.log", self.child.id()));
+                match std::fs::write(&path, &log) {
+                    Ok(()) => eprintln!("lb's whole log: {}", path.display()),
+                    Err(e) => eprintln!("writing lb's log to {}: {e}", path.display()),
+                }
+            }
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -40,9 +40,25 @@ pub fn serve_forever(l: TcpListener, serve: fn(TcpStream)) {
     });
 }
 
+/// Binds a listener with room for hundreds of connections at once in its accept queue. The
+/// standard library's (and tokio's) backlog is 128: when hundreds of flows start together
+/// the queue overflows, the kernel answers with SYN cookies, and some of those connections
+/// are reset after lb has connected them (seen as `Reset(Server)` 1 s in, and a client that
+/// fails its check).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// The accept queue of [`bind`] (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
 /// A listener on 127.0.0.1 whose every connection is served by `serve` on its own thread.
 pub fn server(serve: fn(TcpStream)) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
     let addr = l.local_addr().unwrap();
     serve_forever(l, serve);
     addr

@@ -8,9 +8,17 @@ use tokio::{
 
 use crate::flows::{self, ServerReport};
 
+/// A tokio listener on 127.0.0.1 with room for hundreds of connections at once (see
+/// [`crate::peers::bind`]).
+pub fn listener() -> TcpListener {
+    let l = crate::peers::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    l.set_nonblocking(true).unwrap();
+    TcpListener::from_std(l).unwrap()
+}
+
 /// Echoes every byte back; passes the client's FIN on once everything is echoed.
 pub async fn echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = listener();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -27,7 +35,7 @@ pub async fn echo() -> SocketAddr {
 /// Says who it is (sends `id`, one byte), then echoes every byte back until the client closes
 /// (a flow the test keeps open without sending is a session lb counts meanwhile).
 pub async fn named(id: u8) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = listener();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -46,7 +54,7 @@ pub async fn named(id: u8) -> SocketAddr {
 /// The integrity peer: for each connection, reads the flow header, sends the requested number
 /// of seeded random bytes while reading everything the client sends, and reports both sha256s.
 pub async fn integrity() -> (SocketAddr, mpsc::UnboundedReceiver<ServerReport>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = listener();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -56,7 +56,7 @@ async fn paced_server() -> (
     std::net::SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<(u64, EndReport)>,
 ) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = lb_tests::servers::listener();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

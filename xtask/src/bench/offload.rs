@@ -17,13 +17,7 @@ use super::{
 use anyhow::{bail, Context, Result};
 use lb_tests::{paced, peers};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
-use std::{
-    fs,
-    net::{SocketAddr, TcpListener},
-    process::Stdio,
-    sync::atomic::AtomicU64,
-    time::Duration,
-};
+use std::{fs, net::SocketAddr, process::Stdio, sync::atomic::AtomicU64, time::Duration};
 
 /// The peers' first port inside each namespace: serial echo, then pipelined answers, then the
 /// streaming server, then the random flows' server.
@@ -406,7 +400,7 @@ fn run_client(env: &Env, ns: &Netns, peer: Peer) -> Result<Outcome> {
 pub fn serve(port: u16, lifetime: u64) -> Result<()> {
     raise_file_limit();
     let bind = |offset: u16| {
-        TcpListener::bind(("127.0.0.1", port + offset))
+        peers::bind(SocketAddr::from(([127, 0, 0, 1], port + offset)))
             .with_context(|| format!("binding port {}", port + offset))
     };
     peers::serve_forever(bind(0)?, peers::serial_echo);
