@@ -33,7 +33,7 @@ use std::{
 };
 use tokio::time::Instant;
 
-use super::{Flow, Halt, TCP_CLOSE};
+use super::{pool::Buffer, Flow, Halt, TCP_CLOSE};
 use crate::{
     bpf::Interest,
     forward::{End, Side},
@@ -163,13 +163,13 @@ pub(super) async fn after_end_of_stream(flow: &Flow<'_, '_>, side: Side) -> Halt
 /// exist at the same time.
 #[derive(Default)]
 struct Copier {
-    buf: Vec<u8>,
+    buf: Buffer,
     start: usize,
     end: usize,
     /// Held bytes taken off the socket (kept across releases).
     dequeued: u64,
-    /// Peeks and discards land here (exists only while bytes are held).
-    scratch: Vec<u8>,
+    /// Peeks and discards land here (taken from the pool only while bytes are held).
+    scratch: Buffer,
     watching_input: bool,
     /// Since the brake, the receiver has drained to the low-water mark: copy with any room.
     released: bool,
@@ -359,7 +359,12 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         let room = max.saturating_sub(lag).max(1);
         if copy.pending() > 0 {
             let n = copy.pending().min(room) as usize;
-            write_all(flow, from.other(), &copy.buf[copy.start..copy.start + n]).await?;
+            write_all(
+                flow,
+                from.other(),
+                &copy.buf.as_slice()[copy.start..copy.start + n],
+            )
+            .await?;
             copy.start += n;
             publish(flow, from, n as u64);
             continue;
@@ -371,10 +376,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             continue;
         }
         let want = (passed - copy.dequeued).min(skip + room).min(MAX_COPY as u64) as usize;
-        if copy.scratch.len() < want {
-            copy.scratch.resize(want, 0);
-        }
-        let peeked = match sockopt::peek_nowait(fd, &mut copy.scratch[..want]) {
+        let peeked = match sockopt::peek_nowait(fd, &mut copy.scratch.at_least(want)[..want]) {
             // The sender's FIN is in, and held bytes before it are still on their way to the
             // socket's queue (the psock's backlog worker moves them).
             Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
@@ -383,7 +385,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         };
         match peeked {
             Ok(n) => {
-                write_all(flow, from.other(), &copy.scratch[skip as usize..n]).await?;
+                write_all(flow, from.other(), &copy.scratch.as_slice()[skip as usize..n]).await?;
                 publish(flow, from, n as u64 - skip);
             }
             Err(e) => {
@@ -491,10 +493,7 @@ fn publish(flow: &Flow<'_, '_>, from: Side, n: u64) {
 fn discard_written(copy: &mut Copier, fd: std::os::fd::BorrowedFd<'_>, consumed: u64) -> io::Result<()> {
     while copy.dequeued < consumed {
         let want = (consumed - copy.dequeued).min(MAX_COPY as u64) as usize;
-        if copy.scratch.len() < want {
-            copy.scratch.resize(want, 0);
-        }
-        match sockopt::recv_nowait(fd, &mut copy.scratch[..want]) {
+        match sockopt::recv_nowait(fd, &mut copy.scratch.at_least(want)[..want]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => copy.dequeued += n as u64,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -515,24 +514,18 @@ fn take_off(copy: &mut Copier, fd: std::os::fd::BorrowedFd<'_>, want: u64, keep:
         return Err(io::ErrorKind::WouldBlock.into());
     }
     let n = if keep {
-        if copy.start == copy.end {
-            (copy.start, copy.end) = (0, 0);
-        } else if copy.start > 0 {
-            copy.buf.copy_within(copy.start..copy.end, 0);
-            (copy.start, copy.end) = (0, copy.end - copy.start);
+        // What is pending moves to the front first.
+        let end = copy.end - copy.start;
+        let buf = copy.buf.at_least(end + want);
+        if copy.start > 0 {
+            buf.copy_within(copy.start..copy.end, 0);
+            (copy.start, copy.end) = (0, end);
         }
-        if copy.buf.len() < copy.end + want {
-            copy.buf.resize(copy.end + want, 0);
-        }
-        let end = copy.end;
-        let n = sockopt::recv_nowait(fd, &mut copy.buf[end..end + want])?;
+        let n = sockopt::recv_nowait(fd, &mut buf[end..end + want])?;
         copy.end += n;
         n
     } else {
-        if copy.scratch.len() < want {
-            copy.scratch.resize(want, 0);
-        }
-        sockopt::recv_nowait(fd, &mut copy.scratch[..want])?
+        sockopt::recv_nowait(fd, &mut copy.scratch.at_least(want)[..want])?
     };
     if n == 0 {
         // See the peek in `pump`: held bytes still on their way.

@@ -20,6 +20,7 @@
 mod direction;
 #[cfg(test)]
 mod model;
+mod pool;
 
 use prometheus_client::metrics::counter::Counter;
 use std::{
