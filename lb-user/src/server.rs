@@ -11,7 +11,8 @@ use crate::{
     affinity::{self, AffinityError, CpuAffinity, CpuList},
     balance::Balancer,
     bpf::{BpfError, Kernel},
-    config::{Config, Forwarding},
+    config::{Config, Forwarding, KernelCongestion, DEFAULT_KERNEL_CONGESTION},
+    forward,
     metrics::{
         BackendLabels, ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, ServerPathLabels,
         UnservedLabels, STATUS_CLASSES,
@@ -28,6 +29,9 @@ pub struct Proxy {
     pub backends: Vec<BackendState>,
     /// The loaded BPF program when flows are forwarded by the kernel.
     pub kernel: Option<Kernel>,
+    /// The congestion control set on kernel flows' sockets (`tune.kernel_congestion`, checked
+    /// against the kernel at start); `None` keeps the system's.
+    pub kernel_congestion: Option<String>,
     pub metrics: Arc<Metrics>,
     /// `lb_forwarded_bytes_total{path="user"}`, held to avoid a label lookup per copy.
     pub user_bytes: Counter,
@@ -203,6 +207,37 @@ pub enum StartError {
     Workers { threads: usize, source: std::io::Error },
     #[error(transparent)]
     Affinity(#[from] AffinityError),
+    #[error("tune.kernel_congestion: the kernel has no `{name}` congestion control ({source}); `sysctl net.ipv4.tcp_available_congestion_control` lists those it has")]
+    Congestion { name: String, source: std::io::Error },
+}
+
+/// The congestion control kernel flows' sockets get (`tune.kernel_congestion`), tried on a
+/// socket first; said once in the log.
+fn congestion(setting: &KernelCongestion) -> Result<Option<String>, StartError> {
+    let name = match setting {
+        KernelCongestion::System => None,
+        KernelCongestion::Default => match forward::kernel::check_congestion(DEFAULT_KERNEL_CONGESTION) {
+            Ok(()) => Some(DEFAULT_KERNEL_CONGESTION.to_string()),
+            Err(e) => {
+                tracing::warn!("the kernel has no {DEFAULT_KERNEL_CONGESTION} congestion control ({e}): kernel flows keep the system's (tune.kernel_congestion)");
+                None
+            }
+        },
+        KernelCongestion::Named(name) => {
+            forward::kernel::check_congestion(name).map_err(|source| StartError::Congestion {
+                name: name.clone(),
+                source,
+            })?;
+            Some(name.clone())
+        }
+    };
+    match &name {
+        Some(name) => {
+            tracing::info!("kernel flows use the {name} congestion control (tune.kernel_congestion)")
+        }
+        None => tracing::info!("kernel flows keep the system's congestion control (tune.kernel_congestion)"),
+    }
+    Ok(name)
 }
 
 /// The CPU each session worker is bound to (`tune.cpu_affinity`), said once in the log.
@@ -287,6 +322,10 @@ pub async fn run(
         .iter()
         .map(|b| BackendState::new(b, &metrics))
         .collect();
+    let kernel_congestion = match &kernel {
+        Some(_) => congestion(&config.kernel_congestion)?,
+        None => None,
+    };
     let ktls = uses_tls(&config).then(crate::tls::ktls::detect);
     match &ktls {
         Some(Ktls::Available(ciphers)) => {
@@ -339,6 +378,7 @@ pub async fn run(
         config,
         backends,
         kernel,
+        kernel_congestion,
         metrics,
         user_bytes,
         dropped,

@@ -397,6 +397,7 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
     };
     let settings = forward::kernel::Settings {
         sndbuf: proxy.config.kernel_sndbuf,
+        congestion: proxy.kernel_congestion.as_deref(),
         max_in_flight: proxy.config.max_in_flight,
     };
     let counters = forward::kernel::FlowCounters {

@@ -79,3 +79,59 @@ async fn bytes_that_miss_the_map_stay_in_order() {
         m.text
     );
 }
+
+/// `tune.kernel_congestion`: both of lb's sockets of a kernel flow use the named congestion
+/// control (reno, which every kernel has, whatever the system's), as `ss` shows; a name the
+/// kernel lacks stops lb at start, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_flows_use_the_configured_congestion_control() {
+    if !bpf_available("kernel_flows_use_the_configured_congestion_control")
+        || !lb_tests::program_available("kernel_flows_use_the_configured_congestion_control", "ss")
+    {
+        return;
+    }
+    let echo = servers::echo().await;
+    let lb = Path::Kernel
+        .lb(&[echo])
+        .set("tune", "kernel_congestion", "reno")
+        .spawn();
+    assert!(
+        lb.log().contains("kernel flows use the reno congestion control"),
+        "{}",
+        lb.log()
+    );
+    let mut c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut c, b"ping").await;
+    Path::Kernel.wait_until_forwarding(&lb, 1).await;
+    let client_port = c.local_addr().unwrap().port();
+    // lb's two sockets of the flow: the one the client reached, and the one to the server.
+    let ss = |filter: String| {
+        let out = std::process::Command::new("ss")
+            .args(["-tinH", "state", "established", &filter])
+            .output()
+            .expect("running ss");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let lb_client_side = ss(format!(
+        "( sport = :{} and dport = :{client_port} )",
+        lb.listener.port()
+    ));
+    let lb_server_side = ss(format!("( dport = :{} )", echo.port()));
+    for (side, out) in [("client", &lb_client_side), ("server", &lb_server_side)] {
+        assert!(out.contains(" reno "), "lb's {side} side is not on reno:\n{out}");
+    }
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+
+    let err = Path::Kernel
+        .lb(&[echo])
+        .set("tune", "kernel_congestion", "no_such_cc")
+        .try_spawn()
+        .err()
+        .expect("lb started with a congestion control the kernel lacks");
+    assert!(
+        err.contains("tune.kernel_congestion: the kernel has no `no_such_cc` congestion control"),
+        "{err}"
+    );
+}

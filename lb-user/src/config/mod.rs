@@ -47,6 +47,8 @@ pub struct Config {
     pub threads: usize,
     /// `tune.cpu_affinity`: which CPU each session worker is bound to.
     pub cpu_affinity: crate::affinity::CpuAffinity,
+    /// `tune.kernel_congestion`.
+    pub kernel_congestion: KernelCongestion,
     /// `limits:`, bounds on HTTP messages.
     pub limits: crate::http::request::Limits,
     pub listeners: Vec<Listener>,
@@ -196,6 +198,21 @@ const KEEPALIVE_TIME_MAX: Duration = Duration::from_secs(32767);
 const DEFAULT_MAXCONN: u32 = 4096;
 const DEFAULT_KERNEL_SNDBUF: u64 = 8 << 20;
 const DEFAULT_KERNEL_RCVBUF: u64 = 1 << 20;
+/// The longest congestion control name the kernel takes (TCP_CA_NAME_MAX, less its NUL).
+const MAX_CONGESTION_NAME: usize = 15;
+/// `tune.kernel_congestion` when the file sets none.
+pub const DEFAULT_KERNEL_CONGESTION: &str = "cubic";
+
+/// `tune.kernel_congestion`: the TCP congestion control of kernel-forwarded flows' sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelCongestion {
+    /// `system`: the system's.
+    System,
+    /// Not set: [`DEFAULT_KERNEL_CONGESTION`] if the kernel has it, else the system's.
+    Default,
+    /// Named in the file: lb does not start if the kernel lacks it.
+    Named(String),
+}
 const MAX_THREADS: u32 = 1024;
 /// Chosen by measurement (docs/benchmarks.md): short flows stay in userspace, where they cost
 /// less than the kernel path's set-up, and bulk flows still move almost all their bytes in the
@@ -454,6 +471,7 @@ impl Validator<'_> {
                 CpuAffinity::Auto
             }
         };
+        let kernel_congestion = self.kernel_congestion(raw.tune.kernel_congestion.as_deref());
         let max_in_flight = raw
             .flow_control
             .max_in_flight
@@ -529,6 +547,7 @@ impl Validator<'_> {
             max_in_flight: max_in_flight.clamp(MIN_MAX_IN_FLIGHT, MAX_MAX_IN_FLIGHT) as u32,
             threads,
             cpu_affinity,
+            kernel_congestion,
             limits,
             listeners,
             backends,
@@ -774,6 +793,33 @@ impl Validator<'_> {
     }
 
     /// A `tune.*` socket buffer size: `0` keeps the kernel's autotuning (`None`).
+    /// `tune.kernel_congestion`: `system`, or a name as the kernel spells them (checked
+    /// against the kernel only when lb starts).
+    fn kernel_congestion(&mut self, value: Option<&str>) -> KernelCongestion {
+        match value {
+            None => KernelCongestion::Default,
+            Some("system") => KernelCongestion::System,
+            Some(name)
+                if (1..=MAX_CONGESTION_NAME).contains(&name.len())
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+            {
+                KernelCongestion::Named(name.to_string())
+            }
+            Some(name) => {
+                self.error(
+                    &[Step::Key("tune"), Step::Key("kernel_congestion")],
+                    format!(
+                        "tune.kernel_congestion: `{}` is not a congestion control's name (letters, digits, `_` and `-`, at most {MAX_CONGESTION_NAME}), nor `system`",
+                        name.escape_debug()
+                    ),
+                );
+                KernelCongestion::Default
+            }
+        }
+    }
+
     fn socket_buffer(
         &mut self,
         key: &'static str,

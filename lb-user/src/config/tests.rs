@@ -203,6 +203,33 @@ fn cpu_affinity_is_auto_unless_set() {
 }
 
 #[test]
+fn kernel_congestion_is_cubic_unless_set_and_a_bad_name_is_refused_at_its_value() {
+    assert_eq!(
+        parse("t.yaml", GOOD).unwrap().kernel_congestion,
+        KernelCongestion::Default
+    );
+    for (text, want) in [
+        ("system", KernelCongestion::System),
+        ("bbr", KernelCongestion::Named("bbr".into())),
+        ("reno", KernelCongestion::Named("reno".into())),
+    ] {
+        let c = parse(
+            "t.yaml",
+            &format!("tune: {{ kernel_congestion: {text} }}\n{GOOD}"),
+        )
+        .unwrap();
+        assert_eq!(c.kernel_congestion, want, "{text}");
+    }
+    for bad in ["\"cu bic\"", "\"\"", "a_name_far_too_long"] {
+        let e = only_error(&format!("tune:\n  kernel_congestion: {bad}\n{GOOD}"));
+        assert!(
+            e.starts_with("t.yaml:2:22: tune.kernel_congestion: `"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
 fn threads_default_to_the_cpus_and_are_bounded() {
     let c = parse("t.yaml", GOOD).unwrap();
     assert_eq!(c.threads, std::thread::available_parallelism().unwrap().get());

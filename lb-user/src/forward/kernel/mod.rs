@@ -44,9 +44,11 @@ const TCP_CLOSE: u8 = 7;
 
 /// Per-flow settings of the kernel path.
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub struct Settings<'a> {
     /// SO_SNDBUF for both sockets (`tune.kernel_sndbuf`); `None` keeps autotuning.
     pub sndbuf: Option<u32>,
+    /// The congestion control of both sockets (`tune.kernel_congestion`); `None` keeps theirs.
+    pub congestion: Option<&'a str>,
     /// The brake (`flow_control.max_in_flight`).
     pub max_in_flight: u32,
 }
@@ -336,7 +338,7 @@ pub struct Pair {
 pub async fn forward(
     kernel: &Kernel,
     mut pair: Pair,
-    settings: Settings,
+    settings: Settings<'_>,
     counters: &FlowCounters<'_>,
 ) -> io::Result<Forwarded> {
     let mut unsent = std::mem::take(&mut pair.unsent);
@@ -357,6 +359,17 @@ pub async fn forward(
     Ok(flow.close(end))
 }
 
+/// Whether the kernel lets a TCP socket use the congestion control `name`
+/// (`tune.kernel_congestion`, checked when lb starts).
+pub fn check_congestion(name: &str) -> io::Result<()> {
+    let probe = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    probe.set_tcp_congestion(name.as_bytes())
+}
+
 /// Puts the pair into the maps and kicks it; `Err` gives the sockets back when the kernel would
 /// not take them.
 #[allow(clippy::type_complexity)]
@@ -370,7 +383,7 @@ fn set_up<'k, 'c>(
         unsent: _,
     }: Pair,
     unsent: &Unsent,
-    settings: Settings,
+    settings: Settings<'_>,
     counters: &'c FlowCounters<'c>,
 ) -> io::Result<Result<Flow<'k, 'c>, (Ineligible, TcpStream, TcpStream)>> {
     // Out of tokio's reactor: tokio's registration would wake us for every received batch.
@@ -389,6 +402,14 @@ fn set_up<'k, 'c>(
         // buffer is full: a large fixed buffer keeps it from stalling (tune.kernel_sndbuf).
         for s in [&client, &server] {
             sockopt::force_send_buffer(s.as_fd(), bytes)?;
+        }
+    }
+    if let Some(name) = settings.congestion {
+        // Checked at start: a failure here leaves the socket's own, which still works.
+        for (s, side) in [(&client, Side::Client), (&server, Side::Server)] {
+            if let Err(e) = socket2::SockRef::from(s).set_tcp_congestion(name.as_bytes()) {
+                tracing::debug!("{} side: congestion control {name} not set: {e}", side.name());
+            }
         }
     }
     let tracked = [(&client, Side::Client), (&server, Side::Server)].map(|(s, side)| {
