@@ -207,7 +207,9 @@ pub enum StartError {
     Workers { threads: usize, source: std::io::Error },
     #[error(transparent)]
     Affinity(#[from] AffinityError),
-    #[error("tune.kernel_congestion: the kernel has no `{name}` congestion control ({source}); `sysctl net.ipv4.tcp_available_congestion_control` lists those it has")]
+    #[error("tune.kernel_congestion: the kernel has no `{name}` congestion control; `sysctl net.ipv4.tcp_available_congestion_control` lists those it has")]
+    NoCongestion { name: String },
+    #[error("tune.kernel_congestion: cannot set `{name}` on a TCP socket: {source}")]
     Congestion { name: String, source: std::io::Error },
 }
 
@@ -224,9 +226,12 @@ fn congestion(setting: &KernelCongestion) -> Result<Option<String>, StartError> 
             }
         },
         KernelCongestion::Named(name) => {
-            forward::kernel::check_congestion(name).map_err(|source| StartError::Congestion {
-                name: name.clone(),
-                source,
+            forward::kernel::check_congestion(name).map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound => StartError::NoCongestion { name: name.clone() },
+                _ => StartError::Congestion {
+                    name: name.clone(),
+                    source,
+                },
             })?;
             Some(name.clone())
         }

@@ -792,7 +792,6 @@ impl Validator<'_> {
         }
     }
 
-    /// A `tune.*` socket buffer size: `0` keeps the kernel's autotuning (`None`).
     /// `tune.kernel_congestion`: `system`, or a name as the kernel spells them (checked
     /// against the kernel only when lb starts).
     fn kernel_congestion(&mut self, value: Option<&str>) -> KernelCongestion {
@@ -820,6 +819,7 @@ impl Validator<'_> {
         }
     }
 
+    /// A `tune.*` socket buffer size: `0` keeps the kernel's autotuning (`None`).
     fn socket_buffer(
         &mut self,
         key: &'static str,

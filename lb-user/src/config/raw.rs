@@ -108,10 +108,10 @@ pub struct RawTune {
     /// TCP congestion control of both sockets of a flow the kernel forwards, set at the
     /// hand-off: a name the kernel has (`cubic`, `reno`, `bbr`, ...), or `system` to keep the
     /// system's (`net.ipv4.tcp_congestion_control`). Measured with the system on BBR (one
-    /// iperf3 stream on loopback, docs/benchmarks.md): with lb's sockets on BBR the kernel
-    /// forwarded 4.7 Gbit/s (client sends) and 3.4 (backend sends), and 1.1 % of the bytes
-    /// went through lb; on cubic 19.7 and 16.5, 0.2 %. Flows forwarded in userspace keep the
-    /// system's. lb does not start if a name set here is one the kernel lacks (default `cubic`,
+    /// iperf3 stream on loopback): with lb's sockets on BBR the kernel forwarded 4.7 Gbit/s
+    /// (client sends) and 3.4 (backend sends), and about 1.2 % of the bytes went through lb;
+    /// on cubic 14.1 and 13.3 (docs/benchmarks.md), 0.2-0.6 %. Flows forwarded in userspace
+    /// keep the system's. lb does not start if a name set here is one the kernel lacks (default `cubic`,
     /// or the system's if the kernel has no cubic).
     #[serde(default)]
     pub kernel_congestion: Option<String>,

@@ -404,14 +404,6 @@ fn set_up<'k, 'c>(
             sockopt::force_send_buffer(s.as_fd(), bytes)?;
         }
     }
-    if let Some(name) = settings.congestion {
-        // Checked at start: a failure here leaves the socket's own, which still works.
-        for (s, side) in [(&client, Side::Client), (&server, Side::Server)] {
-            if let Err(e) = socket2::SockRef::from(s).set_tcp_congestion(name.as_bytes()) {
-                tracing::debug!("{} side: congestion control {name} not set: {e}", side.name());
-            }
-        }
-    }
     let tracked = [(&client, Side::Client), (&server, Side::Server)].map(|(s, side)| {
         let cookie = sockopt::cookie(s.as_fd())?;
         // A direction with unsent bytes is held until the daemon has written them: the
@@ -450,6 +442,15 @@ fn set_up<'k, 'c>(
         c.watch.forget();
         s.watch.forget();
         return Ok(Err((Ineligible::MapFull, c.sock, s.sock)));
+    }
+    if let Some(name) = settings.congestion {
+        // Once in the map (a flow that stays in userspace keeps the system's). Checked at
+        // start: a failure here leaves the socket's own, which still works.
+        for (end, side) in [(&c, Side::Client), (&s, Side::Server)] {
+            if let Err(e) = socket2::SockRef::from(&end.sock).set_tcp_congestion(name.as_bytes()) {
+                tracing::debug!("{} side: congestion control {name} not set: {e}", side.name());
+            }
+        }
     }
     kernel.flow_started();
     let flow = Flow {

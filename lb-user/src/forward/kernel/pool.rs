@@ -7,7 +7,8 @@
 //! paced at 10 MB/s). A pooled buffer keeps its pages and its initialised length.
 use std::cell::RefCell;
 
-/// Buffers a thread keeps between holds (more holds at once allocate their own).
+/// Buffers a thread keeps between holds (more holds at once allocate their own): at most
+/// 16 MiB per session thread, kept for the thread's life.
 const KEPT: usize = 4;
 /// The largest buffer kept: a larger one (an overcommitted socket's bytes, up to
 /// `max_in_flight`) goes back to the allocator.
@@ -45,7 +46,7 @@ impl Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.0);
-        if buf.capacity() == 0 || buf.len() > MAX_KEPT_LEN {
+        if buf.capacity() == 0 || buf.capacity() > MAX_KEPT_LEN {
             return;
         }
         // (During the thread's exit the pool may be gone: the buffer is simply freed.)
