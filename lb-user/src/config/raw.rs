@@ -111,8 +111,8 @@ pub struct RawTune {
     /// iperf3 stream on loopback): with lb's sockets on BBR the kernel forwarded 4.7 Gbit/s
     /// (client sends) and 3.4 (backend sends), and about 1.2 % of the bytes went through lb;
     /// on cubic 14.1 and 13.3 (docs/benchmarks.md), 0.2-0.6 %. Flows forwarded in userspace
-    /// keep the system's. lb does not start if a name set here is one the kernel lacks (default `cubic`,
-    /// or the system's if the kernel has no cubic).
+    /// keep the system's. lb does not start if a name set here is one the kernel lacks
+    /// (default `cubic`, or the system's if the kernel has no cubic).
     #[serde(default)]
     pub kernel_congestion: Option<String>,
 }
