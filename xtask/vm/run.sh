@@ -92,7 +92,11 @@ run_qemu() {   # $1 = kvm|tcg ; returns qemu's status
     while kill -0 $qpid 2>/dev/null && [ ! -e "$RUN/started" ]; do
       if [ $((SECONDS - start)) -ge "$KVM_BOOT_DEADLINE" ]; then
         echo "run.sh: KVM guest did not start the command within ${KVM_BOOT_DEADLINE}s, killing it" >&2
-        kill $qpid; break
+        # qemu itself, not the subshell around it: killing only the subshell left qemu (and its
+        # `timeout`) running for the whole outer time limit, a CPU's worth beside the TCG run.
+        [ -s "$RUN/qemu.pid" ] && kill "$(cat "$RUN/qemu.pid")" 2>/dev/null
+        pkill -P $qpid 2>/dev/null
+        break
       fi
       sleep 0.2
     done
