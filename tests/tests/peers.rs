@@ -193,9 +193,7 @@ fn hundreds_of_flows_with_random_sizes_and_pauses() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let l = peers::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-        l.set_nonblocking(true).unwrap();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let l = lb_tests::servers::listener();
         let addr = l.local_addr().unwrap();
         let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {

@@ -27,9 +27,9 @@ use crate::sockopt;
 pub const THROTTLE_RCVBUF: u32 = 64 << 10;
 
 /// One tracked socket's wake-up, and its throttle state: whether its receive buffer is shrunk
-/// (by the reader or by the flow) and from what, and the socket the reader may shrink. Every change of the
-/// buffer goes through the lock, so the flow's "give back, then mark the request done" cannot
-/// interleave with the reader's "request still open? shrink".
+/// (by the reader or by the flow) and from what, and the socket the reader may shrink. Every
+/// change of the buffer goes through the lock, so the flow's "give back, then mark the
+/// request done" cannot interleave with the reader's "request still open? shrink".
 pub struct Wake {
     notify: Notify,
     throttle: Mutex<Hook>,
