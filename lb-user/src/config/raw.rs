@@ -141,8 +141,9 @@ pub struct RawFlowControl {
     /// The brake of kernel forwarding, per direction of a flow: when more than this many bytes
     /// lb received from one side are not yet acknowledged by the other side's peer, the kernel
     /// stops forwarding that direction and the bytes stay in lb's receive buffer, so TCP's
-    /// window closes on the sender; once the reader has drained to a quarter of the bound, lb
-    /// forwards the held bytes itself and hands the direction back to the kernel. Above half the
+    /// window closes on the sender; once the reader has drained to its low-water mark (what it
+    /// reads in 100 ms, between 1 MiB and a quarter of the bound), lb forwards the held bytes
+    /// itself and hands the direction back to the kernel. Above half the
     /// bound the sender is throttled (its window shrunk), so a brake holds little.
     /// Bounds the memory a slow reader can make lb hold. `256KiB` to `1GiB` (default 16MiB).
     #[serde(default)]

@@ -8,11 +8,11 @@
 //! - **throttle** (the bytes in flight passed half the bound): the source's receive buffer
 //!   shrinks at once (the event reader shrinks it before this task wakes, see `bpf::Wake`),
 //!   so TCP's window, and what a brake would hold, shrink with it; it is given back when a
-//!   hold ends or once the receiver has drained to the low-water mark;
+//!   hold ends or once the receiver has drained to a quarter of the bound;
 //! - **held bytes** (the brake, or bytes held since the flow entered the map): it
 //!   1. waits until the kernel's queue towards the peer is empty (so the held bytes cannot
 //!      overtake redirected ones) and, after a brake, until the receiver has drained to the
-//!      low-water mark (a quarter of the bound);
+//!      low-water mark (what it reads in 100 ms, between 1 MiB and a quarter of the bound);
 //!   2. peeks at the held bytes, writes them to the peer and publishes the count (`consumed`),
 //!      leaving them on the socket: their receive memory keeps the sender's window closed, so
 //!      no new segment arrives that it would have to chase;
@@ -27,7 +27,7 @@
 //! End of stream is passed on after every byte: the peer's write side is shut.
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     sync::atomic::Ordering::Relaxed,
     time::Duration,
 };
@@ -52,11 +52,21 @@ const SPIN_ROUNDS: u32 = 256;
 /// The least room under the bound worth a copy.
 const STEP: u64 = 256 << 10;
 /// After a brake, the held bytes are written once the receiver has drained the bytes in flight
-/// to this fraction of `max_in_flight`: the program then has most of the bound to redirect
-/// before the next brake. (Measured, 16 MiB bound, a reader paced at 100 MB/s: a quarter gave
-/// 93-98 % of the bytes to the kernel with no stall; a half 93 %; waiting for a step of room
-/// only, 6 %.)
-const LOW_WATER_DIVISOR: u64 = 4;
+/// to the low-water mark: the program then has most of the bound to redirect before the next
+/// brake. The mark is what the receiver takes [`LOW_WATER_TIME`] to read, at the pace it has
+/// read since the brake, between [`MIN_LOW_WATER`] and a quarter of `max_in_flight`: a slow
+/// receiver needs little slack while lb writes the held bytes and hands the direction back,
+/// and every hold costs lb a copy and the sender's burst that the reopened window lets in.
+/// (Measured, 16 MiB bound: a reader paced at 100 MB/s got 93-98 % through the kernel with a
+/// quarter, 93 % with a half, 6 % waiting for a step of room only. Readers paced at 10 MB/s,
+/// medians of 3 to 5 runs: 0.13-0.15 CPU-s per GB of lb's with a quarter, 0.09-0.11 with
+/// 1 MiB, 12-14 holds per 256 MiB against 16; no flow late at either pace. Most of a hold's
+/// cost is the sender's burst when the window reopens: on loopback its forwarding runs in the
+/// softirq of lb's read.)
+const LOW_WATER_TIME: Duration = Duration::from_millis(100);
+const MIN_LOW_WATER: u64 = 1 << 20;
+/// The highest low-water mark, and where a throttle ends: this fraction of `max_in_flight`.
+const LOW_WATER_MAX_DIVISOR: u64 = 4;
 /// The receive buffer of a throttled socket while its bytes are held. Measured with a reader
 /// paced at 100 MB/s (`cargo xtask bench offload`): keeping 64 KiB stalled the flow for up to
 /// 5 s (held bytes the kernel could not queue); the whole buffer back (1 MiB) let the sender's
@@ -90,7 +100,7 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side, unsent: Vec<u8>) -> Res
     let src = flow.end(from);
     if !unsent.is_empty() {
         // Outside the map's accounting: the destination's baseline counts them already.
-        write_all(flow, from.other(), &unsent).await?;
+        write_all(flow, from.other(), &unsent, None).await?;
         flow.counters.user_bytes.add(unsent.len() as u64);
         drop(unsent);
         src.tracked.ctl().allow_redirect();
@@ -305,7 +315,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         // charged to it, and the kernel cannot queue held bytes past it (the window advertised
         // before the shrink may still bring some). Not all the way back: the sender's window
         // would reopen, and the daemon would copy all of it. The request stays open: once
-        // caught up and drained to the low-water mark, the whole buffer goes back.
+        // the hold is over, the whole buffer goes back.
         // (Shrunk by this task or by the event reader; never above the socket's own buffer.)
         src.tracked
             .wake()
@@ -349,20 +359,31 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         // After a brake the receiver first drains to the low-water mark, so that once the held
         // bytes are written the program has a whole cycle of room to redirect; bytes held for
         // another reason (since the flow entered the map) need only a step of room.
-        let wait = if copy.released || ctl.redirected() == 0 {
-            max.saturating_sub(STEP)
+        let drain = if copy.released || ctl.redirected() == 0 {
+            Drain::Under(max.saturating_sub(STEP))
         } else {
-            max / LOW_WATER_DIVISOR
+            Drain::LowWater { max }
         };
-        let lag = wait_until_delivered(flow, from, Some(wait)).await?;
+        let Some(lag) = wait_until_delivered(flow, from, Some((drain, fd))).await? else {
+            // The source's receive memory overflowed meanwhile: its bytes come off first
+            // (above), then the wait goes on. (A pause first: should none be queued yet, this
+            // does not spin.)
+            tracing::debug!(
+                "from {}: receive memory overflowed while held bytes waited",
+                from.name()
+            );
+            tokio::time::sleep(MIN_PACE_WAIT).await;
+            continue;
+        };
         copy.released = true;
         let room = max.saturating_sub(lag).max(1);
         if copy.pending() > 0 {
             let n = copy.pending().min(room) as usize;
-            write_all(
+            let n = write_all(
                 flow,
                 from.other(),
                 &copy.buf.as_slice()[copy.start..copy.start + n],
+                Some(fd),
             )
             .await?;
             copy.start += n;
@@ -385,8 +406,9 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         };
         match peeked {
             Ok(n) => {
-                write_all(flow, from.other(), &copy.scratch.as_slice()[skip as usize..n]).await?;
-                publish(flow, from, n as u64 - skip);
+                let bytes = &copy.scratch.as_slice()[skip as usize..n];
+                let n = write_all(flow, from.other(), bytes, Some(fd)).await?;
+                publish(flow, from, n as u64);
             }
             Err(e) => {
                 if let Some(idle) = held_error(flow, from, copy, e)? {
@@ -401,7 +423,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
 /// The throttle (see `SockCtl::throttles`): when the program asks, the source's receive buffer
 /// shrinks at once to [`crate::bpf::THROTTLE_RCVBUF`] (usually the event reader has shrunk it
 /// already), so TCP's window, and what a brake would hold, shrink with it. Once the receiver
-/// has drained to the low-water mark the buffer is given back and the request marked done (a
+/// has drained to a quarter of the bound the buffer is given back and the request marked done (a
 /// hold that ends does the same, in [`pump`]). `Some(d)`: look again in `d`.
 ///
 /// No measurement comes first: the program asks half way to the brake, and a fast sender fills
@@ -420,7 +442,7 @@ fn throttle(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> io::Result<Op
         _ => flow.in_flight(from)?,
     };
     flow.note_in_flight(from, in_flight);
-    let low = u64::from(ctl.max_in_flight()) / LOW_WATER_DIVISOR;
+    let low = u64::from(ctl.max_in_flight()) / LOW_WATER_MAX_DIVISOR;
     let wake = src.tracked.wake();
     if in_flight > low {
         let throttle = match &mut copy.throttle {
@@ -490,7 +512,7 @@ fn publish(flow: &Flow<'_, '_>, from: Side, n: u64) {
 }
 
 /// Takes the bytes written but still queued off the socket, up to `consumed`.
-fn discard_written(copy: &mut Copier, fd: std::os::fd::BorrowedFd<'_>, consumed: u64) -> io::Result<()> {
+fn discard_written(copy: &mut Copier, fd: BorrowedFd<'_>, consumed: u64) -> io::Result<()> {
     while copy.dequeued < consumed {
         let want = (consumed - copy.dequeued).min(MAX_COPY as u64) as usize;
         match sockopt::recv_nowait(fd, &mut copy.scratch.at_least(want)[..want]) {
@@ -508,7 +530,7 @@ fn discard_written(copy: &mut Copier, fd: std::os::fd::BorrowedFd<'_>, consumed:
 /// Takes up to `want` held bytes off the socket (at most [`MAX_COPY`]; none may be written
 /// already); `keep`: into the pending buffer (else they are dropped). The read asks for
 /// no more than the program counted, so no byte that bypassed it can be forwarded.
-fn take_off(copy: &mut Copier, fd: std::os::fd::BorrowedFd<'_>, want: u64, keep: bool) -> io::Result<u64> {
+fn take_off(copy: &mut Copier, fd: BorrowedFd<'_>, want: u64, keep: bool) -> io::Result<u64> {
     let want = want.min(MAX_COPY as u64) as usize;
     if want == 0 {
         return Err(io::ErrorKind::WouldBlock.into());
@@ -544,7 +566,7 @@ fn take_off(copy: &mut Copier, fd: std::os::fd::BorrowedFd<'_>, want: u64, keep:
 /// (retransmission timeouts doubling to minutes: a flow stuck for the whole idle timeout).
 /// Taking those bytes into the daemon's buffer ends that; they were accepted already, so lb
 /// holds no more than before.
-fn overcommitted(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+fn overcommitted(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let (allocated, size) = sockopt::receive_memory(fd)?;
     Ok(allocated > size)
 }
@@ -554,12 +576,51 @@ fn failed(side: Side, e: io::Error) -> Halt {
     Halt::Ended(End::Reset(side))
 }
 
+/// How far the receiver must drain (see [`wait_until_delivered`]).
+#[derive(Clone, Copy)]
+enum Drain {
+    /// To no more than this many unacknowledged bytes.
+    Under(u64),
+    /// To the low-water mark under a bound of `max` (see [`LOW_WATER_TIME`]).
+    LowWater { max: u64 },
+}
+
+impl Drain {
+    /// The most unacknowledged bytes to wait for; `rate`: the receiver's pace, once known.
+    fn bytes(self, rate: Option<f64>) -> u64 {
+        match self {
+            Drain::Under(n) => n,
+            Drain::LowWater { max } => {
+                let quarter = max / LOW_WATER_MAX_DIVISOR;
+                match rate {
+                    // Until the pace is known, the highest mark: no later than before.
+                    None => quarter,
+                    Some(rate) => ((rate * LOW_WATER_TIME.as_secs_f64()) as u64)
+                        .min(quarter)
+                        .max(MIN_LOW_WATER.min(quarter)),
+                }
+            }
+        }
+    }
+}
+
 /// Waits until the peer of `from` has queued every byte given to it from `from` (redirected by
-/// the kernel or written by the daemon), and, with `lag`, until no more than `lag` of them are
-/// unacknowledged; returns how many are then. Waiting for the receiver to make room under
-/// `lag` (not merely for the kernel to queue redirected bytes) marks the direction braked.
-/// Ends the flow if the peer closed (reset) meanwhile or made no progress for its idle timeout.
-async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>) -> Result<u64, Halt> {
+/// the kernel or written by the daemon), and, with `hold`, until the receiver has drained the
+/// unacknowledged ones to its mark; returns how many are then. Waiting for the receiver (not
+/// merely for the kernel to queue redirected bytes) marks the direction braked. Ends the flow
+/// if the peer closed (reset) meanwhile or made no progress for its idle timeout.
+///
+/// `hold`: the mark, and the source socket whose held bytes wait meanwhile. `None` is returned
+/// early if its receive memory overflows (see [`overcommitted`]): until its bytes come off, it
+/// also drops the acknowledgements of the other direction's bytes, and the receiver this wait
+/// is for may wait on those (a serial server does not read while its write is blocked).
+async fn wait_until_delivered(
+    flow: &Flow<'_, '_>,
+    from: Side,
+    hold: Option<(Drain, BorrowedFd<'_>)>,
+) -> Result<Option<u64>, Halt> {
+    let drain = hold.map(|(d, _)| d);
+    let source = hold.map(|(_, fd)| fd);
     let dst = flow.end(from.other());
     let limit = flow.timeouts.of(from.other());
     let mut last = (u64::MAX, u64::MAX);
@@ -575,9 +636,10 @@ async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>)
             return Err(Halt::Ended(End::Reset(from.other())));
         }
         let unacked = given.saturating_sub(s.acked);
+        let lag = drain.map(|d| d.bytes(pace.and_then(|p: Pace| p.rate(s.acked))));
         let room = lag.is_none_or(|lag| unacked <= lag);
         if s.queued >= given && room {
-            return Ok(unacked);
+            return Ok(Some(unacked));
         }
         if !room && !noted {
             flow.note_braked(from, true);
@@ -588,6 +650,9 @@ async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>)
             last_progress = Instant::now();
         } else if last_progress.elapsed() >= limit {
             return Err(Halt::Ended(End::IdleTimeout(from.other())));
+        }
+        if source_overflowed(from, source)? {
+            return Ok(None);
         }
         if let (false, Some(lag)) = (room, lag) {
             // Waiting for the receiver, which reads at its own pace.
@@ -609,23 +674,46 @@ async fn wait_until_delivered(flow: &Flow<'_, '_>, from: Side, lag: Option<u64>)
     unreachable!("the loop above only ends by returning")
 }
 
-/// Writes bytes to side `to` outside tokio's reactor, polling while its send buffer is full.
-/// Ends the flow if the socket failed, or stayed full for `to`'s idle timeout.
-async fn write_all(flow: &Flow<'_, '_>, to: Side, mut bytes: &[u8]) -> Result<(), Halt> {
+/// Whether the `source` socket of a hold (if any) has overflowed its receive buffer.
+fn source_overflowed(from: Side, source: Option<BorrowedFd<'_>>) -> Result<bool, Halt> {
+    match source {
+        Some(fd) => overcommitted(fd).map_err(|e| failed(from, e)),
+        None => Ok(false),
+    }
+}
+
+/// Writes bytes to side `to` outside tokio's reactor, polling while its send buffer is full;
+/// returns how many it wrote: all of them, or fewer if the `source` of held bytes overflowed
+/// while it polled (see [`wait_until_delivered`]). Ends the flow if the socket failed, or
+/// stayed full for `to`'s idle timeout.
+async fn write_all(
+    flow: &Flow<'_, '_>,
+    to: Side,
+    bytes: &[u8],
+    source: Option<BorrowedFd<'_>>,
+) -> Result<usize, Halt> {
     let dst = flow.end(to);
     let limit = flow.timeouts.of(to);
     let mut delay = Duration::from_micros(50);
     let mut last_progress = Instant::now();
-    while !bytes.is_empty() {
-        match sockopt::send_nowait(dst.sock.as_fd(), bytes) {
+    let mut written = 0;
+    while written < bytes.len() {
+        match sockopt::send_nowait(dst.sock.as_fd(), &bytes[written..]) {
             Ok(n) => {
-                bytes = &bytes[n..];
+                written += n;
                 last_progress = Instant::now();
                 delay = Duration::from_micros(50);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if last_progress.elapsed() >= limit {
                     return Err(Halt::Ended(End::IdleTimeout(to)));
+                }
+                if source_overflowed(to.other(), source)? {
+                    tracing::debug!(
+                        "from {}: receive memory overflowed during a write",
+                        to.other().name()
+                    );
+                    return Ok(written);
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(MAX_POLL);
@@ -634,5 +722,28 @@ async fn write_all(flow: &Flow<'_, '_>, to: Side, mut bytes: &[u8]) -> Result<()
             Err(e) => return Err(failed(to, e)),
         }
     }
-    Ok(())
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_low_water_mark_follows_the_receivers_pace_within_its_bounds() {
+        let low = |max, rate| Drain::LowWater { max }.bytes(rate);
+        // Pace unknown: a quarter of the bound, as high as the mark goes.
+        assert_eq!(low(16 * MIB, None), 4 * MIB);
+        // 100 ms of reading, between 1 MiB and a quarter of the bound.
+        assert_eq!(low(16 * MIB, Some(20e6)), 2_000_000);
+        assert_eq!(low(16 * MIB, Some(10e6)), MIB);
+        assert_eq!(low(16 * MIB, Some(1e9)), 4 * MIB);
+        // A bound under 4 MiB: never above its quarter.
+        assert_eq!(low(2 * MIB, Some(10e6)), MIB / 2);
+        assert_eq!(low(2 * MIB, None), MIB / 2);
+        // A fixed mark ignores the pace.
+        assert_eq!(Drain::Under(3 * MIB).bytes(Some(1e3)), 3 * MIB);
+    }
 }
