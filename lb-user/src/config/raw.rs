@@ -142,10 +142,11 @@ pub struct RawFlowControl {
     /// lb received from one side are not yet acknowledged by the other side's peer, the kernel
     /// stops forwarding that direction and the bytes stay in lb's receive buffer, so TCP's
     /// window closes on the sender; once the reader has drained to its low-water mark (what it
-    /// reads in 100 ms, between 1 MiB and a quarter of the bound), lb forwards the held bytes
-    /// itself and hands the direction back to the kernel. Above half the
-    /// bound the sender is throttled (its window shrunk), so a brake holds little.
-    /// Bounds the memory a slow reader can make lb hold. `256KiB` to `1GiB` (default 16MiB).
+    /// reads in 100 ms, between 1 MiB and a quarter of the bound; the quarter under a 4 MiB
+    /// bound), lb forwards the held bytes itself and hands the direction back to the kernel.
+    /// Above half the bound the sender is throttled (its window shrunk), so a brake holds
+    /// little. Bounds the memory a slow reader can make lb hold. `256KiB` to `1GiB` (default
+    /// 16MiB).
     #[serde(default)]
     pub max_in_flight: Option<bytesize::ByteSize>,
 }

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 
 use super::{pool::Buffer, Flow, Halt, TCP_CLOSE};
 use crate::{
-    bpf::Interest,
+    bpf::{Interest, Slot},
     forward::{End, Side},
     sockopt,
 };
@@ -54,7 +54,8 @@ const STEP: u64 = 256 << 10;
 /// After a brake, the held bytes are written once the receiver has drained the bytes in flight
 /// to the low-water mark: the program then has most of the bound to redirect before the next
 /// brake. The mark is what the receiver takes [`LOW_WATER_TIME`] to read, at the pace it has
-/// read since the brake, between [`MIN_LOW_WATER`] and a quarter of `max_in_flight`: a slow
+/// read since the wait began, between [`MIN_LOW_WATER`] and a quarter of `max_in_flight` (the
+/// quarter alone under a 4 MiB bound; the quarter until the pace is known): a slow
 /// receiver needs little slack while lb writes the held bytes and hands the direction back,
 /// and every hold costs lb a copy and the sender's burst that the reopened window lets in.
 /// (Measured, 16 MiB bound: a reader paced at 100 MB/s got 93-98 % through the kernel with a
@@ -364,7 +365,8 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         } else {
             Drain::LowWater { max }
         };
-        let Some(lag) = wait_until_delivered(flow, from, Some((drain, fd))).await? else {
+        let source = Source::of(copy, ctl, fd, max);
+        let Some(lag) = wait_until_delivered(flow, from, Some((drain, source))).await? else {
             // The source's receive memory overflowed meanwhile: its bytes come off first
             // (above), then the wait goes on. (A pause first: should none be queued yet, this
             // does not spin.)
@@ -379,15 +381,15 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         let room = max.saturating_sub(lag).max(1);
         if copy.pending() > 0 {
             let n = copy.pending().min(room) as usize;
-            let n = write_all(
-                flow,
-                from.other(),
-                &copy.buf.as_slice()[copy.start..copy.start + n],
-                Some(fd),
-            )
-            .await?;
-            copy.start += n;
-            publish(flow, from, n as u64);
+            let source = Source::of(copy, ctl, fd, max);
+            let bytes = &copy.buf.as_slice()[copy.start..copy.start + n];
+            let written = write_all(flow, from.other(), bytes, source).await?;
+            copy.start += written;
+            publish(flow, from, written as u64);
+            if written < n {
+                // Cut short by an overflow: its bytes come off first (above).
+                tokio::time::sleep(MIN_PACE_WAIT).await;
+            }
             continue;
         }
         // Peek from the socket's head (`dequeued`), past what is written already.
@@ -406,9 +408,14 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         };
         match peeked {
             Ok(n) => {
+                let source = Source::of(copy, ctl, fd, max);
                 let bytes = &copy.scratch.as_slice()[skip as usize..n];
-                let n = write_all(flow, from.other(), bytes, Some(fd)).await?;
-                publish(flow, from, n as u64);
+                let written = write_all(flow, from.other(), bytes, source).await?;
+                publish(flow, from, written as u64);
+                if written < bytes.len() {
+                    // Cut short by an overflow: its bytes come off first (above).
+                    tokio::time::sleep(MIN_PACE_WAIT).await;
+                }
             }
             Err(e) => {
                 if let Some(idle) = held_error(flow, from, copy, e)? {
@@ -610,17 +617,15 @@ impl Drain {
 /// merely for the kernel to queue redirected bytes) marks the direction braked. Ends the flow
 /// if the peer closed (reset) meanwhile or made no progress for its idle timeout.
 ///
-/// `hold`: the mark, and the source socket whose held bytes wait meanwhile. `None` is returned
-/// early if its receive memory overflows (see [`overcommitted`]): until its bytes come off, it
-/// also drops the acknowledgements of the other direction's bytes, and the receiver this wait
-/// is for may wait on those (a serial server does not read while its write is blocked).
+/// `hold`: the mark, and the source whose held bytes wait meanwhile (see [`Source`]); `None` is
+/// returned early if they are to be taken off it.
 async fn wait_until_delivered(
     flow: &Flow<'_, '_>,
     from: Side,
-    hold: Option<(Drain, BorrowedFd<'_>)>,
+    hold: Option<(Drain, Option<Source<'_>>)>,
 ) -> Result<Option<u64>, Halt> {
     let drain = hold.map(|(d, _)| d);
-    let source = hold.map(|(_, fd)| fd);
+    let source = hold.and_then(|(_, s)| s);
     let dst = flow.end(from.other());
     let limit = flow.timeouts.of(from.other());
     let mut last = (u64::MAX, u64::MAX);
@@ -651,7 +656,7 @@ async fn wait_until_delivered(
         } else if last_progress.elapsed() >= limit {
             return Err(Halt::Ended(End::IdleTimeout(from.other())));
         }
-        if source_overflowed(from, source)? {
+        if Source::overflowed(source, from)? {
             return Ok(None);
         }
         if let (false, Some(lag)) = (room, lag) {
@@ -674,23 +679,46 @@ async fn wait_until_delivered(
     unreachable!("the loop above only ends by returning")
 }
 
-/// Whether the `source` socket of a hold (if any) has overflowed its receive buffer.
-fn source_overflowed(from: Side, source: Option<BorrowedFd<'_>>) -> Result<bool, Halt> {
-    match source {
-        Some(fd) => overcommitted(fd).map_err(|e| failed(from, e)),
-        None => Ok(false),
+/// The source socket of a hold, as seen by a wait or a write for it: they stop early when its
+/// receive memory has overflowed its buffer (see [`overcommitted`]) and held bytes can be taken
+/// off it. Until they are, it also drops the acknowledgements of the other direction's bytes,
+/// and the receiver waited for may wait on those (a serial server does not read while its
+/// write is blocked). `None` when nothing could be taken (the pending buffer is full): the
+/// wait goes on as before.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    fd: BorrowedFd<'a>,
+    ctl: &'a Slot<'a>,
+    dequeued: u64,
+}
+
+impl<'a> Source<'a> {
+    fn of(copy: &Copier, ctl: &'a Slot<'a>, fd: BorrowedFd<'a>, max: u64) -> Option<Source<'a>> {
+        (copy.pending() < max).then_some(Source {
+            fd,
+            ctl,
+            dequeued: copy.dequeued,
+        })
+    }
+
+    /// Whether `source` (if any) overflowed with held bytes on it.
+    fn overflowed(source: Option<Source<'_>>, from: Side) -> Result<bool, Halt> {
+        match source {
+            Some(s) if s.ctl.passed() > s.dequeued => overcommitted(s.fd).map_err(|e| failed(from, e)),
+            _ => Ok(false),
+        }
     }
 }
 
 /// Writes bytes to side `to` outside tokio's reactor, polling while its send buffer is full;
 /// returns how many it wrote: all of them, or fewer if the `source` of held bytes overflowed
-/// while it polled (see [`wait_until_delivered`]). Ends the flow if the socket failed, or
-/// stayed full for `to`'s idle timeout.
+/// while it polled (see [`Source`]). Ends the flow if the socket failed, or stayed full for
+/// `to`'s idle timeout.
 async fn write_all(
     flow: &Flow<'_, '_>,
     to: Side,
     bytes: &[u8],
-    source: Option<BorrowedFd<'_>>,
+    source: Option<Source<'_>>,
 ) -> Result<usize, Halt> {
     let dst = flow.end(to);
     let limit = flow.timeouts.of(to);
@@ -708,7 +736,7 @@ async fn write_all(
                 if last_progress.elapsed() >= limit {
                     return Err(Halt::Ended(End::IdleTimeout(to)));
                 }
-                if source_overflowed(to.other(), source)? {
+                if Source::overflowed(source, to.other())? {
                     tracing::debug!(
                         "from {}: receive memory overflowed during a write",
                         to.other().name()
