@@ -656,7 +656,10 @@ async fn wait_until_delivered(
         } else if last_progress.elapsed() >= limit {
             return Err(Halt::Ended(End::IdleTimeout(from.other())));
         }
-        if Source::overflowed(source, from)? {
+        // Looked at before each sleep only: a spin (below) is short, and a system call per
+        // round of it would double its cost.
+        let spin = room && round < SPIN_ROUNDS && given - s.queued < STEP;
+        if !spin && Source::overflowed(source, from)? {
             return Ok(None);
         }
         if let (false, Some(lag)) = (room, lag) {
@@ -669,7 +672,7 @@ async fn wait_until_delivered(
         // for this: yield to other tasks for a while before sleeping (a tokio sleep lasts at
         // least a millisecond). Many bytes behind, it moves at the receiver's pace.
         let left = given - s.queued;
-        if round < SPIN_ROUNDS && left < STEP {
+        if spin {
             tokio::task::yield_now().await;
         } else {
             let pace = *queue_pace.get_or_insert(Pace::start(s.queued));
