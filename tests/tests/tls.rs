@@ -151,18 +151,22 @@ print(head.split()[1], s.selected_alpn_protocol(), cn, body.splitlines()[0])
         "{}",
         m.text
     );
-    // Each handed to the kernel's TLS, where the kernel has it.
-    let expected = if lb_tests::tls::kernel_has_ktls() {
-        8.0
-    } else {
-        0.0
-    };
+    // Each handed to the kernel's TLS, where the kernel has it; none refused. openssl s_client,
+    // with no input, closes right after its handshake: when its close arrives before the
+    // hand-off (seen in a slow VM), rustls keeps that session, as it should.
+    let kernel = m.get("lb_ktls_handoffs_total{listener=\"web\",result=\"kernel\"}");
+    let kept = m.get("lb_ktls_handoffs_total{listener=\"web\",result=\"kept\"}");
     assert_eq!(
-        m.get("lb_ktls_handoffs_total{listener=\"web\",result=\"kernel\"}"),
-        expected,
+        m.get("lb_ktls_handoffs_total{listener=\"web\",result=\"failed\"}"),
+        0.0,
         "{}",
         m.text
     );
+    if lb_tests::tls::kernel_has_ktls() {
+        assert!(kernel >= 7.0 && kernel + kept == 8.0, "{}", m.text);
+    } else {
+        assert_eq!(kernel, 0.0, "{}", m.text);
+    }
 }
 
 #[tokio::test]
@@ -498,6 +502,13 @@ async fn a_websocket_over_tls_is_tunnelled() {
         );
     }
     ws.close(None).await.unwrap();
+    // The closing handshake ends before the socket closes: a socket closed with the server's
+    // close frame unread sends a reset (then logged as "tunnel reset"; seen in a slow VM).
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the closing handshake did not end");
     drop(ws);
     lb.wait_for_log("tunnel closed").await;
 }
