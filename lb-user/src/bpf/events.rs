@@ -42,7 +42,7 @@ struct Hook {
     /// Shrunk: the buffer the socket had before (SO_RCVBUF's argument), to give back. Read at
     /// the shrink, so a flow that is never throttled pays no system call for it.
     shrunk: Option<u32>,
-    /// Held bytes overflowed the shrunk buffer: it was eased (see the flow direction).
+    /// Bytes are held while shrunk: the buffer was eased (see the flow direction).
     eased: bool,
 }
 

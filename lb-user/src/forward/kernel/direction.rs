@@ -68,15 +68,18 @@ const LOW_WATER_TIME: Duration = Duration::from_millis(100);
 const MIN_LOW_WATER: u64 = 1 << 20;
 /// The highest low-water mark, and where a throttle ends: this fraction of `max_in_flight`.
 const LOW_WATER_MAX_DIVISOR: u64 = 4;
-/// The receive buffer of a throttled socket whose held bytes overflowed it (the shrink came
-/// after the sender had been offered a larger window). Measured with a reader paced at
-/// 100 MB/s (`cargo xtask bench offload`): keeping 64 KiB then stalled the flow for up to 5 s
-/// (held bytes the kernel could not queue); the whole buffer back (1 MiB) let the sender's
+/// The receive buffer of a throttled socket while its bytes are held. Measured with a reader
+/// paced at 100 MB/s (`cargo xtask bench offload`): keeping 64 KiB stalled the flow for up to
+/// 5 s (held bytes the kernel could not queue); the whole buffer back (1 MiB) let the sender's
 /// window reopen, and each hold copied about 1.5 MB (91 % through the kernel); 256 KiB: 93-94 %
-/// with no stall; 512 KiB: 92-93 %. Eased on every hold instead of on an overflow only, the
-/// sender added about 390 KB to each hold that the shrink had kept to one segment (one iperf3
-/// stream: 458 KB copied per hold against 65 KB; 99.3 % of its bytes through the kernel
-/// against 99.9 %; serial echo 95.5 % against 97.9 %).
+/// with no stall; 512 KiB: 92-93 %. (128 KiB copied less per hold, ~260 KB against ~460 KB,
+/// but 3 of 432 serial echo flows failed in two runs of the table: stalled until their idle
+/// timeout, in the two whose log was kept.) Not easing a shrink that came in time (easing only
+/// held bytes that overflowed the small buffer) kept most holds to one 64 KB segment against
+/// seven, and raised the share through the kernel (one iperf3 stream 99.9 % against 99.3 %,
+/// serial echo 97.9 % against 95.5 %), but halved one iperf3 stream's throughput (medians of
+/// 8 alternating runs: 7.4 against 14.3 Gbit/s; with TCP_QUICKACK after each hold, 9.6): the
+/// sender's window closes during the hold, and no window update comes when it ends.
 const HOLD_RCVBUF: u32 = 256 << 10;
 /// Bounds of a wait for a receiver to drain (see [`Pace`]).
 const MIN_PACE_WAIT: Duration = Duration::from_millis(1);
@@ -314,17 +317,16 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
         if ctl.redirected() > 0 {
             flow.note_braked(from, true);
         }
-        // A throttle's small buffer is eased while bytes are held only once they overflow it:
-        // the shrink came late, and the window offered before it brings more than the buffer
-        // takes (the kernel cannot queue held bytes past it). Not all the way back: the
-        // sender's window would reopen, and the daemon would copy all of it. The request
-        // stays open: once the hold is over, the whole buffer goes back. A shrink in time
-        // keeps the hold to what the small window let in.
+        // A throttle's small buffer is eased while bytes are held: held and peeked bytes are
+        // charged to it, and the kernel cannot queue held bytes past it (the window advertised
+        // before the shrink may still bring some). Not all the way back: the sender's window
+        // would reopen, and the daemon would copy all of it. The request stays open: once
+        // the hold is over, the whole buffer goes back.
         // (Shrunk by this task or by the event reader; never above the socket's own buffer.)
-        let wake = src.tracked.wake();
-        if wake.shrunk() && overcommitted(fd).map_err(|e| failed(from, e))? {
-            wake.ease(fd, HOLD_RCVBUF).map_err(|e| failed(from, e))?;
-        }
+        src.tracked
+            .wake()
+            .ease(fd, HOLD_RCVBUF)
+            .map_err(|e| failed(from, e))?;
         if !copy.released {
             // Once per hold, at its start: the most this direction has inside lb.
             let (unacked, _) = flow.in_flight(from).map_err(|e| failed(from.other(), e))?;
