@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     balance::{Admin, ServerLive},
-    server::Proxy,
+    runtime::Runtime,
     stats,
 };
 
@@ -34,7 +34,7 @@ const MAX_CONNECTIONS: usize = 64;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, rt: Arc<Runtime>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -52,11 +52,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: CancellationT
                 }
             },
         };
-        let proxy = proxy.clone();
+        let rt = rt.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(respond(&proxy, peer, &req)) }
+                let rt = rt.clone();
+                async move { Ok::<_, Infallible>(respond(&rt, peer, &req)) }
             });
             if let Err(e) = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -73,10 +73,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: CancellationT
 
 type Answer = (StatusCode, &'static str, String);
 
-fn respond<B>(proxy: &Proxy, peer: SocketAddr, req: &Request<B>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match guard(proxy, peer, req) {
+fn respond<B>(rt: &Runtime, peer: SocketAddr, req: &Request<B>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match guard(rt, peer, req) {
         Err(answer) => answer,
-        Ok(()) => route(proxy, peer, req.method(), req.uri().path()),
+        Ok(()) => route(rt, peer, req.method(), req.uri().path()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -95,7 +95,7 @@ fn respond<B>(proxy: &Proxy, peer: SocketAddr, req: &Request<B>) -> Response<Ful
 }
 
 /// Loopback clients only, or the token when one is set; and no command from another web site.
-fn guard<B>(proxy: &Proxy, peer: SocketAddr, req: &Request<B>) -> Result<(), Answer> {
+fn guard<B>(rt: &Runtime, peer: SocketAddr, req: &Request<B>) -> Result<(), Answer> {
     let forbidden = |why| Err(text(StatusCode::FORBIDDEN, why));
     // A browser sends any page's form POST, cross-site, to a loopback address: such a request
     // says where it comes from, and a command is refused unless it comes from the endpoint's
@@ -103,7 +103,7 @@ fn guard<B>(proxy: &Proxy, peer: SocketAddr, req: &Request<B>) -> Result<(), Ans
     if req.method() == Method::POST && cross_site(req) {
         return forbidden("cross-site requests may not change lb\n");
     }
-    let token = proxy.config.admin.as_ref().and_then(|a| a.token.as_deref());
+    let token = rt.admin.as_ref().and_then(|a| a.token.as_deref());
     let Some(token) = token else {
         if !(peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback()) {
             return forbidden("loopback clients only (set admin.token to allow others)\n");
@@ -176,29 +176,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
-fn route(proxy: &Proxy, peer: SocketAddr, method: &Method, path: &str) -> Answer {
+fn route(rt: &Runtime, peer: SocketAddr, method: &Method, path: &str) -> Answer {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, parts.as_slice()) {
         (&Method::GET, ["metrics"]) => {
-            stats::export_states(proxy);
+            stats::export_states(rt);
             (
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                proxy.metrics.render(proxy.kernel.as_ref()),
+                rt.shared.metrics.render(rt.shared.kernel.as_ref()),
             )
         }
-        (&Method::GET, ["stats.json"]) => json(StatusCode::OK, &stats::snapshot(proxy)),
+        (&Method::GET, ["stats.json"]) => json(StatusCode::OK, &stats::snapshot(rt)),
         (&Method::GET, ["stats"]) => (
             StatusCode::OK,
             "text/html; charset=utf-8",
-            crate::stats_page::render(&stats::snapshot(proxy)),
+            crate::stats_page::render(&stats::snapshot(rt)),
         ),
         (&Method::GET, [""]) => text(
             StatusCode::OK,
             "lb admin: GET /metrics, /stats, /stats.json; POST /servers/BACKEND/SERVER/{enable,disable,drain,weight/N}, /reload\n",
         ),
         (&Method::POST, ["reload"]) => {
-            let result = crate::reload::reload_certificates(proxy);
+            let result = crate::reload::reload_certificates(rt);
             crate::reload::log(&result, &format!("lb reload from {peer}"));
             match result {
                 Ok(r) => json(
@@ -209,7 +209,7 @@ fn route(proxy: &Proxy, peer: SocketAddr, method: &Method, path: &str) -> Answer
             }
         }
         (&Method::POST, ["servers", backend, server, command @ ..]) => {
-            change_server(proxy, peer, backend, server, command)
+            change_server(rt, peer, backend, server, command)
         }
         (&Method::GET, _) | (&Method::POST, _) => text(StatusCode::NOT_FOUND, "not found; try GET /\n"),
         _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST only\n"),
@@ -217,18 +217,18 @@ fn route(proxy: &Proxy, peer: SocketAddr, method: &Method, path: &str) -> Answer
 }
 
 /// Applies a runtime command to one server; answers with its state after.
-fn change_server(proxy: &Proxy, peer: SocketAddr, backend: &str, server: &str, command: &[&str]) -> Answer {
-    let Some(b) = proxy.config.backends.iter().position(|b| b.name == backend) else {
+fn change_server(rt: &Runtime, peer: SocketAddr, backend: &str, server: &str, command: &[&str]) -> Answer {
+    let Some(b) = rt.backend(backend) else {
         return error(StatusCode::NOT_FOUND, format!("no backend `{backend}`"));
     };
-    let config = &proxy.config.backends[b];
+    let config = &b.config;
     let Some(s) = config.servers.iter().position(|s| s.name == server) else {
         return error(
             StatusCode::NOT_FOUND,
             format!("backend `{backend}` has no server `{server}`"),
         );
     };
-    let live: &ServerLive = &proxy.backends[b].balancer.servers()[s];
+    let live: &ServerLive = &b.balancer.servers()[s];
     let done = match command {
         ["enable"] => {
             live.set_admin(Admin::Ready);
@@ -262,8 +262,7 @@ fn change_server(proxy: &Proxy, peer: SocketAddr, backend: &str, server: &str, c
         }
     };
     tracing::warn!(backend = %backend, server = %server, admin_client = %peer, "server {done}; now {}", live.state());
-    let snapshot = stats::snapshot(proxy);
-    json(StatusCode::OK, &snapshot.backends[b].servers[s])
+    json(StatusCode::OK, &stats::server(b, s))
 }
 
 fn text(status: StatusCode, body: &str) -> Answer {

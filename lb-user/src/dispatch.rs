@@ -10,7 +10,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::{
     balance::{Lease, Pick, PickKey},
     connect::{connect, ConnectError},
-    server::{BackendState, Proxy},
+    runtime::BackendRt,
     stream::Stream,
     tls::connect::HandshakeError,
 };
@@ -48,17 +48,14 @@ pub struct Requester<'a> {
     /// answer does: 5xx or none is a failure, [`Lease::observe`]); a TCP flow's connect is all
     /// lb sees of it.
     pub http: bool,
+    /// SO_RCVBUF of the server socket (`tune.kernel_rcvbuf` with the kernel path).
+    pub rcvbuf: Option<u32>,
 }
 
 /// A connection to a server of `backend` (with its TLS session when the server has `tls:`),
 /// and the lease that counts it.
-pub async fn dispatch(
-    proxy: &Proxy,
-    backend: usize,
-    who: Requester<'_>,
-) -> Result<(Lease, Stream), DispatchError> {
-    let state = &proxy.backends[backend];
-    let b = &proxy.config.backends[backend];
+pub async fn dispatch(state: &BackendRt, who: Requester<'_>) -> Result<(Lease, Stream), DispatchError> {
+    let b = &state.config;
     let key = PickKey {
         client: who.client.ip(),
         path: who.path,
@@ -91,14 +88,7 @@ pub async fn dispatch(
         if !tried.is_empty() {
             state.retries.inc();
         }
-        match connect(
-            &b.servers[idx],
-            b.connect_timeout,
-            who.nodelay,
-            proxy.kernel_rcvbuf(),
-        )
-        .await
-        {
+        match connect(&b.servers[idx], b.connect_timeout, who.nodelay, who.rcvbuf).await {
             Ok(stream) => {
                 state.servers[idx].connections.inc();
                 let server = &b.servers[idx];
@@ -158,7 +148,7 @@ pub async fn dispatch(
 /// Waits in the backend's queue (`lb_backend_queue`) until a server below its `maxconn` can
 /// be picked (`None`: no server takes new flows any more), or `deadline` (`Err`).
 async fn queued(
-    state: &BackendState,
+    state: &BackendRt,
     key: PickKey<'_>,
     tried: &[usize],
     deadline: Instant,

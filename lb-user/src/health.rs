@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     balance::ServerLive,
     config::{CheckKind, HealthCheck, Server},
-    server::Proxy,
+    runtime::BackendRt,
     stream::Stream,
 };
 
@@ -26,16 +26,16 @@ const MAX_HEAD: usize = 16 << 10;
 
 /// Starts the checks of every server of every backend that has a `health_check`; they end
 /// when `stop` is cancelled.
-pub fn spawn(proxy: &Arc<Proxy>, stop: &CancellationToken) {
-    for (b, backend) in proxy.config.backends.iter().enumerate() {
-        let Some(check) = &backend.health_check else {
+pub fn spawn(backends: &[Arc<BackendRt>], stop: &CancellationToken) {
+    for backend in backends {
+        let Some(check) = &backend.config.health_check else {
             continue;
         };
-        for s in 0..backend.servers.len() {
-            let (proxy, stop, check) = (proxy.clone(), stop.clone(), check.clone());
+        for s in 0..backend.config.servers.len() {
+            let (backend, stop, check) = (backend.clone(), stop.clone(), check.clone());
             tokio::spawn(async move {
                 tokio::select! {
-                    () = run(&proxy, b, s, &check) => {}
+                    () = run(&backend, s, &check) => {}
                     () = stop.cancelled() => {}
                 }
             });
@@ -44,11 +44,11 @@ pub fn spawn(proxy: &Arc<Proxy>, stop: &CancellationToken) {
 }
 
 /// Checks one server until cancelled.
-async fn run(proxy: &Proxy, backend: usize, server: usize, check: &HealthCheck) {
-    let b = &proxy.config.backends[backend];
-    let s = &b.servers[server];
-    let live: &ServerLive = &proxy.backends[backend].balancer.servers()[server];
-    let failures = &proxy.backends[backend].servers[server].check_failures;
+async fn run(backend: &BackendRt, server: usize, check: &HealthCheck) {
+    let b = &backend.config;
+    let (s, live, counters) = backend.server(server);
+    let live: &ServerLive = live;
+    let failures = &counters.check_failures;
     let mut run = Run::default();
     // The first check at once: a server down at start is known within `fall` intervals.
     let mut next = Instant::now();

@@ -136,7 +136,7 @@ fn run(path: PathBuf, forwarding: Option<Forwarding>) -> anyhow::Result<()> {
     let config = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let forwarding = forwarding.unwrap_or(config.forwarding);
     // The main runtime runs the accept loops, the admin endpoint and the kernel's event readers;
-    // sessions run on the workers that `server::run` starts (`tune.threads`).
+    // sessions run on the workers that `daemon::run` starts (`tune.threads`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -147,7 +147,7 @@ fn run(path: PathBuf, forwarding: Option<Forwarding>) -> anyhow::Result<()> {
             let name = signals.received().await;
             tracing::info!("{name} received: stopping");
         };
-        lb::server::run(config, forwarding, stop)
+        lb::daemon::run(config, forwarding, stop)
             .await
             .map_err(anyhow::Error::from)
     })

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::ResultLabels, server::Proxy};
+use crate::{metrics::ResultLabels, runtime::Runtime};
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,7 @@ fn others(r: &Reloaded) -> String {
 
 /// Reads every TLS listener's certificates again and installs each listener's set that is
 /// whole.
-pub fn reload_certificates(proxy: &Proxy) -> Result<Reloaded, Refused> {
+pub fn reload_certificates(rt: &Runtime) -> Result<Reloaded, Refused> {
     // A SIGHUP and a `lb reload` at once must not install an older read over a newer one.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -50,9 +50,9 @@ pub fn reload_certificates(proxy: &Proxy) -> Result<Reloaded, Refused> {
         certificates: 0,
     };
     let mut problems = Vec::new();
-    for (i, tls) in proxy.tls.iter().enumerate() {
-        let Some(tls) = tls else { continue };
-        let name = &proxy.config.listeners[i].name;
+    for listener in &rt.listeners {
+        let Some(tls) = &listener.tls else { continue };
+        let name = &listener.config.name;
         match tls.reread() {
             Ok(set) => {
                 reloaded.listeners += 1;
@@ -65,7 +65,8 @@ pub fn reload_certificates(proxy: &Proxy) -> Result<Reloaded, Refused> {
         }
     }
     let result = if problems.is_empty() { "ok" } else { "refused" };
-    let counter = proxy
+    let counter = rt
+        .shared
         .metrics
         .tls_reloads
         .get_or_create(&ResultLabels { result })
@@ -79,7 +80,7 @@ pub fn reload_certificates(proxy: &Proxy) -> Result<Reloaded, Refused> {
 }
 
 /// Reloads on each SIGHUP until `stop`; each result is logged.
-pub fn watch(proxy: &Arc<Proxy>, stop: &CancellationToken) {
+pub fn watch(rt: &Arc<Runtime>, stop: &CancellationToken) {
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(s) => s,
         Err(e) => {
@@ -87,14 +88,14 @@ pub fn watch(proxy: &Arc<Proxy>, stop: &CancellationToken) {
             return;
         }
     };
-    let (proxy, stop) = (proxy.clone(), stop.clone());
+    let (rt, stop) = (rt.clone(), stop.clone());
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 got = hangups.recv() => if got.is_none() { return },
             }
-            log(&reload_certificates(&proxy), "SIGHUP");
+            log(&reload_certificates(&rt), "SIGHUP");
         }
     });
 }

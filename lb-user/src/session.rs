@@ -22,7 +22,7 @@ use crate::{
         session::HttpEnd,
     },
     metrics::{EndLabels, FallbackLabels},
-    server::Proxy,
+    runtime::{BackendRt, ListenerRt},
 };
 
 /// Where a session is in its life.
@@ -93,11 +93,18 @@ struct Pair {
 struct FlowInfo {
     peer: SocketAddr,
     /// The backend the server belongs to (an HTTP route may pick another than the listener's).
-    backend: usize,
+    backend: Arc<BackendRt>,
     /// The server, counted as one of its sessions until the flow ends.
     lease: Lease,
     /// An HTTP hand-off's exchange, logged when the flow ends.
     http: Option<(Kind, Handed)>,
+}
+
+impl FlowInfo {
+    /// The server's counters.
+    fn server(&self) -> &crate::runtime::ServerRt {
+        &self.backend.servers[self.lease.index()]
+    }
 }
 
 /// How a session ended.
@@ -122,26 +129,25 @@ pub enum Outcome {
 }
 
 /// Runs one session to its end.
-pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outcome {
+pub async fn run(listener: Arc<ListenerRt>, accepted: Accepted) -> Outcome {
+    let l = &*listener;
     let started = Instant::now();
     let mut state = Session::Accepted(accepted);
     loop {
         state = match state {
             // Each stage's state is boxed while it runs, so a session holds only the stage it is
             // in (an async fn's state would otherwise be as large as the largest stage's).
-            Session::Accepted(a) => match &proxy.tls[listener] {
-                Some(tls) => Box::pin(tls_stage(&proxy, listener, tls, a)).await,
-                None if proxy.config.listeners[listener].peeks_sni() => {
-                    Box::pin(sni_stage(&proxy, listener, a)).await
-                }
+            Session::Accepted(a) => match &l.tls {
+                Some(tls) => Box::pin(tls_stage(l, tls, a)).await,
+                None if l.config.peeks_sni() => Box::pin(sni_stage(l, a)).await,
                 // No future to box for a plain listener.
-                None => protocol(&proxy, listener, Client::plain(a)),
+                None => protocol(l, Client::plain(a)),
             },
-            Session::Tcp(c) => Box::pin(connect_stage(&proxy, listener, c)).await,
-            Session::Http(c) => Box::pin(http_stage(&proxy, listener, c)).await,
+            Session::Tcp(c) => Box::pin(connect_stage(l, c)).await,
+            Session::Http(c) => Box::pin(http_stage(l, c)).await,
             Session::Streams(pair) => {
                 let pair = *pair;
-                let counters = proxy.byte_counters(pair.info.backend, pair.info.lease.index());
+                let counters = l.shared.byte_counters(pair.info.server());
                 let (end, totals) = Box::pin(forward::streams::forward(
                     pair.client,
                     pair.server,
@@ -150,10 +156,10 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
                     pair.directions,
                 ))
                 .await;
-                finish(&proxy, listener, pair.info, end, totals)
+                finish(l, pair.info, end, totals)
             }
-            Session::Connected(pair) => Box::pin(user_stage(&proxy, listener, pair)).await,
-            Session::InKernel(pair) => Box::pin(kernel_stage(&proxy, listener, pair)).await,
+            Session::Connected(pair) => Box::pin(user_stage(l, pair)).await,
+            Session::InKernel(pair) => Box::pin(kernel_stage(l, pair)).await,
             Session::UserOnly(pair) => {
                 let timeouts = pair.timeouts;
                 // Boxed: the copy loops' state is large and would otherwise size every session,
@@ -162,14 +168,14 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
                     pair.client,
                     pair.server,
                     timeouts,
-                    proxy.byte_counters(pair.info.backend, pair.info.lease.index()),
+                    l.shared.byte_counters(pair.info.server()),
                     None,
                     pair.directions,
                     pair.unsent,
                 ))
                 .await;
                 match end {
-                    UserEnd::Ended(end, totals) => finish(&proxy, listener, pair.info, end, totals),
+                    UserEnd::Ended(end, totals) => finish(l, pair.info, end, totals),
                     // Without offload_after the copy loops only end with the flow.
                     UserEnd::Offload(client, server, unsent)
                     | UserEnd::StayInUser(client, server, unsent) => Session::UserOnly(Pair {
@@ -181,7 +187,7 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
                 }
             }
             Session::Finished(outcome) => {
-                tracing::debug!(listener = %proxy.config.listeners[listener].name, ?outcome, elapsed = ?started.elapsed(), "session ended");
+                tracing::debug!(listener = %l.config.name, ?outcome, elapsed = ?started.elapsed(), "session ended");
                 return outcome;
             }
         };
@@ -190,12 +196,11 @@ pub async fn run(proxy: Arc<Proxy>, listener: usize, accepted: Accepted) -> Outc
 
 /// The TLS stage, on a listener with `tls:` (the handshake, within `timeouts.tls_handshake`);
 /// then the listener's protocol.
-async fn tls_stage(proxy: &Proxy, listener: usize, tls: &Terminator, a: Accepted) -> Session {
+async fn tls_stage(l: &ListenerRt, tls: &Terminator, a: Accepted) -> Session {
     let (peer, original_dst) = (a.peer, a.original_dst);
     match tls.handshake(a.stream).await {
         Ok((secured, info)) => protocol(
-            proxy,
-            listener,
+            l,
             Client {
                 stream: secured,
                 peer,
@@ -204,8 +209,7 @@ async fn tls_stage(proxy: &Proxy, listener: usize, tls: &Terminator, a: Accepted
             },
         ),
         Err(failure) => {
-            let l = &proxy.config.listeners[listener];
-            tracing::debug!(listener = %l.name, client = %peer, reason = failure.name(), "TLS handshake failed");
+            tracing::debug!(listener = %l.config.name, client = %peer, reason = failure.name(), "TLS handshake failed");
             Session::Finished(Outcome::Handshake(failure))
         }
     }
@@ -213,8 +217,8 @@ async fn tls_stage(proxy: &Proxy, listener: usize, tls: &Terminator, a: Accepted
 
 /// The SNI stage of a `tcp` listener with `route_by_sni:` and no `tls:`: the ClientHello is
 /// peeked at (left in the socket for the server), within `timeouts.tls_handshake`.
-async fn sni_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
-    let l = &proxy.config.listeners[listener];
+async fn sni_stage(listener: &ListenerRt, a: Accepted) -> Session {
+    let l = &listener.config;
     match crate::tls::peek::client_hello_sni(&a.stream, l.peek_timeout).await {
         Ok(sni) => Session::Tcp(Client {
             sni,
@@ -225,7 +229,7 @@ async fn sni_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
                 listener: l.name.clone(),
                 reason: failure.name(),
             };
-            proxy.metrics.tls_failures.get_or_create(&labels).inc();
+            listener.shared.metrics.tls_failures.get_or_create(&labels).inc();
             tracing::debug!(listener = %l.name, client = %a.peer, reason = failure.name(), "no ClientHello to route by");
             Session::Finished(Outcome::Handshake(failure))
         }
@@ -233,18 +237,18 @@ async fn sni_stage(proxy: &Proxy, listener: usize, a: Accepted) -> Session {
 }
 
 /// The listener's protocol for a client connection ready for it.
-fn protocol(proxy: &Proxy, listener: usize, client: Client) -> Session {
-    if proxy.config.listeners[listener].http.is_some() {
+fn protocol(l: &ListenerRt, client: Client) -> Session {
+    if l.config.http.is_some() {
         Session::Http(client)
     } else {
         Session::Tcp(client)
     }
 }
 
-async fn connect_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
-    let l = &proxy.config.listeners[listener];
-    let chosen = l.backend_for_sni(a.sni.as_deref());
-    let backend = &proxy.config.backends[chosen];
+async fn connect_stage(listener: &ListenerRt, a: Client) -> Session {
+    let l = &listener.config;
+    let chosen = listener.backend(l.backend_for_sni(a.sni.as_deref()));
+    let backend = &chosen.config;
     if let Some(dst) = a.original_dst {
         tracing::debug!(listener = %l.name, client = %a.peer, original_dst = %dst, "transparent connection");
     }
@@ -254,12 +258,13 @@ async fn connect_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
         path: None,
         nodelay: l.nodelay,
         http: false,
+        rcvbuf: listener.shared.settings.kernel_rcvbuf,
     };
-    match dispatch(proxy, chosen, who).await {
+    match dispatch(chosen, who).await {
         Ok((lease, stream)) => {
             let info = FlowInfo {
                 peer: a.peer,
-                backend: chosen,
+                backend: chosen.clone(),
                 lease,
                 http: None,
             };
@@ -317,12 +322,13 @@ fn paired(
 /// The HTTP supervisor; a pair it hands on goes to the kernel at once (a tunnel is a
 /// long-lived flow whose bytes lb no longer needs to see; a response body has moved
 /// `forwarding.offload_after` bytes in userspace already).
-async fn http_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
-    match crate::http::session::run(proxy, listener, a.stream, a.peer, a.sni).await {
+async fn http_stage(listener: &ListenerRt, a: Client) -> Session {
+    match crate::http::session::run(listener, a.stream, a.peer, a.sni).await {
         HttpEnd::Closed(why) => Session::Finished(Outcome::Http(why)),
         HttpEnd::Handoff(h) => {
             let h = *h;
-            let l = &proxy.config.listeners[listener];
+            let l = &listener.config;
+            let backend = listener.backend(h.backend).clone();
             let timeouts = match h.kind {
                 Kind::Tunnel => {
                     let tunnel = l.http.as_ref().map_or(l.client_timeout, |h| h.tunnel_timeout);
@@ -333,12 +339,12 @@ async fn http_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
                 }
                 Kind::ResponseBody { .. } => Timeouts {
                     client: l.client_timeout,
-                    server: proxy.config.backends[h.backend].server_timeout,
+                    server: backend.config.server_timeout,
                 },
             };
             let info = FlowInfo {
                 peer: a.peer,
-                backend: h.backend,
+                backend,
                 lease: h.lease,
                 http: Some((h.kind, h.record)),
             };
@@ -352,9 +358,9 @@ async fn http_stage(proxy: &Proxy, listener: usize, a: Client) -> Session {
 
 /// The userspace start of every flow: to the end without the kernel path, else until the flow
 /// has moved `forwarding.offload_after` bytes one way (then the kernel takes it).
-async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
-    let offload_after = proxy.config.offload_after;
-    if proxy.kernel.is_none() {
+async fn user_stage(l: &ListenerRt, pair: Pair) -> Session {
+    let offload_after = l.shared.settings.offload_after;
+    if l.shared.kernel.is_none() {
         return Session::UserOnly(pair);
     }
     if offload_after == 0 {
@@ -366,14 +372,14 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         pair.client,
         pair.server,
         timeouts,
-        proxy.byte_counters(pair.info.backend, pair.info.lease.index()),
+        l.shared.byte_counters(pair.info.server()),
         Some(offload_after),
         pair.directions,
         pair.unsent,
     ))
     .await;
     match end {
-        UserEnd::Ended(end, totals) => finish(proxy, listener, pair.info, end, totals),
+        UserEnd::Ended(end, totals) => finish(l, pair.info, end, totals),
         UserEnd::Offload(client, server, unsent) => Session::InKernel(Pair {
             client,
             server,
@@ -391,19 +397,20 @@ async fn user_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
 }
 
 /// The kernel half of the forwarding stage.
-async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
-    let Some(kernel) = &proxy.kernel else {
+async fn kernel_stage(l: &ListenerRt, pair: Pair) -> Session {
+    let shared = &*l.shared;
+    let Some(kernel) = &shared.kernel else {
         return Session::UserOnly(pair);
     };
     let settings = forward::kernel::Settings {
-        sndbuf: proxy.config.kernel_sndbuf,
-        congestion: proxy.kernel_congestion.as_deref(),
-        max_in_flight: proxy.config.max_in_flight,
+        sndbuf: shared.settings.kernel_sndbuf,
+        congestion: shared.kernel_congestion.as_deref(),
+        max_in_flight: shared.settings.max_in_flight,
     };
     let counters = forward::kernel::FlowCounters {
-        user_bytes: proxy.byte_counters(pair.info.backend, pair.info.lease.index()),
-        dropped: &proxy.dropped[listener],
-        duplicated: &proxy.metrics.kernel_duplicated_bytes,
+        user_bytes: shared.byte_counters(pair.info.server()),
+        dropped: &l.dropped,
+        duplicated: &shared.metrics.kernel_duplicated_bytes,
     };
     let flow = forward::kernel::Pair {
         client: pair.client,
@@ -413,10 +420,10 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         unsent: pair.unsent,
     };
     match forward::kernel::forward(kernel, flow, settings, &counters).await {
-        Ok(Forwarded::Done(end, totals)) => finish(proxy, listener, pair.info, end, totals),
+        Ok(Forwarded::Done(end, totals)) => finish(l, pair.info, end, totals),
         Ok(Forwarded::NotEligible(why, client, server, unsent)) => {
             let reason = why.name();
-            proxy
+            shared
                 .metrics
                 .kernel_fallbacks
                 .get_or_create(&FallbackLabels { reason })
@@ -430,51 +437,47 @@ async fn kernel_stage(proxy: &Proxy, listener: usize, pair: Pair) -> Session {
         }
         Err(e) => {
             // The sockets were closed with a reset when the flow was dropped.
-            let l = &proxy.config.listeners[listener];
-            tracing::error!(listener = %l.name, client = %pair.info.peer, "kernel forwarding failed: {e}");
+            tracing::error!(listener = %l.config.name, client = %pair.info.peer, "kernel forwarding failed: {e}");
             // The exchange's record still (a hand-off's only one, for a response body).
-            log_handoff_end(proxy, listener, &pair.info, None, Totals::default());
+            log_handoff_end(l, &pair.info, None, Totals::default());
             Session::Finished(Outcome::ForwardFailed(e))
         }
     }
 }
 
 /// Counts how the flow ended; an HTTP hand-off gets its access-log record.
-fn finish(proxy: &Proxy, listener: usize, info: FlowInfo, end: End, totals: Totals) -> Session {
-    let l = &proxy.config.listeners[listener];
-    let backend = &proxy.config.backends[info.backend];
-    let server = &backend.servers[info.lease.index()].name;
+fn finish(listener: &ListenerRt, info: FlowInfo, end: End, totals: Totals) -> Session {
+    let l = &listener.config;
+    let metrics = &listener.shared.metrics;
+    let server = &info.backend.config.servers[info.lease.index()].name;
     let labels = |side: forward::Side| EndLabels {
         listener: l.name.clone(),
         side: side.name(),
     };
     match end {
         End::Reset(side) => {
-            proxy.metrics.resets.get_or_create(&labels(side)).inc();
+            metrics.resets.get_or_create(&labels(side)).inc();
         }
         End::IdleTimeout(side) => {
-            proxy.metrics.timeouts.get_or_create(&labels(side)).inc();
+            metrics.timeouts.get_or_create(&labels(side)).inc();
             tracing::info!(listener = %l.name, client = %info.peer, server = %server, "{} idle timeout", side.name());
         }
         End::Closed => {}
     }
-    (proxy
-        .server_counters(info.backend, info.lease.index())
-        .kernel_bytes)
-        .inc_by(totals.kernel);
-    log_handoff_end(proxy, listener, &info, Some(end), totals);
+    info.server().kernel_bytes.inc_by(totals.kernel);
+    log_handoff_end(listener, &info, Some(end), totals);
     Session::Finished(Outcome::Forwarded(end))
 }
 
 /// An HTTP hand-off's access-log record, when its flow ended (`None`: the kernel path failed).
-fn log_handoff_end(proxy: &Proxy, listener: usize, info: &FlowInfo, end: Option<End>, totals: Totals) {
+fn log_handoff_end(listener: &ListenerRt, info: &FlowInfo, end: Option<End>, totals: Totals) {
     let Some((kind, handed)) = &info.http else {
         return;
     };
-    let backend = &proxy.config.backends[info.backend];
+    let backend = &info.backend.config;
     let ended = handoff::Ended {
         client: info.peer,
-        listener: &proxy.config.listeners[listener].name,
+        listener: &listener.config.name,
         backend: &backend.name,
         server: &backend.servers[info.lease.index()].name,
         end,

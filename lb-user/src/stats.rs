@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     balance::State,
-    metrics::{ListenerLabels, ServerStateLabels},
-    server::Proxy,
+    metrics::ServerStateLabels,
+    runtime::{BackendRt, Runtime},
     tls::{accept::Terminator, ktls::Ktls},
 };
 
@@ -94,8 +94,9 @@ pub struct ServerStats {
 
 /// Sets `lb_server_state` from each server's state now (before a scrape: the state lives in
 /// the servers' atomics, not in a metric).
-pub fn export_states(proxy: &Proxy) {
-    for (b, state) in proxy.config.backends.iter().zip(&proxy.backends) {
+pub fn export_states(rt: &Runtime) {
+    for state in &rt.backends {
+        let b = &state.config;
         for (s, live) in b.servers.iter().zip(state.balancer.servers()) {
             let now = live.state();
             for st in [State::Up, State::Down, State::Drain, State::Maint] {
@@ -104,66 +105,39 @@ pub fn export_states(proxy: &Proxy) {
                     server: s.name.clone(),
                     state: st.name(),
                 };
-                let gauge = proxy.metrics.server_state.get_or_create(&labels).clone();
+                let gauge = rt.shared.metrics.server_state.get_or_create(&labels).clone();
                 gauge.set(i64::from(st == now));
             }
         }
     }
 }
 
-/// What `proxy` is doing now.
-pub fn snapshot(proxy: &Proxy) -> Stats {
-    let config = &proxy.config;
-    let listeners = config
+/// What lb is doing now.
+pub fn snapshot(rt: &Runtime) -> Stats {
+    let listeners = rt
         .listeners
         .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let labels = ListenerLabels {
-                listener: l.name.clone(),
-            };
-            let active = proxy.metrics.active.get_or_create(&labels).get();
-            let total = proxy.metrics.connections.get_or_create(&labels).get();
+        .map(|listener| {
+            let l = &listener.config;
+            let active = listener.active.get();
+            let total = listener.connections.get();
             ListenerStats {
                 name: l.name.clone(),
                 bind: l.bind.to_string(),
                 mode: if l.http.is_some() { "http" } else { "tcp" }.into(),
-                backend: config.backends[l.backend].name.clone(),
+                backend: listener.default_backend().config.name.clone(),
                 active,
                 total,
-                tls: proxy.tls[i].as_ref().map(listener_tls),
+                tls: listener.tls.as_ref().map(listener_tls),
             }
         })
         .collect();
-    let backends = config
+    let backends = rt
         .backends
         .iter()
-        .zip(&proxy.backends)
-        .map(|(b, state)| {
-            let servers = b
-                .servers
-                .iter()
-                .zip(state.balancer.servers())
-                .zip(&state.servers)
-                .map(|((s, live), counters)| ServerStats {
-                    name: s.name.clone(),
-                    address: s.address.to_string(),
-                    state: live.state().name().into(),
-                    check: if b.health_check.is_some() {
-                        live.last_check()
-                    } else {
-                        "-".into()
-                    },
-                    weight: live.weight(),
-                    maxconn: live.maxconn(),
-                    active: live.active(),
-                    total: counters.connections.get(),
-                    connect_errors: counters.connect_errors.get(),
-                    check_failures: counters.check_failures.get(),
-                    bytes_kernel: counters.kernel_bytes.get(),
-                    bytes_user: counters.user_bytes.get(),
-                })
-                .collect();
+        .map(|state| {
+            let b = &state.config;
+            let servers = (0..b.servers.len()).map(|i| server(state, i)).collect();
             let u = &state.unserved;
             BackendStats {
                 name: b.name.clone(),
@@ -177,8 +151,13 @@ pub fn snapshot(proxy: &Proxy) -> Stats {
         .collect();
     Stats {
         version: env!("CARGO_PKG_VERSION").into(),
-        forwarding: if proxy.kernel.is_some() { "kernel" } else { "user" }.into(),
-        tls_forwarding: proxy.ktls.as_ref().map(|k| match k {
+        forwarding: if rt.shared.kernel.is_some() {
+            "kernel"
+        } else {
+            "user"
+        }
+        .into(),
+        tls_forwarding: rt.shared.ktls.as_ref().map(|k| match k {
             Ktls::Available(ciphers) => format!(
                 "userspace, client sessions encrypted and decrypted by the kernel (kTLS: {})",
                 ciphers.names().join(", ")
@@ -187,6 +166,29 @@ pub fn snapshot(proxy: &Proxy) -> Stats {
         }),
         listeners,
         backends,
+    }
+}
+
+/// Server `index` of `backend` now.
+pub fn server(backend: &BackendRt, index: usize) -> ServerStats {
+    let (s, live, counters) = backend.server(index);
+    ServerStats {
+        name: s.name.clone(),
+        address: s.address.to_string(),
+        state: live.state().name().into(),
+        check: if backend.config.health_check.is_some() {
+            live.last_check()
+        } else {
+            "-".into()
+        },
+        weight: live.weight(),
+        maxconn: live.maxconn(),
+        active: live.active(),
+        total: counters.connections.get(),
+        connect_errors: counters.connect_errors.get(),
+        check_failures: counters.check_failures.get(),
+        bytes_kernel: counters.kernel_bytes.get(),
+        bytes_user: counters.user_bytes.get(),
     }
 }
 

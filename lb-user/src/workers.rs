@@ -86,7 +86,7 @@ impl Worker {
         let (ready, started) = std::sync::mpsc::sync_channel(1);
         // The runtime is built in its thread: built here, it would be dropped here when the
         // thread cannot start, and tokio panics when a runtime is dropped inside another one's
-        // `block_on` (where `server::run` starts the workers).
+        // `block_on` (where `daemon::run` starts the workers).
         let thread = std::thread::Builder::new()
             .name(format!("lb-worker-{index}"))
             .spawn(move || {

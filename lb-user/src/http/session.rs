@@ -29,7 +29,7 @@ use super::{
 use crate::{
     config::{Http, Listener},
     metrics::status_class,
-    server::Proxy,
+    runtime::ListenerRt,
     stream::Stream,
 };
 
@@ -66,7 +66,7 @@ enum State {
 
 /// What a session needs at every step.
 pub(super) struct Ctx<'a> {
-    pub(super) proxy: &'a Proxy,
+    pub(super) rt: &'a ListenerRt,
     pub(super) l: &'a Listener,
     pub(super) http: &'a Http,
     pub(super) peer: SocketAddr,
@@ -77,33 +77,27 @@ pub(super) struct Ctx<'a> {
     /// `lb_http_responses_total` of this listener, by status class.
     responses: &'a [Counter; 5],
     /// Cancelled when lb starts to stop. The connection's own child of
-    /// [`Proxy::stopping`]: waiting on it registers with this connection's token, not with one
+    /// [`crate::runtime::Shared::stopping`]: waiting on it registers with this connection's token, not with one
     /// every connection of every thread registers with at every request.
     stopping: CancellationToken,
 }
 
 /// Runs an HTTP client connection (plain, or after its TLS handshake: `sni`) until it ends or
 /// becomes a tunnel.
-pub async fn run(
-    proxy: &Proxy,
-    listener: usize,
-    stream: Stream,
-    peer: SocketAddr,
-    sni: Option<String>,
-) -> HttpEnd {
-    let l = &proxy.config.listeners[listener];
-    let (Some(http), Some(responses)) = (&l.http, &proxy.http_responses[listener]) else {
+pub async fn run(rt: &ListenerRt, stream: Stream, peer: SocketAddr, sni: Option<String>) -> HttpEnd {
+    let l = &rt.config;
+    let (Some(http), Some(responses)) = (&l.http, &rt.http_responses) else {
         return HttpEnd::Closed("not an http listener");
     };
     let ctx = Ctx {
-        proxy,
+        rt,
         l,
         http,
         peer,
         sni,
         client_ip: peer.ip().to_string(),
         responses,
-        stopping: proxy.stopping.child_token(),
+        stopping: rt.shared.stopping.child_token(),
     };
     let mut state = State::Waiting {
         client: Conn::new(stream),
@@ -130,7 +124,7 @@ pub async fn run(
 
 /// Holds the client's bytes until the request analyzer accepts a head (or refuses it).
 async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<ServerConn>, first: bool) -> State {
-    let limits = &ctx.proxy.config.limits;
+    let limits = &ctx.rt.shared.settings.limits;
     client.shrink_if_idle();
     if let Some(s) = server.as_mut() {
         s.conn.shrink_if_idle();
@@ -276,7 +270,7 @@ async fn exchange(
     };
     client.consume(req.head_len);
     let client_idle = ctx.l.client_timeout;
-    let server_idle = ctx.proxy.config.backends[backend].server_timeout;
+    let server_idle = ctx.rt.backend(backend).config.server_timeout;
     let upgrading = rewrite::is_upgrade(&req);
     // lb answers `Expect: 100-continue` itself (as nginx does) and drops it from the request:
     // the body then follows at once, and the server never waits for a 100 of its own.
@@ -356,7 +350,7 @@ async fn exchange(
     // lb forwarding the rest itself is what it does already.
     let plain = !client.stream.is_tls() && !server.conn.stream.is_tls();
     let hand_off_after =
-        (close && plain && ctx.proxy.kernel.is_some()).then_some(ctx.proxy.config.offload_after);
+        (close && plain && ctx.rt.shared.kernel.is_some()).then_some(ctx.rt.shared.settings.offload_after);
     match forward_message(
         &mut server.conn,
         &mut client.stream,
@@ -430,7 +424,7 @@ fn hand_off_body(
 /// The bytes an exchange moved in userspace, in its server's `lb_server_forwarded_bytes_total`.
 fn count_bytes(ctx: &Ctx<'_>, x: &Exchange<'_>) {
     if let Some(i) = x.server_idx {
-        let counters = ctx.proxy.server_counters(x.backend, i);
+        let counters = &ctx.rt.backend(x.backend).servers[i];
         counters.user_bytes.inc_by(x.bytes_in + x.bytes_out);
     }
 }
@@ -502,7 +496,7 @@ fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str, answered
     if !log::wanted(ctx.http.access_log) {
         return;
     }
-    let backend = &ctx.proxy.config.backends[x.backend];
+    let backend = &ctx.rt.backend(x.backend).config;
     let [request, connect, response] = x.times();
     log::emit(
         ctx.http.access_log,

@@ -60,9 +60,9 @@ pub(super) async fn send_request(
         };
         x.server_idx = Some(server.lease.index());
         x.connected = Some(Instant::now());
-        let server_idle = ctx.proxy.config.backends[x.backend].server_timeout;
+        let server_idle = ctx.rt.backend(x.backend).config.server_timeout;
         let idle = (ctx.l.client_timeout, server_idle);
-        let max = ctx.proxy.config.limits.max_body_bytes;
+        let max = ctx.rt.shared.settings.limits.max_body_bytes;
         let sent = forward_message(
             client,
             &mut server.conn.stream,
@@ -96,7 +96,7 @@ pub(super) async fn send_request(
                 return Err(Rejection::new(400, "client closed within the request body"))
             }
         };
-        let backend = &ctx.proxy.config.backends[x.backend];
+        let backend = &ctx.rt.backend(x.backend).config;
         match answer {
             Ok(resp) => {
                 server.lease.observe(resp.status < 500, backend);
@@ -147,8 +147,8 @@ async fn read_response(
     server: &mut ServerConn,
     x: &mut Exchange<'_>,
 ) -> Result<Response, NoAnswer> {
-    let limit = ctx.proxy.config.limits.max_header_bytes;
-    let deadline = Instant::now() + ctx.proxy.config.backends[x.backend].server_timeout;
+    let limit = ctx.rt.shared.settings.limits.max_header_bytes;
+    let deadline = Instant::now() + ctx.rt.backend(x.backend).config.server_timeout;
     let mut received = false;
     loop {
         if !server.conn.held.is_empty() {
@@ -192,8 +192,9 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
         path: Some(path),
         nodelay: ctx.l.nodelay,
         http: true,
+        rcvbuf: ctx.rt.shared.settings.kernel_rcvbuf,
     };
-    match dispatch(ctx.proxy, backend, who).await {
+    match dispatch(ctx.rt.backend(backend), who).await {
         Ok((lease, stream)) => Ok(ServerConn {
             conn: Conn::new(stream),
             backend,

@@ -1,7 +1,7 @@
-//! Wiring: loads the forwarding path, binds the listeners and the admin endpoint, starts the
-//! session workers, runs an accept loop per listener that hands each connection to a session
-//! supervisor on a worker, and stops gracefully.
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+//! Wiring: loads the forwarding path, builds the runtime objects ([`crate::runtime`]), binds the
+//! listeners and the admin endpoint, starts the session workers, runs an accept loop per
+//! listener that hands each connection to a session supervisor on a worker, and stops
+//! gracefully.
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -9,183 +9,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     accept, admin,
     affinity::{self, AffinityError, CpuAffinity, CpuList},
-    balance::Balancer,
     bpf::{BpfError, Kernel},
     config::{Config, Forwarding, KernelCongestion, DEFAULT_KERNEL_CONGESTION},
     forward,
-    metrics::{
-        BackendLabels, ListenerLabels, Metrics, PathLabels, ResponseLabels, ServerLabels, ServerPathLabels,
-        UnservedLabels, STATUS_CLASSES,
-    },
+    metrics::{ListenerLabels, Metrics, PathLabels},
+    runtime::{BackendRt, ListenerRt, Runtime, Settings, Shared},
     session,
     tls::ktls::Ktls,
     workers::Workers,
 };
-
-/// Everything sessions share.
-pub struct Proxy {
-    pub config: Config,
-    /// Per backend of `config.backends`, same order.
-    pub backends: Vec<BackendState>,
-    /// The loaded BPF program when flows are forwarded by the kernel.
-    pub kernel: Option<Kernel>,
-    /// The congestion control set on kernel flows' sockets (`tune.kernel_congestion`, checked
-    /// against the kernel at start); `None` keeps the system's.
-    pub kernel_congestion: Option<String>,
-    pub metrics: Arc<Metrics>,
-    /// `lb_forwarded_bytes_total{path="user"}`, held to avoid a label lookup per copy.
-    pub user_bytes: Counter,
-    /// Per listener of `config.listeners`: `lb_dropped_bytes_total{listener}`.
-    pub dropped: Vec<Counter>,
-    /// Per listener, for `mode: http` ones: `lb_http_responses_total{listener,code}` by
-    /// [`crate::metrics::status_class`], held to avoid a label lookup per response.
-    pub http_responses: Vec<Option<[Counter; 5]>>,
-    /// Cancelled when lb starts to stop (SIGTERM): the listeners stop accepting, and HTTP
-    /// sessions close their kept-alive connections (HAProxy's soft-stop): an idle one at once,
-    /// a busy one after its response, which says `Connection: close`.
-    pub stopping: CancellationToken,
-    /// Per listener of `config.listeners`: its TLS termination, for listeners with `tls:`.
-    pub tls: Vec<Option<crate::tls::accept::Terminator>>,
-    /// Whether the kernel offers kTLS (checked at start when TLS is configured).
-    pub ktls: Option<Ktls>,
-}
-
-impl Proxy {
-    /// The counters of server `index` of backend `backend`.
-    pub fn server_counters(&self, backend: usize, index: usize) -> &ServerCounters {
-        &self.backends[backend].servers[index]
-    }
-
-    /// Where a flow to that server counts the bytes lb copies.
-    pub fn byte_counters(&self, backend: usize, index: usize) -> crate::forward::ByteCounters<'_> {
-        crate::forward::ByteCounters {
-            total: &self.user_bytes,
-            server: &self.server_counters(backend, index).user_bytes,
-        }
-    }
-
-    /// SO_RCVBUF for both sockets of every flow when the kernel path is there
-    /// (`tune.kernel_rcvbuf`), set before the handshake (on the listening socket, which
-    /// accepted sockets inherit, and on the server socket before it connects), so that it bounds what a
-    /// braked direction holds however the flow reached the kernel. (Flows handed over
-    /// mid-stream used to keep autotuning: with a fixed buffer about one hand-off in a thousand
-    /// repeated bytes, most likely the retransmitted segments the program now trims; the
-    /// hand-off test passed 5 runs of 100 hand-offs with it.)
-    pub fn kernel_rcvbuf(&self) -> Option<u32> {
-        kernel_rcvbuf(self.kernel.as_ref(), &self.config)
-    }
-}
-
-/// See [`Proxy::kernel_rcvbuf`] (also needed before the proxy exists, to bind the listeners).
-fn kernel_rcvbuf(kernel: Option<&Kernel>, config: &Config) -> Option<u32> {
-    kernel.and(config.kernel_rcvbuf)
-}
-
-/// A backend's runtime state: its balancer and each server's counters (created once, so the
-/// connect path does no label lookup).
-pub struct BackendState {
-    pub balancer: Balancer,
-    /// Per server of the backend's config, same order.
-    pub servers: Vec<ServerCounters>,
-    /// `lb_backend_retries_total`: connect attempts redispatched after a failure.
-    pub retries: Counter,
-    /// `lb_backend_unserved_total`, by reason.
-    pub unserved: Unserved,
-    /// `lb_backend_queue`: sessions waiting for a server below its `maxconn`.
-    pub queued: Gauge,
-}
-
-/// Sessions the backend could give no server to (503 in HTTP mode, a closed connection in
-/// TCP mode).
-pub struct Unserved {
-    /// No server took new flows.
-    pub no_server: Counter,
-    /// Every connect attempt failed (retries included).
-    pub connect_failed: Counter,
-    /// Every server stayed at its `maxconn` for `timeouts.queue`.
-    pub queue_timeout: Counter,
-}
-
-/// `lb_backend_connections_total` and `lb_backend_connect_errors_total` of one server.
-pub struct ServerCounters {
-    pub connections: Counter,
-    pub connect_errors: Counter,
-    /// `lb_health_check_failures_total`.
-    pub check_failures: Counter,
-    /// `lb_server_forwarded_bytes_total{path="user"}` and `{path="kernel"}`.
-    pub user_bytes: Counter,
-    pub kernel_bytes: Counter,
-    /// `lb_server_tls_failures_total`: TLS handshakes with the server that failed.
-    pub tls_failures: Counter,
-}
-
-impl BackendState {
-    fn new(backend: &crate::config::Backend, metrics: &Metrics) -> BackendState {
-        let servers = backend
-            .servers
-            .iter()
-            .map(|s| {
-                let labels = ServerLabels {
-                    backend: backend.name.clone(),
-                    server: s.name.clone(),
-                };
-                ServerCounters {
-                    connections: metrics.server_connections.get_or_create(&labels).clone(),
-                    connect_errors: metrics.connect_errors.get_or_create(&labels).clone(),
-                    check_failures: metrics.check_failures.get_or_create(&labels).clone(),
-                    user_bytes: server_bytes(metrics, &labels, "user"),
-                    kernel_bytes: server_bytes(metrics, &labels, "kernel"),
-                    tls_failures: metrics.server_tls_failures.get_or_create(&labels).clone(),
-                }
-            })
-            .collect();
-        BackendState {
-            balancer: Balancer::new(
-                backend,
-                backend.servers.iter().map(|s| {
-                    let labels = ServerLabels {
-                        backend: backend.name.clone(),
-                        server: s.name.clone(),
-                    };
-                    (
-                        metrics.server_active.get_or_create(&labels).clone(),
-                        metrics.server_up.get_or_create(&labels).clone(),
-                    )
-                }),
-            ),
-            servers,
-            retries: metrics.retries.get_or_create(&BackendLabels::of(backend)).clone(),
-            unserved: Unserved {
-                no_server: unserved(metrics, backend, "no_server"),
-                connect_failed: unserved(metrics, backend, "connect_failed"),
-                queue_timeout: unserved(metrics, backend, "queue_timeout"),
-            },
-            queued: metrics.queued.get_or_create(&BackendLabels::of(backend)).clone(),
-        }
-    }
-}
-
-/// One `lb_backend_unserved_total` series. (Its own statement: the family's lock guard that
-/// `get_or_create` returns lives to the end of the statement, and a second `get_or_create` on
-/// the same family within it would wait for that guard forever.)
-fn unserved(metrics: &Metrics, backend: &crate::config::Backend, reason: &'static str) -> Counter {
-    let counter = metrics
-        .unserved
-        .get_or_create(&UnservedLabels::of(backend, reason))
-        .clone();
-    counter
-}
-
-/// One `lb_server_forwarded_bytes_total` series (a statement of its own: see [`unserved`]).
-fn server_bytes(metrics: &Metrics, server: &ServerLabels, path: &'static str) -> Counter {
-    let labels = ServerPathLabels {
-        backend: server.backend.clone(),
-        server: server.server.clone(),
-        path,
-    };
-    let counter = metrics.server_bytes.get_or_create(&labels).clone();
-    counter
-}
 
 /// Why lb could not start.
 #[derive(Debug, thiserror::Error)]
@@ -297,36 +129,6 @@ pub async fn run(
         .forwarded_bytes
         .get_or_create(&PathLabels { path: "user" })
         .clone();
-    let dropped = config
-        .listeners
-        .iter()
-        .map(|l| {
-            let labels = ListenerLabels {
-                listener: l.name.clone(),
-            };
-            metrics.dropped_bytes.get_or_create(&labels).clone()
-        })
-        .collect();
-    let http_responses = config
-        .listeners
-        .iter()
-        .map(|l| {
-            l.http.as_ref().map(|_| {
-                STATUS_CLASSES.map(|code| {
-                    let labels = ResponseLabels {
-                        listener: l.name.clone(),
-                        code,
-                    };
-                    metrics.http_responses.get_or_create(&labels).clone()
-                })
-            })
-        })
-        .collect();
-    let backends = config
-        .backends
-        .iter()
-        .map(|b| BackendState::new(b, &metrics))
-        .collect();
     let kernel_congestion = match &kernel {
         Some(_) => congestion(&config.kernel_congestion)?,
         None => None,
@@ -345,13 +147,9 @@ pub async fn run(
         }
         None => {}
     }
-    let tls = config
-        .listeners
-        .iter()
-        .map(|l| l.tls.as_ref().map(|t| terminator(l, t, &metrics, ktls.as_ref())))
-        .collect();
     let mut sockets = Vec::new();
-    let rcvbuf = kernel_rcvbuf(kernel.as_ref(), &config);
+    let settings = Settings::of(&config, kernel.is_some());
+    let rcvbuf = settings.kernel_rcvbuf;
     for l in &config.listeners {
         let socket = accept::bind(l, rcvbuf).map_err(|source| StartError::Bind {
             name: l.name.clone(),
@@ -379,18 +177,36 @@ pub async fn run(
             source,
         })?,
     );
-    let proxy = Arc::new(Proxy {
-        config,
-        backends,
+    let shared = Arc::new(Shared {
+        settings,
         kernel,
         kernel_congestion,
         metrics,
         user_bytes,
-        dropped,
-        http_responses,
         stopping: stop_accepting.clone(),
-        tls,
         ktls,
+    });
+    let backends: Vec<Arc<BackendRt>> = config
+        .backends
+        .iter()
+        .map(|b| Arc::new(BackendRt::new(b.clone(), &shared.metrics)))
+        .collect();
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let tls = l
+                .tls
+                .as_ref()
+                .map(|t| terminator(l, t, &shared.metrics, shared.ktls.as_ref()));
+            Arc::new(ListenerRt::new(l.clone(), shared.clone(), backends.clone(), tls))
+        })
+        .collect();
+    let runtime = Arc::new(Runtime {
+        shared,
+        listeners,
+        backends,
+        admin: config.admin.clone(),
     });
 
     let abort = CancellationToken::new();
@@ -398,19 +214,18 @@ pub async fn run(
     let stop_admin = CancellationToken::new();
     let sessions = TaskTracker::new();
     let mut acceptors = Vec::new();
-    for (i, socket) in sockets.into_iter().enumerate() {
-        let l = &proxy.config.listeners[i];
+    for (listener, socket) in runtime.listeners.iter().zip(sockets) {
+        let l = &listener.config;
         let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(
             "listener `{}` listening on {local} (mode {}{}, backend `{}`)",
             l.name,
             if l.http.is_some() { "http" } else { "tcp" },
             if l.tls.is_some() { " over TLS" } else { "" },
-            proxy.config.backends[l.backend].name
+            listener.default_backend().config.name
         );
         acceptors.push(tokio::spawn(accept_loop(
-            proxy.clone(),
-            i,
+            listener.clone(),
             socket,
             workers.clone(),
             stop_accepting.clone(),
@@ -418,12 +233,12 @@ pub async fn run(
             sessions.clone(),
         )));
     }
-    crate::health::spawn(&proxy, &stop_admin);
-    crate::reload::watch(&proxy, &stop_admin);
+    crate::health::spawn(&runtime.backends, &stop_admin);
+    crate::reload::watch(&runtime, &stop_admin);
     if let Some(socket) = admin_socket {
         let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("admin endpoint listening on {local}");
-        tokio::spawn(admin::serve(socket, proxy.clone(), stop_admin.clone()));
+        tokio::spawn(admin::serve(socket, runtime.clone(), stop_admin.clone()));
     }
     tracing::info!("lb ready ({} session thread(s))", workers.len());
 
@@ -536,20 +351,14 @@ fn raise_fd_limit(config: &Config) {
 /// Accepts connections while below the listener's maxconn and spawns a session for each on the
 /// next worker.
 async fn accept_loop(
-    proxy: Arc<Proxy>,
-    index: usize,
+    listener: Arc<ListenerRt>,
     socket: accept::Listening,
     workers: Arc<Workers>,
     stop: CancellationToken,
     abort: CancellationToken,
     sessions: TaskTracker,
 ) {
-    let l = &proxy.config.listeners[index];
-    let labels = ListenerLabels {
-        listener: l.name.clone(),
-    };
-    let total = proxy.metrics.connections.get_or_create(&labels).clone();
-    let active = proxy.metrics.active.get_or_create(&labels).clone();
+    let l = &listener.config;
     let slots = Arc::new(Semaphore::new(l.maxconn as usize));
     loop {
         let permit = tokio::select! {
@@ -571,20 +380,20 @@ async fn accept_loop(
                 }
             },
         };
-        total.inc();
-        let (proxy, active, abort) = (proxy.clone(), active.clone(), abort.clone());
+        listener.connections.inc();
+        let (listener, abort) = (listener.clone(), abort.clone());
         let session = async move {
-            let l = &proxy.config.listeners[index];
-            let accepted = match accept::configure(l, stream, peer) {
+            let accepted = match accept::configure(&listener.config, stream, peer) {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(listener = %l.name, client = %peer, "cannot configure accepted socket: {e}");
+                    tracing::warn!(listener = %listener.config.name, client = %peer, "cannot configure accepted socket: {e}");
                     return;
                 }
             };
+            let active = listener.active.clone();
             active.inc();
             tokio::select! {
-                _ = session::run(proxy, index, accepted) => {}
+                _ = session::run(listener, accepted) => {}
                 _ = abort.cancelled() => {}
             }
             active.dec();
