@@ -198,7 +198,7 @@ fn route(rt: &Runtime, peer: SocketAddr, method: &Method, path: &str) -> Answer 
             "lb admin: GET /metrics, /stats, /stats.json; POST /servers/BACKEND/SERVER/{enable,disable,drain,weight/N}, /reload\n",
         ),
         (&Method::POST, ["reload"]) => {
-            let result = crate::reload::reload_certificates(rt);
+            let result = crate::reload::reload_certificates(rt, "lb reload");
             crate::reload::log(&result, &format!("lb reload from {peer}"));
             match result {
                 Ok(r) => json(

@@ -13,7 +13,7 @@ use crate::{
     config::{Config, Forwarding, KernelCongestion, DEFAULT_KERNEL_CONGESTION},
     forward,
     metrics::{ListenerLabels, Metrics, PathLabels},
-    runtime::{BackendRt, ListenerRt, Runtime, Settings, Shared},
+    runtime::{BackendRt, ListenerRt, ProcessRt, Runtime, Settings, Shared},
     session,
     tls::ktls::Ktls,
     workers::Workers,
@@ -103,6 +103,7 @@ pub async fn run(
     forwarding: Forwarding,
     stop: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    let process = ProcessRt::new();
     let kernel = match forwarding {
         Forwarding::User => None,
         Forwarding::Kernel => Some(Kernel::load().map_err(StartError::Kernel)?),
@@ -203,6 +204,7 @@ pub async fn run(
         })
         .collect();
     let runtime = Arc::new(Runtime {
+        process,
         shared,
         listeners,
         backends,

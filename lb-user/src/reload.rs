@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::ResultLabels, runtime::Runtime};
+use crate::{
+    metrics::ResultLabels,
+    runtime::{Reload, Runtime},
+};
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +43,8 @@ fn others(r: &Reloaded) -> String {
 }
 
 /// Reads every TLS listener's certificates again and installs each listener's set that is
-/// whole.
-pub fn reload_certificates(rt: &Runtime) -> Result<Reloaded, Refused> {
+/// whole; `by`: what asked (`SIGHUP`, `lb reload`), for `lb stats`.
+pub fn reload_certificates(rt: &Runtime, by: &'static str) -> Result<Reloaded, Refused> {
     // A SIGHUP and a `lb reload` at once must not install an older read over a newer one.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -72,11 +75,21 @@ pub fn reload_certificates(rt: &Runtime) -> Result<Reloaded, Refused> {
         .get_or_create(&ResultLabels { result })
         .clone();
     counter.inc();
-    if problems.is_empty() {
+    let outcome = if problems.is_empty() {
         Ok(reloaded)
     } else {
         Err(Refused { problems, reloaded })
-    }
+    };
+    rt.process.record_reload(Reload {
+        at: std::time::SystemTime::now(),
+        by,
+        result,
+        detail: match &outcome {
+            Ok(r) => said(r),
+            Err(e) => e.to_string(),
+        },
+    });
+    outcome
 }
 
 /// Reloads on each SIGHUP until `stop`; each result is logged.
@@ -95,7 +108,7 @@ pub fn watch(rt: &Arc<Runtime>, stop: &CancellationToken) {
                 _ = stop.cancelled() => return,
                 got = hangups.recv() => if got.is_none() { return },
             }
-            log(&reload_certificates(&rt), "SIGHUP");
+            log(&reload_certificates(&rt, "SIGHUP"), "SIGHUP");
         }
     });
 }
@@ -103,11 +116,15 @@ pub fn watch(rt: &Arc<Runtime>, stop: &CancellationToken) {
 /// Says in the log how a reload went.
 pub fn log(result: &Result<Reloaded, Refused>, by: &str) {
     match result {
-        Ok(r) => tracing::info!(
-            "{by}: reloaded {} certificate(s) of {} TLS listener(s)",
-            r.certificates,
-            r.listeners
-        ),
+        Ok(r) => tracing::info!("{by}: {}", said(r)),
         Err(e) => tracing::error!("{by}: {e}"),
     }
+}
+
+/// What a reload that was not refused did.
+fn said(r: &Reloaded) -> String {
+    format!(
+        "reloaded {} certificate(s) of {} TLS listener(s)",
+        r.certificates, r.listeners
+    )
 }

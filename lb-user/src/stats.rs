@@ -14,6 +14,9 @@ use crate::{
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
     pub version: String,
+    /// The process (absent from an older lb's answer).
+    #[serde(default)]
+    pub process: Option<ProcessStats>,
     /// `kernel` or `user`: how established flows are forwarded.
     pub forwarding: String,
     /// With TLS configured: how flows with a TLS side are forwarded (kTLS or userspace).
@@ -21,6 +24,30 @@ pub struct Stats {
     pub tls_forwarding: Option<String>,
     pub listeners: Vec<ListenerStats>,
     pub backends: Vec<BackendStats>,
+}
+
+/// The running process (HAProxy's `show info`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProcessStats {
+    pub pid: u32,
+    /// When it started (RFC 3339).
+    pub started: String,
+    pub uptime_seconds: u64,
+    /// The last reload since it started, if any.
+    pub last_reload: Option<ReloadStats>,
+}
+
+/// How a reload went.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReloadStats {
+    /// When (RFC 3339).
+    pub at: String,
+    /// What asked for it (`SIGHUP`, `lb reload`).
+    pub by: String,
+    /// `ok` or `refused`.
+    pub result: String,
+    /// What it did, or why it was refused.
+    pub detail: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -149,8 +176,20 @@ pub fn snapshot(rt: &Runtime) -> Stats {
             }
         })
         .collect();
+    let process = &rt.process;
     Stats {
         version: env!("CARGO_PKG_VERSION").into(),
+        process: Some(ProcessStats {
+            pid: process.pid,
+            started: rfc3339(process.started),
+            uptime_seconds: process.started.elapsed().map_or(0, |d| d.as_secs()),
+            last_reload: process.last_reload().map(|r| ReloadStats {
+                at: rfc3339(r.at),
+                by: r.by.into(),
+                result: r.result.into(),
+                detail: r.detail,
+            }),
+        }),
         forwarding: if rt.shared.kernel.is_some() {
             "kernel"
         } else {
@@ -212,4 +251,8 @@ fn listener_tls(tls: &Terminator) -> ListenerTlsStats {
             })
             .collect(),
     }
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }

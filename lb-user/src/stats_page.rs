@@ -31,6 +31,13 @@ pub fn render(stats: &Stats) -> String {
         escape(&stats.version),
         if stats.forwarding == "kernel" { "kernel (sockmap)" } else { "userspace" },
     );
+    if let Some(p) = &stats.process {
+        let _ = write!(
+            h,
+            "<p id=\"process\">{}</p>",
+            escape(&crate::admin_client::process_line(p))
+        );
+    }
     h.push_str(
         "<table id=\"listeners\"><caption>Listeners</caption><tr><th class=\"name\">listener</th>\
          <th>bind</th><th>mode</th><th class=\"name\">backend</th><th>connections now</th><th>total</th></tr>",
@@ -177,6 +184,7 @@ mod tests {
         };
         let stats = Stats {
             version: "0.1.0".into(),
+            process: None,
             forwarding: "kernel".into(),
             tls_forwarding: None,
             listeners: vec![ListenerStats {

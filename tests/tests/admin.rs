@@ -143,6 +143,10 @@ async fn weight_and_disable_apply_to_the_next_flow() {
     assert_eq!(servers[0]["state"], "MAINT");
     assert_eq!(servers[1]["weight"], 3);
     assert_eq!(v["listeners"][0]["name"], "test");
+    // The process, as HAProxy's `show info` tells it: this lb's pid, no reload yet.
+    assert_eq!(v["process"]["pid"], lb.pid());
+    assert!(v["process"]["started"].as_str().unwrap().ends_with('Z'), "{json}");
+    assert!(v["process"]["last_reload"].is_null(), "{json}");
     // A name lb does not have, and a weight out of range: refused with the reason.
     let wrong = lb_cmd(&lb, &["server", "drain", "pool/nope"]).await;
     assert!(!wrong.status.success());

@@ -360,6 +360,12 @@ async fn a_reload_installs_a_new_certificate_and_keeps_open_sessions() {
         stats.contains("TLS web: ") && stats.contains("O=second") && stats.contains("[site.test]"),
         "{stats}"
     );
+    // With the process and how its last reload went.
+    assert!(
+        stats.contains(&format!("pid {}, started ", lb.pid()))
+            && stats.contains("by lb reload: refused (certificates refused"),
+        "{stats}"
+    );
     let said = if lb_tests::tls::kernel_has_ktls() {
         "flows with a TLS side forwarded by userspace, client sessions encrypted and decrypted by the kernel (kTLS: AES-128-GCM"
     } else {

@@ -6,6 +6,7 @@
 //! endpoint, stats, health checks, reloads). Every stage may use this module; it uses no stage.
 mod backend;
 mod listener;
+mod process;
 
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backend::{BackendRt, ServerRt, Unserved};
 pub use listener::ListenerRt;
+pub use process::{ProcessRt, Reload};
 
 use crate::{
     bpf::Kernel,
@@ -87,8 +89,9 @@ impl Shared {
     }
 }
 
-/// Every listener and backend of the running configuration.
+/// Every listener and backend of the running configuration, and the process.
 pub struct Runtime {
+    pub process: ProcessRt,
     pub shared: Arc<Shared>,
     /// Per listener of the configuration, same order.
     pub listeners: Vec<Arc<ListenerRt>>,
