@@ -243,8 +243,10 @@ pub async fn run(
         tokio::spawn(admin::serve(socket, runtime.clone(), stop_admin.clone()));
     }
     tracing::info!("lb ready ({} session thread(s))", workers.len());
+    crate::systemd::ready();
 
     stop.await;
+    crate::systemd::stopping();
     stop_accepting.cancel();
     for a in acceptors {
         let _ = a.await;

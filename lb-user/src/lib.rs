@@ -29,6 +29,7 @@ pub mod sockopt;
 pub mod stats;
 pub mod stats_page;
 pub mod stream;
+pub mod systemd;
 pub mod tls;
 pub mod workers;
 

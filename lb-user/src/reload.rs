@@ -48,6 +48,7 @@ pub fn reload_certificates(rt: &Runtime, by: &'static str) -> Result<Reloaded, R
     // A SIGHUP and a `lb reload` at once must not install an older read over a newer one.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    crate::systemd::reloading();
     let mut reloaded = Reloaded {
         listeners: 0,
         certificates: 0,
@@ -89,6 +90,8 @@ pub fn reload_certificates(rt: &Runtime, by: &'static str) -> Result<Reloaded, R
             Err(e) => e.to_string(),
         },
     });
+    // A refused reload leaves lb serving as before.
+    crate::systemd::ready();
     outcome
 }
 

@@ -220,6 +220,7 @@ fn test(args: Vec<String>) -> Result<()> {
             ("wrk", "wrk"),
             ("openssl", "openssl"),
             ("chromium", "chromium"),
+            ("systemd-analyze", "systemd"),
         ],
     )?;
     // The end-to-end tests run the real `lb` binary, which `cargo test` alone does not build.

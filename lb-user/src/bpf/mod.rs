@@ -45,7 +45,7 @@ pub enum BpfError {
     NotBuilt,
     #[error(transparent)]
     Btf(#[from] btf::BtfError),
-    #[error("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN, kernel >= 5.10): {0}")]
+    #[error("loading the eBPF object failed (needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON, kernel >= 5.10): {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
@@ -55,7 +55,7 @@ pub enum BpfError {
     Mmap(std::io::Error),
     #[error("starting the event reader failed: {0}")]
     Events(std::io::Error),
-    #[error("loading or attaching the verdict program failed: {0}")]
+    #[error("loading or attaching the verdict program failed (needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON): {0}")]
     Program(#[from] aya::programs::ProgramError),
 }
 
