@@ -94,16 +94,6 @@ fn error_text(body: &str) -> String {
         .unwrap_or_else(|| body.trim().to_string())
 }
 
-/// The process in one line: pid, start, and the last reload.
-pub fn process_line(p: &crate::stats::ProcessStats) -> String {
-    let up = humantime::format_duration(std::time::Duration::from_secs(p.uptime_seconds));
-    let reload = match &p.last_reload {
-        Some(r) => format!("last reload {} by {}: {} ({})", r.at, r.by, r.result, r.detail),
-        None => "no reload yet".into(),
-    };
-    format!("pid {}, started {} (up {up}), {reload}", p.pid, p.started)
-}
-
 /// `lb stats` for a person: the listeners, then a table per backend.
 pub fn format_stats(s: &Stats) -> String {
     let mut out = String::new();
@@ -114,7 +104,7 @@ pub fn format_stats(s: &Stats) -> String {
     };
     let _ = writeln!(out, "lb {}, established flows forwarded by {path}", s.version);
     if let Some(p) = &s.process {
-        let _ = writeln!(out, "{}", process_line(p));
+        let _ = writeln!(out, "{}", crate::stats::process_line(p));
     }
     if let Some(tls) = &s.tls_forwarding {
         let _ = writeln!(out, "flows with a TLS side forwarded by {tls}");

@@ -1,6 +1,6 @@
 //! Health checks (a backend's `health_check:`), beside the data path: one task per checked
 //! server on the main runtime, which probes it every `interval` and moves it DOWN after `fall`
-//! failures in a row and UP after `rise` successes ([`ServerLive::set_up`]); the balancers skip
+//! failures in a row and UP after `rise` successes ([`crate::balance::ServerLive::set_up`]); the balancers skip
 //! a DOWN server from the next pick. Passive ejection (`observe:`) takes a server DOWN from the
 //! data path; the same checks bring it back.
 //!
@@ -15,7 +15,6 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    balance::ServerLive,
     config::{CheckKind, HealthCheck, Server},
     runtime::BackendRt,
     stream::Stream,
@@ -47,7 +46,6 @@ pub fn spawn(backends: &[Arc<BackendRt>], stop: &CancellationToken) {
 async fn run(backend: &BackendRt, server: usize, check: &HealthCheck) {
     let b = &backend.config;
     let (s, live, counters) = backend.server(server);
-    let live: &ServerLive = live;
     let failures = &counters.check_failures;
     let mut run = Run::default();
     // The first check at once: a server down at start is known within `fall` intervals.

@@ -48,7 +48,12 @@ pub fn reload_certificates(rt: &Runtime, by: &'static str) -> Result<Reloaded, R
     // A SIGHUP and a `lb reload` at once must not install an older read over a newer one.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    crate::systemd::reloading();
+    // Once lb stops, systemd hears nothing more than STOPPING=1 (the admin endpoint and the
+    // SIGHUP watcher stay up while flows finish).
+    let tell_systemd = !rt.shared.stopping.is_cancelled();
+    if tell_systemd {
+        crate::systemd::reloading();
+    }
     let mut reloaded = Reloaded {
         listeners: 0,
         certificates: 0,
@@ -91,7 +96,9 @@ pub fn reload_certificates(rt: &Runtime, by: &'static str) -> Result<Reloaded, R
         },
     });
     // A refused reload leaves lb serving as before.
-    crate::systemd::ready();
+    if tell_systemd {
+        crate::systemd::ready();
+    }
     outcome
 }
 

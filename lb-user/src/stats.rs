@@ -182,7 +182,7 @@ pub fn snapshot(rt: &Runtime) -> Stats {
         process: Some(ProcessStats {
             pid: process.pid,
             started: rfc3339(process.started),
-            uptime_seconds: process.started.elapsed().map_or(0, |d| d.as_secs()),
+            uptime_seconds: process.uptime().as_secs(),
             last_reload: process.last_reload().map(|r| ReloadStats {
                 at: rfc3339(r.at),
                 by: r.by.into(),
@@ -206,6 +206,16 @@ pub fn snapshot(rt: &Runtime) -> Stats {
         listeners,
         backends,
     }
+}
+
+/// The process in one line: pid, start, and the last reload (`lb stats`, the stats page).
+pub fn process_line(p: &ProcessStats) -> String {
+    let up = humantime::format_duration(std::time::Duration::from_secs(p.uptime_seconds));
+    let reload = match &p.last_reload {
+        Some(r) => format!("last reload {} by {}: {} ({})", r.at, r.by, r.result, r.detail),
+        None => "no reload yet".into(),
+    };
+    format!("pid {}, started {} (up {up}), {reload}", p.pid, p.started)
 }
 
 /// Server `index` of `backend` now.

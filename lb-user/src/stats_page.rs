@@ -35,7 +35,7 @@ pub fn render(stats: &Stats) -> String {
         let _ = write!(
             h,
             "<p id=\"process\">{}</p>",
-            escape(&crate::admin_client::process_line(p))
+            escape(&crate::stats::process_line(p))
         );
     }
     h.push_str(

@@ -132,7 +132,7 @@ pub fn bpf_available(test: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("eBPF sockmap forwarding built in"));
     let why = match (root, built_in) {
         (true, true) => return true,
-        (false, _) => "not running as root (BPF sockmap needs CAP_BPF + CAP_NET_ADMIN)",
+        (false, _) => "not running as root (BPF sockmap needs CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON)",
         (true, false) => "lb was built without its eBPF program (run `cargo xtask setup`)",
     };
     skip(test, why);

@@ -1,4 +1,4 @@
-//! `lb check`: every file in conf/ is valid, and each kind of bad input is reported as
+//! `lb check`: every configuration (`.yaml`) in conf/ is valid, and each kind of bad input is reported as
 //! FILE:LINE:COLUMN: message with exit status 1.
 use lb_tests::lb::lb_binary;
 use std::{path::Path, process::Command};

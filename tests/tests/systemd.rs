@@ -3,7 +3,7 @@
 //! and the unit's capability bounding set is enough to load the verdict program and forward in
 //! the kernel. (No systemd runs here: the unit itself is not started.)
 use lb_tests::{bpf_available, lb::LbBuilder, program_available, servers};
-use std::{os::unix::net::UnixDatagram, path::Path, process::Command, time::Duration};
+use std::{net::SocketAddr, os::unix::net::UnixDatagram, path::Path, process::Command, time::Duration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// conf/lb.service, with its binary's path replaced by `lb`.
@@ -86,6 +86,45 @@ fn lb_tells_systemd_ready_reloading_and_stopping() {
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
 }
 
+/// The unit's `CapabilityBoundingSet=`, as capability names (`bpf`, `net_admin`, ...).
+fn unit_capabilities() -> Vec<String> {
+    unit_text(Path::new("lb"))
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet=").map(str::to_owned))
+        .expect("the unit sets CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+/// `lb run` under setpriv with only `caps` (bounding, inheritable and ambient sets cleared of
+/// every other), as systemd starts it with the unit's bounding set.
+fn lb_with_capabilities(caps: &[String], server: SocketAddr) -> Result<lb_tests::lb::Lb, String> {
+    let builder = LbBuilder::new(&[server]).forwarding("kernel").offload_after("0");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lb.yaml");
+    std::fs::write(&config, builder.config_text()).unwrap();
+    let plus: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--bounding-set=-all,{}", plus.join(",")))
+        .args(["--inh-caps=-all", "--ambient-caps=-all"])
+        .arg(lb_tests::lb::lb_binary())
+        .args(["run", "-c"])
+        .arg(&config);
+    lb_tests::lb::spawn_command(cmd, dir)
+}
+
+/// The effective capability set of process `pid` (CapEff in /proc/PID/status).
+fn effective_capabilities(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
 #[tokio::test]
 async fn the_units_capabilities_are_enough_for_kernel_forwarding() {
     if !bpf_available("the_units_capabilities_are_enough_for_kernel_forwarding")
@@ -96,26 +135,28 @@ async fn the_units_capabilities_are_enough_for_kernel_forwarding() {
     {
         return;
     }
-    // CapabilityBoundingSet= of the unit, as setpriv takes it.
-    let unit = unit_text(Path::new("lb"));
-    let caps: Vec<String> = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .expect("the unit sets CapabilityBoundingSet")
-        .split_whitespace()
-        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
+    let caps = unit_capabilities();
     let echo = servers::echo().await;
-    let builder = LbBuilder::new(&[echo]).forwarding("kernel").offload_after("0");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("lb.yaml");
-    std::fs::write(&config, builder.config_text()).unwrap();
-    let mut cmd = Command::new("setpriv");
-    cmd.arg(format!("--bounding-set=-all,{}", caps.join(",")))
-        .arg(lb_tests::lb::lb_binary())
-        .args(["run", "-c"])
-        .arg(&config);
-    let lb = lb_tests::lb::spawn_command(cmd, dir).expect("lb did not start with the unit's capabilities");
+    // Without CAP_PERFMON the kernel refuses the program, and lb says what it needs.
+    let fewer: Vec<String> = caps.iter().filter(|c| *c != "perfmon").cloned().collect();
+    assert!(fewer.len() < caps.len(), "the unit has no CAP_PERFMON: {caps:?}");
+    let Err(refused) = lb_with_capabilities(&fewer, echo) else {
+        panic!("lb loaded its program without CAP_PERFMON");
+    };
+    assert!(refused.contains("CAP_PERFMON"), "{refused}");
+    // With the unit's set: only those, and the flow goes through the kernel.
+    let lb = lb_with_capabilities(&caps, echo).expect("lb did not start with the unit's capabilities");
+    // CAP_NET_ADMIN 12, CAP_NET_BIND_SERVICE 10, CAP_PERFMON 38, CAP_BPF 39
+    // (include/uapi/linux/capability.h).
+    let bit = |c: &str| match c {
+        "net_bind_service" => 1u64 << 10,
+        "net_admin" => 1 << 12,
+        "perfmon" => 1 << 38,
+        "bpf" => 1 << 39,
+        other => panic!("no bit for {other} here"),
+    };
+    let expected = caps.iter().map(|c| bit(c)).fold(0, |a, b| a | b);
+    assert_eq!(effective_capabilities(lb.pid()), expected);
     let mut c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
     let payload = vec![7u8; 1 << 20];
     c.write_all(&payload).await.unwrap();

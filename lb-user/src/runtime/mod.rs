@@ -3,7 +3,8 @@
 //! its servers' [`ServerRt`]) each hold their configuration, counters and live state; what
 //! every flow shares (the kernel path, the metrics, process-wide settings) is [`Shared`];
 //! [`Runtime`] is the whole set, for the parts that look at every listener or backend (admin
-//! endpoint, stats, health checks, reloads). Every stage may use this module; it uses no stage.
+//! endpoint, stats, health checks, reloads). Every stage may use this module; it holds some
+//! stages' types (a balancer, a TLS terminator) but calls no stage.
 mod backend;
 mod listener;
 mod process;

@@ -1,11 +1,16 @@
 //! The process itself, as `lb stats` and /stats.json show it (HAProxy's `show info`): its pid,
 //! when it started, and how its last reload went.
-use std::{sync::Mutex, time::SystemTime};
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
+};
 
 /// The running process.
 pub struct ProcessRt {
     pub pid: u32,
     pub started: SystemTime,
+    /// The same instant on the monotonic clock (the uptime does not jump with the wall clock).
+    since: Instant,
     last_reload: Mutex<Option<Reload>>,
 }
 
@@ -27,8 +32,13 @@ impl ProcessRt {
         ProcessRt {
             pid: std::process::id(),
             started: SystemTime::now(),
+            since: Instant::now(),
             last_reload: Mutex::new(None),
         }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.since.elapsed()
     }
 
     pub fn record_reload(&self, reload: Reload) {
