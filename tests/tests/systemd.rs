@@ -158,14 +158,7 @@ async fn the_units_capabilities_are_enough_for_kernel_forwarding() {
     let expected = caps.iter().map(|c| bit(c)).fold(0, |a, b| a | b);
     assert_eq!(effective_capabilities(lb.pid()), expected);
     let mut c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
-    let payload = vec![7u8; 1 << 20];
-    c.write_all(&payload).await.unwrap();
-    let mut back = vec![0u8; payload.len()];
-    tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut back))
-        .await
-        .expect("the echo did not come back")
-        .unwrap();
-    assert!(back == payload);
+    servers::echo_round_trip(&mut c, &vec![7u8; 1 << 20]).await;
     // The flow's kernel bytes are counted when it ends.
     c.shutdown().await.unwrap();
     let mut rest = Vec::new();
