@@ -3,7 +3,11 @@
 //! every socket it accepts, and completes each accepted connection's set-up before the session
 //! supervisor takes it over.
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use std::{io, net::SocketAddr, os::fd::AsFd};
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
+};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     net::TcpStream,
@@ -29,29 +33,41 @@ pub fn bind(listener: &Listener, rcvbuf: Option<u32>) -> io::Result<Listening> {
     )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
-    socket.set_nodelay(listener.nodelay)?;
     if let Some(bytes) = rcvbuf {
         socket.set_recv_buffer_size(bytes as usize)?;
     }
-    if let Some(k) = &listener.keepalive {
-        let mut ka = TcpKeepalive::new();
-        if let Some(idle) = k.idle {
-            ka = ka.with_time(idle);
-        }
-        if let Some(interval) = k.interval {
-            ka = ka.with_interval(interval);
-        }
-        if let Some(count) = k.count {
-            ka = ka.with_retries(count);
-        }
-        socket.set_tcp_keepalive(&ka)?;
-    }
+    inherited(SockRef::from(&socket), listener)?;
     socket.bind(&listener.bind.into())?;
-    socket.listen(listener.backlog.min(i32::MAX as u32) as i32)?;
+    socket.listen(backlog(listener))?;
     let socket: std::net::TcpListener = socket.into();
     // SAFETY: the listener owns its fd, which stays open and the same while the AsyncFd owns it.
     let registered = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
     Ok(Listening(registered))
+}
+
+/// The flags accepted sockets inherit: TCP_NODELAY and the keepalive settings.
+fn inherited(socket: SockRef<'_>, listener: &Listener) -> io::Result<()> {
+    socket.set_nodelay(listener.nodelay)?;
+    match &listener.keepalive {
+        Some(k) => {
+            let mut ka = TcpKeepalive::new();
+            if let Some(idle) = k.idle {
+                ka = ka.with_time(idle);
+            }
+            if let Some(interval) = k.interval {
+                ka = ka.with_interval(interval);
+            }
+            if let Some(count) = k.count {
+                ka = ka.with_retries(count);
+            }
+            socket.set_tcp_keepalive(&ka)
+        }
+        None => socket.set_keepalive(false),
+    }
+}
+
+fn backlog(listener: &Listener) -> i32 {
+    listener.backlog.min(i32::MAX as u32) as i32
 }
 
 /// A bound listening socket, registered with the runtime that runs its accept loop.
@@ -64,6 +80,30 @@ pub struct Listening(AsyncFd<std::net::TcpListener>);
 impl Listening {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.get_ref().local_addr()
+    }
+
+    /// A reload changed the listener: the flags later connections inherit, and the backlog
+    /// (`listen` again on a listening socket only changes its backlog). The address stays.
+    pub fn adjust(&self, listener: &Listener) -> io::Result<()> {
+        let socket = SockRef::from(self.0.get_ref());
+        inherited(socket, listener)?;
+        // SAFETY: a plain syscall on the fd this socket owns.
+        if unsafe { libc::listen(self.0.as_raw_fd(), backlog(listener)) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// A connection already in the accept queue, without waiting (`None`: the queue is empty).
+    pub fn try_accept(&self) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
+        match SockRef::from(self.0.get_ref()).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) {
+            Ok((socket, peer)) => match peer.as_socket() {
+                Some(peer) => Ok(Some((socket.into(), peer))),
+                None => Ok(None),
+            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Waits for the next connection: a non-blocking socket registered with no runtime yet.

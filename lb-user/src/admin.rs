@@ -6,7 +6,7 @@
 //! - `POST /servers/BACKEND/SERVER/enable|disable|drain` and
 //!   `POST /servers/BACKEND/SERVER/weight/N`: runtime changes, at once, for new flows only
 //!   (flows already on a server are never cut);
-//! - `POST /reload`: the TLS listeners' certificates read again ([`crate::reload`]).
+//! - `POST /reload`: the configuration file read again and applied ([`crate::reload`]).
 //!
 //! Guarded: with `admin.token` every request must carry it; without, only loopback clients
 //! are served (the configuration refuses a non-loopback `admin.listen` without a token).
@@ -56,7 +56,7 @@ pub async fn serve(listener: TcpListener, rt: Arc<Runtime>, stop: CancellationTo
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let rt = rt.clone();
-                async move { Ok::<_, Infallible>(respond(&rt, peer, &req)) }
+                async move { Ok::<_, Infallible>(respond(&rt, peer, &req).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -73,9 +73,12 @@ pub async fn serve(listener: TcpListener, rt: Arc<Runtime>, stop: CancellationTo
 
 type Answer = (StatusCode, &'static str, String);
 
-fn respond<B>(rt: &Runtime, peer: SocketAddr, req: &Request<B>) -> Response<Full<Bytes>> {
+async fn respond<B>(rt: &Runtime, peer: SocketAddr, req: &Request<B>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match guard(rt, peer, req) {
         Err(answer) => answer,
+        Ok(()) if req.method() == Method::POST && req.uri().path().trim_matches('/') == "reload" => {
+            reload(rt, peer).await
+        }
         Ok(()) => route(rt, peer, req.method(), req.uri().path()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -103,7 +106,8 @@ fn guard<B>(rt: &Runtime, peer: SocketAddr, req: &Request<B>) -> Result<(), Answ
     if req.method() == Method::POST && cross_site(req) {
         return forbidden("cross-site requests may not change lb\n");
     }
-    let token = rt.admin.as_ref().and_then(|a| a.token.as_deref());
+    let admin = rt.admin();
+    let token = admin.as_ref().and_then(|a| a.token.as_deref());
     let Some(token) = token else {
         if !(peer.ip().is_loopback() || peer.ip().to_canonical().is_loopback()) {
             return forbidden("loopback clients only (set admin.token to allow others)\n");
@@ -197,17 +201,6 @@ fn route(rt: &Runtime, peer: SocketAddr, method: &Method, path: &str) -> Answer 
             StatusCode::OK,
             "lb admin: GET /metrics, /stats, /stats.json; POST /servers/BACKEND/SERVER/{enable,disable,drain,weight/N}, /reload\n",
         ),
-        (&Method::POST, ["reload"]) => {
-            let result = crate::reload::reload_certificates(rt, "lb reload");
-            crate::reload::log(&result, &format!("lb reload from {peer}"));
-            match result {
-                Ok(r) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "listeners": r.listeners, "certificates": r.certificates }),
-                ),
-                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-            }
-        }
         (&Method::POST, ["servers", backend, server, command @ ..]) => {
             change_server(rt, peer, backend, server, command)
         }
@@ -216,9 +209,19 @@ fn route(rt: &Runtime, peer: SocketAddr, method: &Method, path: &str) -> Answer 
     }
 }
 
+/// `POST /reload`: the configuration file read again and applied ([`crate::reload`]): 200 with
+/// what changed, or 422 with every problem (nothing changed).
+async fn reload(rt: &Runtime, peer: SocketAddr) -> Answer {
+    match crate::reload::ask(&rt.reloads, "lb reload", Some(peer.to_string())).await {
+        Ok(r) => json(StatusCode::OK, &r),
+        Err(refused) => json(StatusCode::UNPROCESSABLE_ENTITY, &refused),
+    }
+}
+
 /// Applies a runtime command to one server; answers with its state after.
 fn change_server(rt: &Runtime, peer: SocketAddr, backend: &str, server: &str, command: &[&str]) -> Answer {
-    let Some(b) = rt.backend(backend) else {
+    let current = rt.current();
+    let Some(b) = current.backend(backend) else {
         return error(StatusCode::NOT_FOUND, format!("no backend `{backend}`"));
     };
     let config = &b.config;

@@ -2,9 +2,9 @@
 //! of the `lb` binary, not of the library).
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use hyper::Method;
+use hyper::{Method, StatusCode};
 use lb::{
-    admin_client::{format_stats, Endpoint},
+    admin_client::{format_stats, AdminError, Endpoint},
     config,
 };
 use std::{net::SocketAddr, path::PathBuf};
@@ -106,16 +106,39 @@ pub fn server(target: &Target, command: &ServerCommand) -> anyhow::Result<()> {
     })
 }
 
-/// `lb reload`: the running lb reads its TLS certificates again (as on SIGHUP).
+/// `lb reload`: the running lb reads its configuration file again and applies it (as on
+/// SIGHUP); what changed is printed, or every problem of a refused file (exit status 1).
 pub fn reload(target: &Target) -> anyhow::Result<()> {
     let endpoint = target.endpoint()?;
     runtime()?.block_on(async {
-        let body = endpoint.call(Method::POST, "/reload").await?;
-        let v: serde_json::Value = serde_json::from_str(&body).context("reading lb's answer")?;
-        println!(
-            "reloaded {} certificate(s) of {} TLS listener(s)",
-            v["certificates"], v["listeners"]
-        );
+        let body = match endpoint.call(Method::POST, "/reload").await {
+            Ok(body) => body,
+            Err(AdminError::Refused { status, body }) if status == StatusCode::UNPROCESSABLE_ENTITY => {
+                let refused: lb::reload::Refused =
+                    serde_json::from_str(&body).context("reading lb's answer")?;
+                for e in &refused.errors {
+                    eprintln!("{e}");
+                }
+                bail!("reload refused, nothing changed");
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let r: lb::reload::Reloaded = serde_json::from_str(&body).context("reading lb's answer")?;
+        println!("{}", lb::reload::said(&r));
+        let list = |what: &str, c: &lb::reload::Changes| {
+            for (how, names) in [
+                ("added", &c.added),
+                ("removed", &c.removed),
+                ("changed", &c.changed),
+            ] {
+                if !names.is_empty() {
+                    println!("  {what} {how}: {}", names.join(", "));
+                }
+            }
+        };
+        list("listeners", &r.listeners);
+        list("backends", &r.backends);
+        list("servers", &r.servers);
         Ok(())
     })
 }

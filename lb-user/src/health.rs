@@ -24,7 +24,7 @@ use crate::{
 const MAX_HEAD: usize = 16 << 10;
 
 /// Starts the checks of every server of every backend that has a `health_check`; they end
-/// when `stop` is cancelled.
+/// when `stop` is cancelled, or the backend's `checks` (a reload replaced or removed it).
 pub fn spawn(backends: &[Arc<BackendRt>], stop: &CancellationToken) {
     for backend in backends {
         let Some(check) = &backend.config.health_check else {
@@ -36,6 +36,7 @@ pub fn spawn(backends: &[Arc<BackendRt>], stop: &CancellationToken) {
                 tokio::select! {
                     () = run(&backend, s, &check) => {}
                     () = stop.cancelled() => {}
+                    () = backend.checks.cancelled() => {}
                 }
             });
         }

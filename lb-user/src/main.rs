@@ -26,7 +26,7 @@ const VERSION: &str = if cfg!(lb_no_ebpf) {
         `haproxy -f FILE`, `lb check -c FILE` is `haproxy -c -f FILE`. Listeners (HAProxy's \
         frontends/binds) forward to backends of servers; `timeouts:` holds the defaults. \
         SIGTERM or SIGINT stops accepting and lets live flows finish for `timeouts.shutdown_grace`; \
-        SIGHUP (or `lb reload`) reads the TLS certificates again.\n\n\
+        SIGHUP (or `lb reload`) reads the configuration file again and applies it, all or nothing.\n\n\
         Logging: RUST_LOG (default `info`), e.g. RUST_LOG=lb=debug."
 )]
 struct Cli {
@@ -70,9 +70,10 @@ enum Command {
         #[command(subcommand)]
         command: cli_admin::ServerCommand,
     },
-    /// Make a running lb read its TLS certificates again, as SIGHUP does: new handshakes get
-    /// the new ones, open sessions keep theirs; a bad certificate is refused (with the reason)
-    /// and that listener keeps its old ones.
+    /// Make a running lb read its configuration file again and apply it, as SIGHUP does:
+    /// listeners, backends, servers, routes, certificates and settings change without cutting
+    /// a flow; a file with any error is refused with every FILE:LINE:COLUMN (exit status 1)
+    /// and changes nothing.
     Reload {
         #[command(flatten)]
         target: cli_admin::Target,
@@ -147,7 +148,7 @@ fn run(path: PathBuf, forwarding: Option<Forwarding>) -> anyhow::Result<()> {
             let name = signals.received().await;
             tracing::info!("{name} received: stopping");
         };
-        lb::daemon::run(config, forwarding, stop)
+        lb::daemon::run(config, path, forwarding, stop)
             .await
             .map_err(anyhow::Error::from)
     })

@@ -91,7 +91,7 @@ pub struct EndLabels {
     pub side: &'static str,
 }
 
-/// `lb_tls_reloads_total{result}`.
+/// `lb_reloads_total{result}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -175,11 +175,98 @@ pub struct Metrics {
     pub ktls_available: Gauge,
     /// Client TLS sessions offered to the kernel's TLS after their handshake, by result.
     pub ktls_handoffs: Family<KtlsHandOffLabels, Counter>,
-    /// Certificate reloads (SIGHUP, `lb reload`), by result.
-    pub tls_reloads: Family<ResultLabels, Counter>,
+    /// Configuration reloads (SIGHUP, `lb reload`), by result.
+    pub reloads: Family<ResultLabels, Counter>,
     kernel: KernelMetrics,
     // Serialises scrapes: kernel counters are folded in by delta.
     scrape: Mutex<()>,
+}
+
+impl Metrics {
+    /// A reload removed the listener `name`: its series leave the scrape (flows still open on
+    /// it count on in counters no scrape shows).
+    pub fn forget_listener(&self, name: &str) {
+        let listener = ListenerLabels {
+            listener: name.to_string(),
+        };
+        for family in [&self.connections, &self.dropped_bytes, &self.tls_handshakes] {
+            family.remove(&listener);
+        }
+        self.active.remove(&listener);
+        for side in crate::forward::Side::BOTH {
+            let labels = EndLabels {
+                listener: name.to_string(),
+                side: side.name(),
+            };
+            self.resets.remove(&labels);
+            self.timeouts.remove(&labels);
+        }
+        for reason in crate::tls::accept::Failure::ALL {
+            self.tls_failures.remove(&TlsFailureLabels {
+                listener: name.to_string(),
+                reason: reason.name(),
+            });
+        }
+        for result in crate::tls::accept::HandOffResult::ALL {
+            self.ktls_handoffs.remove(&KtlsHandOffLabels {
+                listener: name.to_string(),
+                result: result.name(),
+            });
+        }
+        for code in STATUS_CLASSES {
+            self.http_responses.remove(&ResponseLabels {
+                listener: name.to_string(),
+                code,
+            });
+        }
+    }
+
+    /// A reload removed the server `server` of `backend` (or its whole backend).
+    pub fn forget_server(&self, backend: &str, server: &str) {
+        let labels = ServerLabels {
+            backend: backend.to_string(),
+            server: server.to_string(),
+        };
+        for family in [
+            &self.connect_errors,
+            &self.server_connections,
+            &self.check_failures,
+            &self.server_tls_failures,
+        ] {
+            family.remove(&labels);
+        }
+        self.server_active.remove(&labels);
+        self.server_up.remove(&labels);
+        for state in crate::balance::State::ALL {
+            self.server_state.remove(&ServerStateLabels {
+                backend: backend.to_string(),
+                server: server.to_string(),
+                state: state.name(),
+            });
+        }
+        for path in ["user", "kernel"] {
+            self.server_bytes.remove(&ServerPathLabels {
+                backend: backend.to_string(),
+                server: server.to_string(),
+                path,
+            });
+        }
+    }
+
+    /// A reload removed the backend `name` (its servers are forgotten one by one).
+    pub fn forget_backend(&self, name: &str) {
+        let labels = BackendLabels {
+            backend: name.to_string(),
+        };
+        self.retries.remove(&labels);
+        self.queued.remove(&labels);
+        for reason in ["no_server", "connect_failed", "queue_timeout"] {
+            self.unserved.remove(&UnservedLabels {
+                backend: name.to_string(),
+                reason,
+            });
+        }
+    }
 }
 
 /// What the verdict program and the kernel path report, read at scrape time.
@@ -231,7 +318,7 @@ impl Metrics {
             server_tls_failures: Family::default(),
             ktls_available: Gauge::default(),
             ktls_handoffs: Family::default(),
-            tls_reloads: Family::default(),
+            reloads: Family::default(),
             kernel: KernelMetrics::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
@@ -363,9 +450,9 @@ impl Metrics {
             m.ktls_handoffs.clone(),
         );
         r.register(
-            "lb_tls_reloads",
-            "Certificate reloads (SIGHUP, lb reload), by result (ok, refused: a certificate was bad and the old ones stay)",
-            m.tls_reloads.clone(),
+            "lb_reloads",
+            "Configuration reloads (SIGHUP, lb reload), by result (ok; refused: the file had errors, and nothing changed)",
+            m.reloads.clone(),
         );
         let k = &m.kernel;
         r.register(

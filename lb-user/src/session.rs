@@ -229,7 +229,10 @@ async fn sni_stage(listener: &ListenerRt, a: Accepted) -> Session {
                 listener: l.name.clone(),
                 reason: failure.name(),
             };
-            listener.shared.metrics.tls_failures.get_or_create(&labels).inc();
+            // (A listener a reload removed has no series left to count in.)
+            if !listener.is_removed() {
+                listener.shared.metrics.tls_failures.get_or_create(&labels).inc();
+            }
             tracing::debug!(listener = %l.name, client = %a.peer, reason = failure.name(), "no ClientHello to route by");
             Session::Finished(Outcome::Handshake(failure))
         }
@@ -258,7 +261,7 @@ async fn connect_stage(listener: &ListenerRt, a: Client) -> Session {
         path: None,
         nodelay: l.nodelay,
         http: false,
-        rcvbuf: listener.shared.settings.kernel_rcvbuf,
+        rcvbuf: listener.settings.kernel_rcvbuf,
     };
     match dispatch(chosen, who).await {
         Ok((lease, stream)) => {
@@ -359,7 +362,7 @@ async fn http_stage(listener: &ListenerRt, a: Client) -> Session {
 /// The userspace start of every flow: to the end without the kernel path, else until the flow
 /// has moved `forwarding.offload_after` bytes one way (then the kernel takes it).
 async fn user_stage(l: &ListenerRt, pair: Pair) -> Session {
-    let offload_after = l.shared.settings.offload_after;
+    let offload_after = l.settings.offload_after;
     if l.shared.kernel.is_none() {
         return Session::UserOnly(pair);
     }
@@ -403,9 +406,9 @@ async fn kernel_stage(l: &ListenerRt, pair: Pair) -> Session {
         return Session::UserOnly(pair);
     };
     let settings = forward::kernel::Settings {
-        sndbuf: shared.settings.kernel_sndbuf,
+        sndbuf: l.settings.kernel_sndbuf,
         congestion: shared.kernel_congestion.as_deref(),
-        max_in_flight: shared.settings.max_in_flight,
+        max_in_flight: l.settings.max_in_flight,
     };
     let counters = forward::kernel::FlowCounters {
         user_bytes: shared.byte_counters(pair.info.server()),
@@ -454,12 +457,18 @@ fn finish(listener: &ListenerRt, info: FlowInfo, end: End, totals: Totals) -> Se
         listener: l.name.clone(),
         side: side.name(),
     };
+    // (A listener a reload removed has no series left to count in.)
+    let counted = !listener.is_removed();
     match end {
         End::Reset(side) => {
-            metrics.resets.get_or_create(&labels(side)).inc();
+            if counted {
+                metrics.resets.get_or_create(&labels(side)).inc();
+            }
         }
         End::IdleTimeout(side) => {
-            metrics.timeouts.get_or_create(&labels(side)).inc();
+            if counted {
+                metrics.timeouts.get_or_create(&labels(side)).inc();
+            }
             tracing::info!(listener = %l.name, client = %info.peer, server = %server, "{} idle timeout", side.name());
         }
         End::Closed => {}

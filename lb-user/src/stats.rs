@@ -122,11 +122,11 @@ pub struct ServerStats {
 /// Sets `lb_server_state` from each server's state now (before a scrape: the state lives in
 /// the servers' atomics, not in a metric).
 pub fn export_states(rt: &Runtime) {
-    for state in &rt.backends {
+    for state in &rt.current().backends {
         let b = &state.config;
         for (s, live) in b.servers.iter().zip(state.balancer.servers()) {
             let now = live.state();
-            for st in [State::Up, State::Down, State::Drain, State::Maint] {
+            for st in State::ALL {
                 let labels = ServerStateLabels {
                     backend: b.name.clone(),
                     server: s.name.clone(),
@@ -141,7 +141,8 @@ pub fn export_states(rt: &Runtime) {
 
 /// What lb is doing now.
 pub fn snapshot(rt: &Runtime) -> Stats {
-    let listeners = rt
+    let current = rt.current();
+    let listeners = current
         .listeners
         .iter()
         .map(|listener| {
@@ -159,7 +160,7 @@ pub fn snapshot(rt: &Runtime) -> Stats {
             }
         })
         .collect();
-    let backends = rt
+    let backends = current
         .backends
         .iter()
         .map(|state| {

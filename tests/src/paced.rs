@@ -181,3 +181,20 @@ pub fn assert_intact(spec: &PacedSpec, client: &EndReport, server: &EndReport) {
         (server.sent, server.received, server.received_len),
     );
 }
+
+/// A server for paced flows on 127.0.0.1: each flow's report, with its seed, goes to `reports`.
+pub fn serve_into(reports: tokio::sync::mpsc::UnboundedSender<(u64, EndReport)>) -> SocketAddr {
+    let l = crate::servers::listener();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let reports = reports.clone();
+            tokio::spawn(async move {
+                if let Ok(r) = serve(s, &AtomicU64::new(0)).await {
+                    let _ = reports.send(r);
+                }
+            });
+        }
+    });
+    addr
+}

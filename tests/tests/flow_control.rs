@@ -56,21 +56,8 @@ async fn paced_server() -> (
     std::net::SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<(u64, EndReport)>,
 ) {
-    let l = lb_tests::servers::listener();
-    let addr = l.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let written = AtomicU64::new(0);
-                if let Ok(r) = paced::serve(s, &written).await {
-                    let _ = tx.send(r);
-                }
-            });
-        }
-    });
-    (addr, rx)
+    (paced::serve_into(tx), rx)
 }
 
 /// Runs paced flows concurrently through a fresh kernel-path lb with `max_in_flight` and

@@ -9,6 +9,7 @@
 //!   and the offload-share table (`bench offload` alone).
 //! - `bench http`, `bench tls`: HTTP and TLS against HAProxy.
 //! - `bench idle`: lb's memory for 10,000 idle kernel-forwarded connections.
+//! - `bench reload`: the time to apply a reload of a file with 1,000 servers.
 mod bench;
 mod demo;
 mod fresh;
@@ -54,11 +55,12 @@ enum Task {
     TestVm,
     /// Run a benchmark: `tcp` (throughput and connection rate against HAProxy and direct),
     /// `http` (requests/s and p99 with wrk against HAProxy's HTTP mode and direct), `tls` (full
-    /// handshakes/s and bulk HTTPS against HAProxy, ECDSA and RSA certificates) or `idle`
-    /// (lb's memory for idle kernel-forwarded connections).
+    /// handshakes/s and bulk HTTPS against HAProxy, ECDSA and RSA certificates), `idle`
+    /// (lb's memory for idle kernel-forwarded connections) or `reload` (the time to apply a
+    /// reload of 1,000 servers; 10 reloads per run).
     Bench {
         /// Which benchmark: `tcp`, `offload` (the offload-share table of `tcp` alone), `http`,
-        /// `tls` or `idle`.
+        /// `tls`, `idle` or `reload`.
         what: String,
         /// Runs per configuration (medians are reported).
         #[arg(long, default_value_t = 3)]

@@ -36,6 +36,8 @@ pub enum State {
 }
 
 impl State {
+    pub const ALL: [State; 4] = [State::Up, State::Down, State::Drain, State::Maint];
+
     pub fn name(self) -> &'static str {
         match self {
             State::Up => "UP",
@@ -62,8 +64,11 @@ pub struct ServerLive {
     errors: AtomicU32,
     /// Current sessions: the `lb_backend_active_sessions` gauge itself (an atomic).
     active: Gauge,
-    /// Most sessions at once; 0: no limit.
-    maxconn: u32,
+    /// Most sessions at once; 0: no limit. (A reload may change it.)
+    maxconn: AtomicU32,
+    /// Gone from the configuration (a reload removed it): it takes no new flows, and the flows
+    /// it has go on.
+    removed: AtomicBool,
     /// The backend's queue: told when a limited server frees a slot.
     queue: Arc<Notify>,
     /// `lb_server_up`: 1 while healthy.
@@ -82,7 +87,8 @@ impl ServerLive {
         let (active, up_gauge) = gauges;
         up_gauge.set(1);
         ServerLive {
-            maxconn: maxconn.unwrap_or(0),
+            maxconn: AtomicU32::new(maxconn.unwrap_or(0)),
+            removed: AtomicBool::new(false),
             queue,
             weight: AtomicU32::new(weight),
             admin: AtomicU8::new(Admin::Ready as u8),
@@ -104,9 +110,10 @@ impl ServerLive {
         self.wake_queue();
     }
 
-    /// The weight a pick sees: 0 unless it takes new flows (ready and healthy).
+    /// The weight a pick sees: 0 unless it takes new flows (ready and healthy, and still in
+    /// the configuration).
     pub fn effective_weight(&self) -> u32 {
-        if self.admin() == Admin::Ready && self.is_up() {
+        if self.admin() == Admin::Ready && self.is_up() && !self.removed.load(Relaxed) {
             self.weight()
         } else {
             0
@@ -120,18 +127,41 @@ impl ServerLive {
 
     /// Its `maxconn` (`None`: no limit).
     pub fn maxconn(&self) -> Option<u32> {
-        (self.maxconn > 0).then_some(self.maxconn)
+        let maxconn = self.maxconn.load(Relaxed);
+        (maxconn > 0).then_some(maxconn)
+    }
+
+    /// A reload changed its `maxconn`: sessions above a lower limit go on (new ones wait for
+    /// them to end); a higher one lets queued sessions in at once.
+    pub fn set_maxconn(&self, maxconn: Option<u32>) {
+        self.maxconn.store(maxconn.unwrap_or(0), Relaxed);
+        self.wake_queue();
     }
 
     /// At its `maxconn`.
     pub fn is_full(&self) -> bool {
-        self.maxconn > 0 && self.active() >= self.maxconn
+        self.maxconn().is_some_and(|m| self.active() >= m)
+    }
+
+    /// A reload removed it from the configuration: no new flows from any generation's
+    /// balancer (an HTTP connection kept alive across the reload picks with the one it started
+    /// under); its flows go on.
+    pub fn retire(&self) {
+        self.removed.store(true, Relaxed);
+        self.wake_queue();
+    }
+
+    /// A reload changed its address: what its health was says nothing of the new one, which
+    /// starts as a new server does (up until its checks say otherwise).
+    pub fn readdress(&self) {
+        self.set_up(true);
+        self.set_last_check("-".into());
     }
 
     /// Counts one more session unless that would pass `maxconn` (checked and counted at once:
     /// two threads cannot both take the last slot).
     pub(super) fn try_acquire(&self) -> bool {
-        let limit = i64::from(self.maxconn);
+        let limit = i64::from(self.maxconn.load(Relaxed));
         self.active
             .inner()
             .fetch_update(Relaxed, Relaxed, |n| (limit == 0 || n < limit).then_some(n + 1))
@@ -141,7 +171,7 @@ impl ServerLive {
     /// A session ended: the sessions queued for the backend look again.
     pub(super) fn release(&self) {
         self.active.dec();
-        if self.maxconn > 0 {
+        if self.maxconn.load(Relaxed) > 0 {
             self.wake_queue();
         }
     }

@@ -109,18 +109,32 @@ enum Algorithm {
     Random,
 }
 
-impl Balancer {
-    /// `gauges`: each server's `lb_backend_active_sessions` and `lb_server_up` gauges, in the
-    /// backend's order.
-    pub fn new(backend: &Backend, gauges: impl IntoIterator<Item = (Gauge, Gauge)>) -> Balancer {
+/// A server of a backend a reload changed ([`Balancer::succeed`]).
+pub enum Slot {
+    /// The server of that index in the old balancer.
+    Kept(usize),
+    /// A new server, with its `lb_backend_active_sessions` and `lb_server_up` gauges.
+    New((Gauge, Gauge)),
+}
+
+impl Algorithm {
+    fn of(backend: &Backend) -> Algorithm {
         let names = || backend.servers.iter().map(|s| s.name.as_str());
-        let algorithm = match backend.balance {
+        match backend.balance {
             Balance::RoundRobin => Algorithm::RoundRobin(roundrobin::RoundRobin::new(backend.servers.len())),
             Balance::LeastConn => Algorithm::LeastConn(leastconn::LeastConn::default()),
             Balance::Source => Algorithm::Source(hash::Rendezvous::new(names())),
             Balance::Uri => Algorithm::Uri(hash::Rendezvous::new(names())),
             Balance::Random => Algorithm::Random,
-        };
+        }
+    }
+}
+
+impl Balancer {
+    /// `gauges`: each server's `lb_backend_active_sessions` and `lb_server_up` gauges, in the
+    /// backend's order.
+    pub fn new(backend: &Backend, gauges: impl IntoIterator<Item = (Gauge, Gauge)>) -> Balancer {
+        let algorithm = Algorithm::of(backend);
         let queue = Arc::new(Notify::new());
         Balancer {
             algorithm,
@@ -130,6 +144,28 @@ impl Balancer {
                 .zip(gauges)
                 .map(|(s, gauges)| Arc::new(ServerLive::new(s.weight, s.maxconn, gauges, queue.clone())))
                 .collect(),
+            queue,
+        }
+    }
+
+    /// The balancer of `backend` after a reload changed it, in place of `old` (the same
+    /// backend's): each server in `backend`'s order either keeps its live state from `old`
+    /// ([`Slot::Kept`]: its health, what an operator set, its sessions) or starts anew. The
+    /// queue stays, so that sessions waiting in it hear of the kept servers' freed slots.
+    pub fn succeed(backend: &Backend, old: &Balancer, slots: impl IntoIterator<Item = Slot>) -> Balancer {
+        let queue = old.queue.clone();
+        let servers = backend
+            .servers
+            .iter()
+            .zip(slots)
+            .map(|(s, slot)| match slot {
+                Slot::Kept(i) => old.servers[i].clone(),
+                Slot::New(gauges) => Arc::new(ServerLive::new(s.weight, s.maxconn, gauges, queue.clone())),
+            })
+            .collect();
+        Balancer {
+            algorithm: Algorithm::of(backend),
+            servers,
             queue,
         }
     }

@@ -21,6 +21,8 @@ pub enum Side {
 }
 
 impl Side {
+    pub const BOTH: [Side; 2] = [Side::Client, Side::Server];
+
     pub fn name(self) -> &'static str {
         match self {
             Side::Client => "client",

@@ -124,7 +124,7 @@ pub async fn run(rt: &ListenerRt, stream: Stream, peer: SocketAddr, sni: Option<
 
 /// Holds the client's bytes until the request analyzer accepts a head (or refuses it).
 async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<ServerConn>, first: bool) -> State {
-    let limits = &ctx.rt.shared.settings.limits;
+    let limits = &ctx.rt.settings.limits;
     client.shrink_if_idle();
     if let Some(s) = server.as_mut() {
         s.conn.shrink_if_idle();
@@ -350,7 +350,7 @@ async fn exchange(
     // lb forwarding the rest itself is what it does already.
     let plain = !client.stream.is_tls() && !server.conn.stream.is_tls();
     let hand_off_after =
-        (close && plain && ctx.rt.shared.kernel.is_some()).then_some(ctx.rt.shared.settings.offload_after);
+        (close && plain && ctx.rt.shared.kernel.is_some()).then_some(ctx.rt.settings.offload_after);
     match forward_message(
         &mut server.conn,
         &mut client.stream,

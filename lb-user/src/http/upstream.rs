@@ -62,7 +62,7 @@ pub(super) async fn send_request(
         x.connected = Some(Instant::now());
         let server_idle = ctx.rt.backend(x.backend).config.server_timeout;
         let idle = (ctx.l.client_timeout, server_idle);
-        let max = ctx.rt.shared.settings.limits.max_body_bytes;
+        let max = ctx.rt.settings.limits.max_body_bytes;
         let sent = forward_message(
             client,
             &mut server.conn.stream,
@@ -147,7 +147,7 @@ async fn read_response(
     server: &mut ServerConn,
     x: &mut Exchange<'_>,
 ) -> Result<Response, NoAnswer> {
-    let limit = ctx.rt.shared.settings.limits.max_header_bytes;
+    let limit = ctx.rt.settings.limits.max_header_bytes;
     let deadline = Instant::now() + ctx.rt.backend(x.backend).config.server_timeout;
     let mut received = false;
     loop {
@@ -192,7 +192,7 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
         path: Some(path),
         nodelay: ctx.l.nodelay,
         http: true,
-        rcvbuf: ctx.rt.shared.settings.kernel_rcvbuf,
+        rcvbuf: ctx.rt.settings.kernel_rcvbuf,
     };
     match dispatch(ctx.rt.backend(backend), who).await {
         Ok((lease, stream)) => Ok(ServerConn {

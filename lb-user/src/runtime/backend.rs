@@ -1,9 +1,10 @@
 //! A backend's runtime object: its configuration, balancer (with each server's live state),
 //! and counters, created once so that the connect path does no label lookup.
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    balance::{Balancer, ServerLive},
+    balance::{Balancer, ServerLive, Slot},
     config::{Backend, Server},
     metrics::{BackendLabels, Metrics, ServerLabels, ServerPathLabels, UnservedLabels},
 };
@@ -20,6 +21,9 @@ pub struct BackendRt {
     pub unserved: Unserved,
     /// `lb_backend_queue`: sessions waiting for a server below its `maxconn`.
     pub queued: Gauge,
+    /// Cancelled when a reload replaces or removes this backend: its health checks stop (the
+    /// ones of what replaces it start).
+    pub checks: CancellationToken,
 }
 
 /// Sessions the backend could give no server to (503 in HTTP mode, a closed connection in
@@ -49,15 +53,60 @@ pub struct ServerRt {
 
 impl BackendRt {
     pub fn new(backend: Backend, metrics: &Metrics) -> BackendRt {
-        let labels = |s: &Server| ServerLabels {
-            backend: backend.name.clone(),
-            server: s.name.clone(),
-        };
+        let balancer = Balancer::new(
+            &backend,
+            backend
+                .servers
+                .iter()
+                .map(|s| server_gauges(metrics, &backend, s)),
+        );
+        BackendRt::with(backend, balancer, metrics)
+    }
+
+    /// The backend `backend` as a reload made it, in place of `old` (the running backend of
+    /// the same name). A server of the same name stays the same server: it keeps its health,
+    /// its sessions and what an operator set at runtime (drain, maintenance, weight), except
+    /// for what the file changed: a new `weight` replaces the one set at runtime, a new
+    /// `maxconn` applies at once, and a new address starts its health anew. Servers no longer
+    /// in the file are retired (no new flows; theirs go on).
+    pub fn succeed(old: &BackendRt, backend: Backend, metrics: &Metrics) -> BackendRt {
+        let slots: Vec<Slot> = backend
+            .servers
+            .iter()
+            .map(
+                |s| match old.config.servers.iter().position(|o| o.name == s.name) {
+                    Some(i) => {
+                        let (was, live, _) = old.server(i);
+                        if was.weight != s.weight {
+                            live.set_weight(s.weight);
+                        }
+                        if was.maxconn != s.maxconn {
+                            live.set_maxconn(s.maxconn);
+                        }
+                        if was.address != s.address {
+                            live.readdress();
+                        }
+                        Slot::Kept(i)
+                    }
+                    None => Slot::New(server_gauges(metrics, &backend, s)),
+                },
+            )
+            .collect();
+        for (i, was) in old.config.servers.iter().enumerate() {
+            if !backend.servers.iter().any(|s| s.name == was.name) {
+                old.balancer.servers()[i].retire();
+            }
+        }
+        let balancer = Balancer::succeed(&backend, &old.balancer, slots);
+        BackendRt::with(backend, balancer, metrics)
+    }
+
+    fn with(backend: Backend, balancer: Balancer, metrics: &Metrics) -> BackendRt {
         let servers = backend
             .servers
             .iter()
             .map(|s| {
-                let labels = labels(s);
+                let labels = server_labels(&backend, s);
                 ServerRt {
                     connections: metrics.server_connections.get_or_create(&labels).clone(),
                     connect_errors: metrics.connect_errors.get_or_create(&labels).clone(),
@@ -68,16 +117,6 @@ impl BackendRt {
                 }
             })
             .collect();
-        let balancer = Balancer::new(
-            &backend,
-            backend.servers.iter().map(|s| {
-                let labels = labels(s);
-                (
-                    metrics.server_active.get_or_create(&labels).clone(),
-                    metrics.server_up.get_or_create(&labels).clone(),
-                )
-            }),
-        );
         BackendRt {
             balancer,
             servers,
@@ -91,8 +130,18 @@ impl BackendRt {
                 queue_timeout: unserved(metrics, &backend, "queue_timeout"),
             },
             queued: metrics.queued.get_or_create(&BackendLabels::of(&backend)).clone(),
+            checks: CancellationToken::new(),
             config: backend,
         }
+    }
+
+    /// A reload removed the whole backend: its servers take no new flows (sessions kept alive
+    /// across the reload still name it), its checks stop.
+    pub fn retire(&self) {
+        for live in self.balancer.servers() {
+            live.retire();
+        }
+        self.checks.cancel();
     }
 
     /// Server `index`: its configuration, live state and counters.
@@ -103,6 +152,21 @@ impl BackendRt {
             &self.servers[index],
         )
     }
+}
+
+fn server_labels(backend: &Backend, s: &Server) -> ServerLabels {
+    ServerLabels {
+        backend: backend.name.clone(),
+        server: s.name.clone(),
+    }
+}
+
+/// A new server's `lb_backend_active_sessions` and `lb_server_up` gauges.
+fn server_gauges(metrics: &Metrics, backend: &Backend, s: &Server) -> (Gauge, Gauge) {
+    let labels = server_labels(backend, s);
+    let active = metrics.server_active.get_or_create(&labels).clone();
+    let up = metrics.server_up.get_or_create(&labels).clone();
+    (active, up)
 }
 
 /// One `lb_backend_unserved_total` series. (Its own statement: the family's lock guard that
@@ -125,4 +189,78 @@ fn server_bytes(metrics: &Metrics, server: &ServerLabels, path: &'static str) ->
     };
     let counter = metrics.server_bytes.get_or_create(&labels).clone();
     counter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{balance::Admin, config::Balance};
+    use std::{sync::Arc, time::Duration};
+
+    fn backend(servers: &[(&str, u16, u32)]) -> Backend {
+        Backend {
+            name: "b".into(),
+            balance: Balance::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            server_timeout: Duration::from_secs(1),
+            queue_timeout: Duration::from_secs(1),
+            retries: 3,
+            health_check: None,
+            max_consecutive_errors: None,
+            servers: servers
+                .iter()
+                .map(|&(name, port, weight)| Server {
+                    name: name.into(),
+                    address: ([127, 0, 0, 1], port).into(),
+                    weight,
+                    maxconn: None,
+                    tls: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_each_servers_live_state_unless_the_file_changes_it() {
+        let metrics = Metrics::new();
+        let old = BackendRt::new(
+            backend(&[("a", 1, 1), ("b", 2, 1), ("c", 3, 1), ("gone", 4, 1)]),
+            &metrics,
+        );
+        let live = |rt: &BackendRt, i: usize| rt.balancer.servers()[i].clone();
+        let (a, b, c, gone) = (live(&old, 0), live(&old, 1), live(&old, 2), live(&old, 3));
+        a.set_admin(Admin::Drain);
+        a.set_weight(9);
+        b.set_weight(9);
+        c.set_up(false);
+        let held = old.balancer.pick(
+            crate::balance::PickKey {
+                client: std::net::Ipv4Addr::LOCALHOST.into(),
+                path: None,
+            },
+            &[0, 1, 2],
+        );
+        let held = held.lease().expect("`gone` takes flows");
+        // a: untouched; b: new weight in the file; c: new address; gone: removed; new: added.
+        let next = BackendRt::succeed(
+            &old,
+            backend(&[("new", 5, 1), ("a", 1, 1), ("b", 2, 4), ("c", 6, 1)]),
+            &metrics,
+        );
+        let servers = next.balancer.servers();
+        assert!(Arc::ptr_eq(&servers[1], &a) && Arc::ptr_eq(&servers[2], &b) && Arc::ptr_eq(&servers[3], &c));
+        assert_eq!(
+            (a.admin(), a.weight()),
+            (Admin::Drain, 9),
+            "what the operator set stays"
+        );
+        assert_eq!(b.weight(), 4, "the file's new weight wins");
+        assert!(c.is_up(), "a new address starts its health anew");
+        // The removed server takes no new flow, from either generation; its flow goes on.
+        assert_eq!(gone.effective_weight(), 0);
+        assert_eq!(gone.active(), 1);
+        drop(held);
+        assert_eq!(gone.active(), 0);
+        assert_eq!(servers[0].weight(), 1);
+    }
 }

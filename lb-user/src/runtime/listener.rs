@@ -1,19 +1,31 @@
 //! A listener's runtime object: its configuration, the backends its flows go to, its TLS
 //! termination and counters.
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicBool, Ordering::Relaxed},
+    Arc,
+};
 
-use super::{BackendRt, Shared};
+use super::{BackendRt, Settings, Shared};
 use crate::{
-    config::Listener,
-    metrics::{ListenerLabels, ResponseLabels, STATUS_CLASSES},
-    tls::accept::Terminator,
+    config::{Listener, ListenerTls},
+    metrics::{KtlsHandOffLabels, ListenerLabels, Metrics, ResponseLabels, TlsFailureLabels, STATUS_CLASSES},
+    tls::{
+        accept::{Failure, HandOffResult, Terminator},
+        ktls::Ktls,
+    },
 };
 
 /// A listener while lb runs.
 pub struct ListenerRt {
     pub config: Listener,
     pub shared: Arc<Shared>,
+    /// The process-wide settings of the configuration this listener was built from.
+    pub settings: Arc<Settings>,
+    /// Set when a reload removes the listener; shared by every generation of it (a reload
+    /// that changes a listener builds a new `ListenerRt`, and sessions keep the one they
+    /// started with), so that no session of a removed listener brings its series back.
+    removed: Arc<AtomicBool>,
     /// The backends of the configuration this listener was built from, in its order: the
     /// listener's `backend` and routes name them by index.
     backends: Vec<Arc<BackendRt>>,
@@ -30,12 +42,14 @@ pub struct ListenerRt {
 }
 
 impl ListenerRt {
-    /// `backends`: every backend of the configuration `config` comes from, in its order.
+    /// `backends`: every backend of the configuration `config` comes from, in its order;
+    /// `previous`: the listener of the same name this one replaces in a reload.
     pub fn new(
         config: Listener,
         shared: Arc<Shared>,
+        settings: Arc<Settings>,
         backends: Vec<Arc<BackendRt>>,
-        tls: Option<Terminator>,
+        previous: Option<&ListenerRt>,
     ) -> ListenerRt {
         let metrics = &shared.metrics;
         let labels = ListenerLabels {
@@ -50,6 +64,10 @@ impl ListenerRt {
                 metrics.http_responses.get_or_create(&labels).clone()
             })
         });
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| terminator(&config.name, t, metrics, shared.ktls.as_ref()));
         let connections = metrics.connections.get_or_create(&labels).clone();
         let active = metrics.active.get_or_create(&labels).clone();
         let dropped = metrics.dropped_bytes.get_or_create(&labels).clone();
@@ -61,8 +79,20 @@ impl ListenerRt {
             active,
             dropped,
             http_responses,
+            settings,
+            removed: previous.map_or_else(Default::default, |p| p.removed.clone()),
             shared,
         }
+    }
+
+    /// A reload removed this listener.
+    pub fn retire(&self) {
+        self.removed.store(true, Relaxed);
+    }
+
+    /// Whether a reload removed it (its series are gone from the scrape).
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Relaxed)
     }
 
     /// Backend `index` of the configuration (the listener's `backend`, a route's).
@@ -74,4 +104,33 @@ impl ListenerRt {
     pub fn default_backend(&self) -> &Arc<BackendRt> {
         self.backend(self.config.backend)
     }
+}
+
+/// A listener's TLS termination, with its counters.
+fn terminator(name: &str, settings: &ListenerTls, metrics: &Metrics, ktls: Option<&Ktls>) -> Terminator {
+    let labels = ListenerLabels {
+        listener: name.to_string(),
+    };
+    let handshakes = metrics.tls_handshakes.get_or_create(&labels).clone();
+    let failures = Failure::ALL.map(|f| {
+        let labels = TlsFailureLabels {
+            listener: name.to_string(),
+            reason: f.name(),
+        };
+        let counter = metrics.tls_failures.get_or_create(&labels).clone();
+        counter
+    });
+    let handoffs = HandOffResult::ALL.map(|r| {
+        let labels = KtlsHandOffLabels {
+            listener: name.to_string(),
+            result: r.name(),
+        };
+        let counter = metrics.ktls_handoffs.get_or_create(&labels).clone();
+        counter
+    });
+    let kernel = match ktls {
+        Some(Ktls::Available(ciphers)) => Some(*ciphers),
+        _ => None,
+    };
+    Terminator::new(settings, handshakes, failures, kernel, handoffs)
 }

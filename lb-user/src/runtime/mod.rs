@@ -1,21 +1,26 @@
-//! Runtime state: the objects the stages serve, built by the wiring module ([`crate::daemon`])
-//! from the configuration. A listener's ([`ListenerRt`]) and a backend's ([`BackendRt`], with
-//! its servers' [`ServerRt`]) each hold their configuration, counters and live state; what
-//! every flow shares (the kernel path, the metrics, process-wide settings) is [`Shared`];
-//! [`Runtime`] is the whole set, for the parts that look at every listener or backend (admin
-//! endpoint, stats, health checks, reloads). Every stage may use this module; it holds some
-//! stages' types (a balancer, a TLS terminator) but calls no stage.
+//! Runtime state: the objects the stages serve, built from the configuration at start (by the
+//! wiring module, [`crate::daemon`]) and at each reload ([`crate::reload`]). A listener's
+//! ([`ListenerRt`]) and a backend's ([`BackendRt`], with its servers' [`ServerRt`]) each hold
+//! their configuration, counters and live state; what every flow shares (the kernel path,
+//! the metrics) is [`Shared`]. A [`Generation`] is the set one configuration made; [`Runtime`]
+//! holds the current one, for the parts that look at every listener or backend (admin
+//! endpoint, stats, health checks, reloads). A session keeps the generation it started in
+//! (its listener, that listener's backends) to its end, so a reload never changes a flow
+//! under way. Every stage may use this module; it holds some stages' types (a balancer, a TLS
+//! terminator) but calls no stage.
 mod backend;
 mod listener;
 mod process;
 
 use prometheus_client::metrics::counter::Counter;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 
 pub use backend::{BackendRt, ServerRt, Unserved};
 pub use listener::ListenerRt;
 pub use process::{ProcessRt, Reload};
+
+use crate::reload::Requests;
 
 use crate::{
     bpf::Kernel,
@@ -28,7 +33,6 @@ use crate::{
 
 /// What every flow shares, whatever its listener.
 pub struct Shared {
-    pub settings: Settings,
     /// The loaded BPF program when flows are forwarded by the kernel.
     pub kernel: Option<Kernel>,
     /// The congestion control set on kernel flows' sockets (`tune.kernel_congestion`, checked
@@ -45,7 +49,8 @@ pub struct Shared {
     pub ktls: Option<Ktls>,
 }
 
-/// The process-wide settings of the configuration that flows read.
+/// The process-wide settings of the configuration that flows read (a reload may change them:
+/// a flow reads those of its listener's generation).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `forwarding.offload_after`.
@@ -90,21 +95,101 @@ impl Shared {
     }
 }
 
-/// Every listener and backend of the running configuration, and the process.
-pub struct Runtime {
-    pub process: ProcessRt,
-    pub shared: Arc<Shared>,
+/// Every listener and backend one configuration made.
+pub struct Generation {
+    /// The configuration as it runs: a reload keeps the running value of what it cannot
+    /// change live ([`crate::reload`]).
+    pub config: Config,
+    pub settings: Arc<Settings>,
     /// Per listener of the configuration, same order.
     pub listeners: Vec<Arc<ListenerRt>>,
     /// Per backend of the configuration, same order.
     pub backends: Vec<Arc<BackendRt>>,
-    /// `admin:`.
-    pub admin: Option<Admin>,
 }
 
-impl Runtime {
+impl Generation {
+    /// The set `config` makes; `previous`: the running one a reload replaces, whose servers
+    /// and listeners of the same names carry on ([`BackendRt::succeed`]).
+    pub fn build(config: Config, shared: &Arc<Shared>, previous: Option<&Generation>) -> Generation {
+        let settings = Arc::new(Settings::of(&config, shared.kernel.is_some()));
+        let backends: Vec<Arc<BackendRt>> = config
+            .backends
+            .iter()
+            .map(|b| {
+                let old = previous.and_then(|p| p.backend(&b.name));
+                Arc::new(match old {
+                    Some(old) => BackendRt::succeed(old, b.clone(), &shared.metrics),
+                    None => BackendRt::new(b.clone(), &shared.metrics),
+                })
+            })
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let old = previous.and_then(|p| p.listener(&l.name));
+                Arc::new(ListenerRt::new(
+                    l.clone(),
+                    shared.clone(),
+                    settings.clone(),
+                    backends.clone(),
+                    old.map(|o| &**o),
+                ))
+            })
+            .collect();
+        Generation {
+            config,
+            settings,
+            listeners,
+            backends,
+        }
+    }
+
     /// The backend named `name`.
     pub fn backend(&self, name: &str) -> Option<&Arc<BackendRt>> {
         self.backends.iter().find(|b| b.config.name == name)
+    }
+
+    /// The listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerRt>> {
+        self.listeners.iter().find(|l| l.config.name == name)
+    }
+}
+
+/// The running configuration's objects, and the process.
+pub struct Runtime {
+    pub process: ProcessRt,
+    pub shared: Arc<Shared>,
+    current: RwLock<Arc<Generation>>,
+    /// Where reloads are asked for (the wiring module applies them, one at a time).
+    pub reloads: Requests,
+}
+
+impl Runtime {
+    pub fn new(process: ProcessRt, shared: Arc<Shared>, first: Generation, reloads: Requests) -> Runtime {
+        Runtime {
+            process,
+            shared,
+            current: RwLock::new(Arc::new(first)),
+            reloads,
+        }
+    }
+
+    /// The running generation.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `next` the running generation; returns the one it replaces.
+    pub fn install(&self, next: Generation) -> Arc<Generation> {
+        std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(next),
+        )
+    }
+
+    /// The admin endpoint's settings as running.
+    pub fn admin(&self) -> Option<Admin> {
+        self.current().config.admin.clone()
     }
 }

@@ -239,17 +239,6 @@ impl Terminator {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-
-    /// Reads the listener's certificate files again; the set is not in use until
-    /// [`Terminator::install`].
-    pub fn reread(&self) -> Result<CertSet, Vec<(usize, CertError)>> {
-        load_set(&self.settings)
-    }
-
-    /// New handshakes get `set`; sessions already under way keep what they had.
-    pub fn install(&self, set: CertSet) {
-        *self.resolver.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-    }
 }
 
 /// Loads and checks every certificate of a listener: the set, or every problem found, with

@@ -2,7 +2,8 @@
 //! forwarding) and HAProxy (as shipped and tuned), against direct connections. Prints markdown
 //! tables and writes them to docs/benchmarks.md. `bench http` ([`http`]): requests/s and p99
 //! through lb's and HAProxy's HTTP modes (docs/benchmarks-http.md); `bench tls` ([`tls`]): full
-//! handshakes/s and bulk HTTPS through both (docs/benchmarks-tls.md); `bench idle` ([`idle`]).
+//! handshakes/s and bulk HTTPS through both (docs/benchmarks-tls.md); `bench idle` ([`idle`]);
+//! `bench reload` ([`reload`]): the time to apply a reload of 1,000 servers.
 //!
 //! Layout: [`sys`] (namespaces, child processes, CPU counters), [`configs`] (starting each
 //! proxy), [`iperf`] and [`connrate`] (one measurement each), [`phases`] (the loops over runs
@@ -16,6 +17,7 @@ mod iperf;
 mod offload;
 mod offload_report;
 mod phases;
+mod reload;
 mod report;
 mod stats;
 mod sys;
@@ -42,8 +44,8 @@ pub fn run(
     peers: &[String],
     keep: bool,
 ) -> Result<()> {
-    if !["tcp", "offload", "http", "tls", "idle"].contains(&what) {
-        bail!("unknown benchmark {what:?}; available: tcp, offload, http, tls, idle");
+    if !["tcp", "offload", "http", "tls", "idle", "reload"].contains(&what) {
+        bail!("unknown benchmark {what:?}; available: tcp, offload, http, tls, idle, reload");
     }
     if !peers.is_empty() && what != "offload" {
         bail!("--peers chooses among the offload peers: `bench offload --peers ...`");
@@ -92,6 +94,12 @@ pub fn run(
         let report = idle::measure(&env, connections)?;
         let text = report.markdown(&lb_version, &utc_now());
         return write_report("benchmarks-idle.md", &text);
+    }
+    if what == "reload" {
+        // 10 reloads per run.
+        let report = reload::measure(&env, runs * 10)?;
+        let text = report.markdown(&lb_version, &utc_now());
+        return write_report("benchmarks-reload.md", &text);
     }
     if what == "http" {
         return http_bench(&env, runs, seconds, lb_version);

@@ -1,20 +1,28 @@
 //! Wiring: loads the forwarding path, builds the runtime objects ([`crate::runtime`]), binds the
-//! listeners and the admin endpoint, starts the session workers, runs an accept loop per
-//! listener that hands each connection to a session supervisor on a worker, and stops
-//! gracefully.
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
-use tokio::{net::TcpListener, sync::Semaphore};
+//! listeners and the admin endpoint, starts the session workers and the accept loops
+//! ([`acceptors`]), applies reloads ([`crate::reload`]) one at a time, and stops gracefully.
+mod acceptors;
+
+use acceptors::Acceptors;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    accept, admin,
+    admin,
     affinity::{self, AffinityError, CpuAffinity, CpuList},
     bpf::{BpfError, Kernel},
     config::{Config, Forwarding, KernelCongestion, DEFAULT_KERNEL_CONGESTION},
     forward,
-    metrics::{ListenerLabels, Metrics, PathLabels},
-    runtime::{BackendRt, ListenerRt, ProcessRt, Runtime, Settings, Shared},
-    session,
+    metrics::{Metrics, PathLabels},
+    reload::{Refused, Reloaded},
+    runtime::{Generation, ProcessRt, Runtime, Shared},
     tls::ktls::Ktls,
     workers::Workers,
 };
@@ -97,9 +105,11 @@ fn worker_cpus(config: &Config) -> Result<Vec<Option<usize>>, AffinityError> {
 }
 
 /// Runs lb until `stop` resolves, then stops accepting, lets flows finish for
-/// `timeouts.shutdown_grace`, and closes what is left.
+/// `timeouts.shutdown_grace`, and closes what is left. `path`: the configuration's file, read
+/// again at each reload.
 pub async fn run(
     config: Config,
+    path: PathBuf,
     forwarding: Forwarding,
     stop: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
@@ -148,17 +158,6 @@ pub async fn run(
         }
         None => {}
     }
-    let mut sockets = Vec::new();
-    let settings = Settings::of(&config, kernel.is_some());
-    let rcvbuf = settings.kernel_rcvbuf;
-    for l in &config.listeners {
-        let socket = accept::bind(l, rcvbuf).map_err(|source| StartError::Bind {
-            name: l.name.clone(),
-            addr: l.bind,
-            source,
-        })?;
-        sockets.push(socket);
-    }
     let admin_socket = match &config.admin {
         Some(admin) => Some(
             TcpListener::bind(admin.listen)
@@ -170,7 +169,6 @@ pub async fn run(
         ),
         None => None,
     };
-    let grace = config.shutdown_grace;
     let stop_accepting = CancellationToken::new();
     let workers = Arc::new(
         Workers::start(&worker_cpus(&config)?).map_err(|source| StartError::Workers {
@@ -178,8 +176,17 @@ pub async fn run(
             source,
         })?,
     );
+    let abort = CancellationToken::new();
+    // The admin endpoint stays up while flows drain, so their progress can be watched.
+    let stop_admin = CancellationToken::new();
+    let sessions = TaskTracker::new();
+    let mut acceptors = Acceptors::new(
+        workers.clone(),
+        stop_accepting.clone(),
+        abort.clone(),
+        sessions.clone(),
+    );
     let shared = Arc::new(Shared {
-        settings,
         kernel,
         kernel_congestion,
         metrics,
@@ -187,56 +194,13 @@ pub async fn run(
         stopping: stop_accepting.clone(),
         ktls,
     });
-    let backends: Vec<Arc<BackendRt>> = config
-        .backends
-        .iter()
-        .map(|b| Arc::new(BackendRt::new(b.clone(), &shared.metrics)))
-        .collect();
-    let listeners = config
-        .listeners
-        .iter()
-        .map(|l| {
-            let tls = l
-                .tls
-                .as_ref()
-                .map(|t| terminator(l, t, &shared.metrics, shared.ktls.as_ref()));
-            Arc::new(ListenerRt::new(l.clone(), shared.clone(), backends.clone(), tls))
-        })
-        .collect();
-    let runtime = Arc::new(Runtime {
-        process,
-        shared,
-        listeners,
-        backends,
-        admin: config.admin.clone(),
-    });
-
-    let abort = CancellationToken::new();
-    // The admin endpoint stays up while flows drain, so their progress can be watched.
-    let stop_admin = CancellationToken::new();
-    let sessions = TaskTracker::new();
-    let mut acceptors = Vec::new();
-    for (listener, socket) in runtime.listeners.iter().zip(sockets) {
-        let l = &listener.config;
-        let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(
-            "listener `{}` listening on {local} (mode {}{}, backend `{}`)",
-            l.name,
-            if l.http.is_some() { "http" } else { "tcp" },
-            if l.tls.is_some() { " over TLS" } else { "" },
-            listener.default_backend().config.name
-        );
-        acceptors.push(tokio::spawn(accept_loop(
-            listener.clone(),
-            socket,
-            workers.clone(),
-            stop_accepting.clone(),
-            abort.clone(),
-            sessions.clone(),
-        )));
-    }
-    crate::health::spawn(&runtime.backends, &stop_admin);
-    crate::reload::watch(&runtime, &stop_admin);
+    let first = Generation::build(config, &shared, None);
+    let bound = acceptors.bind(&first.config.listeners, first.settings.kernel_rcvbuf)?;
+    let (reloads, mut requests) = mpsc::channel(8);
+    let runtime = Arc::new(Runtime::new(process, shared, first, reloads.clone()));
+    acceptors.apply(&runtime.current(), bound);
+    crate::health::spawn(&runtime.current().backends, &stop_admin);
+    crate::reload::watch(reloads, &stop_admin);
     if let Some(socket) = admin_socket {
         let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("admin endpoint listening on {local}");
@@ -245,14 +209,35 @@ pub async fn run(
     tracing::info!("lb ready ({} session thread(s))", workers.len());
     crate::systemd::ready();
 
-    stop.await;
+    // Reloads are applied here, one at a time, until lb stops.
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            Some(request) = requests.recv() => {
+                crate::systemd::reloading();
+                let started = std::time::Instant::now();
+                let mut outcome = reload(&runtime, &path, &mut acceptors, &stop_admin);
+                // The answer says the removed listeners' sockets are closed.
+                acceptors.closed().await;
+                if let Ok(r) = &mut outcome {
+                    r.milliseconds = started.elapsed().as_secs_f64() * 1000.0;
+                }
+                crate::reload::record(&runtime, request.by, request.from.as_deref(), &outcome);
+                let _ = request.answer.send(outcome);
+                // A refused reload leaves lb serving as before.
+                crate::systemd::ready();
+            }
+        }
+    }
+    // Reloads asked for from now on are told that lb is stopping.
+    drop(requests);
     crate::systemd::stopping();
     stop_accepting.cancel();
-    for a in acceptors {
-        let _ = a.await;
-    }
+    acceptors.join().await;
     sessions.close();
     let open = sessions.len();
+    let grace = runtime.current().config.shutdown_grace;
     tracing::info!("stopped accepting; {open} flow(s) open, waiting up to {grace:?}");
     if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
         tracing::warn!("grace period over; closing {} flow(s)", sessions.len());
@@ -270,6 +255,28 @@ pub async fn run(
     Ok(())
 }
 
+/// One reload: the file read again, checked against what runs, new listeners bound, then
+/// applied (all or nothing: nothing changes until every step that can fail has passed).
+fn reload(
+    rt: &Runtime,
+    path: &Path,
+    acceptors: &mut Acceptors,
+    checks: &CancellationToken,
+) -> Result<Reloaded, Refused> {
+    let config = crate::config::load(path)?;
+    let plan = crate::reload::plan(&rt.current(), config);
+    let rcvbuf = rt.current().settings.kernel_rcvbuf;
+    let bound = acceptors
+        .bind(&plan.config.listeners, rcvbuf)
+        .map_err(|e| Refused {
+            errors: vec![e.to_string()],
+        })?;
+    let reloaded = plan.reloaded.clone();
+    let next = crate::reload::commit(rt, plan, checks);
+    acceptors.apply(&next, bound);
+    Ok(reloaded)
+}
+
 /// Whether any listener or server speaks TLS.
 fn uses_tls(config: &Config) -> bool {
     config.listeners.iter().any(|l| l.tls.is_some())
@@ -278,44 +285,6 @@ fn uses_tls(config: &Config) -> bool {
             .iter()
             .flat_map(|b| &b.servers)
             .any(|s| s.tls.is_some())
-}
-
-/// A listener's TLS termination, with its counters.
-fn terminator(
-    l: &crate::config::Listener,
-    settings: &crate::config::ListenerTls,
-    metrics: &Metrics,
-    ktls: Option<&Ktls>,
-) -> crate::tls::accept::Terminator {
-    use crate::{
-        metrics::{KtlsHandOffLabels, TlsFailureLabels},
-        tls::accept::{Failure, HandOffResult},
-    };
-    let labels = ListenerLabels {
-        listener: l.name.clone(),
-    };
-    let handshakes = metrics.tls_handshakes.get_or_create(&labels).clone();
-    let failures = Failure::ALL.map(|f| {
-        let labels = TlsFailureLabels {
-            listener: l.name.clone(),
-            reason: f.name(),
-        };
-        let counter = metrics.tls_failures.get_or_create(&labels).clone();
-        counter
-    });
-    let handoffs = HandOffResult::ALL.map(|r| {
-        let labels = KtlsHandOffLabels {
-            listener: l.name.clone(),
-            result: r.name(),
-        };
-        let counter = metrics.ktls_handoffs.get_or_create(&labels).clone();
-        counter
-    });
-    let kernel = match ktls {
-        Some(Ktls::Available(ciphers)) => Some(*ciphers),
-        _ => None,
-    };
-    crate::tls::accept::Terminator::new(settings, handshakes, failures, kernel, handoffs)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (a flow needs two fds, its sockets, in
@@ -349,60 +318,5 @@ fn raise_fd_limit(config: &Config) {
             "open files limit {} is below the {needed} that every listener's maxconn needs; raise it (ulimit -n)",
             lim.rlim_cur
         );
-    }
-}
-
-/// Accepts connections while below the listener's maxconn and spawns a session for each on the
-/// next worker.
-async fn accept_loop(
-    listener: Arc<ListenerRt>,
-    socket: accept::Listening,
-    workers: Arc<Workers>,
-    stop: CancellationToken,
-    abort: CancellationToken,
-    sessions: TaskTracker,
-) {
-    let l = &listener.config;
-    let slots = Arc::new(Semaphore::new(l.maxconn as usize));
-    loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = socket.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of fds or memory: pause instead of spinning on the error.
-                    tracing::warn!(listener = %l.name, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        listener.connections.inc();
-        let (listener, abort) = (listener.clone(), abort.clone());
-        let session = async move {
-            let accepted = match accept::configure(&listener.config, stream, peer) {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(listener = %listener.config.name, client = %peer, "cannot configure accepted socket: {e}");
-                    return;
-                }
-            };
-            let active = listener.active.clone();
-            active.inc();
-            tokio::select! {
-                _ = session::run(listener, accepted) => {}
-                _ = abort.cancelled() => {}
-            }
-            active.dec();
-            drop(permit);
-        };
-        sessions.spawn_on(session, workers.next());
     }
 }
