@@ -78,6 +78,20 @@ fn backlog(listener: &Listener) -> i32 {
 pub struct Listening(AsyncFd<std::net::TcpListener>);
 
 impl Listening {
+    /// A listening socket another lb process bound and handed over (an upgrade).
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<Listening> {
+        let socket = std::net::TcpListener::from(fd);
+        socket.set_nonblocking(true)?;
+        // SAFETY: as in `bind`.
+        let registered = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
+        Ok(Listening(registered))
+    }
+
+    /// Its descriptor, for handing it to a new process (an upgrade).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.get_ref().local_addr()
     }

@@ -6,7 +6,9 @@
 //! - `POST /servers/BACKEND/SERVER/enable|disable|drain` and
 //!   `POST /servers/BACKEND/SERVER/weight/N`: runtime changes, at once, for new flows only
 //!   (flows already on a server are never cut);
-//! - `POST /reload`: the configuration file read again and applied ([`crate::reload`]).
+//! - `POST /reload`: the configuration file read again and applied ([`crate::reload`]);
+//! - `POST /upgrade` (body: a binary's path, or empty): a new process replaces this one
+//!   ([`crate::upgrade`]).
 //!
 //! Guarded: with `admin.token` every request must carry it; without, only loopback clients
 //! are served (the configuration refuses a non-loopback `admin.listen` without a token).
@@ -17,7 +19,7 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     balance::{Admin, ServerLive},
@@ -30,11 +32,18 @@ const MAX_WEIGHT: u32 = 256;
 /// Admin connections at once: the endpoint shares the process's file descriptors with the
 /// data path.
 const MAX_CONNECTIONS: usize = 64;
+/// The longest request body read (`POST /upgrade`'s path).
+const MAX_BODY: usize = 4096;
 /// A client has this long to send a request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, rt: Arc<Runtime>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    rt: Arc<Runtime>,
+    stop: CancellationToken,
+    connections: TaskTracker,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -53,10 +62,26 @@ pub async fn serve(listener: TcpListener, rt: Arc<Runtime>, stop: CancellationTo
             },
         };
         let rt = rt.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
+        connections.spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let rt = rt.clone();
-                async move { Ok::<_, Infallible>(respond(&rt, peer, &req).await) }
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let req = Request::from_parts(parts, ());
+                    // Only `POST /upgrade` has a body: the binary's path.
+                    let body =
+                        if req.method() == Method::POST && req.uri().path().trim_matches('/') == "upgrade" {
+                            use http_body_util::BodyExt;
+                            http_body_util::Limited::new(body, MAX_BODY)
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .ok()
+                        } else {
+                            Some(Bytes::new())
+                        };
+                    Ok::<_, Infallible>(respond(&rt, peer, &req, body).await)
+                }
             });
             if let Err(e) = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -73,11 +98,26 @@ pub async fn serve(listener: TcpListener, rt: Arc<Runtime>, stop: CancellationTo
 
 type Answer = (StatusCode, &'static str, String);
 
-async fn respond<B>(rt: &Runtime, peer: SocketAddr, req: &Request<B>) -> Response<Full<Bytes>> {
+/// `body`: the request's (read only where a command takes one); `None`: unreadable or too long.
+async fn respond<B>(
+    rt: &Runtime,
+    peer: SocketAddr,
+    req: &Request<B>,
+    body: Option<Bytes>,
+) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match guard(rt, peer, req) {
         Err(answer) => answer,
         Ok(()) if req.method() == Method::POST && req.uri().path().trim_matches('/') == "reload" => {
             reload(rt, peer).await
+        }
+        Ok(()) if req.method() == Method::POST && req.uri().path().trim_matches('/') == "upgrade" => {
+            match body {
+                Some(path) => upgrade(rt, peer, &path).await,
+                None => text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the body names the binary: a path, at most 4 KiB\n",
+                ),
+            }
         }
         Ok(()) => route(rt, peer, req.method(), req.uri().path()),
     };
@@ -212,9 +252,24 @@ fn route(rt: &Runtime, peer: SocketAddr, method: &Method, path: &str) -> Answer 
 /// `POST /reload`: the configuration file read again and applied ([`crate::reload`]): 200 with
 /// what changed, or 422 with every problem (nothing changed).
 async fn reload(rt: &Runtime, peer: SocketAddr) -> Answer {
-    match crate::reload::ask(&rt.reloads, "lb reload", Some(peer.to_string())).await {
+    match crate::reload::ask(&rt.control, "lb reload", Some(peer.to_string())).await {
         Ok(r) => json(StatusCode::OK, &r),
         Err(refused) => json(StatusCode::UNPROCESSABLE_ENTITY, &refused),
+    }
+}
+
+/// `POST /upgrade` (body: the binary's path, or empty for the one lb was started from): a new
+/// process replaces this one ([`crate::upgrade`]); 200 once it serves, or 500 with why it did
+/// not (this one goes on).
+async fn upgrade(rt: &Runtime, peer: SocketAddr, body: &[u8]) -> Answer {
+    let binary = match std::str::from_utf8(body).map(str::trim) {
+        Ok("") => None,
+        Ok(path) => Some(std::path::PathBuf::from(path)),
+        Err(_) => return text(StatusCode::BAD_REQUEST, "the binary's path is not UTF-8\n"),
+    };
+    match crate::upgrade::ask(&rt.control, "lb upgrade", Some(peer.to_string()), binary).await {
+        Ok(u) => json(StatusCode::OK, &u),
+        Err(failed) => json(StatusCode::INTERNAL_SERVER_ERROR, &failed),
     }
 }
 

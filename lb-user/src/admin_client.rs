@@ -1,6 +1,6 @@
 //! The client side of the admin endpoint, for `lb stats` and `lb server ...`: one HTTP/1.1
 //! request to a running lb, and the answer printed for a person.
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{body::Bytes, header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::{fmt::Write, net::SocketAddr, time::Duration};
@@ -18,8 +18,8 @@ pub enum AdminError {
     Connect { addr: SocketAddr, error: std::io::Error },
     #[error("admin endpoint at {addr}: {error}")]
     Http { addr: SocketAddr, error: hyper::Error },
-    #[error("admin endpoint at {addr} did not answer within {LIMIT:?}")]
-    Timeout { addr: SocketAddr },
+    #[error("admin endpoint at {addr} did not answer within {limit:?}")]
+    Timeout { addr: SocketAddr, limit: Duration },
     #[error("lb answered {status}: {body}")]
     Refused { status: StatusCode, body: String },
     #[error("cannot make that request: {0}")]
@@ -38,13 +38,27 @@ pub struct Endpoint {
 impl Endpoint {
     /// Sends `method path` and returns the body of a 2xx answer.
     pub async fn call(&self, method: Method, path: &str) -> Result<String, AdminError> {
-        match tokio::time::timeout(LIMIT, self.exchange(method, path)).await {
+        self.send(method, path, Bytes::new(), LIMIT).await
+    }
+
+    /// Sends `method path` with `body`, waiting at most `limit` for the whole exchange.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        limit: Duration,
+    ) -> Result<String, AdminError> {
+        match tokio::time::timeout(limit, self.exchange(method, path, body)).await {
             Ok(r) => r,
-            Err(_) => Err(AdminError::Timeout { addr: self.addr }),
+            Err(_) => Err(AdminError::Timeout {
+                addr: self.addr,
+                limit,
+            }),
         }
     }
 
-    async fn exchange(&self, method: Method, path: &str) -> Result<String, AdminError> {
+    async fn exchange(&self, method: Method, path: &str, body: Bytes) -> Result<String, AdminError> {
         let addr = self.addr;
         let http = |error| AdminError::Http { addr, error };
         let stream = TcpStream::connect(addr)
@@ -63,7 +77,7 @@ impl Endpoint {
         }
         // A name or token no URL or header can carry is the caller's mistake, not a panic.
         let req = req
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(body))
             .map_err(|e| AdminError::Request(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(http)?;
         let status = resp.status();

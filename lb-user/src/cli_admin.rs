@@ -142,3 +142,31 @@ pub fn reload(target: &Target) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// `lb upgrade [--binary PATH]`: a new lb process (the binary lb was started from, or PATH)
+/// replaces the running one; printed once it serves, or why it did not (exit status 1; the
+/// running lb goes on).
+pub fn upgrade(target: &Target, binary: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let endpoint = target.endpoint()?;
+    let body = match binary {
+        // The running lb resolves a relative path from its own directory: made absolute here.
+        Some(p) => std::path::absolute(p)
+            .with_context(|| format!("{}", p.display()))?
+            .display()
+            .to_string(),
+        None => String::new(),
+    };
+    runtime()?.block_on(async {
+        // The new process has lb::upgrade::READY_TIMEOUT to start; the answer comes after.
+        let limit = lb::upgrade::READY_TIMEOUT + std::time::Duration::from_secs(10);
+        let answer = endpoint
+            .send(Method::POST, "/upgrade", body.into(), limit)
+            .await?;
+        let u: lb::upgrade::Upgraded = serde_json::from_str(&answer).context("reading lb's answer")?;
+        println!(
+            "upgraded: pid {} ({}) serves now, in {:.0} ms; pid {} finishes its flows and exits",
+            u.new_pid, u.binary, u.milliseconds, u.old_pid
+        );
+        Ok(())
+    })
+}

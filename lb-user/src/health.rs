@@ -34,9 +34,12 @@ pub fn spawn(backends: &[Arc<BackendRt>], stop: &CancellationToken) {
             let (backend, stop, check) = (backend.clone(), stop.clone(), check.clone());
             tokio::spawn(async move {
                 tokio::select! {
-                    () = run(&backend, s, &check) => {}
+                    // A check cancelled by a reload must not write a last result (the server
+                    // may have a new address now): cancellation first.
+                    biased;
                     () = stop.cancelled() => {}
                     () = backend.checks.cancelled() => {}
+                    () = run(&backend, s, &check) => {}
                 }
             });
         }
@@ -55,6 +58,9 @@ async fn run(backend: &BackendRt, server: usize, check: &HealthCheck) {
         tokio::time::sleep_until(next).await;
         next += check.interval;
         let result = probe(s, &check.kind, check.timeout).await;
+        if backend.checks.is_cancelled() {
+            return;
+        }
         live.set_last_check(match &result {
             Ok(()) => "OK".into(),
             Err(why) => why.clone(),

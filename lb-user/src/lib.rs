@@ -31,6 +31,7 @@ pub mod stats_page;
 pub mod stream;
 pub mod systemd;
 pub mod tls;
+pub mod upgrade;
 pub mod workers;
 
 #[cfg(test)]

@@ -26,7 +26,8 @@ const VERSION: &str = if cfg!(lb_no_ebpf) {
         `haproxy -f FILE`, `lb check -c FILE` is `haproxy -c -f FILE`. Listeners (HAProxy's \
         frontends/binds) forward to backends of servers; `timeouts:` holds the defaults. \
         SIGTERM or SIGINT stops accepting and lets live flows finish for `timeouts.shutdown_grace`; \
-        SIGHUP (or `lb reload`) reads the configuration file again and applies it, all or nothing.\n\n\
+        SIGHUP (or `lb reload`) reads the configuration file again and applies it, all or nothing; \
+        SIGUSR2 (or `lb upgrade`) replaces the process with a new one without refusing a connection.\n\n\
         Logging: RUST_LOG (default `info`), e.g. RUST_LOG=lb=debug."
 )]
 struct Cli {
@@ -45,6 +46,9 @@ enum Command {
         /// start without BPF, `auto` falls back to userspace with a warning, `user` never loads BPF.
         #[arg(long, value_enum)]
         forwarding: Option<Forwarding>,
+        /// Internal to `lb upgrade`: the descriptor the old process hands its sockets over.
+        #[arg(long, hide = true, value_name = "FD")]
+        upgrade_fd: Option<i32>,
     },
     /// Check a configuration file and exit (like `haproxy -c -f FILE`): 0 when valid, 1 with
     /// every problem as FILE:LINE:COLUMN: message.
@@ -78,6 +82,17 @@ enum Command {
         #[command(flatten)]
         target: cli_admin::Target,
     },
+    /// Replace a running lb with a new process (as SIGUSR2 does): the binary lb was started
+    /// from, or --binary, reads the file and takes over the listening sockets (no connection
+    /// refused); the old process finishes its flows and exits. If the new one cannot start,
+    /// the old one goes on and this says why (exit status 1).
+    Upgrade {
+        #[command(flatten)]
+        target: cli_admin::Target,
+        /// The new binary (default: the path the running lb was started from).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,7 +116,12 @@ fn main() -> ExitCode {
         Command::Stats { target, json } => report(cli_admin::stats(&target, json)),
         Command::Server { target, command } => report(cli_admin::server(&target, &command)),
         Command::Reload { target } => report(cli_admin::reload(&target)),
-        Command::Run { config, forwarding } => {
+        Command::Upgrade { target, binary } => report(cli_admin::upgrade(&target, binary.as_deref())),
+        Command::Run {
+            config,
+            forwarding,
+            upgrade_fd,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -111,7 +131,7 @@ fn main() -> ExitCode {
                 // Colours only for a person at a terminal, not in files or pipes.
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            match run(config, forwarding) {
+            match run(config, forwarding, upgrade_fd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -133,9 +153,23 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn run(path: PathBuf, forwarding: Option<Forwarding>) -> anyhow::Result<()> {
-    let config = config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let forwarding = forwarding.unwrap_or(config.forwarding);
+fn run(path: PathBuf, forwarding_arg: Option<Forwarding>, upgrade_fd: Option<i32>) -> anyhow::Result<()> {
+    // Before anything can fail: an upgrade's old process waits to hear why.
+    let upgrade = upgrade_fd
+        .map(|fd| lb::upgrade::receive(fd).context("reading the old process's hand-over"))
+        .transpose()?;
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some((_, reporter)) = upgrade {
+                reporter.report(Err(e.to_string()));
+            }
+            anyhow::bail!("{e}");
+        }
+    };
+    let forwarding = forwarding_arg.unwrap_or(config.forwarding);
+    // The path this binary was started from, now: an upgrade starts whatever is there then.
+    let binary = std::env::current_exe().context("finding lb's own binary")?;
     // The main runtime runs the accept loops, the admin endpoint and the kernel's event readers;
     // sessions run on the workers that `daemon::run` starts (`tune.threads`).
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -148,7 +182,14 @@ fn run(path: PathBuf, forwarding: Option<Forwarding>) -> anyhow::Result<()> {
             let name = signals.received().await;
             tracing::info!("{name} received: stopping");
         };
-        lb::daemon::run(config, path, forwarding, stop)
+        let start = lb::daemon::Start {
+            path,
+            forwarding,
+            forwarding_arg,
+            binary,
+            upgrade,
+        };
+        lb::daemon::run(config, start, stop)
             .await
             .map_err(anyhow::Error::from)
     })

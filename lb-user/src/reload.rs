@@ -27,18 +27,15 @@ use serde::{Deserialize, Serialize};
 use std::{collections::BTreeSet, sync::Arc};
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::oneshot,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Config, ConfigErrors},
     metrics::ResultLabels,
-    runtime::{Generation, Reload, Runtime},
+    runtime::{Control, Generation, Reload, Requests, Runtime},
 };
-
-/// Where reloads are asked for.
-pub type Requests = mpsc::Sender<Request>;
 
 /// A reload asked for: what asked (for the log and `lb stats`), and where the outcome goes.
 pub struct Request {
@@ -93,7 +90,7 @@ pub async fn ask(reloads: &Requests, by: &'static str, from: Option<String>) -> 
         errors: vec!["lb is stopping: no more reloads".into()],
     };
     reloads
-        .send(Request { by, from, answer })
+        .send(Control::Reload(Request { by, from, answer }))
         .await
         .map_err(|_| stopped())?;
     outcome.await.unwrap_or_else(|_| Err(stopped()))
@@ -216,9 +213,12 @@ pub fn commit(rt: &Runtime, plan: Plan, stop: &CancellationToken) -> Arc<Generat
     let next = Generation::build(plan.config, &rt.shared, Some(&running));
     let metrics = &rt.shared.metrics;
     for l in &running.listeners {
-        if next.listener(&l.config.name).is_none() {
-            l.retire();
-            metrics.forget_listener(&l.config.name);
+        match next.listener(&l.config.name) {
+            Some(successor) => l.succeeded_by(successor.clone()),
+            None => {
+                l.retire();
+                metrics.forget_listener(&l.config.name);
+            }
         }
     }
     for b in &running.backends {

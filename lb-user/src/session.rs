@@ -21,7 +21,7 @@ use crate::{
         handoff::{self, Handed, Kind},
         session::HttpEnd,
     },
-    metrics::{EndLabels, FallbackLabels},
+    metrics::FallbackLabels,
     runtime::{BackendRt, ListenerRt},
 };
 
@@ -144,7 +144,7 @@ pub async fn run(listener: Arc<ListenerRt>, accepted: Accepted) -> Outcome {
                 None => protocol(l, Client::plain(a)),
             },
             Session::Tcp(c) => Box::pin(connect_stage(l, c)).await,
-            Session::Http(c) => Box::pin(http_stage(l, c)).await,
+            Session::Http(c) => Box::pin(http_stage(&listener, c)).await,
             Session::Streams(pair) => {
                 let pair = *pair;
                 let counters = l.shared.byte_counters(pair.info.server());
@@ -225,14 +225,7 @@ async fn sni_stage(listener: &ListenerRt, a: Accepted) -> Session {
             ..Client::plain(a)
         }),
         Err(failure) => {
-            let labels = crate::metrics::TlsFailureLabels {
-                listener: l.name.clone(),
-                reason: failure.name(),
-            };
-            // (A listener a reload removed has no series left to count in.)
-            if !listener.is_removed() {
-                listener.shared.metrics.tls_failures.get_or_create(&labels).inc();
-            }
+            listener.peek_failures[failure as usize].inc();
             tracing::debug!(listener = %l.name, client = %a.peer, reason = failure.name(), "no ClientHello to route by");
             Session::Finished(Outcome::Handshake(failure))
         }
@@ -325,13 +318,13 @@ fn paired(
 /// The HTTP supervisor; a pair it hands on goes to the kernel at once (a tunnel is a
 /// long-lived flow whose bytes lb no longer needs to see; a response body has moved
 /// `forwarding.offload_after` bytes in userspace already).
-async fn http_stage(listener: &ListenerRt, a: Client) -> Session {
-    match crate::http::session::run(listener, a.stream, a.peer, a.sni).await {
+async fn http_stage(listener: &Arc<ListenerRt>, a: Client) -> Session {
+    match crate::http::session::run(listener.clone(), a.stream, a.peer, a.sni).await {
         HttpEnd::Closed(why) => Session::Finished(Outcome::Http(why)),
         HttpEnd::Handoff(h) => {
             let h = *h;
             let l = &listener.config;
-            let backend = listener.backend(h.backend).clone();
+            let backend = h.backend.clone();
             let timeouts = match h.kind {
                 Kind::Tunnel => {
                     let tunnel = l.http.as_ref().map_or(l.client_timeout, |h| h.tunnel_timeout);
@@ -451,24 +444,13 @@ async fn kernel_stage(l: &ListenerRt, pair: Pair) -> Session {
 /// Counts how the flow ended; an HTTP hand-off gets its access-log record.
 fn finish(listener: &ListenerRt, info: FlowInfo, end: End, totals: Totals) -> Session {
     let l = &listener.config;
-    let metrics = &listener.shared.metrics;
     let server = &info.backend.config.servers[info.lease.index()].name;
-    let labels = |side: forward::Side| EndLabels {
-        listener: l.name.clone(),
-        side: side.name(),
-    };
-    // (A listener a reload removed has no series left to count in.)
-    let counted = !listener.is_removed();
     match end {
         End::Reset(side) => {
-            if counted {
-                metrics.resets.get_or_create(&labels(side)).inc();
-            }
+            listener.resets[side.index()].inc();
         }
         End::IdleTimeout(side) => {
-            if counted {
-                metrics.timeouts.get_or_create(&labels(side)).inc();
-            }
+            listener.timeouts[side.index()].inc();
             tracing::info!(listener = %l.name, client = %info.peer, server = %server, "{} idle timeout", side.name());
         }
         End::Closed => {}

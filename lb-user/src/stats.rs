@@ -35,16 +35,19 @@ pub struct ProcessStats {
     pub uptime_seconds: u64,
     /// The last reload since it started, if any.
     pub last_reload: Option<ReloadStats>,
+    /// The upgrade that started it, or the last one it tried that failed.
+    #[serde(default)]
+    pub last_upgrade: Option<ReloadStats>,
 }
 
-/// How a reload went.
+/// How a reload (or an upgrade) went.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ReloadStats {
     /// When (RFC 3339).
     pub at: String,
-    /// What asked for it (`SIGHUP`, `lb reload`).
+    /// What asked for it (`SIGHUP`, `lb reload`; `SIGUSR2`, `lb upgrade`).
     pub by: String,
-    /// `ok` or `refused`.
+    /// `ok` or `refused` (`failed` for an upgrade).
     pub result: String,
     /// What it did, or why it was refused.
     pub detail: String,
@@ -190,6 +193,12 @@ pub fn snapshot(rt: &Runtime) -> Stats {
                 result: r.result.into(),
                 detail: r.detail,
             }),
+            last_upgrade: process.last_upgrade().map(|u| ReloadStats {
+                at: rfc3339(u.at),
+                by: u.by.into(),
+                result: u.result.into(),
+                detail: u.detail,
+            }),
         }),
         forwarding: if rt.shared.kernel.is_some() {
             "kernel"
@@ -215,6 +224,13 @@ pub fn process_line(p: &ProcessStats) -> String {
     let reload = match &p.last_reload {
         Some(r) => format!("last reload {} by {}: {} ({})", r.at, r.by, r.result, r.detail),
         None => "no reload yet".into(),
+    };
+    let reload = match &p.last_upgrade {
+        Some(u) => format!(
+            "{reload}, last upgrade {} by {}: {} ({})",
+            u.at, u.by, u.result, u.detail
+        ),
+        None => reload,
     };
     format!("pid {}, started {} (up {up}), {reload}", p.pid, p.started)
 }

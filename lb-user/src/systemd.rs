@@ -1,6 +1,7 @@
 //! Tells systemd how lb is doing (`Type=notify`, conf/lb.service), as sd_notify(3) describes:
 //! READY=1 once every listener is bound and the admin endpoint listens; RELOADING=1 (with
-//! MONOTONIC_USEC) and READY=1 again around each reload; STOPPING=1 when lb starts to stop.
+//! MONOTONIC_USEC) and READY=1 again around each reload; STOPPING=1 when lb starts to stop;
+//! MAINPID= when an upgrade's new process takes over.
 //! Nothing without `$NOTIFY_SOCKET` (lb not started by systemd). The messages are sent by the
 //! sd-notify crate.
 use sd_notify::NotifyState;
@@ -16,6 +17,12 @@ pub fn reloading() {
         Ok(now) => send(&[NotifyState::Reloading, now]),
         Err(e) => tracing::warn!("systemd: cannot read the monotonic clock for RELOADING=1: {e}"),
     }
+}
+
+/// An upgrade's new process (`pid`) serves now: systemd follows it (the unit's
+/// `NotifyAccess=all` lets it say READY=1 itself) while this one finishes its flows.
+pub fn main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)]);
 }
 
 /// lb stops accepting and lets its flows finish.

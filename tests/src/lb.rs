@@ -368,6 +368,20 @@ impl Lb {
         self.child.id()
     }
 
+    /// Waits (at most `limit`, polling every 20 ms) for the lb process to exit by itself.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Everything lb logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()

@@ -537,3 +537,93 @@ async fn twenty_reloads_under_load_cut_nothing() {
         latency.split_whitespace().collect::<Vec<_>>().join(" ")
     );
 }
+
+/// An HTTP configuration: listener `web` (and `other` when asked) to backend `app` with one
+/// server at `app`; `check`: a health check on it.
+fn http_config(app: SocketAddr, check: bool, other: bool) -> String {
+    let mut y = String::from(
+        "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: web\n    bind: 127.0.0.1:0\n    mode: http\n    default_backend: app\n",
+    );
+    if other {
+        y += "  - name: other\n    bind: 127.0.0.1:0\n    mode: http\n    default_backend: app\n";
+    }
+    y += "backends:\n  - name: app\n";
+    if check {
+        y += "    health_check: { kind: tcp, interval: 100ms, fall: 1, rise: 1 }\n";
+    }
+    y += &format!("    servers:\n      - {{ name: a, address: \"{app}\" }}\n");
+    y
+}
+
+/// Sends `GET path` on a kept-alive connection; the response.
+async fn get(c: &mut TcpStream, path: &str) -> String {
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    lb_tests::http::read_response(c).await
+}
+
+/// What a kept-alive HTTP connection does across reloads: it moves to the new configuration
+/// between requests (a new server address, a backend renamed away), and closes when its
+/// listener is removed.
+#[tokio::test]
+async fn a_kept_alive_http_connection_follows_reloads() {
+    use lb_tests::http::Reflector;
+    let (first, second) = (Reflector::start("first").await, Reflector::start("second").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lb.yaml");
+    std::fs::write(&path, http_config(first.addr, false, true)).unwrap();
+    let mut cmd = std::process::Command::new(lb_binary());
+    cmd.args(["run", "-c"]).arg(&path);
+    let lb = lb_tests::lb::spawn_command(cmd, dir).unwrap();
+    let (web, other) = (listening(&lb, "web").await, listening(&lb, "other").await);
+    let mut c = TcpStream::connect(web).await.unwrap();
+    assert!(get(&mut c, "/1").await.contains("first GET /1"));
+    let mut on_other = TcpStream::connect(other).await.unwrap();
+    assert!(get(&mut on_other, "/1").await.contains("first GET /1"));
+
+    // The server's address changes, and `other` is removed: the same connection's next
+    // request reaches the new address.
+    std::fs::write(lb.dir().join("lb.yaml"), http_config(second.addr, false, false)).unwrap();
+    reload(&lb).await;
+    let answer = get(&mut c, "/2").await;
+    assert!(answer.contains("second GET /2"), "{answer}");
+    // The removed listener's idle connection is closed.
+    let mut rest = Vec::new();
+    let n = timeout(Duration::from_secs(10), on_other.read_to_end(&mut rest))
+        .await
+        .expect("the removed listener's kept-alive connection stayed open");
+    assert!(n.is_ok() && rest.is_empty(), "{n:?} {rest:?}");
+
+    // The backend is renamed (the old one removed): still answered, by the new one.
+    std::fs::write(
+        lb.dir().join("lb.yaml"),
+        http_config(second.addr, false, false).replace("app", "site"),
+    )
+    .unwrap();
+    reload(&lb).await;
+    let answer = get(&mut c, "/3").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200 ") && answer.contains("second GET /3"),
+        "{answer}"
+    );
+}
+
+/// A server a health check took DOWN comes back UP when a reload removes the check (nothing
+/// else would bring it back).
+#[tokio::test]
+async fn a_server_down_comes_back_when_its_check_is_removed() {
+    let refusing = servers::refusing().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lb.yaml");
+    std::fs::write(&path, http_config(refusing, true, false)).unwrap();
+    let mut cmd = std::process::Command::new(lb_binary());
+    cmd.args(["run", "-c"]).arg(&path);
+    let lb = lb_tests::lb::spawn_command(cmd, dir).unwrap();
+    let state = |lb: &Lb| lb.metrics().get("lb_server_up{backend=\"app\",server=\"a\"}");
+    lb.wait_for_log("server is DOWN").await;
+    assert_eq!(state(&lb), 0.0);
+    std::fs::write(lb.dir().join("lb.yaml"), http_config(refusing, false, false)).unwrap();
+    reload(&lb).await;
+    assert_eq!(state(&lb), 1.0);
+}

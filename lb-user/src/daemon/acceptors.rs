@@ -5,7 +5,7 @@
 //! gives it to a listener of another name) keeps the socket, and its loop serves the new
 //! listener from its next connection, so no connection is refused or lost in an accept queue.
 //! A socket no listener uses any more takes what is in its accept queue, then closes.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc, time::Duration};
 use tokio::{
     sync::{watch, Semaphore},
     task::JoinHandle,
@@ -39,6 +39,8 @@ pub(super) struct Acceptors {
 
 struct Loop {
     socket: Key,
+    /// The socket's descriptor (owned by the loop's task, open while it runs).
+    fd: std::os::fd::RawFd,
     listener: watch::Sender<Arc<ListenerRt>>,
     /// Cancelled when a reload leaves the socket without a listener.
     removed: CancellationToken,
@@ -75,25 +77,64 @@ impl Acceptors {
     }
 
     /// Binds the socket of every listener in `listeners` that has none open yet (all or none);
-    /// `rcvbuf`: SO_RCVBUF ([`accept::bind`]).
-    pub(super) fn bind(&self, listeners: &[Listener], rcvbuf: Option<u32>) -> Result<Bound, StartError> {
+    /// `rcvbuf`: SO_RCVBUF ([`accept::bind`]); `inherited`: sockets an upgrade handed over, by
+    /// (address, name for port 0), taken instead of binding where they match (those left are
+    /// closed by the caller).
+    pub(super) fn bind(
+        &self,
+        listeners: &[Listener],
+        rcvbuf: Option<u32>,
+        inherited: &mut Vec<(SocketAddr, Option<String>, OwnedFd)>,
+    ) -> Result<Bound, Vec<StartError>> {
         let mut claimed: Vec<Key> = Vec::new();
         let mut bound = Vec::new();
+        let mut errors = Vec::new();
         for l in listeners {
             let k = key(l);
             // A second listener on an address binds, and fails with its error.
             let open = self.loops.iter().any(|lp| lp.socket == k) && !claimed.contains(&k);
-            if !open {
-                let socket = accept::bind(l, rcvbuf).map_err(|source| StartError::Bind {
-                    name: l.name.clone(),
-                    addr: l.bind,
-                    source,
-                })?;
-                bound.push((k.clone(), socket));
+            let handed = inherited
+                .iter()
+                .position(|(addr, name, _)| Key(*addr, name.clone()) == k && !claimed.contains(&k));
+            let failed = |source| StartError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            };
+            let socket = if let Some(i) = handed.filter(|_| !open) {
+                let (_, _, fd) = inherited.swap_remove(i);
+                Some(Listening::adopt(fd).and_then(|s| s.adjust(l).map(|()| s)))
+            } else if !open {
+                Some(accept::bind(l, rcvbuf))
+            } else {
+                None
+            };
+            match socket {
+                Some(Ok(socket)) => bound.push((k.clone(), socket)),
+                Some(Err(e)) => errors.push(failed(e)),
+                None => {}
             }
             claimed.push(k);
         }
-        Ok(Bound(bound))
+        // Every address that cannot be bound is said, not only the first.
+        if errors.is_empty() {
+            Ok(Bound(bound))
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Every listening socket, for an upgrade: its listener's address (and name, on port 0)
+    /// and its descriptor.
+    pub(super) fn handed(&self) -> Vec<crate::upgrade::Handed> {
+        self.loops
+            .iter()
+            .map(|lp| crate::upgrade::Handed {
+                bind: lp.socket.0,
+                name: lp.socket.1.clone(),
+                fd: lp.fd,
+            })
+            .collect()
     }
 
     /// Serves `generation`'s listeners: a socket that stays takes its new listener (and its
@@ -135,6 +176,7 @@ impl Acceptors {
         );
         let (sender, receiver) = watch::channel(listener);
         let removed = CancellationToken::new();
+        let fd = listening.raw_fd();
         let task = tokio::spawn(accept_loop(
             receiver,
             listening,
@@ -148,6 +190,7 @@ impl Acceptors {
         ));
         Loop {
             socket,
+            fd,
             listener: sender,
             removed,
             task,
@@ -245,6 +288,14 @@ async fn accept_loop(
             biased;
             _ = ends.stop.cancelled() => return,
             _ = ends.removed.cancelled() => break,
+            // A change applies at once, not at the next connection (the permit goes back).
+            changed = listener.changed() => {
+                match changed {
+                    Ok(()) => changes(&listener.borrow_and_update(), &socket, &mut slots),
+                    Err(_) => break,
+                }
+                continue;
+            }
             r = socket.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {

@@ -7,6 +7,7 @@ use acceptors::Acceptors;
 use std::{
     future::Future,
     net::SocketAddr,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -22,8 +23,9 @@ use crate::{
     forward,
     metrics::{Metrics, PathLabels},
     reload::{Refused, Reloaded},
-    runtime::{Generation, ProcessRt, Runtime, Shared},
+    runtime::{Control, Generation, ProcessRt, Runtime, Shared, UpgradeRecord},
     tls::ktls::Ktls,
+    upgrade::{Inherited, Launch, Reporter, Upgraded},
     workers::Workers,
 };
 
@@ -38,6 +40,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Listeners(Vec<StartError>),
     #[error("admin endpoint: cannot listen on {addr}: {source}")]
     Admin {
         addr: SocketAddr,
@@ -104,16 +108,64 @@ fn worker_cpus(config: &Config) -> Result<Vec<Option<usize>>, AffinityError> {
     Ok(plan)
 }
 
-/// Runs lb until `stop` resolves, then stops accepting, lets flows finish for
-/// `timeouts.shutdown_grace`, and closes what is left. `path`: the configuration's file, read
-/// again at each reload.
-pub async fn run(
+/// How lb was started.
+pub struct Start {
+    /// The configuration's file, read again at each reload and by an upgrade's new process.
+    pub path: PathBuf,
+    /// How flows are forwarded (`--forwarding`, else the file's).
+    pub forwarding: Forwarding,
+    /// `lb run --forwarding` as given, passed on to an upgrade's new process.
+    pub forwarding_arg: Option<Forwarding>,
+    /// The binary an upgrade starts by default: the path this one was started from.
+    pub binary: PathBuf,
+    /// Started by an upgrade: what the old process handed over, and where to say how the
+    /// start went.
+    pub upgrade: Option<(Inherited, Reporter)>,
+}
+
+/// Runs lb until `stop` resolves (or an upgrade's new process takes over), then stops
+/// accepting, lets flows finish for `timeouts.shutdown_grace`, and closes what is left.
+pub async fn run(config: Config, mut start: Start, stop: impl Future<Output = ()>) -> Result<(), StartError> {
+    let (inherited, mut reporter) = match start.upgrade.take() {
+        Some((inherited, reporter)) => (Some(inherited), Some(reporter)),
+        None => (None, None),
+    };
+    let outcome = serve(config, &start, inherited, &mut reporter, stop).await;
+    // A new process that could not start tells the old one why (which goes on).
+    if let (Err(e), Some(r)) = (&outcome, reporter) {
+        r.report(Err(e.to_string()));
+    }
+    outcome
+}
+
+async fn serve(
     config: Config,
-    path: PathBuf,
-    forwarding: Forwarding,
+    start: &Start,
+    inherited: Option<Inherited>,
+    reporter: &mut Option<Reporter>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    let Start {
+        path,
+        forwarding,
+        forwarding_arg,
+        binary,
+        upgrade: _,
+    } = start;
+    let forwarding = *forwarding;
     let process = ProcessRt::new();
+    let (mut inherited_listeners, mut inherited_admin) = match inherited {
+        Some(i) => {
+            process.record_upgrade(UpgradeRecord {
+                at: std::time::SystemTime::now(),
+                by: "upgrade",
+                result: "ok",
+                detail: format!("started by an upgrade of pid {}", i.from_pid),
+            });
+            (i.listeners, i.admin)
+        }
+        None => (Vec::new(), None),
+    };
     let kernel = match forwarding {
         Forwarding::User => None,
         Forwarding::Kernel => Some(Kernel::load().map_err(StartError::Kernel)?),
@@ -160,15 +212,22 @@ pub async fn run(
     }
     let admin_socket = match &config.admin {
         Some(admin) => Some(
-            TcpListener::bind(admin.listen)
-                .await
-                .map_err(|source| StartError::Admin {
-                    addr: admin.listen,
-                    source,
-                })?,
+            match inherited_admin
+                .take()
+                .and_then(|fd| same_address(fd, admin.listen))
+            {
+                Some(socket) => socket,
+                None => TcpListener::bind(admin.listen)
+                    .await
+                    .map_err(|source| StartError::Admin {
+                        addr: admin.listen,
+                        source,
+                    })?,
+            },
         ),
         None => None,
     };
+    let admin_fd = admin_socket.as_ref().map(|s| s.as_raw_fd());
     let stop_accepting = CancellationToken::new();
     let workers = Arc::new(
         Workers::start(&worker_cpus(&config)?).map_err(|source| StartError::Workers {
@@ -195,29 +254,53 @@ pub async fn run(
         ktls,
     });
     let first = Generation::build(config, &shared, None);
-    let bound = acceptors.bind(&first.config.listeners, first.settings.kernel_rcvbuf)?;
-    let (reloads, mut requests) = mpsc::channel(8);
-    let runtime = Arc::new(Runtime::new(process, shared, first, reloads.clone()));
+    let bound = acceptors
+        .bind(
+            &first.config.listeners,
+            first.settings.kernel_rcvbuf,
+            &mut inherited_listeners,
+        )
+        .map_err(StartError::Listeners)?;
+    // Handed-over sockets no listener of this configuration has: closed here (the old
+    // process closes its own when it stops accepting).
+    drop(inherited_listeners);
+    let (control, mut requests) = mpsc::channel(8);
+    let runtime = Arc::new(Runtime::new(process, shared, first, control.clone()));
     acceptors.apply(&runtime.current(), bound);
     crate::health::spawn(&runtime.current().backends, &stop_admin);
-    crate::reload::watch(reloads, &stop_admin);
+    crate::reload::watch(control.clone(), &stop_admin);
+    crate::upgrade::watch(control, &stop_admin);
+    let admin_connections = TaskTracker::new();
     if let Some(socket) = admin_socket {
         let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("admin endpoint listening on {local}");
-        tokio::spawn(admin::serve(socket, runtime.clone(), stop_admin.clone()));
+        tokio::spawn(admin::serve(
+            socket,
+            runtime.clone(),
+            stop_admin.clone(),
+            admin_connections.clone(),
+        ));
     }
     tracing::info!("lb ready ({} session thread(s))", workers.len());
+    if let Some(r) = reporter.take() {
+        r.report(Ok(()));
+    }
     crate::systemd::ready();
 
-    // Reloads are applied here, one at a time, until lb stops.
+    // Reloads and upgrades are applied here, one at a time, until lb stops or an upgrade's new
+    // process takes over.
     let mut stop = std::pin::pin!(stop);
+    let mut successor = None;
     loop {
-        tokio::select! {
+        let request = tokio::select! {
             () = &mut stop => break,
-            Some(request) = requests.recv() => {
+            Some(request) = requests.recv() => request,
+        };
+        match request {
+            Control::Reload(request) => {
                 crate::systemd::reloading();
                 let started = std::time::Instant::now();
-                let mut outcome = reload(&runtime, &path, &mut acceptors, &stop_admin);
+                let mut outcome = reload(&runtime, path, &mut acceptors, &stop_admin);
                 // The answer says the removed listeners' sockets are closed.
                 acceptors.closed().await;
                 if let Ok(r) = &mut outcome {
@@ -228,11 +311,63 @@ pub async fn run(
                 // A refused reload leaves lb serving as before.
                 crate::systemd::ready();
             }
+            Control::Upgrade(request) => {
+                let started = std::time::Instant::now();
+                let binary = request.binary.clone().unwrap_or_else(|| binary.clone());
+                let outcome = crate::upgrade::launch(Launch {
+                    binary: &binary,
+                    config: path,
+                    forwarding: *forwarding_arg,
+                    listeners: acceptors.handed(),
+                    admin: admin_fd,
+                })
+                .await
+                .map(|new_pid| Upgraded {
+                    old_pid: std::process::id(),
+                    new_pid,
+                    binary: binary.display().to_string(),
+                    milliseconds: started.elapsed().as_secs_f64() * 1000.0,
+                });
+                let who = match &request.from {
+                    Some(from) => format!("{} from {from}", request.by),
+                    None => request.by.to_string(),
+                };
+                match &outcome {
+                    Ok(u) => tracing::info!(
+                        "{who}: pid {} ({}) serves now; this process stops accepting and finishes its flows",
+                        u.new_pid,
+                        u.binary
+                    ),
+                    Err(e) => {
+                        tracing::error!("{who}: {e}");
+                        runtime.process.record_upgrade(UpgradeRecord {
+                            at: std::time::SystemTime::now(),
+                            by: request.by,
+                            result: "failed",
+                            detail: e.error.clone(),
+                        });
+                    }
+                }
+                let new_pid = outcome.as_ref().ok().map(|u| u.new_pid);
+                let _ = request.answer.send(outcome);
+                if let Some(pid) = new_pid {
+                    successor = Some(pid);
+                    break;
+                }
+            }
         }
     }
-    // Reloads asked for from now on are told that lb is stopping.
+    // Reloads and upgrades asked for from now on are told that lb is stopping.
     drop(requests);
-    crate::systemd::stopping();
+    match successor {
+        // systemd follows the new process; this one's stop is not the service's.
+        Some(pid) => {
+            crate::systemd::main_pid(pid);
+            // The new process serves the admin endpoint now.
+            stop_admin.cancel();
+        }
+        None => crate::systemd::stopping(),
+    }
     stop_accepting.cancel();
     acceptors.join().await;
     sessions.close();
@@ -246,6 +381,9 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
     }
     stop_admin.cancel();
+    // Answers being written (an upgrade's, say) go out before the process ends.
+    admin_connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_connections.wait()).await;
     // The acceptors are gone and the sessions ended or were aborted (what is left, stuck past
     // the bound above, is dropped with its worker's runtime): nothing else holds the workers.
     if let Some(workers) = Arc::into_inner(workers) {
@@ -267,14 +405,27 @@ fn reload(
     let plan = crate::reload::plan(&rt.current(), config);
     let rcvbuf = rt.current().settings.kernel_rcvbuf;
     let bound = acceptors
-        .bind(&plan.config.listeners, rcvbuf)
-        .map_err(|e| Refused {
-            errors: vec![e.to_string()],
+        .bind(&plan.config.listeners, rcvbuf, &mut Vec::new())
+        .map_err(|errors| Refused {
+            errors: errors.iter().map(ToString::to_string).collect(),
         })?;
     let reloaded = plan.reloaded.clone();
     let next = crate::reload::commit(rt, plan, checks);
     acceptors.apply(&next, bound);
     Ok(reloaded)
+}
+
+/// The admin socket an upgrade handed over, if it listens where `listen` says (any port, for
+/// port 0); else it is closed.
+fn same_address(fd: std::os::fd::OwnedFd, listen: SocketAddr) -> Option<TcpListener> {
+    let socket = std::net::TcpListener::from(fd);
+    let local = socket.local_addr().ok()?;
+    let fits = local == listen || (listen.port() == 0 && local.ip() == listen.ip());
+    if !fits {
+        return None;
+    }
+    socket.set_nonblocking(true).ok()?;
+    TcpListener::from_std(socket).ok()
 }
 
 /// Whether any listener or server speaks TLS.

@@ -18,7 +18,8 @@ use crate::{
 pub struct Handoff {
     pub client: Stream,
     pub server: Stream,
-    pub backend: usize,
+    /// The backend of the exchange (of the generation the connection was on then).
+    pub backend: std::sync::Arc<crate::runtime::BackendRt>,
     /// The server's lease ([`crate::balance`]): the flow counts as its session until it ends.
     pub lease: crate::balance::Lease,
     pub kind: Kind,

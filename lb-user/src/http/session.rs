@@ -11,7 +11,7 @@
 //! response body after which lb closes goes to the kernel too, once `forwarding.offload_after`
 //! of it went in userspace ([`super::handoff`]). Drawn in ../LIFECYCLE.md.
 use prometheus_client::metrics::counter::Counter;
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -80,45 +80,83 @@ pub(super) struct Ctx<'a> {
     /// [`crate::runtime::Shared::stopping`]: waiting on it registers with this connection's token, not with one
     /// every connection of every thread registers with at every request.
     stopping: CancellationToken,
+    /// Cancelled when a reload removes the listener (this connection's child, likewise).
+    removed: CancellationToken,
+}
+
+impl Ctx<'_> {
+    /// Resolves when kept-alive connections must close: lb stops, or a reload removed the
+    /// listener; why.
+    async fn closing(&self) -> &'static str {
+        tokio::select! {
+            () = self.stopping.cancelled() => "lb stopping",
+            () = self.removed.cancelled() => "listener removed",
+        }
+    }
 }
 
 /// Runs an HTTP client connection (plain, or after its TLS handshake: `sni`) until it ends or
 /// becomes a tunnel.
-pub async fn run(rt: &ListenerRt, stream: Stream, peer: SocketAddr, sni: Option<String>) -> HttpEnd {
-    let l = &rt.config;
-    let (Some(http), Some(responses)) = (&l.http, &rt.http_responses) else {
-        return HttpEnd::Closed("not an http listener");
-    };
-    let ctx = Ctx {
-        rt,
-        l,
-        http,
-        peer,
-        sni,
-        client_ip: peer.ip().to_string(),
-        responses,
-        stopping: rt.shared.stopping.child_token(),
-    };
+///
+/// A request that arrives after a reload is routed by its listener's new generation (its
+/// routes, rules and backends; the kept server connection is let go, since it belongs to the
+/// old generation's backend); on a listener a reload removed, the connection closes as it
+/// would when lb stops (an idle one at once, a busy one after its response).
+pub async fn run(rt: Arc<ListenerRt>, stream: Stream, peer: SocketAddr, sni: Option<String>) -> HttpEnd {
+    let mut rt = rt;
     let mut state = State::Waiting {
         client: Conn::new(stream),
         server: None,
         first: true,
     };
     loop {
-        state = match state {
-            State::Waiting {
-                client,
-                server,
-                first,
-            } => wait_request(&ctx, client, server, first).await,
-            State::Requested {
-                client,
-                server,
-                req,
-                since,
-            } => Box::pin(exchange(&ctx, client, server, req, since)).await,
-            State::Ended(end) => return end,
+        let l = &rt.config;
+        let (Some(http), Some(responses)) = (&l.http, &rt.http_responses) else {
+            return HttpEnd::Closed("not an http listener");
         };
+        let ctx = Ctx {
+            rt: &rt,
+            l,
+            http,
+            peer,
+            sni: sni.clone(),
+            client_ip: peer.ip().to_string(),
+            responses,
+            stopping: rt.shared.stopping.child_token(),
+            removed: rt.removed_token().child_token(),
+        };
+        let next = loop {
+            state = match state {
+                State::Waiting {
+                    client,
+                    server,
+                    first,
+                } => wait_request(&ctx, client, server, first).await,
+                // A reload since the last request: this one is routed by the new generation.
+                State::Requested {
+                    client,
+                    server,
+                    req,
+                    since,
+                } => match rt.newer() {
+                    Some(next) => {
+                        drop(server);
+                        state = State::Requested {
+                            client,
+                            server: None,
+                            req,
+                            since,
+                        };
+                        break next;
+                    }
+                    None => Box::pin(exchange(&ctx, client, server, req, since)).await,
+                },
+                State::Ended(end) => return end,
+            };
+        };
+        drop(ctx);
+        // (An http listener stays one: a reload that makes it tcp ends the connection above.)
+        rt = next;
     }
 }
 
@@ -158,16 +196,16 @@ async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<Server
                 Err(r) => return refuse(ctx, client, None, r).await,
             }
         }
-        // Between requests on a kept-alive connection, lb stopping closes it (a new
-        // connection's first request is still answered, with `Connection: close`). A request
-        // whose first bytes already arrived is answered too: closing with them unread would
-        // reset the connection.
+        // Between requests on a kept-alive connection, lb stopping (or a reload removing the
+        // listener) closes it (a new connection's first request is still answered, with
+        // `Connection: close`). A request whose first bytes already arrived is answered too:
+        // closing with them unread would reset the connection.
         let idle = !first && client.held.is_empty() && !answering_stop;
         let read = tokio::select! {
             r = client.fill(deadline) => r,
-            () = ctx.stopping.cancelled(), if idle => {
+            why = ctx.closing(), if idle => {
                 if !client.has_input() {
-                    return State::Ended(HttpEnd::Closed("lb stopping"));
+                    return State::Ended(HttpEnd::Closed(why));
                 }
                 answering_stop = true;
                 continue;
@@ -315,7 +353,8 @@ async fn exchange(
     let close = !tunnel
         && (!rewrite::client_keeps_alive(&req)
             || resp.body == Body::UntilClose
-            || ctx.stopping.is_cancelled());
+            || ctx.stopping.is_cancelled()
+            || ctx.rt.is_removed());
     let mut head = rewrite::response_head(&resp, ctx.http, close);
     count(ctx, resp.status);
     x.bytes_out += head.len() as u64;
@@ -336,7 +375,7 @@ async fn exchange(
         return State::Ended(HttpEnd::Handoff(Box::new(Handoff {
             client: client.stream,
             server: server.conn.stream,
-            backend,
+            backend: ctx.rt.backend(backend).clone(),
             lease: server.lease,
             kind: Kind::Tunnel,
             record,
@@ -414,7 +453,7 @@ fn hand_off_body(
     State::Ended(HttpEnd::Handoff(Box::new(Handoff {
         client: client.stream,
         server: server.conn.stream,
-        backend: x.backend,
+        backend: ctx.rt.backend(x.backend).clone(),
         lease: server.lease,
         kind: Kind::ResponseBody { left },
         record: handed(ctx, x, status),

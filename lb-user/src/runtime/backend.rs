@@ -83,7 +83,9 @@ impl BackendRt {
                         if was.maxconn != s.maxconn {
                             live.set_maxconn(s.maxconn);
                         }
-                        if was.address != s.address {
+                        // A new address says nothing of the server's health; nor does what a
+                        // check found once no check runs (nothing else would bring it up).
+                        if was.address != s.address || backend.health_check.is_none() && !live.is_up() {
                             live.readdress();
                         }
                         Slot::Kept(i)

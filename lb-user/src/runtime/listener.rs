@@ -1,15 +1,17 @@
 //! A listener's runtime object: its configuration, the backends its flows go to, its TLS
 //! termination and counters.
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-use std::sync::{
-    atomic::{AtomicBool, Ordering::Relaxed},
-    Arc,
-};
+use std::sync::{Arc, OnceLock};
+use tokio_util::sync::CancellationToken;
 
 use super::{BackendRt, Settings, Shared};
 use crate::{
     config::{Listener, ListenerTls},
-    metrics::{KtlsHandOffLabels, ListenerLabels, Metrics, ResponseLabels, TlsFailureLabels, STATUS_CLASSES},
+    forward::Side,
+    metrics::{
+        EndLabels, KtlsHandOffLabels, ListenerLabels, Metrics, ResponseLabels, TlsFailureLabels,
+        STATUS_CLASSES,
+    },
     tls::{
         accept::{Failure, HandOffResult, Terminator},
         ktls::Ktls,
@@ -22,10 +24,14 @@ pub struct ListenerRt {
     pub shared: Arc<Shared>,
     /// The process-wide settings of the configuration this listener was built from.
     pub settings: Arc<Settings>,
-    /// Set when a reload removes the listener; shared by every generation of it (a reload
-    /// that changes a listener builds a new `ListenerRt`, and sessions keep the one they
-    /// started with), so that no session of a removed listener brings its series back.
-    removed: Arc<AtomicBool>,
+    /// Cancelled when a reload removes the listener; shared by every generation of it (a
+    /// reload that changes a listener builds a new `ListenerRt`, and sessions keep the one
+    /// they started with), so that no session of a removed listener brings its series back,
+    /// and its kept-alive HTTP connections close.
+    removed: CancellationToken,
+    /// The listener of the same name a later reload built: an HTTP connection kept alive
+    /// across the reload moves to it between requests.
+    successor: OnceLock<Arc<ListenerRt>>,
     /// The backends of the configuration this listener was built from, in its order: the
     /// listener's `backend` and routes name them by index.
     backends: Vec<Arc<BackendRt>>,
@@ -36,6 +42,13 @@ pub struct ListenerRt {
     pub active: Gauge,
     /// `lb_dropped_bytes_total{listener}`.
     pub dropped: Counter,
+    /// `lb_resets_total{listener,side}` and `lb_idle_timeouts_total{listener,side}`, by
+    /// [`crate::forward::Side::index`].
+    pub resets: [Counter; 2],
+    pub timeouts: [Counter; 2],
+    /// `lb_tls_handshake_failures_total{listener,reason}` by [`Failure`] (the SNI peek's; a
+    /// TLS listener's terminator has its own).
+    pub peek_failures: [Counter; Failure::ALL.len()],
     /// With `mode: http`: `lb_http_responses_total{listener,code}` by
     /// [`crate::metrics::status_class`], held to avoid a label lookup per response.
     pub http_responses: Option<[Counter; 5]>,
@@ -71,6 +84,22 @@ impl ListenerRt {
         let connections = metrics.connections.get_or_create(&labels).clone();
         let active = metrics.active.get_or_create(&labels).clone();
         let dropped = metrics.dropped_bytes.get_or_create(&labels).clone();
+        let ends = |family: &prometheus_client::metrics::family::Family<EndLabels, Counter>| {
+            Side::BOTH.map(|side| {
+                let labels = EndLabels {
+                    listener: config.name.clone(),
+                    side: side.name(),
+                };
+                let counter = family.get_or_create(&labels).clone();
+                counter
+            })
+        };
+        let (resets, timeouts) = (ends(&metrics.resets), ends(&metrics.timeouts));
+        let peek_failures = if config.peeks_sni() {
+            failure_counters(&config.name, metrics)
+        } else {
+            Default::default()
+        };
         ListenerRt {
             config,
             backends,
@@ -78,21 +107,45 @@ impl ListenerRt {
             connections,
             active,
             dropped,
+            resets,
+            timeouts,
+            peek_failures,
             http_responses,
             settings,
             removed: previous.map_or_else(Default::default, |p| p.removed.clone()),
+            successor: OnceLock::new(),
             shared,
         }
     }
 
     /// A reload removed this listener.
     pub fn retire(&self) {
-        self.removed.store(true, Relaxed);
+        self.removed.cancel();
     }
 
     /// Whether a reload removed it (its series are gone from the scrape).
     pub fn is_removed(&self) -> bool {
-        self.removed.load(Relaxed)
+        self.removed.is_cancelled()
+    }
+
+    /// Cancelled when a reload removes it.
+    pub fn removed_token(&self) -> &CancellationToken {
+        &self.removed
+    }
+
+    /// A reload built `next` in its place.
+    pub fn succeeded_by(&self, next: Arc<ListenerRt>) {
+        let _ = self.successor.set(next);
+    }
+
+    /// The newest generation of this listener, if a reload built one since this one.
+    pub fn newer(&self) -> Option<Arc<ListenerRt>> {
+        let mut newest = self.successor.get()?.clone();
+        // One link per reload since; each reload adds one.
+        while let Some(next) = newest.successor.get().cloned() {
+            newest = next;
+        }
+        Some(newest)
     }
 
     /// Backend `index` of the configuration (the listener's `backend`, a route's).
@@ -112,14 +165,7 @@ fn terminator(name: &str, settings: &ListenerTls, metrics: &Metrics, ktls: Optio
         listener: name.to_string(),
     };
     let handshakes = metrics.tls_handshakes.get_or_create(&labels).clone();
-    let failures = Failure::ALL.map(|f| {
-        let labels = TlsFailureLabels {
-            listener: name.to_string(),
-            reason: f.name(),
-        };
-        let counter = metrics.tls_failures.get_or_create(&labels).clone();
-        counter
-    });
+    let failures = failure_counters(name, metrics);
     let handoffs = HandOffResult::ALL.map(|r| {
         let labels = KtlsHandOffLabels {
             listener: name.to_string(),
@@ -133,4 +179,16 @@ fn terminator(name: &str, settings: &ListenerTls, metrics: &Metrics, ktls: Optio
         _ => None,
     };
     Terminator::new(settings, handshakes, failures, kernel, handoffs)
+}
+
+/// A listener's `lb_tls_handshake_failures_total` series, by [`Failure`].
+fn failure_counters(name: &str, metrics: &Metrics) -> [Counter; Failure::ALL.len()] {
+    Failure::ALL.map(|f| {
+        let labels = TlsFailureLabels {
+            listener: name.to_string(),
+            reason: f.name(),
+        };
+        let counter = metrics.tls_failures.get_or_create(&labels).clone();
+        counter
+    })
 }

@@ -18,9 +18,17 @@ use tokio_util::sync::CancellationToken;
 
 pub use backend::{BackendRt, ServerRt, Unserved};
 pub use listener::ListenerRt;
-pub use process::{ProcessRt, Reload};
+pub use process::{ProcessRt, Reload, UpgradeRecord};
 
-use crate::reload::Requests;
+/// What operators ask of the running process (SIGHUP, SIGUSR2, the admin endpoint): the wiring
+/// module applies each, one at a time.
+pub enum Control {
+    Reload(crate::reload::Request),
+    Upgrade(crate::upgrade::Request),
+}
+
+/// Where [`Control`] requests go.
+pub type Requests = tokio::sync::mpsc::Sender<Control>;
 
 use crate::{
     bpf::Kernel,
@@ -161,17 +169,18 @@ pub struct Runtime {
     pub process: ProcessRt,
     pub shared: Arc<Shared>,
     current: RwLock<Arc<Generation>>,
-    /// Where reloads are asked for (the wiring module applies them, one at a time).
-    pub reloads: Requests,
+    /// Where reloads and upgrades are asked for (the wiring module applies them, one at a
+    /// time).
+    pub control: Requests,
 }
 
 impl Runtime {
-    pub fn new(process: ProcessRt, shared: Arc<Shared>, first: Generation, reloads: Requests) -> Runtime {
+    pub fn new(process: ProcessRt, shared: Arc<Shared>, first: Generation, control: Requests) -> Runtime {
         Runtime {
             process,
             shared,
             current: RwLock::new(Arc::new(first)),
-            reloads,
+            control,
         }
     }
 

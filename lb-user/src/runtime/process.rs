@@ -1,5 +1,5 @@
 //! The process itself, as `lb stats` and /stats.json show it (HAProxy's `show info`): its pid,
-//! when it started, and how its last reload went.
+//! when it started, and how its last reload and upgrade went.
 use std::{
     sync::Mutex,
     time::{Duration, Instant, SystemTime},
@@ -12,6 +12,19 @@ pub struct ProcessRt {
     /// The same instant on the monotonic clock (the uptime does not jump with the wall clock).
     since: Instant,
     last_reload: Mutex<Option<Reload>>,
+    last_upgrade: Mutex<Option<UpgradeRecord>>,
+}
+
+/// How the last upgrade went: the one that started this process, or one this process tried
+/// that failed (a successful one ends this process).
+#[derive(Debug, Clone)]
+pub struct UpgradeRecord {
+    pub at: SystemTime,
+    /// What asked for it (`SIGUSR2`, `lb upgrade`); for this process's own start, `upgrade`.
+    pub by: &'static str,
+    /// `ok` or `failed`.
+    pub result: &'static str,
+    pub detail: String,
 }
 
 /// How a reload went.
@@ -34,6 +47,7 @@ impl ProcessRt {
             started: SystemTime::now(),
             since: Instant::now(),
             last_reload: Mutex::new(None),
+            last_upgrade: Mutex::new(None),
         }
     }
 
@@ -47,6 +61,17 @@ impl ProcessRt {
 
     pub fn last_reload(&self) -> Option<Reload> {
         self.last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn record_upgrade(&self, upgrade: UpgradeRecord) {
+        *self.last_upgrade.lock().unwrap_or_else(|e| e.into_inner()) = Some(upgrade);
+    }
+
+    pub fn last_upgrade(&self) -> Option<UpgradeRecord> {
+        self.last_upgrade
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

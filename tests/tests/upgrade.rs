@@ -1,0 +1,195 @@
+//! Binary upgrades: `lb upgrade` and SIGUSR2 start a new lb process that takes over the
+//! listening sockets (no connection refused while it does), while the old one finishes its
+//! flows and exits; a new process that cannot start leaves the old one as it was.
+use lb_tests::{
+    bpf_available,
+    lb::{lb_binary, Lb, LbBuilder},
+    servers,
+};
+use std::{net::SocketAddr, process::Output, time::Duration};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+
+/// Runs `lb ARGS --admin ADDR` (bounded at 60 s).
+async fn lb_cmd(admin: SocketAddr, args: &[&str]) -> Output {
+    let run = tokio::process::Command::new(lb_binary())
+        .args(args)
+        .args(["--admin", &admin.to_string()])
+        .output();
+    timeout(Duration::from_secs(60), run)
+        .await
+        .expect("lb command timed out")
+        .expect("cannot run lb")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Kills the processes an upgrade started (they are not the test's children) when dropped.
+struct Successors(Vec<u32>);
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: a plain signal to a pid this test started (through lb).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `lb upgrade`, which must succeed: the new process's pid.
+async fn upgrade(admin: SocketAddr, successors: &mut Successors) -> u32 {
+    let out = lb_cmd(admin, &["upgrade"]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "upgrade failed: {stderr}");
+    let pid: u32 = stdout
+        .strip_prefix("upgraded: pid ")
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    successors.0.push(pid);
+    pid
+}
+
+/// The process answering on the admin endpoint: its pid and its `/stats.json`.
+async fn serving(admin: SocketAddr) -> (u32, serde_json::Value) {
+    let out = lb_cmd(admin, &["stats", "--json"]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    (v["process"]["pid"].as_u64().unwrap() as u32, v)
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+/// One connection: a byte echoed.
+async fn echo_once(addr: SocketAddr) -> Result<(), String> {
+    let attempt = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(b"x").await.map_err(|e| format!("write: {e}"))?;
+        let mut back = [0u8; 1];
+        s.read_exact(&mut back).await.map_err(|e| format!("echo: {e}"))?;
+        Ok::<_, String>(())
+    };
+    timeout(Duration::from_secs(10), attempt)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_upgrades_in_a_row_refuse_no_connection_and_old_processes_finish_their_flows() {
+    let kernel =
+        bpf_available("two_upgrades_in_a_row_refuse_no_connection_and_old_processes_finish_their_flows");
+    let echo = servers::echo().await;
+    let mut lb = LbBuilder::new(&[echo])
+        .forwarding(if kernel { "kernel" } else { "user" })
+        .offload_after("0")
+        .spawn();
+    let (listener, admin, first) = (lb.listener, lb.admin, lb.pid());
+    let mut successors = Successors(Vec::new());
+    // A flow the first process keeps.
+    let mut kept = TcpStream::connect(listener).await.unwrap();
+    servers::echo_round_trip(&mut kept, b"before").await;
+    // A connect loop through both upgrades.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let connects = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            for _ in 0..100_000 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match echo_once(listener).await {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        }
+    });
+
+    let second = upgrade(admin, &mut successors).await;
+    assert_ne!(second, first);
+    let (pid, stats) = serving(admin).await;
+    assert_eq!(pid, second, "the new process answers on the admin endpoint");
+    let detail = stats["process"]["last_upgrade"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(detail.contains(&format!("upgrade of pid {first}")), "{stats}");
+    // The first process finishes its flow, then exits.
+    servers::echo_round_trip(&mut kept, b"during").await;
+    assert!(alive(first), "the old process left before its flow ended");
+    drop(kept);
+    assert!(
+        lb.exited_within(Duration::from_secs(10)).await.is_some(),
+        "the old process did not exit once its flow ended"
+    );
+
+    // Another, from the second process.
+    let mut kept = TcpStream::connect(listener).await.unwrap();
+    servers::echo_round_trip(&mut kept, b"on the second").await;
+    let third = upgrade(admin, &mut successors).await;
+    assert_eq!(serving(admin).await.0, third);
+    servers::echo_round_trip(&mut kept, b"still on the second").await;
+    drop(kept);
+    let mut gone = false;
+    for _ in 0..500 {
+        if !alive(second) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the second process did not exit once its flow ended");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = connects.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} connection(s) failed: {failed:?}",
+        failed.len()
+    );
+    assert!(ok > 10, "{ok} connections");
+    eprintln!("two upgrades: {ok} connections, none failed");
+}
+
+#[tokio::test]
+async fn a_new_process_that_cannot_start_leaves_lb_as_it_was() {
+    let echo = servers::echo().await;
+    let lb: Lb = LbBuilder::new(&[echo]).spawn();
+    let first = lb.pid();
+    // No such binary.
+    let out = lb_cmd(lb.admin, &["upgrade", "--binary", "/nonexistent/lb"]).await;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot start /nonexistent/lb"), "{stderr}");
+    // A file the new process refuses: its errors, at their position.
+    let path = lb.dir().join("lb.yaml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, good.replace("listeners:", "listeners:\n  colour: blue")).unwrap();
+    let out = lb_cmd(lb.admin, &["upgrade"]).await;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the new process could not start")
+            && stderr.contains(&format!("{}:", path.display())),
+        "{stderr}"
+    );
+    // The same process serves, and says how the upgrade went.
+    let (pid, stats) = serving(lb.admin).await;
+    assert_eq!(pid, first);
+    assert_eq!(stats["process"]["last_upgrade"]["result"], "failed", "{stats}");
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut c, b"still here").await;
+}
