@@ -33,8 +33,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    bpf::MapFds,
     config::Forwarding,
+    forward::kernel::{MovedState, Moving},
     runtime::{Control, Requests},
+    session::{MovedFlow, MovedInfo},
 };
 
 /// How long the new process has to start (read the file, load BPF, bind) and say so.
@@ -126,12 +129,25 @@ pub struct Handed {
     pub fd: RawFd,
 }
 
+/// A kernel flow handed to the new process: its sockets' descriptor numbers there, and its
+/// state.
+#[derive(Debug, Serialize, Deserialize)]
+struct HandedFlow {
+    client: RawFd,
+    server: RawFd,
+    state: MovedState,
+    info: MovedInfo,
+}
+
 /// The old process's message.
 #[derive(Debug, Serialize, Deserialize)]
 struct Handover {
     from_pid: u32,
     listeners: Vec<Handed>,
     admin: Option<RawFd>,
+    /// The program's maps, when flows are forwarded by the kernel.
+    maps: Option<MapFds>,
+    flows: Vec<HandedFlow>,
 }
 
 /// The new process's answer.
@@ -150,6 +166,10 @@ pub struct Launch<'a> {
     pub forwarding: Option<Forwarding>,
     pub listeners: Vec<Handed>,
     pub admin: Option<RawFd>,
+    pub maps: Option<MapFds>,
+    /// The kernel flows, stopped for the move (this process keeps them until the new one is
+    /// ready: they come back if it fails).
+    pub flows: &'a [MovedFlow],
 }
 
 /// The old side: starts the new process and waits until it is ready; its pid.
@@ -170,6 +190,18 @@ pub async fn launch(launch: Launch<'_>) -> Result<u32, Failed> {
     }
     let mut inherited: Vec<RawFd> = launch.listeners.iter().map(|h| h.fd).collect();
     inherited.extend(launch.admin);
+    inherited.extend(launch.maps.iter().flat_map(|m| m.all()));
+    let flows: Vec<HandedFlow> = launch
+        .flows
+        .iter()
+        .map(|f| HandedFlow {
+            client: f.moving.client.as_raw_fd(),
+            server: f.moving.server.as_raw_fd(),
+            state: f.moving.state.clone(),
+            info: f.info.clone(),
+        })
+        .collect();
+    inherited.extend(flows.iter().flat_map(|f| [f.client, f.server]));
     inherited.push(theirs.as_raw_fd());
     // SAFETY: between fork and exec only fcntl, which is async-signal-safe, on descriptors
     // this process owns.
@@ -191,6 +223,8 @@ pub async fn launch(launch: Launch<'_>) -> Result<u32, Failed> {
         from_pid: std::process::id(),
         listeners: launch.listeners,
         admin: launch.admin,
+        maps: launch.maps,
+        flows,
     };
     let answer = tokio::time::timeout(READY_TIMEOUT, talk(ours, &handover)).await;
     let failure = match answer {
@@ -227,6 +261,10 @@ pub struct Inherited {
     /// Listening sockets by (address, name for port 0).
     pub listeners: Vec<(SocketAddr, Option<String>, OwnedFd)>,
     pub admin: Option<OwnedFd>,
+    /// The program's maps (their descriptors here), with the kernel path.
+    pub maps: Option<MapFds>,
+    /// The kernel flows to go on with.
+    pub flows: Vec<MovedFlow>,
 }
 
 /// The new side: where it tells the old process how its start went.
@@ -255,11 +293,32 @@ pub fn receive(fd: RawFd) -> io::Result<(Inherited, Reporter)> {
         .map(|h| Ok((h.bind, h.name, own(h.fd)?)))
         .collect::<io::Result<Vec<_>>>()?;
     let admin = handover.admin.map(own).transpose()?;
+    if let Some(maps) = &handover.maps {
+        for fd in maps.all() {
+            set_cloexec(fd)?;
+        }
+    }
+    let flows = handover
+        .flows
+        .into_iter()
+        .map(|f| {
+            Ok(MovedFlow {
+                moving: Moving {
+                    client: std::net::TcpStream::from(own(f.client)?),
+                    server: std::net::TcpStream::from(own(f.server)?),
+                    state: f.state,
+                },
+                info: f.info,
+            })
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     Ok((
         Inherited {
             from_pid: handover.from_pid,
             listeners,
             admin,
+            maps: handover.maps,
+            flows,
         },
         Reporter { channel },
     ))

@@ -384,13 +384,14 @@ async fn connect_once(addr: SocketAddr) -> Result<(), String> {
         .map_err(|_| "timed out".to_string())?
 }
 
-/// The load test, for reloads: wrk with keep-alive, 100 kernel-forwarded streams
-/// checked with sha256 and a connect loop, while 20 reloads change servers, weights and routes
-/// and add and remove a listener: no failed request, no cut or corrupted stream, no refused
-/// connection.
+/// The load test: wrk with keep-alive, 100 kernel-forwarded streams checked with
+/// sha256 and a connect loop, while 20 reloads change servers, weights and routes and add and
+/// remove a listener, and 5 upgrades move the streams to a new process each: no failed
+/// request, no cut or corrupted stream, no refused connection, and each old process gone
+/// within 1 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_reloads_under_load_cut_nothing() {
-    if !bpf_available("twenty_reloads_under_load_cut_nothing") {
+async fn reloads_and_upgrades_under_load_cut_nothing() {
+    if !bpf_available("reloads_and_upgrades_under_load_cut_nothing") {
         return;
     }
     use lb_tests::paced::{self, PacedSpec, Reading};
@@ -483,6 +484,8 @@ async fn twenty_reloads_under_load_cut_nothing() {
         })
     };
 
+    let mut successors = Successors(Vec::new());
+    let (mut upgrades, mut exits) = (0, Vec::new());
     for i in 1..=20 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         std::fs::write(
@@ -497,6 +500,30 @@ async fn twenty_reloads_under_load_cut_nothing() {
             connect_once(listening(&lb, &format!("extra{i}")).await)
                 .await
                 .unwrap_or_else(|e| panic!("reload {i}: the new listener: {e}"));
+        }
+        if i % 4 == 0 {
+            // An upgrade: the streams move to the new process with their sockets; the old one
+            // has only wrk's kept-alive connections left, which close after their response
+            // (`Connection: close`), so it exits at once.
+            let old = serving_pid(&lb).await;
+            let out = lb_cmd(&lb, &["upgrade"]).await;
+            let (stdout, stderr) = text(&out);
+            assert!(out.status.success(), "upgrade after reload {i}: {stderr}");
+            let new: u32 = stdout
+                .strip_prefix("upgraded: pid ")
+                .and_then(|r| r.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("{stdout}"));
+            successors.0.push(new);
+            upgrades += 1;
+            let started = std::time::Instant::now();
+            while process_alive(old) && started.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                !process_alive(old),
+                "upgrade after reload {i}: pid {old} still there 1 s later"
+            );
+            exits.push(started.elapsed());
         }
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -525,15 +552,17 @@ async fn twenty_reloads_under_load_cut_nothing() {
         paced::assert_intact(spec, client, &by_seed[&spec.seed].1);
     }
     let m = lb.metrics();
-    assert_eq!(m.get("lb_reloads_total{result=\"ok\"}"), 20.0, "{}", m.text);
+    // Counted by the last process: the reloads since the last upgrade.
+    assert_eq!(m.counted("lb_reloads_total{result=\"ok\"}"), 0.0, "{}", m.text);
     // The streams went through the kernel.
     assert!(m.kernel_bytes() >= (1u64 << 30) as f64, "{}", m.text);
     let latency = out
         .lines()
         .find(|l| l.trim_start().starts_with("Latency"))
         .unwrap_or("");
+    assert_eq!(upgrades, 5);
     eprintln!(
-        "20 reloads under load: wrk {line} ({}); {ok} connections; 100 streams of 8 MiB each way intact",
+        "20 reloads and 5 upgrades under load: wrk {line} ({}); {ok} connections; 100 streams of 8 MiB each way intact; old processes exited after {exits:?}",
         latency.split_whitespace().collect::<Vec<_>>().join(" ")
     );
 }
@@ -626,4 +655,27 @@ async fn a_server_down_comes_back_when_its_check_is_removed() {
     std::fs::write(lb.dir().join("lb.yaml"), http_config(refusing, false, false)).unwrap();
     reload(&lb).await;
     assert_eq!(state(&lb), 1.0);
+}
+
+/// Kills the processes upgrades started (they are not the test's children) when dropped.
+struct Successors(Vec<u32>);
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: a plain signal to a pid this test started (through lb).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The pid of the lb answering on the admin endpoint.
+async fn serving_pid(lb: &Lb) -> u32 {
+    let (stdout, stderr) = text(&lb_cmd(lb, &["stats", "--json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("{stderr}"));
+    v["process"]["pid"].as_u64().unwrap() as u32
+}
+
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }

@@ -168,6 +168,11 @@ impl ServerLive {
             .is_ok()
     }
 
+    /// Counts a session that moved in under way (see [`super::Balancer::lease_moved_in`]).
+    pub(super) fn count_moved_in(&self) {
+        self.active.inc();
+    }
+
     /// A session ended: the sessions queued for the backend look again.
     pub(super) fn release(&self) {
         self.active.dec();

@@ -170,6 +170,14 @@ impl Balancer {
         }
     }
 
+    /// A lease on server `index` for a flow that moved in from another process (an upgrade):
+    /// counted whatever its `maxconn` (the flow is under way already).
+    pub fn lease_moved_in(&self, index: usize) -> Lease {
+        let server = self.servers[index].clone();
+        server.count_moved_in();
+        Lease { server, index }
+    }
+
     /// Each server's live state, in the backend's order.
     pub fn servers(&self) -> &[Arc<ServerLive>] {
         &self.servers

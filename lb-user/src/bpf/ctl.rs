@@ -92,6 +92,28 @@ impl CtlArray {
         Some(slot)
     }
 
+    /// Slot `index` again, which [`Slot::keep`] kept out of the pool (a flow that did not
+    /// move after all): its state is as the program left it.
+    pub fn reclaim(&self, index: u32) -> Slot<'_> {
+        Slot { array: self, index }
+    }
+
+    /// Marks the slots of flows moved in from another process (an upgrade) as in use: the pool
+    /// hands out every other one.
+    pub fn adopt_used(&self, used: &[u32]) {
+        let mut used: Vec<u32> = used.iter().copied().filter(|&i| i < MAX_SOCKETS).collect();
+        used.sort_unstable();
+        let next = used.last().map_or(0, |&i| i + 1);
+        let mut pool = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        pool.freed = (0..next).filter(|i| used.binary_search(i).is_err()).collect();
+        pool.next = next;
+    }
+
+    /// The slot of index `index` for a moved-in flow (marked in use by [`Self::adopt_used`]).
+    pub fn adopted(&self, index: u32) -> Option<Slot<'_>> {
+        (index < MAX_SOCKETS).then_some(Slot { array: self, index })
+    }
+
     /// Whether the socket in slot `index` has a throttle request the daemon has not dealt
     /// with (for the event reader, which knows slots by index only; a slot it finds
     /// registered is in use).
@@ -203,6 +225,16 @@ impl Slot<'_> {
     pub fn max_in_flight(&self) -> u32 {
         self.u32_field(|p| unsafe { addr_of_mut!((*p).max_in_flight) })
             .load(Relaxed)
+    }
+}
+
+impl Slot<'_> {
+    /// Keeps the slot out of the pool (its socket's flow moves to another process, which
+    /// takes the slot over); its index.
+    pub fn keep(self) -> u32 {
+        let index = self.index;
+        std::mem::forget(self);
+        index
     }
 }
 

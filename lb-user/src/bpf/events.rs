@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 use tokio::{io::unix::AsyncFd, sync::Notify};
+use tokio_util::sync::CancellationToken;
 
 use super::ctl::CtlArray;
 use crate::sockopt;
@@ -72,6 +73,20 @@ impl Wake {
     /// Whether the receive buffer is shrunk now.
     pub fn shrunk(&self) -> bool {
         self.hook().shrunk.is_some()
+    }
+
+    /// The throttle state (a flow moving to another process): the buffer to give back if
+    /// shrunk, and whether it was eased.
+    pub fn throttle_state(&self) -> (Option<u32>, bool) {
+        let hook = self.hook();
+        (hook.shrunk, hook.eased)
+    }
+
+    /// Takes a moved flow's throttle state over.
+    pub fn restore_throttle(&self, (shrunk, eased): (Option<u32>, bool)) {
+        let mut hook = self.hook();
+        hook.shrunk = shrunk;
+        hook.eased = eased;
     }
 
     /// Shrinks the buffer of `fd` (this slot's socket) unless it is already.
@@ -196,22 +211,42 @@ impl Wakers {
 /// so none stays braked for want of its event.
 const LOST_CHECK: Duration = Duration::from_secs(1);
 
+/// The running reader: stopped (an upgrade hands the ring buffer to a new process), it gives
+/// the ring buffer back.
+pub struct Reader {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Option<RingBuf<MapData>>>,
+}
+
+impl Reader {
+    /// Stops the reader once it has handed out what it read; the ring buffer (`None` if the
+    /// reader had failed).
+    pub async fn stop(self) -> Option<RingBuf<MapData>> {
+        self.stop.cancel();
+        self.task.await.ok().flatten()
+    }
+}
+
 /// Spawns the reader task.
 pub fn spawn_reader(
     ring: RingBuf<MapData>,
     wakers: Arc<Wakers>,
     stats: Arc<PerCpuArray<MapData, CpuStats>>,
     ctl: Arc<CtlArray>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Reader> {
     // SAFETY: the ring buffer owns its fd, which stays open until the AsyncFd drops it.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
-    tokio::spawn(async move {
-        let mut lost_seen = 0;
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut lost_seen = super::sum_stats(&stats).events_lost;
         let mut check = tokio::time::interval(LOST_CHECK);
         loop {
             tokio::select! {
+                biased;
+                () = stopped.cancelled() => return Some(fd.into_inner()),
                 ready = fd.readable_mut() => {
-                    let Ok(mut guard) = ready else { return };
+                    let Ok(mut guard) = ready else { return None };
                     let ring = guard.get_inner_mut();
                     while let Some(item) = ring.next() {
                         if item.len() >= std::mem::size_of::<Event>() {
@@ -237,7 +272,7 @@ pub fn spawn_reader(
             }
         }
     });
-    Ok(())
+    Ok(Reader { stop, task })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ mod events;
 mod watch;
 
 use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
+    maps::{HashMap, IterableMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
@@ -20,9 +20,12 @@ use lb_common::{
     SLOTS_MAP, SND_UNA_OFFSET_GLOBAL, SOCKS_MAP, VERDICT_PROG, WRITE_SEQ_OFFSET_GLOBAL,
 };
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, RawFd},
     sync::{
-        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicI64, AtomicU64,
+            Ordering::{Relaxed, SeqCst},
+        },
         Arc, Mutex,
     },
 };
@@ -64,6 +67,8 @@ pub enum BpfError {
 pub enum TrackError {
     #[error("all {} control slots are in use", lb_common::MAX_SOCKETS)]
     Full,
+    #[error("an upgrade is moving the kernel flows to a new process")]
+    Moving,
     #[error("slot index: {0}")]
     Map(#[from] aya::maps::MapError),
 }
@@ -83,12 +88,51 @@ pub struct Kernel {
     flows: AtomicI64,
     /// Flows with a direction braked now.
     braked: AtomicI64,
+    /// Flows stopped for a move since the start.
+    moved: AtomicU64,
     /// The most bytes one flow direction had inside lb at once, as the daemon saw them.
     most_in_flight: AtomicU64,
-    // Keeps the array map alive as long as its mapping, and the program loaded and attached
-    // for as long as lb runs.
+    /// The program's event reader, while it runs ([`Kernel::pause_events`]).
+    reader: Mutex<Option<events::Reader>>,
+    /// The ring buffer while no reader runs.
+    paused: Mutex<Option<RingBuf<MapData>>>,
+    /// An upgrade is moving the flows to another process: no new flow takes a slot.
+    closed: AtomicBool,
+    /// The maps' descriptors, for an upgrade's new process.
+    fds: MapFds,
+    // Keeps the array map alive as long as its mapping, and (when loaded here) the program
+    // loaded and attached for as long as lb runs. A process that took the maps over from
+    // another keeps the program through the SOCKHASH, to which it is attached.
     _ctl_map: MapData,
-    _ebpf: Ebpf,
+    /// Dropping it would detach the program from the SOCKHASH (aya detaches the links it
+    /// tracks): after an upgrade it is leaked instead ([`Kernel::leave_program_attached`]).
+    ebpf: Mutex<Option<Ebpf>>,
+}
+
+/// The descriptors of the program's maps (the program stays attached to the SOCKHASH).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct MapFds {
+    pub socks: RawFd,
+    pub slots: RawFd,
+    pub ctl: RawFd,
+    pub events: RawFd,
+    pub stats: RawFd,
+}
+
+impl MapFds {
+    pub fn all(&self) -> [RawFd; 5] {
+        [self.socks, self.slots, self.ctl, self.events, self.stats]
+    }
+}
+
+/// A socket's part of the kernel path, out of this process's view (its flow moves to another
+/// process, or is about to come back): what takes it over needs these.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Detached {
+    pub cookie: u64,
+    pub slot: u32,
+    /// The throttle state of its receive buffer ([`Wake::throttle_state`]).
+    pub throttle: (Option<u32>, bool),
 }
 
 impl Kernel {
@@ -128,10 +172,6 @@ impl Kernel {
             RingBuf::try_from(take(&mut ebpf, EVENTS_MAP)?).map_err(|e| BpfError::Map(EVENTS_MAP, e))?;
         let stats: PerCpuArray<MapData, CpuStats> = PerCpuArray::try_from(take(&mut ebpf, CPU_STATS_MAP)?)
             .map_err(|e| BpfError::Map(CPU_STATS_MAP, e))?;
-        let stats = Arc::new(stats);
-        let wakers = Arc::new(Wakers::default());
-        events::spawn_reader(ring, wakers.clone(), stats.clone(), ctl.clone()).map_err(BpfError::Events)?;
-        let watcher = Watcher::spawn(wakers.clone()).map_err(BpfError::Events)?;
         let prog: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .ok_or(BpfError::Missing(VERDICT_PROG))?
@@ -143,6 +183,54 @@ impl Kernel {
         // resident for the daemon's whole life.
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe { libc::malloc_trim(0) };
+        Kernel::with(socks, slots, ctl_map, ctl, ring, stats, Some(ebpf))
+    }
+
+    /// Takes over the maps (and through the SOCKHASH the attached program) another lb
+    /// process handed over in an upgrade, descriptors `fds` of this process; `used`: the
+    /// control slots of the flows that move in with them.
+    pub fn adopt(fds: MapFds, used: &[u32]) -> Result<Kernel, BpfError> {
+        let data = |fd: RawFd, name: &'static str| {
+            // SAFETY: a descriptor the old process left open for us and named as this map.
+            let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            MapData::from_fd(owned).map_err(|e| BpfError::Map(name, e))
+        };
+        let socks: SockHash<MapData, u64> = SockHash::try_from(Map::SockHash(data(fds.socks, SOCKS_MAP)?))
+            .map_err(|e| BpfError::Map(SOCKS_MAP, e))?;
+        let slots: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(data(fds.slots, SLOTS_MAP)?))
+            .map_err(|e| BpfError::Map(SLOTS_MAP, e))?;
+        let ctl_map = data(fds.ctl, FLOW_CTL_MAP)?;
+        let ctl = Arc::new(CtlArray::map(ctl_map.fd().as_fd()).map_err(BpfError::Mmap)?);
+        ctl.adopt_used(used);
+        let ring: RingBuf<MapData> = RingBuf::try_from(Map::RingBuf(data(fds.events, EVENTS_MAP)?))
+            .map_err(|e| BpfError::Map(EVENTS_MAP, e))?;
+        let stats: PerCpuArray<MapData, CpuStats> =
+            PerCpuArray::try_from(Map::PerCpuArray(data(fds.stats, CPU_STATS_MAP)?))
+                .map_err(|e| BpfError::Map(CPU_STATS_MAP, e))?;
+        Kernel::with(socks, slots, ctl_map, ctl, ring, stats, None)
+    }
+
+    fn with(
+        socks: SockHash<MapData, u64>,
+        slots: HashMap<MapData, u64, u32>,
+        ctl_map: MapData,
+        ctl: Arc<CtlArray>,
+        ring: RingBuf<MapData>,
+        stats: PerCpuArray<MapData, CpuStats>,
+        ebpf: Option<Ebpf>,
+    ) -> Result<Kernel, BpfError> {
+        let fds = MapFds {
+            socks: socks.fd().as_fd().as_raw_fd(),
+            slots: slots.map().fd().as_fd().as_raw_fd(),
+            ctl: ctl_map.fd().as_fd().as_raw_fd(),
+            events: ring.as_raw_fd(),
+            stats: stats.map().fd().as_fd().as_raw_fd(),
+        };
+        let stats = Arc::new(stats);
+        let wakers = Arc::new(Wakers::default());
+        let reader = events::spawn_reader(ring, wakers.clone(), stats.clone(), ctl.clone())
+            .map_err(BpfError::Events)?;
+        let watcher = Watcher::spawn(wakers.clone()).map_err(BpfError::Events)?;
         Ok(Kernel {
             socks: Mutex::new(socks),
             slots: Mutex::new(slots),
@@ -153,9 +241,71 @@ impl Kernel {
             tracked: AtomicI64::new(0),
             flows: AtomicI64::new(0),
             braked: AtomicI64::new(0),
+            moved: AtomicU64::new(0),
             most_in_flight: AtomicU64::new(0),
+            reader: Mutex::new(Some(reader)),
+            paused: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            fds,
             _ctl_map: ctl_map,
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
+        })
+    }
+
+    /// An upgrade's new process forwards with the program now: it stays attached to the
+    /// SOCKHASH when this process exits (aya would detach it when its object drops).
+    pub fn leave_program_attached(&self) {
+        if let Some(ebpf) = lock(&self.ebpf).take() {
+            std::mem::forget(ebpf);
+        }
+    }
+
+    /// The maps' descriptors (for an upgrade's new process).
+    pub fn map_fds(&self) -> MapFds {
+        self.fds
+    }
+
+    /// No new flow takes a slot (they stay in userspace) while an upgrade moves the flows;
+    /// `false` opens again (the upgrade failed).
+    pub fn close_to_new_flows(&self, closed: bool) {
+        self.closed.store(closed, SeqCst);
+    }
+
+    /// Stops reading the program's events (the new process of an upgrade reads them from
+    /// now on; events meanwhile wait in the ring buffer).
+    pub async fn pause_events(&self) {
+        let reader = lock(&self.reader).take();
+        if let Some(reader) = reader {
+            *lock(&self.paused) = reader.stop().await;
+        }
+    }
+
+    /// Reads the program's events again (an upgrade that failed).
+    pub fn resume_events(&self) -> std::io::Result<()> {
+        let Some(ring) = lock(&self.paused).take() else {
+            return Ok(());
+        };
+        let reader = events::spawn_reader(ring, self.wakers.clone(), self.stats.clone(), self.ctl.clone())?;
+        *lock(&self.reader) = Some(reader);
+        Ok(())
+    }
+
+    /// A socket that keeps its slot and its SLOTS entry (a flow moved in, or one that did not
+    /// move after all): tracked by this process from now on.
+    pub fn retrack(&self, detached: Detached, adopted: bool) -> Result<Tracked<'_>, TrackError> {
+        let slot = if adopted {
+            self.ctl.adopted(detached.slot).ok_or(TrackError::Full)?
+        } else {
+            self.ctl.reclaim(detached.slot)
+        };
+        let wake = self.wakers.register(slot.index);
+        wake.restore_throttle(detached.throttle);
+        self.tracked.fetch_add(1, Relaxed);
+        Ok(Tracked {
+            kernel: self,
+            cookie: detached.cookie,
+            slot: Some(slot),
+            wake,
         })
     }
 
@@ -163,17 +313,28 @@ impl Kernel {
     /// held for the daemon; braking above `max_in_flight`) and makes it visible to the program.
     /// Before the socket enters the SOCKHASH.
     pub fn track(&self, cookie: u64, max_in_flight: u32, redirect: bool) -> Result<Tracked<'_>, TrackError> {
-        let slot = self.ctl.take(max_in_flight, redirect).ok_or(TrackError::Full)?;
+        // Counted before the check, and the move closes before it counts (both SeqCst): a
+        // move either sees this socket or this call sees the move.
+        self.tracked.fetch_add(1, SeqCst);
+        let untrack = |e| {
+            self.tracked.fetch_sub(1, SeqCst);
+            Err(e)
+        };
+        if self.closed.load(SeqCst) {
+            return untrack(TrackError::Moving);
+        }
+        let Some(slot) = self.ctl.take(max_in_flight, redirect) else {
+            return untrack(TrackError::Full);
+        };
         let wake = self.wakers.register(slot.index);
         if let Err(e) = lock(&self.slots).insert(cookie, slot.index, 0) {
             self.wakers.unregister(slot.index);
-            return Err(e.into());
+            return untrack(e.into());
         }
-        self.tracked.fetch_add(1, Relaxed);
         Ok(Tracked {
             kernel: self,
             cookie,
-            slot,
+            slot: Some(slot),
             wake,
         })
     }
@@ -189,6 +350,17 @@ impl Kernel {
     /// entry itself when its socket closes).
     pub fn remove(&self, cookie: u64) {
         let _ = lock(&self.socks).remove(&cookie);
+    }
+
+    /// A flow stopped for a move (counted before [`Kernel::flow_ended`], so that whoever
+    /// waits for the moves knows how many to expect).
+    pub fn flow_moved(&self) {
+        self.moved.fetch_add(1, Relaxed);
+    }
+
+    /// Flows stopped for a move since lb started.
+    pub fn moved_flows(&self) -> u64 {
+        self.moved.load(Relaxed)
     }
 
     pub fn flow_started(&self) {
@@ -227,9 +399,9 @@ impl Kernel {
         self.most_in_flight.load(Relaxed)
     }
 
-    /// Sockets lb tracks now: two per kernel-forwarded flow.
+    /// Sockets lb tracks now: two per kernel-forwarded flow (and those of a flow setting up).
     pub fn tracked_sockets(&self) -> i64 {
-        self.tracked.load(Relaxed)
+        self.tracked.load(SeqCst)
     }
 
     /// Totals over every CPU.
@@ -243,20 +415,34 @@ impl Kernel {
 pub struct Tracked<'k> {
     kernel: &'k Kernel,
     pub cookie: u64,
-    slot: Slot<'k>,
+    /// `None` once detached.
+    slot: Option<Slot<'k>>,
     wake: Arc<Wake>,
 }
 
 impl<'k> Tracked<'k> {
     /// The socket's control state.
     pub fn ctl(&self) -> &Slot<'k> {
-        &self.slot
+        self.slot
+            .as_ref()
+            .expect("a tracked socket has its slot until it is detached")
     }
 
     /// Watches the socket for end of stream and errors; its waits also end when the program
     /// signals this socket (a brake, or bytes held while the daemon had caught up).
     pub fn watch(&self, sock: &std::net::TcpStream) -> std::io::Result<Watch<'k>> {
-        Watch::add(&self.kernel.watcher, sock, self.slot.index, self.wake.clone())
+        Watch::add(&self.kernel.watcher, sock, self.ctl().index, self.wake.clone())
+    }
+
+    /// Leaves the socket in the maps, its slot and SLOTS entry kept, for another process (or a
+    /// later [`Kernel::retrack`]); this process stops hearing of it.
+    pub fn detach(mut self) -> Detached {
+        let slot = self.slot.take().expect("detached once");
+        Detached {
+            cookie: self.cookie,
+            throttle: self.wake.throttle_state(),
+            slot: slot.keep(),
+        }
     }
 
     /// The socket's wake-up, which also keeps its throttle state (see [`Wake`]).
@@ -267,8 +453,11 @@ impl<'k> Tracked<'k> {
 
 impl Drop for Tracked<'_> {
     fn drop(&mut self) {
-        let _ = lock(&self.kernel.slots).remove(&self.cookie);
-        self.kernel.wakers.unregister(self.slot.index);
+        // A detached socket's entry and slot stay for whoever takes it over.
+        if let Some(slot) = &self.slot {
+            let _ = lock(&self.kernel.slots).remove(&self.cookie);
+            self.kernel.wakers.unregister(slot.index);
+        }
         self.kernel.tracked.fetch_sub(1, Relaxed);
     }
 }

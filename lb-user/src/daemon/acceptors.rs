@@ -197,6 +197,28 @@ impl Acceptors {
         }
     }
 
+    /// Runs a moved kernel flow to its end in a session on a worker (see [`super::moves`]).
+    pub(super) fn spawn_resumed(
+        &self,
+        listener: Arc<ListenerRt>,
+        backend: Arc<crate::runtime::BackendRt>,
+        lease: crate::balance::Lease,
+        flow: crate::session::MovedFlow,
+        adopted: bool,
+    ) {
+        let abort = self.abort.clone();
+        let session = async move {
+            let active = listener.active.clone();
+            active.inc();
+            tokio::select! {
+                _ = session::resume(listener, backend, lease, flow, adopted) => {}
+                _ = abort.cancelled() => {}
+            }
+            active.dec();
+        };
+        self.sessions.spawn_on(session, self.workers.next());
+    }
+
     /// Waits until the sockets a reload closed are closed (each loop takes what is in its
     /// accept queue, which does not wait).
     pub(super) async fn closed(&mut self) {

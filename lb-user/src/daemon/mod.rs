@@ -2,6 +2,7 @@
 //! listeners and the admin endpoint, starts the session workers and the accept loops
 //! ([`acceptors`]), applies reloads ([`crate::reload`]) one at a time, and stops gracefully.
 mod acceptors;
+mod moves;
 
 use acceptors::Acceptors;
 use std::{
@@ -154,22 +155,35 @@ async fn serve(
     } = start;
     let forwarding = *forwarding;
     let process = ProcessRt::new();
-    let (mut inherited_listeners, mut inherited_admin) = match inherited {
+    let (mut inherited_listeners, mut inherited_admin, inherited_maps, moved_in) = match inherited {
         Some(i) => {
             process.record_upgrade(UpgradeRecord {
                 at: std::time::SystemTime::now(),
                 by: "upgrade",
                 result: "ok",
-                detail: format!("started by an upgrade of pid {}", i.from_pid),
+                detail: format!(
+                    "started by an upgrade of pid {}, {} kernel flow(s) moved in",
+                    i.from_pid,
+                    i.flows.len()
+                ),
             });
-            (i.listeners, i.admin)
+            (i.listeners, i.admin, i.maps, i.flows)
         }
-        None => (Vec::new(), None),
+        None => (Vec::new(), None, None, Vec::new()),
     };
-    let kernel = match forwarding {
-        Forwarding::User => None,
-        Forwarding::Kernel => Some(Kernel::load().map_err(StartError::Kernel)?),
-        Forwarding::Auto => match Kernel::load() {
+    let kernel = match (inherited_maps, forwarding) {
+        // The old process's maps, program and kernel flows go on here, whatever the file says
+        // now (a change of forwarding.mode applies to new flows only through a restart).
+        (Some(maps), _) => {
+            let used: Vec<u32> = moved_in
+                .iter()
+                .flat_map(|f| f.moving.state.ends.iter().map(|e| e.tracked.slot))
+                .collect();
+            Some(Kernel::adopt(maps, &used).map_err(StartError::Kernel)?)
+        }
+        (None, Forwarding::User) => None,
+        (None, Forwarding::Kernel) => Some(Kernel::load().map_err(StartError::Kernel)?),
+        (None, Forwarding::Auto) => match Kernel::load() {
             Ok(k) => Some(k),
             Err(e) => {
                 tracing::warn!("kernel forwarding unavailable, forwarding in userspace: {e}");
@@ -245,6 +259,7 @@ async fn serve(
         abort.clone(),
         sessions.clone(),
     );
+    let (moved_tx, mut moved_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         kernel,
         kernel_congestion,
@@ -252,6 +267,9 @@ async fn serve(
         user_bytes,
         stopping: stop_accepting.clone(),
         ktls,
+        moving: Default::default(),
+        moved: moved_tx,
+        upgraded: Default::default(),
     });
     let first = Generation::build(config, &shared, None);
     let bound = acceptors
@@ -267,6 +285,7 @@ async fn serve(
     let (control, mut requests) = mpsc::channel(8);
     let runtime = Arc::new(Runtime::new(process, shared, first, control.clone()));
     acceptors.apply(&runtime.current(), bound);
+    moves::resume_all(&runtime, moved_in, true, &acceptors);
     crate::health::spawn(&runtime.current().backends, &stop_admin);
     crate::reload::watch(control.clone(), &stop_admin);
     crate::upgrade::watch(control, &stop_admin);
@@ -295,6 +314,12 @@ async fn serve(
         let request = tokio::select! {
             () = &mut stop => break,
             Some(request) = requests.recv() => request,
+            // A kernel flow that stopped for a move no upgrade took (it stopped after the
+            // upgrade gave up waiting): it goes on here.
+            Some(flow) = moved_rx.recv() => {
+                moves::resume_all(&runtime, vec![flow], false, &acceptors);
+                continue;
+            }
         };
         match request {
             Control::Reload(request) => {
@@ -314,15 +339,38 @@ async fn serve(
             Control::Upgrade(request) => {
                 let started = std::time::Instant::now();
                 let binary = request.binary.clone().unwrap_or_else(|| binary.clone());
-                let outcome = crate::upgrade::launch(Launch {
-                    binary: &binary,
-                    config: path,
-                    forwarding: *forwarding_arg,
-                    listeners: acceptors.handed(),
-                    admin: admin_fd,
-                })
-                .await
-                .map(|new_pid| Upgraded {
+                // The kernel flows stop first, and go with the rest (back here if it fails).
+                let outcome = match moves::move_out(&runtime, &mut moved_rx, &acceptors).await {
+                    Err(e) => Err(crate::upgrade::Failed { error: e }),
+                    Ok(flows) => {
+                        let launched = crate::upgrade::launch(Launch {
+                            binary: &binary,
+                            config: path,
+                            forwarding: *forwarding_arg,
+                            listeners: acceptors.handed(),
+                            admin: admin_fd,
+                            maps: runtime.shared.kernel.as_ref().map(|k| k.map_fds()),
+                            flows: &flows,
+                        })
+                        .await;
+                        match launched {
+                            // Their sockets live on in the new process: this one's copies close.
+                            Ok(pid) => {
+                                tracing::info!("{} kernel flow(s) moved to pid {pid}", flows.len());
+                                drop(flows);
+                                if let Some(kernel) = &runtime.shared.kernel {
+                                    kernel.leave_program_attached();
+                                }
+                                Ok(pid)
+                            }
+                            Err(e) => {
+                                moves::move_back(&runtime, flows, &acceptors);
+                                Err(e)
+                            }
+                        }
+                    }
+                };
+                let outcome = outcome.map(|new_pid| Upgraded {
                     old_pid: std::process::id(),
                     new_pid,
                     binary: binary.display().to_string(),
@@ -362,6 +410,10 @@ async fn serve(
     match successor {
         // systemd follows the new process; this one's stop is not the service's.
         Some(pid) => {
+            runtime
+                .shared
+                .upgraded
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             crate::systemd::main_pid(pid);
             // The new process serves the admin endpoint now.
             stop_admin.cancel();

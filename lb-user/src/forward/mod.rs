@@ -14,7 +14,7 @@ pub mod user;
 use std::time::Duration;
 
 /// Which end of a flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Side {
     Client,
     Server,
@@ -45,7 +45,7 @@ impl Side {
 }
 
 /// Idle limits of one flow: `timeouts.client` and the backend's `timeouts.server`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Timeouts {
     pub client: Duration,
     pub server: Duration,

@@ -28,7 +28,7 @@ pub struct Handoff {
 }
 
 /// What a hand-off is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     /// After a 101 or a CONNECT's 2xx: both ways, `timeouts.tunnel` on both sides.
     Tunnel,

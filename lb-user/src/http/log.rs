@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 /// How a listener writes its access log (`access_log:`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Format {
     Text,
     Json,

@@ -204,7 +204,10 @@ async fn wait_request(ctx: &Ctx<'_>, mut client: Conn, mut server: Option<Server
         let read = tokio::select! {
             r = client.fill(deadline) => r,
             why = ctx.closing(), if idle => {
-                if !client.has_input() {
+                // After an upgrade an idle connection waits for its next request instead, and
+                // answers it with `Connection: close` (see `Shared::upgraded`).
+                let upgraded = ctx.rt.shared.upgraded.load(std::sync::atomic::Ordering::Relaxed);
+                if !client.has_input() && !upgraded {
                     return State::Ended(HttpEnd::Closed(why));
                 }
                 answering_stop = true;

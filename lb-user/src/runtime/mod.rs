@@ -13,7 +13,7 @@ mod listener;
 mod process;
 
 use prometheus_client::metrics::counter::Counter;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
 pub use backend::{BackendRt, ServerRt, Unserved};
@@ -55,6 +55,34 @@ pub struct Shared {
     pub stopping: CancellationToken,
     /// Whether the kernel offers kTLS (checked at start when TLS is configured).
     pub ktls: Option<Ktls>,
+    /// Cancelled when an upgrade moves the kernel flows to a new process (a fresh one then
+    /// serves the flows that stay or come back).
+    pub moving: Mutex<CancellationToken>,
+    /// Where sessions hand the kernel flows they stopped for a move.
+    pub moved: tokio::sync::mpsc::UnboundedSender<crate::session::MovedFlow>,
+    /// Set when an upgrade's new process took over (before `stopping`): an idle kept-alive
+    /// HTTP connection is then not closed at once, but answered once more, with
+    /// `Connection: close` (HAProxy's `idle-close-on-response`): a client sending its next
+    /// request at that instant would see it fail, and the new process serves what comes next.
+    pub upgraded: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// The token kernel flows starting now stop on for a move.
+    pub fn moving_token(&self) -> CancellationToken {
+        self.moving.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Asks every kernel flow to stop for a move (the kernel path takes no new flow
+    /// meanwhile: one that was setting up when it closed stops at once).
+    pub fn move_kernel_flows(&self) {
+        self.moving_token().cancel();
+    }
+
+    /// The move failed: flows that go on here, and later ones, get a fresh token.
+    pub fn stay(&self) {
+        *self.moving.lock().unwrap_or_else(|e| e.into_inner()) = CancellationToken::new();
+    }
 }
 
 /// The process-wide settings of the configuration that flows read (a reload may change them:

@@ -99,32 +99,101 @@ enum Pumped {
     Wait(Duration),
 }
 
+/// Where a direction starts: a flow entering the kernel path, with the bytes of this
+/// direction the userspace copy loop had read and not written (the program holds the
+/// direction until they are written); or a flow moved in from another process (an upgrade),
+/// or back after a move that failed.
+pub(super) enum Start {
+    Fresh(Vec<u8>),
+    Resumed(DirectionState),
+}
+
+/// A direction's state when its flow moves to another process (an upgrade): what the copying
+/// of held bytes had done (the rest is in the control slot and on the socket).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum DirectionState {
+    /// Forwarding, possibly in a hold.
+    Forwarding {
+        /// Held bytes taken off the socket (see [`Copier`]).
+        dequeued: u64,
+        /// Of those, bytes taken off and not written yet (an overcommitted socket's).
+        pending: Vec<u8>,
+        /// Since the brake, the receiver drained to the low-water mark.
+        released: bool,
+        /// The socket is watched for input (held bytes on their way to its queue).
+        watching_input: bool,
+    },
+    /// Its end of stream came: once every byte is delivered, the peer's write side is shut.
+    Closing,
+    /// Its end of stream was passed on.
+    Done,
+}
+
 /// Forwards one direction until its end of stream has been passed on (`Ok`), or the flow
-/// stops. `unsent`: bytes of this direction the userspace copy loop had read and not
-/// written; the program holds the direction until they are written.
-pub(super) async fn run(flow: &Flow<'_, '_>, from: Side, unsent: Vec<u8>) -> Result<(), Halt> {
+/// stops, or moves (`Err(Halt::Moved)`, at a point where nothing is half written).
+pub(super) async fn run(flow: &Flow<'_, '_>, from: Side, start: Start) -> Result<(), Halt> {
     let src = flow.end(from);
-    if !unsent.is_empty() {
-        // Outside the map's accounting: the destination's baseline counts them already.
-        write_all(flow, from.other(), &unsent, None).await?;
-        flow.counters.user_bytes.add(unsent.len() as u64);
-        drop(unsent);
-        src.tracked.ctl().allow_redirect();
+    let mut copy = Copier::default();
+    let mut closing = false;
+    match start {
+        Start::Fresh(unsent) => {
+            if !unsent.is_empty() {
+                // Outside the map's accounting: the destination's baseline counts them already.
+                write_all(flow, from.other(), &unsent, None).await?;
+                flow.counters.user_bytes.add(unsent.len() as u64);
+                drop(unsent);
+                src.tracked.ctl().allow_redirect();
+            }
+        }
+        Start::Resumed(DirectionState::Done) => return Ok(()),
+        Start::Resumed(DirectionState::Closing) => closing = true,
+        Start::Resumed(DirectionState::Forwarding {
+            dequeued,
+            pending,
+            released,
+            watching_input,
+        }) => {
+            let end = pending.len();
+            if end > 0 {
+                copy.buf.at_least(end)[..end].copy_from_slice(&pending);
+            }
+            copy = Copier {
+                end,
+                dequeued,
+                released,
+                watching_input,
+                ..copy
+            };
+            if watching_input {
+                src.watch.set_interest(Interest::Input);
+            }
+        }
     }
     // The reader of the program's events may shrink the socket's buffer for a throttle
     // request from now on (see `bpf::Wake`); it is given back here.
     let _attached = src.tracked.wake().attach(src.sock.as_raw_fd());
-    let mut copy = Copier::default();
-    loop {
+    while !closing {
+        // Between two pumps nothing is half done: a move takes the direction from here.
+        if flow.moving.is_cancelled() {
+            return Err(Halt::Moved(copy.state()));
+        }
         // Boxed: copying is rare (brakes, end of stream) and its state is large; an idle
         // direction, the common case for many flows, keeps only the wait below.
-        match Box::pin(pump(flow, from, &mut copy)).await? {
-            Pumped::EndOfStream => break,
+        let pumped = match Box::pin(pump(flow, from, &mut copy)).await {
+            Err(Halt::Move) => return Err(Halt::Moved(copy.state())),
+            r => r?,
+        };
+        match pumped {
+            Pumped::EndOfStream => closing = true,
             Pumped::More => tokio::task::yield_now().await,
-            Pumped::Idle => src.watch.wait().await?,
+            Pumped::Idle => tokio::select! {
+                r = src.watch.wait() => r?,
+                () = flow.moving.cancelled() => {}
+            },
             Pumped::Wait(d) => tokio::select! {
                 r = src.watch.wait() => r?,
                 _ = tokio::time::sleep(d) => {}
+                () = flow.moving.cancelled() => {}
             },
         }
     }
@@ -133,7 +202,10 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side, unsent: Vec<u8>) -> Res
         // Nothing of it went on, nor does its end (see Directions::ServerToClient).
         return Ok(());
     }
-    Box::pin(wait_until_delivered(flow, from, None)).await?;
+    match Box::pin(wait_until_delivered(flow, from, None)).await {
+        Err(Halt::Move) => return Err(Halt::Moved(DirectionState::Closing)),
+        r => r?,
+    };
     if let Err(e) = flow.end(from.other()).sock.shutdown(std::net::Shutdown::Write) {
         tracing::debug!("shutdown of the {} side failed: {e}", from.other().name());
         return Err(Halt::Ended(End::Reset(from.other())));
@@ -239,6 +311,16 @@ impl Pace {
 impl Copier {
     fn pending(&self) -> u64 {
         (self.end - self.start) as u64
+    }
+
+    /// What a move takes along (the hold's timing and the throttle's pace start again).
+    fn state(&self) -> DirectionState {
+        DirectionState::Forwarding {
+            dequeued: self.dequeued,
+            pending: self.buf.as_slice()[self.start..self.end].to_vec(),
+            released: self.released,
+            watching_input: self.watching_input,
+        }
     }
 }
 
@@ -640,6 +722,10 @@ async fn wait_until_delivered(
     let mut queue_pace = None;
     let mut noted = false;
     for round in 0u32.. {
+        // Nothing is half written while this waits: a move may take the direction.
+        if flow.moving.is_cancelled() {
+            return Err(Halt::Move);
+        }
         let given = flow.given_to_peer(from);
         let s = dst.send_state()?;
         if s.state == TCP_CLOSE {
@@ -670,7 +756,10 @@ async fn wait_until_delivered(
         if let (false, Some(lag)) = (room, lag) {
             // Waiting for the receiver, which reads at its own pace.
             let pace = *pace.get_or_insert(Pace::start(s.acked));
-            tokio::time::sleep(pace.wait_for(s.acked, unacked - lag)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(pace.wait_for(s.acked, unacked - lag)) => {}
+                () = flow.moving.cancelled() => {}
+            }
             continue;
         }
         // The kernel worker usually catches up within microseconds, and a braked sender waits
@@ -681,7 +770,10 @@ async fn wait_until_delivered(
             tokio::task::yield_now().await;
         } else {
             let pace = *queue_pace.get_or_insert(Pace::start(s.queued));
-            tokio::time::sleep(pace.wait_for(s.queued, left)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(pace.wait_for(s.queued, left)) => {}
+                () = flow.moving.cancelled() => {}
+            }
         }
     }
     unreachable!("the loop above only ends by returning")

@@ -31,6 +31,10 @@ use std::{
     time::Duration,
 };
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use direction::DirectionState;
+use direction::Start;
 
 use super::{ByteCounters, Directions, End, Side, Timeouts, Totals, Unsent};
 use crate::{
@@ -118,6 +122,9 @@ struct Flow<'k, 'c> {
     /// Of that side's `consumed` bytes, those dropped (all of them: none goes to the peer).
     discarded: AtomicU64,
     reset_on_drop: bool,
+    /// Cancelled when an upgrade moves the kernel flows to a new process: each direction
+    /// stops at a point where nothing is half written ([`direction`]).
+    moving: &'c CancellationToken,
 }
 
 impl Drop for Flow<'_, '_> {
@@ -208,6 +215,54 @@ impl Flow<'_, '_> {
         }
     }
 
+    /// Takes the flow out of this process's hands, its sockets left in the maps with their
+    /// slots (an upgrade moves it): no reset, no removal, and this process's epoll set and
+    /// wake-ups forget its sockets.
+    fn into_moving(self, directions: [DirectionState; 2]) -> Moving {
+        for end in &self.ends {
+            end.watch.forget();
+        }
+        if self.braked.iter().any(|b| b.load(Relaxed)) {
+            self.kernel.set_braked(false);
+        }
+        self.kernel.flow_moved();
+        self.kernel.flow_ended();
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again; every field with a destructor is
+        // read out exactly once here (the others are references, atomics and plain values).
+        let ends = unsafe { std::ptr::read(&this.ends) };
+        let [c, s] = ends.map(|e| {
+            let FlowSocket {
+                sock,
+                tracked,
+                baseline,
+                received_base,
+                watch,
+            } = e;
+            drop(watch);
+            (
+                sock,
+                MovedEnd {
+                    tracked: tracked.detach(),
+                    baseline,
+                    received_base,
+                },
+            )
+        });
+        Moving {
+            client: c.0,
+            server: s.0,
+            state: MovedState {
+                ends: [c.1, s.1],
+                timeouts: this.timeouts,
+                dropped: this.dropped,
+                discarded: this.discarded.load(Relaxed),
+                braked: [0, 1].map(|i| this.braked[i].load(Relaxed)),
+                directions,
+            },
+        }
+    }
+
     /// Ends the flow: a plain close only when nothing is left in flight either way. Bytes lb
     /// took from one side and never delivered to the other are counted as dropped.
     fn close(mut self, end: End) -> Forwarded {
@@ -280,6 +335,9 @@ impl Flow<'_, '_> {
 pub enum Forwarded {
     /// Forwarded until it ended.
     Done(End, Totals),
+    /// Stopped for an upgrade, to go on in another process (or in this one, if the upgrade
+    /// fails): both sockets stay in the maps.
+    Moved(Moving),
     /// The kernel would not take the pair: the caller forwards it in userspace, the unsent
     /// bytes first.
     NotEligible(Ineligible, tokio::net::TcpStream, tokio::net::TcpStream, Unsent),
@@ -314,6 +372,10 @@ enum Halt {
     Ended(End),
     /// A socket call failed.
     Failed(io::Error),
+    /// A wait inside a direction's copying stopped for a move (the direction adds its state).
+    Move,
+    /// The direction stopped for a move, in this state.
+    Moved(DirectionState),
 }
 
 impl From<io::Error> for Halt {
@@ -333,18 +395,49 @@ pub struct Pair {
     pub unsent: Unsent,
 }
 
-/// Forwards the flow in the kernel until it ends. Only failures of socket calls are errors;
+/// A kernel flow stopped for an upgrade: its sockets (still in the maps, their slots kept)
+/// and what the daemon knew of it.
+pub struct Moving {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub state: MovedState,
+}
+
+/// What a process needs to go on forwarding a moved flow (see [`resume`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MovedState {
+    /// Client, then server.
+    pub ends: [MovedEnd; 2],
+    pub timeouts: Timeouts,
+    pub dropped: Option<Side>,
+    pub discarded: u64,
+    pub braked: [bool; 2],
+    /// By source side.
+    pub directions: [DirectionState; 2],
+}
+
+/// One socket of a moved flow.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MovedEnd {
+    pub tracked: crate::bpf::Detached,
+    pub baseline: u64,
+    pub received_base: u64,
+}
+
+/// Forwards the flow in the kernel until it ends, or until `moving` is cancelled (an upgrade;
+/// then it returns the flow, [`Forwarded::Moved`]). Only failures of socket calls are errors;
 /// how the flow ended is the [`End`].
 pub async fn forward(
     kernel: &Kernel,
     mut pair: Pair,
     settings: Settings<'_>,
     counters: &FlowCounters<'_>,
+    moving: &CancellationToken,
 ) -> io::Result<Forwarded> {
     let mut unsent = std::mem::take(&mut pair.unsent);
     // Set-up has no await: its locals stay out of the state this future keeps for the flow's
     // whole life.
-    let flow = match set_up(kernel, pair, &unsent, settings, counters)? {
+    let flow = match set_up(kernel, pair, &unsent, settings, counters, moving)? {
         Ok(flow) => flow,
         Err((why, c, s)) => {
             return Ok(Forwarded::NotEligible(
@@ -355,8 +448,69 @@ pub async fn forward(
             ))
         }
     };
-    let end = run(&flow, [unsent.take(Side::Client), unsent.take(Side::Server)]).await?;
-    Ok(flow.close(end))
+    let starts = [Side::Client, Side::Server].map(|side| Start::Fresh(unsent.take(side)));
+    match run(&flow, starts).await? {
+        Ran::Ended(end) => Ok(flow.close(end)),
+        Ran::Moved(directions) => Ok(Forwarded::Moved(flow.into_moving(directions))),
+    }
+}
+
+/// Goes on forwarding a flow that moved (from another process, `adopted`, whose maps this
+/// process took over; or back in this one after a move that failed), until it ends or moves
+/// again.
+pub async fn resume(
+    kernel: &Kernel,
+    moving: Moving,
+    counters: &FlowCounters<'_>,
+    token: &CancellationToken,
+    adopted: bool,
+) -> io::Result<Forwarded> {
+    let Moving {
+        client,
+        server,
+        state,
+    } = moving;
+    let [c, s] = state.ends;
+    let end = |sock: TcpStream, m: MovedEnd| -> io::Result<FlowSocket<'_>> {
+        let tracked = kernel
+            .retrack(m.tracked, adopted)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let watch = tracked.watch(&sock)?;
+        Ok(FlowSocket {
+            sock,
+            tracked,
+            baseline: m.baseline,
+            received_base: m.received_base,
+            watch,
+        })
+    };
+    let ends = [end(client, c)?, end(server, s)?];
+    kernel.flow_started();
+    if state.braked.iter().any(|&b| b) {
+        kernel.set_braked(true);
+    }
+    let flow = Flow {
+        kernel,
+        ends,
+        timeouts: state.timeouts,
+        counters,
+        braked: state.braked.map(AtomicBool::new),
+        dropped: state.dropped,
+        discarded: AtomicU64::new(state.discarded),
+        reset_on_drop: true,
+        moving: token,
+    };
+    let [c2s, s2c] = state.directions;
+    match run(&flow, [Start::Resumed(c2s), Start::Resumed(s2c)]).await? {
+        Ran::Ended(end) => Ok(flow.close(end)),
+        Ran::Moved(directions) => Ok(Forwarded::Moved(flow.into_moving(directions))),
+    }
+}
+
+/// How [`run`] stopped.
+enum Ran {
+    Ended(End),
+    Moved([DirectionState; 2]),
 }
 
 /// Whether the kernel lets a TCP socket use the congestion control `name`
@@ -385,6 +539,7 @@ fn set_up<'k, 'c>(
     unsent: &Unsent,
     settings: Settings<'_>,
     counters: &'c FlowCounters<'c>,
+    moving: &'c CancellationToken,
 ) -> io::Result<Result<Flow<'k, 'c>, (Ineligible, TcpStream, TcpStream)>> {
     // Out of tokio's reactor: tokio's registration would wake us for every received batch.
     let (client, server) = (client.into_std()?, server.into_std()?);
@@ -462,6 +617,7 @@ fn set_up<'k, 'c>(
         dropped: directions.dropped(),
         discarded: AtomicU64::new(0),
         reset_on_drop: true,
+        moving,
     };
     // The kick: bytes that arrived before insertion run through the program.
     for end in &flow.ends {
@@ -470,46 +626,54 @@ fn set_up<'k, 'c>(
     Ok(Ok(flow))
 }
 
-/// Both directions until both have passed their end of stream on, one side fails, or a side
-/// idles out.
-async fn run(flow: &Flow<'_, '_>, [c_unsent, s_unsent]: [Vec<u8>; 2]) -> io::Result<End> {
-    let c2s = direction::run(flow, Side::Client, c_unsent);
-    let s2c = direction::run(flow, Side::Server, s_unsent);
+/// Both directions until both have passed their end of stream on, one side fails, a side
+/// idles out, or both stopped for a move.
+async fn run(flow: &Flow<'_, '_>, [c_start, s_start]: [Start; 2]) -> io::Result<Ran> {
+    let c2s = direction::run(flow, Side::Client, c_start);
+    let s2c = direction::run(flow, Side::Server, s_start);
     tokio::pin!(c2s, s2c);
     // Started (boxed) only once a direction has passed its end of stream on.
     let mut c_after = None;
     let mut s_after = None;
     let mut done = [false, false];
+    // A direction stopped for a move, in this state (one done needs none).
+    let mut moved: [Option<DirectionState>; 2] = [None, None];
     // Activity only pushes a side's deadline later, so the daemon looks at TCP_INFO only when
     // the earliest possible expiry comes, not after every event.
     let timeouts = flow.timeouts;
     let mut wake = Instant::now() + timeouts.client.min(timeouts.server);
     let halted = loop {
         if done == [true, true] {
-            return Ok(End::Closed);
+            return Ok(Ran::Ended(End::Closed));
+        }
+        if (0..2).all(|i| done[i] || moved[i].is_some()) && moved.iter().any(Option::is_some) {
+            let [c, s] = moved.map(|m| m.unwrap_or(DirectionState::Done));
+            return Ok(Ran::Moved([c, s]));
         }
         if Instant::now() >= wake {
             wake = match idle_check(flow)? {
                 Ok(deadline) => deadline,
                 Err(side) => {
                     flow.log_state("idle timeout");
-                    return Ok(End::IdleTimeout(side));
+                    return Ok(Ran::Ended(End::IdleTimeout(side)));
                 }
             };
         }
         tokio::select! {
-            r = &mut c2s, if !done[0] => match r {
+            r = &mut c2s, if !done[0] && moved[0].is_none() => match r {
                 Ok(()) => {
                     done[0] = true;
                     c_after = Some(Box::pin(direction::after_end_of_stream(flow, Side::Client)));
                 }
+                Err(Halt::Moved(state)) => moved[0] = Some(state),
                 Err(h) => break h,
             },
-            r = &mut s2c, if !done[1] => match r {
+            r = &mut s2c, if !done[1] && moved[1].is_none() => match r {
                 Ok(()) => {
                     done[1] = true;
                     s_after = Some(Box::pin(direction::after_end_of_stream(flow, Side::Server)));
                 }
+                Err(Halt::Moved(state)) => moved[1] = Some(state),
                 Err(h) => break h,
             },
             h = watch(&mut c_after) => break h,
@@ -518,8 +682,10 @@ async fn run(flow: &Flow<'_, '_>, [c_unsent, s_unsent]: [Vec<u8>; 2]) -> io::Res
         }
     };
     match halted {
-        Halt::Ended(end) => Ok(end),
+        Halt::Ended(end) => Ok(Ran::Ended(end)),
         Halt::Failed(e) => Err(e),
+        // Only directions stop for a move, and they say so with their state.
+        Halt::Move | Halt::Moved(_) => Err(io::Error::other("a move stopped the flow itself")),
     }
 }
 

@@ -6,6 +6,9 @@
 //! lb closes) come back here for the forwarding stage. The session's life is
 //! the [`Session`] enum; each stage consumes one state and returns the next (drawn in
 //! LIFECYCLE.md beside this file).
+mod moved;
+
+pub use moved::{resume, MovedFlow, MovedHttp, MovedInfo};
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::TcpStream;
 
@@ -126,6 +129,8 @@ pub enum Outcome {
     Handshake(crate::tls::accept::Failure),
     /// The TLS handshake with the server failed; the client was closed.
     ServerTls,
+    /// The kernel flow moved to another process (an upgrade).
+    Moved,
 }
 
 /// Runs one session to its end.
@@ -415,8 +420,10 @@ async fn kernel_stage(l: &ListenerRt, pair: Pair) -> Session {
         directions: pair.directions,
         unsent: pair.unsent,
     };
-    match forward::kernel::forward(kernel, flow, settings, &counters).await {
+    let moving = shared.moving_token();
+    match forward::kernel::forward(kernel, flow, settings, &counters, &moving).await {
         Ok(Forwarded::Done(end, totals)) => finish(l, pair.info, end, totals),
+        Ok(Forwarded::Moved(m)) => moved::hand_over(l, &pair.info, m),
         Ok(Forwarded::NotEligible(why, client, server, unsent)) => {
             let reason = why.name();
             shared
