@@ -164,7 +164,7 @@ backends:
 
 /// Lets a helper or lb hold many sockets (the benchmark runs as root, which may raise the hard
 /// limit).
-fn raise_nofile(cmd: &mut std::process::Command) {
+pub(super) fn raise_nofile(cmd: &mut std::process::Command) {
     // SAFETY: setrlimit is async-signal-safe and touches no memory of ours but the struct.
     unsafe {
         cmd.pre_exec(|| {
@@ -234,8 +234,9 @@ pub fn idle_client(port: u16, admin_port: u16, count: u64, hold: u64) -> Result<
 /// `lb_kernel_flows` from lb's metrics.
 async fn kernel_flows(admin_port: u16) -> Result<u64> {
     let mut s = TcpStream::connect(("127.0.0.1", admin_port)).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
-        .await?;
+    // Named by address: the admin endpoint refuses other names (DNS rebinding).
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{admin_port}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await?;
     let mut text = String::new();
     s.read_to_string(&mut text).await?;
     text.lines()

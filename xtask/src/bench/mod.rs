@@ -3,7 +3,8 @@
 //! tables and writes them to docs/benchmarks.md. `bench http` ([`http`]): requests/s and p99
 //! through lb's and HAProxy's HTTP modes (docs/benchmarks-http.md); `bench tls` ([`tls`]): full
 //! handshakes/s and bulk HTTPS through both (docs/benchmarks-tls.md); `bench idle` ([`idle`]);
-//! `bench reload` ([`reload`]): the time to apply a reload of 1,000 servers.
+//! `bench reload` ([`reload`], [`upgrade`]): the time to apply a reload of 1,000 servers, and
+//! from `lb upgrade` to the old process's exit with 9,000 kernel flows moved.
 //!
 //! Layout: [`sys`] (namespaces, child processes, CPU counters), [`configs`] (starting each
 //! proxy), [`iperf`] and [`connrate`] (one measurement each), [`phases`] (the loops over runs
@@ -19,6 +20,7 @@ mod offload_report;
 mod phases;
 mod reload;
 mod report;
+mod upgrade;
 mod stats;
 mod sys;
 mod tls;
@@ -96,9 +98,11 @@ pub fn run(
         return write_report("benchmarks-idle.md", &text);
     }
     if what == "reload" {
-        // 10 reloads per run.
+        // 10 reloads per run; then upgrades (one per run) with `connections` kernel flows.
         let report = reload::measure(&env, runs * 10)?;
-        let text = report.markdown(&lb_version, &utc_now());
+        let flows = connections.min(9_000);
+        let upgrades = upgrade::measure(&env, flows, runs.max(2))?;
+        let text = report.markdown(&lb_version, &utc_now()) + &reload::upgrade_markdown(flows, &upgrades);
         return write_report("benchmarks-reload.md", &text);
     }
     if what == "http" {
