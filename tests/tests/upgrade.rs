@@ -132,7 +132,9 @@ async fn two_upgrades_in_a_row_refuse_no_connection_and_old_processes_finish_the
     // a userspace flow stays in the old process, which exits once it ends.
     if kernel {
         assert!(
-            lb.exited_within(Duration::from_secs(1)).await.is_some(),
+            lb.exited_within(lb_tests::slack(Duration::from_secs(1)))
+                .await
+                .is_some(),
             "the old process was still there 1 s after the upgrade, with its flow in the kernel"
         );
         servers::echo_round_trip(&mut kept, b"moved").await;
@@ -221,18 +223,25 @@ async fn kernel_flows_move_to_the_new_process_intact() {
         .spawn();
     let (listener, admin) = (lb.listener, lb.admin);
     let mut successors = Successors(Vec::new());
-    // Half the flows read nothing for their first 1.5 s (their bytes are braked and held
-    // through the upgrades), half read in bursts with pauses, 24 MiB each way.
+    // Half the flows read nothing for their first 4 s (their bytes are braked and held
+    // through the upgrades), half read in bursts with pauses; 24 MiB each way.
     let specs: Vec<PacedSpec> = (0..40u64)
         .map(|seed| {
             let reading = Reading {
-                stall_ms: if seed % 2 == 0 { 1500 } else { 0 },
+                stall_ms: if seed % 2 == 0 { 4000 } else { 0 },
                 burst: (16 << 10, 256 << 10),
                 pause_ms: (1, 10),
             };
+            // (The stalled flows are not scaled: smaller, they would fit in the sockets'
+            // buffers, and lb would be done with them before their reader wakes.)
+            let size = if seed % 2 == 0 {
+                24 << 20
+            } else {
+                lb_tests::scaled(24 << 20) as u64
+            };
             PacedSpec {
-                up: 24 << 20,
-                down: 24 << 20,
+                up: size,
+                down: size,
                 seed: 7000 + seed,
                 client_reads: reading,
                 server_reads: reading,
@@ -247,34 +256,37 @@ async fn kernel_flows_move_to_the_new_process_intact() {
             })
         })
         .collect();
-    // Under way, in the kernel.
-    lb.wait_for("40 kernel flows", |m| m.get("lb_kernel_flows") >= 40.0)
+    // Under way, in the kernel (the half that does not read yet, at least).
+    lb.wait_for("20 kernel flows", |m| m.get("lb_kernel_flows") >= 20.0)
         .await;
     let first = lb.pid();
     let second = upgrade(admin, &mut successors).await;
     assert!(
-        lb.exited_within(Duration::from_secs(1)).await.is_some(),
+        lb.exited_within(lb_tests::slack(Duration::from_secs(1)))
+            .await
+            .is_some(),
         "the old process was still there 1 s after the upgrade"
     );
     let (_, stats) = serving(admin).await;
     let detail = stats["process"]["last_upgrade"]["detail"]
         .as_str()
         .unwrap_or_default();
-    assert!(
-        detail.contains(&format!("upgrade of pid {first}, 40 kernel flow(s) moved in")),
-        "{stats}"
-    );
+    let moved: u32 = detail
+        .strip_prefix(&format!("started by an upgrade of pid {first}, "))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(moved >= 20, "{stats}");
     // Still under way at the next upgrade.
     let m = lb.metrics();
     assert!(
-        m.get("lb_kernel_flows") >= 20.0,
+        m.get("lb_kernel_flows") >= 10.0,
         "the flows ended too soon: {}",
         m.text
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let third = upgrade(admin, &mut successors).await;
     let mut gone = false;
-    for _ in 0..50 {
+    for _ in 0..50 * lb_tests::scale() {
         if !alive(second) {
             gone = true;
             break;
@@ -291,7 +303,8 @@ async fn kernel_flows_move_to_the_new_process_intact() {
         paced::assert_intact(spec, client, &by_seed[&spec.seed].1);
     }
     eprintln!(
-        "40 kernel flows of 24 MiB each way moved twice (and back once), intact; {} bytes held",
+        "40 kernel flows of up to {} MiB each way moved twice (and back once), intact; {} bytes held",
+        24,
         lb.metrics().get("lb_flow_held_bytes_total")
     );
 }

@@ -235,7 +235,8 @@ pub fn idle_client(port: u16, admin_port: u16, count: u64, hold: u64) -> Result<
 async fn kernel_flows(admin_port: u16) -> Result<u64> {
     let mut s = TcpStream::connect(("127.0.0.1", admin_port)).await?;
     // Named by address: the admin endpoint refuses other names (DNS rebinding).
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{admin_port}\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{admin_port}\r\nConnection: close\r\n\r\n");
     s.write_all(request.as_bytes()).await?;
     let mut text = String::new();
     s.read_to_string(&mut text).await?;

@@ -20,10 +20,10 @@ mod offload_report;
 mod phases;
 mod reload;
 mod report;
-mod upgrade;
 mod stats;
 mod sys;
 mod tls;
+mod upgrade;
 
 pub use connrate::{connect_client, echo_server};
 pub use http::backend as http_backend;

@@ -197,9 +197,20 @@ pub fn upgrade_markdown(flows: u64, runs: &[super::upgrade::UpgradeRun]) -> Stri
         n = runs.len()
     );
     for (i, r) in runs.iter().enumerate() {
-        let _ = writeln!(text, "| {} | {:.0} | {:.0} | {} |", i + 1, r.ready, r.exit, r.moved);
+        let _ = writeln!(
+            text,
+            "| {} | {:.0} | {:.0} | {} |",
+            i + 1,
+            r.ready,
+            r.exit,
+            r.moved
+        );
     }
     let exits: Vec<f64> = runs.iter().map(|r| r.exit).collect();
-    let _ = writeln!(text, "\nMedian from `lb upgrade` to the old process's exit: {:.0} ms.", mid(&exits));
+    let _ = writeln!(
+        text,
+        "\nMedian from `lb upgrade` to the old process's exit: {:.0} ms.",
+        mid(&exits)
+    );
     text
 }

@@ -43,7 +43,13 @@ pub fn measure(env: &Env, flows: u64, upgrades: usize) -> Result<Vec<UpgradeRun>
     let ns = Netns::create(format!("lbbench-{}-upgrade", std::process::id()))?;
     let mut holder = ns.command(&env.helper.to_string_lossy());
     holder
-        .args(["bench-hold", "--port", &BACKEND_PORT.to_string(), "--lifetime", "900"])
+        .args([
+            "bench-hold",
+            "--port",
+            &BACKEND_PORT.to_string(),
+            "--lifetime",
+            "900",
+        ])
         .stdout(Stdio::null());
     raise_nofile(&mut holder);
     let mut holder = Proc::spawn("hold server", holder)?;
@@ -99,7 +105,12 @@ fn run(
     let out_path = env.dir.join("upgrade-client.txt");
     let mut client = ns.command(&env.helper.to_string_lossy());
     client
-        .args(["bench-idle-client", "--port", &PROXY_PORT.to_string(), "--admin-port"])
+        .args([
+            "bench-idle-client",
+            "--port",
+            &PROXY_PORT.to_string(),
+            "--admin-port",
+        ])
         .arg(ADMIN_PORT.to_string())
         .arg("--count")
         .arg(flows.to_string())
@@ -171,13 +182,17 @@ fn run(
             .context("running lb stats")?;
         let v: serde_json::Value =
             serde_json::from_slice(&stats.stdout).context("reading lb stats --json")?;
-        let detail = v["process"]["last_upgrade"]["detail"].as_str().unwrap_or_default();
+        let detail = v["process"]["last_upgrade"]["detail"]
+            .as_str()
+            .unwrap_or_default();
         let moved = detail
             .split(", ")
             .nth(1)
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
             .with_context(|| format!("no moved flows in {detail:?}"))?;
-        eprintln!("xtask bench: upgrade {u}: ready {ready:.0} ms, old exited {exit:.0} ms, {moved} flows moved");
+        eprintln!(
+            "xtask bench: upgrade {u}: ready {ready:.0} ms, old exited {exit:.0} ms, {moved} flows moved"
+        );
         runs.push(UpgradeRun { ready, exit, moved });
         old = new;
     }
