@@ -82,10 +82,14 @@ enum Command {
         #[command(flatten)]
         target: cli_admin::Target,
     },
+    /// Internal to `lb upgrade`: the eBPF program and map layout this binary has (kernel flows
+    /// move only between binaries with the same).
+    #[command(hide = true)]
+    Abi,
     /// Replace a running lb with a new process (as SIGUSR2 does): the binary lb was started
     /// from, or --binary, reads the file and takes over the listening sockets (no connection
-    /// refused); the old process finishes its flows and exits. If the new one cannot start,
-    /// the old one goes on and this says why (exit status 1).
+    /// refused) and every kernel-forwarded flow; the old process finishes the rest and exits.
+    /// If the new one cannot start, the old one goes on and this says why (exit status 1).
     Upgrade {
         #[command(flatten)]
         target: cli_admin::Target,
@@ -116,6 +120,10 @@ fn main() -> ExitCode {
         Command::Stats { target, json } => report(cli_admin::stats(&target, json)),
         Command::Server { target, command } => report(cli_admin::server(&target, &command)),
         Command::Reload { target } => report(cli_admin::reload(&target)),
+        Command::Abi => {
+            println!("{}", lb::upgrade::abi());
+            ExitCode::SUCCESS
+        }
         Command::Upgrade { target, binary } => report(cli_admin::upgrade(&target, binary.as_deref())),
         Command::Run {
             config,
@@ -162,7 +170,7 @@ fn run(path: PathBuf, forwarding_arg: Option<Forwarding>, upgrade_fd: Option<i32
         Ok(c) => c,
         Err(e) => {
             if let Some((_, reporter)) = upgrade {
-                reporter.report(Err(e.to_string()));
+                reporter.fail(e.to_string());
             }
             anyhow::bail!("{e}");
         }

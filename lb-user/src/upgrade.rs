@@ -252,8 +252,17 @@ async fn talk(ours: UnixStream, handover: &Handover) -> io::Result<Answer> {
     if reader.read_line(&mut answer).await? == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    serde_json::from_str(&answer).map_err(io::Error::other)
+    let answer: Answer = serde_json::from_str(&answer).map_err(io::Error::other)?;
+    if answer.error.is_none() {
+        // The new process waits for this before it resumes the flows: until then they are
+        // still this process's to take back.
+        reader.get_mut().write_all(GO).await?;
+    }
+    Ok(answer)
 }
+
+/// The old process's word that the new one may go on with the moved flows.
+const GO: &[u8] = b"go\n";
 
 /// The new side: what the old process handed over.
 pub struct Inherited {
@@ -325,8 +334,34 @@ pub fn receive(fd: RawFd) -> io::Result<(Inherited, Reporter)> {
 }
 
 impl Reporter {
-    /// Tells the old process whether this one serves now (`Ok`) or could not start.
-    pub fn report(mut self, outcome: Result<(), String>) {
+    /// Tells the old process this one serves now, then waits for its word before the moved
+    /// flows go on here (until then the old process may take them back: see [`launch`]). Whether
+    /// they are this process's: the word came, or the old process is gone; not if it left the
+    /// channel open without a word for [`READY_TIMEOUT`].
+    pub fn ready(mut self) -> bool {
+        self.send(Ok(()));
+        let _ = self.channel.set_read_timeout(Some(READY_TIMEOUT));
+        let mut word = String::new();
+        match BufReader::new(&self.channel).read_line(&mut word) {
+            Ok(_) if word.as_bytes() == GO => true,
+            // The channel closed: the old process exited (it kills this one when it gives up).
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => {
+                tracing::error!(
+                    "upgrade: no word from the old process ({e}): the moved flows are not resumed"
+                );
+                false
+            }
+        }
+    }
+
+    /// Tells the old process why this one could not start.
+    pub fn fail(mut self, why: String) {
+        self.send(Err(why));
+    }
+
+    fn send(&mut self, outcome: Result<(), String>) {
         let answer = Answer {
             pid: std::process::id(),
             error: outcome.err(),
@@ -340,6 +375,25 @@ impl Reporter {
         if let Err(e) = sent {
             tracing::warn!("upgrade: cannot answer the old process: {e}");
         }
+    }
+}
+
+/// The eBPF program and the layout of its maps this binary was built with: an upgrade moves
+/// the kernel flows (maps, program and all) only to a binary with the same (`lb abi`).
+pub fn abi() -> String {
+    crate::bpf::abi()
+}
+
+/// Whether `binary` has this binary's [`abi`] (it answers `lb abi` within 10 s).
+pub async fn same_abi(binary: &Path) -> bool {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(binary).arg("abi").output(),
+    )
+    .await;
+    match out {
+        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim() == abi(),
+        _ => false,
     }
 }
 

@@ -294,9 +294,20 @@ async fn kernel_flows_move_to_the_new_process_intact() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(gone, "the second process was still there 1 s after the upgrade");
-    // An upgrade that fails: the flows come back.
-    let out = lb_cmd(admin, &["upgrade", "--binary", "/nonexistent/lb"]).await;
-    assert!(!out.status.success());
+    // An upgrade whose new process fails after it took the maps and the flows over (a
+    // listener it cannot bind): the flows come back, still under way.
+    let flowing = lb.metrics().get("lb_kernel_flows");
+    assert!(flowing >= 10.0, "the flows ended too soon: {flowing}");
+    let path = lb.dir().join("lb.yaml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let taken =
+        format!("  - name: taken\n    bind: \"{admin}\"\n    mode: tcp\n    backend: pool\nbackends:");
+    std::fs::write(&path, good.replacen("backends:", &taken, 1)).unwrap();
+    let out = lb_cmd(admin, &["upgrade"]).await;
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "the upgrade went through");
+    assert!(stderr.contains("listener `taken`: cannot listen on"), "{stderr}");
+    std::fs::write(&path, good).unwrap();
     assert_eq!(serving(admin).await.0, third);
     let (clients, by_seed) = lb_tests::gather(flows, &mut reports, |r| r.0, Duration::from_secs(120)).await;
     for (spec, client) in specs.iter().zip(&clients) {
@@ -307,4 +318,61 @@ async fn kernel_flows_move_to_the_new_process_intact() {
         24,
         lb.metrics().get("lb_flow_held_bytes_total")
     );
+}
+
+/// A new binary whose eBPF program or map layout differs (`lb abi`) cannot take the kernel
+/// flows over: it loads its own program and serves new connections, while the old process
+/// keeps its kernel flows (still forwarded by its own program) and exits once they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_with_another_ebpf_program_leaves_the_kernel_flows_where_they_are() {
+    if !bpf_available("a_binary_with_another_ebpf_program_leaves_the_kernel_flows_where_they_are") {
+        return;
+    }
+    let echo = servers::echo().await;
+    let mut lb = LbBuilder::new(&[echo])
+        .forwarding("kernel")
+        .offload_after("0")
+        .spawn();
+    let mut successors = Successors(Vec::new());
+    let mut kept = TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut kept, b"before").await;
+    // The same lb, but answering `lb abi` with another program's.
+    let other = lb.dir().join("other-lb");
+    std::fs::write(
+        &other,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = abi ]; then echo another; exit 0; fi\nexec {} \"$@\"\n",
+            lb_binary().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = lb_cmd(lb.admin, &["upgrade", "--binary", other.to_str().unwrap()]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let new: u32 = stdout
+        .strip_prefix("upgraded: pid ")
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    successors.0.push(new);
+    let (_, stats) = serving(lb.admin).await;
+    let detail = stats["process"]["last_upgrade"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(detail.contains("0 kernel flow(s) moved in"), "{stats}");
+    // The old process forwards its flow still, in the kernel, and stays for it.
+    servers::echo_round_trip(&mut kept, b"still in the old process").await;
+    assert!(lb.exited_within(Duration::from_millis(300)).await.is_none());
+    // The new one forwards new flows with its own program.
+    let mut fresh = TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut fresh, b"in the new process").await;
+    drop(kept);
+    assert!(
+        lb.exited_within(lb_tests::slack(Duration::from_secs(10)))
+            .await
+            .is_some(),
+        "the old process did not exit once its flow ended"
+    );
+    servers::echo_round_trip(&mut fresh, b"after the old process left").await;
 }

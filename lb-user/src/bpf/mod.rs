@@ -41,6 +41,18 @@ pub use watch::{Interest, Watch};
 /// The embedded eBPF object (empty when lb was built without the eBPF toolchain).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
+/// The embedded program and its maps' layout, as a string two binaries can compare (see
+/// `crate::upgrade::abi`).
+pub fn abi() -> String {
+    format!(
+        "{:016x}-{}-{}-{}",
+        xxhash_rust::xxh3::xxh3_64(OBJECT),
+        std::mem::size_of::<lb_common::SockCtl>(),
+        lb_common::MAX_SOCKETS,
+        lb_common::EVENTS_BYTES
+    )
+}
+
 /// Why BPF could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -90,6 +102,8 @@ pub struct Kernel {
     braked: AtomicI64,
     /// Flows stopped for a move since the start.
     moved: AtomicU64,
+    /// Moved flows on their way to a session of this process ([`Kernel::resuming`]).
+    resuming: AtomicI64,
     /// The most bytes one flow direction had inside lb at once, as the daemon saw them.
     most_in_flight: AtomicU64,
     /// The program's event reader, while it runs ([`Kernel::pause_events`]).
@@ -242,6 +256,7 @@ impl Kernel {
             flows: AtomicI64::new(0),
             braked: AtomicI64::new(0),
             moved: AtomicU64::new(0),
+            resuming: AtomicI64::new(0),
             most_in_flight: AtomicU64::new(0),
             reader: Mutex::new(Some(reader)),
             paused: Mutex::new(None),
@@ -300,7 +315,7 @@ impl Kernel {
         };
         let wake = self.wakers.register(slot.index);
         wake.restore_throttle(detached.throttle);
-        self.tracked.fetch_add(1, Relaxed);
+        self.tracked.fetch_add(1, SeqCst);
         Ok(Tracked {
             kernel: self,
             cookie: detached.cookie,
@@ -352,15 +367,30 @@ impl Kernel {
         let _ = lock(&self.socks).remove(&cookie);
     }
 
-    /// A flow stopped for a move (counted before [`Kernel::flow_ended`], so that whoever
-    /// waits for the moves knows how many to expect).
+    /// A flow stopped for a move (counted before its sockets are untracked, so that whoever
+    /// sees no socket tracked also sees every stop counted).
     pub fn flow_moved(&self) {
-        self.moved.fetch_add(1, Relaxed);
+        self.moved.fetch_add(1, SeqCst);
     }
 
     /// Flows stopped for a move since lb started.
     pub fn moved_flows(&self) -> u64 {
-        self.moved.load(Relaxed)
+        self.moved.load(SeqCst)
+    }
+
+    /// Moved flows handed to sessions that have not tracked their sockets yet.
+    pub fn resuming(&self) -> i64 {
+        self.resuming.load(SeqCst)
+    }
+
+    /// A moved flow is handed to a session (before it is spawned).
+    pub fn resume_started(&self) {
+        self.resuming.fetch_add(1, SeqCst);
+    }
+
+    /// That session tracks the flow's sockets now (or gave up on it).
+    pub fn resume_done(&self) {
+        self.resuming.fetch_sub(1, SeqCst);
     }
 
     pub fn flow_started(&self) {
@@ -458,7 +488,7 @@ impl Drop for Tracked<'_> {
             let _ = lock(&self.kernel.slots).remove(&self.cookie);
             self.kernel.wakers.unregister(slot.index);
         }
-        self.kernel.tracked.fetch_sub(1, Relaxed);
+        self.kernel.tracked.fetch_sub(1, SeqCst);
     }
 }
 

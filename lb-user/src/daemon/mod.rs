@@ -134,7 +134,7 @@ pub async fn run(config: Config, mut start: Start, stop: impl Future<Output = ()
     let outcome = serve(config, &start, inherited, &mut reporter, stop).await;
     // A new process that could not start tells the old one why (which goes on).
     if let (Err(e), Some(r)) = (&outcome, reporter) {
-        r.report(Err(e.to_string()));
+        r.fail(e.to_string());
     }
     outcome
 }
@@ -285,7 +285,6 @@ async fn serve(
     let (control, mut requests) = mpsc::channel(8);
     let runtime = Arc::new(Runtime::new(process, shared, first, control.clone()));
     acceptors.apply(&runtime.current(), bound);
-    moves::resume_all(&runtime, moved_in, true, &acceptors);
     crate::health::spawn(&runtime.current().backends, &stop_admin);
     crate::reload::watch(control.clone(), &stop_admin);
     crate::upgrade::watch(control, &stop_admin);
@@ -302,7 +301,16 @@ async fn serve(
     }
     tracing::info!("lb ready ({} session thread(s))", workers.len());
     if let Some(r) = reporter.take() {
-        r.report(Ok(()));
+        // The moved flows go on here once the old process has heard that this one serves
+        // (until then it may take them back).
+        if r.ready() {
+            moves::resume_all(&runtime, moved_in, true, &acceptors);
+        } else {
+            tracing::error!(
+                "{} moved kernel flow(s) not resumed: the old process did not confirm the upgrade",
+                moved_in.len()
+            );
+        }
     }
     crate::systemd::ready();
 
@@ -339,8 +347,23 @@ async fn serve(
             Control::Upgrade(request) => {
                 let started = std::time::Instant::now();
                 let binary = request.binary.clone().unwrap_or_else(|| binary.clone());
-                // The kernel flows stop first, and go with the rest (back here if it fails).
-                let outcome = match moves::move_out(&runtime, &mut moved_rx, &acceptors).await {
+                // The kernel flows stop first, and go with the rest (back here if it fails),
+                // to a binary with the same eBPF program and maps only: another stays in
+                // this process with them, and this process exits once they end.
+                let moving = match &runtime.shared.kernel {
+                    Some(_) if crate::upgrade::same_abi(&binary).await => true,
+                    Some(_) => {
+                        tracing::warn!("{} has another eBPF program or map layout (lb abi): kernel flows stay in this process, which exits once they end", binary.display());
+                        false
+                    }
+                    None => false,
+                };
+                let out = if moving {
+                    moves::move_out(&runtime, &mut moved_rx, &acceptors).await
+                } else {
+                    Ok(Vec::new())
+                };
+                let outcome = match out {
                     Err(e) => Err(crate::upgrade::Failed { error: e }),
                     Ok(flows) => {
                         let launched = crate::upgrade::launch(Launch {
@@ -349,7 +372,12 @@ async fn serve(
                             forwarding: *forwarding_arg,
                             listeners: acceptors.handed(),
                             admin: admin_fd,
-                            maps: runtime.shared.kernel.as_ref().map(|k| k.map_fds()),
+                            maps: runtime
+                                .shared
+                                .kernel
+                                .as_ref()
+                                .filter(|_| moving)
+                                .map(|k| k.map_fds()),
                             flows: &flows,
                         })
                         .await;
@@ -358,13 +386,15 @@ async fn serve(
                             Ok(pid) => {
                                 tracing::info!("{} kernel flow(s) moved to pid {pid}", flows.len());
                                 drop(flows);
-                                if let Some(kernel) = &runtime.shared.kernel {
+                                if let Some(kernel) = runtime.shared.kernel.as_ref().filter(|_| moving) {
                                     kernel.leave_program_attached();
                                 }
                                 Ok(pid)
                             }
                             Err(e) => {
-                                moves::move_back(&runtime, flows, &acceptors);
+                                if moving {
+                                    moves::move_back(&runtime, flows, &acceptors);
+                                }
                                 Err(e)
                             }
                         }

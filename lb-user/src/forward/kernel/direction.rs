@@ -117,16 +117,34 @@ pub enum DirectionState {
         /// Held bytes taken off the socket (see [`Copier`]).
         dequeued: u64,
         /// Of those, bytes taken off and not written yet (an overcommitted socket's).
+        #[serde(with = "base64_bytes")]
         pending: Vec<u8>,
         /// Since the brake, the receiver drained to the low-water mark.
         released: bool,
         /// The socket is watched for input (held bytes on their way to its queue).
         watching_input: bool,
+        /// In a hold (its end gives a throttled buffer back).
+        in_hold: bool,
     },
     /// Its end of stream came: once every byte is delivered, the peer's write side is shut.
     Closing,
     /// Its end of stream was passed on.
     Done,
+}
+
+/// Held bytes in a hand-over message: base64, not a JSON array of numbers.
+mod base64_bytes {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Forwards one direction until its end of stream has been passed on (`Ok`), or the flow
@@ -139,29 +157,36 @@ pub(super) async fn run(flow: &Flow<'_, '_>, from: Side, start: Start) -> Result
         Start::Fresh(unsent) => {
             if !unsent.is_empty() {
                 // Outside the map's accounting: the destination's baseline counts them already.
-                write_all(flow, from.other(), &unsent, None).await?;
+                write_all(flow, from.other(), &unsent, None, false).await?;
                 flow.counters.user_bytes.add(unsent.len() as u64);
                 drop(unsent);
                 src.tracked.ctl().allow_redirect();
             }
         }
-        Start::Resumed(DirectionState::Done) => return Ok(()),
+        Start::Resumed(DirectionState::Done) => {
+            // Its end of stream is in already: watching for it would wake at once, forever.
+            src.watch.set_interest(Interest::ErrorsOnly);
+            return Ok(());
+        }
         Start::Resumed(DirectionState::Closing) => closing = true,
         Start::Resumed(DirectionState::Forwarding {
             dequeued,
             pending,
             released,
             watching_input,
+            in_hold,
         }) => {
             let end = pending.len();
             if end > 0 {
                 copy.buf.at_least(end)[..end].copy_from_slice(&pending);
             }
+            let hold_start = in_hold.then(|| (Instant::now(), src.tracked.ctl().consumed()));
             copy = Copier {
                 end,
                 dequeued,
                 released,
                 watching_input,
+                hold_start,
                 ..copy
             };
             if watching_input {
@@ -320,6 +345,7 @@ impl Copier {
             pending: self.buf.as_slice()[self.start..self.end].to_vec(),
             released: self.released,
             watching_input: self.watching_input,
+            in_hold: self.hold_start.is_some(),
         }
     }
 }
@@ -470,7 +496,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             let n = copy.pending().min(room) as usize;
             let source = Source::of(copy, ctl, fd, max);
             let bytes = &copy.buf.as_slice()[copy.start..copy.start + n];
-            let written = write_all(flow, from.other(), bytes, source).await?;
+            let written = write_all(flow, from.other(), bytes, source, true).await?;
             copy.start += written;
             publish(flow, from, written as u64);
             if written < n {
@@ -497,7 +523,7 @@ async fn pump(flow: &Flow<'_, '_>, from: Side, copy: &mut Copier) -> Result<Pump
             Ok(n) => {
                 let source = Source::of(copy, ctl, fd, max);
                 let bytes = &copy.scratch.as_slice()[skip as usize..n];
-                let written = write_all(flow, from.other(), bytes, source).await?;
+                let written = write_all(flow, from.other(), bytes, source, true).await?;
                 publish(flow, from, written as u64);
                 if written < bytes.len() {
                     // Cut short by an overflow: its bytes come off first (above).
@@ -819,6 +845,7 @@ async fn write_all(
     to: Side,
     bytes: &[u8],
     source: Option<Source<'_>>,
+    stoppable: bool,
 ) -> Result<usize, Halt> {
     let dst = flow.end(to);
     let limit = flow.timeouts.of(to);
@@ -835,6 +862,12 @@ async fn write_all(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if last_progress.elapsed() >= limit {
                     return Err(Halt::Ended(End::IdleTimeout(to)));
+                }
+                // A move does not wait for a slow receiver: what is written is published by
+                // the caller, and the rest is written after the move (`stoppable`: the caller
+                // publishes a partial write).
+                if stoppable && flow.moving.is_cancelled() {
+                    return Ok(written);
                 }
                 if Source::overflowed(source, to.other())? {
                     tracing::debug!(

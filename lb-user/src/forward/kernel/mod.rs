@@ -471,11 +471,29 @@ pub async fn resume(
         state,
     } = moving;
     let [c, s] = state.ends;
-    let end = |sock: TcpStream, m: MovedEnd| -> io::Result<FlowSocket<'_>> {
-        let tracked = kernel
-            .retrack(m.tracked, adopted)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let watch = tracked.watch(&sock)?;
+    let cookies = [c.tracked.cookie, s.tracked.cookie];
+    // Tracked (or given up) from here on: a move waiting for this one sees it either way.
+    struct Resuming<'k>(&'k Kernel);
+    impl Drop for Resuming<'_> {
+        fn drop(&mut self) {
+            self.0.resume_done();
+        }
+    }
+    let resuming = Resuming(kernel);
+    // A flow that cannot go on here is reset, not ended with a FIN that would make it look
+    // complete, and leaves the maps.
+    let reset = |sock: &TcpStream| {
+        let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
+    };
+    let end = |sock: TcpStream, m: MovedEnd| -> Result<FlowSocket<'_>, (io::Error, TcpStream)> {
+        let tracked = match kernel.retrack(m.tracked, adopted) {
+            Ok(t) => t,
+            Err(e) => return Err((io::Error::other(e.to_string()), sock)),
+        };
+        let watch = match tracked.watch(&sock) {
+            Ok(w) => w,
+            Err(e) => return Err((e, sock)),
+        };
         Ok(FlowSocket {
             sock,
             tracked,
@@ -484,7 +502,29 @@ pub async fn resume(
             watch,
         })
     };
-    let ends = [end(client, c)?, end(server, s)?];
+    let ends = match (end(client, c), end(server, s)) {
+        (Ok(c), Ok(s)) => [c, s],
+        (c, s) => {
+            let mut error = None;
+            for r in [c, s] {
+                match r {
+                    Ok(end) => {
+                        end.watch.forget();
+                        reset(&end.sock);
+                    }
+                    Err((e, sock)) => {
+                        reset(&sock);
+                        error.get_or_insert(e);
+                    }
+                }
+            }
+            for cookie in cookies {
+                kernel.remove(cookie);
+            }
+            return Err(error.unwrap_or_else(|| io::Error::other("resume failed")));
+        }
+    };
+    drop(resuming);
     kernel.flow_started();
     if state.braked.iter().any(|&b| b) {
         kernel.set_braked(true);
