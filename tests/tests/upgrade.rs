@@ -95,6 +95,7 @@ async fn two_upgrades_in_a_row_refuse_no_connection_and_old_processes_finish_the
     let mut lb = LbBuilder::new(&[echo])
         .forwarding(if kernel { "kernel" } else { "user" })
         .offload_after("0")
+        .set("tune", "upgrade_moves_kernel_flows", "true")
         .spawn();
     let (listener, admin, first) = (lb.listener, lb.admin, lb.pid());
     let mut successors = Successors(Vec::new());
@@ -220,6 +221,7 @@ async fn kernel_flows_move_to_the_new_process_intact() {
     let mut lb = LbBuilder::new(&[server])
         .forwarding("kernel")
         .offload_after("0")
+        .set("tune", "upgrade_moves_kernel_flows", "true")
         .spawn();
     let (listener, admin) = (lb.listener, lb.admin);
     let mut successors = Successors(Vec::new());
@@ -332,6 +334,7 @@ async fn a_binary_with_another_ebpf_program_leaves_the_kernel_flows_where_they_a
     let mut lb = LbBuilder::new(&[echo])
         .forwarding("kernel")
         .offload_after("0")
+        .set("tune", "upgrade_moves_kernel_flows", "true")
         .spawn();
     let mut successors = Successors(Vec::new());
     let mut kept = TcpStream::connect(lb.listener).await.unwrap();

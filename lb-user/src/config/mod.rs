@@ -49,6 +49,8 @@ pub struct Config {
     pub cpu_affinity: crate::affinity::CpuAffinity,
     /// `tune.kernel_congestion`.
     pub kernel_congestion: KernelCongestion,
+    /// `tune.upgrade_moves_kernel_flows`.
+    pub upgrade_moves_kernel_flows: bool,
     /// `limits:`, bounds on HTTP messages.
     pub limits: crate::http::request::Limits,
     pub listeners: Vec<Listener>,
@@ -548,6 +550,7 @@ impl Validator<'_> {
             threads,
             cpu_affinity,
             kernel_congestion,
+            upgrade_moves_kernel_flows: raw.tune.upgrade_moves_kernel_flows.unwrap_or(false),
             limits,
             listeners,
             backends,

@@ -115,6 +115,12 @@ pub struct RawTune {
     /// (default `cubic`, or the system's if the kernel has no cubic).
     #[serde(default)]
     pub kernel_congestion: Option<String>,
+    /// Whether an upgrade moves the kernel-forwarded flows to the new process (with the
+    /// program's maps), instead of leaving them in the old one until they end (default
+    /// `false`: moving flows made Linux 6.1 hit a kernel BUG in tcp_write_xmit, and reset a flow
+    /// on 6.12, in the tests' VMs; see docs/operations.md).
+    #[serde(default)]
+    pub upgrade_moves_kernel_flows: Option<bool>,
 }
 
 /// A CPU list as YAML reads it: a lone CPU (`1`) is a number, anything else a string.

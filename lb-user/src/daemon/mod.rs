@@ -351,6 +351,7 @@ async fn serve(
                 // to a binary with the same eBPF program and maps only: another stays in
                 // this process with them, and this process exits once they end.
                 let moving = match &runtime.shared.kernel {
+                    Some(_) if !runtime.current().config.upgrade_moves_kernel_flows => false,
                     Some(_) if crate::upgrade::same_abi(&binary).await => true,
                     Some(_) => {
                         tracing::warn!("{} has another eBPF program or map layout (lb abi): kernel flows stay in this process, which exits once they end", binary.display());
