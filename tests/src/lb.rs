@@ -528,3 +528,20 @@ impl Metrics {
         self.get("lb_forwarded_bytes_total{path=\"user\"}")
     }
 }
+
+/// The lb processes upgrades started (not the test's children): killed when dropped.
+pub struct Successors(pub Vec<u32>);
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: a plain signal to a pid this test started (through lb).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Whether process `pid` runs (a zombie does not).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}

@@ -4,7 +4,7 @@
 //! FILE:LINE:COLUMN.
 use lb_tests::{
     bpf_available,
-    lb::{lb_binary, Lb, LbBuilder},
+    lb::{lb_binary, process_alive, Lb, LbBuilder, Successors},
     servers,
 };
 use std::{net::SocketAddr, path::PathBuf, process::Output, time::Duration};
@@ -657,25 +657,9 @@ async fn a_server_down_comes_back_when_its_check_is_removed() {
     assert_eq!(state(&lb), 1.0);
 }
 
-/// Kills the processes upgrades started (they are not the test's children) when dropped.
-struct Successors(Vec<u32>);
-
-impl Drop for Successors {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            // SAFETY: a plain signal to a pid this test started (through lb).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    }
-}
-
 /// The pid of the lb answering on the admin endpoint.
 async fn serving_pid(lb: &Lb) -> u32 {
     let (stdout, stderr) = text(&lb_cmd(lb, &["stats", "--json"]).await);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("{stderr}"));
     v["process"]["pid"].as_u64().unwrap() as u32
-}
-
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }

@@ -3,7 +3,7 @@
 //! flows and exits; a new process that cannot start leaves the old one as it was.
 use lb_tests::{
     bpf_available,
-    lb::{lb_binary, Lb, LbBuilder},
+    lb::{lb_binary, process_alive, Lb, LbBuilder, Successors},
     servers,
 };
 use std::{net::SocketAddr, process::Output, time::Duration};
@@ -32,18 +32,6 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
-/// Kills the processes an upgrade started (they are not the test's children) when dropped.
-struct Successors(Vec<u32>);
-
-impl Drop for Successors {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            // SAFETY: a plain signal to a pid this test started (through lb).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    }
-}
-
 /// `lb upgrade`, which must succeed: the new process's pid.
 async fn upgrade(admin: SocketAddr, successors: &mut Successors) -> u32 {
     let out = lb_cmd(admin, &["upgrade"]).await;
@@ -64,11 +52,6 @@ async fn serving(admin: SocketAddr) -> (u32, serde_json::Value) {
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     (v["process"]["pid"].as_u64().unwrap() as u32, v)
-}
-
-fn alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
 
 /// One connection: a byte echoed.
@@ -141,7 +124,7 @@ async fn two_upgrades_in_a_row_refuse_no_connection_and_old_processes_finish_the
         servers::echo_round_trip(&mut kept, b"moved").await;
     } else {
         servers::echo_round_trip(&mut kept, b"during").await;
-        assert!(alive(first), "the old process left before its flow ended");
+        assert!(process_alive(first), "the old process left before its flow ended");
         drop(kept);
         assert!(
             lb.exited_within(Duration::from_secs(10)).await.is_some(),
@@ -158,7 +141,7 @@ async fn two_upgrades_in_a_row_refuse_no_connection_and_old_processes_finish_the
     drop(kept);
     let mut gone = false;
     for _ in 0..500 {
-        if !alive(second) {
+        if !process_alive(second) {
             gone = true;
             break;
         }
@@ -289,7 +272,7 @@ async fn kernel_flows_move_to_the_new_process_intact() {
     let third = upgrade(admin, &mut successors).await;
     let mut gone = false;
     for _ in 0..50 * lb_tests::scale() {
-        if !alive(second) {
+        if !process_alive(second) {
             gone = true;
             break;
         }
