@@ -5,9 +5,9 @@
 //!   (CONFIG_TLS off), Debian's has; there every client session lb terminates is handed to the
 //!   kernel's TLS after its handshake, and the tests require it (`LB_REQUIRE_KTLS=1`).
 //! - The kernel-path tests (`kernel_path`, `peers`, `offload`, `flow_control`, `http_handoff`)
-//!   on 6.12 and on 6.1 (not `upgrade`: moving kernel flows between processes made 6.1 hit a
-//!   kernel BUG in tcp_write_xmit, and reset a flow on 6.12; it is off by default,
-//!   `tune.upgrade_moves_kernel_flows`): the sockmap path has changed under lb between kernel versions, and
+//!   on 6.12 and on 6.1 (not `upgrade`: its test that moves 40 braked flows between processes
+//!   reset one on 6.12 and crashed the 6.1 guest, with the move on or off; see
+//!   docs/operations.md): the sockmap path has changed under lb between kernel versions, and
 //!   this machine runs only one. They must find the BPF path (`LB_REQUIRE_BPF=1`).
 //!
 //! `vm/setup.sh` installs qemu and busybox-static when missing and builds a VM's files in

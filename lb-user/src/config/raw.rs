@@ -117,8 +117,8 @@ pub struct RawTune {
     pub kernel_congestion: Option<String>,
     /// Whether an upgrade moves the kernel-forwarded flows to the new process (with the
     /// program's maps), instead of leaving them in the old one until they end (default
-    /// `false`: moving flows made Linux 6.1 hit a kernel BUG in tcp_write_xmit, and reset a flow
-    /// on 6.12, in the tests' VMs; see docs/operations.md).
+    /// `false`: in the tests' VMs the test that moves flows reset one on Linux 6.12 and crashed
+    /// 6.1, which that test's traffic crashed with the move off too; see docs/operations.md).
     #[serde(default)]
     pub upgrade_moves_kernel_flows: Option<bool>,
 }
