@@ -25,10 +25,7 @@
 //! new listening sockets and runs the accept loops, one reload at a time.
 use serde::{Deserialize, Serialize};
 use std::{collections::BTreeSet, sync::Arc};
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::oneshot,
-};
+use tokio::{signal::unix::SignalKind, sync::oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -280,24 +277,19 @@ pub fn record(rt: &Runtime, by: &'static str, from: Option<&str>, outcome: &Resu
 
 /// Asks for a reload on each SIGHUP until `stop`.
 pub fn watch(reloads: Requests, stop: &CancellationToken) {
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGHUP (the configuration will not reload on it): {e}");
-            return;
-        }
-    };
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                got = hangups.recv() => if got.is_none() { return },
-            }
+    crate::shutdown::on_each(
+        SignalKind::hangup(),
+        "SIGHUP",
+        "the configuration will not reload on it",
+        stop,
+        move || {
+            let reloads = reloads.clone();
             // The outcome is logged and recorded where the reload is applied.
-            let _ = ask(&reloads, "SIGHUP", None).await;
-        }
-    });
+            async move {
+                let _ = ask(&reloads, "SIGHUP", None).await;
+            }
+        },
+    );
 }
 
 /// What a reload that was not refused did, in a line.

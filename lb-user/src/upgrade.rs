@@ -27,7 +27,7 @@ use std::{
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt},
-    signal::unix::{signal, SignalKind},
+    signal::unix::SignalKind,
     sync::oneshot,
 };
 use tokio_util::sync::CancellationToken;
@@ -100,24 +100,19 @@ pub async fn ask(
 
 /// Asks for an upgrade on each SIGUSR2 until `stop`.
 pub fn watch(control: Requests, stop: &CancellationToken) {
-    let mut usr2 = match signal(SignalKind::user_defined2()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGUSR2 (no upgrade on it): {e}");
-            return;
-        }
-    };
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                got = usr2.recv() => if got.is_none() { return },
-            }
+    crate::shutdown::on_each(
+        SignalKind::user_defined2(),
+        "SIGUSR2",
+        "no upgrade on it",
+        stop,
+        move || {
+            let control = control.clone();
             // The outcome is logged and recorded where the upgrade is run.
-            let _ = ask(&control, "SIGUSR2", None, None).await;
-        }
-    });
+            async move {
+                let _ = ask(&control, "SIGUSR2", None, None).await;
+            }
+        },
+    );
 }
 
 /// A listening socket handed to the new process: its listener's address (and name, for a

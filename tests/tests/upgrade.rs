@@ -362,3 +362,19 @@ async fn a_binary_with_another_ebpf_program_leaves_the_kernel_flows_where_they_a
     );
     servers::echo_round_trip(&mut fresh, b"after the old process left").await;
 }
+
+/// SIGUSR2 upgrades as `lb upgrade` does.
+#[tokio::test]
+async fn sigusr2_upgrades() {
+    let echo = servers::echo().await;
+    let lb = LbBuilder::new(&[echo]).spawn();
+    let mut successors = Successors(Vec::new());
+    // SAFETY: a plain signal to the child's pid.
+    assert_eq!(unsafe { libc::kill(lb.pid() as i32, libc::SIGUSR2) }, 0);
+    lb.wait_for_log("SIGUSR2: pid ").await;
+    let (pid, _) = serving(lb.admin).await;
+    successors.0.push(pid);
+    assert_ne!(pid, lb.pid());
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut c, b"after SIGUSR2").await;
+}
