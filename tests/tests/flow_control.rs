@@ -202,6 +202,58 @@ async fn stalling_readers_keep_every_flow_intact() {
     assert_eq!(m.sum("lb_kernel_fallbacks_total"), 0.0, "{}", m.text);
 }
 
+/// 40 bulk flows at the default bound and send buffer: half send 24 MiB each way to readers
+/// that read nothing for 4 s (both directions braked, bytes held), half a scaled 24 MiB to
+/// readers in bursts with pauses. Every flow arrives intact, and the kernel stays up: with
+/// fixed 8 MiB send buffers this traffic crashed Debian's 6.1 (`kernel BUG at
+/// net/ipv4/tcp_output.c:2671`) and reset flows on 6.12 (`tune.kernel_sndbuf: auto`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_flows_with_stalled_readers_at_the_defaults() {
+    if !bpf_available("bulk_flows_with_stalled_readers_at_the_defaults") {
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let specs: Vec<PacedSpec> = (0..40u64)
+        .map(|i| {
+            let stalled = i % 2 == 0;
+            let reading = Reading {
+                stall_ms: if stalled { 4000 } else { 0 },
+                burst: (16 << 10, 256 << 10),
+                pause_ms: (1, 10),
+            };
+            // The stalled flows are not scaled: smaller, they would fit in the sockets'
+            // buffers and never brake.
+            let size = if stalled {
+                24 << 20
+            } else {
+                scaled(24 << 20) as u64
+            };
+            PacedSpec {
+                up: size,
+                down: size,
+                seed: 9000 + i,
+                client_reads: reading,
+                server_reads: reading,
+            }
+        })
+        .collect();
+    let lb = run_paced("16MiB", specs).await;
+    let m = lb.metrics();
+    eprintln!(
+        "bulk flows, stalled readers: {} brakes, {} bytes held, {} kernel / {} user bytes",
+        m.get("lb_flow_brakes_total"),
+        m.get("lb_flow_held_bytes_total"),
+        m.kernel_bytes(),
+        m.user_bytes()
+    );
+    // What crashed 6.1 was this traffic with brakes holding bytes: it must still brake.
+    assert!(
+        m.get("lb_flow_brakes_total") >= 1.0 && m.get("lb_flow_held_bytes_total") > 0.0,
+        "no brake held bytes:\n{}",
+        m.text
+    );
+}
+
 /// Both peers stall at once, each sending 48 MiB: both directions are braked (neither sender
 /// gets far), nothing deadlocks, and both streams arrive intact once they read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

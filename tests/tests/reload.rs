@@ -318,7 +318,7 @@ async fn a_refused_reload_changes_nothing_and_says_where() {
 /// their weights and `web`'s routes change every time.
 fn loaded_config(i: usize, paced: [SocketAddr; 2], named: [SocketAddr; 2], app: [SocketAddr; 2]) -> String {
     let mut y = String::from(
-        "forwarding: { mode: kernel, offload_after: 0 }\ntune: { upgrade_moves_kernel_flows: true }\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n\
+        "forwarding: { mode: kernel, offload_after: 0 }\nadmin:\n  listen: 127.0.0.1:0\nlisteners:\n\
          \x20 - { name: streams, bind: 127.0.0.1:0, backend: paced }\n\
          \x20 - { name: conns, bind: 127.0.0.1:0, backend: named }\n",
     );

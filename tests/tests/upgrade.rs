@@ -78,7 +78,6 @@ async fn two_upgrades_in_a_row_refuse_no_connection_and_old_processes_finish_the
     let mut lb = LbBuilder::new(&[echo])
         .forwarding(if kernel { "kernel" } else { "user" })
         .offload_after("0")
-        .set("tune", "upgrade_moves_kernel_flows", "true")
         .spawn();
     let (listener, admin, first) = (lb.listener, lb.admin, lb.pid());
     let mut successors = Successors(Vec::new());
@@ -204,7 +203,6 @@ async fn kernel_flows_move_to_the_new_process_intact() {
     let mut lb = LbBuilder::new(&[server])
         .forwarding("kernel")
         .offload_after("0")
-        .set("tune", "upgrade_moves_kernel_flows", "true")
         .spawn();
     let (listener, admin) = (lb.listener, lb.admin);
     let mut successors = Successors(Vec::new());
@@ -313,28 +311,53 @@ async fn a_binary_with_another_ebpf_program_leaves_the_kernel_flows_where_they_a
     if !bpf_available("a_binary_with_another_ebpf_program_leaves_the_kernel_flows_where_they_are") {
         return;
     }
+    flows_stay_in_the_old_process(true).await;
+}
+
+/// `tune.upgrade_moves_kernel_flows: false`: an upgrade leaves the kernel flows in the old
+/// process, as a binary with another program does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_flows_stay_when_moving_is_off() {
+    if !bpf_available("kernel_flows_stay_when_moving_is_off") {
+        return;
+    }
+    flows_stay_in_the_old_process(false).await;
+}
+
+/// Upgrades a kernel-path lb with one echo flow under way, to a binary with another eBPF
+/// program (`another_program`), else with the move turned off: the flow stays in the old
+/// process, which exits once it ends, and the new process serves new flows.
+async fn flows_stay_in_the_old_process(another_program: bool) {
     let echo = servers::echo().await;
+    let moves = if another_program { "true" } else { "false" };
     let mut lb = LbBuilder::new(&[echo])
         .forwarding("kernel")
         .offload_after("0")
-        .set("tune", "upgrade_moves_kernel_flows", "true")
+        .set("tune", "upgrade_moves_kernel_flows", moves)
         .spawn();
     let mut successors = Successors(Vec::new());
     let mut kept = TcpStream::connect(lb.listener).await.unwrap();
     servers::echo_round_trip(&mut kept, b"before").await;
-    // The same lb, but answering `lb abi` with another program's.
-    let other = lb.dir().join("other-lb");
-    std::fs::write(
-        &other,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = abi ]; then echo another; exit 0; fi\nexec {} \"$@\"\n",
-            lb_binary().display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = lb_cmd(lb.admin, &["upgrade", "--binary", other.to_str().unwrap()]).await;
+    lb.wait_for("the flow in the kernel", |m| m.get("lb_kernel_flows") >= 1.0)
+        .await;
+    let mut args = vec!["upgrade".to_string()];
+    if another_program {
+        // The same lb, but answering `lb abi` with another program's.
+        let other = lb.dir().join("other-lb");
+        std::fs::write(
+            &other,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = abi ]; then echo another; exit 0; fi\nexec {} \"$@\"\n",
+                lb_binary().display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+        args.extend(["--binary".to_string(), other.to_str().unwrap().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lb_cmd(lb.admin, &args).await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let new: u32 = stdout

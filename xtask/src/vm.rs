@@ -4,11 +4,9 @@
 //! - The TLS and HTTPS tests (`tls`, `http_mode`) on 6.12: this machine's kernel has no kTLS
 //!   (CONFIG_TLS off), Debian's has; there every client session lb terminates is handed to the
 //!   kernel's TLS after its handshake, and the tests require it (`LB_REQUIRE_KTLS=1`).
-//! - The kernel-path tests (`kernel_path`, `peers`, `offload`, `flow_control`, `http_handoff`)
-//!   on 6.12 and on 6.1 (not `upgrade`: its test that moves 40 braked flows between processes
-//!   reset one on 6.12 and crashed the 6.1 guest, with the move on or off; see
-//!   docs/operations.md): the sockmap path has changed under lb between kernel versions, and
-//!   this machine runs only one. They must find the BPF path (`LB_REQUIRE_BPF=1`).
+//! - The kernel-path tests (`kernel_path`, `peers`, `offload`, `flow_control`, `http_handoff`,
+//!   `upgrade`, which moves kernel flows between processes) on 6.12 and on 6.1: the sockmap
+//!   path has changed under lb between kernel versions, and this machine runs only one. They must find the BPF path (`LB_REQUIRE_BPF=1`).
 //!
 //! `vm/setup.sh` installs qemu and busybox-static when missing and builds a VM's files in
 //! `target/vm-<kernel>` (idempotent; the apt lists are shared in `target/vm-apt`); `vm/run.sh`
@@ -26,7 +24,14 @@ use crate::{root, run_cmd};
 /// The TLS targets, run with `LB_REQUIRE_KTLS=1` on the kernel that has kTLS.
 const TLS_TARGETS: [&str; 2] = ["tls", "http_mode"];
 /// The targets whose tests forward through the sockmap.
-const KERNEL_PATH_TARGETS: [&str; 5] = ["kernel_path", "peers", "offload", "flow_control", "http_handoff"];
+const KERNEL_PATH_TARGETS: [&str; 6] = [
+    "kernel_path",
+    "peers",
+    "offload",
+    "flow_control",
+    "http_handoff",
+    "upgrade",
+];
 /// `LB_TEST_SCALE` of the kernel-path tests in a VM (`lb_tests::scale`): sized for TCG on two
 /// CPUs, where a paced reader's 100 MB/s was out of reach (about 13 MB/s per flow).
 const SCALE: &str = "8";

@@ -13,7 +13,7 @@ use crate::affinity::CpuAffinity;
 pub use health::{CheckKind, HealthCheck};
 pub use http::{Forwarded, HeaderRule, HostMatch, Http, Route};
 use locate::{Locator, Step};
-use raw::{RawBackend, RawConfig, RawForwarding, RawKeepalive, RawListener, RawTimeouts};
+use raw::{RawBackend, RawConfig, RawForwarding, RawKeepalive, RawListener, RawSizeOrAuto, RawTimeouts};
 use std::{collections::HashMap, fmt, net::SocketAddr, path::Path, time::Duration};
 pub use tls::ListenerTls;
 
@@ -28,6 +28,31 @@ pub enum Forwarding {
     User,
 }
 
+/// `tune.kernel_sndbuf`: the send buffer of a kernel flow's sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendBuffer {
+    /// `auto`: a fixed 8 MiB where the running kernel is known to take it, else autotuning.
+    Auto,
+    /// A size: SO_SNDBUF; `None` (`0`) keeps autotuning.
+    Set(Option<u32>),
+}
+
+impl SendBuffer {
+    /// The SO_SNDBUF to set on a kernel whose release (`uname -r`) is `release`; `None` keeps
+    /// autotuning. An unreadable release counts as an old one.
+    pub fn on(self, release: &str) -> Option<u32> {
+        match self {
+            SendBuffer::Set(bytes) => bytes,
+            SendBuffer::Auto => {
+                let mut parts = release.split(|c: char| !c.is_ascii_digit());
+                let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
+                let version = (next().unwrap_or(0), next().unwrap_or(0));
+                (version >= FIXED_SNDBUF_SINCE).then_some(AUTO_KERNEL_SNDBUF)
+            }
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -37,8 +62,8 @@ pub struct Config {
     pub offload_after: u64,
     pub admin: Option<Admin>,
     pub shutdown_grace: Duration,
-    /// SO_SNDBUF for both sockets of a kernel-forwarded flow; `None` keeps autotuning.
-    pub kernel_sndbuf: Option<u32>,
+    /// SO_SNDBUF for both sockets of a kernel-forwarded flow.
+    pub kernel_sndbuf: SendBuffer,
     /// SO_RCVBUF for both sockets of a kernel-forwarded flow; `None` keeps autotuning.
     pub kernel_rcvbuf: Option<u32>,
     /// `flow_control.max_in_flight`: the per-direction brake of kernel flows, in bytes.
@@ -198,7 +223,13 @@ const KEEPALIVE_TIME_MIN: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIME_MAX: Duration = Duration::from_secs(32767);
 /// Four fds a flow: fits the common 20000 open-files limit with room to spare.
 const DEFAULT_MAXCONN: u32 = 4096;
-const DEFAULT_KERNEL_SNDBUF: u64 = 8 << 20;
+/// `tune.kernel_sndbuf: auto` on a kernel that takes a fixed send buffer.
+const AUTO_KERNEL_SNDBUF: u32 = 8 << 20;
+/// The first Linux release `tune.kernel_sndbuf: auto` fixes the send buffer on: on Debian's
+/// 6.1 and 6.12 (the test VMs) fixed buffers of 2 MiB and more under braked bulk flows crashed
+/// 6.1 (`kernel BUG at net/ipv4/tcp_output.c:2671`, or in mm/usercopy.c) and reset flows on
+/// both, where autotuning passed; 6.18 passed with them. Releases between were not tried.
+const FIXED_SNDBUF_SINCE: (u32, u32) = (6, 18);
 const DEFAULT_KERNEL_RCVBUF: u64 = 1 << 20;
 /// The longest congestion control name the kernel takes (TCP_CA_NAME_MAX, less its NUL).
 const MAX_CONGESTION_NAME: usize = 15;
@@ -440,8 +471,18 @@ impl Validator<'_> {
         let defaults = raw.timeouts;
         self.timeouts(&[Step::Key("timeouts")], &defaults);
         let limits = self.limits(&raw.limits);
-        let kernel_sndbuf =
-            self.socket_buffer("kernel_sndbuf", raw.tune.kernel_sndbuf, DEFAULT_KERNEL_SNDBUF);
+        let kernel_sndbuf = match raw.tune.kernel_sndbuf {
+            None => SendBuffer::Auto,
+            Some(RawSizeOrAuto::Word(w)) if w == "auto" => SendBuffer::Auto,
+            Some(RawSizeOrAuto::Word(w)) => {
+                self.error(
+                    &[Step::Key("tune"), Step::Key("kernel_sndbuf")],
+                    format!("tune.kernel_sndbuf: `{w}` is neither a size (`8MiB`, `0`) nor `auto`"),
+                );
+                SendBuffer::Auto
+            }
+            Some(RawSizeOrAuto::Size(b)) => SendBuffer::Set(self.socket_buffer("kernel_sndbuf", Some(b), 0)),
+        };
         let kernel_rcvbuf =
             self.socket_buffer("kernel_rcvbuf", raw.tune.kernel_rcvbuf, DEFAULT_KERNEL_RCVBUF);
         let threads = match raw.tune.threads {
@@ -550,7 +591,7 @@ impl Validator<'_> {
             threads,
             cpu_affinity,
             kernel_congestion,
-            upgrade_moves_kernel_flows: raw.tune.upgrade_moves_kernel_flows.unwrap_or(false),
+            upgrade_moves_kernel_flows: raw.tune.upgrade_moves_kernel_flows.unwrap_or(true),
             limits,
             listeners,
             backends,

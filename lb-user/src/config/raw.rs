@@ -83,10 +83,12 @@ pub struct RawTune {
     /// Send buffer of both sockets of a kernel-forwarded flow (SO_SNDBUF, which the kernel
     /// doubles), e.g. `8MiB`; `0` keeps the kernel's autotuning. The kernel's forwarding worker
     /// pauses for a timer tick whenever the destination's send buffer is full, so a buffer
-    /// larger than autotuning's `tcp_wmem` maximum (4 MiB) is what lets it keep up (default
-    /// 8MiB; measured in docs/benchmarks.md).
+    /// larger than autotuning's `tcp_wmem` maximum (4 MiB) is what lets it keep up (measured
+    /// in docs/benchmarks.md). `auto` (the default): 8MiB on Linux 6.18 and later, autotuning
+    /// before: on Debian's 6.1 and 6.12 a fixed buffer of 2 MiB or more under braked bulk
+    /// flows crashed the kernel (6.1) or reset flows (both); with autotuning they passed.
     #[serde(default)]
-    pub kernel_sndbuf: Option<bytesize::ByteSize>,
+    pub kernel_sndbuf: Option<RawSizeOrAuto>,
     /// Receive buffer of both sockets of a kernel-forwarded flow (SO_RCVBUF, which the kernel
     /// doubles), e.g. `1MiB`; `0` keeps the kernel's autotuning. It is what a braked direction
     /// holds before TCP's window closes on the sender, and what the daemon copies to hand the
@@ -116,9 +118,8 @@ pub struct RawTune {
     #[serde(default)]
     pub kernel_congestion: Option<String>,
     /// Whether an upgrade moves the kernel-forwarded flows to the new process (with the
-    /// program's maps), instead of leaving them in the old one until they end (default
-    /// `false`: in the tests' VMs the test that moves flows reset one on Linux 6.12 and crashed
-    /// 6.1, which that test's traffic crashed with the move off too; see docs/operations.md).
+    /// program's maps), instead of leaving them in the old one until they end, as HAProxy's
+    /// old processes do (default `true`).
     #[serde(default)]
     pub upgrade_moves_kernel_flows: Option<bool>,
 }
@@ -138,6 +139,15 @@ impl RawCpuList {
             RawCpuList::Text(t) => t.as_str().into(),
         }
     }
+}
+
+/// A size, or the word `auto`: YAML gives a number or a string; anything that is not a size
+/// comes as a word, which validation checks.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSizeOrAuto {
+    Size(bytesize::ByteSize),
+    Word(String),
 }
 
 /// `flow_control:`

@@ -23,7 +23,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.backends[0].connect_timeout, DEFAULT_CONNECT);
     assert_eq!(c.backends[0].servers[0].weight, 3);
     assert!(c.listeners[0].nodelay);
-    assert_eq!(c.kernel_sndbuf, Some(8 << 20));
+    assert_eq!(c.kernel_sndbuf, SendBuffer::Auto);
     assert_eq!(c.max_in_flight, 16 << 20);
 }
 
@@ -79,9 +79,32 @@ fn max_in_flight_is_checked_where_written() {
 #[test]
 fn sizes_parse_with_units() {
     let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 2MiB }}\n{GOOD}")).unwrap();
-    assert_eq!(c.kernel_sndbuf, Some(2 << 20));
+    assert_eq!(c.kernel_sndbuf, SendBuffer::Set(Some(2 << 20)));
     let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: 0 }}\n{GOOD}")).unwrap();
-    assert_eq!(c.kernel_sndbuf, None);
+    assert_eq!(c.kernel_sndbuf, SendBuffer::Set(None));
+}
+
+#[test]
+fn the_send_buffer_is_a_size_or_auto_which_follows_the_kernel() {
+    let c = parse("t.yaml", &format!("tune: {{ kernel_sndbuf: auto }}\n{GOOD}")).unwrap();
+    assert_eq!(c.kernel_sndbuf, SendBuffer::Auto);
+    assert_eq!(
+        only_error(&format!("tune:\n  kernel_sndbuf: lots\n{GOOD}")),
+        "t.yaml:2:18: tune.kernel_sndbuf: `lots` is neither a size (`8MiB`, `0`) nor `auto`"
+    );
+    for (release, want) in [
+        ("6.18.0-1-amd64", Some(8 << 20)),
+        ("6.19", Some(8 << 20)),
+        ("7.0.2", Some(8 << 20)),
+        ("6.12.118+deb13-amd64", None),
+        ("6.1.0-57-amd64", None),
+        ("5.15.0", None),
+        ("", None),
+    ] {
+        assert_eq!(SendBuffer::Auto.on(release), want, "{release}");
+        assert_eq!(SendBuffer::Set(Some(1 << 20)).on(release), Some(1 << 20));
+        assert_eq!(SendBuffer::Set(None).on(release), None);
+    }
 }
 
 #[test]

@@ -20,7 +20,7 @@ use crate::{
     admin,
     affinity::{self, AffinityError, CpuAffinity, CpuList},
     bpf::{BpfError, Kernel},
-    config::{Config, Forwarding, KernelCongestion, DEFAULT_KERNEL_CONGESTION},
+    config::{Config, Forwarding, KernelCongestion, SendBuffer, DEFAULT_KERNEL_CONGESTION},
     forward,
     metrics::{Metrics, PathLabels},
     reload::{Refused, Reloaded},
@@ -210,6 +210,19 @@ async fn serve(
         Some(_) => congestion(&config.kernel_congestion)?,
         None => None,
     };
+    if kernel.is_some() {
+        let release = crate::runtime::kernel_release();
+        match (config.kernel_sndbuf, config.kernel_sndbuf.on(&release)) {
+            (SendBuffer::Auto, None) => tracing::info!(
+                "kernel flows keep autotuned send buffers on Linux {release} (tune.kernel_sndbuf: auto fixes them from 6.18; before, fixed buffers crashed 6.1 and reset flows on 6.12)"
+            ),
+            (_, Some(bytes)) => tracing::info!(
+                "kernel flows' sockets have {} send buffers (tune.kernel_sndbuf)",
+                bytesize::ByteSize::b(bytes.into()).display().iec()
+            ),
+            (_, None) => tracing::info!("kernel flows keep autotuned send buffers (tune.kernel_sndbuf)"),
+        }
+    }
     let ktls = uses_tls(&config).then(crate::tls::ktls::detect);
     match &ktls {
         Some(Ktls::Available(ciphers)) => {

@@ -93,7 +93,8 @@ pub struct Settings {
     pub offload_after: u64,
     /// `flow_control.max_in_flight`.
     pub max_in_flight: u32,
-    /// `tune.kernel_sndbuf`.
+    /// SO_SNDBUF of a kernel flow's sockets, `tune.kernel_sndbuf` on the running kernel;
+    /// `None` keeps autotuning.
     pub kernel_sndbuf: Option<u32>,
     /// SO_RCVBUF for both sockets of every flow when the kernel path is there
     /// (`tune.kernel_rcvbuf`), set before the handshake (on the listening socket, which
@@ -108,13 +109,20 @@ pub struct Settings {
     pub limits: Limits,
 }
 
+/// The running kernel's release (`uname -r`); empty when it cannot be read.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_default()
+}
+
 impl Settings {
     /// The settings of `config`; `kernel`: whether the kernel path is there.
     pub fn of(config: &Config, kernel: bool) -> Settings {
         Settings {
             offload_after: config.offload_after,
             max_in_flight: config.max_in_flight,
-            kernel_sndbuf: config.kernel_sndbuf,
+            kernel_sndbuf: config.kernel_sndbuf.on(&kernel_release()),
             kernel_rcvbuf: config.kernel_rcvbuf.filter(|_| kernel),
             limits: config.limits,
         }
