@@ -246,7 +246,9 @@ async fn bulk_flows_with_stalled_readers_at_the_defaults() {
         m.kernel_bytes(),
         m.user_bytes()
     );
-    // What crashed 6.1 was this traffic with brakes holding bytes: it must still brake.
+    // What crashed 6.1 was this traffic in the kernel, with brakes holding bytes.
+    assert_eq!(m.sum("lb_kernel_fallbacks_total"), 0.0, "{}", m.text);
+    assert!(m.kernel_bytes() > 0.0, "{}", m.text);
     assert!(
         m.get("lb_flow_brakes_total") >= 1.0 && m.get("lb_flow_held_bytes_total") > 0.0,
         "no brake held bytes:\n{}",

@@ -6,7 +6,8 @@
 //!   kernel's TLS after its handshake, and the tests require it (`LB_REQUIRE_KTLS=1`).
 //! - The kernel-path tests (`kernel_path`, `peers`, `offload`, `flow_control`, `http_handoff`,
 //!   `upgrade`, which moves kernel flows between processes) on 6.12 and on 6.1: the sockmap
-//!   path has changed under lb between kernel versions, and this machine runs only one. They must find the BPF path (`LB_REQUIRE_BPF=1`).
+//!   path has changed under lb between kernel versions, and this machine runs only one. They
+//!   must find the BPF path (`LB_REQUIRE_BPF=1`).
 //!
 //! `vm/setup.sh` installs qemu and busybox-static when missing and builds a VM's files in
 //! `target/vm-<kernel>` (idempotent; the apt lists are shared in `target/vm-apt`); `vm/run.sh`

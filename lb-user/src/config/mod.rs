@@ -474,14 +474,18 @@ impl Validator<'_> {
         let kernel_sndbuf = match raw.tune.kernel_sndbuf {
             None => SendBuffer::Auto,
             Some(RawSizeOrAuto::Word(w)) if w == "auto" => SendBuffer::Auto,
-            Some(RawSizeOrAuto::Word(w)) => {
+            Some(RawSizeOrAuto::Size(b)) => SendBuffer::Set(self.socket_buffer("kernel_sndbuf", Some(b), 0)),
+            Some(other) => {
+                let what = match other {
+                    RawSizeOrAuto::Word(w) => format!("`{w}`"),
+                    _ => "this".to_string(),
+                };
                 self.error(
                     &[Step::Key("tune"), Step::Key("kernel_sndbuf")],
-                    format!("tune.kernel_sndbuf: `{w}` is neither a size (`8MiB`, `0`) nor `auto`"),
+                    format!("tune.kernel_sndbuf: {what} is neither a size (`8MiB`, `0`) nor `auto`"),
                 );
                 SendBuffer::Auto
             }
-            Some(RawSizeOrAuto::Size(b)) => SendBuffer::Set(self.socket_buffer("kernel_sndbuf", Some(b), 0)),
         };
         let kernel_rcvbuf =
             self.socket_buffer("kernel_rcvbuf", raw.tune.kernel_rcvbuf, DEFAULT_KERNEL_RCVBUF);

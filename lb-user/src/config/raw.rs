@@ -141,13 +141,15 @@ impl RawCpuList {
     }
 }
 
-/// A size, or the word `auto`: YAML gives a number or a string; anything that is not a size
-/// comes as a word, which validation checks.
+/// A size, or the word `auto`. Whatever is neither (another word, a bool, a list) lands in
+/// `Word` or `Other` rather than failing here, so that validation says so at the value itself
+/// (serde's untagged error would point at the enclosing mapping).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum RawSizeOrAuto {
     Size(bytesize::ByteSize),
     Word(String),
+    Other(serde::de::IgnoredAny),
 }
 
 /// `flow_control:`

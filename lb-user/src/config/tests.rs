@@ -24,6 +24,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.backends[0].servers[0].weight, 3);
     assert!(c.listeners[0].nodelay);
     assert_eq!(c.kernel_sndbuf, SendBuffer::Auto);
+    assert!(c.upgrade_moves_kernel_flows);
     assert_eq!(c.max_in_flight, 16 << 20);
 }
 
@@ -92,10 +93,22 @@ fn the_send_buffer_is_a_size_or_auto_which_follows_the_kernel() {
         only_error(&format!("tune:\n  kernel_sndbuf: lots\n{GOOD}")),
         "t.yaml:2:18: tune.kernel_sndbuf: `lots` is neither a size (`8MiB`, `0`) nor `auto`"
     );
+    for value in ["true", "-1", "[1]", "1.5"] {
+        assert_eq!(
+            only_error(&format!("tune:\n  threads: 2\n  kernel_sndbuf: {value}\n{GOOD}")),
+            "t.yaml:3:18: tune.kernel_sndbuf: this is neither a size (`8MiB`, `0`) nor `auto`",
+            "{value}"
+        );
+    }
     for (release, want) in [
         ("6.18.0-1-amd64", Some(8 << 20)),
+        ("6.18-rc1", Some(8 << 20)),
         ("6.19", Some(8 << 20)),
         ("7.0.2", Some(8 << 20)),
+        ("10.0", Some(8 << 20)),
+        ("6.2.0", None),
+        ("v6.18", None),
+        ("garbage", None),
         ("6.12.118+deb13-amd64", None),
         ("6.1.0-57-amd64", None),
         ("5.15.0", None),

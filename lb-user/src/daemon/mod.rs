@@ -90,6 +90,31 @@ fn congestion(setting: &KernelCongestion) -> Result<Option<String>, StartError> 
     Ok(name)
 }
 
+/// Says once in the log which send buffers kernel flows get (`tune.kernel_sndbuf`) on the
+/// running kernel, with a warning for a fixed one where `auto` would not fix it.
+fn send_buffers(setting: SendBuffer) {
+    let release = crate::runtime::kernel_release();
+    let on = if release.is_empty() {
+        "this kernel (its release is unreadable)".to_string()
+    } else {
+        format!("Linux {release}")
+    };
+    match (setting, setting.on(&release)) {
+        (SendBuffer::Auto, None) => tracing::info!(
+            "kernel flows keep autotuned send buffers on {on} (tune.kernel_sndbuf: auto fixes them from 6.18 on)"
+        ),
+        (SendBuffer::Set(_), Some(bytes)) if bytes >= 2 << 20 && SendBuffer::Auto.on(&release).is_none() => tracing::warn!(
+            "kernel flows' sockets have fixed {} send buffers (tune.kernel_sndbuf) on {on}: before 6.18, fixed send buffers of 2 MiB and more crashed Debian's 6.1 and reset flows on 6.12 under braked bulk traffic; `auto` keeps autotuning there",
+            bytesize::ByteSize::b(bytes.into()).display().iec()
+        ),
+        (_, Some(bytes)) => tracing::info!(
+            "kernel flows' sockets have fixed {} send buffers (tune.kernel_sndbuf)",
+            bytesize::ByteSize::b(bytes.into()).display().iec()
+        ),
+        (_, None) => tracing::info!("kernel flows keep autotuned send buffers (tune.kernel_sndbuf)"),
+    }
+}
+
 /// The CPU each session worker is bound to (`tune.cpu_affinity`), said once in the log.
 fn worker_cpus(config: &Config) -> Result<Vec<Option<usize>>, AffinityError> {
     let allowed = match config.cpu_affinity {
@@ -211,17 +236,7 @@ async fn serve(
         None => None,
     };
     if kernel.is_some() {
-        let release = crate::runtime::kernel_release();
-        match (config.kernel_sndbuf, config.kernel_sndbuf.on(&release)) {
-            (SendBuffer::Auto, None) => tracing::info!(
-                "kernel flows keep autotuned send buffers on Linux {release} (tune.kernel_sndbuf: auto fixes them from 6.18; before, fixed buffers crashed 6.1 and reset flows on 6.12)"
-            ),
-            (_, Some(bytes)) => tracing::info!(
-                "kernel flows' sockets have {} send buffers (tune.kernel_sndbuf)",
-                bytesize::ByteSize::b(bytes.into()).display().iec()
-            ),
-            (_, None) => tracing::info!("kernel flows keep autotuned send buffers (tune.kernel_sndbuf)"),
-        }
+        send_buffers(config.kernel_sndbuf);
     }
     let ktls = uses_tls(&config).then(crate::tls::ktls::detect);
     match &ktls {

@@ -110,7 +110,7 @@ pub struct Settings {
 }
 
 /// The running kernel's release (`uname -r`); empty when it cannot be read.
-pub fn kernel_release() -> String {
+pub(crate) fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|r| r.trim().to_owned())
         .unwrap_or_default()

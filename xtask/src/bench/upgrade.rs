@@ -59,6 +59,7 @@ pub fn measure(env: &Env, flows: u64, upgrades: usize) -> Result<Vec<UpgradeRun>
         &conf,
         format!(
             "forwarding: {{ mode: kernel, offload_after: 0 }}
+tune: {{ upgrade_moves_kernel_flows: true }}
 admin: {{ listen: 127.0.0.1:{ADMIN_PORT} }}
 timeouts: {{ client: 10m, server: 10m }}
 listeners:
