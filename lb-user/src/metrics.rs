@@ -79,8 +79,8 @@ pub struct HandoffLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
     /// `ended` (a side had already ended its stream: the kernel takes only ESTABLISHED
-    /// sockets), `no_slot` (every control slot in use) or `map_full` (the SOCKHASH insert
-    /// failed).
+    /// sockets), `no_slot` (every control slot in use), `map_full` (the SOCKHASH insert
+    /// failed) or `moving` (an upgrade was moving the kernel flows to a new process).
     pub reason: &'static str,
 }
 
@@ -411,7 +411,7 @@ impl Metrics {
         );
         r.register(
             "lb_kernel_fallbacks",
-            "Flows the kernel would not take, forwarded in userspace, by reason (ended: a side had already ended its stream; no_slot, map_full: the BPF maps were full)",
+            "Flows the kernel would not take, forwarded in userspace, by reason (ended: a side had already ended its stream; no_slot, map_full: the BPF maps were full; moving: an upgrade was moving the kernel flows)",
             m.kernel_fallbacks.clone(),
         );
         r.register(

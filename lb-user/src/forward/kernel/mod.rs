@@ -38,7 +38,7 @@ use direction::Start;
 
 use super::{ByteCounters, Directions, End, Side, Timeouts, Totals, Unsent};
 use crate::{
-    bpf::{Kernel, Tracked, Watch},
+    bpf::{Kernel, TrackError, Tracked, Watch},
     sockopt,
 };
 
@@ -352,6 +352,8 @@ pub enum Ineligible {
     Ended,
     /// Every control slot was in use.
     NoSlot,
+    /// An upgrade was moving the kernel flows to a new process.
+    Moving,
     /// A SOCKHASH insert failed (the map was full).
     MapFull,
 }
@@ -361,6 +363,7 @@ impl Ineligible {
         match self {
             Ineligible::Ended => "ended",
             Ineligible::NoSlot => "no_slot",
+            Ineligible::Moving => "moving",
             Ineligible::MapFull => "map_full",
         }
     }
@@ -604,13 +607,19 @@ fn set_up<'k, 'c>(
         // A direction with unsent bytes is held until the daemon has written them: the
         // program must not redirect newer bytes ahead of them.
         let redirect = directions.dropped() != Some(side) && unsent.of(side).is_empty();
-        kernel
-            .track(cookie, settings.max_in_flight, redirect)
-            .map_err(|e| io::Error::other(e.to_string()))
+        Ok::<_, io::Error>(kernel.track(cookie, settings.max_in_flight, redirect))
     });
-    let [Ok(c_tracked), Ok(s_tracked)] = tracked else {
-        tracing::debug!("flow stays in userspace: no control slot");
-        return Ok(Err((Ineligible::NoSlot, client, server)));
+    let [c_tracked, s_tracked] = tracked;
+    let (c_tracked, s_tracked) = match (c_tracked?, s_tracked?) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!("flow stays in userspace: {e}");
+            let why = match e {
+                TrackError::Moving => Ineligible::Moving,
+                TrackError::Full | TrackError::Map(_) => Ineligible::NoSlot,
+            };
+            return Ok(Err((why, client, server)));
+        }
     };
     let ends = [
         (client, c_tracked, c_progress, unsent.of(Side::Server).len()),
