@@ -386,6 +386,49 @@ async fn flows_stay_in_the_old_process(another_program: bool) {
     servers::echo_round_trip(&mut fresh, b"after the old process left").await;
 }
 
+/// Flows moved in by an upgrade take their listener's `maxconn` slots in the new process: with
+/// `maxconn: 2` and two kernel flows moved, a third client waits until one of them ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_flows_count_against_the_listener_maxconn() {
+    if !bpf_available("moved_flows_count_against_the_listener_maxconn") {
+        return;
+    }
+    let echo = servers::echo().await;
+    let lb = LbBuilder::new(&[echo])
+        .forwarding("kernel")
+        .offload_after("0")
+        .listener_yaml("    maxconn: 2\n")
+        .spawn();
+    let mut successors = Successors(Vec::new());
+    let mut first = TcpStream::connect(lb.listener).await.unwrap();
+    let mut second = TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut first, b"one").await;
+    servers::echo_round_trip(&mut second, b"two").await;
+    lb.wait_for("both flows in the kernel", |m| m.get("lb_kernel_flows") >= 2.0)
+        .await;
+    let pid = upgrade(lb.admin, &mut successors).await;
+    let (_, stats) = serving(lb.admin).await;
+    let detail = stats["process"]["last_upgrade"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(detail.contains(" 2 kernel flow(s) moved in"), "{stats}");
+    servers::echo_round_trip(&mut first, b"moved").await;
+    // The new process has no slot left: the third client's bytes wait unserved.
+    let mut third = TcpStream::connect(lb.listener).await.unwrap();
+    third.write_all(b"three").await.unwrap();
+    let mut buf = [0u8; 5];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read_exact(&mut buf)).await;
+    assert!(early.is_err(), "served beyond maxconn 2 in process {pid}");
+    // One moved flow ends: its slot serves the third.
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(10), third.read_exact(&mut buf))
+        .await
+        .expect("the third client was not served once a moved flow ended")
+        .unwrap();
+    assert_eq!(&buf, b"three");
+    servers::echo_round_trip(&mut second, b"still moved").await;
+}
+
 /// SIGUSR2 upgrades as `lb upgrade` does.
 #[tokio::test]
 async fn sigusr2_upgrades() {

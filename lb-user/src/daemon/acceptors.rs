@@ -42,6 +42,8 @@ struct Loop {
     /// The socket's descriptor (owned by the loop's task, open while it runs).
     fd: std::os::fd::RawFd,
     listener: watch::Sender<Arc<ListenerRt>>,
+    /// The loop's `maxconn` slots, which flows moved in by an upgrade take too.
+    slots: Arc<Semaphore>,
     /// Cancelled when a reload leaves the socket without a listener.
     removed: CancellationToken,
     task: JoinHandle<()>,
@@ -174,12 +176,15 @@ impl Acceptors {
             if l.tls.is_some() { " over TLS" } else { "" },
             listener.default_backend().config.name
         );
+        let slots = Slots::new(l.maxconn);
+        let semaphore = slots.semaphore.clone();
         let (sender, receiver) = watch::channel(listener);
         let removed = CancellationToken::new();
         let fd = listening.raw_fd();
         let task = tokio::spawn(accept_loop(
             receiver,
             listening,
+            slots,
             self.workers.clone(),
             Ends {
                 stop: self.stop.clone(),
@@ -192,6 +197,7 @@ impl Acceptors {
             socket,
             fd,
             listener: sender,
+            slots: semaphore,
             removed,
             task,
         }
@@ -207,6 +213,14 @@ impl Acceptors {
         adopted: bool,
     ) {
         let abort = self.abort.clone();
+        // The flow takes one of its listener's `maxconn` slots, so that new connections wait
+        // for it as for any other. A flow that finds none (more moved in than the limit now
+        // allows) goes on all the same, slotless: it gives nothing back when it ends.
+        let permit = self
+            .loops
+            .iter()
+            .find(|lp| lp.listener.borrow().config.name == listener.config.name)
+            .and_then(|lp| lp.slots.clone().try_acquire_owned().ok());
         let session = async move {
             let active = listener.active.clone();
             active.inc();
@@ -215,6 +229,7 @@ impl Acceptors {
                 _ = abort.cancelled() => {}
             }
             active.dec();
+            drop(permit);
         };
         self.sessions.spawn_on(session, self.workers.next());
     }
@@ -279,11 +294,12 @@ impl Slots {
 async fn accept_loop(
     mut listener: watch::Receiver<Arc<ListenerRt>>,
     socket: Listening,
+    mut slots: Slots,
     workers: Arc<Workers>,
     ends: Ends,
     sessions: TaskTracker,
 ) {
-    let mut slots = Slots::new(listener.borrow_and_update().config.maxconn);
+    listener.borrow_and_update();
     loop {
         let permit = tokio::select! {
             biased;
