@@ -429,6 +429,46 @@ async fn moved_flows_count_against_the_listener_maxconn() {
     servers::echo_round_trip(&mut second, b"still moved").await;
 }
 
+/// The process an upgrade started shows the eBPF program's log records (it took the program
+/// over without the old process's handle to its log buffer): once the old one has left, a
+/// kernel flow's end (the program drops its bare FIN, at debug level) is in the log again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_new_process_shows_the_programs_log_records() {
+    if !bpf_available("the_new_process_shows_the_programs_log_records") {
+        return;
+    }
+    const RECORD: &str = "zero-length skb (FIN) on socket cookie";
+    let echo = servers::echo().await;
+    let mut lb = LbBuilder::new(&[echo])
+        .forwarding("kernel")
+        .offload_after("0")
+        .log_filter("info,lb_ebpf=debug")
+        .spawn();
+    let mut successors = Successors(Vec::new());
+    upgrade(lb.admin, &mut successors).await;
+    assert!(
+        lb.exited_within(lb_tests::slack(Duration::from_secs(1)))
+            .await
+            .is_some(),
+        "the old process was still there 1 s after the upgrade"
+    );
+    let before = lb.log().matches(RECORD).count();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    servers::echo_round_trip(&mut c, b"a flow in the new process").await;
+    lb.wait_for("the flow in the kernel", |m| m.get("lb_kernel_flows") >= 1.0)
+        .await;
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    for _ in 0..250 {
+        if lb.log().matches(RECORD).count() > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no program log record from the new process:\n{}", lb.log());
+}
+
 /// SIGUSR2 upgrades as `lb upgrade` does.
 #[tokio::test]
 async fn sigusr2_upgrades() {

@@ -209,8 +209,10 @@ impl Kernel {
             let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
             MapData::from_fd(owned).map_err(|e| BpfError::Map(name, e))
         };
-        let socks: SockHash<MapData, u64> = SockHash::try_from(Map::SockHash(data(fds.socks, SOCKS_MAP)?))
-            .map_err(|e| BpfError::Map(SOCKS_MAP, e))?;
+        let socks = data(fds.socks, SOCKS_MAP)?;
+        adopt_log(&socks);
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(Map::SockHash(socks)).map_err(|e| BpfError::Map(SOCKS_MAP, e))?;
         let slots: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(data(fds.slots, SLOTS_MAP)?))
             .map_err(|e| BpfError::Map(SLOTS_MAP, e))?;
         let ctl_map = data(fds.ctl, FLOW_CTL_MAP)?;
@@ -530,6 +532,25 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// Reads the log records of the program an upgrade handed over: the loaded `lb_verdict` that
+/// uses `socks` (the old process's Ebpf object, which knew its log map, stays behind).
+fn adopt_log(socks: &MapData) {
+    let found = socks.info().ok().and_then(|map| {
+        aya::programs::loaded_programs().flatten().find(|p| {
+            p.name_as_str() == Some(VERDICT_PROG)
+                && p.map_ids()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|ids| ids.contains(&map.id()))
+        })
+    });
+    match found.map(|p| aya_log::EbpfLogger::init_from_id(p.id())) {
+        Some(Ok(logger)) => spawn_log_reader(logger),
+        Some(Err(e)) => tracing::warn!("eBPF log messages will not be shown: {e}"),
+        None => tracing::warn!("eBPF log messages will not be shown: the handed-over program was not found"),
     }
 }
 
