@@ -443,6 +443,7 @@ async fn the_new_process_shows_the_programs_log_records() {
         .forwarding("kernel")
         .offload_after("0")
         .log_filter("info,lb_ebpf=debug")
+        .set("tune", "upgrade_moves_kernel_flows", "true")
         .spawn();
     let mut successors = Successors(Vec::new());
     upgrade(lb.admin, &mut successors).await;

@@ -106,6 +106,9 @@ pub struct Kernel {
     resuming: AtomicI64,
     /// The most bytes one flow direction had inside lb at once, as the daemon saw them.
     most_in_flight: AtomicU64,
+    /// Pauses the reader of the program's log records (`true`) while an upgrade's new process
+    /// reads them: one reader at a time, or each would log them and move the other's place.
+    log: Option<tokio::sync::watch::Sender<bool>>,
     /// The program's event reader, while it runs ([`Kernel::pause_events`]).
     reader: Mutex<Option<events::Reader>>,
     /// The ring buffer while no reader runs.
@@ -168,10 +171,13 @@ impl Kernel {
             .override_global(COPIED_SEQ_OFFSET_GLOBAL, &offsets.copied_seq, true)
             .override_global(SKB_SEQ_OFFSET_GLOBAL, &offsets.skb_seq, true)
             .load(OBJECT)?;
-        match aya_log::EbpfLogger::init(&mut ebpf) {
+        let log = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_reader(logger),
-            Err(e) => tracing::warn!("eBPF log messages will not be shown: {e}"),
-        }
+            Err(e) => {
+                tracing::warn!("eBPF log messages will not be shown: {e}");
+                None
+            }
+        };
         let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
         let socks: SockHash<MapData, u64> =
             SockHash::try_from(take(&mut ebpf, SOCKS_MAP)?).map_err(|e| BpfError::Map(SOCKS_MAP, e))?;
@@ -197,7 +203,7 @@ impl Kernel {
         // resident for the daemon's whole life.
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe { libc::malloc_trim(0) };
-        Kernel::with(socks, slots, ctl_map, ctl, ring, stats, Some(ebpf))
+        Kernel::with(socks, slots, ctl_map, ctl, ring, stats, log, Some(ebpf))
     }
 
     /// Takes over the maps (and through the SOCKHASH the attached program) another lb
@@ -210,7 +216,7 @@ impl Kernel {
             MapData::from_fd(owned).map_err(|e| BpfError::Map(name, e))
         };
         let socks = data(fds.socks, SOCKS_MAP)?;
-        adopt_log(&socks);
+        let log = adopt_log(&socks);
         let socks: SockHash<MapData, u64> =
             SockHash::try_from(Map::SockHash(socks)).map_err(|e| BpfError::Map(SOCKS_MAP, e))?;
         let slots: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(data(fds.slots, SLOTS_MAP)?))
@@ -223,7 +229,7 @@ impl Kernel {
         let stats: PerCpuArray<MapData, CpuStats> =
             PerCpuArray::try_from(Map::PerCpuArray(data(fds.stats, CPU_STATS_MAP)?))
                 .map_err(|e| BpfError::Map(CPU_STATS_MAP, e))?;
-        Kernel::with(socks, slots, ctl_map, ctl, ring, stats, None)
+        Kernel::with(socks, slots, ctl_map, ctl, ring, stats, log, None)
     }
 
     fn with(
@@ -233,6 +239,7 @@ impl Kernel {
         ctl: Arc<CtlArray>,
         ring: RingBuf<MapData>,
         stats: PerCpuArray<MapData, CpuStats>,
+        log: Option<tokio::sync::watch::Sender<bool>>,
         ebpf: Option<Ebpf>,
     ) -> Result<Kernel, BpfError> {
         let fds = MapFds {
@@ -260,6 +267,7 @@ impl Kernel {
             moved: AtomicU64::new(0),
             resuming: AtomicI64::new(0),
             most_in_flight: AtomicU64::new(0),
+            log,
             reader: Mutex::new(Some(reader)),
             paused: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -291,6 +299,9 @@ impl Kernel {
     /// Stops reading the program's events (the new process of an upgrade reads them from
     /// now on; events meanwhile wait in the ring buffer).
     pub async fn pause_events(&self) {
+        if let Some(log) = &self.log {
+            log.send_replace(true);
+        }
         let reader = lock(&self.reader).take();
         if let Some(reader) = reader {
             *lock(&self.paused) = reader.stop().await;
@@ -299,6 +310,9 @@ impl Kernel {
 
     /// Reads the program's events again (an upgrade that failed).
     pub fn resume_events(&self) -> std::io::Result<()> {
+        if let Some(log) = &self.log {
+            log.send_replace(false);
+        }
         let Some(ring) = lock(&self.paused).take() else {
             return Ok(());
         };
@@ -536,43 +550,71 @@ fn raise_memlock_limit() {
 }
 
 /// Reads the log records of the program an upgrade handed over: the loaded `lb_verdict` that
-/// uses `socks` (the old process's Ebpf object, which knew its log map, stays behind).
-fn adopt_log(socks: &MapData) {
-    let found = socks.info().ok().and_then(|map| {
-        aya::programs::loaded_programs().flatten().find(|p| {
-            p.name_as_str() == Some(VERDICT_PROG)
-                && p.map_ids()
-                    .ok()
-                    .flatten()
-                    .is_some_and(|ids| ids.contains(&map.id()))
-        })
+/// uses `socks` (the old process's Ebpf object, which knew its log map, stays behind). Listing
+/// loaded programs and opening one's map by id takes CAP_SYS_ADMIN, which the systemd unit
+/// does not grant: there the records are not shown after an upgrade, and the log says so.
+fn adopt_log(socks: &MapData) -> Option<tokio::sync::watch::Sender<bool>> {
+    let found = socks.info().map_err(|e| e.to_string()).and_then(|map| {
+        for p in aya::programs::loaded_programs() {
+            let p = p.map_err(|e| format!("cannot list the loaded programs (CAP_SYS_ADMIN?): {e}"))?;
+            let uses = p
+                .map_ids()
+                .ok()
+                .flatten()
+                .is_some_and(|ids| ids.contains(&map.id()));
+            if p.name_as_str() == Some(VERDICT_PROG) && uses {
+                return Ok(p.id());
+            }
+        }
+        Err("the handed-over program was not found".to_string())
     });
-    match found.map(|p| aya_log::EbpfLogger::init_from_id(p.id())) {
-        Some(Ok(logger)) => spawn_log_reader(logger),
-        Some(Err(e)) => tracing::warn!("eBPF log messages will not be shown: {e}"),
-        None => tracing::warn!("eBPF log messages will not be shown: the handed-over program was not found"),
-    }
+    let why = match found.map(|id| aya_log::EbpfLogger::init_from_id(id).map_err(|e| e.to_string())) {
+        Ok(Ok(logger)) => return spawn_log_reader(logger),
+        Ok(Err(e)) | Err(e) => e,
+    };
+    tracing::warn!("eBPF log messages will not be shown after this upgrade: {why}");
+    None
 }
 
 /// Forwards the program's aya-log records (a ring buffer) to the `log` crate, which
 /// tracing-subscriber shows with the daemon's own messages.
-fn spawn_log_reader<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogger<T>) {
+/// Returns the reader's pause switch.
+fn spawn_log_reader<T: log::Log + Send + 'static>(
+    logger: aya_log::EbpfLogger<T>,
+) -> Option<tokio::sync::watch::Sender<bool>> {
     // SAFETY: the logger owns its ring buffer fd, which stays open until the AsyncFd drops it.
     let fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!("eBPF log messages will not be shown: {e}");
-            return;
+            return None;
         }
     };
+    let (pause, mut paused) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut fd = fd;
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
+            if *paused.borrow_and_update() {
+                if paused.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                ready = fd.readable_mut() => {
+                    let Ok(mut guard) = ready else {
+                        return;
+                    };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                changed = paused.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
         }
     });
+    Some(pause)
 }

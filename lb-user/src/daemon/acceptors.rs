@@ -299,7 +299,6 @@ async fn accept_loop(
     ends: Ends,
     sessions: TaskTracker,
 ) {
-    listener.borrow_and_update();
     loop {
         let permit = tokio::select! {
             biased;

@@ -603,21 +603,22 @@ fn set_up<'k, 'c>(
         }
     }
     let tracked = [(&client, Side::Client), (&server, Side::Server)].map(|(s, side)| {
-        let cookie = sockopt::cookie(s.as_fd())?;
+        // (A socket whose cookie cannot be read stays in userspace, counted as no slot.)
+        let cookie = sockopt::cookie(s.as_fd()).map_err(|e| (Ineligible::NoSlot, e.to_string()))?;
         // A direction with unsent bytes is held until the daemon has written them: the
         // program must not redirect newer bytes ahead of them.
         let redirect = directions.dropped() != Some(side) && unsent.of(side).is_empty();
-        Ok::<_, io::Error>(kernel.track(cookie, settings.max_in_flight, redirect))
+        kernel
+            .track(cookie, settings.max_in_flight, redirect)
+            .map_err(|e| match e {
+                TrackError::Moving => (Ineligible::Moving, e.to_string()),
+                TrackError::Full | TrackError::Map(_) => (Ineligible::NoSlot, e.to_string()),
+            })
     });
-    let [c_tracked, s_tracked] = tracked;
-    let (c_tracked, s_tracked) = match (c_tracked?, s_tracked?) {
-        (Ok(c), Ok(s)) => (c, s),
-        (Err(e), _) | (_, Err(e)) => {
+    let (c_tracked, s_tracked) = match tracked {
+        [Ok(c), Ok(s)] => (c, s),
+        [Err((why, e)), _] | [_, Err((why, e))] => {
             tracing::debug!("flow stays in userspace: {e}");
-            let why = match e {
-                TrackError::Moving => Ineligible::Moving,
-                TrackError::Full | TrackError::Map(_) => Ineligible::NoSlot,
-            };
             return Ok(Err((why, client, server)));
         }
     };
