@@ -5,7 +5,8 @@
 //!   (CONFIG_TLS off), Debian's has; there every client session lb terminates is handed to the
 //!   kernel's TLS after its handshake, and the tests require it (`LB_REQUIRE_KTLS=1`).
 //! - The kernel-path tests (`kernel_path`, `peers`, `offload`, `flow_control`, `http_handoff`,
-//!   `upgrade`, which moves kernel flows between processes) on 6.12 and on 6.1: the sockmap
+//!   `upgrade`, which moves kernel flows between processes, and `reload`, whose load test
+//!   reloads and upgrades under wrk and 100 kernel streams) on 6.12 and on 6.1: the sockmap
 //!   path has changed under lb between kernel versions, and this machine runs only one. They
 //!   must find the BPF path (`LB_REQUIRE_BPF=1`).
 //!
@@ -14,8 +15,8 @@
 //! runs one command in a VM: KVM where it works, software emulation (TCG) otherwise, as here and
 //! in CI. Under TCG a byte costs some fifty times the CPU it costs here, so the kernel-path
 //! tests run with `LB_TEST_SCALE` (their transfers divided by it, their tight time bounds
-//! multiplied). Each kernel's tests take one VM boot: here about five minutes on 6.12 (with the
-//! TLS tests) and four on 6.1.
+//! multiplied). Each kernel's tests take one VM boot: here about seven and a half minutes on
+//! 6.12 (with the TLS tests) and six and a half on 6.1.
 use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -25,13 +26,14 @@ use crate::{root, run_cmd};
 /// The TLS targets, run with `LB_REQUIRE_KTLS=1` on the kernel that has kTLS.
 const TLS_TARGETS: [&str; 2] = ["tls", "http_mode"];
 /// The targets whose tests forward through the sockmap.
-const KERNEL_PATH_TARGETS: [&str; 6] = [
+const KERNEL_PATH_TARGETS: [&str; 7] = [
     "kernel_path",
     "peers",
     "offload",
     "flow_control",
     "http_handoff",
     "upgrade",
+    "reload",
 ];
 /// `LB_TEST_SCALE` of the kernel-path tests in a VM (`lb_tests::scale`): sized for TCG on two
 /// CPUs, where a paced reader's 100 MB/s was out of reach (about 13 MB/s per flow).
