@@ -232,6 +232,9 @@ impl Kernel {
         Kernel::with(socks, slots, ctl_map, ctl, ring, stats, log, None)
     }
 
+    // The maps of a loaded or an adopted program, each typed, and the log reader's switch: a
+    // struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     fn with(
         socks: SockHash<MapData, u64>,
         slots: HashMap<MapData, u64, u32>,
