@@ -21,6 +21,7 @@ pub mod forward;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod proxy_header;
 pub mod reload;
 pub mod runtime;
 pub mod session;

@@ -1,0 +1,239 @@
+//! The PROXY protocol header (HAProxy's proxy-protocol.txt, v1 text and v2 binary): what a
+//! trusted load balancer in front of lb writes before its client's bytes, and what lb writes
+//! before its own towards a server. The accept stage reads it (`listeners[].accept_proxy`), the
+//! connect stage writes it (`backends[].send_proxy`).
+//!
+//! The `ppp` crate parses and builds the headers. This module frames them first, because
+//! fuzzing ppp 2.3.0 found its v1 parser unsafe on partial input: a valid line cut after the
+//! source port was a terminal error, complete lines stayed "incomplete", a bare LF ended a
+//! header (counting payload as header) and `addresses_str` panicked. So the version comes from
+//! the signature here, a v1 line is cut at its CRLF here and handed whole to ppp, and v2's
+//! length, family byte and TLVs are checked here. "Incomplete" is not an error: [`parse`]
+//! says how many bytes the header takes once it is all there.
+use std::net::SocketAddr;
+
+#[cfg(test)]
+mod tests;
+
+/// The longest v1 header, CRLF included (the specification's 107).
+pub const V1_MAX: usize = 107;
+/// The v2 signature.
+pub const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// The longest v2 header lb takes: the 16 fixed bytes, the largest address block (AF_UNIX,
+/// 216 bytes) and 4 KiB of TLVs (ALPN, authority, SSL and the like). The length field allows
+/// 64 KiB, which a peer could use to make lb buffer that much before the first byte.
+pub const V2_MAX: usize = 16 + 216 + 4096;
+const V1_PREFIX: &[u8] = b"PROXY ";
+/// v2 address family and transport bytes the specification defines (UNSPEC, TCP and UDP
+/// over IPv4, IPv6 and UNIX); ppp also lets 0x01 and 0x10 through.
+const V2_FAMILIES: [u8; 7] = [0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32];
+const TLV_ALPN: u8 = 0x01;
+const TLV_AUTHORITY: u8 = 0x02;
+const TLV_SSL: u8 = 0x20;
+
+/// Which header to write (`send_proxy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// A complete header at the start of a connection's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Bytes it takes: the client's own bytes start after them.
+    pub len: usize,
+    pub version: Version,
+    /// The client and the address it reached, as the sender saw them; `None` for a v2 LOCAL
+    /// header (the sender's own health check), v1 `UNKNOWN` or a v2 family other than IP:
+    /// the connection's own addresses stand.
+    pub addresses: Option<(SocketAddr, SocketAddr)>,
+    /// v2 TLVs lb uses: the client's ALPN and TLS server name, and whether it came over TLS.
+    pub alpn: Option<Vec<u8>>,
+    pub authority: Option<String>,
+    pub ssl: bool,
+}
+
+/// What the bytes so far hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// A header may still come: read more (within the listener's limits).
+    Incomplete,
+    Complete(Header),
+}
+
+/// Why the bytes are no acceptable header (the connection is closed, counted by reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("no PROXY protocol signature")]
+    Missing,
+    #[error("PROXY header longer than {0} bytes")]
+    TooLong(usize),
+    #[error("malformed PROXY header: {0}")]
+    Malformed(String),
+}
+
+impl HeaderError {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HeaderError::Missing => "missing",
+            HeaderError::TooLong(_) => "too_long",
+            HeaderError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Checks the bytes read so far for a header: incomplete, complete (with its length) or not
+/// acceptable. Never reads past the header, never panics.
+pub fn parse(buf: &[u8]) -> Result<Parsed, HeaderError> {
+    if buf.starts_with(V2_SIGNATURE) {
+        return parse_v2(buf);
+    }
+    if buf.starts_with(V1_PREFIX) {
+        return parse_v1(buf);
+    }
+    // Shorter than either prefix and a start of one of them.
+    if V2_SIGNATURE.starts_with(buf) || V1_PREFIX.starts_with(buf) {
+        return Ok(Parsed::Incomplete);
+    }
+    Err(HeaderError::Missing)
+}
+
+fn malformed(e: impl std::fmt::Display) -> HeaderError {
+    HeaderError::Malformed(e.to_string())
+}
+
+fn parse_v1(buf: &[u8]) -> Result<Parsed, HeaderError> {
+    let window = &buf[..buf.len().min(V1_MAX)];
+    let Some(lf) = window.iter().position(|&b| b == b'\n') else {
+        return if buf.len() >= V1_MAX {
+            Err(HeaderError::TooLong(V1_MAX))
+        } else {
+            Ok(Parsed::Incomplete)
+        };
+    };
+    if lf == 0 || window[lf - 1] != b'\r' {
+        return Err(malformed("v1 line not ended by CRLF"));
+    }
+    let line = &window[..=lf];
+    // Only CR before the LF; a sign before a port is not a port.
+    if line[..lf - 1].iter().any(|&b| b == b'\r' || b == b'+') {
+        return Err(malformed("v1 line with a stray CR or a signed number"));
+    }
+    let header = ppp::v1::Header::try_from(line).map_err(malformed)?;
+    let addresses = match header.addresses {
+        ppp::v1::Addresses::Tcp4(a) => Some((
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        )),
+        ppp::v1::Addresses::Tcp6(a) => Some((
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        )),
+        ppp::v1::Addresses::Unknown => None,
+    };
+    Ok(Parsed::Complete(Header {
+        len: line.len(),
+        version: Version::V1,
+        addresses,
+        alpn: None,
+        authority: None,
+        ssl: false,
+    }))
+}
+
+fn parse_v2(buf: &[u8]) -> Result<Parsed, HeaderError> {
+    if buf.len() < 16 {
+        return Ok(Parsed::Incomplete);
+    }
+    if !V2_FAMILIES.contains(&buf[13]) {
+        return Err(malformed(format!(
+            "v2 address family and protocol byte {:#04x}",
+            buf[13]
+        )));
+    }
+    let total = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    if total > V2_MAX {
+        return Err(HeaderError::TooLong(V2_MAX));
+    }
+    if buf.len() < total {
+        return Ok(Parsed::Incomplete);
+    }
+    let header = ppp::v2::Header::try_from(&buf[..total]).map_err(malformed)?;
+    if header.len() != total {
+        return Err(malformed("v2 length disagrees with its addresses"));
+    }
+    let (mut alpn, mut authority, mut ssl) = (None, None, false);
+    for tlv in header.tlvs() {
+        let tlv = tlv.map_err(malformed)?;
+        match tlv.kind {
+            TLV_ALPN => alpn = Some(tlv.value.to_vec()),
+            TLV_AUTHORITY => {
+                let name =
+                    std::str::from_utf8(&tlv.value).map_err(|_| malformed("v2 authority is not UTF-8"))?;
+                authority = Some(name.to_owned());
+            }
+            // The client field's first bit: the client connected over SSL/TLS.
+            TLV_SSL => ssl = tlv.value.first().is_some_and(|c| c & 0x01 != 0),
+            _ => {}
+        }
+    }
+    let addresses = match (header.command, header.addresses) {
+        (ppp::v2::Command::Local, _) => None,
+        (_, ppp::v2::Addresses::IPv4(a)) => Some((
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        )),
+        (_, ppp::v2::Addresses::IPv6(a)) => Some((
+            SocketAddr::from((a.source_address, a.source_port)),
+            SocketAddr::from((a.destination_address, a.destination_port)),
+        )),
+        (_, ppp::v2::Addresses::Unix(_) | ppp::v2::Addresses::Unspecified) => None,
+    };
+    Ok(Parsed::Complete(Header {
+        len: total,
+        version: Version::V2,
+        addresses,
+        alpn,
+        authority,
+        ssl,
+    }))
+}
+
+/// The header lb writes before a flow's first byte towards a server: the client's address
+/// and the one it reached; for v2 also the ALPN and server name lb saw when it terminated TLS
+/// (each at most 255 bytes, else left out). A v1 header between an IPv4 and an IPv6 address
+/// says `UNKNOWN` (v1 has no mixed family); v2 gives the IPv4 side as IPv4-mapped IPv6.
+pub fn encode(
+    version: Version,
+    client: SocketAddr,
+    local: SocketAddr,
+    alpn: Option<&[u8]>,
+    authority: Option<&str>,
+) -> std::io::Result<Vec<u8>> {
+    if version == Version::V1 {
+        return Ok(ppp::v1::Addresses::from((client, local)).to_string().into_bytes());
+    }
+    let mapped = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+        v6 => v6,
+    };
+    let pair = match (client, local) {
+        (SocketAddr::V4(_), SocketAddr::V6(_)) | (SocketAddr::V6(_), SocketAddr::V4(_)) => {
+            (mapped(client), mapped(local))
+        }
+        same => same,
+    };
+    let mut builder = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        pair,
+    );
+    for (kind, value) in [(TLV_ALPN, alpn), (TLV_AUTHORITY, authority.map(str::as_bytes))] {
+        if let Some(v) = value.filter(|v| !v.is_empty() && v.len() <= 255) {
+            builder = builder.write_tlv(kind, v)?;
+        }
+    }
+    builder.build()
+}
