@@ -117,6 +117,19 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, HeaderError> {
         return Err(malformed("v1 line not ended by CRLF"));
     }
     let line = &window[..=lf];
+    // UNKNOWN: the receiver ignores the rest of the line, whatever it holds.
+    if let Some(rest) = line.strip_prefix(b"PROXY UNKNOWN") {
+        if rest.starts_with(b" ") || rest == b"\r\n" {
+            return Ok(Parsed::Complete(Header {
+                len: line.len(),
+                version: Version::V1,
+                addresses: None,
+                alpn: None,
+                authority: None,
+                ssl: false,
+            }));
+        }
+    }
     // Only CR before the LF; a sign before a port is not a port.
     if line[..lf - 1].iter().any(|&b| b == b'\r' || b == b'+') {
         return Err(malformed("v1 line with a stray CR or a signed number"));
@@ -147,7 +160,14 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, HeaderError> {
     if buf.len() < 16 {
         return Ok(Parsed::Incomplete);
     }
-    if !V2_FAMILIES.contains(&buf[13]) {
+    // LOCAL (the sender's own connection, a health check): its block is skipped whatever it
+    // holds, and the connection's own addresses stand.
+    const LOCAL: u8 = 0x20;
+    const PROXY: u8 = 0x21;
+    if buf[12] != LOCAL && buf[12] != PROXY {
+        return Err(malformed(format!("v2 version and command byte {:#04x}", buf[12])));
+    }
+    if !V2_FAMILIES.contains(&buf[13]) && buf[12] == PROXY {
         return Err(malformed(format!(
             "v2 address family and protocol byte {:#04x}",
             buf[13]
@@ -160,10 +180,17 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, HeaderError> {
     if buf.len() < total {
         return Ok(Parsed::Incomplete);
     }
-    let header = ppp::v2::Header::try_from(&buf[..total]).map_err(malformed)?;
-    if header.len() != total {
-        return Err(malformed("v2 length disagrees with its addresses"));
+    if buf[12] == LOCAL {
+        return Ok(Parsed::Complete(Header {
+            len: total,
+            version: Version::V2,
+            addresses: None,
+            alpn: None,
+            authority: None,
+            ssl: false,
+        }));
     }
+    let header = ppp::v2::Header::try_from(&buf[..total]).map_err(malformed)?;
     let (mut alpn, mut authority, mut ssl) = (None, None, false);
     for tlv in header.tlvs() {
         let tlv = tlv.map_err(malformed)?;
@@ -174,8 +201,17 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, HeaderError> {
                     std::str::from_utf8(&tlv.value).map_err(|_| malformed("v2 authority is not UTF-8"))?;
                 authority = Some(name.to_owned());
             }
-            // The client field's first bit: the client connected over SSL/TLS.
-            TLV_SSL => ssl = tlv.value.first().is_some_and(|c| c & 0x01 != 0),
+            // A client byte (its first bit: the client connected over SSL/TLS), 4 bytes of
+            // verify result, then sub-TLVs, which must be well formed too.
+            TLV_SSL => {
+                let Some((&client, rest)) = tlv.value.split_first().filter(|(_, r)| r.len() >= 4) else {
+                    return Err(malformed("v2 SSL TLV shorter than 5 bytes"));
+                };
+                for sub in ppp::v2::TypeLengthValues::from(&rest[4..]) {
+                    sub.map_err(malformed)?;
+                }
+                ssl = client & 0x01 != 0;
+            }
             _ => {}
         }
     }
@@ -203,8 +239,8 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, HeaderError> {
 
 /// The header lb writes before a flow's first byte towards a server: the client's address
 /// and the one it reached; for v2 also the ALPN and server name lb saw when it terminated TLS
-/// (each at most 255 bytes, else left out). A v1 header between an IPv4 and an IPv6 address
-/// says `UNKNOWN` (v1 has no mixed family); v2 gives the IPv4 side as IPv4-mapped IPv6.
+/// (each at most 255 bytes, else left out). Between an IPv4 and an IPv6 address both are
+/// written as IPv6, the IPv4 one mapped, as HAProxy does.
 pub fn encode(
     version: Version,
     client: SocketAddr,
@@ -213,18 +249,11 @@ pub fn encode(
     authority: Option<&str>,
 ) -> std::io::Result<Vec<u8>> {
     if version == Version::V1 {
-        return Ok(ppp::v1::Addresses::from((client, local)).to_string().into_bytes());
+        return Ok(ppp::v1::Addresses::from(same_family(client, local))
+            .to_string()
+            .into_bytes());
     }
-    let mapped = |a: SocketAddr| match a {
-        SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
-        v6 => v6,
-    };
-    let pair = match (client, local) {
-        (SocketAddr::V4(_), SocketAddr::V6(_)) | (SocketAddr::V6(_), SocketAddr::V4(_)) => {
-            (mapped(client), mapped(local))
-        }
-        same => same,
-    };
+    let pair = same_family(client, local);
     let mut builder = ppp::v2::Builder::with_addresses(
         ppp::v2::Version::Two | ppp::v2::Command::Proxy,
         ppp::v2::Protocol::Stream,
@@ -236,4 +265,19 @@ pub fn encode(
         }
     }
     builder.build()
+}
+
+/// Both addresses in one family, as HAProxy writes them: IPv4 when both are (an IPv4-mapped
+/// IPv6 address from a dual-stack socket counts as IPv4), else both IPv6, IPv4 as mapped.
+fn same_family(client: SocketAddr, local: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (client, local) = (canonical(client), canonical(local));
+    if client.is_ipv4() == local.is_ipv4() {
+        return (client, local);
+    }
+    let mapped = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+        v6 => v6,
+    };
+    (mapped(client), mapped(local))
 }

@@ -12,8 +12,26 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
+fn v2(client: &str, local: &str, alpn: Option<&[u8]>, authority: Option<&str>) -> Vec<u8> {
+    encode(Version::V2, addr(client), addr(local), alpn, authority).unwrap()
+}
+
+/// A v2 PROXY header for 192.0.2.1:1 → 192.0.2.2:2 with `tlvs` after the addresses.
+fn v2_with(tlvs: &[u8]) -> Vec<u8> {
+    let len = (12 + tlvs.len()) as u16;
+    let addresses = [192, 0, 2, 1, 192, 0, 2, 2, 0, 1, 0, 2];
+    [
+        &V2_SIGNATURE[..],
+        &[0x21, 0x11],
+        &len.to_be_bytes(),
+        &addresses,
+        tlvs,
+    ]
+    .concat()
+}
+
 #[test]
-fn v1_tcp4_and_tcp6_with_payload_after() {
+fn v1_tcp4_tcp6_and_unknown_with_payload_after() {
     let h = complete(b"PROXY TCP4 192.0.2.1 198.51.100.2 51000 443\r\nGET / HTTP/1.1\r\n");
     assert_eq!(h.len, 45);
     assert_eq!(h.version, Version::V1);
@@ -28,19 +46,33 @@ fn v1_tcp4_and_tcp6_with_payload_after() {
     );
     let h = complete(b"PROXY UNKNOWN\r\n");
     assert_eq!((h.len, h.addresses), (15, None));
+    // The rest of an UNKNOWN line is ignored, whatever it holds (ppp refused this).
+    let h = complete(b"PROXY UNKNOWN a b c d e +1 \xff\r\nx");
+    assert_eq!((h.len, h.addresses), (30, None));
+}
+
+#[test]
+fn v1_is_bounded_at_107_bytes() {
+    let line = |n: usize| {
+        let mut l = b"PROXY UNKNOWN ".to_vec();
+        l.resize(n - 2, b'a');
+        l.extend_from_slice(b"\r\n");
+        l
+    };
+    assert_eq!(complete(&line(107)).len, 107);
+    assert_eq!(parse(&line(108)), Err(HeaderError::TooLong(V1_MAX)));
+    assert_eq!(parse(&line(108)[..106]), Ok(Parsed::Incomplete));
 }
 
 #[test]
 fn every_prefix_of_a_header_is_incomplete() {
     let v1: &[u8] = b"PROXY TCP4 192.0.2.1 198.51.100.2 51000 443\r\n";
-    let v2 = encode(
-        Version::V2,
-        addr("192.0.2.1:51000"),
-        addr("198.51.100.2:443"),
+    let v2 = v2(
+        "192.0.2.1:51000",
+        "198.51.100.2:443",
         Some(b"h2"),
         Some("example.com"),
-    )
-    .unwrap();
+    );
     for header in [v1, &v2[..]] {
         for n in 0..header.len() {
             // ppp alone called `PROXY TCP4 1.1.1.1 2.2.2.2 80 ` malformed.
@@ -55,24 +87,24 @@ fn every_prefix_of_a_header_is_incomplete() {
 }
 
 #[test]
-fn v1_lines_ppp_misread_are_refused_or_complete() {
+fn v1_lines_ppp_misread_are_refused() {
     for bad in [
         // A bare LF: ppp took it, and the payload after it as header.
-        &b"PROXY UNKNOWN \n hello world"[..],
-        b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2 \n",
-        // Complete lines ppp kept calling incomplete.
+        &b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2 \n"[..],
+        b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2\n",
+        // A complete line ppp kept calling incomplete.
         b"PROXY TCP4 1.2.3.4\r\n",
-        b"PROXY\rUNKNOWN\r\n",
-        // A signed port.
+        // A stray CR, a signed port, a port out of range, a double space, UDP.
+        b"PROXY TCP4 1.1.1.1\r2.2.2.2 1 2\r\n",
         b"PROXY TCP4 1.1.1.1 2.2.2.2 +1 2\r\n",
-        // What made ppp's addresses_str panic.
-        b"PROXY UNKNOWN \n \xc3\xa9 ",
         b"PROXY TCP4 1.1.1.1 2.2.2.2 65536 2\r\n",
         b"PROXY TCP4 1.1.1.1  2.2.2.2 1 2\r\n",
         b"PROXY UDP4 1.1.1.1 2.2.2.2 1 2\r\n",
+        // UNKNOWN glued to something else.
+        b"PROXY UNKNOWNX\r\n",
     ] {
         assert!(
-            matches!(parse(bad), Err(HeaderError::Malformed(_) | HeaderError::Missing)),
+            matches!(parse(bad), Err(HeaderError::Malformed(_))),
             "{:?}: {:?}",
             String::from_utf8_lossy(bad),
             parse(bad)
@@ -86,13 +118,14 @@ fn too_long_missing_and_wrong_signatures() {
     assert_eq!(parse(&long), Err(HeaderError::TooLong(V1_MAX)));
     assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(HeaderError::Missing));
     assert_eq!(parse(b"PROXX"), Err(HeaderError::Missing));
+    assert_eq!(parse(b"PROXY\rUNKNOWN\r\n"), Err(HeaderError::Missing));
     assert_eq!(parse(b"\r\n\r\n\0\r\nQUIX"), Err(HeaderError::Missing));
     assert_eq!(HeaderError::Missing.reason(), "missing");
 }
 
 #[test]
 fn v2_checks_its_family_length_version_and_tlvs() {
-    let good = encode(Version::V2, addr("192.0.2.1:1"), addr("192.0.2.2:2"), None, None).unwrap();
+    let good = v2("192.0.2.1:1", "192.0.2.2:2", None, None);
     // A family byte the specification does not define.
     let mut bad = good.clone();
     bad[13] = 0x10;
@@ -107,26 +140,47 @@ fn v2_checks_its_family_length_version_and_tlvs() {
     let mut bad = good.clone();
     bad[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
     assert_eq!(parse(&bad), Err(HeaderError::TooLong(V2_MAX)));
-    // A TLV that runs past the header.
+    // A length shorter than the addresses.
     let mut bad = good.clone();
-    bad.extend_from_slice(&[TLV_ALPN, 0, 9, b'h']);
-    let len = (bad.len() - 16) as u16;
-    bad[14..16].copy_from_slice(&len.to_be_bytes());
+    bad[14..16].copy_from_slice(&8u16.to_be_bytes());
     assert!(matches!(parse(&bad), Err(HeaderError::Malformed(_))));
+    // A TLV that runs past the header.
+    assert!(matches!(
+        parse(&v2_with(&[TLV_ALPN, 0, 9, b'h'])),
+        Err(HeaderError::Malformed(_))
+    ));
 }
 
 #[test]
-fn v2_round_trips_with_its_tlvs_and_local_keeps_the_connection() {
-    let bytes = encode(
-        Version::V2,
-        addr("[2001:db8::1]:40000"),
-        addr("[2001:db8::2]:443"),
+fn v2_ssl_and_authority_tlvs_are_checked() {
+    // SSL: client byte 0x01 (over TLS), verify 0, a version sub-TLV.
+    let ssl = [&[TLV_SSL, 0, 11, 0x01, 0, 0, 0, 0][..], &[0x21, 0, 3], b"1.3"].concat();
+    assert!(complete(&v2_with(&ssl)).ssl);
+    assert!(!complete(&v2_with(&[TLV_SSL, 0, 5, 0x00, 0, 0, 0, 0])).ssl);
+    for bad in [
+        // Shorter than its client and verify fields.
+        vec![TLV_SSL, 0, 2, 0x01, 0],
+        // A sub-TLV running past the SSL TLV.
+        [&[TLV_SSL, 0, 8, 0x01, 0, 0, 0, 0][..], &[0x21, 0, 9]].concat(),
+        // An authority that is not UTF-8.
+        vec![TLV_AUTHORITY, 0, 2, 0xc3, 0x28],
+    ] {
+        assert!(
+            matches!(parse(&v2_with(&bad)), Err(HeaderError::Malformed(_))),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn v2_round_trips_and_local_keeps_the_connection() {
+    let bytes = v2(
+        "[2001:db8::1]:40000",
+        "[2001:db8::2]:443",
         Some(b"h2"),
         Some("example.com"),
-    )
-    .unwrap();
-    let mut with_payload = bytes.clone();
-    with_payload.extend_from_slice(b"payload");
+    );
+    let with_payload = [&bytes[..], b"payload"].concat();
     let h = complete(&with_payload);
     assert_eq!(h.len, bytes.len());
     assert_eq!(
@@ -137,19 +191,23 @@ fn v2_round_trips_with_its_tlvs_and_local_keeps_the_connection() {
         (h.alpn.as_deref(), h.authority.as_deref()),
         (Some(&b"h2"[..]), Some("example.com"))
     );
-    // LOCAL: the front load balancer's own check; its addresses are not a client's.
-    let mut local = encode(Version::V2, addr("192.0.2.1:1"), addr("192.0.2.2:2"), None, None).unwrap();
+    // LOCAL: the front load balancer's own check; its block is skipped, whatever it holds.
+    let mut local = v2("192.0.2.1:1", "192.0.2.2:2", None, None);
     local[12] = 0x20;
+    local[13] = 0x10;
     assert_eq!(complete(&local).addresses, None);
-    // A mixed pair: IPv4-mapped in v2, UNKNOWN in v1.
-    let mixed = encode(
-        Version::V2,
-        addr("192.0.2.1:1"),
-        addr("[2001:db8::2]:2"),
-        None,
-        None,
-    )
-    .unwrap();
+    let bare = [&V2_SIGNATURE[..], &[0x20, 0x00, 0, 0]].concat();
+    assert_eq!(complete(&bare).len, 16);
+    // AF_UNIX and UNSPEC under PROXY: the connection's own addresses stand.
+    let unix = [&V2_SIGNATURE[..], &[0x21, 0x31, 0, 216], &[0u8; 216]].concat();
+    assert_eq!(complete(&unix).addresses, None);
+    let unspec = [&V2_SIGNATURE[..], &[0x21, 0x00, 0, 0]].concat();
+    assert_eq!(complete(&unspec).addresses, None);
+}
+
+#[test]
+fn mixed_families_are_written_as_ipv6_as_haproxy_does() {
+    let mixed = v2("192.0.2.1:1", "[2001:db8::2]:2", None, None);
     assert_eq!(
         complete(&mixed).addresses,
         Some((addr("[::ffff:192.0.2.1]:1"), addr("[2001:db8::2]:2")))
@@ -162,23 +220,24 @@ fn v2_round_trips_with_its_tlvs_and_local_keeps_the_connection() {
         None,
     )
     .unwrap();
-    assert_eq!(v1, b"PROXY UNKNOWN\r\n");
-    let v1 = encode(Version::V1, addr("192.0.2.1:1"), addr("192.0.2.2:2"), None, None).unwrap();
+    assert_eq!(v1, b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::2 1 2\r\n");
+    // An IPv4-mapped address from a dual-stack socket is IPv4.
+    let v1 = encode(
+        Version::V1,
+        addr("[::ffff:192.0.2.1]:1"),
+        addr("192.0.2.2:2"),
+        None,
+        None,
+    )
+    .unwrap();
     assert_eq!(v1, b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n");
 }
 
 #[test]
-fn random_and_mutated_bytes_never_panic_nor_overrun() {
+fn random_and_mutated_bytes_keep_the_framing() {
     let seeds = [
         b"PROXY TCP4 192.0.2.1 198.51.100.2 51000 443\r\n".to_vec(),
-        encode(
-            Version::V2,
-            addr("192.0.2.1:1"),
-            addr("192.0.2.2:2"),
-            Some(b"h2"),
-            Some("a.example"),
-        )
-        .unwrap(),
+        v2("192.0.2.1:1", "192.0.2.2:2", Some(b"h2"), Some("a.example")),
     ];
     let mut rng = fastrand::Rng::with_seed(21);
     for i in 0..200_000 {
@@ -194,8 +253,18 @@ fn random_and_mutated_bytes_never_panic_nor_overrun() {
                 break;
             }
         }
-        if let Ok(Parsed::Complete(h)) = parse(&buf) {
-            assert!(h.len <= buf.len(), "{buf:?}");
+        match parse(&buf) {
+            // The header alone parses the same, and one byte less is not yet a header.
+            Ok(Parsed::Complete(h)) => {
+                assert_eq!(parse(&buf[..h.len]), Ok(Parsed::Complete(h.clone())), "{buf:?}");
+                assert_eq!(parse(&buf[..h.len - 1]), Ok(Parsed::Incomplete), "{buf:?}");
+            }
+            // More bytes never mend a refusal.
+            Err(e) => {
+                let more = [&buf[..], b"\r\nmore"].concat();
+                assert_eq!(parse(&more), Err(e), "{buf:?}");
+            }
+            Ok(Parsed::Incomplete) => {}
         }
     }
 }
