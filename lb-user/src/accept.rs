@@ -141,6 +141,8 @@ pub struct Accepted {
     pub peer: SocketAddr,
     /// Where the client meant to go before a REDIRECT (transparent listeners only).
     pub original_dst: Option<SocketAddr>,
+    /// What lb tells servers of the client besides `peer` (filled by the next stages).
+    pub origin: crate::proxy_header::Origin,
 }
 
 /// Completes an accepted connection's set-up on the runtime that will run its session: registers
@@ -157,6 +159,7 @@ pub fn configure(listener: &Listener, stream: std::net::TcpStream, peer: SocketA
         stream,
         peer,
         original_dst,
+        origin: Default::default(),
     })
 }
 
@@ -181,6 +184,7 @@ mod tests {
             tls: None,
             sni_routes: Vec::new(),
             peek_timeout: Duration::from_secs(1),
+            accept_proxy: None,
         }
     }
 

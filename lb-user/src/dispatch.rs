@@ -5,10 +5,16 @@
 //! server's passive check how it went. A server with `tls:` then gets its TLS handshake
 //! ([`crate::tls::connect`]); a failed one is not retried (a certificate lb refuses is most
 //! likely refused on every server of the backend: it is a configuration to fix, said in the log).
-use tokio::time::{timeout_at, Instant};
+use std::time::Duration;
+use tokio::{
+    io::AsyncWriteExt,
+    net::TcpStream,
+    time::{timeout_at, Instant},
+};
 
 use crate::{
     balance::{Lease, Pick, PickKey},
+    config::Server,
     connect::{connect, ConnectError},
     runtime::BackendRt,
     stream::Stream,
@@ -50,6 +56,8 @@ pub struct Requester<'a> {
     pub http: bool,
     /// SO_RCVBUF of the server socket (`tune.kernel_rcvbuf` with the kernel path).
     pub rcvbuf: Option<u32>,
+    /// What a PROXY header says besides `client`, for a server with `send_proxy`.
+    pub origin: &'a crate::proxy_header::Origin,
 }
 
 /// A connection to a server of `backend` (with its TLS session when the server has `tls:`),
@@ -88,7 +96,11 @@ pub async fn dispatch(state: &BackendRt, who: Requester<'_>) -> Result<(Lease, S
         if !tried.is_empty() {
             state.retries.inc();
         }
-        match connect(&b.servers[idx], b.connect_timeout, who.nodelay, who.rcvbuf).await {
+        let connected = match connect(&b.servers[idx], b.connect_timeout, who.nodelay, who.rcvbuf).await {
+            Ok(stream) => introduce(&b.servers[idx], stream, &who, b.connect_timeout).await,
+            Err(e) => Err(e),
+        };
+        match connected {
             Ok(stream) => {
                 state.servers[idx].connections.inc();
                 let server = &b.servers[idx];
@@ -142,6 +154,35 @@ pub async fn dispatch(state: &BackendRt, who: Requester<'_>) -> Result<(Lease, S
                 last,
             })
         }
+    }
+}
+
+/// Writes the server's PROXY header (`send_proxy`) on a new connection, before any other byte
+/// (before the TLS handshake too, as HAProxy does); a failed write fails the connect.
+async fn introduce(
+    server: &Server,
+    mut stream: TcpStream,
+    who: &Requester<'_>,
+    limit: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let Some(version) = server.send_proxy else {
+        return Ok(stream);
+    };
+    let io_err = |source| ConnectError::Io {
+        server: server.name.clone(),
+        address: server.address,
+        source,
+    };
+    let header = who.origin.header(version, who.client).map_err(io_err)?;
+    // A new connection's send buffer is empty: the write completes at once, without a wait.
+    match tokio::time::timeout(limit, stream.write_all(&header)).await {
+        Ok(Ok(())) => Ok(stream),
+        Ok(Err(e)) => Err(io_err(e)),
+        Err(_) => Err(ConnectError::Timeout {
+            server: server.name.clone(),
+            address: server.address,
+            timeout: limit,
+        }),
     }
 }
 

@@ -131,13 +131,21 @@ impl Run {
 }
 
 /// One check; `Err` says why it failed, in the words the stats show. A server with `tls:` is
-/// checked over TLS (a TCP check is then a TLS handshake), as HAProxy checks an `ssl` server.
+/// checked over TLS (a TCP check is then a TLS handshake), as HAProxy checks an `ssl` server;
+/// one with `send_proxy` gets its PROXY header first.
 async fn probe(server: &Server, kind: &CheckKind, limit: Duration) -> Result<(), String> {
     let addr = server.address;
     let attempt = async {
-        let tcp = TcpStream::connect(addr)
+        let mut tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        // A server that expects a PROXY header from lb's flows expects one from its checks
+        // too (HAProxy's default); a check has no client: v1 UNKNOWN, v2 LOCAL.
+        if let Some(version) = server.send_proxy {
+            tcp.write_all(crate::proxy_header::check_header(version))
+                .await
+                .map_err(|e| format!("send PROXY header: {e}"))?;
+        }
         let mut stream = match &server.tls {
             None => Stream::Tcp(tcp),
             Some(tls) => {

@@ -169,6 +169,9 @@ pub struct Metrics {
     pub tls_handshakes: Family<ListenerLabels, Counter>,
     /// Failed client TLS handshakes, by listener and reason.
     pub tls_failures: Family<TlsFailureLabels, Counter>,
+    /// Connections of `accept_proxy` listeners closed for their PROXY header, by listener and
+    /// reason (the same labels as TLS failures).
+    pub proxy_refused: Family<TlsFailureLabels, Counter>,
     /// Failed TLS handshakes with a server.
     pub server_tls_failures: Family<ServerLabels, Counter>,
     /// 1 when the kernel offers kTLS, 0 when flows with a TLS side are forwarded in userspace.
@@ -203,6 +206,12 @@ impl Metrics {
         }
         for reason in crate::tls::accept::Failure::ALL {
             self.tls_failures.remove(&TlsFailureLabels {
+                listener: name.to_string(),
+                reason: reason.name(),
+            });
+        }
+        for reason in crate::proxy_header::receive::Refusal::ALL {
+            self.proxy_refused.remove(&TlsFailureLabels {
                 listener: name.to_string(),
                 reason: reason.name(),
             });
@@ -316,6 +325,7 @@ impl Metrics {
             tls_handshakes: Family::default(),
             tls_failures: Family::default(),
             server_tls_failures: Family::default(),
+            proxy_refused: Family::default(),
             ktls_available: Gauge::default(),
             ktls_handoffs: Family::default(),
             reloads: Family::default(),
@@ -433,6 +443,11 @@ impl Metrics {
             "lb_tls_handshake_failures",
             "Client TLS handshakes that failed, by listener and reason (not_tls: plain HTTP or garbage; unknown_sni: strict_sni and no certificate for the name; incompatible: no shared version, suite or ALPN; client_alert: the client refused, e.g. lb's certificate; timeout: timeouts.tls_handshake; closed: the client left; protocol: any other violation)",
             m.tls_failures.clone(),
+        );
+        r.register(
+            "lb_proxy_header_refused",
+            "Connections of accept_proxy listeners closed before a server was chosen, by listener and reason (untrusted: from a source accept_proxy does not list; missing: no PROXY signature; malformed; too_long: past the specification's sizes; timeout: not whole within timeouts.client; closed: the client left first)",
+            m.proxy_refused.clone(),
         );
         r.register(
             "lb_server_tls_failures",

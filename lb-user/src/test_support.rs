@@ -17,5 +17,6 @@ pub fn server(address: std::net::SocketAddr) -> crate::config::Server {
         weight: 1,
         maxconn: None,
         tls: None,
+        send_proxy: None,
     }
 }

@@ -11,6 +11,8 @@
 //! - [`scenarios`]: the forwarding tests, written once and run on both forwarding paths.
 //! - [`http`]: an lb with a `mode: http` listener, a reflecting backend, a raw HTTP client.
 //! - [`tls`]: a private CA and certificates made by the tests, TLS clients and servers.
+//! - [`daemons`]: HAProxy and nginx, run from a configuration of the test's.
+pub mod daemons;
 pub mod flows;
 pub mod http;
 pub mod lb;

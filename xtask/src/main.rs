@@ -212,7 +212,8 @@ fn test(args: Vec<String>) -> Result<()> {
         eprintln!("xtask: WARNING: the eBPF toolchain is missing: lb is built without kernel forwarding and BPF tests will skip");
     }
     // The HTTP tests drive lb with real clients (curl, Python's http.client, wrk), the TLS
-    // tests with openssl s_client too; the stats page is opened in a headless browser.
+    // tests with openssl s_client too; the stats page is opened in a headless browser; the
+    // PROXY protocol tests put HAProxy and nginx on either side of lb.
     setup::ensure_programs(
         "xtask test",
         "the clients the end-to-end tests drive lb with",
@@ -223,6 +224,8 @@ fn test(args: Vec<String>) -> Result<()> {
             ("openssl", "openssl"),
             ("chromium", "chromium"),
             ("systemd-analyze", "systemd"),
+            ("haproxy", "haproxy"),
+            ("nginx", "nginx"),
         ],
     )?;
     // The end-to-end tests run the real `lb` binary, which `cargo test` alone does not build.

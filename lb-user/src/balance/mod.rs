@@ -288,6 +288,7 @@ mod tests {
                     weight,
                     maxconn: None,
                     tls: None,
+                    send_proxy: None,
                 })
                 .collect(),
         }

@@ -6,6 +6,7 @@
 mod health;
 mod http;
 mod locate;
+mod proxy;
 pub mod raw;
 mod tls;
 
@@ -13,6 +14,7 @@ use crate::affinity::CpuAffinity;
 pub use health::{CheckKind, HealthCheck};
 pub use http::{Forwarded, HeaderRule, HostMatch, Http, Route};
 use locate::{Locator, Step};
+pub use proxy::AcceptProxy;
 use raw::{RawBackend, RawConfig, RawForwarding, RawKeepalive, RawListener, RawSizeOrAuto, RawTimeouts};
 use std::{collections::HashMap, fmt, net::SocketAddr, path::Path, time::Duration};
 pub use tls::ListenerTls;
@@ -112,6 +114,8 @@ pub struct Listener {
     /// How long lb waits for a whole ClientHello when it peeks at it (`route_by_sni` without
     /// `tls:`): `timeouts.tls_handshake`.
     pub peek_timeout: Duration,
+    /// `accept_proxy:`: each connection starts with a PROXY header (from these sources).
+    pub accept_proxy: Option<AcceptProxy>,
 }
 
 /// One entry of `route_by_sni:`.
@@ -206,6 +210,8 @@ pub struct Server {
     pub maxconn: Option<u32>,
     /// `tls:` (the backend's, with the server's over it): lb connects with TLS.
     pub tls: Option<crate::tls::connect::ServerTls>,
+    /// `send_proxy` (the backend's, or the server's own): the PROXY header lb writes first.
+    pub send_proxy: Option<crate::proxy_header::Version>,
 }
 
 const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
@@ -686,6 +692,7 @@ impl Validator<'_> {
                 })
             }
         };
+        let accept_proxy = self.accept_proxy(&with(path, Step::Key("accept_proxy")), l.accept_proxy.as_ref());
         let maxconn = l.maxconn.unwrap_or(DEFAULT_MAXCONN);
         if maxconn == 0 {
             self.error(&with(path, Step::Key("maxconn")), "maxconn must be at least 1");
@@ -704,6 +711,7 @@ impl Validator<'_> {
             tls,
             sni_routes,
             peek_timeout: handshake_timeout.unwrap_or(tls::DEFAULT_HANDSHAKE),
+            accept_proxy,
         }
     }
 
@@ -778,6 +786,9 @@ impl Validator<'_> {
                 ),
             );
         }
+        let send_proxy = self
+            .send_proxy(&with(path, Step::Key("send_proxy")), b.send_proxy.as_deref())
+            .flatten();
         let mut seen = HashMap::new();
         let mut servers = Vec::new();
         for (i, s) in b.servers.into_iter().enumerate() {
@@ -810,12 +821,16 @@ impl Validator<'_> {
                 );
             }
             let tls = self.server_tls(path, b.tls.as_ref(), &spath, s.tls.as_ref(), address);
+            let send_proxy = self
+                .send_proxy(&with(&spath, Step::Key("send_proxy")), s.send_proxy.as_deref())
+                .unwrap_or(send_proxy);
             servers.push(Server {
                 name: s.name,
                 address,
                 weight,
                 maxconn: s.maxconn,
                 tls,
+                send_proxy,
             });
         }
         let retries = b.retries.unwrap_or(DEFAULT_RETRIES);

@@ -287,6 +287,14 @@ pub struct RawListener {
     /// within `timeouts.tls_handshake`; with `tls:`, the name comes from lb's handshake.
     #[serde(default)]
     pub route_by_sni: Vec<RawSniRoute>,
+    /// Take the client's address from a PROXY protocol header (v1 or v2) that the load
+    /// balancer in front of lb sends before the client's bytes (HAProxy's `accept-proxy`):
+    /// `true` for connections from anywhere, or the networks allowed to connect (CIDRs such as
+    /// `10.0.0.0/8`, or single addresses); a connection from elsewhere is closed at once. Every
+    /// connection must then start with a valid header, whole within `timeouts.client`, or it
+    /// is closed before a server is chosen (default false).
+    #[serde(default)]
+    pub accept_proxy: Option<RawAcceptProxy>,
     /// Overrides `timeouts.client` (and the HTTP timeouts `http_request`, `http_keep_alive`,
     /// `tunnel`, and `tls_handshake`) for this listener.
     #[serde(default)]
@@ -347,6 +355,11 @@ pub struct RawBackend {
     /// Connect to every server with TLS (a server's own `tls:` overrides it key by key).
     #[serde(default)]
     pub tls: Option<RawServerTls>,
+    /// Write a PROXY protocol header, `v1` (text) or `v2` (binary), before a flow's first byte
+    /// to every server (HAProxy's `send-proxy` and `send-proxy-v2`), and on their health
+    /// checks; `off` (default) sends none. A server's own `send_proxy` overrides it.
+    #[serde(default)]
+    pub send_proxy: Option<String>,
     /// The servers; at least one.
     #[serde(default)]
     pub servers: Vec<RawServer>,
@@ -410,6 +423,9 @@ pub struct RawServer {
     /// for a server that speaks plain TCP in a TLS backend.
     #[serde(default)]
     pub tls: Option<RawServerTls>,
+    /// Overrides the backend's `send_proxy` for this server: `v1`, `v2` or `off`.
+    #[serde(default)]
+    pub send_proxy: Option<String>,
 }
 
 /// A listener's `tls:` (HAProxy's `bind ... ssl crt ...`).
@@ -483,6 +499,33 @@ impl<'de> Deserialize<'de> for RawServerTls {
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawServerTls, A::Error> {
                 RawServerTlsSettings::deserialize(serde::de::value::MapAccessDeserializer::new(map))
                     .map(RawServerTls::Settings)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `accept_proxy:` of a listener: `true`/`false`, or the trusted networks.
+#[derive(Debug)]
+pub enum RawAcceptProxy {
+    Switch(bool),
+    From(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawAcceptProxy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawAcceptProxy;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, or a list of networks such as [10.0.0.0/8]")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawAcceptProxy, E> {
+                Ok(RawAcceptProxy::Switch(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<RawAcceptProxy, A::Error> {
+                Vec::<String>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(RawAcceptProxy::From)
             }
         }
         d.deserialize_any(Visitor)

@@ -430,3 +430,56 @@ fn route_by_sni_on_tcp_listeners() {
     ));
     assert!(e.contains("no `tls:` and no `route_by_sni:`"), "{e}");
 }
+
+#[test]
+fn accept_proxy_is_a_switch_or_trusted_networks() {
+    let with = |value: &str| {
+        GOOD.replace(
+            "    backend: app\n",
+            &format!("    backend: app\n    accept_proxy: {value}\n"),
+        )
+    };
+    let c = parse("t.yaml", GOOD).unwrap();
+    assert_eq!(c.listeners[0].accept_proxy, None);
+    let c = parse("t.yaml", &with("true")).unwrap();
+    assert_eq!(c.listeners[0].accept_proxy, Some(AcceptProxy::Anyone));
+    assert_eq!(
+        parse("t.yaml", &with("false")).unwrap().listeners[0].accept_proxy,
+        None
+    );
+    let c = parse("t.yaml", &with("[10.1.2.3/8, 192.0.2.9, 'fd00::/8']")).unwrap();
+    let trusted = c.listeners[0].accept_proxy.clone().unwrap();
+    for (ip, trusts) in [
+        ("10.200.0.1", true),
+        ("::ffff:10.0.0.1", true),
+        ("192.0.2.9", true),
+        ("192.0.2.10", false),
+        ("fd12::1", true),
+        ("127.0.0.1", false),
+    ] {
+        assert_eq!(trusted.trusts(ip.parse().unwrap()), trusts, "{ip}");
+    }
+    assert_eq!(
+        only_error(&with("[10.0.0.0/8, 10.0.0.0/33]")),
+        "t.yaml:5:32: accept_proxy: `10.0.0.0/33` is not a network; expected an address or a CIDR such as 10.0.0.0/8 or fd00::/8"
+    );
+    assert!(only_error(&with("[]")).starts_with("t.yaml:5:19: accept_proxy: an empty list trusts no one"));
+    assert!(only_error(&with("yes")).contains("expected true, false, or a list of networks"));
+}
+
+#[test]
+fn send_proxy_is_the_backends_unless_a_server_overrides_it() {
+    let src = "listeners:\n  - name: web\n    bind: 127.0.0.1:8080\n    backend: app\nbackends:\n  - name: app\n    send_proxy: v2\n    servers:\n      - { name: s1, address: 127.0.0.1:9001 }\n      - { name: s2, address: 127.0.0.1:9002, send_proxy: v1 }\n      - { name: s3, address: 127.0.0.1:9003, send_proxy: off }\n";
+    let c = parse("t.yaml", src).unwrap();
+    let versions: Vec<_> = c.backends[0].servers.iter().map(|s| s.send_proxy).collect();
+    use crate::proxy_header::Version;
+    assert_eq!(versions, [Some(Version::V2), Some(Version::V1), None]);
+    assert_eq!(
+        parse("t.yaml", GOOD).unwrap().backends[0].servers[0].send_proxy,
+        None
+    );
+    assert_eq!(
+        only_error(&src.replace("send_proxy: v1", "send_proxy: v3")),
+        "t.yaml:10:58: send_proxy: `v3` is not a PROXY protocol version; expected v1, v2 or off"
+    );
+}

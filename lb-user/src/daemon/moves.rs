@@ -160,6 +160,7 @@ fn orphan_backend(info: &MovedInfo, listener: &ListenerRt) -> Backend {
             weight: 1,
             maxconn: None,
             tls: None,
+            send_proxy: None,
         }],
     }
 }

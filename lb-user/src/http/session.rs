@@ -29,6 +29,7 @@ use super::{
 use crate::{
     config::{Http, Listener},
     metrics::status_class,
+    proxy_header::Origin,
     runtime::ListenerRt,
     stream::Stream,
 };
@@ -74,6 +75,8 @@ pub(super) struct Ctx<'a> {
     sni: Option<String>,
     /// The client's address as the forwarding fields write it (formatted once per connection).
     client_ip: String,
+    /// What a PROXY header lb sends to a server says besides `peer`.
+    pub(super) origin: &'a Origin,
     /// `lb_http_responses_total` of this listener, by status class.
     responses: &'a [Counter; 5],
     /// Cancelled when lb starts to stop. The connection's own child of
@@ -102,7 +105,13 @@ impl Ctx<'_> {
 /// routes, rules and backends; the kept server connection is let go, since it belongs to the
 /// old generation's backend); on a listener a reload removed, the connection closes as it
 /// would when lb stops (an idle one at once, a busy one after its response).
-pub async fn run(rt: Arc<ListenerRt>, stream: Stream, peer: SocketAddr, sni: Option<String>) -> HttpEnd {
+pub async fn run(
+    rt: Arc<ListenerRt>,
+    stream: Stream,
+    peer: SocketAddr,
+    sni: Option<String>,
+    origin: Origin,
+) -> HttpEnd {
     let mut rt = rt;
     let mut state = State::Waiting {
         client: Conn::new(stream),
@@ -121,6 +130,7 @@ pub async fn run(rt: Arc<ListenerRt>, stream: Stream, peer: SocketAddr, sni: Opt
             peer,
             sni: sni.clone(),
             client_ip: peer.ip().to_string(),
+            origin: &origin,
             responses,
             stopping: rt.shared.stopping.child_token(),
             removed: rt.removed_token().child_token(),

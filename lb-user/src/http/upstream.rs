@@ -193,6 +193,7 @@ async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<Ser
         nodelay: ctx.l.nodelay,
         http: true,
         rcvbuf: ctx.rt.settings.kernel_rcvbuf,
+        origin: ctx.origin,
     };
     match dispatch(ctx.rt.backend(backend), who).await {
         Ok((lease, stream)) => Ok(ServerConn {

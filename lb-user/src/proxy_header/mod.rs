@@ -12,6 +12,7 @@
 //! says how many bytes the header takes once it is all there.
 use std::net::SocketAddr;
 
+pub mod receive;
 #[cfg(test)]
 mod tests;
 
@@ -52,6 +53,51 @@ pub struct Header {
     pub alpn: Option<Vec<u8>>,
     pub authority: Option<String>,
     pub ssl: bool,
+}
+
+/// What lb knows of a client's connection beyond its address, for the header it sends on to
+/// servers (`send_proxy`): from a received header, the TLS handshake lb terminated, or the
+/// socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The address the client reached; `None` when no server of the listener's backends
+    /// sends a header (nobody asked the socket).
+    pub dst: Option<SocketAddr>,
+    /// The ALPN protocol and the server name (SNI) of the client's TLS session: lb's own
+    /// handshake's, or what a received v2 header carried.
+    pub alpn: Option<Vec<u8>>,
+    pub authority: Option<String>,
+}
+
+impl Origin {
+    /// The header to write before a flow's first byte to a server, for `client`. With no
+    /// destination known (a reload gave a kept-alive connection's listener a backend that
+    /// sends headers), the unspecified address of the client's family stands for it.
+    pub fn header(&self, version: Version, client: SocketAddr) -> std::io::Result<Vec<u8>> {
+        let dst = self.dst.unwrap_or_else(|| {
+            let any: std::net::IpAddr = match client.ip().to_canonical() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            SocketAddr::new(any, 0)
+        });
+        encode(
+            version,
+            client,
+            dst,
+            self.alpn.as_deref(),
+            self.authority.as_deref(),
+        )
+    }
+}
+
+/// The header of a health check's connection, which has no client: v1 `UNKNOWN`, v2 `LOCAL`
+/// (what HAProxy sends with `check-send-proxy`).
+pub fn check_header(version: Version) -> &'static [u8] {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n",
+        Version::V2 => b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00",
+    }
 }
 
 /// What the bytes so far hold.

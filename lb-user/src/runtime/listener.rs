@@ -12,6 +12,7 @@ use crate::{
         EndLabels, KtlsHandOffLabels, ListenerLabels, Metrics, ResponseLabels, TlsFailureLabels,
         STATUS_CLASSES,
     },
+    proxy_header::receive::Refusal,
     tls::{
         accept::{Failure, HandOffResult, Terminator},
         ktls::Ktls,
@@ -49,6 +50,11 @@ pub struct ListenerRt {
     /// `lb_tls_handshake_failures_total{listener,reason}` by [`Failure`] (the SNI peek's; a
     /// TLS listener's terminator has its own).
     pub peek_failures: [Counter; Failure::ALL.len()],
+    /// `lb_proxy_header_refused_total{listener,reason}` by [`Refusal`] (with `accept_proxy`).
+    pub proxy_refused: [Counter; Refusal::ALL.len()],
+    /// Whether a server of the configuration's backends sends a PROXY header: sessions then
+    /// learn the address their client reached.
+    pub sends_proxy: bool,
     /// With `mode: http`: `lb_http_responses_total{listener,code}` by
     /// [`crate::metrics::status_class`], held to avoid a label lookup per response.
     pub http_responses: Option<[Counter; 5]>,
@@ -100,7 +106,23 @@ impl ListenerRt {
         } else {
             Default::default()
         };
+        let proxy_refused = match config.accept_proxy {
+            Some(_) => Refusal::ALL.map(|r| {
+                let labels = TlsFailureLabels {
+                    listener: config.name.clone(),
+                    reason: r.name(),
+                };
+                let counter = metrics.proxy_refused.get_or_create(&labels).clone();
+                counter
+            }),
+            None => Default::default(),
+        };
+        let sends_proxy = backends
+            .iter()
+            .any(|b| b.config.servers.iter().any(|s| s.send_proxy.is_some()));
         ListenerRt {
+            proxy_refused,
+            sends_proxy,
             config,
             backends,
             tls,

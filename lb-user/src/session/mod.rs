@@ -12,7 +12,15 @@ pub use moved::{resume, MovedFlow, MovedHttp, MovedInfo};
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio::net::TcpStream;
 
-use crate::{stream::Stream, tls::accept::Terminator};
+use crate::{
+    config::AcceptProxy,
+    proxy_header::{
+        receive::{receive, Refusal, Refused},
+        Origin,
+    },
+    stream::Stream,
+    tls::accept::Terminator,
+};
 
 use crate::{
     accept::Accepted,
@@ -30,8 +38,11 @@ use crate::{
 
 /// Where a session is in its life.
 enum Session {
-    /// Accepted and configured; its TLS handshake to come on a listener with `tls:`.
+    /// Accepted and configured; its PROXY header to come on a listener with `accept_proxy`.
     Accepted(Accepted),
+    /// Its client known (from the connection, or from the PROXY header); its TLS handshake
+    /// to come on a listener with `tls:`.
+    Introduced(Accepted),
     /// A TCP listener's connection, ready for a server.
     Tcp(Client),
     /// An HTTP listener's connection: the HTTP supervisor has it.
@@ -56,6 +67,8 @@ struct Client {
     original_dst: Option<SocketAddr>,
     /// The name the client asked for in its TLS handshake (SNI).
     sni: Option<String>,
+    /// What a PROXY header lb sends says besides `peer`.
+    origin: Origin,
 }
 
 impl Client {
@@ -66,6 +79,7 @@ impl Client {
             peer: a.peer,
             original_dst: a.original_dst,
             sni: None,
+            origin: a.origin,
         }
     }
 }
@@ -131,6 +145,8 @@ pub enum Outcome {
     ServerTls,
     /// The kernel flow moved to another process (an upgrade).
     Moved,
+    /// An `accept_proxy` listener's connection without an acceptable PROXY header.
+    ProxyRefused(Refusal),
 }
 
 /// Runs one session to its end.
@@ -142,7 +158,11 @@ pub async fn run(listener: Arc<ListenerRt>, accepted: Accepted) -> Outcome {
         state = match state {
             // Each stage's state is boxed while it runs, so a session holds only the stage it is
             // in (an async fn's state would otherwise be as large as the largest stage's).
-            Session::Accepted(a) => match &l.tls {
+            Session::Accepted(a) => match &l.config.accept_proxy {
+                Some(trusted) => Box::pin(proxy_stage(l, trusted, a)).await,
+                None => introduced(l, a),
+            },
+            Session::Introduced(a) => match &l.tls {
                 Some(tls) => Box::pin(tls_stage(l, tls, a)).await,
                 None if l.config.peeks_sni() => Box::pin(sni_stage(l, a)).await,
                 // No future to box for a plain listener.
@@ -199,20 +219,67 @@ pub async fn run(listener: Arc<ListenerRt>, accepted: Accepted) -> Outcome {
     }
 }
 
+/// The PROXY header stage, on a listener with `accept_proxy`: the connection must come from a
+/// trusted address and start with a header, whole within `timeouts.client`; the address it
+/// carries is the client's from then on (a v2 LOCAL header's, or a v1 UNKNOWN's, leaves the
+/// connection's own). Anything else closes the connection, before any server is chosen.
+async fn proxy_stage(listener: &ListenerRt, trusted: &AcceptProxy, mut a: Accepted) -> Session {
+    let l = &listener.config;
+    let refused = if trusted.trusts(a.peer.ip()) {
+        match receive(&a.stream, l.client_timeout).await {
+            Ok(header) => {
+                let via = a.peer;
+                if let Some((client, dst)) = header.addresses {
+                    a.peer = client;
+                    a.origin.dst = Some(dst);
+                }
+                a.origin.alpn = header.alpn;
+                a.origin.authority = header.authority;
+                tracing::trace!(listener = %l.name, client = %a.peer, via = %via, "PROXY header");
+                return introduced(listener, a);
+            }
+            Err(refused) => refused,
+        }
+    } else {
+        Refused {
+            reason: Refusal::Untrusted,
+            detail: "from an address accept_proxy does not list".into(),
+        }
+    };
+    listener.proxy_refused[refused.reason as usize].inc();
+    tracing::debug!(listener = %l.name, peer = %a.peer, reason = refused.reason.name(), "PROXY header refused: {}", refused.detail);
+    Session::Finished(Outcome::ProxyRefused(refused.reason))
+}
+
+/// The client is known: when a server may get a PROXY header, the address the client reached
+/// is looked up now (the transparent listener's original destination, else the socket's).
+fn introduced(listener: &ListenerRt, mut a: Accepted) -> Session {
+    if listener.sends_proxy && a.origin.dst.is_none() {
+        a.origin.dst = a.original_dst.or_else(|| a.stream.local_addr().ok());
+    }
+    Session::Introduced(a)
+}
+
 /// The TLS stage, on a listener with `tls:` (the handshake, within `timeouts.tls_handshake`);
 /// then the listener's protocol.
 async fn tls_stage(l: &ListenerRt, tls: &Terminator, a: Accepted) -> Session {
-    let (peer, original_dst) = (a.peer, a.original_dst);
+    let (peer, original_dst, mut origin) = (a.peer, a.original_dst, a.origin);
     match tls.handshake(a.stream).await {
-        Ok((secured, info)) => protocol(
-            l,
-            Client {
-                stream: secured,
-                peer,
-                original_dst,
-                sni: info.sni,
-            },
-        ),
+        Ok((secured, info)) => {
+            // lb terminated TLS: its handshake tells servers what the client asked for.
+            origin.alpn = info.alpn;
+            origin.authority = info.sni.clone();
+            protocol(
+                l,
+                Client {
+                    stream: secured,
+                    peer,
+                    original_dst,
+                    sni: info.sni,
+                    origin,
+                },
+            )
+        }
         Err(failure) => {
             tracing::debug!(listener = %l.config.name, client = %peer, reason = failure.name(), "TLS handshake failed");
             Session::Finished(Outcome::Handshake(failure))
@@ -260,6 +327,7 @@ async fn connect_stage(listener: &ListenerRt, a: Client) -> Session {
         nodelay: l.nodelay,
         http: false,
         rcvbuf: listener.settings.kernel_rcvbuf,
+        origin: &a.origin,
     };
     match dispatch(chosen, who).await {
         Ok((lease, stream)) => {
@@ -324,7 +392,7 @@ fn paired(
 /// long-lived flow whose bytes lb no longer needs to see; a response body has moved
 /// `forwarding.offload_after` bytes in userspace already).
 async fn http_stage(listener: &Arc<ListenerRt>, a: Client) -> Session {
-    match crate::http::session::run(listener.clone(), a.stream, a.peer, a.sni).await {
+    match crate::http::session::run(listener.clone(), a.stream, a.peer, a.sni, a.origin).await {
         HttpEnd::Closed(why) => Session::Finished(Outcome::Http(why)),
         HttpEnd::Handoff(h) => {
             let h = *h;

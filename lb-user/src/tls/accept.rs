@@ -114,6 +114,8 @@ impl ResolvesServerCert for SniResolver {
 pub struct Handshaken {
     /// The name the client asked for (SNI), lowercase.
     pub sni: Option<String>,
+    /// The application protocol agreed in ALPN.
+    pub alpn: Option<Vec<u8>>,
 }
 
 /// A listener's TLS termination.
@@ -204,6 +206,7 @@ impl Terminator {
                 let info = Handshaken {
                     // Lowercase already (rustls lowercases the name it received).
                     sni: conn.server_name().map(str::to_owned),
+                    alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
                 };
                 let Some(ciphers) = &self.kernel else {
                     return Ok((Stream::Tls(Box::new(stream.into())), info));
