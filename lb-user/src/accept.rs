@@ -8,16 +8,16 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd},
 };
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    net::TcpStream,
-};
+use tokio::{io::unix::AsyncFd, net::TcpStream};
 
 use crate::{config::Listener, sockopt};
 
-/// Binds the listener's socket (non-blocking, SO_REUSEADDR, the configured backlog) with the
-/// listener's flags; `rcvbuf`: SO_RCVBUF (`tune.kernel_rcvbuf` when flows may go to the
-/// kernel).
+/// Binds the listener's sockets, `count` of them (one per session thread) on the same address
+/// with SO_REUSEPORT: the kernel spreads new connections over them, and each thread accepts
+/// from its own, so a connection is accepted on the thread that runs its session and never
+/// crosses threads (HAProxy's `shards by-thread`). Each is non-blocking, SO_REUSEADDR, with the
+/// configured backlog and the listener's flags; `rcvbuf`: SO_RCVBUF (`tune.kernel_rcvbuf`
+/// when flows may go to the kernel). On port 0 the first socket's port is the others'.
 ///
 /// The flags are set once, here: Linux copies TCP_NODELAY, SO_RCVBUF and the keepalive
 /// settings of a listening socket to every socket it accepts, so no accepted connection pays a
@@ -25,24 +25,65 @@ use crate::{config::Listener, sockopt};
 /// before the handshake, while the window is the initial one: shrinking the buffer of a socket
 /// that already advertised a larger window, at the hand-off to the kernel, duplicated bytes
 /// (the segments the old window let in overflow the buffer while the program holds).
-pub fn bind(listener: &Listener, rcvbuf: Option<u32>) -> io::Result<Listening> {
-    let socket = Socket::new(
-        Domain::for_address(listener.bind),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
+pub fn bind(
+    listener: &Listener,
+    rcvbuf: Option<u32>,
+    count: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_at(listener, listener.bind, rcvbuf)?;
+    let addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    while sockets.len() < count {
+        sockets.push(bind_at(listener, addr, rcvbuf)?);
+    }
+    Ok(sockets)
+}
+
+/// One more socket in the group of `group` (which must have SO_REUSEPORT), for another thread.
+pub fn bind_beside(
+    group: &std::net::TcpListener,
+    listener: &Listener,
+    rcvbuf: Option<u32>,
+) -> io::Result<std::net::TcpListener> {
+    bind_at(listener, group.local_addr()?, rcvbuf)
+}
+
+fn bind_at(listener: &Listener, addr: SocketAddr, rcvbuf: Option<u32>) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     if let Some(bytes) = rcvbuf {
         socket.set_recv_buffer_size(bytes as usize)?;
     }
     inherited(SockRef::from(&socket), listener)?;
-    socket.bind(&listener.bind.into())?;
+    socket.bind(&addr.into())?;
     socket.listen(backlog(listener))?;
-    let socket: std::net::TcpListener = socket.into();
-    // SAFETY: the listener owns its fd, which stays open and the same while the AsyncFd owns it.
-    let registered = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
-    Ok(Listening(registered))
+    Ok(socket.into())
+}
+
+/// Whether a socket (one an upgrade handed over) takes more sockets beside it (SO_REUSEPORT;
+/// the sockets of lb versions before per-thread accept do not).
+pub fn reuses_port(socket: &std::net::TcpListener) -> bool {
+    SockRef::from(socket).reuse_port().unwrap_or(false)
+}
+
+/// A listening socket another lb process bound and handed over (an upgrade), non-blocking.
+pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<std::net::TcpListener> {
+    let socket = std::net::TcpListener::from(fd);
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// A reload changed the listener: the flags later connections inherit, and the backlog
+/// (`listen` again on a listening socket only changes its backlog). The address stays.
+pub fn adjust(socket: &std::net::TcpListener, listener: &Listener) -> io::Result<()> {
+    inherited(SockRef::from(socket), listener)?;
+    // SAFETY: a plain syscall on the fd this socket owns.
+    if unsafe { libc::listen(socket.as_raw_fd(), backlog(listener)) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The flags accepted sockets inherit: TCP_NODELAY and the keepalive settings.
@@ -70,69 +111,75 @@ fn backlog(listener: &Listener) -> i32 {
     listener.backlog.min(i32::MAX as u32) as i32
 }
 
-/// A bound listening socket, registered with the runtime that runs its accept loop.
+/// A listening socket, registered with the runtime of the session thread that accepts on it.
 ///
-/// Not tokio's `TcpListener`: that registers each accepted socket with the accepting runtime,
-/// while a session runs on a worker of its own ([`crate::workers`]), whose runtime must own the
-/// socket; moving it would cost two more epoll_ctl calls per connection.
+/// Not tokio's `TcpListener`: the accepted socket is registered with the runtime that runs its
+/// session by [`configure`], on that runtime, once.
 pub struct Listening(AsyncFd<std::net::TcpListener>);
 
 impl Listening {
-    /// A listening socket another lb process bound and handed over (an upgrade).
-    pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<Listening> {
-        let socket = std::net::TcpListener::from(fd);
-        socket.set_nonblocking(true)?;
-        // SAFETY: as in `bind`.
+    /// Registers `socket` with the current runtime (the thread that will accept on it).
+    pub fn register(socket: std::net::TcpListener) -> io::Result<Listening> {
+        // SAFETY: the listener owns its fd, which stays open and the same while the AsyncFd
+        // owns it.
         let registered = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
         Ok(Listening(registered))
     }
 
-    /// Its descriptor, for handing it to a new process (an upgrade).
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
+    pub fn socket(&self) -> &std::net::TcpListener {
+        self.0.get_ref()
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.0.get_ref().local_addr()
     }
 
-    /// A reload changed the listener: the flags later connections inherit, and the backlog
-    /// (`listen` again on a listening socket only changes its backlog). The address stays.
-    pub fn adjust(&self, listener: &Listener) -> io::Result<()> {
-        let socket = SockRef::from(self.0.get_ref());
-        inherited(socket, listener)?;
-        // SAFETY: a plain syscall on the fd this socket owns.
-        if unsafe { libc::listen(self.0.as_raw_fd(), backlog(listener)) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
     /// A connection already in the accept queue, without waiting (`None`: the queue is empty).
     pub fn try_accept(&self) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
-        match SockRef::from(self.0.get_ref()).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) {
-            Ok((socket, peer)) => match peer.as_socket() {
-                Some(peer) => Ok(Some((socket.into(), peer))),
-                None => Ok(None),
-            },
+        match accept4(self.0.get_ref()) {
+            Ok(c) => Ok(Some(c)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
     }
 
+    /// Waits until the accept queue may hold a connection; [`Ready::accept`] takes it.
+    pub async fn ready(&self) -> io::Result<Ready<'_>> {
+        Ok(Ready(self.0.readable().await?))
+    }
+
     /// Waits for the next connection: a non-blocking socket registered with no runtime yet.
     pub async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
-        let (socket, peer) = self
-            .0
-            .async_io(Interest::READABLE, |l| {
-                SockRef::from(l).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-            })
-            .await?;
-        let peer = peer
-            .as_socket()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer"))?;
-        Ok((socket.into(), peer))
+        loop {
+            if let Some(c) = self.ready().await?.accept()? {
+                return Ok(c);
+            }
+        }
     }
+}
+
+/// A listening socket found readable.
+pub struct Ready<'a>(tokio::io::unix::AsyncFdReadyGuard<'a, std::net::TcpListener>);
+
+impl Ready<'_> {
+    /// The connection at the head of the queue; `None` when there was none after all (another
+    /// thread sharing the socket took it, say): readiness is cleared, so the next wait is for
+    /// a new connection.
+    pub fn accept(mut self) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
+        match self.0.try_io(|l| accept4(l.get_ref())) {
+            Ok(Ok(c)) => Ok(Some(c)),
+            Ok(Err(e)) => Err(e),
+            Err(_would_block) => Ok(None),
+        }
+    }
+}
+
+fn accept4(l: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (socket, peer) = SockRef::from(l).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let peer = peer
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer"))?;
+    Ok((socket.into(), peer))
 }
 
 /// An accepted client connection, configured.
@@ -196,7 +243,7 @@ mod tests {
             count: Some(3),
         };
         let l = listener(Some(ka), true);
-        let socket = bind(&l, Some(1 << 20)).unwrap();
+        let socket = Listening::register(bind(&l, Some(1 << 20), 1).unwrap().remove(0)).unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = socket.accept().await.unwrap();
         let a = configure(&l, stream, peer).unwrap();
@@ -212,10 +259,37 @@ mod tests {
         assert_eq!(a.original_dst, None);
     }
 
+    /// A listener's sockets share its address, and the kernel spreads connections over them.
+    #[tokio::test]
+    async fn a_listeners_sockets_share_its_address_and_its_connections() {
+        let mut l = listener(None, true);
+        l.backlog = 128;
+        let sockets: Vec<Listening> = bind(&l, None, 2)
+            .unwrap()
+            .into_iter()
+            .map(|s| Listening::register(s).unwrap())
+            .collect();
+        let addr = sockets[0].local_addr().unwrap();
+        assert_ne!(addr.port(), 0);
+        assert_eq!(sockets[1].local_addr().unwrap(), addr);
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut taken = [0; 2];
+        for (i, s) in sockets.iter().enumerate() {
+            while s.try_accept().unwrap().is_some() {
+                taken[i] += 1;
+            }
+        }
+        assert_eq!(taken[0] + taken[1], 64);
+        assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
+    }
+
     #[tokio::test]
     async fn flags_off_stay_off() {
         let l = listener(None, false);
-        let socket = bind(&l, None).unwrap();
+        let socket = Listening::register(bind(&l, None, 1).unwrap().remove(0)).unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = socket.accept().await.unwrap();
         let a = configure(&l, stream, peer).unwrap();

@@ -6,10 +6,10 @@
 //! Why not one work-stealing runtime: there, a kept-alive HTTP connection's requests were
 //! analysed on whichever thread picked up the wake-up, so one connection's buffers and timers
 //! moved between CPUs. In `cargo xtask bench http` (100 B responses, 5 runs) requests/s went from
-//! 0.88× to 0.95× HAProxy's and p99 from 1.53× to 1.09× with workers. The accept loops stay on
-//! the main runtime and hand each accepted socket, not yet registered with any reactor, to the
-//! next worker in turn, which registers it with its own. Each worker's thread may be bound to a
-//! CPU ([`crate::affinity`], `tune.cpu_affinity`).
+//! 0.88× to 0.95× HAProxy's and p99 from 1.53× to 1.09× with workers. Each worker also accepts
+//! its connections, from a listening socket of its own ([`crate::accept::bind`]), so that a
+//! connection never crosses threads. Each worker's thread may be bound to a CPU
+//! ([`crate::affinity`], `tune.cpu_affinity`).
 use std::{
     io,
     sync::atomic::{AtomicUsize, Ordering},
@@ -63,6 +63,11 @@ impl Workers {
     pub fn next(&self) -> &runtime::Handle {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         &self.workers[i].handle
+    }
+
+    /// The runtime of worker `i` (modulo their count).
+    pub fn handle(&self, i: usize) -> &runtime::Handle {
+        &self.workers[i % self.workers.len()].handle
     }
 
     /// Stops every worker, cancelling the sessions they still run, and waits for their threads.

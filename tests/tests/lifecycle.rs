@@ -270,3 +270,68 @@ async fn session_threads_are_bound_to_cpus_as_configured() {
         "{err}"
     );
 }
+
+/// Each session thread accepts from a socket of its own (SO_REUSEPORT), and the listener's
+/// `maxconn` holds across them: with two threads and `maxconn: 1`, clients spread over both
+/// sockets are served one at a time, each as soon as the one before it leaves, whichever
+/// socket it waits on (a thread waiting for a connection holds no slot the other needs).
+#[tokio::test]
+async fn maxconn_holds_across_the_threads_sockets() {
+    let echo = servers::echo().await;
+    let lb = LbBuilder::new(&[echo])
+        .set("tune", "threads", "2")
+        .listener_yaml("    maxconn: 1\n")
+        .spawn();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(TcpStream::connect(lb.listener).await.unwrap());
+    }
+    for c in &mut clients {
+        c.write_all(b"x").await.unwrap();
+    }
+    // Served one at a time: exactly one client has its echo while it stays connected; when it
+    // leaves, exactly one other gets its echo.
+    let mut left = clients;
+    while !left.is_empty() {
+        let mut served = None;
+        for _ in 0..500 {
+            for (i, c) in left.iter_mut().enumerate() {
+                let mut b = [0u8; 1];
+                if let Ok(Ok(1)) = timeout(Duration::from_millis(10), c.read(&mut b)).await {
+                    served = Some(i);
+                    break;
+                }
+            }
+            if served.is_some() {
+                break;
+            }
+        }
+        let i = served.unwrap_or_else(|| {
+            panic!(
+                "{} clients waiting, none served:\n{}",
+                left.len(),
+                lb.metrics().text
+            )
+        });
+        let m = lb.metrics();
+        assert_eq!(
+            m.get("lb_active_connections{listener=\"test\"}"),
+            1.0,
+            "{}",
+            m.text
+        );
+        drop(left.swap_remove(i));
+    }
+    let m = lb
+        .wait_for("every session's end", |m| {
+            m.get("lb_active_connections{listener=\"test\"}") == 0.0
+        })
+        .await;
+    assert_eq!(
+        m.get("lb_connections_total{listener=\"test\"}"),
+        8.0,
+        "{}",
+        m.text
+    );
+    assert!(lb.log().contains("2 socket(s)"), "{}", lb.log());
+}

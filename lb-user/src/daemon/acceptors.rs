@@ -1,11 +1,18 @@
-//! The accept loops: one per listening socket, each handing its connections to session
-//! supervisors on the workers, while below its listener's `maxconn`.
+//! The accept loops: a listener has one listening socket per session worker (SO_REUSEPORT,
+//! [`accept::bind`]), and each worker runs the loop of its own socket, starting a session
+//! supervisor on its own thread for each connection while the listener is below its `maxconn`
+//! (slots its workers share).
 //!
-//! A listening socket is named by its address: a reload that keeps a listener's address (or
-//! gives it to a listener of another name) keeps the socket, and its loop serves the new
-//! listener from its next connection, so no connection is refused or lost in an accept queue.
-//! A socket no listener uses any more takes what is in its accept queue, then closes.
-use std::{net::SocketAddr, os::fd::OwnedFd, sync::Arc, time::Duration};
+//! A listener's sockets are named by its address: a reload that keeps a listener's address (or
+//! gives it to a listener of another name) keeps them, and their loops serve the new listener
+//! from their next connection, so no connection is refused or lost in an accept queue.
+//! Sockets no listener uses any more take what is in their accept queue, then close.
+use std::{
+    net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 use tokio::{
     sync::{watch, Semaphore},
     task::JoinHandle,
@@ -37,16 +44,18 @@ pub(super) struct Acceptors {
     sessions: TaskTracker,
 }
 
+/// A listener's sockets and their loops, one per worker.
 struct Loop {
     socket: Key,
-    /// The socket's descriptor (owned by the loop's task, open while it runs).
-    fd: std::os::fd::RawFd,
+    /// The sockets' descriptors (each owned by its loop's task, open while it runs).
+    fds: Vec<std::os::fd::RawFd>,
     listener: watch::Sender<Arc<ListenerRt>>,
-    /// The loop's `maxconn` slots, which flows moved in by an upgrade take too.
-    slots: Arc<Semaphore>,
-    /// Cancelled when a reload leaves the socket without a listener.
+    /// The listener's `maxconn` slots, shared by its loops, which flows moved in by an upgrade
+    /// take too.
+    slots: Arc<Slots>,
+    /// Cancelled when a reload leaves the sockets without a listener.
     removed: CancellationToken,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// Which socket a listener needs: its address (a listener on port 0, any free port, has one
@@ -58,8 +67,8 @@ fn key(l: &Listener) -> Key {
     Key(l.bind, (l.bind.port() == 0).then(|| l.name.clone()))
 }
 
-/// Sockets bound for a configuration, before it is applied.
-pub(super) struct Bound(Vec<(Key, Listening)>);
+/// Sockets bound for a configuration, before it is applied: a listener's, one per worker.
+pub(super) struct Bound(Vec<(Key, Vec<std::net::TcpListener>)>);
 
 impl Acceptors {
     pub(super) fn new(
@@ -78,10 +87,10 @@ impl Acceptors {
         }
     }
 
-    /// Binds the socket of every listener in `listeners` that has none open yet (all or none);
-    /// `rcvbuf`: SO_RCVBUF ([`accept::bind`]); `inherited`: sockets an upgrade handed over, by
-    /// (address, name for port 0), taken instead of binding where they match (those left are
-    /// closed by the caller).
+    /// Binds the sockets of every listener in `listeners` that has none open yet (all or
+    /// none); `rcvbuf`: SO_RCVBUF ([`accept::bind`]); `inherited`: sockets an upgrade handed
+    /// over, by (address, name for port 0), taken instead of binding where they match (those
+    /// left are closed by the caller).
     pub(super) fn bind(
         &self,
         listeners: &[Listener],
@@ -104,10 +113,16 @@ impl Acceptors {
                 source,
             };
             let socket = if let Some(i) = handed.filter(|_| !open) {
-                let (_, _, fd) = inherited.swap_remove(i);
-                Some(Listening::adopt(fd).and_then(|s| s.adjust(l).map(|()| s)))
+                let mut fds = vec![inherited.swap_remove(i).2];
+                while let Some(j) = inherited
+                    .iter()
+                    .position(|(addr, name, _)| Key(*addr, name.clone()) == k)
+                {
+                    fds.push(inherited.swap_remove(j).2);
+                }
+                Some(self.adopt(l, fds, rcvbuf))
             } else if !open {
-                Some(accept::bind(l, rcvbuf))
+                Some(accept::bind(l, rcvbuf, self.workers.len()))
             } else {
                 None
             };
@@ -126,15 +141,45 @@ impl Acceptors {
         }
     }
 
+    /// The sockets an upgrade handed over for `l`, one per worker: more are bound beside them
+    /// when there are fewer than workers (or, beside sockets without SO_REUSEPORT from an lb
+    /// before per-thread accept, the first is shared by the workers left: each is woken by
+    /// every connection to it, and one takes it); more than workers are served all the same,
+    /// several by a worker.
+    fn adopt(
+        &self,
+        l: &Listener,
+        fds: Vec<OwnedFd>,
+        rcvbuf: Option<u32>,
+    ) -> std::io::Result<Vec<std::net::TcpListener>> {
+        let mut sockets = Vec::new();
+        for fd in fds {
+            let socket = accept::adopt(fd)?;
+            accept::adjust(&socket, l)?;
+            sockets.push(socket);
+        }
+        while sockets.len() < self.workers.len() {
+            let more = if accept::reuses_port(&sockets[0]) {
+                accept::bind_beside(&sockets[0], l, rcvbuf)?
+            } else {
+                sockets[0].try_clone()?
+            };
+            sockets.push(more);
+        }
+        Ok(sockets)
+    }
+
     /// Every listening socket, for an upgrade: its listener's address (and name, on port 0)
     /// and its descriptor.
     pub(super) fn handed(&self) -> Vec<crate::upgrade::Handed> {
         self.loops
             .iter()
-            .map(|lp| crate::upgrade::Handed {
-                bind: lp.socket.0,
-                name: lp.socket.1.clone(),
-                fd: lp.fd,
+            .flat_map(|lp| {
+                lp.fds.iter().map(|&fd| crate::upgrade::Handed {
+                    bind: lp.socket.0,
+                    name: lp.socket.1.clone(),
+                    fd,
+                })
             })
             .collect()
     }
@@ -149,6 +194,8 @@ impl Acceptors {
             let k = key(&listener.config);
             if let Some(i) = self.loops.iter().position(|lp| lp.socket == k) {
                 let lp = self.loops.swap_remove(i);
+                // Once, here: each loop adjusts its own socket's options.
+                lp.slots.resize(listener.config.maxconn);
                 lp.listener.send_replace(listener.clone());
                 kept.push(lp);
             } else if let Some(i) = bound.iter().position(|(b, _)| *b == k) {
@@ -162,44 +209,56 @@ impl Acceptors {
                 lp.socket.0
             );
             lp.removed.cancel();
-            self.closing.push(lp.task);
+            self.closing.extend(lp.tasks);
         }
     }
 
-    fn start(&self, socket: Key, listener: Arc<ListenerRt>, listening: Listening) -> Loop {
+    fn start(&self, socket: Key, listener: Arc<ListenerRt>, sockets: Vec<std::net::TcpListener>) -> Loop {
         let l = &listener.config;
-        let local = listening.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let local = sockets
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         tracing::info!(
-            "listener `{}` listening on {local} (mode {}{}, backend `{}`)",
+            "listener `{}` listening on {local} (mode {}{}, backend `{}`; {} socket(s))",
             l.name,
             if l.http.is_some() { "http" } else { "tcp" },
             if l.tls.is_some() { " over TLS" } else { "" },
-            listener.default_backend().config.name
+            listener.default_backend().config.name,
+            sockets.len()
         );
-        let slots = Slots::new(l.maxconn);
-        let semaphore = slots.semaphore.clone();
+        let slots = Arc::new(Slots::new(l.maxconn));
         let (sender, receiver) = watch::channel(listener);
         let removed = CancellationToken::new();
-        let fd = listening.raw_fd();
-        let task = tokio::spawn(accept_loop(
-            receiver,
-            listening,
-            slots,
-            self.workers.clone(),
-            Ends {
-                stop: self.stop.clone(),
-                removed: removed.clone(),
-                abort: self.abort.clone(),
-            },
-            self.sessions.clone(),
-        ));
+        let fds = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        let tasks = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, socket)| {
+                let ends = Ends {
+                    stop: self.stop.clone(),
+                    removed: removed.clone(),
+                    // The loop's own child: its sessions wait on a token no other thread's
+                    // sessions register with.
+                    abort: self.abort.child_token(),
+                };
+                self.workers.handle(i).spawn(accept_loop(
+                    receiver.clone(),
+                    socket,
+                    slots.clone(),
+                    ends,
+                    self.sessions.clone(),
+                ))
+            })
+            .collect();
         Loop {
             socket,
-            fd,
+            fds,
             listener: sender,
-            slots: semaphore,
+            slots,
             removed,
-            task,
+            tasks,
         }
     }
 
@@ -220,7 +279,7 @@ impl Acceptors {
             .loops
             .iter()
             .find(|lp| lp.listener.borrow().config.name == listener.config.name)
-            .and_then(|lp| lp.slots.clone().try_acquire_owned().ok());
+            .and_then(|lp| lp.slots.semaphore.clone().try_acquire_owned().ok());
         let session = async move {
             let active = listener.active.clone();
             active.inc();
@@ -244,7 +303,7 @@ impl Acceptors {
 
     /// Waits for every loop to end (after lb's stop).
     pub(super) async fn join(self) {
-        for task in self.loops.into_iter().map(|lp| lp.task).chain(self.closing) {
+        for task in self.loops.into_iter().flat_map(|lp| lp.tasks).chain(self.closing) {
             let _ = task.await;
         }
     }
@@ -260,8 +319,13 @@ struct Ends {
 /// The listener's `maxconn` as slots: a lower one takes effect as sessions end.
 struct Slots {
     semaphore: Arc<Semaphore>,
+    /// The limit, and the slots to take out of use as they come back (a lower `maxconn` while
+    /// they were taken).
+    books: Mutex<Books>,
+}
+
+struct Books {
     limit: usize,
-    /// Slots to take out of use as they come back (a lower `maxconn` while they were taken).
     owed: usize,
 }
 
@@ -269,82 +333,127 @@ impl Slots {
     fn new(limit: u32) -> Slots {
         Slots {
             semaphore: Arc::new(Semaphore::new(limit as usize)),
-            limit: limit as usize,
-            owed: 0,
+            books: Mutex::new(Books {
+                limit: limit as usize,
+                owed: 0,
+            }),
         }
     }
 
-    fn resize(&mut self, limit: u32) {
+    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
+        // The books hold two numbers, consistent after every statement: a panic elsewhere
+        // while the lock was held left them usable.
+        self.books.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn resize(&self, limit: u32) {
         let limit = limit as usize;
-        if limit > self.limit {
-            let more = limit - self.limit;
-            let repaid = more.min(self.owed);
-            self.owed -= repaid;
+        let mut b = self.books();
+        if limit > b.limit {
+            let more = limit - b.limit;
+            let repaid = more.min(b.owed);
+            b.owed -= repaid;
             self.semaphore.add_permits(more - repaid);
         } else {
-            let fewer = self.limit - limit;
-            self.owed += fewer - self.semaphore.forget_permits(fewer);
+            let fewer = b.limit - limit;
+            b.owed += fewer - self.semaphore.forget_permits(fewer);
         }
-        self.limit = limit;
+        b.limit = limit;
+    }
+
+    /// Whether a slot just taken is one owed (to be forgotten, not used).
+    fn repay(&self) -> bool {
+        let mut b = self.books();
+        if b.owed > 0 {
+            b.owed -= 1;
+            true
+        } else {
+            false
+        }
     }
 }
 
-/// Accepts connections while below the listener's maxconn and spawns a session for each on the
-/// next worker.
+/// A worker's loop over one of the listener's sockets: takes each connection while the
+/// listener is below its `maxconn` and runs its session on this worker.
+///
+/// The loop waits for a connection first, then for a slot: a loop waiting for a connection
+/// holds no slot, which another worker's socket may need for the connection it has.
 async fn accept_loop(
     mut listener: watch::Receiver<Arc<ListenerRt>>,
-    socket: Listening,
-    mut slots: Slots,
-    workers: Arc<Workers>,
+    socket: std::net::TcpListener,
+    slots: Arc<Slots>,
     ends: Ends,
     sessions: TaskTracker,
 ) {
+    let socket = match Listening::register(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(listener = %listener.borrow().config.name, "cannot watch a listening socket: {e}");
+            return;
+        }
+    };
+    // What ends the loop or changes its listener, waited on across connections (a change
+    // re-arms it): no per-connection registration with a token other threads use.
+    let mut control = std::pin::pin!(control_of(&ends, listener.clone()));
     loop {
-        let permit = tokio::select! {
+        let ready = tokio::select! {
             biased;
-            _ = ends.stop.cancelled() => return,
-            _ = ends.removed.cancelled() => break,
-            changed = listener.changed() => {
-                match changed {
-                    Ok(()) => changes(&listener.borrow_and_update(), &socket, &mut slots),
-                    Err(_) => break,
+            c = &mut control => match c {
+                Control::Stop => return,
+                Control::Removed => break,
+                Control::Changed(rx) => {
+                    listener = rx;
+                    adjust(&listener.borrow_and_update(), &socket);
+                    control.set(control_of(&ends, listener.clone()));
+                    continue;
                 }
+            },
+            r = socket.ready() => r,
+        };
+        let ready = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                tracing::warn!(listener = %listener.borrow().config.name, "listening socket failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let permit = tokio::select! {
+            biased;
+            c = &mut control => match c {
+                Control::Stop => return,
+                Control::Removed => break,
+                // A change applies at once, not at the next connection.
+                Control::Changed(rx) => {
+                    listener = rx;
+                    adjust(&listener.borrow_and_update(), &socket);
+                    control.set(control_of(&ends, listener.clone()));
+                    continue;
+                }
+            },
             p = slots.semaphore.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
         };
-        if slots.owed > 0 {
-            slots.owed -= 1;
+        if slots.repay() {
             permit.forget();
             continue;
         }
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = ends.stop.cancelled() => return,
-            _ = ends.removed.cancelled() => break,
-            // A change applies at once, not at the next connection (the permit goes back).
-            changed = listener.changed() => {
-                match changed {
-                    Ok(()) => changes(&listener.borrow_and_update(), &socket, &mut slots),
-                    Err(_) => break,
-                }
-                continue;
+        match ready.accept() {
+            Ok(Some((stream, peer))) => {
+                let current = listener.borrow().clone();
+                spawn_session(current, stream, peer, permit, &ends.abort, &sessions);
             }
-            r = socket.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of fds or memory: pause instead of spinning on the error.
-                    tracing::warn!(listener = %listener.borrow().config.name, "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let current = listener.borrow().clone();
-        spawn_session(current, stream, peer, permit, &workers, &ends.abort, &sessions);
+            // Another worker sharing the socket took it (the slot goes back).
+            Ok(None) => {}
+            Err(e) => {
+                // Out of fds or memory: pause instead of spinning on the error.
+                tracing::warn!(listener = %listener.borrow().config.name, "accept failed: {e}");
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
     // Removed by a reload: the connections the kernel completed already are served (closing
     // the socket would reset them), then the socket closes. (Beyond `maxconn`: each is a
@@ -354,15 +463,7 @@ async fn accept_loop(
     while drained < DRAIN_LIMIT {
         match socket.try_accept() {
             Ok(Some((stream, peer))) => {
-                spawn_session(
-                    current.clone(),
-                    stream,
-                    peer,
-                    (),
-                    &workers,
-                    &ends.abort,
-                    &sessions,
-                );
+                spawn_session(current.clone(), stream, peer, (), &ends.abort, &sessions);
                 drained += 1;
             }
             Ok(None) => break,
@@ -374,20 +475,48 @@ async fn accept_loop(
     }
 }
 
-/// A reload changed the socket's listener: the options accepted sockets inherit, and maxconn.
-fn changes(listener: &ListenerRt, socket: &Listening, slots: &mut Slots) {
-    if let Err(e) = socket.adjust(&listener.config) {
-        tracing::warn!(listener = %listener.config.name, "cannot change the listening socket's options: {e}");
-    }
-    slots.resize(listener.config.maxconn);
+/// What a loop's control future saw.
+enum Control {
+    Stop,
+    Removed,
+    /// The listener changed (or its sender is gone: `Removed` then): the receiver, marked seen
+    /// by the caller.
+    Changed(watch::Receiver<Arc<ListenerRt>>),
 }
 
+/// The loop's control future: resolves when lb stops, the listener is removed, or changed.
+fn control_of(
+    ends: &Ends,
+    mut listener: watch::Receiver<Arc<ListenerRt>>,
+) -> impl std::future::Future<Output = Control> + use<> {
+    let (stop, removed) = (ends.stop.clone(), ends.removed.clone());
+    async move {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => Control::Stop,
+            () = removed.cancelled() => Control::Removed,
+            changed = listener.changed() => match changed {
+                Ok(()) => Control::Changed(listener),
+                Err(_) => Control::Removed,
+            },
+        }
+    }
+}
+
+/// A reload changed the socket's listener: the options accepted sockets inherit (its `maxconn`
+/// is the [`Acceptors::apply`]'s to change, once for all the listener's sockets).
+fn adjust(listener: &ListenerRt, socket: &Listening) {
+    if let Err(e) = accept::adjust(socket.socket(), &listener.config) {
+        tracing::warn!(listener = %listener.config.name, "cannot change the listening socket's options: {e}");
+    }
+}
+
+/// Runs a session for an accepted connection on this worker (the loop's own runtime).
 fn spawn_session<P: Send + 'static>(
     listener: Arc<ListenerRt>,
     stream: std::net::TcpStream,
     peer: SocketAddr,
     permit: P,
-    workers: &Workers,
     abort: &CancellationToken,
     sessions: &TaskTracker,
 ) {
@@ -410,7 +539,7 @@ fn spawn_session<P: Send + 'static>(
         active.dec();
         drop(permit);
     };
-    sessions.spawn_on(session, workers.next());
+    sessions.spawn(session);
 }
 
 #[cfg(test)]
@@ -419,16 +548,16 @@ mod tests {
 
     #[test]
     fn a_lower_maxconn_takes_slots_back_as_they_are_returned() {
-        let mut slots = Slots::new(4);
+        let slots = Slots::new(4);
         let held: Vec<_> = (0..3)
             .map(|_| slots.semaphore.clone().try_acquire_owned().unwrap())
             .collect();
         // 3 taken, 1 free: down to 2 takes the free one now and owes one more.
         slots.resize(2);
-        assert_eq!((slots.semaphore.available_permits(), slots.owed), (0, 1));
+        assert_eq!((slots.semaphore.available_permits(), slots.books().owed), (0, 1));
         // Up to 3 again: the debt is forgiven first, nothing added.
         slots.resize(3);
-        assert_eq!((slots.semaphore.available_permits(), slots.owed), (0, 0));
+        assert_eq!((slots.semaphore.available_permits(), slots.books().owed), (0, 0));
         drop(held);
         assert_eq!(slots.semaphore.available_permits(), 3);
         slots.resize(5);
