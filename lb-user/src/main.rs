@@ -4,6 +4,9 @@ use clap::{Parser, Subcommand};
 use lb::config::{self, Forwarding};
 use std::{path::PathBuf, process::ExitCode};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cli_admin;
 
 /// `lb --version`: says whether this binary carries its eBPF program (the tests read it).

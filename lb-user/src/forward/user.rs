@@ -25,7 +25,6 @@ use tokio::{
     },
     time::Instant,
 };
-use tokio_util::sync::CancellationToken;
 
 use super::{ByteCounters, Directions, End, Side, Timeouts, Totals, Unsent};
 
@@ -77,7 +76,7 @@ pub async fn forward(
         bytes,
         offload: Offload {
             after: offload_after.unwrap_or(u64::MAX),
-            now: CancellationToken::new(),
+            due: AtomicBool::new(false),
         },
         dropped: directions.dropped(),
     };
@@ -169,11 +168,37 @@ struct Shared<'a> {
 }
 
 /// The hand-off trigger shared by both directions.
+///
+/// A flag, not a cancellation token: both copy loops are polled by the flow's one task (the
+/// `select!` in [`forward`] polls both whenever it is woken), so a flag they look at each time
+/// they are polled reaches the other loop at its next poll, which the setter makes happen at
+/// once. A token's waits lock a mutex each time they are made or polled: on short flows, a
+/// measurable share of lb's own CPU time.
 struct Offload {
     /// Bytes one direction moves before the flow is handed to the kernel.
     after: u64,
-    /// Cancelled when a direction reached `after`: both copy loops stop.
-    now: CancellationToken,
+    /// Set when a direction reached `after`: both copy loops stop.
+    due: AtomicBool,
+}
+
+impl Offload {
+    /// Resolves once the hand-off is due (registers no waker: see above).
+    fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|_| match self.due.load(Relaxed) {
+            true => std::task::Poll::Ready(()),
+            false => std::task::Poll::Pending,
+        })
+    }
+
+    /// Makes the hand-off due, and the task poll both loops again.
+    async fn trigger(&self) {
+        self.due.store(true, Relaxed);
+        std::future::poll_fn(|cx| {
+            cx.waker().wake_by_ref();
+            std::task::Poll::Ready(())
+        })
+        .await
+    }
 }
 
 /// How a copy loop stopped (other than failing).
@@ -267,7 +292,7 @@ async fn pump(
             // Readiness waits are cancel-safe too.
             tokio::select! {
                 biased;
-                _ = offload.now.cancelled() => return Ok(Pumped::Paused(Vec::new())),
+                () = offload.wait() => return Ok(Pumped::Paused(Vec::new())),
                 r = src.as_ref().readable() => r.map_err(|_| from)?,
             }
             buf.reserve_exact(FIRST_BUF);
@@ -276,7 +301,7 @@ async fn pump(
         let n = match buf.len() {
             0 => tokio::select! {
                 biased;
-                _ = offload.now.cancelled() => return Ok(Pumped::Paused(Vec::new())),
+                () = offload.wait() => return Ok(Pumped::Paused(Vec::new())),
                 r = src.read_buf(&mut buf) => r.map_err(|_| from)?,
             },
             // The first read, before the loop, found bytes.
@@ -287,9 +312,14 @@ async fn pump(
             // When the other direction has ended too, the flow is over and its sockets are
             // closed as soon as this returns: that close sends the FIN (every byte received
             // was read, so it is not a reset), and a shutdown call first would only add a
-            // syscall to every short connection. A dropped side's end is not passed on
-            // (see Directions::ServerToClient).
-            if !ended[from.other().index()].load(Relaxed) && *dropped != Some(from) {
+            // syscall to every short connection. The same when the other side's end of
+            // stream is already here, unread (a client and a server closing together): the
+            // other direction reads it next and the flow is over then. A dropped side's end
+            // is not passed on (see Directions::ServerToClient).
+            if !ended[from.other().index()].load(Relaxed)
+                && *dropped != Some(from)
+                && !read_closed(dst.as_ref())
+            {
                 dst.shutdown().await.map_err(|_| from.other())?;
             }
             ended[from.index()].store(true, Relaxed);
@@ -303,9 +333,7 @@ async fn pump(
         let full = n == buf.capacity();
         if !full && end_follows(src, &mut buf).map_err(|_| from)? {
             writing[from.index()].store(true, Relaxed);
-            let written = write_last(dst, &buf, &offload.now)
-                .await
-                .map_err(|_| from.other())?;
+            let written = write_last(dst, &buf, offload).await.map_err(|_| from.other())?;
             writing[from.index()].store(false, Relaxed);
             count(shared, from, written);
             if written < buf.len() {
@@ -331,7 +359,7 @@ async fn pump(
             }
         }
         if moved >= offload.after {
-            offload.now.cancel();
+            offload.trigger().await;
             return Ok(Pumped::Paused(Vec::new()));
         }
     }
@@ -347,7 +375,7 @@ async fn deliver(
     moved: &mut u64,
 ) -> Result<bool, Side> {
     shared.writing[from.index()].store(true, Relaxed);
-    let written = write_until_handoff(dst, data, &shared.offload.now)
+    let written = write_until_handoff(dst, data, &shared.offload)
         .await
         .map_err(|_| from.other())?;
     shared.writing[from.index()].store(false, Relaxed);
@@ -376,14 +404,14 @@ fn count(shared: &Shared<'_>, from: Side, n: usize) {
 async fn write_until_handoff(
     dst: &mut WriteHalf<'_>,
     data: &[u8],
-    handoff: &CancellationToken,
+    handoff: &Offload,
 ) -> std::io::Result<usize> {
     let mut sent = taken(crate::sockopt::send_nowait(dst.as_ref().as_fd(), data))?;
     while sent < data.len() {
         // A write is cancel-safe: it either took bytes or did nothing.
         tokio::select! {
             biased;
-            _ = handoff.cancelled() => break,
+            () = handoff.wait() => break,
             r = dst.write(&data[sent..]) => match r? {
                 0 => return Err(std::io::ErrorKind::WriteZero.into()),
                 n => sent += n,
@@ -409,6 +437,14 @@ fn is_retry(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether the peer of `socket` has ended its stream, as tokio was told (epoll's RDHUP): no
+/// syscall, nothing read.
+fn read_closed(socket: &tokio::net::TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let ready = std::pin::pin!(socket.ready(tokio::io::Interest::READABLE));
+    matches!(std::future::Future::poll(ready, &mut cx), std::task::Poll::Ready(Ok(r)) if r.is_read_closed())
+}
+
 /// After a short read: whether the source's end of stream is already there, without waiting
 /// and, usually, without a syscall. tokio keeps a socket's "read closed" readiness (epoll's
 /// RDHUP) once seen, so `try_read` asks the kernel only when that, or new data, was reported;
@@ -428,14 +464,13 @@ fn end_follows(src: &ReadHalf<'_>, buf: &mut Vec<u8>) -> std::io::Result<bool> {
 /// fewer per short flow, like HAProxy when it reads data and close together). Whatever
 /// MSG_MORE did not take goes out by a plain write, unless the hand-off comes first: then the
 /// end of stream is not passed on, and what is returned (the bytes written) is short.
-async fn write_last(
-    dst: &mut WriteHalf<'_>,
-    data: &[u8],
-    handoff: &CancellationToken,
-) -> std::io::Result<usize> {
+async fn write_last(dst: &mut WriteHalf<'_>, data: &[u8], handoff: &Offload) -> std::io::Result<usize> {
     // Tried at once, like write_until_handoff.
     let queued = taken(crate::sockopt::send_more_nowait(dst.as_ref().as_fd(), data))?;
-    let written = queued + write_until_handoff(dst, &data[queued..], handoff).await?;
+    let mut written = queued;
+    if queued < data.len() {
+        written += write_until_handoff(dst, &data[queued..], handoff).await?;
+    }
     if written == data.len() {
         dst.shutdown().await?;
     }
