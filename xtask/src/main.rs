@@ -59,8 +59,8 @@ enum Task {
     /// (lb's memory for idle kernel-forwarded connections) or `reload` (the time to apply a
     /// reload of 1,000 servers; 10 reloads per run).
     Bench {
-        /// Which benchmark: `tcp`, `offload` (the offload-share table of `tcp` alone), `http`,
-        /// `tls`, `idle` or `reload`.
+        /// Which benchmark: `tcp`, `conn` (the connection-rate table of `tcp` alone, printed),
+        /// `offload` (the offload-share table of `tcp` alone), `http`, `tls`, `idle` or `reload`.
         what: String,
         /// Runs per configuration (medians are reported).
         #[arg(long, default_value_t = 3)]

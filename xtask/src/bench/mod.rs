@@ -46,8 +46,8 @@ pub fn run(
     peers: &[String],
     keep: bool,
 ) -> Result<()> {
-    if !["tcp", "offload", "http", "tls", "idle", "reload"].contains(&what) {
-        bail!("unknown benchmark {what:?}; available: tcp, offload, http, tls, idle, reload");
+    if !["tcp", "conn", "offload", "http", "tls", "idle", "reload"].contains(&what) {
+        bail!("unknown benchmark {what:?}; available: tcp, conn, offload, http, tls, idle, reload");
     }
     if !peers.is_empty() && what != "offload" {
         bail!("--peers chooses among the offload peers: `bench offload --peers ...`");
@@ -117,6 +117,14 @@ pub fn run(
             return Ok(());
         }
         return offload_bench(&env, runs, seconds, lb_version);
+    }
+    if what == "conn" {
+        // The connection-rate table of `tcp` alone, printed (docs/ keeps the whole run's).
+        let conn = phases::connection_rate(&env, runs, seconds)?;
+        let mut text = format!("lb at {lb_version}\n");
+        report::conn_table(&mut text, &conn);
+        println!("{text}");
+        return Ok(());
     }
     if what == "tls" {
         eprintln!(

@@ -211,7 +211,7 @@ fn throughput_table(out: &mut String, test: Test, by: &ByConfig<iperf::Sample>) 
     }
 }
 
-fn conn_table(out: &mut String, by: &ByConfig<connrate::Sample>) {
+pub fn conn_table(out: &mut String, by: &ByConfig<connrate::Sample>) {
     let direct = by.get(Config::Direct).median(rate);
     let best = by.best_haproxy(rate);
     let lowest_cpu = by.lowest_haproxy(conn_cpu_us);
