@@ -96,8 +96,10 @@ pub async fn dispatch(state: &BackendRt, who: Requester<'_>) -> Result<(Lease, S
         if !tried.is_empty() {
             state.retries.inc();
         }
+        let started = Instant::now();
         let connected = match connect(&b.servers[idx], b.connect_timeout, who.nodelay, who.rcvbuf).await {
-            Ok(stream) => introduce(&b.servers[idx], stream, &who, b.connect_timeout).await,
+            // The header's write shares the connect's time limit.
+            Ok(stream) => introduce(&b.servers[idx], stream, &who, (started, b.connect_timeout)).await,
             Err(e) => Err(e),
         };
         match connected {
@@ -163,7 +165,7 @@ async fn introduce(
     server: &Server,
     mut stream: TcpStream,
     who: &Requester<'_>,
-    limit: Duration,
+    (started, limit): (Instant, Duration),
 ) -> Result<TcpStream, ConnectError> {
     let Some(version) = server.send_proxy else {
         return Ok(stream);
@@ -173,9 +175,10 @@ async fn introduce(
         address: server.address,
         source,
     };
+    // (Building it cannot fail with what lb writes: two TLVs of at most 255 bytes.)
     let header = who.origin.header(version, who.client).map_err(io_err)?;
     // A new connection's send buffer is empty: the write completes at once, without a wait.
-    match tokio::time::timeout(limit, stream.write_all(&header)).await {
+    match timeout_at(started + limit, stream.write_all(&header)).await {
         Ok(Ok(())) => Ok(stream),
         Ok(Err(e)) => Err(io_err(e)),
         Err(_) => Err(ConnectError::Timeout {

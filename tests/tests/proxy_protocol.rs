@@ -97,11 +97,12 @@ async fn haproxy_introduces_its_clients_to_lb() {
             lb.log()
         );
     }
-    assert!(
-        lb.log().contains("127.0.0.2"),
-        "the access log names the client:\n{}",
-        lb.log()
-    );
+    let logged = lb
+        .log()
+        .lines()
+        .filter(|l| l.contains("lb::access") && l.contains(" 127.0.0.2:") && l.contains("/who"))
+        .count();
+    assert_eq!(logged, 2, "the access log names the client:\n{}", lb.log());
     let m = lb.metrics();
     assert_eq!(m.sum("lb_proxy_header_refused_total"), 0.0, "{}", m.text);
     // HTTPS: the header comes before the ClientHello.
@@ -401,6 +402,7 @@ async fn bad_headers_never_reach_a_server() {
         ("v1 oversized", v1_oversized, false, "too_long"),
         ("v2 oversized", v2_oversized, false, "too_long"),
     ];
+    let mut counted: std::collections::HashMap<&str, f64> = Default::default();
     for (what, bytes, close, reason) in &cases {
         let mut s = TcpStream::connect(lb.listener).await.unwrap();
         s.write_all(bytes).await.unwrap();
@@ -409,8 +411,16 @@ async fn bad_headers_never_reach_a_server() {
         }
         let answer = read_until_closed(&mut s).await;
         assert!(answer.is_empty(), "{what}: answered {answer:?}");
-        let series = format!("lb_proxy_header_refused_total{{listener=\"web\",reason=\"{reason}\"}}");
-        lb.wait_for(&series, |m| m.get(&series) >= 1.0).await;
+        // Counted under its reason, and under no other.
+        *counted.entry(reason).or_default() += 1.0;
+        let total: f64 = counted.values().sum();
+        let m = lb
+            .wait_for(what, |m| m.sum("lb_proxy_header_refused_total") == total)
+            .await;
+        for (r, n) in &counted {
+            let series = format!("lb_proxy_header_refused_total{{listener=\"web\",reason=\"{r}\"}}");
+            assert_eq!(m.get(&series), *n, "{what}:\n{}", m.text);
+        }
     }
     // One byte a second: closed at timeouts.client (2 s), the header never whole.
     let mut s = TcpStream::connect(lb.listener).await.unwrap();
@@ -434,6 +444,65 @@ async fn bad_headers_never_reach_a_server() {
         .await;
     assert_eq!(app.connections(), 0, "{}", m.text);
     assert_eq!(m.sum("lb_http_requests_total"), 0.0, "{}", m.text);
+}
+
+/// What a header may carry besides an IPv4 address: a v2 LOCAL header (a front load
+/// balancer's own check) and a v1 UNKNOWN line leave the connection's address; an
+/// IPv4-mapped IPv6 address (a dual-stack front) is the IPv4 client; an SSL TLV (the client
+/// came over TLS) makes the scheme `https`.
+#[tokio::test]
+async fn local_unknown_mapped_and_ssl_headers() {
+    use ppp::v2::{Addresses, Builder, Command, Protocol, Version};
+    let app = Reflector::start("app").await;
+    let lb = HttpLbBuilder::new(&[app.addr])
+        .listener_yaml("    accept_proxy: true\n")
+        .spawn();
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let v2 = |command: Command, addresses: Addresses, ssl: bool| {
+        let mut b = Builder::with_addresses(Version::Two | command, Protocol::Stream, addresses);
+        if ssl {
+            b = b.write_tlv(0x20, &[0x01, 0, 0, 0, 0][..]).unwrap();
+        }
+        b.build().unwrap()
+    };
+    let pair = |a: &str, b: &str| {
+        Addresses::from((a.parse::<SocketAddr>().unwrap(), b.parse::<SocketAddr>().unwrap()))
+    };
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        // (what, header, X-Forwarded-For, X-Forwarded-Proto)
+        (
+            "v2 LOCAL",
+            v2(Command::Local, Addresses::Unspecified, false),
+            "127.0.0.3",
+            "http",
+        ),
+        ("v1 UNKNOWN", b"PROXY UNKNOWN\r\n".to_vec(), "127.0.0.3", "http"),
+        (
+            "v1 mapped",
+            b"PROXY TCP6 ::ffff:192.0.2.5 ::ffff:192.0.2.9 4000 80\r\n".to_vec(),
+            "192.0.2.5",
+            "http",
+        ),
+        (
+            "v2 SSL",
+            v2(Command::Proxy, pair("192.0.2.6:4000", "192.0.2.9:443"), true),
+            "192.0.2.6",
+            "https",
+        ),
+    ];
+    for (what, header, xff, proto) in cases {
+        let mut s = connect_from("127.0.0.3", lb.listener).await;
+        s.write_all(&[&header[..], &request[..]].concat()).await.unwrap();
+        let answer = read_until_closed(&mut s).await;
+        assert!(
+            answer.contains(&format!("x-forwarded-for: {xff}\n")),
+            "{what}: {answer}"
+        );
+        assert!(
+            answer.contains(&format!("x-forwarded-proto: {proto}\n")),
+            "{what}: {answer}"
+        );
+    }
 }
 
 /// A header from an address `accept_proxy` does not list is refused unread.

@@ -787,7 +787,7 @@ impl Validator<'_> {
             );
         }
         let send_proxy = self
-            .send_proxy(&with(path, Step::Key("send_proxy")), b.send_proxy.as_deref())
+            .send_proxy(&with(path, Step::Key("send_proxy")), b.send_proxy.as_ref())
             .flatten();
         let mut seen = HashMap::new();
         let mut servers = Vec::new();
@@ -822,7 +822,7 @@ impl Validator<'_> {
             }
             let tls = self.server_tls(path, b.tls.as_ref(), &spath, s.tls.as_ref(), address);
             let send_proxy = self
-                .send_proxy(&with(&spath, Step::Key("send_proxy")), s.send_proxy.as_deref())
+                .send_proxy(&with(&spath, Step::Key("send_proxy")), s.send_proxy.as_ref())
                 .unwrap_or(send_proxy);
             servers.push(Server {
                 name: s.name,

@@ -1,7 +1,11 @@
 //! PROXY protocol settings, validated: a listener's `accept_proxy` (who may introduce its
 //! clients with a header, [`crate::proxy_header::receive`]) and a backend's or server's
 //! `send_proxy` (the header lb writes to servers).
-use super::{locate::Step, raw::RawAcceptProxy, with, Validator};
+use super::{
+    locate::Step,
+    raw::{RawAcceptProxy, RawSendProxy},
+    with, Validator,
+};
 use crate::proxy_header::Version;
 use ipnet::IpNet;
 use std::net::IpAddr;
@@ -66,10 +70,25 @@ impl Validator<'_> {
         }
     }
 
-    /// A `send_proxy:` at `path`: `Some(None)` for `off`; `None` when not set (or wrong,
-    /// reported).
-    pub(super) fn send_proxy(&mut self, path: &[Step], raw: Option<&str>) -> Option<Option<Version>> {
-        match raw? {
+    /// A `send_proxy:` at `path`: `Some(None)` for `off` or `false`; `None` when not set (or
+    /// wrong, reported).
+    pub(super) fn send_proxy(
+        &mut self,
+        path: &[Step],
+        raw: Option<&RawSendProxy>,
+    ) -> Option<Option<Version>> {
+        let word = match raw? {
+            RawSendProxy::Switch(false) => return Some(None),
+            RawSendProxy::Switch(true) => {
+                self.error(
+                    path,
+                    "send_proxy: `true` does not say which version; write v1 or v2",
+                );
+                return None;
+            }
+            RawSendProxy::Word(w) => w.as_str(),
+        };
+        match word {
             "v1" => Some(Some(Version::V1)),
             "v2" => Some(Some(Version::V2)),
             "off" => Some(None),

@@ -357,9 +357,9 @@ pub struct RawBackend {
     pub tls: Option<RawServerTls>,
     /// Write a PROXY protocol header, `v1` (text) or `v2` (binary), before a flow's first byte
     /// to every server (HAProxy's `send-proxy` and `send-proxy-v2`), and on their health
-    /// checks; `off` (default) sends none. A server's own `send_proxy` overrides it.
+    /// checks; `off` or `false` (default) sends none. A server's own `send_proxy` overrides it.
     #[serde(default)]
-    pub send_proxy: Option<String>,
+    pub send_proxy: Option<RawSendProxy>,
     /// The servers; at least one.
     #[serde(default)]
     pub servers: Vec<RawServer>,
@@ -423,9 +423,9 @@ pub struct RawServer {
     /// for a server that speaks plain TCP in a TLS backend.
     #[serde(default)]
     pub tls: Option<RawServerTls>,
-    /// Overrides the backend's `send_proxy` for this server: `v1`, `v2` or `off`.
+    /// Overrides the backend's `send_proxy` for this server: `v1`, `v2` or `off` (`false`).
     #[serde(default)]
-    pub send_proxy: Option<String>,
+    pub send_proxy: Option<RawSendProxy>,
 }
 
 /// A listener's `tls:` (HAProxy's `bind ... ssl crt ...`).
@@ -499,6 +499,32 @@ impl<'de> Deserialize<'de> for RawServerTls {
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawServerTls, A::Error> {
                 RawServerTlsSettings::deserialize(serde::de::value::MapAccessDeserializer::new(map))
                     .map(RawServerTls::Settings)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `send_proxy:` of a backend or server: a version's name, or `false`.
+#[derive(Debug)]
+pub enum RawSendProxy {
+    Word(String),
+    Switch(bool),
+}
+
+impl<'de> Deserialize<'de> for RawSendProxy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawSendProxy;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("v1, v2, off or false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawSendProxy, E> {
+                Ok(RawSendProxy::Switch(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSendProxy, E> {
+                Ok(RawSendProxy::Word(v.to_string()))
             }
         }
         d.deserialize_any(Visitor)

@@ -482,4 +482,9 @@ fn send_proxy_is_the_backends_unless_a_server_overrides_it() {
         only_error(&src.replace("send_proxy: v1", "send_proxy: v3")),
         "t.yaml:10:58: send_proxy: `v3` is not a PROXY protocol version; expected v1, v2 or off"
     );
+    let off = parse("t.yaml", &src.replace("send_proxy: off", "send_proxy: false")).unwrap();
+    assert_eq!(off.backends[0].servers[2].send_proxy, None);
+    assert!(
+        only_error(&src.replace("send_proxy: v1", "send_proxy: true")).contains("does not say which version")
+    );
 }

@@ -128,8 +128,10 @@ fn apply<'a>(fields: &mut Vec<Field<'a>>, rules: &'a [HeaderRule]) {
 }
 
 /// The request head for the server; `client_ip`: the client's address as text (the forwarding
-/// fields carry it). `upgrading`: an upgrade request, passed on as one; `expect_handled`: lb
-/// answered `Expect: 100-continue` itself, so the field is dropped.
+/// fields carry it); `tls_in_front`: the client came over TLS to a load balancer in front of
+/// lb (a PROXY header's SSL TLV), so the scheme the fields give is `https`. `upgrading`: an
+/// upgrade request, passed on as one; `expect_handled`: lb answered `Expect: 100-continue`
+/// itself, so the field is dropped.
 ///
 /// The request line keeps the client's version, unlike the response's: an HTTP/1.0 client's
 /// request sent as 1.1 could get a chunked response that client cannot read.
@@ -137,6 +139,7 @@ pub fn request_head(
     req: &Request,
     http: &Http,
     client_ip: &str,
+    tls_in_front: bool,
     upgrading: bool,
     expect_handled: bool,
 ) -> Vec<u8> {
@@ -151,7 +154,11 @@ pub fn request_head(
         fields.retain(|f| !f.is("expect"));
     }
     let f = http.forwarded;
-    let scheme = if http.https { "https" } else { "http" };
+    let scheme = if http.https || tls_in_front {
+        "https"
+    } else {
+        "http"
+    };
     if f.x_forwarded_for {
         // One field holding the list, the client last (the convention every reader parses).
         let mut list: Vec<u8> = Vec::new();

@@ -110,7 +110,7 @@ pub async fn run(
     stream: Stream,
     peer: SocketAddr,
     sni: Option<String>,
-    origin: Origin,
+    mut origin: Origin,
 ) -> HttpEnd {
     let mut rt = rt;
     let mut state = State::Waiting {
@@ -167,6 +167,13 @@ pub async fn run(
         drop(ctx);
         // (An http listener stays one: a reload that makes it tcp ends the connection above.)
         rt = next;
+        // The new generation's servers may send PROXY headers, which name the address the
+        // client reached.
+        if rt.sends_proxy && origin.dst.is_none() {
+            if let State::Requested { client, .. } = &state {
+                origin.dst = client.stream.tcp().local_addr().ok();
+            }
+        }
     }
 }
 
@@ -338,7 +345,7 @@ async fn exchange(
     {
         return State::Ended(HttpEnd::Closed("client failed"));
     }
-    let head = rewrite::request_head(&req, ctx.http, &ctx.client_ip, upgrading, expect);
+    let head = rewrite::request_head(&req, ctx.http, &ctx.client_ip, ctx.origin.ssl, upgrading, expect);
     // Checking a kept connection costs a syscall, a quarter more per request on a busy
     // keep-alive connection: it is checked when reusing it unchecked could go wrong. A request
     // that cannot go again (a body, or not safe) must not meet a closed connection; after a

@@ -67,6 +67,9 @@ pub struct Origin {
     /// handshake's, or what a received v2 header carried.
     pub alpn: Option<Vec<u8>>,
     pub authority: Option<String>,
+    /// A received v2 header's SSL TLV said the client came over TLS (to the load balancer in
+    /// front): the forwarding fields then give the scheme as `https`.
+    pub ssl: bool,
 }
 
 impl Origin {
@@ -261,8 +264,12 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, HeaderError> {
             _ => {}
         }
     }
+    // Datagram families (0x12, 0x22) name no TCP connection: the connection's own addresses
+    // stand, as for UNSPEC (HAProxy takes only TCP over IPv4 and IPv6).
+    let stream = buf[13] & 0x0f == 0x01;
     let addresses = match (header.command, header.addresses) {
         (ppp::v2::Command::Local, _) => None,
+        _ if !stream => None,
         (_, ppp::v2::Addresses::IPv4(a)) => Some((
             SocketAddr::from((a.source_address, a.source_port)),
             SocketAddr::from((a.destination_address, a.destination_port)),

@@ -268,3 +268,20 @@ fn random_and_mutated_bytes_keep_the_framing() {
         }
     }
 }
+
+/// v2 datagram families (UDP over IPv4 and IPv6) name no TCP connection: accepted, and the
+/// connection's own addresses stand.
+#[test]
+fn v2_udp_families_keep_the_connections_addresses() {
+    for family in [0x12u8, 0x22] {
+        let mut h = v2_with(&[]);
+        h[13] = family;
+        if family == 0x22 {
+            h.truncate(14);
+            h.extend_from_slice(&36u16.to_be_bytes());
+            h.extend_from_slice(&[0u8; 36]);
+        }
+        assert_eq!(complete(&h).addresses, None, "{family:#04x}");
+    }
+    assert!(complete(&v2_with(&[])).addresses.is_some());
+}

@@ -230,11 +230,15 @@ async fn proxy_stage(listener: &ListenerRt, trusted: &AcceptProxy, mut a: Accept
             Ok(header) => {
                 let via = a.peer;
                 if let Some((client, dst)) = header.addresses {
-                    a.peer = client;
-                    a.origin.dst = Some(dst);
+                    // An IPv4 client is one, whichever family the header wrote it in (a
+                    // dual-stack load balancer writes `::ffff:a.b.c.d`).
+                    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+                    a.peer = canonical(client);
+                    a.origin.dst = Some(canonical(dst));
                 }
                 a.origin.alpn = header.alpn;
                 a.origin.authority = header.authority;
+                a.origin.ssl = header.ssl;
                 tracing::trace!(listener = %l.name, client = %a.peer, via = %via, "PROXY header");
                 return introduced(listener, a);
             }

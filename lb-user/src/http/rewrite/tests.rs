@@ -44,7 +44,14 @@ fn text(bytes: Vec<u8>) -> String {
 #[test]
 fn hop_by_hop_fields_are_dropped_and_forwarding_fields_added() {
     let r = req("GET /x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\nX-Secret: s\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nForwarded: for=10.0.0.1\r\nAccept: */*\r\n\r\n");
-    let head = text(request_head(&r, &http(ALL, vec![]), "192.0.2.7", false, false));
+    let head = text(request_head(
+        &r,
+        &http(ALL, vec![]),
+        "192.0.2.7",
+        false,
+        false,
+        false,
+    ));
     assert_eq!(
         head,
         "GET /x HTTP/1.1\r\nHost: a\r\nForwarded: for=10.0.0.1, for=192.0.2.7;proto=http\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-Forwarded-Proto: http\r\n\r\n"
@@ -58,7 +65,7 @@ fn a_tls_listener_tells_https_whatever_the_client_claimed() {
         https: true,
         ..http(ALL, vec![])
     };
-    let head = text(request_head(&r, &https, "192.0.2.7", false, false));
+    let head = text(request_head(&r, &https, "192.0.2.7", false, false, false));
     assert_eq!(
         head,
         "GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\nForwarded: for=192.0.2.7;proto=https\r\n\r\n"
@@ -69,7 +76,7 @@ fn a_tls_listener_tells_https_whatever_the_client_claimed() {
 fn an_upgrade_keeps_its_fields() {
     let r = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n");
     assert!(is_upgrade(&r));
-    let head = text(request_head(&r, &http(NONE, vec![]), "::1", true, false));
+    let head = text(request_head(&r, &http(NONE, vec![]), "::1", false, true, false));
     assert_eq!(head, "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\nConnection: upgrade\r\n\r\n");
 }
 
@@ -91,6 +98,7 @@ fn rules_apply_in_order_after_the_forwarding_fields() {
         &r,
         &http(only_xff, rules),
         "2001:db8::1",
+        false,
         false,
         true,
     ));
@@ -127,7 +135,14 @@ fn response_heads() {
 fn connection_cannot_drop_framing_or_host() {
     // Dropping Content-Length here would turn the body into a request the server reads unseen.
     let r = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nConnection: Content-Length, Host, Transfer-Encoding, X-Gone\r\nX-Gone: 1\r\n\r\n");
-    let head = text(request_head(&r, &http(NONE, vec![]), "192.0.2.1", false, false));
+    let head = text(request_head(
+        &r,
+        &http(NONE, vec![]),
+        "192.0.2.1",
+        false,
+        false,
+        false,
+    ));
     assert_eq!(head, "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n");
 }
 
@@ -135,7 +150,14 @@ fn connection_cannot_drop_framing_or_host() {
 fn an_h2c_upgrade_is_not_tunneled() {
     let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n");
     assert!(!is_upgrade(&r));
-    let head = text(request_head(&r, &http(NONE, vec![]), "192.0.2.1", false, false));
+    let head = text(request_head(
+        &r,
+        &http(NONE, vec![]),
+        "192.0.2.1",
+        false,
+        false,
+        false,
+    ));
     assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
 }
 
@@ -143,10 +165,10 @@ fn an_h2c_upgrade_is_not_tunneled() {
 fn a_client_that_closes_has_the_server_asked_to_close_too() {
     let h = http(NONE, vec![]);
     let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-    let head = text(request_head(&r, &h, "127.0.0.1", false, false));
+    let head = text(request_head(&r, &h, "127.0.0.1", false, false, false));
     assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
     // Kept alive: no Connection field (keep-alive is HTTP/1.1's default).
     let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n");
-    let head = text(request_head(&r, &h, "127.0.0.1", false, false));
+    let head = text(request_head(&r, &h, "127.0.0.1", false, false, false));
     assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
 }
