@@ -19,6 +19,11 @@ use crate::{config::Listener, sockopt};
 /// configured backlog and the listener's flags; `rcvbuf`: SO_RCVBUF (`tune.kernel_rcvbuf`
 /// when flows may go to the kernel). On port 0 the first socket's port is the others'.
 ///
+/// The first socket binds without SO_REUSEPORT and sets it only before `listen`: its bind
+/// fails, as a plain bind does, when anything holds the address already (another listener of
+/// the file, another lb, any process), instead of silently sharing its connections; the
+/// others then join it.
+///
 /// The flags are set once, here: Linux copies TCP_NODELAY, SO_RCVBUF and the keepalive
 /// settings of a listening socket to every socket it accepts, so no accepted connection pays a
 /// setsockopt for them (the unit tests below check the copy). SO_RCVBUF is thereby in place
@@ -30,42 +35,38 @@ pub fn bind(
     rcvbuf: Option<u32>,
     count: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
-    let first = bind_at(listener, listener.bind, rcvbuf)?;
+    let first = bind_at(listener, listener.bind, rcvbuf, false)?;
     let addr = first.local_addr()?;
     let mut sockets = vec![first];
     while sockets.len() < count {
-        sockets.push(bind_at(listener, addr, rcvbuf)?);
+        sockets.push(bind_at(listener, addr, rcvbuf, true)?);
     }
     Ok(sockets)
 }
 
-/// One more socket in the group of `group` (which must have SO_REUSEPORT), for another thread.
-pub fn bind_beside(
-    group: &std::net::TcpListener,
+/// `joining`: SO_REUSEPORT before the bind (a socket joining the first's group), else after.
+fn bind_at(
     listener: &Listener,
+    addr: SocketAddr,
     rcvbuf: Option<u32>,
+    joining: bool,
 ) -> io::Result<std::net::TcpListener> {
-    bind_at(listener, group.local_addr()?, rcvbuf)
-}
-
-fn bind_at(listener: &Listener, addr: SocketAddr, rcvbuf: Option<u32>) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    if joining {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     if let Some(bytes) = rcvbuf {
         socket.set_recv_buffer_size(bytes as usize)?;
     }
     inherited(SockRef::from(&socket), listener)?;
     socket.bind(&addr.into())?;
+    if !joining {
+        socket.set_reuse_port(true)?;
+    }
     socket.listen(backlog(listener))?;
     Ok(socket.into())
-}
-
-/// Whether a socket (one an upgrade handed over) takes more sockets beside it (SO_REUSEPORT;
-/// the sockets of lb versions before per-thread accept do not).
-pub fn reuses_port(socket: &std::net::TcpListener) -> bool {
-    SockRef::from(socket).reuse_port().unwrap_or(false)
 }
 
 /// A listening socket another lb process bound and handed over (an upgrade), non-blocking.
@@ -284,6 +285,11 @@ mod tests {
         }
         assert_eq!(taken[0] + taken[1], 64);
         assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
+        // Nothing else joins them: a second listener on the address fails to bind.
+        let mut other = listener(None, true);
+        other.bind = addr;
+        let err = bind(&other, None, 2).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 
     #[tokio::test]

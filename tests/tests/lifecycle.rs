@@ -282,8 +282,9 @@ async fn maxconn_holds_across_the_threads_sockets() {
         .set("tune", "threads", "2")
         .listener_yaml("    maxconn: 1\n")
         .spawn();
+    // Sixteen, so that both sockets have some (all on one: 1 in 32,768).
     let mut clients = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..16 {
         clients.push(TcpStream::connect(lb.listener).await.unwrap());
     }
     for c in &mut clients {
@@ -329,9 +330,41 @@ async fn maxconn_holds_across_the_threads_sockets() {
         .await;
     assert_eq!(
         m.get("lb_connections_total{listener=\"test\"}"),
-        8.0,
+        16.0,
         "{}",
         m.text
     );
     assert!(lb.log().contains("2 socket(s)"), "{}", lb.log());
+}
+
+/// The threads' sockets share their address with nothing else: a second lb on a listener's
+/// address, or a second listener of one file on it, is refused at its start (before per-thread
+/// accept, a plain bind refused them; SO_REUSEPORT alone would have let them share its
+/// connections).
+#[tokio::test]
+async fn an_address_in_use_is_refused_not_shared() {
+    let echo = servers::echo().await;
+    let first = LbBuilder::new(&[echo]).set("tune", "threads", "2").spawn();
+    let taken = first.listener;
+    let start = |listeners: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.yaml");
+        let text = format!(
+            "admin:\n  listen: 127.0.0.1:0\ntune: {{ threads: 2 }}\nlisteners:\n{listeners}backends:\n  - name: b\n    servers:\n      - {{ name: s, address: \"{echo}\" }}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = Command::new(lb_binary());
+        cmd.args(["run", "-c"]).arg(&path);
+        spawn_command(cmd, dir)
+    };
+    let second = start(&format!("  - {{ name: again, bind: \"{taken}\", backend: b }}\n"));
+    let err = second.err().expect("a second lb on a listener's address started");
+    assert!(err.contains("in use"), "{err}");
+    let port = lb_tests::daemons::free_port();
+    let twice = start(&format!(
+        "  - {{ name: one, bind: \"{port}\", backend: b }}\n  - {{ name: two, bind: \"{port}\", backend: b }}\n"
+    ));
+    let err = twice.err().expect("two listeners on one address started");
+    assert!(err.contains("in use"), "{err}");
+    drop(first);
 }

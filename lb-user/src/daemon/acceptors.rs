@@ -67,8 +67,9 @@ fn key(l: &Listener) -> Key {
     Key(l.bind, (l.bind.port() == 0).then(|| l.name.clone()))
 }
 
-/// Sockets bound for a configuration, before it is applied: a listener's, one per worker.
-pub(super) struct Bound(Vec<(Key, Vec<std::net::TcpListener>)>);
+/// Sockets bound for a configuration, before it is applied: a listener's, one per worker,
+/// registered with its worker's runtime.
+pub(super) struct Bound(Vec<(Key, Vec<Listening>)>);
 
 impl Acceptors {
     pub(super) fn new(
@@ -120,14 +121,14 @@ impl Acceptors {
                 {
                     fds.push(inherited.swap_remove(j).2);
                 }
-                Some(self.adopt(l, fds, rcvbuf))
+                Some(self.adopt(l, fds))
             } else if !open {
                 Some(accept::bind(l, rcvbuf, self.workers.len()))
             } else {
                 None
             };
-            match socket {
-                Some(Ok(socket)) => bound.push((k.clone(), socket)),
+            match socket.map(|s| s.and_then(|s| self.register(s))) {
+                Some(Ok(sockets)) => bound.push((k.clone(), sockets)),
                 Some(Err(e)) => errors.push(failed(e)),
                 None => {}
             }
@@ -141,17 +142,14 @@ impl Acceptors {
         }
     }
 
-    /// The sockets an upgrade handed over for `l`, one per worker: more are bound beside them
-    /// when there are fewer than workers (or, beside sockets without SO_REUSEPORT from an lb
-    /// before per-thread accept, the first is shared by the workers left: each is woken by
-    /// every connection to it, and one takes it); more than workers are served all the same,
-    /// several by a worker.
-    fn adopt(
-        &self,
-        l: &Listener,
-        fds: Vec<OwnedFd>,
-        rcvbuf: Option<u32>,
-    ) -> std::io::Result<Vec<std::net::TcpListener>> {
+    /// The sockets an upgrade handed over for `l`: one per worker when the thread counts
+    /// match. With fewer than workers (more threads now, or the one socket of an lb before
+    /// per-thread accept), the first is shared by the workers left: each is woken by every
+    /// connection to it, and one takes it. (None is bound beside them: until the old process
+    /// confirms the upgrade, a socket that joined the group would take connections that its
+    /// close resets if the upgrade fails.) More than workers are served all the same, several
+    /// by a worker.
+    fn adopt(&self, l: &Listener, fds: Vec<OwnedFd>) -> std::io::Result<Vec<std::net::TcpListener>> {
         let mut sockets = Vec::new();
         for fd in fds {
             let socket = accept::adopt(fd)?;
@@ -159,14 +157,22 @@ impl Acceptors {
             sockets.push(socket);
         }
         while sockets.len() < self.workers.len() {
-            let more = if accept::reuses_port(&sockets[0]) {
-                accept::bind_beside(&sockets[0], l, rcvbuf)?
-            } else {
-                sockets[0].try_clone()?
-            };
-            sockets.push(more);
+            let shared = sockets[0].try_clone()?;
+            sockets.push(shared);
         }
         Ok(sockets)
+    }
+
+    /// Registers socket `i` with worker `i`'s runtime (round robin), which accepts on it.
+    fn register(&self, sockets: Vec<std::net::TcpListener>) -> std::io::Result<Vec<Listening>> {
+        sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, socket)| {
+                let _runtime = self.workers.handle(i).enter();
+                Listening::register(socket)
+            })
+            .collect()
     }
 
     /// Every listening socket, for an upgrade: its listener's address (and name, on port 0)
@@ -213,7 +219,7 @@ impl Acceptors {
         }
     }
 
-    fn start(&self, socket: Key, listener: Arc<ListenerRt>, sockets: Vec<std::net::TcpListener>) -> Loop {
+    fn start(&self, socket: Key, listener: Arc<ListenerRt>, sockets: Vec<Listening>) -> Loop {
         let l = &listener.config;
         let local = sockets
             .first()
@@ -231,7 +237,7 @@ impl Acceptors {
         let slots = Arc::new(Slots::new(l.maxconn));
         let (sender, receiver) = watch::channel(listener);
         let removed = CancellationToken::new();
-        let fds = sockets.iter().map(|s| s.as_raw_fd()).collect();
+        let fds = sockets.iter().map(|s| s.socket().as_raw_fd()).collect();
         let tasks = sockets
             .into_iter()
             .enumerate()
@@ -279,7 +285,16 @@ impl Acceptors {
             .loops
             .iter()
             .find(|lp| lp.listener.borrow().config.name == listener.config.name)
-            .and_then(|lp| lp.slots.semaphore.clone().try_acquire_owned().ok());
+            .and_then(|lp| {
+                // A slot owed to a lower `maxconn` is forgotten, as the loops do.
+                loop {
+                    let permit = lp.slots.semaphore.clone().try_acquire_owned().ok()?;
+                    if !lp.slots.repay() {
+                        return Some(permit);
+                    }
+                    permit.forget();
+                }
+            });
         let session = async move {
             let active = listener.active.clone();
             active.inc();
@@ -380,18 +395,11 @@ impl Slots {
 /// holds no slot, which another worker's socket may need for the connection it has.
 async fn accept_loop(
     mut listener: watch::Receiver<Arc<ListenerRt>>,
-    socket: std::net::TcpListener,
+    socket: Listening,
     slots: Arc<Slots>,
     ends: Ends,
     sessions: TaskTracker,
 ) {
-    let socket = match Listening::register(socket) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(listener = %listener.borrow().config.name, "cannot watch a listening socket: {e}");
-            return;
-        }
-    };
     // What ends the loop or changes its listener, waited on across connections (a change
     // re-arms it): no per-connection registration with a token other threads use.
     let mut control = std::pin::pin!(control_of(&ends, listener.clone()));
