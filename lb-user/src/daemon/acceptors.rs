@@ -404,45 +404,29 @@ async fn accept_loop(
     // re-arms it): no per-connection registration with a token other threads use.
     let mut control = std::pin::pin!(control_of(&ends, listener.clone()));
     loop {
-        let ready = tokio::select! {
+        let taken = tokio::select! {
             biased;
-            c = &mut control => match c {
-                Control::Stop => return,
-                Control::Removed => break,
-                Control::Changed(rx) => {
-                    listener = rx;
-                    adjust(&listener.borrow_and_update(), &socket);
-                    control.set(control_of(&ends, listener.clone()));
-                    continue;
-                }
-            },
-            r = socket.ready() => r,
+            c = &mut control => Err(c),
+            t = ready_then_slot(&socket, &slots) => Ok(t),
         };
-        let ready = match ready {
-            Ok(ready) => ready,
-            Err(e) => {
+        let (ready, permit) = match taken {
+            Err(Control::Stop) => return,
+            Err(Control::Removed) => break,
+            // A change applies at once, not at the next connection.
+            Err(Control::Changed(rx)) => {
+                listener = rx;
+                adjust(&listener.borrow_and_update(), &socket);
+                control.set(control_of(&ends, listener.clone()));
+                continue;
+            }
+            Ok(Ok(Some(taken))) => taken,
+            // The slots are never closed.
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
                 tracing::warn!(listener = %listener.borrow().config.name, "listening socket failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-        };
-        let permit = tokio::select! {
-            biased;
-            c = &mut control => match c {
-                Control::Stop => return,
-                Control::Removed => break,
-                // A change applies at once, not at the next connection.
-                Control::Changed(rx) => {
-                    listener = rx;
-                    adjust(&listener.borrow_and_update(), &socket);
-                    control.set(control_of(&ends, listener.clone()));
-                    continue;
-                }
-            },
-            p = slots.semaphore.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
         };
         if slots.repay() {
             permit.forget();
@@ -481,6 +465,22 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Waits for a connection in the socket's queue, then for a slot (`None`: the slots were
+/// closed).
+async fn ready_then_slot<'a>(
+    socket: &'a Listening,
+    slots: &Slots,
+) -> std::io::Result<Option<(accept::Ready<'a>, tokio::sync::OwnedSemaphorePermit)>> {
+    let ready = socket.ready().await?;
+    Ok(slots
+        .semaphore
+        .clone()
+        .acquire_owned()
+        .await
+        .ok()
+        .map(|p| (ready, p)))
 }
 
 /// What a loop's control future saw.
