@@ -193,7 +193,8 @@ async fn probe(server: &Server, kind: &CheckKind, limit: Duration) -> Result<(),
 async fn read_status(stream: &mut Stream) -> Result<u16, String> {
     let mut buf = Vec::with_capacity(1024);
     loop {
-        match crate::http::response::analyze(&buf, "GET", MAX_HEAD) {
+        match crate::http::response::analyze(&buf, "GET", MAX_HEAD, crate::http::request::DEFAULT_MAX_HEADERS)
+        {
             Ok(Some(resp)) if resp.is_interim() => {
                 buf.drain(..resp.head_len);
             }

@@ -5,7 +5,11 @@ use super::{
     raw::{RawForwarded, RawHeaderRule, RawLimits, RawListener, RawRoute, RawTimeouts},
     with, Validator,
 };
-use crate::http::{is_tchar, log::Format, request::Limits};
+use crate::http::{
+    is_tchar,
+    log::Format,
+    request::{Limits, DEFAULT_MAX_HEADERS, MAX_MAX_HEADERS},
+};
 use std::{collections::HashMap, time::Duration};
 
 const DEFAULT_HTTP_REQUEST: Duration = Duration::from_secs(10);
@@ -119,9 +123,17 @@ impl Validator<'_> {
                 "limits.max_header_bytes must be between 1KiB and 1MiB",
             );
         }
+        let max_fields = raw.max_header_fields.unwrap_or(DEFAULT_MAX_HEADERS as u64);
+        if !(1..=MAX_MAX_HEADERS as u64).contains(&max_fields) {
+            self.error(
+                &[Step::Key("limits"), Step::Key("max_header_fields")],
+                format!("limits.max_header_fields must be between 1 and {MAX_MAX_HEADERS}"),
+            );
+        }
         Limits {
             max_header_bytes: max_header.clamp(MIN_MAX_HEADER_BYTES, MAX_MAX_HEADER_BYTES) as usize,
             max_body_bytes: raw.max_body_bytes.map(|b| b.as_u64()),
+            max_header_fields: max_fields.clamp(1, MAX_MAX_HEADERS as u64) as usize,
         }
     }
 

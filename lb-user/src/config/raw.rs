@@ -225,6 +225,11 @@ pub struct RawLimits {
     /// Largest request body; a longer one is refused with 413 (default: unbounded).
     #[serde(default)]
     pub max_body_bytes: Option<bytesize::ByteSize>,
+    /// Most header fields in a request or response head (HAProxy's `tune.http.maxhdr`): a
+    /// request with more is refused with 431, a response with more answered 502 (default 100,
+    /// 1 to 1000).
+    #[serde(default)]
+    pub max_header_fields: Option<u64>,
 }
 
 /// One entry of `listeners:`.

@@ -305,6 +305,20 @@ fn every_semantic_error_is_reported_with_its_position() {
 }
 
 #[test]
+fn the_header_field_limit_is_set_within_its_bounds() {
+    assert_eq!(parse("t.yaml", GOOD).unwrap().limits.max_header_fields, 100);
+    let c = parse("t.yaml", &format!("limits: {{ max_header_fields: 200 }}\n{GOOD}")).unwrap();
+    assert_eq!(c.limits.max_header_fields, 200);
+    for n in [0, 1001] {
+        let e = only_error(&format!("limits: {{ max_header_fields: {n} }}\n{GOOD}"));
+        assert!(
+            e.starts_with("t.yaml:1:30: limits.max_header_fields must be between 1 and 1000"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn out_of_range_values_are_refused_where_written() {
     let src = GOOD
         .replace(

@@ -63,6 +63,10 @@ pub struct Chunked {
     line: usize,
     /// Data bytes so far (without framing).
     data: u64,
+    /// The last bytes fed that must not be forwarded yet: the size line under way (until its
+    /// LF says whether it is the last chunk), and from the last chunk's size line on, all of
+    /// it until the final CRLF. See [`Chunked::withheld`].
+    pending: usize,
 }
 
 impl Default for Chunked {
@@ -72,6 +76,7 @@ impl Default for Chunked {
             size: 0,
             line: 0,
             data: 0,
+            pending: 0,
         }
     }
 }
@@ -110,6 +115,19 @@ impl Chunked {
         self.data
     }
 
+    /// How many of the last bytes fed must be held back, not forwarded yet. A receiver that
+    /// got the last chunk (`0\r\n`) and then a close may take the body for complete (Python's
+    /// http.client does): so the last chunk and the trailers go only together with the final
+    /// CRLF, once all of it was checked, and a size line only once whole. Cut before, the
+    /// receiver sees a body without its end.
+    pub fn withheld(&self) -> usize {
+        if self.done() {
+            0
+        } else {
+            self.pending
+        }
+    }
+
     fn step(&mut self, b: u8) -> Result<(), ChunkError> {
         use State::*;
         let in_size_line = matches!(
@@ -128,6 +146,7 @@ impl Chunked {
                 | SizeLf
         );
         if in_size_line {
+            self.pending += 1;
             self.line += 1;
             if self.line > MAX_SIZE_LINE {
                 return Err(ChunkError("chunk-size line too long"));
@@ -136,6 +155,7 @@ impl Chunked {
             self.state,
             TrailerStart | TrailerName | TrailerValue | TrailerLf | EndLf
         ) {
+            self.pending += 1;
             self.line += 1;
             if self.line > MAX_TRAILERS {
                 return Err(ChunkError("trailers too long"));
@@ -178,6 +198,8 @@ impl Chunked {
                 if self.size == 0 {
                     TrailerStart
                 } else {
+                    // A chunk with data: its size line may go.
+                    self.pending = 0;
                     Data { left: self.size }
                 }
             }
@@ -252,6 +274,20 @@ mod tests {
             check(b"3\r\nabc\r\n0\r\nExpires: never\r\nX-Sum: 1\r\n\r\n"),
             Ok((39, 3))
         );
+    }
+
+    #[test]
+    fn the_last_chunk_is_held_back_until_the_body_ends() {
+        let mut c = Chunked::default();
+        // A size line goes only once whole; a chunk's data at once.
+        assert_eq!((c.feed(b"5\r"), c.withheld()), (Ok(2), 2));
+        assert_eq!((c.feed(b"\nhel"), c.withheld()), (Ok(4), 0));
+        assert_eq!((c.feed(b"lo\r\n0"), c.withheld()), (Ok(5), 1));
+        // The last chunk and the trailers wait for the final CRLF, byte by byte or at once.
+        assert_eq!((c.feed(b"\r\nX-Sum: 1\r\n"), c.withheld()), (Ok(12), 13));
+        assert_eq!((c.feed(b"\r"), c.withheld()), (Ok(1), 14));
+        assert_eq!((c.feed(b"\n"), c.withheld()), (Ok(1), 0));
+        assert!(c.done());
     }
 
     #[test]

@@ -18,9 +18,10 @@ mod tests {
     #[test]
     fn an_error_reply_is_a_complete_response() {
         let reply = super::error(431);
-        let head = crate::http::response::analyze(&reply, "GET", 4096)
-            .unwrap()
-            .unwrap();
+        let head =
+            crate::http::response::analyze(&reply, "GET", 4096, crate::http::request::DEFAULT_MAX_HEADERS)
+                .unwrap()
+                .unwrap();
         assert_eq!(head.status, 431);
         assert_eq!(
             head.body,

@@ -8,8 +8,12 @@
 //! target, a target whose form does not fit the method, a missing or repeated Host.
 use super::{check_line_endings, framing, framing::Body, owned_headers, Header, Rejection, Version};
 
-/// Most header fields in one head (HAProxy's `tune.http.maxhdr` is 101).
-pub const MAX_HEADERS: usize = 100;
+/// Most header fields in one head by default (`limits.max_header_fields`; HAProxy's
+/// `tune.http.maxhdr` is 101).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// The most `limits.max_header_fields` may be: the parser's field slots live on the stack,
+/// uninitialized (32 bytes each), so a larger limit costs nothing per request.
+pub const MAX_MAX_HEADERS: usize = 1000;
 
 /// The limits a request head and body are held to (`limits:` in the configuration).
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +22,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Largest body, when bounded.
     pub max_body_bytes: Option<u64>,
+    /// Most header fields in a head (at most [`MAX_MAX_HEADERS`]): 431 above.
+    pub max_header_fields: usize,
 }
 
 /// An accepted request head.
@@ -45,9 +51,10 @@ pub struct Request {
 /// Analyzes the held bytes `buf`: `Ok(None)` while the head is incomplete and within limits.
 pub fn analyze(buf: &[u8], limits: &Limits) -> Result<Option<Request>, Rejection> {
     let bad = |why| Rejection::new(400, why);
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let parsed = req.parse(buf);
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed =
+        req.parse_with_uninit_headers(buf, &mut fields[..limits.max_header_fields.min(MAX_MAX_HEADERS)]);
     check_line_endings(buf, &parsed).map_err(|why| Rejection::new(400, why))?;
     let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,

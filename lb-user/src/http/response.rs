@@ -3,8 +3,7 @@
 //! server gets wrong is answered to the client with 502 instead of being passed on.
 use super::{check_line_endings, framing, framing::Body, owned_headers, Header, Rejection, Version};
 
-/// Most header fields in one response head.
-pub const MAX_HEADERS: usize = 100;
+use super::request::MAX_MAX_HEADERS;
 
 /// An accepted response head.
 #[derive(Debug, Clone)]
@@ -26,12 +25,22 @@ impl Response {
 }
 
 /// Analyzes the bytes a server sent in answer to a `method` request: `Ok(None)` while the head
-/// is incomplete and under `max_header_bytes`.
-pub fn analyze(buf: &[u8], method: &str, max_header_bytes: usize) -> Result<Option<Response>, Rejection> {
+/// is incomplete and under `max_header_bytes`; at most `max_fields` header fields.
+pub fn analyze(
+    buf: &[u8],
+    method: &str,
+    max_header_bytes: usize,
+    max_fields: usize,
+) -> Result<Option<Response>, Rejection> {
     let bad = |why| Rejection::new(502, why);
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let parsed = resp.parse(buf);
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    // The default configuration, as `Response::parse` (none of httparse's leniency options).
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut fields[..max_fields.min(MAX_MAX_HEADERS)],
+    );
     check_line_endings(buf, &parsed).map_err(bad)?;
     let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) if n <= max_header_bytes => n,
@@ -66,8 +75,23 @@ pub fn analyze(buf: &[u8], method: &str, max_header_bytes: usize) -> Result<Opti
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_field_limit_holds_for_responses() {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\n{}Content-Length: 0\r\n\r\n",
+            "X: y\r\n".repeat(100)
+        );
+        let fields = |max| {
+            analyze(head.as_bytes(), "GET", 8192, max)
+                .map(|r| r.is_some())
+                .map_err(|r| r.status)
+        };
+        assert_eq!(fields(100), Err(502));
+        assert_eq!(fields(101), Ok(true));
+    }
+
     fn status(head: &str, method: &str) -> Result<Option<(u16, Body)>, u16> {
-        analyze(head.as_bytes(), method, 1024)
+        analyze(head.as_bytes(), method, 1024, 100)
             .map(|r| r.map(|r| (r.status, r.body)))
             .map_err(|r| r.status)
     }
@@ -94,7 +118,7 @@ mod tests {
             Ok(Some((101, Body::None)))
         );
         assert_eq!(status("HTTP/1.1 200 OK\r\nContent-Len", "GET"), Ok(None));
-        let interim = analyze(b"HTTP/1.1 100 Continue\r\n\r\n", "POST", 1024)
+        let interim = analyze(b"HTTP/1.1 100 Continue\r\n\r\n", "POST", 1024, 100)
             .unwrap()
             .unwrap();
         assert!(interim.is_interim());

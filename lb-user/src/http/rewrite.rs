@@ -216,6 +216,11 @@ pub fn response_head(resp: &Response, http: &Http, close: bool) -> Vec<u8> {
     let switching = resp.status == 101;
     let mut fields = end_to_end(&resp.headers, switching);
     normalize_length(&mut fields, resp.body);
+    if (100..200).contains(&resp.status) || resp.status == 204 {
+        // These never have a body, and must not say otherwise (RFC 9110 §8.6, RFC 9112 §6.1);
+        // a 304's or a HEAD answer's Content-Length tells the size of the body not sent.
+        fields.retain(|f| !f.is("content-length") && !f.is("transfer-encoding"));
+    }
     apply(&mut fields, &http.response_rules);
     if switching {
         fields.push(added("Connection", &b"upgrade"[..]));

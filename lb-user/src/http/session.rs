@@ -21,7 +21,9 @@ use super::{
     log, reply,
     request::{self, Request},
     rewrite,
-    transfer::{close_gently, forward_message, write_all, BodyError, Conn, Moved, ReadError},
+    transfer::{
+        self, close_gently, forward_message, write_all, BodyError, Bounds, Conn, Moved, Progress, ReadError,
+    },
     trim_ows,
     upstream::{replayable, send_request, still_open, ServerConn, CHECK_IDLE_AFTER},
     Rejection,
@@ -376,9 +378,10 @@ async fn exchange(
             || ctx.stopping.is_cancelled()
             || ctx.rt.is_removed());
     let mut head = rewrite::response_head(&resp, ctx.http, close);
-    count(ctx, resp.status);
-    x.bytes_out += head.len() as u64;
+    let head_len = head.len() as u64;
     if tunnel {
+        count(ctx, resp.status);
+        x.bytes_out += head_len;
         // What either side sent behind its head is passed on before the kernel takes over (the
         // server's bytes in the same write as the head).
         head.append(&mut server.conn.held);
@@ -410,25 +413,38 @@ async fn exchange(
     let plain = !client.stream.is_tls() && !server.conn.stream.is_tls();
     let hand_off_after =
         (close && plain && ctx.rt.shared.kernel.is_some()).then_some(ctx.rt.settings.offload_after);
-    match forward_message(
+    let mut progress = Progress::default();
+    let moved = forward_message(
         &mut server.conn,
         &mut client.stream,
         head.into(),
         resp.body,
         idle,
-        None,
-        hand_off_after,
+        Bounds {
+            max: None,
+            hand_off_after,
+        },
+        &mut progress,
     )
-    .await
-    {
-        Ok(Moved::Whole(n)) => x.bytes_out += n,
-        Ok(Moved::HandOff(n)) => {
-            x.bytes_out += n;
-            return hand_off_body(ctx, client, server, &x, resp.status, resp.body, n);
+    .await;
+    if progress.head {
+        count(ctx, resp.status);
+        x.bytes_out += head_len + progress.body;
+    }
+    match moved {
+        Ok(Moved::Whole(_)) => {}
+        Ok(Moved::HandOff(n)) => return hand_off_body(ctx, client, server, &x, resp.status, resp.body, n),
+        // Nothing reached the client yet (a bad first chunk came with the head): it gets a
+        // 502, as for a malformed head.
+        Err(e) if !progress.head => {
+            drop(server);
+            return refuse(ctx, client, Some(&x), Rejection::new(502, body_fault(&e))).await;
         }
         Err(e) => {
-            // Once the head is out nothing else can tell the client: the connection is cut.
+            // Once the head is out nothing else can tell the client: the connection is cut
+            // (a reset, so that no client takes what it got for the whole response).
             access_log(ctx, &x, resp.status, body_fault(&e), 0);
+            transfer::cut(client.stream);
             return State::Ended(HttpEnd::Closed(body_fault(&e)));
         }
     }

@@ -153,22 +153,44 @@ pub enum Moved {
     HandOff(u64),
 }
 
+/// Where [`forward_message`] may stop before a body's end.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Bounds {
+    /// The largest body accepted ([`BodyError::TooLarge`] past it).
+    pub max: Option<u64>,
+    /// Stop once that many body bytes went and the body is not over ([`Moved::HandOff`]).
+    pub hand_off_after: Option<u64>,
+}
+
+/// What [`forward_message`] wrote so far, whether it ended well or not: what the access log
+/// and the byte counters show, and whether the receiver saw anything of the message.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The head went.
+    pub head: bool,
+    /// Body bytes that went (framing included, as they came).
+    pub body: u64,
+}
+
 /// Sends `head`, then the body delimited by `body` from `src` (its held bytes first) to `dst`:
 /// the head and the body bytes already held leave in one write (one segment for a small
 /// message); when none is held, the head goes alone at once (a borrowed head is then never
-/// copied). Each read is allowed `src_idle`, each write `dst_idle`; `max`: the largest body
-/// accepted; `hand_off_after`: stop once that many body bytes went and the body is not over.
+/// copied). Each read is allowed `src_idle`, each write `dst_idle`; `bounds`: where it may stop
+/// before the body's end. `progress` tells what went, also when it fails. A chunked body's last chunk and trailers go
+/// only once whole and checked ([`Chunked::withheld`]).
 pub async fn forward_message<W: AsyncWrite + Unpin>(
     src: &mut Conn,
     dst: &mut W,
     mut head: Cow<'_, [u8]>,
     body: Body,
     (src_idle, dst_idle): (Duration, Duration),
-    max: Option<u64>,
-    hand_off_after: Option<u64>,
+    Bounds { max, hand_off_after }: Bounds,
+    progress: &mut Progress,
 ) -> Result<Moved, BodyError> {
-    let mut sent = 0u64;
+    *progress = Progress::default();
     let mut chunked = Chunked::default();
+    // Held bytes the chunked checker saw but that may not go yet (at the front of `held`).
+    let mut withheld = 0;
     let mut left = match body {
         Body::None => 0,
         Body::Length(n) => n,
@@ -183,17 +205,22 @@ pub async fn forward_message<W: AsyncWrite + Unpin>(
                     .map_err(BodyError::Destination)?;
                 head = Cow::Borrowed(&[]);
             }
+            progress.head = true;
             if left == 0 {
-                return Ok(Moved::Whole(sent));
+                return Ok(Moved::Whole(progress.body));
             }
         } else {
             let take = match body {
                 Body::Chunked => {
-                    let n = chunked.feed(&src.held).map_err(BodyError::Malformed)?;
+                    let n = chunked
+                        .feed(&src.held[withheld..])
+                        .map_err(BodyError::Malformed)?;
                     if max.is_some_and(|m| chunked.data_bytes() > m) {
                         return Err(BodyError::TooLarge);
                     }
-                    n
+                    let seen = withheld + n;
+                    withheld = chunked.withheld();
+                    seen - withheld
                 }
                 _ => src.held.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
             };
@@ -203,30 +230,42 @@ pub async fn forward_message<W: AsyncWrite + Unpin>(
                 head.to_mut().extend_from_slice(&src.held[..take]);
                 &head[..]
             };
-            write_all(dst, out, dst_idle)
-                .await
-                .map_err(BodyError::Destination)?;
+            if !out.is_empty() {
+                write_all(dst, out, dst_idle)
+                    .await
+                    .map_err(BodyError::Destination)?;
+            }
             head = Cow::Borrowed(&[]);
+            progress.head = true;
             src.consume(take);
-            sent += take as u64;
+            progress.body += take as u64;
             if body != Body::UntilClose {
                 left -= take as u64;
             }
             if left == 0 || chunked.done() {
-                return Ok(Moved::Whole(sent));
+                return Ok(Moved::Whole(progress.body));
             }
         }
-        if hand_off_after.is_some_and(|after| sent >= after) {
-            return Ok(Moved::HandOff(sent));
+        // Only with nothing held back: the kernel would forward past it.
+        if withheld == 0 && hand_off_after.is_some_and(|after| progress.body >= after) {
+            return Ok(Moved::HandOff(progress.body));
         }
         match src.fill(Instant::now() + src_idle).await {
-            Ok(0) if body == Body::UntilClose => return Ok(Moved::Whole(sent)),
+            Ok(0) if body == Body::UntilClose => return Ok(Moved::Whole(progress.body)),
             Ok(0) => return Err(BodyError::Source(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => {}
             Err(ReadError::Timeout) => return Err(BodyError::Source(io::ErrorKind::TimedOut.into())),
             Err(ReadError::Io(e)) => return Err(BodyError::Source(e)),
         }
     }
+}
+
+/// Cuts a connection whose message was sent only in part: closing it sends a reset, never a
+/// FIN, so the peer cannot take what it got for a whole message (a body read until the close,
+/// or a chunked body that lacks only its final CRLF).
+pub fn cut(stream: Stream) {
+    let _ = stream.tcp().set_zero_linger();
+    drop(stream);
 }
 
 /// Ends a connection lb answered and will not read from again: its write side is shut, then
@@ -283,21 +322,27 @@ mod tests {
         writer.write_all(&input[held..]).await.unwrap();
         drop(writer);
         let idle = Duration::from_secs(5);
+        let mut progress = Progress::default();
         let r = forward_message(
             &mut src,
             &mut dst,
             Cow::Borrowed(&b"HEAD"[..]),
             body,
             (idle, idle),
-            max,
-            hand_off_after,
+            Bounds { max, hand_off_after },
+            &mut progress,
         )
         .await;
         drop(dst);
         let mut got = Vec::new();
         out.read_to_end(&mut got).await.unwrap();
+        if !progress.head {
+            assert!(got.is_empty(), "bytes went without the head");
+            return (r, got, src.held);
+        }
         assert!(got.starts_with(b"HEAD"), "the head did not go first");
         got.drain(..4);
+        assert_eq!(progress.body, got.len() as u64, "progress counts what went");
         (r, got, src.held)
     }
 
@@ -365,6 +410,7 @@ mod tests {
         let (mut dst, _out) = pair().await;
         let mut src = Conn::new(reader);
         let idle = Duration::from_secs(30);
+        let mut progress = Progress::default();
         let r = tokio::time::timeout(
             Duration::from_secs(5),
             forward_message(
@@ -373,8 +419,11 @@ mod tests {
                 Cow::Borrowed(&[]),
                 Body::Length(0),
                 (idle, idle),
-                None,
-                Some(0),
+                Bounds {
+                    max: None,
+                    hand_off_after: Some(0),
+                },
+                &mut progress,
             ),
         );
         assert_eq!(
@@ -398,6 +447,30 @@ mod tests {
         assert!(matches!(r, Err(BodyError::Malformed(_))));
         // Nothing past the fault reaches the receiver.
         assert!(b"5\r\nhello\r\n".starts_with(&got));
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_cut_before_its_end_never_shows_its_last_chunk() {
+        // Malformed or oversized trailers, or a close within them: the last chunk stays back.
+        let long = format!("0\r\nX: {}\r\n\r\n", "y".repeat(20_000));
+        for (input, held) in [
+            (&b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n"[..], 0),
+            (b"5\r\nhello\r\n0\r\nX: y\r\n", 0),
+            (b"5\r\nhello\r\n0\r\n", 13),
+            (long.as_bytes(), 0),
+        ] {
+            let (r, got, _) = run(input, held, Body::Chunked, None).await;
+            assert!(r.is_err(), "{:?}", String::from_utf8_lossy(input));
+            assert!(
+                b"5\r\nhello\r\n".starts_with(&got),
+                "{:?}",
+                String::from_utf8_lossy(&got)
+            );
+        }
+        // A bad first size held with the head: nothing goes, the head included.
+        let (r, got, _) = run(b"zz\r\n", 4, Body::Chunked, None).await;
+        assert!(matches!(r, Err(BodyError::Malformed(_))));
+        assert!(got.is_empty());
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use super::{
     response::{self, Response},
     rewrite,
     session::{Ctx, Exchange},
-    transfer::{forward_message, write_all, BodyError, Conn, Moved, ReadError},
+    transfer::{self, forward_message, write_all, BodyError, Bounds, Conn, Moved, Progress, ReadError},
     Rejection, Version,
 };
 use crate::{
@@ -63,37 +63,54 @@ pub(super) async fn send_request(
         let server_idle = ctx.rt.backend(x.backend).config.server_timeout;
         let idle = (ctx.l.client_timeout, server_idle);
         let max = ctx.rt.settings.limits.max_body_bytes;
+        let mut progress = Progress::default();
         let sent = forward_message(
             client,
             &mut server.conn.stream,
             head.into(),
             x.req.body,
             idle,
-            max,
-            None,
+            Bounds {
+                max,
+                hand_off_after: None,
+            },
+            &mut progress,
         )
         .await;
+        x.bytes_in += progress.body;
+        // A request that did not go whole is cut: the server must not take its part for a
+        // request (a FIN after part of a body reads as a complete one to some servers).
+        let cut_request = |server: ServerConn, r: Rejection| {
+            transfer::cut(server.conn.stream);
+            Err(r)
+        };
         let answer = match sent {
             // Without a hand-off budget the whole request goes.
-            Ok(Moved::Whole(n) | Moved::HandOff(n)) => {
-                x.bytes_in += n;
-                read_response(ctx, client, &mut server, x).await
-            }
+            Ok(Moved::Whole(_) | Moved::HandOff(_)) => read_response(ctx, client, &mut server, x).await,
             Err(BodyError::Destination(_)) => Err(NoAnswer {
                 rejection: Rejection::new(502, "server failed while receiving the request"),
                 closed_early: true,
             }),
             Err(BodyError::Malformed(_)) => {
-                return Err(Rejection::new(400, "malformed chunked request body"))
+                return cut_request(server, Rejection::new(400, "malformed chunked request body"))
             }
             Err(BodyError::TooLarge) => {
-                return Err(Rejection::new(413, "request body above limits.max_body_bytes"))
+                return cut_request(
+                    server,
+                    Rejection::new(413, "request body above limits.max_body_bytes"),
+                )
             }
             Err(BodyError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(Rejection::new(408, "request body stalled for timeouts.client"))
+                return cut_request(
+                    server,
+                    Rejection::new(408, "request body stalled for timeouts.client"),
+                )
             }
             Err(BodyError::Source(_)) => {
-                return Err(Rejection::new(400, "client closed within the request body"))
+                return cut_request(
+                    server,
+                    Rejection::new(400, "client closed within the request body"),
+                )
             }
         };
         let backend = &ctx.rt.backend(x.backend).config;
@@ -147,12 +164,17 @@ async fn read_response(
     server: &mut ServerConn,
     x: &mut Exchange<'_>,
 ) -> Result<Response, NoAnswer> {
-    let limit = ctx.rt.settings.limits.max_header_bytes;
+    let limits = &ctx.rt.settings.limits;
     let deadline = Instant::now() + ctx.rt.backend(x.backend).config.server_timeout;
     let mut received = false;
     loop {
         if !server.conn.held.is_empty() {
-            if let Some(resp) = response::analyze(&server.conn.held, &x.req.method, limit)? {
+            if let Some(resp) = response::analyze(
+                &server.conn.held,
+                &x.req.method,
+                limits.max_header_bytes,
+                limits.max_header_fields,
+            )? {
                 server.conn.consume(resp.head_len);
                 x.responded.get_or_insert_with(Instant::now);
                 if !resp.is_interim() {

@@ -5,6 +5,7 @@ use super::*;
 const LIMITS: Limits = Limits {
     max_header_bytes: 1024,
     max_body_bytes: Some(1 << 20),
+    max_header_fields: DEFAULT_MAX_HEADERS,
 };
 
 fn status(head: &[u8]) -> Result<Option<()>, u16> {
@@ -78,7 +79,7 @@ fn oversized_heads() {
     assert_eq!(status(complete_but_long.as_bytes()), Err(431));
     let many = format!(
         "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
-        "X: y\r\n".repeat(MAX_HEADERS)
+        "X: y\r\n".repeat(DEFAULT_MAX_HEADERS)
     );
     let limits = Limits {
         max_header_bytes: 64 * 1024,
@@ -86,6 +87,19 @@ fn oversized_heads() {
     };
     assert_eq!(
         analyze(many.as_bytes(), &limits)
+            .map(|_| ())
+            .map_err(|r| r.status),
+        Err(431)
+    );
+    // One field more is allowed: the same head passes, and one more field than that does not.
+    let more = Limits {
+        max_header_fields: DEFAULT_MAX_HEADERS + 1,
+        ..limits
+    };
+    assert!(matches!(analyze(many.as_bytes(), &more), Ok(Some(_))));
+    let too_many = many.replacen("X: y", "X: y\r\nZ: z", 1);
+    assert_eq!(
+        analyze(too_many.as_bytes(), &more)
             .map(|_| ())
             .map_err(|r| r.status),
         Err(431)

@@ -33,6 +33,7 @@ fn req(head: &str) -> Request {
     let limits = Limits {
         max_header_bytes: 4096,
         max_body_bytes: None,
+        max_header_fields: crate::http::request::DEFAULT_MAX_HEADERS,
     };
     request::analyze(head.as_bytes(), &limits).unwrap().unwrap()
 }
@@ -112,9 +113,14 @@ fn rules_apply_in_order_after_the_forwarding_fields() {
 #[test]
 fn response_heads() {
     let resp = |head: &str| {
-        crate::http::response::analyze(head.as_bytes(), "GET", 4096)
-            .unwrap()
-            .unwrap()
+        crate::http::response::analyze(
+            head.as_bytes(),
+            "GET",
+            4096,
+            crate::http::request::DEFAULT_MAX_HEADERS,
+        )
+        .unwrap()
+        .unwrap()
     };
     let h = http(ALL, vec![]);
     let ok = resp("HTTP/1.0 200 OK\r\nServer: x\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n");
@@ -128,6 +134,17 @@ fn response_heads() {
     assert_eq!(
         text(response_head(&switching, &h, false)),
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    );
+    // A 204 has no body and says nothing of one; a 304 tells the size of the body not sent.
+    let no_content = resp("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX: y\r\n\r\n");
+    assert_eq!(
+        text(response_head(&no_content, &h, false)),
+        "HTTP/1.1 204 No Content\r\nX: y\r\n\r\n"
+    );
+    let not_modified = resp("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n");
+    assert_eq!(
+        text(response_head(&not_modified, &h, false)),
+        "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"
     );
 }
 
