@@ -13,10 +13,12 @@
 //! Each refusal is a [`Rejection`]: the status lb answers with, and why (for the log).
 //!
 //! Around them, the HTTP session: [`session`] (the per-connection supervisor and its states),
-//! [`upstream`] (the server side of an exchange), [`rewrite`] (the heads sent on),
+//! [`upstream`] (the server side of an exchange), [`duplex`] (the same for a request with a
+//! body: its body and the response move at once), [`rewrite`] (the heads sent on),
 //! [`transfer`] (held buffers, bodies), [`reply`] (lb's own answers), [`handoff`] (pairs given
 //! to the forwarding stage) and [`log`] (the access log).
 pub mod chunked;
+pub mod duplex;
 pub mod framing;
 pub mod handoff;
 pub mod log;

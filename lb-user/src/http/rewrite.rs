@@ -130,8 +130,9 @@ fn apply<'a>(fields: &mut Vec<Field<'a>>, rules: &'a [HeaderRule]) {
 /// The request head for the server; `client_ip`: the client's address as text (the forwarding
 /// fields carry it); `tls_in_front`: the client came over TLS to a load balancer in front of
 /// lb (a PROXY header's SSL TLV), so the scheme the fields give is `https`. `upgrading`: an
-/// upgrade request, passed on as one; `expect_handled`: lb answered `Expect: 100-continue`
-/// itself, so the field is dropped.
+/// upgrade request, passed on as one. `Expect: 100-continue` goes on, and the server's 100 (or
+/// final answer) comes back, except from an HTTP/1.0 client: a proxy must not pass it on then
+/// (RFC 9110 §10.1.1).
 ///
 /// The request line keeps the client's version, unlike the response's: an HTTP/1.0 client's
 /// request sent as 1.1 could get a chunked response that client cannot read.
@@ -141,7 +142,6 @@ pub fn request_head(
     client_ip: &str,
     tls_in_front: bool,
     upgrading: bool,
-    expect_handled: bool,
 ) -> Vec<u8> {
     let mut fields = end_to_end(&req.headers, upgrading);
     if let Some(authority) = &req.target_authority {
@@ -150,7 +150,7 @@ pub fn request_head(
         fields.insert(0, added("Host", authority.as_bytes()));
     }
     normalize_length(&mut fields, req.body);
-    if expect_handled {
+    if req.version == Version::Http10 {
         fields.retain(|f| !f.is("expect"));
     }
     let f = http.forwarded;

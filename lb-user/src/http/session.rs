@@ -24,8 +24,7 @@ use super::{
     transfer::{
         self, close_gently, forward_message, write_all, BodyError, Bounds, Conn, Moved, Progress, ReadError,
     },
-    trim_ows,
-    upstream::{replayable, send_request, still_open, ServerConn, CHECK_IDLE_AFTER},
+    upstream::{replayable, send_request, still_open, Sent, ServerConn, CHECK_IDLE_AFTER},
     Rejection,
 };
 use crate::{
@@ -332,22 +331,7 @@ async fn exchange(
     let client_idle = ctx.l.client_timeout;
     let server_idle = ctx.rt.backend(backend).config.server_timeout;
     let upgrading = rewrite::is_upgrade(&req);
-    // lb answers `Expect: 100-continue` itself (as nginx does) and drops it from the request:
-    // the body then follows at once, and the server never waits for a 100 of its own.
-    let expect = req.body != Body::None
-        && req.version == crate::http::Version::Http11
-        && req
-            .headers
-            .iter()
-            .any(|h| h.is("expect") && trim_ows(&h.value).eq_ignore_ascii_case(b"100-continue"));
-    if expect
-        && write_all(&mut client.stream, b"HTTP/1.1 100 Continue\r\n\r\n", client_idle)
-            .await
-            .is_err()
-    {
-        return State::Ended(HttpEnd::Closed("client failed"));
-    }
-    let head = rewrite::request_head(&req, ctx.http, &ctx.client_ip, ctx.origin.ssl, upgrading, expect);
+    let head = rewrite::request_head(&req, ctx.http, &ctx.client_ip, ctx.origin.ssl, upgrading);
     // Checking a kept connection costs a syscall, a quarter more per request on a busy
     // keep-alive connection: it is checked when reusing it unchecked could go wrong. A request
     // that cannot go again (a body, or not safe) must not meet a closed connection; after a
@@ -363,8 +347,16 @@ async fn exchange(
         usable.then_some(s)
     });
     let (mut server, resp) = match send_request(ctx, &mut client, reused, &head, &mut x).await {
-        Ok(sent) => sent,
-        Err(r) => return refuse(ctx, client, Some(&x), r).await,
+        Sent::Answered(server, resp) => (server, resp),
+        Sent::Refused(r) => return refuse(ctx, client, Some(&x), r).await,
+        Sent::Over { why, cut } => {
+            if cut {
+                transfer::cut(client.stream);
+            } else {
+                close_gently(client.stream, LINGER).await;
+            }
+            return State::Ended(HttpEnd::Closed(why));
+        }
     };
     if resp.status == 101 && !upgrading {
         let r = Rejection::new(502, "101 answer to a request that did not ask to upgrade");
@@ -415,7 +407,7 @@ async fn exchange(
         (close && plain && ctx.rt.shared.kernel.is_some()).then_some(ctx.rt.settings.offload_after);
     let mut progress = Progress::default();
     let moved = forward_message(
-        &mut server.conn,
+        &mut server.conn.source(),
         &mut client.stream,
         head.into(),
         resp.body,
@@ -552,11 +544,11 @@ async fn refuse(ctx: &Ctx<'_>, mut client: Conn, x: Option<&Exchange<'_>>, r: Re
     State::Ended(HttpEnd::Closed(r.why))
 }
 
-fn count(ctx: &Ctx<'_>, status: u16) {
+pub(super) fn count(ctx: &Ctx<'_>, status: u16) {
     ctx.responses[status_class(status)].inc();
 }
 
-fn body_fault(e: &BodyError) -> &'static str {
+pub(super) fn body_fault(e: &BodyError) -> &'static str {
     match e {
         BodyError::Source(_) => "server failed within the response body",
         BodyError::Destination(_) => "client failed within the response body",
@@ -566,7 +558,7 @@ fn body_fault(e: &BodyError) -> &'static str {
 }
 
 /// The exchange's access-log record (format in [`super::log`] and the README).
-fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str, answered: u64) {
+pub(super) fn access_log(ctx: &Ctx<'_>, x: &Exchange<'_>, status: u16, note: &str, answered: u64) {
     count_bytes(ctx, x);
     if !log::wanted(ctx.http.access_log) {
         return;

@@ -3,7 +3,7 @@
 //! delimits it (the bytes after it stay held: they are the next pipelined message).
 use std::{borrow::Cow, io, os::fd::AsFd, pin::Pin, time::Duration};
 use tokio::{
-    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
     time::{Instant, Sleep},
 };
 
@@ -43,42 +43,33 @@ impl Conn {
         }
     }
 
-    /// Reads more bytes into `held`; `Ok(0)` at end of stream.
-    ///
-    /// The timer is moved only when it must fire sooner than it is set to; when it fires before
-    /// `deadline` (set for an earlier read), it is set again. So a kept-alive connection moves its
-    /// timer about once per timeout period instead of once per read, and never arms one sooner
-    /// than all others at every request: tokio then wakes its poller with a syscall (measured:
-    /// 0.19 eventfd writes per request with a 10 s keep-alive wait after a 60 s server wait).
+    /// Reads more bytes into `held`; `Ok(0)` at end of stream (see [`Source::fill`]).
     pub async fn fill(&mut self, deadline: Instant) -> Result<usize, ReadError> {
-        self.held.reserve(self.want);
-        let room = self.held.capacity() - self.held.len();
-        let Conn {
-            stream, held, timer, ..
-        } = self;
-        if timer.deadline() > deadline {
-            timer.as_mut().reset(deadline);
+        self.source().fill(deadline).await
+    }
+
+    /// Its reading side, over the whole stream.
+    pub fn source(&mut self) -> Source<'_, &mut Stream> {
+        Source {
+            io: &mut self.stream,
+            held: &mut self.held,
+            want: &mut self.want,
+            timer: self.timer.as_mut(),
         }
-        let read = stream.read_buf(held);
-        tokio::pin!(read);
-        let n = loop {
-            tokio::select! {
-                biased;
-                // A TLS peer that closed without a close_notify is an error (UnexpectedEof):
-                // whatever it was sending may have been cut by someone on the path.
-                r = &mut read => break r.map_err(ReadError::Io)?,
-                () = timer.as_mut() => {
-                    if Instant::now() >= deadline {
-                        return Err(ReadError::Timeout);
-                    }
-                    timer.as_mut().reset(deadline);
-                }
-            }
+    }
+
+    /// Its reading side and its writing half, to read and write at once (a request body going
+    /// one way while the response comes the other). Both halves are polled by one task, so
+    /// the lock between them is never contended.
+    pub fn split(&mut self) -> (Source<'_, ReadHalf<&mut Stream>>, WriteHalf<&mut Stream>) {
+        let (read, write) = tokio::io::split(&mut self.stream);
+        let source = Source {
+            io: read,
+            held: &mut self.held,
+            want: &mut self.want,
+            timer: self.timer.as_mut(),
         };
-        if n == room {
-            self.want = (self.want * 2).min(READ_MAX);
-        }
-        Ok(n)
+        (source, write)
     }
 
     /// Drops the first `n` held bytes (a head or body part that was consumed).
@@ -102,6 +93,58 @@ impl Conn {
             self.held = Vec::new();
             self.want = READ_FIRST;
         }
+    }
+}
+
+/// The reading side of a [`Conn`]: its stream (or the stream's read half) with the bytes held
+/// from it and its read timer.
+pub struct Source<'a, R> {
+    io: R,
+    pub held: &'a mut Vec<u8>,
+    want: &'a mut usize,
+    timer: Pin<&'a mut Sleep>,
+}
+
+impl<R: AsyncRead + Unpin> Source<'_, R> {
+    /// Reads more bytes into `held`; `Ok(0)` at end of stream.
+    ///
+    /// The timer is moved only when it must fire sooner than it is set to; when it fires before
+    /// `deadline` (set for an earlier read), it is set again. So a kept-alive connection moves its
+    /// timer about once per timeout period instead of once per read, and never arms one sooner
+    /// than all others at every request: tokio then wakes its poller with a syscall (measured:
+    /// 0.19 eventfd writes per request with a 10 s keep-alive wait after a 60 s server wait).
+    pub async fn fill(&mut self, deadline: Instant) -> Result<usize, ReadError> {
+        self.held.reserve(*self.want);
+        let room = self.held.capacity() - self.held.len();
+        let Source { io, held, timer, .. } = self;
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        let read = io.read_buf(*held);
+        tokio::pin!(read);
+        let n = loop {
+            tokio::select! {
+                biased;
+                // A TLS peer that closed without a close_notify is an error (UnexpectedEof):
+                // whatever it was sending may have been cut by someone on the path.
+                r = &mut read => break r.map_err(ReadError::Io)?,
+                () = timer.as_mut() => {
+                    if Instant::now() >= deadline {
+                        return Err(ReadError::Timeout);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
+        };
+        if n == room {
+            *self.want = (*self.want * 2).min(READ_MAX);
+        }
+        Ok(n)
+    }
+
+    /// Drops the first `n` held bytes (a head or body part that was consumed).
+    pub fn consume(&mut self, n: usize) {
+        self.held.drain(..n);
     }
 }
 
@@ -178,8 +221,8 @@ pub struct Progress {
 /// copied). Each read is allowed `src_idle`, each write `dst_idle`; `bounds`: where it may stop
 /// before the body's end. `progress` tells what went, also when it fails. A chunked body's last chunk and trailers go
 /// only once whole and checked ([`Chunked::withheld`]).
-pub async fn forward_message<W: AsyncWrite + Unpin>(
-    src: &mut Conn,
+pub async fn forward_message<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    src: &mut Source<'_, R>,
     dst: &mut W,
     mut head: Cow<'_, [u8]>,
     body: Body,
@@ -324,7 +367,7 @@ mod tests {
         let idle = Duration::from_secs(5);
         let mut progress = Progress::default();
         let r = forward_message(
-            &mut src,
+            &mut src.source(),
             &mut dst,
             Cow::Borrowed(&b"HEAD"[..]),
             body,
@@ -411,10 +454,11 @@ mod tests {
         let mut src = Conn::new(reader);
         let idle = Duration::from_secs(30);
         let mut progress = Progress::default();
+        let mut source = src.source();
         let r = tokio::time::timeout(
             Duration::from_secs(5),
             forward_message(
-                &mut src,
+                &mut source,
                 &mut dst,
                 Cow::Borrowed(&[]),
                 Body::Length(0),

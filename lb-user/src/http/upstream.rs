@@ -2,7 +2,10 @@
 //! the backend's balancer), the request sent on it, and the response head read back through
 //! the response analyzer. The client side and the session's states are in [`super::session`].
 use std::{io, os::fd::AsFd, time::Duration};
-use tokio::time::Instant;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
 
 use super::{
     framing::Body,
@@ -10,7 +13,7 @@ use super::{
     response::{self, Response},
     rewrite,
     session::{Ctx, Exchange},
-    transfer::{self, forward_message, write_all, BodyError, Bounds, Conn, Moved, Progress, ReadError},
+    transfer::{write_all, Conn, ReadError, Source},
     Rejection, Version,
 };
 use crate::{
@@ -36,11 +39,41 @@ pub(super) struct ServerConn {
 /// closes idle connections after its own keep-alive timeout, seconds typically).
 pub(super) const CHECK_IDLE_AFTER: Duration = Duration::from_millis(500);
 
-/// Sends the request (head, then body, in one write as far as the body is held) and reads the
-/// response head, on the kept server connection or a new one. A kept connection the server
-/// closed meanwhile (it may close an idle connection at any time) is replaced once, for a
-/// [`replayable`] request.
+/// How sending a request ended.
+pub(super) enum Sent {
+    /// The request went whole; the final response head, for the session to forward.
+    Answered(ServerConn, Response),
+    /// No response reached the client: the session answers with this (the server connection
+    /// is let go, reset when it has an incomplete request).
+    Refused(Rejection),
+    /// An early answer to a request with a body was forwarded already (logged): the client
+    /// connection is to be closed, with a reset when `cut` (the answer did not go whole).
+    Over { why: &'static str, cut: bool },
+}
+
+/// Sends the request and reads the response head, on the kept server connection or a new one.
+/// A request with a body goes through [`super::duplex`]: its body is sent while the response
+/// is read. A kept connection the server closed meanwhile (it may close an idle connection at
+/// any time) is replaced once, for a [`replayable`] request.
 pub(super) async fn send_request(
+    ctx: &Ctx<'_>,
+    client: &mut Conn,
+    reused: Option<ServerConn>,
+    head: &[u8],
+    x: &mut Exchange<'_>,
+) -> Sent {
+    if x.req.body != Body::None {
+        return super::duplex::send_with_body(ctx, client, reused, head, x).await;
+    }
+    match send_bodiless(ctx, client, reused, head, x).await {
+        Ok((server, resp)) => Sent::Answered(server, resp),
+        Err(r) => Sent::Refused(r),
+    }
+}
+
+/// [`send_request`] for a request without a body: the head in one write, then the response
+/// head.
+async fn send_bodiless(
     ctx: &Ctx<'_>,
     client: &mut Conn,
     reused: Option<ServerConn>,
@@ -61,57 +94,12 @@ pub(super) async fn send_request(
         x.server_idx = Some(server.lease.index());
         x.connected = Some(Instant::now());
         let server_idle = ctx.rt.backend(x.backend).config.server_timeout;
-        let idle = (ctx.l.client_timeout, server_idle);
-        let max = ctx.rt.settings.limits.max_body_bytes;
-        let mut progress = Progress::default();
-        let sent = forward_message(
-            client,
-            &mut server.conn.stream,
-            head.into(),
-            x.req.body,
-            idle,
-            Bounds {
-                max,
-                hand_off_after: None,
-            },
-            &mut progress,
-        )
-        .await;
-        x.bytes_in += progress.body;
-        // A request that did not go whole is cut: the server must not take its part for a
-        // request (a FIN after part of a body reads as a complete one to some servers).
-        let cut_request = |server: ServerConn, r: Rejection| {
-            transfer::cut(server.conn.stream);
-            Err(r)
-        };
-        let answer = match sent {
-            // Without a hand-off budget the whole request goes.
-            Ok(Moved::Whole(_) | Moved::HandOff(_)) => read_response(ctx, client, &mut server, x).await,
-            Err(BodyError::Destination(_)) => Err(NoAnswer {
+        let answer = match write_all(&mut server.conn.stream, head, server_idle).await {
+            Ok(()) => read_response(ctx, &mut client.stream, &mut server.conn.source(), x).await,
+            Err(_) => Err(NoAnswer {
                 rejection: Rejection::new(502, "server failed while receiving the request"),
                 closed_early: true,
             }),
-            Err(BodyError::Malformed(_)) => {
-                return cut_request(server, Rejection::new(400, "malformed chunked request body"))
-            }
-            Err(BodyError::TooLarge) => {
-                return cut_request(
-                    server,
-                    Rejection::new(413, "request body above limits.max_body_bytes"),
-                )
-            }
-            Err(BodyError::Source(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                return cut_request(
-                    server,
-                    Rejection::new(408, "request body stalled for timeouts.client"),
-                )
-            }
-            Err(BodyError::Source(_)) => {
-                return cut_request(
-                    server,
-                    Rejection::new(400, "client closed within the request body"),
-                )
-            }
         };
         let backend = &ctx.rt.backend(x.backend).config;
         match answer {
@@ -140,8 +128,8 @@ pub(super) fn replayable(req: &Request) -> bool {
 }
 
 /// Why no response head came.
-struct NoAnswer {
-    rejection: Rejection,
+pub(super) struct NoAnswer {
+    pub(super) rejection: Rejection,
     /// The connection failed (closed, reset, refused the request) before the server sent a
     /// byte: on a kept connection, most likely closed while it idled.
     closed_early: bool,
@@ -156,33 +144,33 @@ impl From<Rejection> for NoAnswer {
     }
 }
 
-/// Reads the final response head. Interim ones (1xx but 101) are passed on first, except to an
-/// HTTP/1.0 client, which cannot take them (RFC 9110 §15.2).
-async fn read_response(
+/// Reads the final response head from `server`. Interim ones (1xx but 101) are passed on to
+/// `client` first, except to an HTTP/1.0 client, which cannot take them (RFC 9110 §15.2).
+pub(super) async fn read_response<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     ctx: &Ctx<'_>,
-    client: &mut Conn,
-    server: &mut ServerConn,
+    client: &mut W,
+    server: &mut Source<'_, R>,
     x: &mut Exchange<'_>,
 ) -> Result<Response, NoAnswer> {
     let limits = &ctx.rt.settings.limits;
     let deadline = Instant::now() + ctx.rt.backend(x.backend).config.server_timeout;
     let mut received = false;
     loop {
-        if !server.conn.held.is_empty() {
+        if !server.held.is_empty() {
             if let Some(resp) = response::analyze(
-                &server.conn.held,
+                server.held,
                 &x.req.method,
                 limits.max_header_bytes,
                 limits.max_header_fields,
             )? {
-                server.conn.consume(resp.head_len);
+                server.consume(resp.head_len);
                 x.responded.get_or_insert_with(Instant::now);
                 if !resp.is_interim() {
                     return Ok(resp);
                 }
                 if x.req.version == Version::Http11 {
                     let head = rewrite::response_head(&resp, ctx.http, false);
-                    write_all(&mut client.stream, &head, ctx.l.client_timeout)
+                    write_all(client, &head, ctx.l.client_timeout)
                         .await
                         .map_err(|_| Rejection::new(400, "client failed"))?;
                     x.bytes_out += head.len() as u64;
@@ -194,7 +182,7 @@ async fn read_response(
             rejection: Rejection::new(502, why),
             closed_early: !received,
         };
-        match server.conn.fill(deadline).await {
+        match server.fill(deadline).await {
             Ok(0) => return Err(early("server closed before a complete response head")),
             Ok(_) => received = true,
             Err(ReadError::Timeout) => {
@@ -207,7 +195,11 @@ async fn read_response(
 
 /// A new connection to a server of `backend` for a request to `path` (retried on other
 /// servers as `retries:` allows: [`crate::dispatch`]).
-async fn connect_server(ctx: &Ctx<'_>, backend: usize, path: &str) -> Result<ServerConn, Rejection> {
+pub(super) async fn connect_server(
+    ctx: &Ctx<'_>,
+    backend: usize,
+    path: &str,
+) -> Result<ServerConn, Rejection> {
     let who = Requester {
         listener: &ctx.l.name,
         client: ctx.peer,

@@ -45,14 +45,7 @@ fn text(bytes: Vec<u8>) -> String {
 #[test]
 fn hop_by_hop_fields_are_dropped_and_forwarding_fields_added() {
     let r = req("GET /x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\nX-Secret: s\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: https\r\nForwarded: for=10.0.0.1\r\nAccept: */*\r\n\r\n");
-    let head = text(request_head(
-        &r,
-        &http(ALL, vec![]),
-        "192.0.2.7",
-        false,
-        false,
-        false,
-    ));
+    let head = text(request_head(&r, &http(ALL, vec![]), "192.0.2.7", false, false));
     assert_eq!(
         head,
         "GET /x HTTP/1.1\r\nHost: a\r\nForwarded: for=10.0.0.1, for=192.0.2.7;proto=http\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.1, 192.0.2.7\r\nX-Forwarded-Proto: http\r\n\r\n"
@@ -66,7 +59,7 @@ fn a_tls_listener_tells_https_whatever_the_client_claimed() {
         https: true,
         ..http(ALL, vec![])
     };
-    let head = text(request_head(&r, &https, "192.0.2.7", false, false, false));
+    let head = text(request_head(&r, &https, "192.0.2.7", false, false));
     assert_eq!(
         head,
         "GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\nForwarded: for=192.0.2.7;proto=https\r\n\r\n"
@@ -77,7 +70,7 @@ fn a_tls_listener_tells_https_whatever_the_client_claimed() {
 fn an_upgrade_keeps_its_fields() {
     let r = req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n");
     assert!(is_upgrade(&r));
-    let head = text(request_head(&r, &http(NONE, vec![]), "::1", false, true, false));
+    let head = text(request_head(&r, &http(NONE, vec![]), "::1", false, true));
     assert_eq!(head, "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\nConnection: upgrade\r\n\r\n");
 }
 
@@ -101,7 +94,6 @@ fn rules_apply_in_order_after_the_forwarding_fields() {
         "2001:db8::1",
         false,
         false,
-        true,
     ));
     assert_eq!(
         head,
@@ -152,14 +144,7 @@ fn response_heads() {
 fn connection_cannot_drop_framing_or_host() {
     // Dropping Content-Length here would turn the body into a request the server reads unseen.
     let r = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\nConnection: Content-Length, Host, Transfer-Encoding, X-Gone\r\nX-Gone: 1\r\n\r\n");
-    let head = text(request_head(
-        &r,
-        &http(NONE, vec![]),
-        "192.0.2.1",
-        false,
-        false,
-        false,
-    ));
+    let head = text(request_head(&r, &http(NONE, vec![]), "192.0.2.1", false, false));
     assert_eq!(head, "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n");
 }
 
@@ -167,14 +152,7 @@ fn connection_cannot_drop_framing_or_host() {
 fn an_h2c_upgrade_is_not_tunneled() {
     let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n");
     assert!(!is_upgrade(&r));
-    let head = text(request_head(
-        &r,
-        &http(NONE, vec![]),
-        "192.0.2.1",
-        false,
-        false,
-        false,
-    ));
+    let head = text(request_head(&r, &http(NONE, vec![]), "192.0.2.1", false, false));
     assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
 }
 
@@ -182,10 +160,21 @@ fn an_h2c_upgrade_is_not_tunneled() {
 fn a_client_that_closes_has_the_server_asked_to_close_too() {
     let h = http(NONE, vec![]);
     let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
-    let head = text(request_head(&r, &h, "127.0.0.1", false, false, false));
+    let head = text(request_head(&r, &h, "127.0.0.1", false, false));
     assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
     // Kept alive: no Connection field (keep-alive is HTTP/1.1's default).
     let r = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n");
-    let head = text(request_head(&r, &h, "127.0.0.1", false, false, false));
+    let head = text(request_head(&r, &h, "127.0.0.1", false, false));
     assert_eq!(head, "GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+}
+
+#[test]
+fn expect_goes_on_from_an_http11_client_only() {
+    let h = http(NONE, vec![]);
+    let r = req("PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    let head = text(request_head(&r, &h, "192.0.2.1", false, false));
+    assert!(head.contains("Expect: 100-continue\r\n"), "{head}");
+    let r = req("PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    let head = text(request_head(&r, &h, "192.0.2.1", false, false));
+    assert!(!head.contains("Expect"), "{head}");
 }

@@ -1,9 +1,12 @@
-//! HTTP messages cut midway, against origins lb's code did not write: raw-socket servers in
-//! Python that answer as scripted whatever lb does, and Python's http.client as the client.
-//! A cut message must never look whole at the far end (a reset, or a 502 when nothing of the
-//! response went yet), and the access log counts the bytes that really moved.
+//! HTTP exchanges that do not go by the book, against peers lb's code did not write: raw-socket
+//! origins in Python that answer as scripted whatever lb does, nginx, curl and Python's
+//! http.client.
+//! - A message cut midway never looks whole at the far end (a reset, or a 502 when nothing of
+//!   the response went yet), and the access log counts the bytes that really moved.
+//! - A request body and its response move at once: an early answer reaches the client while it
+//!   uploads, `Expect: 100-continue` is the server's to answer, a full-duplex exchange flows.
 use lb_tests::http::{run_tool, status_of, HttpLbBuilder};
-use lb_tests::lb::Lb;
+use lb_tests::{daemons::Daemon, lb::Lb, program_available};
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -287,4 +290,167 @@ drain(c)
     assert!(!text.contains("content-length"), "{text}");
     drop(c);
     origin.report().await;
+}
+
+/// nginx refusing bodies over 1 KiB, closing at once after its answer (no lingering close: a
+/// client still sending then meets a reset); `/` answers 200.
+fn nginx_with_a_body_limit() -> Daemon {
+    Daemon::nginx(
+        "  server {\n    listen 127.0.0.1:{PORT};\n    client_max_body_size 1k;\n    \
+         lingering_close off;\n    location / { return 200 \"ok\\n\"; }\n  }",
+    )
+}
+
+#[tokio::test]
+async fn an_early_413_reaches_the_client_while_it_uploads() {
+    if !program_available("an_early_413_reaches_the_client_while_it_uploads", "nginx") {
+        return;
+    }
+    let nginx = nginx_with_a_body_limit();
+    let lb = HttpLbBuilder::new(&[nginx.addr]).spawn();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload");
+    std::fs::write(&file, vec![b'u'; 4 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    let url = format!("http://{}/upload", lb.listener);
+    let curl = |expect: &'static str| {
+        let (data, url) = (data.clone(), url.clone());
+        async move {
+            let args = [
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_upload}",
+                "--max-time",
+                "20",
+            ];
+            let out = run_tool(
+                "curl",
+                &[&args[..], &["-H", expect, "--data-binary", &data, &url]].concat(),
+            )
+            .await;
+            let (code, sent) = out.trim().split_once(' ').unwrap();
+            (code.to_string(), sent.parse::<u64>().unwrap())
+        }
+    };
+    // With `Expect: 100-continue`, nginx answers 413 before the body: curl, told at once, sends
+    // none of it (lb passes the expectation on instead of answering 100 itself).
+    let (code, sent) = curl("Expect: 100-continue").await;
+    assert_eq!(code, "413", "{}\n{}", lb.log(), nginx.log());
+    assert!(sent < 1 << 20, "curl sent {sent} bytes of a refused body");
+    // Without it, nginx answers while the body comes and closes: curl must get that 413, not a
+    // 502 made of the reset that meets the rest of the upload.
+    let (code, _) = curl("Expect:").await;
+    assert_eq!(code, "413", "{}\n{}", lb.log(), nginx.log());
+    let log = lb.log();
+    assert!(log.contains("\"POST 127.0.0.1 /upload\" 413"), "{log}");
+    assert!(!log.contains(" 502 "), "{log}");
+}
+
+#[tokio::test]
+async fn the_servers_100_continue_reaches_the_client_before_it_sends_the_body() {
+    // The origin answers `Expect: 100-continue` with its own 100, then reads the body and
+    // tells what it got: the 100 is the server's, passed on (lb does not answer it).
+    let origin = PyOrigin::start(
+        r#"
+assert b"expect: 100-continue" in head.lower(), head
+c.sendall(b"HTTP/1.1 100 Continue\r\nX-From: origin\r\n\r\n")
+body = rest
+while len(body) < 5:
+    body += c.recv(65536)
+c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ngot " + body[:3])
+drain(c)
+"#,
+    )
+    .await;
+    let lb = HttpLbBuilder::new(&[origin.addr]).spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let interim = read_until(&mut c, b"\r\n\r\n").await;
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n") && interim.contains("X-From: origin"),
+        "{interim}"
+    );
+    c.write_all(b"hello").await.unwrap();
+    let answer = read_until(&mut c, b"got hel").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    drop(c);
+    origin.report().await;
+}
+
+#[tokio::test]
+async fn a_full_duplex_exchange_flows_both_ways() {
+    // The origin answers at once and echoes each chunk of the request as it arrives; the
+    // client sends the next chunk only once it got the echo of the last one.
+    let origin = PyOrigin::start(
+        r#"
+c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+buf = rest
+def more():
+    global buf
+    d = c.recv(65536)
+    if not d:
+        raise SystemExit("request cut")
+    buf += d
+echoed = 0
+while True:
+    while b"\r\n" not in buf:
+        more()
+    line, buf = buf.split(b"\r\n", 1)
+    size = int(line, 16)
+    if size == 0:
+        while not buf.startswith(b"\r\n"):
+            more()
+        c.sendall(b"0\r\n\r\n")
+        print("echoed", echoed, flush=True)
+        break
+    while len(buf) < size + 2:
+        more()
+    c.sendall(b"%x\r\n" % size + buf[:size] + b"\r\n")
+    buf = buf[size + 2:]
+    echoed += 1
+drain(c)
+"#,
+    )
+    .await;
+    let lb = HttpLbBuilder::new(&[origin.addr]).spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    for i in 0..5 {
+        c.write_all(format!("5\r\nping{i}\r\n").as_bytes()).await.unwrap();
+        seen += &read_until(&mut c, format!("ping{i}\r\n").as_bytes()).await;
+    }
+    c.write_all(b"0\r\n\r\n").await.unwrap();
+    seen += &read_until(&mut c, b"0\r\n\r\n").await;
+    assert!(seen.starts_with("HTTP/1.1 200 OK\r\n"), "{seen}");
+    drop(c);
+    assert_eq!(origin.report().await.lines().next(), Some("echoed 5"));
+}
+
+/// Reads from `c` until what came ends with `end` (at most 10 s); what came, as text.
+async fn read_until(c: &mut TcpStream, end: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !got.ends_with(end) {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(
+        got.ends_with(end),
+        "waited for {:?}, got {text:?}",
+        String::from_utf8_lossy(end)
+    );
+    text
 }
