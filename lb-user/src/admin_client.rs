@@ -6,7 +6,10 @@ use hyper_util::rt::TokioIo;
 use std::{fmt::Write, net::SocketAddr, time::Duration};
 use tokio::net::TcpStream;
 
-use crate::stats::{ServerStats, Stats};
+use crate::{
+    config::visible as v,
+    stats::{ServerStats, Stats},
+};
 
 /// Bound on the whole request (connect, send, answer).
 const LIMIT: Duration = Duration::from_secs(10);
@@ -108,7 +111,9 @@ fn error_text(body: &str) -> String {
         .unwrap_or_else(|| body.trim().to_string())
 }
 
-/// `lb stats` for a person: the listeners, then a table per backend.
+/// `lb stats` for a person: the listeners, then a table per backend. Every text from lb's answer
+/// has its control characters escaped ([`v`]): a check result carries a server's words, and an
+/// older lb's names were not checked, and a terminal must not act on either.
 pub fn format_stats(s: &Stats) -> String {
     let mut out = String::new();
     let path = if s.forwarding == "kernel" {
@@ -118,10 +123,10 @@ pub fn format_stats(s: &Stats) -> String {
     };
     let _ = writeln!(out, "lb {}, established flows forwarded by {path}", s.version);
     if let Some(p) = &s.process {
-        let _ = writeln!(out, "{}", crate::stats::process_line(p));
+        let _ = writeln!(out, "{}", v(&crate::stats::process_line(p)));
     }
     if let Some(tls) = &s.tls_forwarding {
-        let _ = writeln!(out, "flows with a TLS side forwarded by {tls}");
+        let _ = writeln!(out, "flows with a TLS side forwarded by {}", v(tls));
     }
     let _ = writeln!(
         out,
@@ -131,7 +136,12 @@ pub fn format_stats(s: &Stats) -> String {
         let _ = writeln!(
             out,
             "{:<21} {:<22} {:<5} {:<15} {:>5} {:>9}",
-            l.name, l.bind, l.mode, l.backend, l.active, l.total
+            v(&l.name),
+            v(&l.bind),
+            v(&l.mode),
+            v(&l.backend),
+            l.active,
+            l.total
         );
     }
     for l in &s.listeners {
@@ -139,16 +149,18 @@ pub fn format_stats(s: &Stats) -> String {
         let _ = writeln!(
             out,
             "\nTLS {}: {} handshake(s), {} failed",
-            l.name, tls.handshakes, tls.failed
+            v(&l.name),
+            tls.handshakes,
+            tls.failed
         );
         for c in &tls.certificates {
             let _ = writeln!(
                 out,
                 "  {} [{}] until {} ({})",
-                c.subject,
-                c.names.join(", "),
-                c.not_after,
-                c.file
+                v(&c.subject),
+                v(&c.names.join(", ")),
+                v(&c.not_after),
+                v(&c.file)
             );
         }
     }
@@ -156,7 +168,11 @@ pub fn format_stats(s: &Stats) -> String {
         let _ = writeln!(
             out,
             "\nBACKEND {} ({}; queue {}, retries {}, unserved {})",
-            b.name, b.balance, b.queue, b.retries, b.unserved
+            v(&b.name),
+            v(&b.balance),
+            b.queue,
+            b.retries,
+            b.unserved
         );
         let _ = writeln!(
             out,
@@ -174,9 +190,9 @@ fn server_line(out: &mut String, s: &ServerStats) {
     let _ = writeln!(
         out,
         "  {:<16} {:<22} {:<6} {:>6} {:>5} {:>8} {:>8} {:>7} {:>12} {:>12}  {}",
-        s.name,
-        s.address,
-        s.state,
+        v(&s.name),
+        v(&s.address),
+        v(&s.state),
         s.weight,
         s.active,
         s.maxconn.map_or("-".to_string(), |m| m.to_string()),
@@ -184,6 +200,57 @@ fn server_line(out: &mut String, s: &ServerStats) {
         s.connect_errors,
         s.bytes_kernel,
         s.bytes_user,
-        s.check
+        v(&s.check)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{BackendStats, ListenerStats};
+
+    #[test]
+    fn control_characters_reach_the_terminal_escaped() {
+        let stats = Stats {
+            version: "0.1.0".into(),
+            process: None,
+            forwarding: "user".into(),
+            tls_forwarding: None,
+            listeners: vec![ListenerStats {
+                name: "web\x1b[2J".into(),
+                bind: "127.0.0.1:80".into(),
+                mode: "tcp".into(),
+                backend: "app".into(),
+                active: 0,
+                total: 0,
+                tls: None,
+            }],
+            backends: vec![BackendStats {
+                name: "app".into(),
+                balance: "roundrobin".into(),
+                queue: 0,
+                retries: 0,
+                unserved: 0,
+                servers: vec![ServerStats {
+                    name: "s1".into(),
+                    address: "127.0.0.1:81".into(),
+                    state: "DOWN".into(),
+                    // A server's words: a check result with a line break and a bell.
+                    check: "http: 500 oops\r\nX: \x07".into(),
+                    weight: 1,
+                    maxconn: None,
+                    active: 0,
+                    total: 0,
+                    connect_errors: 0,
+                    check_failures: 1,
+                    bytes_kernel: 0,
+                    bytes_user: 0,
+                }],
+            }],
+        };
+        let out = format_stats(&stats);
+        assert!(out.contains("web\\u{1b}[2J"), "{out}");
+        assert!(out.contains("http: 500 oops\\r\\nX: \\u{7}"), "{out}");
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+    }
 }

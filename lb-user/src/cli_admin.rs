@@ -99,8 +99,12 @@ pub fn server(target: &Target, command: &ServerCommand) -> anyhow::Result<()> {
         let body = endpoint.call(Method::POST, &path).await?;
         let s: lb::stats::ServerStats = serde_json::from_str(&body).context("reading lb's answer")?;
         println!(
-            "{backend}/{}: {} (weight {}, {} session(s) now)",
-            s.name, s.state, s.weight, s.active
+            "{}/{}: {} (weight {}, {} session(s) now)",
+            config::visible(backend),
+            config::visible(&s.name),
+            config::visible(&s.state),
+            s.weight,
+            s.active
         );
         Ok(())
     })

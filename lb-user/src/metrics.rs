@@ -1,13 +1,62 @@
 //! Metrics: counters every stage updates, encoded in the Prometheus/OpenMetrics text format for
 //! `GET /metrics` on the admin endpoint.
+//!
+//! Every label value that is not a fixed word of lb's own (the names of listeners, backends and
+//! servers) is a [`Name`], escaped as the text format requires: prometheus-client writes label
+//! values as they are, and one quote in a name would break the whole scrape.
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
+    encoding::{text::encode, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use std::sync::{Arc, Mutex};
 
 use crate::bpf::Kernel;
+
+/// A label value taken from the configuration (a listener's, backend's or server's name).
+///
+/// Encoded with `\\`, `\"` and `\n` escaped, as the Prometheus and OpenMetrics text formats
+/// require. The configuration already refuses names with such characters (HAProxy's rule,
+/// [`crate::config`]); this keeps the scrape parseable whatever a name holds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Name(pub String);
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name(s.to_string())
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Name {
+        Name(s)
+    }
+}
+
+impl From<&String> for Name {
+    fn from(s: &String) -> Name {
+        Name(s.clone())
+    }
+}
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        let mut rest = self.0.as_str();
+        // Plain runs are written whole; only the three characters the format reserves are
+        // replaced.
+        while let Some(at) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..at])?;
+            encoder.write_str(match rest.as_bytes()[at] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[at + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
@@ -16,25 +65,25 @@ pub struct PathLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
-    pub listener: String,
+    pub listener: Name,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
-    pub backend: String,
+    pub backend: Name,
 }
 
 impl BackendLabels {
     pub fn of(b: &crate::config::Backend) -> BackendLabels {
         BackendLabels {
-            backend: b.name.clone(),
+            backend: (&b.name).into(),
         }
     }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UnservedLabels {
-    pub backend: String,
+    pub backend: Name,
     /// `no_server`, `connect_failed` or `queue_timeout`.
     pub reason: &'static str,
 }
@@ -42,7 +91,7 @@ pub struct UnservedLabels {
 impl UnservedLabels {
     pub fn of(b: &crate::config::Backend, reason: &'static str) -> UnservedLabels {
         UnservedLabels {
-            backend: b.name.clone(),
+            backend: (&b.name).into(),
             reason,
         }
     }
@@ -50,24 +99,24 @@ impl UnservedLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerPathLabels {
-    pub backend: String,
-    pub server: String,
+    pub backend: Name,
+    pub server: Name,
     /// `kernel` or `user`.
     pub path: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerStateLabels {
-    pub backend: String,
-    pub server: String,
+    pub backend: Name,
+    pub server: Name,
     /// `UP`, `DOWN`, `DRAIN` or `MAINT`.
     pub state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabels {
-    pub backend: String,
-    pub server: String,
+    pub backend: Name,
+    pub server: Name,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,7 +135,7 @@ pub struct FallbackLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndLabels {
-    pub listener: String,
+    pub listener: Name,
     /// Which side caused the end: `client` or `server`.
     pub side: &'static str,
 }
@@ -100,7 +149,7 @@ pub struct ResultLabels {
 /// `lb_tls_handshake_failures_total`: the listener and why ([`crate::tls::accept::Failure`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsFailureLabels {
-    pub listener: String,
+    pub listener: Name,
     pub reason: &'static str,
 }
 
@@ -108,13 +157,13 @@ pub struct TlsFailureLabels {
 /// ([`crate::tls::accept::HandOffResult`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KtlsHandOffLabels {
-    pub listener: String,
+    pub listener: Name,
     pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
-    pub listener: String,
+    pub listener: Name,
     /// The status class: `1xx` to `5xx` (HAProxy's `hrsp_*`).
     pub code: &'static str,
 }
@@ -190,7 +239,7 @@ impl Metrics {
     /// it count on in counters no scrape shows).
     pub fn forget_listener(&self, name: &str) {
         let listener = ListenerLabels {
-            listener: name.to_string(),
+            listener: name.into(),
         };
         for family in [&self.connections, &self.dropped_bytes, &self.tls_handshakes] {
             family.remove(&listener);
@@ -198,7 +247,7 @@ impl Metrics {
         self.active.remove(&listener);
         for side in crate::forward::Side::BOTH {
             let labels = EndLabels {
-                listener: name.to_string(),
+                listener: name.into(),
                 side: side.name(),
             };
             self.resets.remove(&labels);
@@ -206,25 +255,25 @@ impl Metrics {
         }
         for reason in crate::tls::accept::Failure::ALL {
             self.tls_failures.remove(&TlsFailureLabels {
-                listener: name.to_string(),
+                listener: name.into(),
                 reason: reason.name(),
             });
         }
         for reason in crate::proxy_header::receive::Refusal::ALL {
             self.proxy_refused.remove(&TlsFailureLabels {
-                listener: name.to_string(),
+                listener: name.into(),
                 reason: reason.name(),
             });
         }
         for result in crate::tls::accept::HandOffResult::ALL {
             self.ktls_handoffs.remove(&KtlsHandOffLabels {
-                listener: name.to_string(),
+                listener: name.into(),
                 result: result.name(),
             });
         }
         for code in STATUS_CLASSES {
             self.http_responses.remove(&ResponseLabels {
-                listener: name.to_string(),
+                listener: name.into(),
                 code,
             });
         }
@@ -233,8 +282,8 @@ impl Metrics {
     /// A reload removed the server `server` of `backend` (or its whole backend).
     pub fn forget_server(&self, backend: &str, server: &str) {
         let labels = ServerLabels {
-            backend: backend.to_string(),
-            server: server.to_string(),
+            backend: backend.into(),
+            server: server.into(),
         };
         for family in [
             &self.connect_errors,
@@ -248,15 +297,15 @@ impl Metrics {
         self.server_up.remove(&labels);
         for state in crate::balance::State::ALL {
             self.server_state.remove(&ServerStateLabels {
-                backend: backend.to_string(),
-                server: server.to_string(),
+                backend: backend.into(),
+                server: server.into(),
                 state: state.name(),
             });
         }
         for path in ["user", "kernel"] {
             self.server_bytes.remove(&ServerPathLabels {
-                backend: backend.to_string(),
-                server: server.to_string(),
+                backend: backend.into(),
+                server: server.into(),
                 path,
             });
         }
@@ -264,14 +313,12 @@ impl Metrics {
 
     /// A reload removed the backend `name` (its servers are forgotten one by one).
     pub fn forget_backend(&self, name: &str) {
-        let labels = BackendLabels {
-            backend: name.to_string(),
-        };
+        let labels = BackendLabels { backend: name.into() };
         self.retries.remove(&labels);
         self.queued.remove(&labels);
         for reason in ["no_server", "connect_failed", "queue_timeout"] {
             self.unserved.remove(&UnservedLabels {
-                backend: name.to_string(),
+                backend: name.into(),
                 reason,
             });
         }
@@ -603,5 +650,40 @@ fn catch_up(counter: &Counter, total: u64) {
     let now = counter.get();
     if total > now {
         counter.inc_by(total - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_in_label_values_are_escaped_as_the_text_format_requires() {
+        let m = Metrics::new();
+        m.connections
+            .get_or_create(&ListenerLabels {
+                listener: "web\"prod\\1\nx".into(),
+            })
+            .inc();
+        m.server_up
+            .get_or_create(&ServerLabels {
+                backend: "app".into(),
+                server: "s\"1".into(),
+            })
+            .set(1);
+        let text = m.render(None);
+        assert!(
+            text.contains("lb_connections_total{listener=\"web\\\"prod\\\\1\\nx\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lb_server_up{backend=\"app\",server=\"s\\\"1\"} 1\n"),
+            "{text}"
+        );
+        // Every sample stays on one line.
+        assert!(
+            text.lines().all(|l| l.starts_with('#') || l.starts_with("lb_")),
+            "{text}"
+        );
     }
 }

@@ -131,8 +131,8 @@ pub fn export_states(rt: &Runtime) {
             let now = live.state();
             for st in State::ALL {
                 let labels = ServerStateLabels {
-                    backend: b.name.clone(),
-                    server: s.name.clone(),
+                    backend: (&b.name).into(),
+                    server: (&s.name).into(),
                     state: st.name(),
                 };
                 let gauge = rt.shared.metrics.server_state.get_or_create(&labels).clone();

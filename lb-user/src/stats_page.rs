@@ -217,6 +217,17 @@ mod tests {
         };
         let page = render(&stats);
         assert_eq!(page.matches("<table class=\"backend\"").count(), 2);
+        // Names are text too, in cells and in attributes.
+        let mut odd = stats;
+        odd.backends[0].servers[0].name = "a\"><script>".into();
+        let oddpage = render(&odd);
+        assert!(
+            oddpage.contains(
+                "data-server=\"a&quot;&gt;&lt;script&gt;\"><td class=\"name\">a&quot;&gt;&lt;script&gt;</td>"
+            ),
+            "{oddpage}"
+        );
+        assert!(!oddpage.contains("<script>"));
         assert!(page.contains("<tr class=\"DOWN\" data-server=\"a2\">"));
         assert!(page.contains("<tr class=\"DRAIN\" data-server=\"d1\">"));
         assert!(page.contains("3.0 MiB"), "{page}");

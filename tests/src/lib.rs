@@ -155,6 +155,26 @@ pub fn program_available(test: &str, program: &str) -> bool {
     false
 }
 
+/// Debian's Python, which sees the modules Debian's packages install (a `python3` earlier on PATH,
+/// pyenv's say, does not).
+pub const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// Whether Debian's Python imports `module` (one `cargo xtask test` installs, e.g.
+/// `prometheus_client`); when not, a visible skip (a failure under `LB_REQUIRE_BPF=1`).
+pub fn python_module_available(test: &str, module: &str) -> bool {
+    let imported = std::process::Command::new(DEBIAN_PYTHON)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !imported {
+        skip(
+            test,
+            &format!("{DEBIAN_PYTHON} cannot import `{module}` (`cargo xtask test` installs it)"),
+        );
+    }
+    imported
+}
+
 /// Says a test is skipped: on stderr and in `LB_SKIP_LOG` (cargo test captures a passing
 /// test's output; `cargo xtask test` lists skips from that file). Under `LB_REQUIRE_BPF=1`
 /// (set by `.ci/run`) a skip is a failure.

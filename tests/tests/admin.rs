@@ -3,10 +3,14 @@
 use lb_tests::{
     bpf_available,
     http::{read_response, HttpLbBuilder, Reflector},
-    lb::{lb_binary, Lb, LbBuilder},
-    servers,
+    lb::{lb_binary, spawn_command, Lb, LbBuilder},
+    python_module_available, servers, DEBIAN_PYTHON,
 };
-use std::{process::Output, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    process::Output,
+    time::Duration,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -114,7 +118,7 @@ async fn weight_and_disable_apply_to_the_next_flow() {
     let (s0, s1) = (servers::named(0).await, servers::named(1).await);
     let lb = LbBuilder::new(&[s0, s1]).spawn();
     let out = stdout(&lb_cmd(&lb, &["server", "weight", "pool/s1", "0"]).await);
-    assert!(out.contains("pool/s1: UP (weight 0"), "{out}");
+    assert!(out.contains("pool/s1: DRAIN (weight 0"), "{out}");
     for _ in 0..6 {
         assert_eq!(flow(&lb).await.0, 0);
     }
@@ -157,6 +161,61 @@ async fn weight_and_disable_apply_to_the_next_flow() {
     );
     let wrong = lb_cmd(&lb, &["server", "weight", "pool/s0", "999"]).await;
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("expected a number from 0 to 256"));
+}
+
+/// `GET path` on the admin endpoint: the body of a 200 answer.
+async fn admin_get(lb: &Lb, path: &str) -> String {
+    let mut c = TcpStream::connect(lb.admin).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        lb.admin
+    );
+    c.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    timeout(Duration::from_secs(10), c.read_to_end(&mut answer))
+        .await
+        .expect("the admin endpoint did not answer within 10 s")
+        .unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// A healthy server set to weight 0 takes no new flows: `lb stats`, the stats page and the
+/// metrics show it DRAIN with its weight 0, as HAProxy does; a weight back makes it UP.
+#[tokio::test]
+async fn a_server_of_weight_0_is_shown_drain() {
+    let (s0, s1) = (servers::named(0).await, servers::named(1).await);
+    let lb = LbBuilder::new(&[s0, s1]).spawn();
+    let out = stdout(&lb_cmd(&lb, &["server", "weight", "pool/s1", "0"]).await);
+    assert!(out.contains("pool/s1: DRAIN (weight 0, "), "{out}");
+    // `lb stats`: the server's row, by column.
+    let stats = stdout(&lb_cmd(&lb, &["stats"]).await);
+    let row = |name: &str| -> Vec<String> {
+        stats
+            .lines()
+            .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+            .find(|w| w.first().map(String::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{stats}"))
+    };
+    // SERVER ADDRESS STATE WEIGHT ...
+    assert_eq!(row("s1")[2..4], ["DRAIN", "0"], "{stats}");
+    assert_eq!(row("s0")[2..4], ["UP", "1"], "{stats}");
+    // The stats page: the row's class (its colour) and its state cell.
+    let page = admin_get(&lb, "/stats").await;
+    assert!(
+        page.contains("<tr class=\"DRAIN\" data-server=\"s1\">")
+            && page.contains("<td class=\"state\">DRAIN</td><td class=\"name\">-</td><td>0</td>"),
+        "{page}"
+    );
+    let m = lb.metrics();
+    let state = |s: &str| format!("lb_server_state{{backend=\"pool\",server=\"s1\",state=\"{s}\"}}");
+    assert_eq!((m.get(&state("DRAIN")), m.get(&state("UP"))), (1.0, 0.0));
+    // A weight again: UP.
+    let out = stdout(&lb_cmd(&lb, &["server", "weight", "pool/s1", "2"]).await);
+    assert!(out.contains("pool/s1: UP (weight 2, "), "{out}");
+    let page = admin_get(&lb, "/stats").await;
+    assert!(page.contains("<tr class=\"UP\" data-server=\"s1\">"), "{page}");
 }
 
 #[tokio::test]
@@ -246,4 +305,119 @@ async fn commands_from_other_web_sites_and_rebound_names_are_refused() {
     ))
     .await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+}
+
+/// Names with every character besides letters and digits that a name may have (HAProxy's
+/// rule): they reach every label value of the scrape.
+const LISTENER: &str = "web-1.prod:443_a";
+const BACKEND: &str = "app.v2:blue-green_1";
+const SERVER: &str = "s-1.a:b_c";
+
+/// Parses an OpenMetrics text (stdin) with the reference parser, Python's prometheus_client, and
+/// prints each sample as a JSON line: [name, labels, value].
+const PARSE: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        print(json.dumps([s.name, s.labels, s.value]))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_scrape_parses_with_prometheus_client() {
+    if !python_module_available(
+        "the_metrics_scrape_parses_with_prometheus_client",
+        "prometheus_client",
+    ) {
+        return;
+    }
+    let (echo, other) = (servers::echo().await, servers::named(1).await);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin:\n  listen: 127.0.0.1:0\nlisteners:\n  - name: '{LISTENER}'\n    bind: 127.0.0.1:0\n    backend: '{BACKEND}'\n\
+             backends:\n  - name: '{BACKEND}'\n    servers:\n      - {{ name: '{SERVER}', address: \"{echo}\" }}\n\
+             \x20     - {{ name: s2, address: \"{other}\", weight: 0 }}\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(lb_binary());
+    cmd.args(["run", "-c"]).arg(&config);
+    let lb = spawn_command(cmd, dir).unwrap_or_else(|e| panic!("lb did not start: {e}"));
+    // A flow, so that the per-listener and per-server series exist.
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    echo_intact(&mut c, 4096).await;
+    drop(c);
+    lb.wait_for("the flow's end", |m| m.sum("lb_active_connections") == 0.0)
+        .await;
+    let text = lb.metrics().text;
+
+    let mut python = tokio::process::Command::new(DEBIAN_PYTHON)
+        .args(["-c", PARSE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cannot run python3");
+    let mut stdin = python.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = timeout(Duration::from_secs(30), python.wait_with_output())
+        .await
+        .expect("the parser timed out")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<(String, HashMap<String, String>, f64)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // The parser saw every sample line, each whole.
+    let lines = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count();
+    assert_eq!(samples.len(), lines, "{text}");
+    // Each name came back as it is in the configuration.
+    let values = |label: &str| {
+        samples
+            .iter()
+            .filter_map(|(_, labels, _)| labels.get(label).cloned())
+            .collect::<HashSet<String>>()
+    };
+    assert_eq!(values("listener"), HashSet::from([LISTENER.to_string()]));
+    assert_eq!(values("backend"), HashSet::from([BACKEND.to_string()]));
+    assert_eq!(
+        values("server"),
+        HashSet::from([SERVER.to_string(), "s2".to_string()])
+    );
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && l.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.2)
+            .unwrap_or_else(|| panic!("no {name}{labels:?} in\n{text}"))
+    };
+    assert_eq!(value("lb_connections_total", &[("listener", LISTENER)]), 1.0);
+    assert_eq!(
+        value(
+            "lb_server_state",
+            &[("backend", BACKEND), ("server", "s2"), ("state", "DRAIN")]
+        ),
+        1.0,
+        "a server of weight 0 is DRAIN"
+    );
 }

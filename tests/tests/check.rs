@@ -121,6 +121,33 @@ fn every_semantic_error_is_reported_at_once() {
 }
 
 #[test]
+fn names_outside_haproxys_characters_are_refused_at_the_name() {
+    // A quote would break the /metrics scrape; a control byte (an escape sequence here) would
+    // reach `lb stats` and the logs.
+    let text = GOOD
+        .replace("name: web", "name: 'web\"prod'")
+        .replace("name: s1", "name: \"s1\\e[2J\"");
+    let (code, lines, file) = check_text(&text);
+    assert_eq!(code, 1);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let allowed = "names may use only letters, digits, `-`, `_`, `.` and `:`";
+    // (Backends are checked before the listeners that name them.)
+    assert_eq!(
+        lines[0],
+        format!("{file}:8:17: server name `s1\\u{{1b}}[2J`: `\\u{{1b}}` is not allowed; {allowed}")
+    );
+    assert_eq!(
+        lines[1],
+        format!("{file}:2:11: listener name `web\"prod`: `\"` is not allowed; {allowed}")
+    );
+    // The raw byte is not printed: the terminal shows the error, not what the byte does.
+    assert!(!lines.concat().contains('\x1b'), "{lines:?}");
+    // What HAProxy allows passes.
+    let (code, lines, _) = check_text(&GOOD.replace("name: web", "name: web-1.prod:443_a"));
+    assert_eq!(code, 0, "{lines:?}");
+}
+
+#[test]
 fn missing_file_is_reported() {
     let (code, _, stderr) = check(Path::new("/nonexistent/lb.yaml"));
     assert_eq!(code, 1);

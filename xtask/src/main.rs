@@ -220,6 +220,8 @@ fn test(args: Vec<String>) -> Result<()> {
         &[
             ("curl", "curl"),
             ("python3", "python3"),
+            // The real Prometheus text parser the /metrics test checks the scrape with.
+            ("python3:prometheus_client", "python3-prometheus-client"),
             ("wrk", "wrk"),
             ("openssl", "openssl"),
             ("chromium", "chromium"),

@@ -271,11 +271,12 @@ fn same_llvm(toolchain: &Toolchain) -> Result<()> {
 }
 
 /// Installs from Debian each `(program, package)` whose program is not on PATH, in one line
-/// that names `who` and `why`.
+/// that names `who` and `why`. A program `python3:MODULE` is a Python module Debian's python3
+/// (`/usr/bin/python3`, the one Debian's packages install for) must import.
 pub fn ensure_programs(who: &str, why: &str, programs: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = programs
         .iter()
-        .filter(|(program, _)| which(program).is_none())
+        .filter(|(program, _)| !present(program))
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
@@ -328,6 +329,23 @@ pub fn quietly(cmd: &mut Command, log: &Path) -> Result<()> {
         log.display()
     )
 }
+
+/// Whether `program` (see [`ensure_programs`]) is there.
+fn present(program: &str) -> bool {
+    match program.strip_prefix("python3:") {
+        Some(module) => Command::new(DEBIAN_PYTHON)
+            .args(["-c", &format!("import {module}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+        None => which(program).is_some(),
+    }
+}
+
+/// Debian's Python: a `python3` earlier on PATH (pyenv's, say) does not see the modules Debian's
+/// packages install.
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
 /// Where `program` is on PATH, if it is.
 pub fn which(program: &str) -> Option<PathBuf> {

@@ -221,11 +221,15 @@ impl ServerLive {
         was != up
     }
 
+    /// The state operators see (stats, the stats page, `lb_server_state`). A healthy server
+    /// of weight 0 takes no new flows, as a drained one: it is shown DRAIN, as HAProxy shows
+    /// it (its weight, 0, says why).
     pub fn state(&self) -> State {
         match (self.admin(), self.is_up()) {
             (Admin::Maint, _) => State::Maint,
             (Admin::Drain, _) => State::Drain,
             (Admin::Ready, false) => State::Down,
+            (Admin::Ready, true) if self.weight() == 0 => State::Drain,
             (Admin::Ready, true) => State::Up,
         }
     }
@@ -296,6 +300,14 @@ mod tests {
         assert_eq!((s.state(), s.effective_weight()), (State::Down, 0));
         s.set_up(true);
         assert_eq!((s.state(), s.effective_weight()), (State::Up, 2));
+        // Weight 0: drained in effect, and shown so (HAProxy's DRAIN); down stays down.
+        s.set_weight(0);
+        assert_eq!((s.state(), s.effective_weight()), (State::Drain, 0));
+        s.set_up(false);
+        assert_eq!(s.state(), State::Down);
+        s.set_up(true);
+        s.set_weight(2);
+        assert_eq!(s.state(), State::Up);
     }
 
     #[test]

@@ -413,6 +413,26 @@ impl Validator<'_> {
         }
     }
 
+    /// A listener's, backend's or server's `name` (under `path`): HAProxy's rule, letters,
+    /// digits, `-`, `_`, `.` and `:` only. Names become metric label values, stats rows, log
+    /// fields and admin URL segments (`/servers/BACKEND/SERVER/...`), where a quote, a slash, a
+    /// space or a control byte would break or forge what surrounds them.
+    fn name(&mut self, path: &[Step], what: &str, name: &str) {
+        let at = with(path, Step::Key("name"));
+        if name.is_empty() {
+            self.error(&at, format!("a {what}'s name must not be empty"));
+        } else if let Some(bad) = name.chars().find(|&c| !name_char(c)) {
+            self.error(
+                &at,
+                format!(
+                    "{what} name `{}`: `{}` is not allowed; names may use only letters, digits, `-`, `_`, `.` and `:`",
+                    visible(name),
+                    visible(&bad.to_string())
+                ),
+            );
+        }
+    }
+
     /// Parses `IP:PORT`; on error records it and returns `None`.
     fn address(&mut self, path: &[Step], what: &str, text: &str) -> Option<SocketAddr> {
         let parsed = text.parse().ok();
@@ -542,6 +562,7 @@ impl Validator<'_> {
         let mut backends = Vec::new();
         for (i, b) in raw.backends.into_iter().enumerate() {
             let path = [Step::Key("backends"), Step::Index(i)];
+            self.name(&path, "backend", &b.name);
             if backend_index.insert(b.name.clone(), i).is_some() {
                 self.error(
                     &with(&path, Step::Key("name")),
@@ -554,6 +575,7 @@ impl Validator<'_> {
         let mut listeners = Vec::new();
         for (i, l) in raw.listeners.into_iter().enumerate() {
             let path = [Step::Key("listeners"), Step::Index(i)];
+            self.name(&path, "listener", &l.name);
             if names.insert(l.name.clone(), i).is_some() {
                 self.error(
                     &with(&path, Step::Key("name")),
@@ -793,6 +815,7 @@ impl Validator<'_> {
         let mut servers = Vec::new();
         for (i, s) in b.servers.into_iter().enumerate() {
             let spath = with(&with(path, Step::Key("servers")), Step::Index(i));
+            self.name(&spath, "server", &s.name);
             if seen.insert(s.name.clone(), i).is_some() {
                 self.error(
                     &with(&spath, Step::Key("name")),
@@ -930,6 +953,23 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// Whether `c` may appear in a name: HAProxy's `invalid_char()` allows ASCII letters and digits,
+/// `-`, `_`, `.` and `:`.
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')
+}
+
+/// `s` with its control characters escaped (`\n`, `\u{1b}`): an error message shows them
+/// instead of letting the terminal act on them.
+pub fn visible(s: &str) -> String {
+    s.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_debug().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 fn with(path: &[Step], step: Step) -> Vec<Step> {

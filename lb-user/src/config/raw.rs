@@ -236,7 +236,8 @@ pub struct RawLimits {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
-    /// Unique name, used in logs and metrics labels.
+    /// Unique name, used in logs and metrics labels: ASCII letters, digits, `-`, `_`, `.` and
+    /// `:` only (HAProxy's rule, for every name).
     pub name: String,
     /// `IP:PORT` to listen on (`0.0.0.0:80`, `[::]:443`, `127.0.0.1:0` for any free port).
     pub bind: String,
@@ -335,7 +336,7 @@ pub struct RawKeepaliveSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
-    /// Unique name, referenced by listeners' `backend:`.
+    /// Unique name, referenced by listeners' `backend:` (letters, digits, `-`, `_`, `.`, `:`).
     pub name: String,
     /// Balancing algorithm: `roundrobin` (weighted, smooth; the default), `leastconn` (fewest
     /// current sessions per unit of weight), `source` (consistent hash of the client address),
@@ -412,7 +413,8 @@ pub struct RawObserve {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
-    /// Name unique within the backend, used in logs and metrics labels.
+    /// Name unique within the backend, used in logs and metrics labels (letters, digits, `-`,
+    /// `_`, `.`, `:`).
     pub name: String,
     /// `IP:PORT` of the server.
     pub address: String,

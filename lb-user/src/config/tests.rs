@@ -502,3 +502,39 @@ fn send_proxy_is_the_backends_unless_a_server_overrides_it() {
         only_error(&src.replace("send_proxy: v1", "send_proxy: true")).contains("does not say which version")
     );
 }
+
+#[test]
+fn names_are_haproxys_characters_only() {
+    // Everything HAProxy allows passes.
+    let ok = GOOD
+        .replace("name: web", "name: Web-1.prod:8080_x")
+        .replace("name: s1", "name: s.1:a-b_C");
+    assert!(parse("t.yaml", &ok).is_ok());
+    // Each kind of name is checked, at its value.
+    let e = only_error(&GOOD.replace("name: web", "name: 'web\"prod'"));
+    assert_eq!(
+        e,
+        "t.yaml:2:11: listener name `web\"prod`: `\"` is not allowed; names may use only letters, digits, `-`, `_`, `.` and `:`"
+    );
+    let e = only_error(
+        &GOOD
+            .replace("name: app\n", "name: \"a\\x1bpp\"\n")
+            .replace("backend: app", "backend: \"a\\x1bpp\""),
+    );
+    assert!(
+        e.starts_with("t.yaml:6:11: backend name `a\\u{1b}pp`: `\\u{1b}` is not allowed"),
+        "{e}"
+    );
+    let e = only_error(&GOOD.replace("name: s1", "name: \"s 1\""));
+    assert!(
+        e.starts_with("t.yaml:8:17: server name `s 1`: ` ` is not allowed"),
+        "{e}"
+    );
+    let e = only_error(&GOOD.replace("name: s1", "name: s/1"));
+    assert!(e.contains("server name `s/1`: `/` is not allowed"), "{e}");
+    let e = only_error(&GOOD.replace("name: s1", "name: ''"));
+    assert!(
+        e.starts_with("t.yaml:8:17: a server's name must not be empty"),
+        "{e}"
+    );
+}

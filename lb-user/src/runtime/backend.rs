@@ -158,8 +158,8 @@ impl BackendRt {
 
 fn server_labels(backend: &Backend, s: &Server) -> ServerLabels {
     ServerLabels {
-        backend: backend.name.clone(),
-        server: s.name.clone(),
+        backend: (&backend.name).into(),
+        server: (&s.name).into(),
     }
 }
 

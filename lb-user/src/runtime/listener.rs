@@ -72,12 +72,12 @@ impl ListenerRt {
     ) -> ListenerRt {
         let metrics = &shared.metrics;
         let labels = ListenerLabels {
-            listener: config.name.clone(),
+            listener: (&config.name).into(),
         };
         let http_responses = config.http.as_ref().map(|_| {
             STATUS_CLASSES.map(|code| {
                 let labels = ResponseLabels {
-                    listener: config.name.clone(),
+                    listener: (&config.name).into(),
                     code,
                 };
                 metrics.http_responses.get_or_create(&labels).clone()
@@ -93,7 +93,7 @@ impl ListenerRt {
         let ends = |family: &prometheus_client::metrics::family::Family<EndLabels, Counter>| {
             Side::BOTH.map(|side| {
                 let labels = EndLabels {
-                    listener: config.name.clone(),
+                    listener: (&config.name).into(),
                     side: side.name(),
                 };
                 let counter = family.get_or_create(&labels).clone();
@@ -109,7 +109,7 @@ impl ListenerRt {
         let proxy_refused = match config.accept_proxy {
             Some(_) => Refusal::ALL.map(|r| {
                 let labels = TlsFailureLabels {
-                    listener: config.name.clone(),
+                    listener: (&config.name).into(),
                     reason: r.name(),
                 };
                 let counter = metrics.proxy_refused.get_or_create(&labels).clone();
@@ -184,13 +184,13 @@ impl ListenerRt {
 /// A listener's TLS termination, with its counters.
 fn terminator(name: &str, settings: &ListenerTls, metrics: &Metrics, ktls: Option<&Ktls>) -> Terminator {
     let labels = ListenerLabels {
-        listener: name.to_string(),
+        listener: name.into(),
     };
     let handshakes = metrics.tls_handshakes.get_or_create(&labels).clone();
     let failures = failure_counters(name, metrics);
     let handoffs = HandOffResult::ALL.map(|r| {
         let labels = KtlsHandOffLabels {
-            listener: name.to_string(),
+            listener: name.into(),
             result: r.name(),
         };
         let counter = metrics.ktls_handoffs.get_or_create(&labels).clone();
@@ -207,7 +207,7 @@ fn terminator(name: &str, settings: &ListenerTls, metrics: &Metrics, ktls: Optio
 fn failure_counters(name: &str, metrics: &Metrics) -> [Counter; Failure::ALL.len()] {
     Failure::ALL.map(|f| {
         let labels = TlsFailureLabels {
-            listener: name.to_string(),
+            listener: name.into(),
             reason: f.name(),
         };
         let counter = metrics.tls_failures.get_or_create(&labels).clone();
