@@ -127,9 +127,11 @@ pub struct HandoffLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
-    /// `ended` (a side had already ended its stream: the kernel takes only ESTABLISHED
-    /// sockets), `no_slot` (every control slot in use), `map_full` (the SOCKHASH insert
-    /// failed) or `moving` (an upgrade was moving the kernel flows to a new process).
+    /// [`crate::forward::kernel::Ineligible`]: `ended` (a side had ended its stream or reset,
+    /// before or during the hand-off: the kernel takes only ESTABLISHED sockets), `no_slot`
+    /// (every control slot in use), `map_full` (the SOCKHASH was full), `no_memory` (the
+    /// kernel had no memory for an entry), `insert_failed` (another insert error, not
+    /// expected) or `moving` (an upgrade was moving the kernel flows to a new process).
     pub reason: &'static str,
 }
 
@@ -468,7 +470,7 @@ impl Metrics {
         );
         r.register(
             "lb_kernel_fallbacks",
-            "Flows the kernel would not take, forwarded in userspace, by reason (ended: a side had already ended its stream; no_slot, map_full: the BPF maps were full; moving: an upgrade was moving the kernel flows)",
+            "Flows the kernel would not take, forwarded in userspace, by reason (ended: a side had ended its stream or reset, before or during the hand-off; no_slot, map_full: the BPF maps were full; no_memory: the kernel had no memory for a SOCKHASH entry; insert_failed: another SOCKHASH insert error, in the debug log; moving: an upgrade was moving the kernel flows)",
             m.kernel_fallbacks.clone(),
         );
         r.register(

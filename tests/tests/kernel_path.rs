@@ -142,3 +142,46 @@ async fn kernel_flows_use_the_configured_congestion_control() {
         "{err}"
     );
 }
+
+/// A client that resets while lb hands its flow to the kernel (between the two SOCKHASH
+/// inserts, widened to 3 s by a fault-injection knob): the kernel refuses to insert its now
+/// closed socket (EOPNOTSUPP), and the fallback is counted as `ended`, not as a full map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_during_the_hand_off_is_counted_as_ended_not_map_full() {
+    if !bpf_available("a_reset_during_the_hand_off_is_counted_as_ended_not_map_full") {
+        return;
+    }
+    let echo = servers::echo().await;
+    let lb = Path::Kernel
+        .lb(&[echo])
+        .env("LB_TEST_INSERT_GAP_MS", "3000")
+        .log_filter("info,lb::forward=debug")
+        .spawn();
+    let c = tokio::net::TcpStream::connect(lb.listener).await.unwrap();
+    // Both sockets have their control slots: past the state check, at the inserts (the
+    // second one comes 3 s after the first).
+    lb.wait_for("the hand-off to be under way", |m| {
+        m.get("lb_kernel_tracked_sockets") == 2.0
+    })
+    .await;
+    c.set_zero_linger().unwrap();
+    drop(c);
+    let m = lb
+        .wait_for("the fallback to be counted", |m| {
+            m.sum("lb_kernel_fallbacks_total") >= 1.0
+        })
+        .await;
+    assert_eq!(
+        m.counted("lb_kernel_fallbacks_total{reason=\"ended\"}"),
+        1.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(m.counted("lb_kernel_fallbacks_total{reason=\"map_full\"}"), 0.0);
+    assert!(
+        lb.log()
+            .contains("flow stays in userspace (ended): SOCKHASH insert of the client socket failed"),
+        "{}",
+        lb.log()
+    );
+}

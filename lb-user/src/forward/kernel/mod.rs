@@ -343,19 +343,26 @@ pub enum Forwarded {
     NotEligible(Ineligible, tokio::net::TcpStream, tokio::net::TcpStream, Unsent),
 }
 
-/// Why the kernel would not take a pair.
+/// Why the kernel would not take a pair: the `reason` of `lb_kernel_fallbacks_total`, a fixed
+/// small set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ineligible {
     /// A socket was no longer ESTABLISHED: a side had already ended its stream (say a client
-    /// that sent its request and half-closed before the server was connected). The SOCKHASH
-    /// takes only ESTABLISHED sockets.
+    /// that sent its request and half-closed before the server was connected), or was reset.
+    /// The SOCKHASH takes only ESTABLISHED sockets: seen before the inserts, or by the kernel
+    /// refusing an insert (EOPNOTSUPP) when it happened during the hand-off.
     Ended,
     /// Every control slot was in use.
     NoSlot,
     /// An upgrade was moving the kernel flows to a new process.
     Moving,
-    /// A SOCKHASH insert failed (the map was full).
+    /// The SOCKHASH was full (E2BIG).
     MapFull,
+    /// The kernel had no memory for the entry (ENOMEM).
+    NoMemory,
+    /// A SOCKHASH insert failed otherwise (its errno is in the debug log): EBUSY or EINVAL for
+    /// a socket another sockmap program or a ULP (kTLS) already holds. Not expected.
+    InsertFailed,
 }
 
 impl Ineligible {
@@ -365,6 +372,25 @@ impl Ineligible {
             Ineligible::NoSlot => "no_slot",
             Ineligible::Moving => "moving",
             Ineligible::MapFull => "map_full",
+            Ineligible::NoMemory => "no_memory",
+            Ineligible::InsertFailed => "insert_failed",
+        }
+    }
+
+    /// Why a SOCKHASH insert from userspace failed, from its errno (the kernel's
+    /// `sock_map_update_elem_sys` and `sock_hash_update_common`): EOPNOTSUPP for a TCP socket
+    /// neither ESTABLISHED nor LISTEN (it got a reset or a FIN since the state check), E2BIG
+    /// when the map holds `max_entries`, ENOMEM when an allocation failed.
+    fn of_insert(e: &aya::maps::MapError) -> Ineligible {
+        let errno = match e {
+            aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+            _ => None,
+        };
+        match errno {
+            Some(libc::EOPNOTSUPP) => Ineligible::Ended,
+            Some(libc::E2BIG) => Ineligible::MapFull,
+            Some(libc::ENOMEM) => Ineligible::NoMemory,
+            _ => Ineligible::InsertFailed,
         }
     }
 }
@@ -642,11 +668,11 @@ fn set_up<'k, 'c>(
     });
     let [c, s] = ends;
     let (c, s) = (c?, s?);
-    if !insert_pair(kernel, &c, &s) {
+    if let Err(why) = insert_pair(kernel, &c, &s) {
         // Back to tokio's reactor: out of the kernel flows' epoll set.
         c.watch.forget();
         s.watch.forget();
-        return Ok(Err((Ineligible::MapFull, c.sock, s.sock)));
+        return Ok(Err((why, c.sock, s.sock)));
     }
     if let Some(name) = settings.congestion {
         // Once in the map (a flow that stays in userspace keeps the system's). Checked at
@@ -747,8 +773,8 @@ async fn watch<F: std::future::Future<Output = Halt> + Unpin>(watcher: &mut Opti
     }
 }
 
-/// Inserts each socket under its peer's cookie. Returns false when the kernel refused; the
-/// flow is then forwarded in userspace. If only the first insert succeeded, the server socket
+/// Inserts each socket under its peer's cookie. `Err` says why the kernel refused; the flow
+/// is then forwarded in userspace. If only the first insert succeeded, the server socket
 /// stays in the map until it closes: its slot is gone with the flow's, so the program passes
 /// every byte it receives to its own queue, where userspace reads it; removing it (which would
 /// purge that queue) is not needed.
@@ -756,12 +782,16 @@ async fn watch<F: std::future::Future<Output = Halt> + Unpin>(watcher: &mut Opti
 /// Bytes a socket receives between the two inserts cannot overtake anything: with its peer not
 /// in the map yet, the program holds them (passes them to the socket's queue, counted) and the
 /// daemon forwards them before the program may redirect that socket's bytes.
-fn insert_pair(kernel: &Kernel, c: &FlowSocket<'_>, s: &FlowSocket<'_>) -> bool {
+fn insert_pair(kernel: &Kernel, c: &FlowSocket<'_>, s: &FlowSocket<'_>) -> Result<(), Ineligible> {
     // The server's entry goes in first: it attaches the server socket, which in client-first
     // protocols is the one not expected to send in the instant between the two inserts.
     if let Err(e) = kernel.insert(c.tracked.cookie, s.sock.as_raw_fd()) {
-        tracing::debug!("flow stays in userspace: SOCKHASH insert failed: {e}");
-        return false;
+        let why = Ineligible::of_insert(&e);
+        tracing::debug!(
+            "flow stays in userspace ({}): SOCKHASH insert of the server socket failed: {e:#}",
+            why.name()
+        );
+        return Err(why);
     }
     if let Some(gap) = insert_gap_for_tests() {
         std::thread::sleep(gap);
@@ -770,10 +800,14 @@ fn insert_pair(kernel: &Kernel, c: &FlowSocket<'_>, s: &FlowSocket<'_>) -> bool 
         // The server socket stays in the map until it closes: taking it out would drop the
         // bytes the program already passed to it (they wait in its psock). The program finds
         // no peer for it and passes everything, which the userspace loop reads as usual.
-        tracing::debug!("flow stays in userspace: second SOCKHASH insert failed: {e}");
-        return false;
+        let why = Ineligible::of_insert(&e);
+        tracing::debug!(
+            "flow stays in userspace ({}): SOCKHASH insert of the client socket failed: {e:#}",
+            why.name()
+        );
+        return Err(why);
     }
-    true
+    Ok(())
 }
 
 /// Fault injection for the end-to-end tests: `LB_TEST_INSERT_GAP_MS` widens the instant between
@@ -806,4 +840,38 @@ fn idle_check(flow: &Flow<'_, '_>) -> io::Result<Result<Instant, Side>> {
     }
     // Millisecond clocks: look a little after the earliest possible expiry.
     Ok(Ok(wake + Duration::from_millis(2)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ineligible;
+
+    fn insert_error(errno: i32) -> aya::maps::MapError {
+        aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        }
+        .into()
+    }
+
+    /// Only a full map is `map_full`: a socket reset or half-closed during the hand-off is
+    /// `ended`, as when the state check before the inserts sees it.
+    #[test]
+    fn a_refused_insert_is_counted_under_what_the_kernel_said() {
+        for (errno, reason) in [
+            (libc::EOPNOTSUPP, "ended"),
+            (libc::E2BIG, "map_full"),
+            (libc::ENOMEM, "no_memory"),
+            (libc::EBUSY, "insert_failed"),
+            (libc::EINVAL, "insert_failed"),
+        ] {
+            assert_eq!(
+                Ineligible::of_insert(&insert_error(errno)).name(),
+                reason,
+                "errno {errno}"
+            );
+        }
+        let other = aya::maps::MapError::KeyNotFound;
+        assert_eq!(Ineligible::of_insert(&other).name(), "insert_failed");
+    }
 }
