@@ -430,7 +430,7 @@ impl Metrics {
         );
         r.register(
             "lb_server_forwarded_bytes",
-            "Payload bytes of a server's flows, both directions, by path: user (copied by lb, counted as they go; an HTTP exchange's heads and bodies when it ends) and kernel (counted when the flow ends)",
+            "Payload bytes of a server's flows, both directions, by path: user (copied by lb, counted as they go; an HTTP exchange's heads and bodies when it ends) and kernel (redirected by the kernel, read from live flows at each scrape)",
             m.server_bytes.clone(),
         );
         r.register(
@@ -605,6 +605,7 @@ impl Metrics {
             .get_or_create(&PathLabels { path: "kernel" })
             .clone();
         if let Some(k) = kernel {
+            k.catch_up_live();
             let s = k.stats();
             catch_up(&kernel_bytes, s.redirected_bytes);
             let km = &self.kernel;

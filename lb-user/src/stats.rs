@@ -117,7 +117,8 @@ pub struct ServerStats {
     pub total: u64,
     pub connect_errors: u64,
     pub check_failures: u64,
-    /// Payload bytes forwarded by the kernel (counted when a flow ends) and by lb itself.
+    /// Payload bytes forwarded by the kernel (read from live flows at each snapshot) and by lb
+    /// itself.
     pub bytes_kernel: u64,
     pub bytes_user: u64,
 }
@@ -144,6 +145,10 @@ pub fn export_states(rt: &Runtime) {
 
 /// What lb is doing now.
 pub fn snapshot(rt: &Runtime) -> Stats {
+    // The kernel bytes of flows still running, into their servers' counters first.
+    if let Some(kernel) = &rt.shared.kernel {
+        kernel.catch_up_live();
+    }
     let current = rt.current();
     let listeners = current
         .listeners

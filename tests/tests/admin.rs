@@ -113,6 +113,52 @@ async fn drain_lets_kernel_flows_finish_and_sends_no_new_ones() {
     assert!(seen[0] >= 4, "{seen:?}");
 }
 
+/// `lb stats --json`: the `bytes_kernel` of `pool/s0`.
+async fn kernel_bytes_of_s0(lb: &Lb) -> u64 {
+    let json = stdout(&lb_cmd(lb, &["stats", "--json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["backends"][0]["servers"][0]["bytes_kernel"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no bytes_kernel: {json}"))
+}
+
+/// A server's kernel bytes grow while its flow runs in the kernel (the program's per-socket
+/// counts, read at each snapshot and scrape), and the flow's end adds only what is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_bytes_of_a_live_flow_are_counted_as_they_go() {
+    if !bpf_available("kernel_bytes_of_a_live_flow_are_counted_as_they_go") {
+        return;
+    }
+    let echo = servers::echo().await;
+    let lb = LbBuilder::new(&[echo])
+        .forwarding("kernel")
+        .offload_after("0")
+        .spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    lb.wait_for("the flow to be in the kernel", |m| {
+        m.get("lb_kernel_flows") == 1.0
+    })
+    .await;
+    // Out and back: each byte crosses the kernel twice.
+    const N: usize = 1 << 20;
+    echo_intact(&mut c, N).await;
+    let live = kernel_bytes_of_s0(&lb).await;
+    assert!(live >= 2 * N as u64, "{live} kernel bytes while the flow is open");
+    let server = "lb_server_forwarded_bytes_total{backend=\"pool\",server=\"s0\",path=\"kernel\"}";
+    let m = lb.metrics();
+    assert!(m.get(server) >= (2 * N) as f64, "{}", m.text);
+    assert_eq!(m.get("lb_kernel_flows"), 1.0, "the flow is still open");
+    echo_intact(&mut c, N).await;
+    assert!(kernel_bytes_of_s0(&lb).await >= 4 * N as u64);
+    // Its end: counted once. One flow, one server: the server's total is the kernel's.
+    drop(c);
+    let m = lb
+        .wait_for("the flow's end", |m| m.get("lb_kernel_flows") == 0.0)
+        .await;
+    assert_eq!(m.get(server), m.kernel_bytes(), "{}", m.text);
+    assert_eq!(kernel_bytes_of_s0(&lb).await as f64, m.kernel_bytes());
+}
+
 #[tokio::test]
 async fn weight_and_disable_apply_to_the_next_flow() {
     let (s0, s1) = (servers::named(0).await, servers::named(1).await);

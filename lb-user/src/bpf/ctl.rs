@@ -137,6 +137,22 @@ impl CtlArray {
     }
 }
 
+impl CtlArray {
+    /// Bytes the program redirected from the socket of slot `index`. Meaningful for a slot in
+    /// use only (a freed one may count another socket's bytes already): a reader that holds no
+    /// [`Slot`] must know the slot's socket is still tracked ([`super::live`]).
+    pub fn redirected(&self, index: u32) -> u64 {
+        assert!(index < MAX_SOCKETS, "slot {index} is past the array");
+        // SAFETY: index < MAX_SOCKETS, so the element is inside the mapping, which lives as
+        // long as `self`; `redirected` is an aligned u64 the program writes with single 8-byte
+        // stores.
+        unsafe {
+            let field = addr_of_mut!((*self.base.as_ptr().add(index as usize)).redirected);
+            AtomicU64::from_ptr(field).load(Acquire)
+        }
+    }
+}
+
 impl Drop for CtlArray {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, unmapped once.
@@ -170,8 +186,7 @@ impl Slot<'_> {
 
     /// Bytes the program redirected to the peer.
     pub fn redirected(&self) -> u64 {
-        self.u64_field(|p| unsafe { addr_of_mut!((*p).redirected) })
-            .load(Acquire)
+        self.array.redirected(self.index)
     }
 
     /// Bytes the program passed to the socket's own queue.

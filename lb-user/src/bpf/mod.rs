@@ -8,6 +8,7 @@
 mod btf;
 mod ctl;
 mod events;
+mod live;
 mod watch;
 
 use aya::{
@@ -35,6 +36,7 @@ use ctl::CtlArray;
 pub use ctl::Slot;
 use events::Wakers;
 pub use events::{Wake, THROTTLE_RCVBUF};
+pub use live::LiveCount;
 use watch::Watcher;
 pub use watch::{Interest, Watch};
 
@@ -106,6 +108,8 @@ pub struct Kernel {
     resuming: AtomicI64,
     /// The most bytes one flow direction had inside lb at once, as the daemon saw them.
     most_in_flight: AtomicU64,
+    /// The live flows whose kernel bytes are counted as they go ([`live`]).
+    live: live::LiveFlows,
     /// Pauses the reader of the program's log records (`true`) while an upgrade's new process
     /// reads them: one reader at a time, or each would log them and move the other's place.
     log: Option<tokio::sync::watch::Sender<bool>>,
@@ -270,6 +274,7 @@ impl Kernel {
             moved: AtomicU64::new(0),
             resuming: AtomicI64::new(0),
             most_in_flight: AtomicU64::new(0),
+            live: Default::default(),
             log,
             reader: Mutex::new(Some(reader)),
             paused: Mutex::new(None),

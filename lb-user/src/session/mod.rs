@@ -484,6 +484,7 @@ async fn kernel_stage(l: &ListenerRt, pair: Pair) -> Session {
         user_bytes: shared.byte_counters(pair.info.server()),
         dropped: &l.dropped,
         duplicated: &shared.metrics.kernel_duplicated_bytes,
+        kernel_bytes: &pair.info.server().kernel_bytes,
     };
     let flow = forward::kernel::Pair {
         client: pair.client,
@@ -520,7 +521,8 @@ async fn kernel_stage(l: &ListenerRt, pair: Pair) -> Session {
     }
 }
 
-/// Counts how the flow ended; an HTTP hand-off gets its access-log record.
+/// Counts how the flow ended; an HTTP hand-off gets its access-log record. (Its kernel bytes
+/// were counted as they went: [`crate::bpf::LiveCount`].)
 fn finish(listener: &ListenerRt, info: FlowInfo, end: End, totals: Totals) -> Session {
     let l = &listener.config;
     let server = &info.backend.config.servers[info.lease.index()].name;
@@ -534,7 +536,6 @@ fn finish(listener: &ListenerRt, info: FlowInfo, end: End, totals: Totals) -> Se
         }
         End::Closed => {}
     }
-    info.server().kernel_bytes.inc_by(totals.kernel);
     log_handoff_end(listener, &info, Some(end), totals);
     Session::Finished(Outcome::Forwarded(end))
 }

@@ -130,6 +130,7 @@ pub async fn resume(
         user_bytes: shared.byte_counters(info.server()),
         dropped: &l.dropped,
         duplicated: &shared.metrics.kernel_duplicated_bytes,
+        kernel_bytes: &info.server().kernel_bytes,
     };
     let token = shared.moving_token();
     let session = match forward::kernel::resume(kernel, flow.moving, &counters, &token, adopted).await {

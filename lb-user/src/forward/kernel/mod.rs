@@ -38,7 +38,7 @@ use direction::Start;
 
 use super::{ByteCounters, Directions, End, Side, Timeouts, Totals, Unsent};
 use crate::{
-    bpf::{Kernel, TrackError, Tracked, Watch},
+    bpf::{Kernel, LiveCount, TrackError, Tracked, Watch},
     sockopt,
 };
 
@@ -66,6 +66,9 @@ pub struct FlowCounters<'a> {
     pub dropped: &'a Counter,
     /// Bytes the program saw twice (`lb_kernel_duplicated_bytes_total`).
     pub duplicated: &'a Counter,
+    /// The server's kernel bytes (`lb_server_forwarded_bytes_total{path="kernel"}`), counted
+    /// while the flow runs ([`Kernel::count_live`]).
+    pub kernel_bytes: &'a Counter,
 }
 
 /// One socket of a kernel-forwarded flow.
@@ -112,6 +115,9 @@ impl FlowSocket<'_> {
 /// (lb stopping) or one with undelivered bytes must not look like a clean end to either peer.
 struct Flow<'k, 'c> {
     kernel: &'k Kernel,
+    /// Counts the flow's kernel bytes as they go. Before `ends`: fields drop in order, and the
+    /// last count reads the slots, which must still be the flow's.
+    live: LiveCount<'k>,
     ends: [FlowSocket<'k>; 2],
     timeouts: Timeouts,
     counters: &'c FlowCounters<'c>,
@@ -230,6 +236,9 @@ impl Flow<'_, '_> {
         let this = std::mem::ManuallyDrop::new(self);
         // SAFETY: `this` is never used or dropped again; every field with a destructor is
         // read out exactly once here (the others are references, atomics and plain values).
+        // The live count first: it adds the bytes redirected so far while the slots are still
+        // this flow's.
+        drop(unsafe { std::ptr::read(&this.live) });
         let ends = unsafe { std::ptr::read(&this.ends) };
         let [c, s] = ends.map(|e| {
             let FlowSocket {
@@ -555,11 +564,21 @@ pub async fn resume(
     };
     drop(resuming);
     kernel.flow_started();
+    // The bytes redirected before the move were counted by the process that had the flow then
+    // (this one, if the upgrade failed): from here on, the new ones.
+    let [c, s] = &ends;
+    let live = kernel.count_live(
+        c.tracked.cookie,
+        [c.tracked.ctl().index, s.tracked.ctl().index],
+        counters.kernel_bytes.clone(),
+        c.tracked.ctl().redirected() + s.tracked.ctl().redirected(),
+    );
     if state.braked.iter().any(|&b| b) {
         kernel.set_braked(true);
     }
     let flow = Flow {
         kernel,
+        live,
         ends,
         timeouts: state.timeouts,
         counters,
@@ -684,8 +703,15 @@ fn set_up<'k, 'c>(
         }
     }
     kernel.flow_started();
+    let live = kernel.count_live(
+        c.tracked.cookie,
+        [c.tracked.ctl().index, s.tracked.ctl().index],
+        counters.kernel_bytes.clone(),
+        0,
+    );
     let flow = Flow {
         kernel,
+        live,
         ends: [c, s],
         timeouts,
         counters,
