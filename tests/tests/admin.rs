@@ -444,6 +444,9 @@ async fn the_metrics_scrape_parses_with_prometheus_client() {
         values("server"),
         HashSet::from([SERVER.to_string(), "s2".to_string()])
     );
+    // The runtime API takes such names, in its command and in the endpoint's URL.
+    let out = stdout(&lb_cmd(&lb, &["server", "drain", &format!("{BACKEND}/{SERVER}")]).await);
+    assert!(out.contains(&format!("{BACKEND}/{SERVER}: DRAIN")), "{out}");
     let value = |name: &str, labels: &[(&str, &str)]| {
         samples
             .iter()
