@@ -157,6 +157,60 @@ fn missing_file_is_reported() {
     );
 }
 
+/// Input that cost gigabytes or minutes before lb bounded it: each is refused at once, with
+/// its position where it has one. (A regression shows as a test that does not end.)
+#[test]
+fn hostile_files_are_refused() {
+    let (code, _, stderr) = check(Path::new("/dev/zero"));
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr.trim_end(),
+        "/dev/zero: a character device, not a configuration file"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    std::fs::write(&big, vec![b'#'; (16 << 20) + 1]).unwrap();
+    let (code, _, stderr) = check(&big);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "{}: larger than 16 MiB, the most a configuration file may hold",
+            big.display()
+        )
+    );
+
+    // 3,000 aliases of a 1 MiB string: 3 GB once expanded.
+    let (code, lines, file) = check_text(&format!(
+        "listeners:\n  - name: &a \"{}\"\n    bind: 127.0.0.1:80\n    backend: app\n    tls: {{ certificates: [], alpn: [{}] }}\n",
+        "x".repeat(1 << 20),
+        vec!["*a"; 3000].join(", ")
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("{file}:5:"))
+            && lines[0].ends_with(
+                ": aliases repeat more than 16 MiB; with this one the document would be too large to read"
+            ),
+        "{lines:?}"
+    );
+
+    let (code, lines, file) = check_text(&format!(
+        "listeners: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    ));
+    assert_eq!(code, 1);
+    assert_eq!(
+        lines,
+        [format!(
+            "{file}:1:267: collections are nested more than 64 levels deep"
+        )]
+    );
+}
+
 #[test]
 fn version_and_help() {
     let out = Command::new(lb_binary()).arg("--version").output().unwrap();

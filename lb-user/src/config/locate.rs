@@ -1,7 +1,9 @@
 //! Maps a path in the configuration tree (`listeners[2].bind`) back to its line and column, so
 //! that errors found after deserialisation still point at the file position a person can fix.
-use marked_yaml::Node;
-
+//!
+//! The tree holds positions only (no values) and is built by [`super::scan::locate`] when the
+//! first error needs it; an alias is the node it names, so a path through an alias leads to
+//! where that node is written.
 /// One step of a path into the YAML tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -9,45 +11,50 @@ pub enum Step {
     Index(usize),
 }
 
-/// A parsed copy of the document that keeps positions.
-pub struct Locator {
-    root: Option<Node>,
+/// Where each node of the document is written.
+#[derive(Debug, Default)]
+pub(crate) struct Locator {
+    pub(super) nodes: Vec<Node>,
+    pub(super) root: Option<usize>,
+}
+
+/// A node: its line and column (1-based), and its children (indices into `Locator::nodes`).
+#[derive(Debug)]
+pub(super) struct Node {
+    pub(super) at: (usize, usize),
+    pub(super) shape: Shape,
+}
+
+#[derive(Debug)]
+pub(super) enum Shape {
+    Scalar,
+    Sequence(Vec<usize>),
+    /// By key, in the file's order. Scalar keys only: a key that is a collection is nothing a
+    /// path can name. A Vec, searched in order: a mapping validation looks into is one of lb's
+    /// sections, whose keys serde already bounded (unknown keys are errors).
+    Mapping(Vec<(String, usize)>),
 }
 
 impl Locator {
-    pub fn new(source: &str) -> Locator {
-        Locator {
-            root: marked_yaml::parse_yaml(0, source).ok(),
-        }
-    }
-
     /// Line and column (1-based) of the node at `path`, or of the deepest ancestor that exists
     /// (a missing key is reported at the mapping that should hold it).
     pub fn position(&self, path: &[Step]) -> (usize, usize) {
-        let Some(mut node) = self.root.as_ref() else {
+        let Some(mut node) = self.root.map(|i| &self.nodes[i]) else {
             return (1, 1);
         };
-        let mut best = marker(node).unwrap_or((1, 1));
         for step in path {
-            let next = match (step, node) {
-                (Step::Key(k), Node::Mapping(m)) => m.get_node(k),
-                (Step::Index(i), Node::Sequence(s)) => s.get_node(*i),
+            let next = match (step, &node.shape) {
+                (Step::Key(k), Shape::Mapping(m)) => {
+                    m.iter().find(|(key, _)| key == k).map(|(_, value)| value)
+                }
+                (Step::Index(i), Shape::Sequence(s)) => s.get(*i),
                 _ => None,
             };
             match next {
-                Some(n) => {
-                    node = n;
-                    if let Some(p) = marker(n) {
-                        best = p;
-                    }
-                }
+                Some(&n) => node = &self.nodes[n],
                 None => break,
             }
         }
-        best
+        node.at
     }
-}
-
-fn marker(node: &Node) -> Option<(usize, usize)> {
-    node.span().start().map(|m| (m.line(), m.column()))
 }

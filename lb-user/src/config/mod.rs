@@ -1,13 +1,18 @@
 //! Configuration: the YAML file → raw serde structs ([`raw`]) → a validated [`Config`].
 //!
-//! Every problem is reported as `FILE:LINE:COLUMN: message`. Syntax and type errors come from
-//! serde_yaml (which stops at the first one); every semantic error after that is collected, so
-//! `lb check` shows them all at once.
+//! Every problem is reported as `FILE:LINE:COLUMN: message` (`FILE: message` for the whole
+//! file: unreadable, too large). The file is read within bounds ([`input`]), then one pass over
+//! its YAML events ([`scan`]) refuses deep nesting and runaway aliases and reports a syntax
+//! error and every duplicate key; serde_yaml then deserialises it and stops at the first type
+//! error; every semantic error after that is collected, so `lb check` shows them all at once
+//! (at positions another pass over the events finds, once there is an error to place).
 mod health;
 mod http;
+mod input;
 mod locate;
 mod proxy;
 pub mod raw;
+mod scan;
 mod tls;
 
 use crate::affinity::CpuAffinity;
@@ -267,23 +272,55 @@ const MAX_SOCKET_BUFFER: u64 = (i32::MAX / 2) as u64;
 const UNSPECIFIED: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// One problem in a configuration file, with its position.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConfigError {
     pub file: String,
-    pub line: usize,
-    pub column: usize,
+    /// Line and column (1-based); `None` for a problem with the whole file (it cannot be
+    /// read, it is too large).
+    pub position: Option<(usize, usize)>,
     pub message: String,
+}
+
+impl ConfigError {
+    fn at(file: &str, line: usize, column: usize, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_string(),
+            position: Some((line, column)),
+            message: message.into(),
+        }
+    }
+
+    fn whole(file: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_string(),
+            position: None,
+            message: message.into(),
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        match self.position {
+            Some((line, column)) => write!(f, "{}:{line}:{column}: {}", self.file, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
     }
 }
 
 /// Every problem found in a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// `errors` in their order, each once: a node an alias repeats (a server list shared by two
+    /// backends) is checked once per alias, and would show the same error at the same place.
+    fn once_each(mut errors: Vec<ConfigError>) -> ConfigErrors {
+        let mut seen = std::collections::HashSet::new();
+        errors.retain(|e| seen.insert(e.clone()));
+        ConfigErrors(errors)
+    }
+}
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -299,32 +336,19 @@ impl fmt::Display for ConfigErrors {
 
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let (file, source) = read(path)?;
+    let (file, source) = input::read(path)?;
     parse(&file, &source)
-}
-
-/// The file's name as errors show it, and its text.
-fn read(path: &Path) -> Result<(String, String), ConfigErrors> {
-    let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(source) => Ok((file, source)),
-        Err(e) => Err(ConfigErrors(vec![ConfigError {
-            file,
-            line: 0,
-            column: 0,
-            message: format!("cannot read: {e}"),
-        }])),
-    }
 }
 
 /// Reads only the `admin:` section of a configuration file (what the commands for a running
 /// lb need; the other sections are the running lb's to judge).
 pub fn load_admin(path: &Path) -> Result<Option<Admin>, ConfigErrors> {
-    let (file, source) = read(path)?;
-    let raw: RawConfig = deserialize(&file, &source)?;
+    let (file, source) = input::read(path)?;
+    let raw = deserialize(&file, &source)?;
     let mut v = Validator {
         file: &file,
-        locator: Locator::new(&source),
+        source: &source,
+        locator: None,
         errors: Vec::new(),
         tls_clients: Vec::new(),
     };
@@ -332,27 +356,43 @@ pub fn load_admin(path: &Path) -> Result<Option<Admin>, ConfigErrors> {
     if v.errors.is_empty() {
         Ok(admin)
     } else {
-        Err(ConfigErrors(v.errors))
+        Err(ConfigErrors::once_each(v.errors))
     }
 }
 
-/// The raw configuration, or the syntax or type error serde_yaml stopped at.
+/// The raw configuration, or the first syntax or type error (after every duplicate key, which
+/// [`scan::check`] finds all of).
 fn deserialize(file: &str, source: &str) -> Result<RawConfig, ConfigErrors> {
+    scan::check(file, source)?;
     serde_yaml::from_str(source).map_err(|e| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
         // serde_yaml appends " at line X column Y"; the position is already in front.
         let message = e.to_string();
         let message = match message.rfind(" at line ") {
-            Some(i) => message[..i].to_string(),
-            None => message,
+            Some(i) => &message[..i],
+            None => &message,
         };
-        ConfigErrors(vec![ConfigError {
-            file: file.to_string(),
-            line,
-            column,
-            message,
+        let message = plain(message);
+        ConfigErrors(vec![match e.location() {
+            Some(l) => ConfigError::at(file, l.line(), l.column(), message),
+            None => ConfigError::whole(file, message),
         }])
     })
+}
+
+/// serde's words for integers (`expected u32`) as a person would write them; the raw types
+/// have their own (`#[serde(expecting)]`).
+fn plain(message: &str) -> String {
+    const INTEGERS: [(&str, &str); 3] = [
+        ("u16", "a whole number from 0 to 65535"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u64", "a whole number from 0 to 18446744073709551615"),
+    ];
+    for (rust, words) in INTEGERS {
+        if let Some(head) = message.strip_suffix(&format!("expected {rust}")) {
+            return format!("{head}expected {words}");
+        }
+    }
+    message.to_string()
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
@@ -360,7 +400,8 @@ pub fn parse(file: &str, source: &str) -> Result<Config, ConfigErrors> {
     let raw = deserialize(file, source)?;
     let mut v = Validator {
         file,
-        locator: Locator::new(source),
+        source,
+        locator: None,
         errors: Vec::new(),
         tls_clients: Vec::new(),
     };
@@ -368,13 +409,15 @@ pub fn parse(file: &str, source: &str) -> Result<Config, ConfigErrors> {
     if v.errors.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigErrors(v.errors))
+        Err(ConfigErrors::once_each(v.errors))
     }
 }
 
 struct Validator<'a> {
     file: &'a str,
-    locator: Locator,
+    source: &'a str,
+    /// Built for the first error ([`scan::locate`]).
+    locator: Option<Locator>,
     errors: Vec<ConfigError>,
     /// TLS client configurations built so far, by (ca, verify, client_cert); `None`: failed
     /// (reported already).
@@ -383,13 +426,13 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn error(&mut self, path: &[Step], message: impl Into<String>) {
-        let (line, column) = self.locator.position(path);
-        self.errors.push(ConfigError {
-            file: self.file.to_string(),
-            line,
-            column,
-            message: message.into(),
-        });
+        let source = self.source;
+        let (line, column) = self
+            .locator
+            .get_or_insert_with(|| scan::locate(source))
+            .position(path);
+        self.errors
+            .push(ConfigError::at(self.file, line, column, message));
     }
 
     /// The index of the backend `name` that `who` (at `path`) refers to; on error records it
@@ -906,12 +949,7 @@ impl Validator<'_> {
     }
 
     /// A `tune.*` socket buffer size: `0` keeps the kernel's autotuning (`None`).
-    fn socket_buffer(
-        &mut self,
-        key: &'static str,
-        value: Option<bytesize::ByteSize>,
-        default: u64,
-    ) -> Option<u32> {
+    fn socket_buffer(&mut self, key: &'static str, value: Option<raw::Size>, default: u64) -> Option<u32> {
         match value.map_or(default, |b| b.as_u64()) {
             0 => None,
             n if n > MAX_SOCKET_BUFFER => {

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of sections such as listeners: and backends:"
+)]
 pub struct RawConfig {
     /// How established TCP flows are forwarded: a mode (`auto`, `kernel`, `user`), or
     /// `{ mode, offload_after }`. `lb run --forwarding` overrides the mode.
@@ -37,9 +40,10 @@ pub struct RawConfig {
     pub backends: Vec<RawBackend>,
 }
 
-/// `forwarding:` either a mode or the mode with its settings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// `forwarding:` either a mode or the mode with its settings. (Not `untagged`, like the other
+/// enums here but [`RawSizeOrAuto`], which never fails: serde's untagged enums report a mistake
+/// at the enclosing mapping, in the enum's Rust name.)
+#[derive(Debug)]
 pub enum RawForwarding {
     /// `forwarding: auto`.
     Mode(String),
@@ -47,9 +51,70 @@ pub enum RawForwarding {
     Settings(RawForwardingSettings),
 }
 
+impl<'de> Deserialize<'de> for RawForwarding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawForwarding;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("auto, kernel, user, or { mode, offload_after }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawForwarding, E> {
+                Ok(RawForwarding::Mode(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawForwarding, A::Error> {
+                settings(map).map(RawForwarding::Settings)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A mapping's settings, for a visitor that meets a mapping.
+fn settings<'de, T: Deserialize<'de>, A: serde::de::MapAccess<'de>>(map: A) -> Result<T, A::Error> {
+    T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+}
+
+/// A size in bytes: a number, or a number and a unit (`64KiB`, `16MiB`, `1.5GB`) as bytesize
+/// reads them. (bytesize's own errors say `expected parsable string`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size such as 65536, 64KiB or 16MiB")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Size, E> {
+                v.parse::<bytesize::ByteSize>()
+                    .map(|b| Size(b.as_u64()))
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// Explicit forwarding settings.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with mode and offload_after")]
 pub struct RawForwardingSettings {
     /// `auto` (kernel when BPF loads, else userspace with one warning), `kernel` (fail at start
     /// when BPF cannot be loaded), `user` (never load BPF). Default `auto`.
@@ -59,12 +124,12 @@ pub struct RawForwardingSettings {
     /// mid-stream (kernel forwarding only): short flows never pay the kernel path's set-up.
     /// `0` hands every flow to the kernel at once (default 64KiB).
     #[serde(default)]
-    pub offload_after: Option<bytesize::ByteSize>,
+    pub offload_after: Option<Size>,
 }
 
 /// `admin:`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with listen (and token)")]
 pub struct RawAdmin {
     /// `IP:PORT` of the admin HTTP endpoint (metrics, stats, runtime commands). A non-loopback
     /// address needs a `token`.
@@ -78,7 +143,10 @@ pub struct RawAdmin {
 
 /// `tune:`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of tuning settings such as threads: 8"
+)]
 pub struct RawTune {
     /// Send buffer of both sockets of a kernel-forwarded flow (SO_SNDBUF, which the kernel
     /// doubles), e.g. `8MiB`; `0` keeps the kernel's autotuning. The kernel's forwarding worker
@@ -96,7 +164,7 @@ pub struct RawTune {
     /// before the handshake (on the listening socket and on each server socket), to every flow
     /// while kernel forwarding is on.
     #[serde(default)]
-    pub kernel_rcvbuf: Option<bytesize::ByteSize>,
+    pub kernel_rcvbuf: Option<Size>,
     /// Threads that run sessions (HAProxy's `nbthread`), `1` to `1024`; each connection stays
     /// on one thread from accept to close (default: one per CPU lb may run on).
     #[serde(default)]
@@ -125,11 +193,29 @@ pub struct RawTune {
 }
 
 /// A CPU list as YAML reads it: a lone CPU (`1`) is a number, anything else a string.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawCpuList {
     One(u64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawCpuList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawCpuList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("auto, none, or a CPU list such as 0-3,6")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawCpuList, E> {
+                Ok(RawCpuList::One(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawCpuList, E> {
+                Ok(RawCpuList::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl RawCpuList {
@@ -147,14 +233,14 @@ impl RawCpuList {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum RawSizeOrAuto {
-    Size(bytesize::ByteSize),
+    Size(Size),
     Word(String),
     Other(serde::de::IgnoredAny),
 }
 
 /// `flow_control:`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with max_in_flight")]
 pub struct RawFlowControl {
     /// The brake of kernel forwarding, per direction of a flow: when more than this many bytes
     /// lb received from one side are not yet acknowledged by the other side's peer, the kernel
@@ -166,13 +252,13 @@ pub struct RawFlowControl {
     /// little. Bounds the memory a slow reader can make lb hold. `256KiB` to `1GiB` (default
     /// 16MiB).
     #[serde(default)]
-    pub max_in_flight: Option<bytesize::ByteSize>,
+    pub max_in_flight: Option<Size>,
 }
 
 /// `timeouts:` at the top level, in a listener or in a backend. Durations are written like
 /// `500ms`, `5s`, `2m`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping of timeouts such as connect: 5s")]
 pub struct RawTimeouts {
     /// Time allowed to establish the TCP connection to a server (default 5s).
     #[serde(default, with = "humantime_serde")]
@@ -215,16 +301,19 @@ pub struct RawTimeouts {
 
 /// `limits:` bounds on HTTP messages.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with max_header_bytes and max_body_bytes"
+)]
 pub struct RawLimits {
     /// Largest request or response head (request line or status line and header fields) lb
     /// holds while it analyzes it; a longer request is refused with 431 (414 when the request
     /// line alone is longer), a longer response with 502 (default 16KiB, at most 1MiB).
     #[serde(default)]
-    pub max_header_bytes: Option<bytesize::ByteSize>,
+    pub max_header_bytes: Option<Size>,
     /// Largest request body; a longer one is refused with 413 (default: unbounded).
     #[serde(default)]
-    pub max_body_bytes: Option<bytesize::ByteSize>,
+    pub max_body_bytes: Option<Size>,
     /// Most header fields in a request or response head (HAProxy's `tune.http.maxhdr`): a
     /// request with more is refused with 431, a response with more answered 502 (default 100,
     /// 1 to 1000).
@@ -234,7 +323,10 @@ pub struct RawLimits {
 
 /// One entry of `listeners:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a listener: a mapping with name, bind and backend"
+)]
 pub struct RawListener {
     /// Unique name, used in logs and metrics labels: ASCII letters, digits, `-`, `_`, `.` and
     /// `:` only (HAProxy's rule, for every name).
@@ -308,8 +400,7 @@ pub struct RawListener {
 }
 
 /// `keepalive:` either a switch or the three kernel settings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawKeepalive {
     /// `keepalive: true` uses the kernel's defaults.
     Switch(bool),
@@ -317,9 +408,28 @@ pub enum RawKeepalive {
     Settings(RawKeepaliveSettings),
 }
 
+impl<'de> Deserialize<'de> for RawKeepalive {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawKeepalive;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, or { idle, interval, count }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<RawKeepalive, E> {
+                Ok(RawKeepalive::Switch(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawKeepalive, A::Error> {
+                settings(map).map(RawKeepalive::Settings)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// Explicit keepalive settings.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with idle, interval and count")]
 pub struct RawKeepaliveSettings {
     /// Idle time before the first probe (TCP_KEEPIDLE).
     #[serde(default, with = "humantime_serde")]
@@ -334,7 +444,7 @@ pub struct RawKeepaliveSettings {
 
 /// One entry of `backends:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a backend: a mapping with name and servers")]
 pub struct RawBackend {
     /// Unique name, referenced by listeners' `backend:` (letters, digits, `-`, `_`, `.`, `:`).
     pub name: String,
@@ -374,7 +484,10 @@ pub struct RawBackend {
 /// A backend's `health_check:` (HAProxy's `check`, `inter`, `rise`, `fall`, `option httpchk`,
 /// `http-check expect status`).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of health check settings such as interval: 2s"
+)]
 pub struct RawHealthCheck {
     /// `tcp` (a connection is accepted; the default) or `http` (a `GET path` is answered with
     /// the expected status).
@@ -402,7 +515,7 @@ pub struct RawHealthCheck {
 
 /// A backend's `observe:`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with max_consecutive_errors")]
 pub struct RawObserve {
     /// Connect failures (and, on HTTP listeners, 5xx responses from the server) in a row that
     /// take a server DOWN until its health check brings it back, 1..=1000.
@@ -411,7 +524,7 @@ pub struct RawObserve {
 
 /// One entry of a backend's `servers:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a server: a mapping with name and address")]
 pub struct RawServer {
     /// Name unique within the backend, used in logs and metrics labels (letters, digits, `-`,
     /// `_`, `.`, `:`).
@@ -437,7 +550,7 @@ pub struct RawServer {
 
 /// A listener's `tls:` (HAProxy's `bind ... ssl crt ...`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with certificates")]
 pub struct RawListenerTls {
     /// PEM certificate chains and keys, at least one. The certificate a client gets is the one
     /// whose subjectAltName (else CN) matches the name it asked for (SNI; `*.example.com`
@@ -465,7 +578,7 @@ pub struct RawListenerTls {
 
 /// One entry of a `tcp` listener's `route_by_sni:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with sni and backend")]
 pub struct RawSniRoute {
     /// The name: `example.com` exactly, or `*.example.com` for any name ending in
     /// `.example.com` (compared without case).
@@ -476,7 +589,7 @@ pub struct RawSniRoute {
 
 /// A certificate chain and its key, both PEM files.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with cert and key")]
 pub struct RawCertFiles {
     /// The certificate chain: the server's certificate first, then its intermediates.
     pub cert: String,
@@ -504,8 +617,7 @@ impl<'de> Deserialize<'de> for RawServerTls {
                 Ok(RawServerTls::Switch(v))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawServerTls, A::Error> {
-                RawServerTlsSettings::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(RawServerTls::Settings)
+                settings(map).map(RawServerTls::Settings)
             }
         }
         d.deserialize_any(Visitor)
@@ -567,7 +679,10 @@ impl<'de> Deserialize<'de> for RawAcceptProxy {
 
 /// TLS to servers (HAProxy's `server ... ssl sni ... ca-file ... verify ... crt ...`).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with sni, ca, verify and client_cert"
+)]
 pub struct RawServerTlsSettings {
     /// The name sent in SNI and checked against the server's certificate (default: none is
     /// sent, and the certificate must name the server's IP address).
@@ -588,7 +703,10 @@ pub struct RawServerTlsSettings {
 
 /// One entry of a listener's `routes:`. At least one of `host`, `sni` and `path_prefix`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a route: a mapping with backend and host, sni or path_prefix"
+)]
 pub struct RawRoute {
     /// The request's host (Host field, or the target's authority), compared without port and
     /// case: `example.com` exactly, or `*.example.com` for any name ending in `.example.com`.
@@ -607,7 +725,10 @@ pub struct RawRoute {
 
 /// A listener's `forwarded:` switches.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with x_forwarded_for, x_forwarded_proto and forwarded"
+)]
 pub struct RawForwarded {
     /// Append the client's address to `X-Forwarded-For` (default true).
     #[serde(default)]
@@ -624,7 +745,10 @@ pub struct RawForwarded {
 /// a field) or `remove` (drop every field of that name), naming the field; `value` for set and
 /// add.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a header rule: a mapping with set, add or remove (and value)"
+)]
 pub struct RawHeaderRule {
     #[serde(default)]
     pub set: Option<String>,

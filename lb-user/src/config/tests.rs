@@ -59,7 +59,7 @@ fn forwarding_is_a_mode_or_settings() {
     let e = parse("t.yaml", &format!("forwarding: {{ offload: 1 }}\n{GOOD}"))
         .unwrap_err()
         .0;
-    assert_eq!(e[0].line, 1, "{}", e[0]);
+    assert_eq!(e[0].position.map(|p| p.0), Some(1), "{}", e[0]);
 }
 
 #[test]
@@ -285,7 +285,7 @@ fn unknown_key_is_located() {
     let src = GOOD.replace("    backend: app\n", "    backend: app\n    bakclog: 5\n");
     let e = parse("t.yaml", &src).unwrap_err().0;
     assert_eq!(e.len(), 1);
-    assert_eq!((e[0].line, e[0].column), (5, 5), "{}", e[0]);
+    assert_eq!(e[0].position, Some((5, 5)), "{}", e[0]);
     assert!(e[0].message.contains("unknown field `bakclog`"), "{}", e[0]);
 }
 
@@ -537,4 +537,281 @@ fn names_are_haproxys_characters_only() {
         e.starts_with("t.yaml:8:17: a server's name must not be empty"),
         "{e}"
     );
+}
+
+// Hostile input: each case is refused after reading or parsing a bounded prefix, with its
+// position where it has one. (Before the bounds, /dev/zero took 4 GB, the aliases 3 GB and the
+// nesting 40 s: a regression shows as a test that does not end.)
+
+/// The one error of loading `path`, as printed.
+fn only_load_error(path: &Path) -> String {
+    let e = load(path).unwrap_err().0;
+    assert_eq!(e.len(), 1, "{e:?}");
+    e[0].to_string()
+}
+
+#[test]
+fn a_device_is_refused_before_it_is_read() {
+    assert_eq!(
+        only_load_error(Path::new("/dev/zero")),
+        "/dev/zero: a character device, not a configuration file"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        only_load_error(dir.path()),
+        format!("{}: a directory, not a configuration file", dir.path().display())
+    );
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.yaml");
+    let limit = input::MAX_FILE_BYTES as usize;
+    std::fs::write(&path, vec![b'#'; limit + 1]).unwrap();
+    assert_eq!(
+        only_load_error(&path),
+        format!(
+            "{}: larger than 16 MiB, the most a configuration file may hold",
+            path.display()
+        )
+    );
+    // Exactly the limit is read to its last byte, which is what is wrong with it.
+    let mut at_limit = vec![b' '; limit - 1];
+    at_limit.push(0xff);
+    std::fs::write(&path, at_limit).unwrap();
+    assert_eq!(
+        only_load_error(&path),
+        format!("{}:1:{limit}: not UTF-8 text (byte 0xff)", path.display())
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_not_part_of_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bom.yaml");
+    std::fs::write(&path, format!("\u{feff}{GOOD}")).unwrap();
+    assert_eq!(load(&path).unwrap().backends[0].servers[0].weight, 3);
+    std::fs::write(
+        &path,
+        format!("\u{feff}{}", GOOD.replace("weight: 3", "weight: 300")),
+    )
+    .unwrap();
+    // Columns count from the first character after the mark.
+    assert_eq!(
+        only_load_error(&path),
+        format!("{}:8:54: weight 300 is above the maximum 256", path.display())
+    );
+}
+
+#[test]
+fn an_endless_pipe_is_read_up_to_the_size_limit() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fifo");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    // Writes until the reader closes its end (EPIPE: Rust ignores SIGPIPE).
+    let writer = std::thread::spawn({
+        let path = path.clone();
+        move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let chunk = vec![b'#'; 1 << 16];
+            while w.write_all(&chunk).is_ok() {}
+        }
+    });
+    assert_eq!(
+        only_load_error(&path),
+        format!(
+            "{}: larger than 16 MiB, the most a configuration file may hold",
+            path.display()
+        )
+    );
+    writer.join().unwrap();
+}
+
+#[test]
+fn aliases_may_not_repeat_more_than_the_limit() {
+    let big = "x".repeat(1 << 20);
+    let aliases = vec!["*a"; 3000].join(", ");
+    let src = format!(
+        "listeners:\n  - name: &a \"{big}\"\n    bind: 127.0.0.1:80\n    backend: app\n    tls:\n      certificates: []\n      alpn: [{aliases}]\n"
+    );
+    // Each alias repeats 1 MiB and a byte; the 16th crosses 16 MiB. `      alpn: [` is 13
+    // characters and each `*a, ` 4.
+    assert_eq!(
+        only_error(&src),
+        format!(
+            "t.yaml:7:{}: aliases repeat more than 16 MiB; with this one the document would be too large to read",
+            13 + 15 * 4 + 1
+        )
+    );
+    // The classic: nine levels of ten aliases each, 10^9 scalars from a few hundred bytes.
+    let mut laughs = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        let p = format!("*a{}", i - 1);
+        laughs += &format!("a{i}: &a{i} [{}]\n", [p.as_str(); 10].join(", "));
+    }
+    let e = only_error(&laughs);
+    assert!(
+        e.starts_with("t.yaml:") && e.contains("aliases repeat more than 16 MiB"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_alias_inside_the_node_it_names_is_refused() {
+    assert_eq!(
+        only_error("a: &a [1, *a]\n"),
+        "t.yaml:1:11: this alias is inside the node it names"
+    );
+}
+
+#[test]
+fn anchors_used_modestly_work_and_errors_point_into_them() {
+    let src = "listeners:\n  - { name: web, bind: 127.0.0.1:8080, backend: one }\n  - { name: api, bind: 127.0.0.1:8081, backend: two }\nbackends:\n  - name: one\n    servers: &shared\n      - { name: s1, address: 127.0.0.1:9001 }\n      - { name: s2, address: 127.0.0.1:9002 }\n  - name: two\n    balance: leastconn\n    servers: *shared\n";
+    let c = parse("t.yaml", src).unwrap();
+    assert_eq!(c.backends[1].servers.len(), 2);
+    assert_eq!(
+        c.backends[1].servers[1].address,
+        "127.0.0.1:9002".parse().unwrap()
+    );
+    // A mistake in the shared list is reported where it is written, once.
+    assert_eq!(
+        only_error(&src.replace("127.0.0.1:9002", "nowhere")),
+        "t.yaml:8:30: address: `nowhere` is not an address; expected IP:PORT such as 127.0.0.1:8080 or [::1]:8080"
+    );
+}
+
+#[test]
+fn deep_nesting_is_refused_at_its_position() {
+    const DEEP: usize = 100_000;
+    let cases = [
+        // yaml-rust2 gives up at its 256th flow level, before any event of them.
+        (
+            format!("listeners: {}{}\n", "[".repeat(DEEP), "]".repeat(DEEP)),
+            "t.yaml:1:267",
+        ),
+        // The root mapping is level 1: the 64th `{a: ` opens the 65th.
+        (
+            format!("listeners: {}1{}\n", "{a: ".repeat(DEEP), "}".repeat(DEEP)),
+            "t.yaml:1:264",
+        ),
+        (format!("listeners:\n{}1\n", "- ".repeat(DEEP)), "t.yaml:2:127"),
+    ];
+    for (src, at) in cases {
+        assert_eq!(
+            only_error(&src),
+            format!("{at}: collections are nested more than 64 levels deep")
+        );
+    }
+    // 64 levels are allowed (the error is then serde's, about the type).
+    let e = only_error(&format!("listeners: {}{}\n", "[".repeat(63), "]".repeat(63)));
+    assert!(e.contains("expected a listener"), "{e}");
+    // An alias counts with the levels of the node it names.
+    let e = only_error(&format!(
+        "a: &deep {}{}\nb: [[[*deep]]]\n",
+        "[".repeat(62),
+        "]".repeat(62)
+    ));
+    assert_eq!(e, "t.yaml:2:7: collections are nested more than 64 levels deep");
+}
+
+#[test]
+fn syntax_errors_are_positioned_and_plain() {
+    let admin = |rest: &str| format!("admin:\n{rest}{GOOD}");
+    let cases = [
+        (
+            admin("\tlisten: 127.0.0.1:9000\n"),
+            "t.yaml:2:2: tabs disallowed within this context (block indentation)",
+        ),
+        (
+            admin("  listen: \"127.0.0.1:9000\n"),
+            "t.yaml:2:11: invalid indentation in quoted scalar",
+        ),
+        (
+            "listeners: [\n".to_string(),
+            "t.yaml:2:1: while parsing a node, did not find expected node content",
+        ),
+        (
+            "a: &x 1\nb: *y\n".to_string(),
+            "t.yaml:2:4: while parsing node, found unknown anchor",
+        ),
+        (
+            format!("{GOOD}---\n{GOOD}"),
+            "t.yaml:9:1: a second YAML document starts here; the configuration is one document",
+        ),
+    ];
+    for (src, expected) in cases {
+        assert_eq!(only_error(&src), expected);
+    }
+}
+
+#[test]
+fn every_duplicate_key_is_reported_where_it_is_repeated() {
+    let src = format!(
+        "admin:\n  listen: 127.0.0.1:9000\n  listen: 127.0.0.1:9001\ntune: {{ threads: 1, threads: 2 }}\n{GOOD}"
+    );
+    let e = parse("t.yaml", &src).unwrap_err().0;
+    let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "t.yaml:3:3: duplicate key `listen` (first at line 2, column 3)",
+            "t.yaml:4:21: duplicate key `threads` (first at line 4, column 9)",
+        ]
+    );
+}
+
+#[test]
+fn type_errors_name_no_rust_type() {
+    // A scalar or a list where each kind of mapping, enum or number goes.
+    let server = |s: &str| GOOD.replace("      - { name: s1, address: 127.0.0.1:9001, weight: 3 }\n", s);
+    let listener = |l: &str| GOOD.replace("    backend: app\n", &format!("    backend: app\n{l}"));
+    let cases = [
+        String::new(),
+        "- a\n- b\n".into(),
+        "just words\n".into(),
+        format!("admin: 127.0.0.1:9000\n{GOOD}"),
+        format!("forwarding: [user]\n{GOOD}"),
+        format!("forwarding: {{ mode: [user] }}\n{GOOD}"),
+        format!("tune: 4\n{GOOD}"),
+        format!("tune: {{ threads: many }}\n{GOOD}"),
+        format!("tune: {{ threads: -1 }}\n{GOOD}"),
+        format!("tune: {{ cpu_affinity: [1] }}\n{GOOD}"),
+        format!("tune: {{ kernel_rcvbuf: lots }}\n{GOOD}"),
+        format!("flow_control: on\n{GOOD}"),
+        format!("flow_control: {{ max_in_flight: -1 }}\n{GOOD}"),
+        format!("timeouts: 5s\n{GOOD}"),
+        format!("limits: 1MiB\n{GOOD}"),
+        "listeners: web\n".to_string(),
+        "listeners: [web]\n".to_string(),
+        listener("    keepalive: [1]\n"),
+        listener("    keepalive: { idle: [1] }\n"),
+        listener("    tls: yes\n"),
+        listener("    tls: { certificates: [a] }\n"),
+        listener("    route_by_sni: [a]\n"),
+        listener("    routes: [a]\n"),
+        listener("    forwarded: yes\n"),
+        listener("    request_headers: [a]\n"),
+        listener("    maxconn: 5000000000\n"),
+        format!("{GOOD}  - web\n"),
+        GOOD.replace("    servers:\n", "    health_check: yes\n    servers:\n"),
+        GOOD.replace(
+            "    servers:\n",
+            "    health_check: { expect_status: 70000 }\n    servers:\n",
+        ),
+        GOOD.replace("    servers:\n", "    observe: 3\n    servers:\n"),
+        GOOD.replace("    servers:\n", "    tls: { client_cert: x }\n    servers:\n"),
+        server("      - s1\n"),
+        server("      - { name: s1, address: 127.0.0.1:9001, tls: 1 }\n"),
+    ];
+    for src in cases {
+        let e = parse("t.yaml", &src).expect_err(&src).0;
+        let e = e[0].to_string();
+        assert!(e.starts_with("t.yaml:"), "{e}");
+        for rust in ["Raw", "struct", "enum", "u16", "u32", "u64", "0:0"] {
+            assert!(!e.contains(rust), "`{rust}` in: {e}\n{src}");
+        }
+    }
 }
