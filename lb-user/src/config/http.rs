@@ -123,7 +123,9 @@ impl Validator<'_> {
                 "limits.max_header_bytes must be between 1KiB and 1MiB",
             );
         }
-        let max_fields = raw.max_header_fields.unwrap_or(DEFAULT_MAX_HEADERS as u64);
+        let max_fields = raw
+            .max_header_fields
+            .map_or(DEFAULT_MAX_HEADERS as u64, u64::from);
         if !(1..=MAX_MAX_HEADERS as u64).contains(&max_fields) {
             self.error(
                 &[Step::Key("limits"), Step::Key("max_header_fields")],

@@ -303,7 +303,7 @@ pub struct RawTimeouts {
 #[derive(Debug, Default, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with max_header_bytes and max_body_bytes"
+    expecting = "a mapping with max_header_bytes, max_body_bytes and max_header_fields"
 )]
 pub struct RawLimits {
     /// Largest request or response head (request line or status line and header fields) lb
@@ -318,7 +318,7 @@ pub struct RawLimits {
     /// request with more is refused with 431, a response with more answered 502 (default 100,
     /// 1 to 1000).
     #[serde(default)]
-    pub max_header_fields: Option<u64>,
+    pub max_header_fields: Option<u32>,
 }
 
 /// One entry of `listeners:`.
