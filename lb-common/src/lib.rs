@@ -49,13 +49,18 @@ pub const FLAG_REDIRECTING: u32 = 1;
 pub const FLAG_BASED: u32 = 2;
 /// [`SockCtl::flags`]: [`SockCtl::next_seq`] is set (the program has seen an skb).
 pub const FLAG_SEQ: u32 = 4;
+/// [`SockCtl::flags`]: the socket's `limit` is spent for good: the skb that crossed it could
+/// not be cut there, so it was dropped, and every later one is too (a body short of its end,
+/// never one with bytes past it).
+pub const FLAG_SPENT: u32 = 8;
 
 /// The control state of one socket of a kernel-forwarded flow: what the program did with the
 /// bytes this socket received, and what the daemon allows and has done.
 ///
 /// Who writes what (each field has exactly one writer, so neither side can wipe the other's
-/// update): the program writes `redirected`, `passed`, `peer_seq_base`, `flags` and
-/// `next_seq`; the daemon writes `consumed`, `allow` and `max_in_flight` (and zeroes the whole
+/// update): the program writes `redirected`, `passed`, `peer_seq_base`, `flags`, `next_seq`
+/// and `past_limit`; the daemon writes `consumed`, `allow`, `max_in_flight` and `limit` (and
+/// zeroes the whole
 /// slot before the socket's cookie is indexed in [`SLOTS_MAP`], when the program cannot see it
 /// yet).
 #[repr(C)]
@@ -96,8 +101,12 @@ pub struct SockCtl {
     /// TCP's window, and what a brake would hold, shrink), waited until the bytes in flight
     /// fell to the low-water mark or a hold ended, and gave the buffer back.
     pub throttles_done: u32,
-    /// Unused; keeps the size a multiple of 8 with no implicit padding.
-    pub _pad: u32,
+    /// Bytes the socket sent past `limit`, dropped by the program (saturating).
+    pub past_limit: u32,
+    /// 0: no limit. Else the most payload bytes the program takes from this socket
+    /// (`redirected + passed`): the rest of an HTTP response body of known length, which lb
+    /// hands to the kernel; whatever the server sends past it is dropped, never forwarded.
+    pub limit: u64,
 }
 
 /// Why the program woke the daemon about one socket.
@@ -152,7 +161,7 @@ pub struct CpuStats {
     pub untrimmed: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockCtl>() == 56);
+const _: () = assert!(core::mem::size_of::<SockCtl>() == 64);
 const _: () = assert!(core::mem::offset_of!(SockCtl, throttles_done) == 48);
 const _: () = assert!(core::mem::align_of::<SockCtl>() == 8);
 const _: () = assert!(core::mem::size_of::<Event>() == 8);

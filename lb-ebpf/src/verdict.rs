@@ -24,7 +24,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_socket_cookie, bpf_probe_read_kernel,
         generated::{
-            bpf_loop, bpf_map_lookup_elem, bpf_sk_release, bpf_skb_adjust_room, bpf_skc_to_tcp_sock,
+            bpf_loop, bpf_map_lookup_elem, bpf_sk_release, bpf_skb_adjust_room, bpf_skb_change_tail,
+            bpf_skc_to_tcp_sock,
         },
     },
     macros::{map, stream_verdict},
@@ -34,7 +35,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     CpuStats, Event, SockCtl, BPF_F_MMAPABLE, EVENTS_BYTES, EVENT_BRAKE, EVENT_HELD, EVENT_THROTTLE,
-    FLAG_BASED, FLAG_REDIRECTING, FLAG_SEQ, MAX_SOCKETS,
+    FLAG_BASED, FLAG_REDIRECTING, FLAG_SEQ, FLAG_SPENT, MAX_SOCKETS,
 };
 
 #[map(name = "SOCKS")]
@@ -113,6 +114,14 @@ fn try_verdict(ctx: &SkBuffContext) -> u32 {
         // advance the socket's copied_seq.
         return SK_DROP;
     }
+    if !within_limit(ctx.skb.skb, ctl, len) {
+        // Wholly past the socket's limit: consumed, never forwarded.
+        return SK_DROP;
+    }
+    // The skb's length as it is now (cut at the limit, or not): read again rather than carried
+    // out of the branches above, so that the verifier meets one state here, not one per
+    // branch (carried, the rest of the program was explored once per way through).
+    len = ctx.len() as u64;
     let flags = unsafe { (*ctl).flags };
     // The daemon's fields change under us: read each once.
     let allow = unsafe { core::ptr::read_volatile(&(*ctl).allow) };
@@ -297,7 +306,52 @@ fn take_new_bytes(ctx: &SkBuffContext, stats: *mut CpuStats, ctl: *mut SockCtl, 
         if left != 0 {
             (*stats).untrimmed += 1;
         }
-        len - trimmed
+        // `len - trimmed`, read from the skb: carried out of the loop, the value differed with
+        // each number of steps, and the verifier went through the rest of the program once
+        // per number (up to TRIM_STEPS times).
+        ctx.len() as u64
+    }
+}
+
+/// Cuts what the socket sends past its limit ([`SockCtl::limit`]: the end of an HTTP response
+/// body lb handed to the kernel, so that a server sending more than its Content-Length
+/// reaches no client with the excess): the skb's tail past it is cut off, and an skb wholly
+/// past it is left to be dropped. Returns false when none of it is left.
+#[inline(always)]
+fn within_limit(skb: *mut __sk_buff, ctl: *mut SockCtl, len: u64) -> bool {
+    // SAFETY: see try_verdict; `limit` is the daemon's, set before the socket was indexed;
+    // `past_limit` is the program's.
+    unsafe {
+        let limit = core::ptr::read_volatile(&(*ctl).limit);
+        if limit == 0 {
+            return true;
+        }
+        let taken = (*ctl).redirected + (*ctl).passed;
+        let room = if (*ctl).flags & FLAG_SPENT != 0 {
+            0
+        } else {
+            limit.saturating_sub(taken)
+        };
+        if len <= room {
+            return true;
+        }
+        let mut dropped = len - room;
+        // The helper fails for an skb it cannot make linear or above its size cap (and on
+        // kernels without the fix to its minimum length): then the whole skb goes, and the
+        // limit is spent, so no later skb can bring bytes past it. The body ends short (its
+        // client sees it incomplete), never with an excess.
+        let cut = room != 0 && bpf_skb_change_tail(skb, room as u32, 0) == 0;
+        if !cut && room != 0 {
+            (*ctl).flags |= FLAG_SPENT;
+            dropped = len;
+        }
+        let past = (*ctl).past_limit as u64 + dropped;
+        (*ctl).past_limit = if past > u32::MAX as u64 {
+            u32::MAX
+        } else {
+            past as u32
+        };
+        cut
     }
 }
 

@@ -236,6 +236,19 @@ impl Slot<'_> {
             .store(n, Release)
     }
 
+    /// Bounds the bytes the program takes from the socket ([`SockCtl::limit`]); before the
+    /// socket enters the SOCKHASH.
+    pub fn set_limit(&self, limit: u64) {
+        self.u64_field(|p| unsafe { addr_of_mut!((*p).limit) })
+            .store(limit, Release)
+    }
+
+    /// Bytes the socket sent past its limit, which the program dropped.
+    pub fn past_limit(&self) -> u32 {
+        self.u32_field(|p| unsafe { addr_of_mut!((*p).past_limit) })
+            .load(Acquire)
+    }
+
     /// The brake bound this slot was set up with.
     pub fn max_in_flight(&self) -> u32 {
         self.u32_field(|p| unsafe { addr_of_mut!((*p).max_in_flight) })

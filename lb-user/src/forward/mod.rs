@@ -94,6 +94,8 @@ pub struct Totals {
     pub kernel: u64,
     /// Bytes from the server given to the client (by the kernel or by lb).
     pub to_client: u64,
+    /// Bytes the server sent past the direction's limit ([`Directions::limit`]), dropped.
+    pub past_limit: u64,
 }
 
 /// Which directions of a pair are forwarded.
@@ -106,7 +108,9 @@ pub enum Directions {
     /// pipelined requests that must never reach the server unanalysed), and so is its end of
     /// stream: a server may take a half-close for the client giving up on the response (Go's
     /// request context, nginx's client-abort check). The flow ends with the server's close.
-    ServerToClient,
+    /// `limit`: the most bytes the server's direction forwards (the rest of a body of known
+    /// length); what the server sends past it is dropped, by the program or the copy loop.
+    ServerToClient { limit: Option<u64> },
 }
 
 impl Directions {
@@ -114,7 +118,15 @@ impl Directions {
     pub fn dropped(self) -> Option<Side> {
         match self {
             Directions::Both => None,
-            Directions::ServerToClient => Some(Side::Client),
+            Directions::ServerToClient { .. } => Some(Side::Client),
+        }
+    }
+
+    /// The most bytes the direction from `from` forwards, if bounded.
+    pub fn limit(self, from: Side) -> Option<u64> {
+        match (self, from) {
+            (Directions::ServerToClient { limit }, Side::Server) => limit,
+            _ => None,
         }
     }
 }

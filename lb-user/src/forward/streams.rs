@@ -84,9 +84,12 @@ pub async fn forward(
             break End::Closed;
         }
     };
+    // (Only tunnels come here, both ways and unbounded: a response body with a TLS side is
+    // never handed on.)
     let totals = Totals {
         kernel: 0,
         to_client: to_client.load(Relaxed),
+        past_limit: 0,
     };
     (end, totals)
 }

@@ -79,6 +79,8 @@ pub async fn forward(
             due: AtomicBool::new(false),
         },
         dropped: directions.dropped(),
+        limits: [Side::Client, Side::Server].map(|s| directions.limit(s)),
+        past_limit: AtomicU64::new(0),
     };
     let (clock, writing) = (&shared.clock, &shared.writing);
     let stopped = {
@@ -149,7 +151,14 @@ pub async fn forward(
         End::Reset(_) => true,
     };
     let to_client = shared.sent[Side::Server.index()].load(Relaxed);
-    UserEnd::Ended(end, Totals { kernel: 0, to_client })
+    UserEnd::Ended(
+        end,
+        Totals {
+            kernel: 0,
+            to_client,
+            past_limit: shared.past_limit.load(Relaxed),
+        },
+    )
 }
 
 /// What the two copy loops of a flow share.
@@ -165,6 +174,10 @@ struct Shared<'a> {
     offload: Offload,
     /// The side whose bytes are read and dropped ([`Directions::dropped`]).
     dropped: Option<Side>,
+    /// Per side: the most bytes its direction forwards ([`Directions::limit`]).
+    limits: [Option<u64>; 2],
+    /// Bytes read past a limit, dropped.
+    past_limit: AtomicU64,
 }
 
 /// The hand-off trigger shared by both directions.
@@ -264,8 +277,11 @@ async fn pump(
         ..
     } = shared;
     let mut moved = 0u64;
+    // What the direction may still forward (the rest of a body of known length).
+    let mut budget = shared.limits[from.index()];
     if !unsent.is_empty() {
         let mut unsent = unsent;
+        within(&mut budget, &mut unsent, shared);
         if !deliver(dst, &mut unsent, from, shared, &mut moved).await? {
             return Ok(Pumped::Paused(unsent));
         }
@@ -330,8 +346,14 @@ async fn pump(
             buf = Vec::new();
             continue;
         }
+        if !within(&mut budget, &mut buf, shared) {
+            // All of it past the limit: dropped, and so is what follows, to the end.
+            buf = Vec::new();
+            continue;
+        }
         let full = n == buf.capacity();
-        if !full && end_follows(src, &mut buf).map_err(|_| from)? {
+        // (Not with a budget: what the look-ahead read would bring is not checked against it.)
+        if !full && budget.is_none() && end_follows(src, &mut buf).map_err(|_| from)? {
             writing[from.index()].store(true, Relaxed);
             let written = write_last(dst, &buf, offload).await.map_err(|_| from.other())?;
             writing[from.index()].store(false, Relaxed);
@@ -348,6 +370,13 @@ async fn pump(
         if !deliver(dst, &mut buf, from, shared, &mut moved).await? {
             // The hand-off came first: what is left goes with it.
             return Ok(Pumped::Paused(buf));
+        }
+        if budget == Some(0) {
+            // The body is whole: its end goes on now. A server that keeps its connection
+            // open, or sends past the body, holds the flow no longer.
+            dst.shutdown().await.map_err(|_| from.other())?;
+            ended[from.index()].store(true, Relaxed);
+            return Ok(Pumped::EndOfStream);
         }
         // A full buffer is kept for the next read (a bulk flow), a short read's given back.
         if !full {
@@ -389,6 +418,20 @@ async fn deliver(
     }
     data.drain(..written);
     Ok(false)
+}
+
+/// Keeps of `data` what `budget` still allows (the rest is dropped and counted) and takes it
+/// off the budget; false when nothing is left of it.
+fn within(budget: &mut Option<u64>, data: &mut Vec<u8>, shared: &Shared<'_>) -> bool {
+    let Some(left) = budget else {
+        return true;
+    };
+    if data.len() as u64 > *left {
+        shared.past_limit.fetch_add(data.len() as u64 - *left, Relaxed);
+        data.truncate(*left as usize);
+    }
+    *left -= data.len() as u64;
+    !data.is_empty()
 }
 
 /// Counts `n` bytes from `from` as written to its peer.
@@ -484,7 +527,7 @@ mod tests {
     use prometheus_client::metrics::counter::Counter;
 
     #[tokio::test]
-    async fn server_to_client_only_drops_the_clients_bytes_and_its_end() {
+    async fn server_to_client_only_drops_the_clients_bytes_its_end_and_bytes_past_the_limit() {
         // (lb's socket, the peer's)
         let (client, mut client_peer) = loopback_pair().await;
         let (server, mut server_peer) = loopback_pair().await;
@@ -503,7 +546,8 @@ mod tests {
             timeouts,
             bytes,
             None,
-            Directions::ServerToClient,
+            // The body's length: what the server sends past it never reaches the client.
+            Directions::ServerToClient { limit: Some(16) },
             Unsent::default(),
         );
         let peers = async {
@@ -521,7 +565,10 @@ mod tests {
                 early.is_err(),
                 "the server saw {early:?} before the response was over"
             );
-            server_peer.write_all(b"rest of the body").await.unwrap();
+            server_peer
+                .write_all(b"rest of the bodyHTTP/1.1 200 OK")
+                .await
+                .unwrap();
             server_peer.shutdown().await.unwrap();
             let mut got = Vec::new();
             client_peer.read_to_end(&mut got).await.unwrap();
@@ -544,7 +591,7 @@ mod tests {
             panic!("the flow did not end");
         };
         assert_eq!(end, End::Closed);
-        assert_eq!(totals.to_client, 16);
+        assert_eq!((totals.to_client, totals.past_limit), (16, 15));
         assert_eq!((total.get(), per_server.get()), (16, 16));
     }
 

@@ -34,8 +34,8 @@ pub enum Kind {
     Tunnel,
     /// The rest of a response body after which lb closes the client connection: the server's
     /// bytes only, under the usual idle timeouts. `left`: what a Content-Length body still
-    /// had to come at the hand-off, compared with what went when the flow ends (the kernel
-    /// does not stop at the body's end: a server that sends more is noted in the log).
+    /// had to come at the hand-off: the most the flow forwards (what a server sends past it is
+    /// dropped, and noted in the log).
     ResponseBody { left: Option<u64> },
 }
 
@@ -43,7 +43,7 @@ impl Kind {
     pub fn directions(self) -> Directions {
         match self {
             Kind::Tunnel => Directions::Both,
-            Kind::ResponseBody { .. } => Directions::ServerToClient,
+            Kind::ResponseBody { left } => Directions::ServerToClient { limit: left },
         }
     }
 }
@@ -77,6 +77,8 @@ pub struct Ended<'a> {
     pub kernel_bytes: u64,
     /// Bytes from the server given to the client after the hand-off (by the kernel or lb).
     pub to_client: u64,
+    /// Bytes the server sent past its Content-Length, dropped (never given to the client).
+    pub past_limit: u64,
 }
 
 /// Writes the record of a handed-off flow's end: for a tunnel a second record (`tunnel
@@ -105,7 +107,7 @@ pub fn log_end(kind: Kind, h: &Handed, e: &Ended<'_>) {
                 h.bytes_out + e.to_client,
                 times,
                 match e.end {
-                    Some(end) => body_note(end, left, e.to_client),
+                    Some(end) => body_note(end, left, e.to_client, e.past_limit),
                     None => "kernel forwarding failed after the hand-off",
                 },
             )
@@ -134,14 +136,17 @@ pub fn log_end(kind: Kind, h: &Handed, e: &Ended<'_>) {
 /// How a handed-off response body's flow ended, when not plainly (empty: it did). A flow can
 /// also idle out after a complete body (a client that neither closes nor sends): the record's
 /// `out` tells.
-fn body_note(end: End, left: Option<u64>, to_client: u64) -> &'static str {
+fn body_note(end: End, left: Option<u64>, to_client: u64, past_limit: u64) -> &'static str {
     match (end, left) {
         (End::Reset(Side::Server), _) => "server reset after the hand-off",
         (End::Reset(Side::Client), _) => "client reset after the hand-off",
         (End::IdleTimeout(Side::Server), _) => "server idle timeout after the hand-off",
         (End::IdleTimeout(Side::Client), _) => "client idle timeout after the hand-off",
+        (End::Closed, Some(left)) if to_client < left && past_limit > 0 => {
+            "body cut short: the kernel could not cut the server's segment at its end"
+        }
         (End::Closed, Some(left)) if to_client < left => "server closed within the response body",
-        (End::Closed, Some(left)) if to_client > left => "server sent past its Content-Length",
+        (End::Closed, Some(_)) if past_limit > 0 => "server sent past its Content-Length (dropped)",
         (End::Closed, _) => "",
     }
 }
@@ -152,22 +157,22 @@ mod tests {
 
     #[test]
     fn a_response_body_is_checked_against_its_length_when_it_ends() {
-        assert_eq!(body_note(End::Closed, Some(10), 10), "");
-        assert_eq!(body_note(End::Closed, None, 12345), "");
+        assert_eq!(body_note(End::Closed, Some(10), 10, 0), "");
+        assert_eq!(body_note(End::Closed, None, 12345, 0), "");
         assert_eq!(
-            body_note(End::Closed, Some(10), 9),
+            body_note(End::Closed, Some(10), 9, 0),
             "server closed within the response body"
         );
         assert_eq!(
-            body_note(End::Closed, Some(10), 11),
-            "server sent past its Content-Length"
+            body_note(End::Closed, Some(10), 10, 5),
+            "server sent past its Content-Length (dropped)"
         );
         assert_eq!(
-            body_note(End::Reset(Side::Client), Some(10), 10),
+            body_note(End::Reset(Side::Client), Some(10), 10, 0),
             "client reset after the hand-off"
         );
         assert_eq!(
-            body_note(End::IdleTimeout(Side::Server), None, 0),
+            body_note(End::IdleTimeout(Side::Server), None, 0, 0),
             "server idle timeout after the hand-off"
         );
     }

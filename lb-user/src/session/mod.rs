@@ -554,6 +554,7 @@ fn log_handoff_end(listener: &ListenerRt, info: &FlowInfo, end: Option<End>, tot
         end,
         kernel_bytes: totals.kernel,
         to_client: totals.to_client,
+        past_limit: totals.past_limit,
     };
     handoff::log_end(*kind, handed, &ended);
 }

@@ -289,6 +289,7 @@ impl Flow<'_, '_> {
             Totals {
                 kernel: self.ends.iter().map(|e| e.tracked.ctl().redirected()).sum(),
                 to_client: self.given_to_peer(Side::Server),
+                past_limit: u64::from(self.end(Side::Server).tracked.ctl().past_limit()),
             },
         )
     }
@@ -667,6 +668,11 @@ fn set_up<'k, 'c>(
             return Ok(Err((why, client, server)));
         }
     };
+    // Before the inserts: the program sees none of the server's bytes before its limit. (A
+    // hand-off always has a byte to go: 0, "none", cannot be meant.)
+    if let Some(limit) = directions.limit(Side::Server) {
+        s_tracked.ctl().set_limit(limit.max(1));
+    }
     let ends = [
         (client, c_tracked, c_progress, unsent.of(Side::Server).len()),
         (server, s_tracked, s_progress, unsent.of(Side::Client).len()),
