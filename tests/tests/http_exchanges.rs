@@ -433,6 +433,37 @@ drain(c)
     assert_eq!(origin.report().await.lines().next(), Some("echoed 5"));
 }
 
+#[tokio::test]
+async fn timeouts_server_waits_for_the_upload_to_end() {
+    // timeouts.server is 1 s; the body takes 1.5 s to come (three parts, paced by the test as a
+    // slow client would): the server, still receiving, must not be timed out meanwhile.
+    let origin = PyOrigin::start(
+        r#"
+body = rest
+while len(body) < 9:
+    body += c.recv(65536)
+c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+drain(c)
+"#,
+    )
+    .await;
+    let lb = HttpLbBuilder::new(&[origin.addr])
+        .top_yaml("timeouts: { server: 1s }\n")
+        .spawn();
+    let mut c = TcpStream::connect(lb.listener).await.unwrap();
+    c.write_all(b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\n")
+        .await
+        .unwrap();
+    for part in [b"abc", b"def", b"ghi"] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.write_all(part).await.unwrap();
+    }
+    let answer = read_until(&mut c, b"ok").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    drop(c);
+    origin.report().await;
+}
+
 /// Reads from `c` until what came ends with `end` (at most 10 s); what came, as text.
 async fn read_until(c: &mut TcpStream, end: &[u8]) -> String {
     let mut got = Vec::new();

@@ -19,7 +19,7 @@ use super::{
     rewrite,
     session::{access_log, body_fault, count, Ctx, Exchange},
     transfer::{self, forward_message, BodyError, Bounds, Conn, Moved, Progress},
-    upstream::{connect_server, read_response, NoAnswer, Sent, ServerConn},
+    upstream::{connect_server, read_response, NoAnswer, Sent, ServerConn, NO_HEAD_IN_TIME},
     Rejection,
 };
 
@@ -30,14 +30,6 @@ enum Head {
     /// No head (none, a malformed one, none in time).
     None(NoAnswer),
     /// The client's side of the upload failed (closed, stalled, malformed, too large).
-    ClientFault(BodyError),
-}
-
-/// How an early answer's forwarding ended.
-enum Early {
-    /// The response went as far as `moved` says; the upload's end if it ended.
-    Forwarded(Result<Moved, BodyError>),
-    /// The client's side of the upload failed meanwhile.
     ClientFault(BodyError),
 }
 
@@ -83,18 +75,29 @@ pub(super) async fn send_with_body(
             },
             &mut up,
         ));
-        let mut answer = Box::pin(read_response(ctx, &mut client_w, &mut server_src, x));
+        // `timeouts.server` for the head runs from the upload's end: until then the server is
+        // receiving, and the upload's own reads and writes have their idle limits.
+        let mut answer = Box::pin(read_response(ctx, &mut client_w, &mut server_src, x, far_off()));
+        let timer = tokio::time::sleep_until(far_off());
+        tokio::pin!(timer);
         let head_came = loop {
             tokio::select! {
+                // The upload first: a request that went whole just as the head came goes on
+                // as a normal exchange (kept alive), not as an early answer.
+                biased;
                 r = &mut upload, if sent.is_none() => match r {
                     // The server stopped reading: it may have answered (a 413 and a close).
-                    Ok(_) | Err(BodyError::Destination(_)) => sent = Some(r),
+                    Ok(_) | Err(BodyError::Destination(_)) => {
+                        sent = Some(r);
+                        timer.as_mut().reset(Instant::now() + server_idle);
+                    }
                     Err(e) => break Head::ClientFault(e),
                 },
                 a = &mut answer => break match a {
                     Ok(resp) => Head::Came(resp),
                     Err(no) => Head::None(no),
                 },
+                () = &mut timer => break Head::None(NO_HEAD_IN_TIME.into()),
             }
         };
         drop(answer);
@@ -113,13 +116,12 @@ pub(super) async fn send_with_body(
                     Bounds::default(),
                     &mut down,
                 ));
+                // Once the answer goes, a client that stops its upload (as curl does after
+                // an early 413, or by a half-close) cuts nothing: the upload just ends there.
                 Some(loop {
                     tokio::select! {
-                        r = &mut upload, if sent.is_none() => match r {
-                            Ok(_) | Err(BodyError::Destination(_)) => sent = Some(r),
-                            Err(e) => break Early::ClientFault(e),
-                        },
-                        m = &mut forward => break Early::Forwarded(m),
+                        r = &mut upload, if sent.is_none() => sent = Some(r),
+                        m = &mut forward => break m,
                     }
                 })
             }
@@ -162,13 +164,15 @@ pub(super) async fn send_with_body(
             "switching protocols before the request body went",
         ));
     };
-    server.lease.observe(resp.status < 500, &backend.config);
     if down.head {
         count(ctx, resp.status);
         x.bytes_out += early_head_len + down.body;
     }
+    // (A malformed body is the server's fault too.)
+    let fine = resp.status < 500 && !matches!(early, Err(BodyError::Malformed(_)));
+    server.lease.observe(fine, &backend.config);
     let (sent_on, note) = match early {
-        Early::Forwarded(Ok(_)) => {
+        Ok(_) => {
             let note = if whole {
                 ""
             } else {
@@ -183,16 +187,10 @@ pub(super) async fn send_with_body(
                 note,
             )
         }
-        // Nothing of the response went: the client gets an answer of lb's.
-        Early::Forwarded(Err(e)) if !down.head => (Sent::Refused(Rejection::new(502, body_fault(&e))), ""),
-        Early::ClientFault(e) if !down.head => (Sent::Refused(client_fault(&e)), ""),
-        Early::Forwarded(Err(e)) => {
+        // Nothing of the response went (not a byte): the client gets an answer of lb's.
+        Err(e) if !down.started => (Sent::Refused(Rejection::new(502, body_fault(&e))), ""),
+        Err(e) => {
             let why = body_fault(&e);
-            access_log(ctx, x, resp.status, why, 0);
-            (Sent::Over { why, cut: true }, why)
-        }
-        Early::ClientFault(e) => {
-            let why = client_fault(&e).why;
             access_log(ctx, x, resp.status, why, 0);
             (Sent::Over { why, cut: true }, why)
         }
@@ -205,6 +203,11 @@ pub(super) async fn send_with_body(
         transfer::cut(server.conn.stream);
     }
     sent_on
+}
+
+/// A deadline no wait reaches (a year on).
+fn far_off() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600)
 }
 
 /// A response that would turn the connection into a tunnel (a 101, a CONNECT's 2xx).

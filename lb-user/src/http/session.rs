@@ -427,8 +427,9 @@ async fn exchange(
         Ok(Moved::Whole(_)) => {}
         Ok(Moved::HandOff(n)) => return hand_off_body(ctx, client, server, &x, resp.status, resp.body, n),
         // Nothing reached the client yet (a bad first chunk came with the head): it gets a
-        // 502, as for a malformed head.
-        Err(e) if !progress.head => {
+        // 502, as for a malformed head. (Once a write began, the client may hold part of the
+        // head: it is cut, below.)
+        Err(e) if !progress.started => {
             drop(server);
             return refuse(ctx, client, Some(&x), Rejection::new(502, body_fault(&e))).await;
         }

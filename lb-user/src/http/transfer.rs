@@ -179,7 +179,8 @@ pub enum BodyError {
     Source(io::Error),
     /// The receiver failed or stalled.
     Destination(io::Error),
-    /// A malformed chunked body (the bytes before the fault were forwarded).
+    /// A malformed chunked body (what went before the fault is the body up to its last whole
+    /// size line: see [`Chunked::withheld`]).
     Malformed(ChunkError),
     /// The body grew past `limits.max_body_bytes`.
     TooLarge,
@@ -209,6 +210,9 @@ pub struct Bounds {
 /// and the byte counters show, and whether the receiver saw anything of the message.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
+    /// A write began: from then on the receiver may have part of the message, and nothing
+    /// else may be sent to it in its place.
+    pub started: bool,
     /// The head went.
     pub head: bool,
     /// Body bytes that went (framing included, as they came).
@@ -243,6 +247,7 @@ pub async fn forward_message<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if left == 0 || src.held.is_empty() {
             // Nothing of the body to go with the head (none, or none here yet): it goes alone.
             if !head.is_empty() {
+                progress.started = true;
                 write_all(dst, &head, dst_idle)
                     .await
                     .map_err(BodyError::Destination)?;
@@ -274,6 +279,7 @@ pub async fn forward_message<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 &head[..]
             };
             if !out.is_empty() {
+                progress.started = true;
                 write_all(dst, out, dst_idle)
                     .await
                     .map_err(BodyError::Destination)?;

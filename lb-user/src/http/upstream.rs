@@ -95,7 +95,10 @@ async fn send_bodiless(
         x.connected = Some(Instant::now());
         let server_idle = ctx.rt.backend(x.backend).config.server_timeout;
         let answer = match write_all(&mut server.conn.stream, head, server_idle).await {
-            Ok(()) => read_response(ctx, &mut client.stream, &mut server.conn.source(), x).await,
+            Ok(()) => {
+                let deadline = Instant::now() + server_idle;
+                read_response(ctx, &mut client.stream, &mut server.conn.source(), x, deadline).await
+            }
             Err(_) => Err(NoAnswer {
                 rejection: Rejection::new(502, "server failed while receiving the request"),
                 closed_early: true,
@@ -127,6 +130,9 @@ pub(super) fn replayable(req: &Request) -> bool {
     req.body == Body::None && ["GET", "HEAD", "OPTIONS", "TRACE"].contains(&req.method.as_str())
 }
 
+/// The answer when the server sent no response head within `timeouts.server`.
+pub(super) const NO_HEAD_IN_TIME: Rejection = Rejection::new(504, "no response head within timeouts.server");
+
 /// Why no response head came.
 pub(super) struct NoAnswer {
     pub(super) rejection: Rejection,
@@ -144,16 +150,17 @@ impl From<Rejection> for NoAnswer {
     }
 }
 
-/// Reads the final response head from `server`. Interim ones (1xx but 101) are passed on to
-/// `client` first, except to an HTTP/1.0 client, which cannot take them (RFC 9110 §15.2).
+/// Reads the final response head from `server`, by `deadline` (else 504). Interim ones (1xx
+/// but 101) are passed on to `client` first, except to an HTTP/1.0 client, which cannot take
+/// them (RFC 9110 §15.2).
 pub(super) async fn read_response<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     ctx: &Ctx<'_>,
     client: &mut W,
     server: &mut Source<'_, R>,
     x: &mut Exchange<'_>,
+    deadline: Instant,
 ) -> Result<Response, NoAnswer> {
     let limits = &ctx.rt.settings.limits;
-    let deadline = Instant::now() + ctx.rt.backend(x.backend).config.server_timeout;
     let mut received = false;
     loop {
         if !server.held.is_empty() {
@@ -185,9 +192,7 @@ pub(super) async fn read_response<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         match server.fill(deadline).await {
             Ok(0) => return Err(early("server closed before a complete response head")),
             Ok(_) => received = true,
-            Err(ReadError::Timeout) => {
-                return Err(Rejection::new(504, "no response head within timeouts.server").into())
-            }
+            Err(ReadError::Timeout) => return Err(NO_HEAD_IN_TIME.into()),
             Err(ReadError::Io(_)) => return Err(early("server connection failed")),
         }
     }
