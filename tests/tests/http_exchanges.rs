@@ -5,7 +5,7 @@
 //!   the response went yet), and the access log counts the bytes that really moved.
 //! - A request body and its response move at once: an early answer reaches the client while it
 //!   uploads, `Expect: 100-continue` is the server's to answer, a full-duplex exchange flows.
-use lb_tests::http::{run_tool, status_of, HttpLbBuilder};
+use lb_tests::http::{raw_exchange, run_tool, status_of, HttpLbBuilder};
 use lb_tests::{daemons::Daemon, lb::Lb, program_available};
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 use tokio::{
@@ -161,18 +161,12 @@ drain(c)
     )
     .await;
     let lb = HttpLbBuilder::new(&[origin.addr]).spawn();
-    let mut c = TcpStream::connect(lb.listener).await.unwrap();
-    c.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+    let got = raw_exchange(lb.listener, b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(status_of(&got), Some(502), "{}", String::from_utf8_lossy(&got));
     let line = record(&lb, "/first\" 502").await;
     assert!(line.ends_with("malformed chunked response body"), "{line}");
     // Only the 502 went out, and the log counts it, not the server's head.
     assert_eq!(field(&line, "out="), got.len() as u64, "{line}");
-    drop(c);
     origin.report().await;
 }
 
@@ -276,19 +270,17 @@ drain(c)
     )
     .await;
     let lb = HttpLbBuilder::new(&[origin.addr]).spawn();
-    let mut c = TcpStream::connect(lb.listener).await.unwrap();
-    c.write_all(b"GET /nothing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+    let got = raw_exchange(
+        lb.listener,
+        b"GET /nothing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let text = String::from_utf8_lossy(&got).to_lowercase();
     assert!(
         text.starts_with("http/1.1 204") && text.contains("x-seen: yes"),
         "{text}"
     );
     assert!(!text.contains("content-length"), "{text}");
-    drop(c);
     origin.report().await;
 }
 
